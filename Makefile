@@ -1,0 +1,37 @@
+# Every target installs what it needs into .venv on a fresh machine.
+# torch is pinned to 2.13.0 and installed first: on these machines that wheel is the CPU build on disk;
+# any looser request would pull gigabytes of CUDA wheels.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+OUTDIR  ?= curvlab-out
+
+.PHONY: demo test lint bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/curvlab spectrum --problem digits-mlp --out $(OUTDIR)/spectrum
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --timeout 600 -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/curvature_peers.py
+
+clean:
+	rm -rf $(VENV) $(OUTDIR) .pytest_cache .ruff_cache .mypy_cache build src/*.egg-info

@@ -1,0 +1,1 @@
+"""curvlab.bench.problems."""

@@ -1,0 +1,62 @@
+"""Exceptions raised by curvlab.
+
+Every error curvlab raises on bad input is a :class:`CurvlabError`; each subclass names one kind of
+mistake, and its message says what to do about it. Subclasses also inherit from the built-in
+exception a user would otherwise catch (``ValueError``, ``TypeError``, ``RuntimeError``), so code
+written against plain Python conventions keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClosureRequiredError",
+    "CurvlabError",
+    "EmptyDataError",
+    "LossNotScalarError",
+    "NonFiniteError",
+    "NotSymmetricError",
+    "ParameterError",
+    "ShapeMismatchError",
+    "StateDictError",
+    "UnsupportedLossError",
+]
+
+
+class CurvlabError(Exception):
+    """Base class of every error curvlab raises on bad input."""
+
+
+class LossNotScalarError(CurvlabError, ValueError):
+    """The loss function returned something other than a scalar tensor."""
+
+
+class NonFiniteError(CurvlabError, FloatingPointError):
+    """A loss, gradient or matrix-vector product contains NaN or infinity."""
+
+
+class EmptyDataError(CurvlabError, ValueError):
+    """The data holds no batch, or a batch holds no example."""
+
+
+class ParameterError(CurvlabError, ValueError):
+    """The chosen parameters are empty, do not require grad, or are not the model's."""
+
+
+class ShapeMismatchError(CurvlabError, ValueError):
+    """A vector, matrix, model output or target has a shape that does not fit."""
+
+
+class UnsupportedLossError(CurvlabError, TypeError):
+    """A loss for which the requested curvature (GGN, Fisher) is not implemented."""
+
+
+class NotSymmetricError(CurvlabError, ValueError):
+    """A symmetric-only estimator was handed an operator not declared symmetric."""
+
+
+class ClosureRequiredError(CurvlabError, RuntimeError):
+    """An optimizer step needs a closure and none (or one returning no loss) was given."""
+
+
+class StateDictError(CurvlabError, ValueError):
+    """A state_dict does not belong to this optimizer or does not fit its parameters."""

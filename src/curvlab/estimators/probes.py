@@ -1,0 +1,94 @@
+"""Random probe vectors for stochastic estimators.
+
+Every function takes an explicit ``torch.Generator`` (or ``None`` for torch's default generator);
+curvlab never reseeds globally. Probes are drawn on the generator's device when one is given, so
+the same seed gives the same probes on every device.
+
+Moments (tested): a Rademacher probe z has entries in {-1, +1} with P = 1/2 each, so E[z] = 0 and
+E[z zᵀ] = I; a Gaussian probe has E[z] = 0 and E[z zᵀ] = I as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["gaussian", "rademacher", "rademacher_like", "sample_probes"]
+
+
+def _draw_device(device: torch.device | str | None, generator: torch.Generator | None) -> torch.device:
+    if generator is not None:
+        return generator.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def rademacher(
+    *shape: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Return a tensor of i.i.d. Rademacher entries (+1 or -1, each with probability 1/2).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z = rademacher(1000, generator=g)
+        >>> sorted(z.unique().tolist())
+        [-1.0, 1.0]
+    """
+    draw_on = _draw_device(device, generator)
+    bits = torch.randint(0, 2, shape, generator=generator, device=draw_on, dtype=torch.int8)
+    out = bits.to(dtype).mul_(2).sub_(1)
+    return out.to(device) if device is not None else out
+
+
+def gaussian(
+    *shape: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Return a tensor of i.i.d. standard normal entries."""
+    draw_on = _draw_device(device, generator)
+    out = torch.randn(shape, generator=generator, device=draw_on, dtype=dtype)
+    return out.to(device) if device is not None else out
+
+
+def rademacher_like(tensors: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
+    """One Rademacher tensor per input tensor, with its shape, dtype and device.
+
+    This is the probe AdaHessian and SophiaH draw per parameter.
+    """
+    return [
+        rademacher(*t.shape, generator=generator, dtype=t.dtype, device=t.device) for t in tensors
+    ]
+
+
+def sample_probes(
+    n: int,
+    k: int,
+    kind: str = "rademacher",
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Return an ``[n, k]`` matrix of probe columns of the given ``kind``.
+
+    Args:
+        n: dimension of each probe.
+        k: number of probes (columns).
+        kind: ``"rademacher"`` (entries ±1) or ``"gaussian"`` (entries N(0, 1)).
+        generator: source of randomness; ``None`` uses torch's global generator.
+        dtype, device: of the returned matrix.
+
+    Raises:
+        ValueError: for an unknown ``kind``.
+    """
+    if kind == "rademacher":
+        return rademacher(n, k, generator=generator, dtype=dtype, device=device)
+    if kind == "gaussian":
+        return gaussian(n, k, generator=generator, dtype=dtype, device=device)
+    raise ValueError(f"unknown probe kind {kind!r}; use 'rademacher' or 'gaussian'")

@@ -1,1 +1,43 @@
-"""curvlab.monitors."""
+"""Training-dynamics monitors: named floats every few optimizer steps, written to a sink.
+
+    handle = curvlab.monitors.attach(optimizer, [Sharpness(model, loss_fn, probe)], HistorySink())
+    ... train ...
+    handle.remove()
+
+Monitors do no I/O; sinks (:mod:`curvlab.monitors.sinks`) do. See :func:`attach` for the contract.
+"""
+
+from curvlab.monitors._attach import Monitor, MonitorFailure, MonitorHandle, MonitorWarning, attach
+from curvlab.monitors.lightning import lightning_callback
+from curvlab.monitors.neural_collapse import NCMetrics, NeuralCollapse, neural_collapse_metrics
+from curvlab.monitors.noise_scale import (
+    GradientNoiseScale,
+    lr_scaling_rule,
+    noise_scale_from_gradients,
+    scale_lr,
+)
+from curvlab.monitors.sinks import CallbackSink, CSVSink, HistorySink, TensorBoardSink
+
+__all__ = [
+    # machinery
+    "Monitor",
+    "MonitorFailure",
+    "MonitorHandle",
+    "MonitorWarning",
+    "attach",
+    # monitors
+    "GradientNoiseScale",
+    "NeuralCollapse",
+    # functions
+    "NCMetrics",
+    "lr_scaling_rule",
+    "neural_collapse_metrics",
+    "noise_scale_from_gradients",
+    "scale_lr",
+    # sinks
+    "CSVSink",
+    "CallbackSink",
+    "HistorySink",
+    "TensorBoardSink",
+    "lightning_callback",
+]

@@ -1,0 +1,10 @@
+"""Reproductions of the seed papers' training-dynamics phenomena on CPU-sized problems."""
+
+from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear, saxe_mode_strength
+from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
+
+__all__ = [
+    "DeepLinearConfig",
+    "deep_linear",
+    "saxe_mode_strength","MatrixSensingConfig", "PhenomenonResult", "matrix_sensing"]

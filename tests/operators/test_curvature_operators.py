@@ -165,7 +165,7 @@ def test_ggn_regression_losses_match_dense(loss_fn, kind):
 
 
 def test_ggn_equals_hessian_for_a_model_linear_in_its_parameters():
-    model, batches = make("mlp", classes=False)
+    _model, batches = make("mlp", classes=False)
     lin = nn.Linear(5, 3).double()
     H = HessianOperator(lin, nn.MSELoss(), batches).to_dense()
     G = GGNOperator(lin, nn.MSELoss(), batches).to_dense()

@@ -101,7 +101,7 @@ def test_output_that_does_not_fit_the_loss(setup):
 def test_unsupported_loss_names_the_supported_ones(setup):
     model, x, y = setup
     with pytest.raises(
-        UnsupportedLossError, match="MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss"
+        UnsupportedLossError, match=r"MSELoss, nn\.CrossEntropyLoss, nn\.BCEWithLogitsLoss"
     ):
         GGNOperator(model, nn.NLLLoss(), (x, y))
     with pytest.raises(UnsupportedLossError, match="label smoothing"):

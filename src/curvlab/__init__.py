@@ -5,12 +5,72 @@ benchmark harness built on them. See the README for a ten-line tour.
 """
 
 from curvlab import errors
-from curvlab.errors import CurvlabError
+from curvlab.errors import (
+    ClosureRequiredError,
+    CurvlabError,
+    EmptyDataError,
+    LossNotScalarError,
+    NonFiniteError,
+    NotSymmetricError,
+    ParameterError,
+    ShapeMismatchError,
+    StateDictError,
+    UnsupportedLossError,
+)
+from curvlab.estimators import (
+    Eigenpairs,
+    Estimate,
+    LayerSensitivity,
+    SpectralDensity,
+    diagonal,
+    eigsh,
+    layer_sensitivity,
+    power_iteration,
+    spectral_density,
+    trace,
+)
+from curvlab.operators import (
+    CountingOperator,
+    DenseOperator,
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    LinearOperator,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # operators
+    "CountingOperator",
+    "DenseOperator",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "LinearOperator",
+    # estimators
+    "Eigenpairs",
+    "Estimate",
+    "LayerSensitivity",
+    "SpectralDensity",
+    "diagonal",
+    "eigsh",
+    "layer_sensitivity",
+    "power_iteration",
+    "spectral_density",
+    "trace",
     # errors
+    "ClosureRequiredError",
     "CurvlabError",
+    "EmptyDataError",
+    "LossNotScalarError",
+    "NonFiniteError",
+    "NotSymmetricError",
+    "ParameterError",
+    "ShapeMismatchError",
+    "StateDictError",
+    "UnsupportedLossError",
     "errors",
 ]

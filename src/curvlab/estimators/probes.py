@@ -18,7 +18,9 @@ from torch import Tensor
 __all__ = ["gaussian", "rademacher", "rademacher_like", "sample_probes"]
 
 
-def _draw_device(device: torch.device | str | None, generator: torch.Generator | None) -> torch.device:
+def _draw_device(
+    device: torch.device | str | None, generator: torch.Generator | None
+) -> torch.device:
     if generator is not None:
         return generator.device
     return torch.device(device) if device is not None else torch.device("cpu")
@@ -56,7 +58,9 @@ def gaussian(
     return out.to(device) if device is not None else out
 
 
-def rademacher_like(tensors: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
+def rademacher_like(
+    tensors: Sequence[Tensor], generator: torch.Generator | None = None
+) -> list[Tensor]:
     """One Rademacher tensor per input tensor, with its shape, dtype and device.
 
     This is the probe AdaHessian and SophiaH draw per parameter.

@@ -1,0 +1,57 @@
+"""Small helpers shared by the stochastic estimators."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab.errors import NotSymmetricError
+from curvlab.operators.base import LinearOperator, as_operator
+
+__all__ = ["BlockSpec", "progress_bar", "resolve_blocks", "symmetric_operator"]
+
+BlockSpec = Mapping[str, Sequence[slice]]
+
+
+def symmetric_operator(A: LinearOperator | Tensor, who: str) -> LinearOperator:
+    """``A`` as an operator, or :class:`NotSymmetricError` if it is not declared symmetric."""
+    op = as_operator(A)
+    if op.shape[0] != op.shape[1] or not op.is_symmetric:
+        raise NotSymmetricError(
+            f"{who} needs a symmetric operator, got {op!r}; for a dense matrix pass (M + M.T) / 2, "
+            "for an operator declare is_symmetric only if it is"
+        )
+    return op
+
+
+def resolve_blocks(op: LinearOperator, blocks: str | BlockSpec | None) -> dict[str, list[slice]]:
+    """Turn ``"module"``/``"param"`` (for operators with a ``param_space``) or a mapping into slices."""
+    if blocks is None:
+        return {}
+    if isinstance(blocks, str):
+        space = getattr(op, "param_space", None)
+        if space is None:
+            raise ValueError(
+                f"blocks={blocks!r} needs a curvature operator with a param_space; pass a mapping "
+                "of block name -> list of slices for other operators"
+            )
+        return {
+            name: [space.slice_of(p) for p in members]
+            for name, members in space.groups(blocks).items()
+        }
+    return {name: list(slices) for name, slices in blocks.items()}
+
+
+def block_sum(x: Tensor, slices: Sequence[slice]) -> Tensor:
+    """Sum of the rows of ``x`` (``[n]`` or ``[n, k]``) inside the given slices."""
+    return sum((x[s].sum(dim=0) for s in slices), torch.zeros_like(x[0]))
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar on stderr, or a no-op object when disabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="hvp")

@@ -1,0 +1,276 @@
+"""Shared machinery of the operators built from ``(model, loss_fn, data)``."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.errors import LossNotScalarError, NonFiniteError, ShapeMismatchError
+from curvlab.operators.base import LinearOperator
+from curvlab.operators.data import BatchSource, move_to
+from curvlab.operators.param_space import ParamSpace, select_parameters
+
+__all__ = ["CurvatureOperator", "NonDeterministicModelWarning"]
+
+Mode = Literal["eval", "train", "as-is"]
+_STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+class NonDeterministicModelWarning(UserWarning):
+    """The model has dropout or BatchNorm in training mode, so its curvature is not a fixed matrix."""
+
+
+def _loss_reduction(loss_fn: Any, reduction: str | None) -> str:
+    if reduction is not None:
+        return reduction
+    red = getattr(loss_fn, "reduction", "mean")
+    if red not in ("mean", "sum"):
+        raise ValueError(
+            f"the loss has reduction={red!r}; curvature operators need a scalar loss, so use "
+            "reduction='mean' or 'sum'"
+        )
+    return str(red)
+
+
+class CurvatureOperator(LinearOperator):
+    """Base of the Hessian, GGN and Fisher operators of a model's loss over a data set.
+
+    Subclasses build, per batch, a *linearisation* (the autograd graph a product needs) and apply
+    it to the columns of a matrix. When ``cache_graph`` is on, the linearisations are built once
+    and reused by every product until a parameter changes (tracked through tensor versions), so
+    each product costs one backward pass per column instead of a fresh forward and backward.
+    """
+
+    is_symmetric = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        params: Iterable[Tensor | str] | None = None,
+        *,
+        mode: Mode = "eval",
+        reduction: str | None = None,
+        cache_graph: bool | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        if mode not in ("eval", "train", "as-is"):
+            raise ValueError(f"mode must be 'eval', 'train' or 'as-is', got {mode!r}")
+        names, tensors = select_parameters(model, params)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.mode: Mode = mode
+        self.reduction = _loss_reduction(loss_fn, reduction)
+        self.data = data if isinstance(data, BatchSource) else BatchSource(data, self.reduction)
+        self.params: list[Tensor] = tensors
+        self.param_space = ParamSpace(tuple(names), tuple(p.shape for p in tensors))
+        self.check_finite = check_finite
+        self.cache_graph = self.data.single if cache_graph is None else bool(cache_graph)
+        self._cache: list[Any] | None = None
+        self._cache_key: tuple[int, ...] | None = None
+        self._init_args = {
+            "mode": mode,
+            "reduction": self.reduction,
+            "cache_graph": cache_graph,
+            "check_finite": check_finite,
+        }
+        dtypes = {p.dtype for p in tensors}
+        if len(dtypes) != 1:
+            raise ShapeMismatchError(
+                f"the chosen parameters mix dtypes {sorted(map(str, dtypes))}; cast the model to "
+                "one dtype (model.double() or model.float())"
+            )
+        super().__init__((self.param_space.dim,) * 2, tensors[0].dtype, tensors[0].device)
+        self._warn_if_stochastic()
+        self._validate_first_batch()
+
+    def _validate_first_batch(self) -> None:
+        """Fail at construction, not mid-computation: evaluate the loss on the first batch."""
+        x, y, w = next(iter(self.data))
+        with torch.no_grad(), self._model_mode():
+            outputs = self._forward(x)
+            self._loss(outputs, y, w)
+            self._check_outputs(outputs, y.to(self.device))
+
+    def _check_outputs(self, outputs: Tensor, targets: Tensor) -> None:
+        """Hook for operators with requirements on the outputs (GGN/Fisher: the loss kind)."""
+
+    # -- model mode -----------------------------------------------------------------------------
+    def _stochastic_modules(self) -> list[str]:
+        return [
+            n for n, m in self.model.named_modules() if isinstance(m, _STOCHASTIC) and m.training
+        ]
+
+    def _warn_if_stochastic(self) -> None:
+        if self.mode == "eval":
+            return
+        if self.mode == "train":
+            names = [n for n, m in self.model.named_modules() if isinstance(m, _STOCHASTIC)]
+        else:
+            names = self._stochastic_modules()
+        if names:
+            warnings.warn(
+                f"modules {names[:4]} (dropout/BatchNorm) run in training mode, so this "
+                f"{type(self).__name__} is not a fixed matrix: products depend on the batch "
+                "statistics and the random state. Use mode='eval' (the default) for a fixed matrix.",
+                NonDeterministicModelWarning,
+                stacklevel=3,
+            )
+
+    @contextlib.contextmanager
+    def _model_mode(self) -> Iterator[None]:
+        if self.mode == "as-is":
+            yield
+            return
+        flags = [(m, m.training) for m in self.model.modules()]
+        self.model.train(self.mode == "train")
+        try:
+            yield
+        finally:
+            for m, flag in flags:
+                m.training = flag
+
+    # -- forward ----------------------------------------------------------------------------
+    def _forward(self, inputs: Any) -> Tensor:
+        inputs = move_to(inputs, self.device)
+        out = self.model(inputs)
+        if not isinstance(out, Tensor):
+            raise ShapeMismatchError(
+                f"the model returned {type(out).__name__}; curvature operators need a tensor output "
+                "(wrap the model to return the logits/predictions tensor)"
+            )
+        return out
+
+    def _loss(self, outputs: Tensor, targets: Tensor, weight: float) -> Tensor:
+        targets = move_to(targets, self.device)
+        try:
+            loss = self.loss_fn(outputs, targets)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ShapeMismatchError(
+                f"the loss function rejected the model output of shape {tuple(outputs.shape)} "
+                f"with targets of shape {tuple(targets.shape)} ({exc}); check that the model's "
+                "output fits the loss"
+            ) from exc
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise LossNotScalarError(
+                f"loss_fn returned {shape}, not a scalar; use a loss with reduction='mean' or "
+                "'sum' (e.g. nn.CrossEntropyLoss()), or reduce it yourself"
+            )
+        loss = loss.reshape(())
+        if self.check_finite and not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteError(
+                f"the loss is {loss.item()} on a batch; check the data and the parameters for "
+                "NaN/inf before measuring curvature"
+            )
+        return loss * weight if weight != 1.0 else loss
+
+    # -- linearisation cache ----------------------------------------------------------------
+    def _params_key(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.params)
+
+    def _linearise(self, inputs: Any, targets: Tensor, weight: float) -> Any:
+        raise NotImplementedError
+
+    def _apply(self, lin: Any, V: Tensor) -> Tensor:
+        """Return this batch's contribution to ``A @ V`` for ``V`` of shape ``[n, k]``."""
+        raise NotImplementedError
+
+    def _linearisations(self) -> Iterator[Any]:
+        if self.cache_graph:
+            key = self._params_key()
+            if self._cache is None or self._cache_key != key:
+                self._cache = None
+                with self._model_mode():
+                    built = [self._linearise(x, y, w) for x, y, w in self.data]
+                self._cache, self._cache_key = built, key
+            yield from self._cache
+            return
+        for x, y, w in self.data:
+            with self._model_mode():
+                lin = self._linearise(x, y, w)
+            yield lin
+            del lin
+
+    def clear_cache(self) -> None:
+        """Drop the cached graphs (they are rebuilt at the next product)."""
+        self._cache = None
+        self._cache_key = None
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        for lin in self._linearisations():
+            out += self._apply(lin, V)
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(
+                f"a {type(self).__name__} product contains NaN/inf; the loss surface is not "
+                "finite here (check the parameters, the data and the input vectors)"
+            )
+        return out
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def _grad(
+        self,
+        outputs: Sequence[Tensor] | Tensor,
+        grad_outputs: Sequence[Tensor] | Tensor | None,
+        *,
+        create_graph: bool = False,
+    ) -> list[Tensor]:
+        """``autograd.grad`` w.r.t. the chosen parameters, with zeros for unused ones."""
+        grads = torch.autograd.grad(
+            outputs,
+            self.params,
+            grad_outputs=grad_outputs,
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+
+    # -- public extras ----------------------------------------------------------------------
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """Return the full-data loss and its flat gradient ``[n]`` over the chosen parameters."""
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        for x, y, w in self.data:
+            with self._model_mode(), torch.enable_grad():
+                loss = self._loss(self._forward(x), y, w)
+                g = self._grad(loss, None)
+            total += loss.detach()
+            grad += self.param_space.flatten([t.detach() for t in g])
+        return float(total), grad
+
+    def block(self, names: str | Sequence[str]) -> CurvatureOperator:
+        """The diagonal block of this operator for a subset of its parameters.
+
+        Args:
+            names: a block name from :meth:`blocks` (a module such as ``"fc1"``), a parameter
+                name, or a list of parameter names.
+
+        Returns:
+            An operator of the same kind over those parameters only. Its products are cheaper:
+            autograd skips everything the other parameters need.
+        """
+        if isinstance(names, str):
+            groups = self.blocks("module")
+            names = groups.get(names, [names])
+        return type(self)(
+            self.model,
+            self.loss_fn,
+            self.data,
+            params=list(names),
+            **self._block_kwargs(),
+        )
+
+    def _block_kwargs(self) -> dict[str, Any]:
+        return dict(self._init_args)
+
+    def blocks(self, by: str = "module") -> dict[str, list[str]]:
+        """Parameter names grouped into blocks: per ``"module"`` (default) or per ``"param"``."""
+        return self.param_space.groups(by)

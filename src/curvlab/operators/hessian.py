@@ -1,0 +1,87 @@
+"""The Hessian of a model's loss over a data set, as a matrix-free operator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab.operators._model import CurvatureOperator
+
+__all__ = ["HessianOperator"]
+
+
+class _HessianLinearisation:
+    __slots__ = ("grads", "idx")
+
+    def __init__(self, grads: list[Tensor], idx: list[int]) -> None:
+        self.grads = grads  # gradients built with create_graph=True
+        self.idx = idx  # positions of the gradients that depend on the parameters
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The Hessian :math:`H = \nabla^2_\theta L(\theta)` of the loss over all the data.
+
+    .. math::
+
+        L(\theta) = \sum_b w_b\, \ell\big(f_\theta(x_b), y_b\big), \qquad
+        H v = \nabla_\theta \big\langle \nabla_\theta L(\theta), v \big\rangle
+
+    with batch weights :math:`w_b` that reproduce the loss's own reduction over the whole data set
+    (``mean``: :math:`w_b = |y_b| / \sum_{b'} |y_{b'}|`, exact also when the last batch is smaller;
+    ``sum``: :math:`w_b = 1`). Products are reverse-over-reverse (double backward). The gradient
+    graph of each batch is built once per product call and shared by all the columns of ``V``;
+    with ``cache_graph=True`` (the default for a single batch) it is kept across calls, so each
+    further HVP costs one backward pass. The cache is rebuilt when a parameter changes in place.
+
+    Args:
+        model: any ``nn.Module`` returning a tensor.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; any differentiable loss.
+        data: one ``(inputs, targets)`` batch or an iterable of them (e.g. a ``DataLoader``
+            without shuffling).
+        params: parameters (tensors or names) to differentiate; ``None`` = all that require grad.
+        mode: ``"eval"`` (default) evaluates the model in evaluation mode (dropout off, BatchNorm
+            running statistics) and restores its flags afterwards, so the operator is a fixed
+            matrix; ``"train"`` or ``"as-is"`` use training behaviour and warn that the operator is
+            then not fixed.
+        reduction: ``"mean"``/``"sum"`` for a loss callable without a ``reduction`` attribute.
+        cache_graph: keep the per-batch gradient graphs between products (memory for speed).
+        check_finite: raise :class:`~curvlab.errors.NonFiniteError` on NaN/inf losses or products.
+
+    Raises:
+        LossNotScalarError, NonFiniteError, EmptyDataError, ParameterError, ShapeMismatchError.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> H = HessianOperator(model, nn.MSELoss(), (X, y))
+        >>> H.shape
+        (4, 4)
+        >>> bool(torch.allclose(H.to_dense(), H.to_dense().T))
+        True
+    """
+
+    is_symmetric = True
+    is_psd = False
+
+    def _linearise(self, inputs: Any, targets: Tensor, weight: float) -> _HessianLinearisation:
+        with torch.enable_grad():
+            loss = self._loss(self._forward(inputs), targets, weight)
+            grads = self._grad(loss, None, create_graph=True)
+        idx = [i for i, g in enumerate(grads) if g.requires_grad]
+        return _HessianLinearisation(grads, idx)
+
+    def _apply(self, lin: _HessianLinearisation, V: Tensor) -> Tensor:
+        if not lin.idx:
+            return torch.zeros_like(V)
+        outputs = [lin.grads[i] for i in lin.idx]
+        cols = []
+        with torch.enable_grad():
+            for j in range(V.shape[1]):
+                pieces = self.param_space.split(V[:, j])
+                hv = self._grad(outputs, [pieces[i] for i in lin.idx])
+                cols.append(self.param_space.flatten(hv))
+        return torch.stack(cols, dim=1)

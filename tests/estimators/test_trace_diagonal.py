@@ -1,0 +1,140 @@
+"""Trace and diagonal estimators: exact cases, variance-derived tolerances, budgets, blocks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab import CountingOperator, HessianOperator, diagonal, trace
+from curvlab.errors import NotSymmetricError
+from curvlab.operators import DenseOperator
+
+
+def random_psd(n: int = 50, seed: int = 0, decay: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = (
+        torch.exp(-decay * torch.arange(n, dtype=torch.float64))
+        if decay
+        else torch.rand(n, generator=g, dtype=torch.float64)
+    )
+    return Q @ torch.diag(ev) @ Q.T
+
+
+def hutchinson_std(A: torch.Tensor, m: int) -> float:
+    """Std of the m-probe Rademacher Hutchinson estimate: sqrt(2(‖A‖_F² − Σ a_ii²)/m)."""
+    return math.sqrt(2 * (float((A * A).sum()) - float((A.diagonal() ** 2).sum())) / m)
+
+
+def test_diagonal_matrices_are_exact_for_rademacher_probes():
+    A = torch.diag(torch.arange(1.0, 8.0, dtype=torch.float64))
+    est = trace(A, num_matvecs=5, method="hutchinson")
+    assert float(est.value) == 28.0 and float(est.std_error) == 0.0
+    d = diagonal(A, num_matvecs=3)
+    torch.testing.assert_close(d.value, A.diagonal(), rtol=0, atol=0)
+
+
+def test_hutch_plus_plus_is_exact_for_low_rank_matrices():
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    A = U @ U.T  # rank 4 <= num_matvecs / 3: the sketch captures all of it
+    est = trace(A, num_matvecs=15, method="hutch++", generator=g)
+    assert abs(float(est.value) - float(A.trace())) < 1e-9
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_unbiased_within_variance_derived_tolerance(method):
+    A = random_psd()
+    m, reps = 30, 200
+    g = torch.Generator().manual_seed(7)
+    vals = torch.tensor([float(trace(A, m, method=method, generator=g).value) for _ in range(reps)])
+    sd = hutchinson_std(A, m)  # Hutch++'s variance is no larger than Hutchinson's at this m
+    # mean of `reps` estimates: standard error sd / sqrt(reps); allow 4 of them
+    assert abs(float(vals.mean()) - float(A.trace())) < 4 * sd / math.sqrt(reps)
+    if method == "hutchinson":  # the sample spread matches the closed-form variance
+        assert 0.75 * sd < float(vals.std()) < 1.25 * sd
+
+
+def test_reported_standard_error_matches_the_closed_form():
+    A = random_psd(seed=1)
+    est = trace(A, 400, method="hutchinson", generator=torch.Generator().manual_seed(2))
+    sd = hutchinson_std(A, 400)
+    assert 0.8 * sd < float(est.std_error) < 1.2 * sd
+    assert abs(float(est.value) - float(A.trace())) < 4 * sd
+
+
+def test_hutch_plus_plus_beats_hutchinson_on_a_decaying_spectrum():
+    A = random_psd(decay=0.3)
+    g = torch.Generator().manual_seed(3)
+    err = {
+        m: torch.tensor(
+            [
+                abs(float(trace(A, 30, method=m, generator=g).value) - float(A.trace()))
+                for _ in range(50)
+            ]
+        ).mean()
+        for m in ("hutchinson", "hutch++")
+    }
+    assert err["hutch++"] < err["hutchinson"] / 3
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_matvec_budget_is_respected(method):
+    op = CountingOperator(DenseOperator(random_psd()))
+    est = trace(op, 31, method=method, generator=torch.Generator().manual_seed(0))
+    assert op.num_matvecs == est.num_matvecs == 31
+    op.reset()
+    diagonal(op, 17)
+    assert op.num_matvecs == 17
+
+
+def test_stopping_rule_on_the_standard_error():
+    A = random_psd()
+    est = trace(
+        A, 10_000, method="hutchinson", rtol=0.01, generator=torch.Generator().manual_seed(0)
+    )
+    assert est.num_matvecs < 10_000
+    assert float(est.std_error) <= 0.01 * abs(float(est.value))
+
+
+def test_diagonal_converges_within_its_variance():
+    A = random_psd(20)
+    m = 2000
+    d = diagonal(A, m, generator=torch.Generator().manual_seed(4))
+    # per-coordinate std: sqrt(Σ_{l≠j} a_jl² / m)
+    sd = ((A * A).sum(1) - A.diagonal() ** 2).sqrt() / math.sqrt(m)
+    assert torch.all((d.value - A.diagonal()).abs() < 4.5 * sd)
+    assert torch.all((d.std_error / sd - 1).abs() < 0.2)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_per_block_traces_add_up_and_match_exact_blocks(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    dense = H.to_dense()
+    est = trace(H, 300, method=method, blocks="module", generator=torch.Generator().manual_seed(0))
+    total = sum(float(b.value) for b in est.blocks.values())
+    if method == "hutchinson":  # exactly the same samples, split by block
+        assert abs(total - float(est.value)) < 1e-9
+    for name, members in H.blocks().items():
+        idx = torch.cat(
+            [
+                torch.arange(H.param_space.slice_of(p).start, H.param_space.slice_of(p).stop)
+                for p in members
+            ]
+        )
+        exact = float(dense[idx][:, idx].trace())
+        b = est.blocks[name]
+        assert abs(float(b.value) - exact) < 4.5 * float(b.std_error) + 1e-9
+
+
+def test_symmetric_only():
+    with pytest.raises(NotSymmetricError, match="symmetric"):
+        trace(torch.triu(torch.ones(4, 4)), 3)
+    with pytest.raises(NotSymmetricError):
+        diagonal(torch.triu(torch.ones(4, 4)), 3)

@@ -8,6 +8,7 @@ Monitors do no I/O; sinks (:mod:`curvlab.monitors.sinks`) do. See :func:`attach`
 """
 
 from curvlab.monitors._attach import Monitor, MonitorFailure, MonitorHandle, MonitorWarning, attach
+from curvlab.monitors.curvature_lr import CurvatureLR
 from curvlab.monitors.lightning import lightning_callback
 from curvlab.monitors.neural_collapse import NCMetrics, NeuralCollapse, neural_collapse_metrics
 from curvlab.monitors.noise_scale import (
@@ -16,7 +17,14 @@ from curvlab.monitors.noise_scale import (
     noise_scale_from_gradients,
     scale_lr,
 )
+from curvlab.monitors.sharpness import Sharpness, adam_preconditioner, stability_threshold
 from curvlab.monitors.sinks import CallbackSink, CSVSink, HistorySink, TensorBoardSink
+from curvlab.monitors.subspace import (
+    SubspaceOverlap,
+    gradient_overlap,
+    project_gradient_,
+    subspace_persistence,
+)
 
 __all__ = [
     # machinery
@@ -26,10 +34,18 @@ __all__ = [
     "MonitorWarning",
     "attach",
     # monitors
+    "CurvatureLR",
     "GradientNoiseScale",
     "NeuralCollapse",
+    "Sharpness",
+    "SubspaceOverlap",
     # functions
     "NCMetrics",
+    "adam_preconditioner",
+    "gradient_overlap",
+    "project_gradient_",
+    "stability_threshold",
+    "subspace_persistence",
     "lr_scaling_rule",
     "neural_collapse_metrics",
     "noise_scale_from_gradients",

@@ -2,9 +2,13 @@
 
 from curvlab.phenomena._common import PhenomenonResult
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear, saxe_mode_strength
+from curvlab.phenomena.eos import EoSConfig, edge_of_stability, half_square_loss
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 
 __all__ = [
+    "EoSConfig",
+    "edge_of_stability",
+    "half_square_loss",
     "DeepLinearConfig",
     "deep_linear",
     "saxe_mode_strength","MatrixSensingConfig", "PhenomenonResult", "matrix_sensing"]

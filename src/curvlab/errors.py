@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ClosureRequiredError",
     "CurvlabError",
+    "DataNotFoundError",
     "EmptyDataError",
     "LossNotScalarError",
     "NonFiniteError",
@@ -60,3 +61,7 @@ class ClosureRequiredError(CurvlabError, RuntimeError):
 
 class StateDictError(CurvlabError, ValueError):
     """A state_dict does not belong to this optimizer or does not fit its parameters."""
+
+
+class DataNotFoundError(CurvlabError, FileNotFoundError):
+    """A data set that curvlab reads from a system package is not installed."""

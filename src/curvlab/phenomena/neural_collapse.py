@@ -1,0 +1,174 @@
+"""Neural collapse: in the terminal phase of training, within-class variability (NC1) keeps falling.
+
+Set-up (a CPU-sized version of Papyan, Han & Donoho's protocol): a balanced subset of scikit-learn
+digits (``per_class`` examples of each of the 10 classes, standardised), an MLP 64-w-w-10 with ReLU,
+cross-entropy, SGD with momentum 0.9 and weight decay (batch ``batch_size``). A
+:class:`~curvlab.monitors.NeuralCollapse` monitor records NC1–NC4 of the penultimate features on the
+whole training subset every ``every`` steps. The terminal phase of training (TPT) starts at the
+first check with zero training error; the prediction is that NC1 keeps decreasing through the TPT
+(towards zero in the limit) while NC4 (nearest-class-centre agreement) goes to 1 and the classifier
+aligns with the class means (NC3 decreases).
+
+Measured here: NC1 falls steadily through the TPT but, within a CPU-sized budget, by tens of
+percent rather than to zero (weight decay and a small MLP set a slow approach); the JSON says how
+far it fell.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.monitors import HistorySink, NeuralCollapse, attach
+from curvlab.phenomena._common import PhenomenonResult, finish, progress, pyplot
+from curvlab.phenomena._data import load_digits_tensors
+
+__all__ = ["NeuralCollapseConfig", "neural_collapse"]
+
+
+@dataclass(frozen=True)
+class NeuralCollapseConfig:
+    """Data, model and schedule of the neural-collapse run."""
+
+    per_class: int = 50
+    width: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 100
+    steps: int = 6000
+    every: int = 200
+    seed: int = 0
+
+
+def _balanced_digits(per_class: int) -> tuple[Tensor, Tensor]:
+    x, y = load_digits_tensors()
+    idx = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(10)])
+    return x[idx], y[idx]
+
+
+def _mlp(width: int, seed: int) -> nn.Sequential:
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+    )
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                bound = 1.0 / layer.in_features**0.5
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                layer.bias.uniform_(-bound, bound, generator=gen)
+    return model
+
+
+def neural_collapse(
+    config: NeuralCollapseConfig | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress_bar: bool = False,
+) -> PhenomenonResult:
+    """Train past zero training error and record NC1–NC4; write ``neural_collapse.png/json``.
+
+    Returns a :class:`~curvlab.phenomena.PhenomenonResult`; ``numbers`` holds every metric's series,
+    the training error at each check, the step where the TPT starts and NC1 there and at the end.
+
+    Paper: Papyan, Han & Donoho, "Prevalence of neural collapse during the terminal phase of deep
+    learning training", PNAS 2020 (arXiv 2008.08186).
+    """
+    cfg = config or NeuralCollapseConfig()
+    x, y = _balanced_digits(cfg.per_class)
+    model = _mlp(cfg.width, cfg.seed)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    errors: list[float] = []
+
+    def features(inputs: Tensor) -> Tensor:
+        return model[:-1](inputs)
+
+    monitor = NeuralCollapse(features, model[-1], (x, y), model=model, every=cfg.every)
+    handle = attach(opt, monitor, HistorySink())
+    handle.check_now()
+    with torch.no_grad():
+        errors.append(float((model(x).argmax(1) != y).float().mean()))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for step in progress(range(cfg.steps), cfg.steps, "neural collapse", progress_bar):
+        idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if (step + 1) % cfg.every == 0:
+            with torch.no_grad():
+                errors.append(float((model(x).argmax(1) != y).float().mean()))
+    handle.remove()
+    sink = handle.sink
+    steps = sink.steps("nc/nc1")
+    series = {name.split("/", 1)[1]: sink.values(name) for name in sink.names()}
+    nc1 = series["nc1"]
+    tpt = next((i for i, e in enumerate(errors) if e == 0.0), None)
+    if tpt is not None:
+        in_tpt = nc1[tpt:]
+        falls = sum(1 for a, b in zip(in_tpt, in_tpt[1:]) if b < a)
+        checks = {
+            "zero_training_error_reached": True,
+            "nc1_decreases_at_>=_80pct_of_tpt_checks": len(in_tpt) > 2
+            and falls >= 0.8 * (len(in_tpt) - 1),
+            "nc1_end_<=_0.85_x_tpt_start": nc1[-1] <= 0.85 * nc1[tpt],
+            "nc1_end_<=_0.25_x_initial": nc1[-1] <= 0.25 * nc1[0],
+            "nc4_end_>=_0.99": series["nc4"][-1] >= 0.99,
+            "nc3_decreases_through_tpt": series["nc3"][-1] < series["nc3"][tpt],
+        }
+    else:
+        checks = {"zero_training_error_reached": False}
+    reproduced = all(checks.values())
+    tpt_step = steps[tpt] if tpt is not None else None
+    note = (
+        f"zero training error from step {tpt_step}; NC1 {nc1[0]:.3f} at init, "
+        + (f"{nc1[tpt]:.3f} at the start of the terminal phase, " if tpt is not None else "")
+        + f"{nc1[-1]:.3f} after {cfg.steps} steps; NC4 {series['nc4'][-1]:.3f}. "
+        "NC1 falls steadily but, in this CPU budget, stays well above 0."
+    )
+    numbers: dict[str, Any] = {
+        "config": asdict(cfg),
+        "checks": checks,
+        "steps": steps,
+        "train_error": errors,
+        "tpt_start_step": tpt_step,
+        "nc1_at_tpt_start": nc1[tpt] if tpt is not None else None,
+        "nc1_end": nc1[-1],
+        "metrics": series,
+    }
+    result = PhenomenonResult(
+        name="neural-collapse",
+        numbers=numbers,
+        reproduced=reproduced,
+        note=note,
+        caption=(
+            "NC1 (within-class variability, log scale), NC2 equiangularity, NC3 self-duality and NC4 "
+            f"mismatch of penultimate features of an MLP on balanced digits ({cfg.per_class}/class) "
+            "under SGD; the shaded region is the terminal phase (zero training error).",
+            "Papyan et al.: in the terminal phase NC1 → 0, class means approach a simplex ETF "
+            "(NC2), the classifier aligns with them (NC3) and predicts the nearest class mean (NC4).",
+        ),
+    )
+
+    def figure(path: Any) -> None:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ax.semilogy(steps, nc1, "o-", label="NC1  Tr(Σ_W Σ_B⁺)/C")
+        ax.semilogy(steps, series["nc2_equiangular"], "s-", label="NC2 equiangularity")
+        ax.semilogy(steps, series["nc3"], "^-", label="NC3 ‖W/‖W‖ − Mᵀ/‖M‖‖")
+        ax.semilogy(steps, [max(1 - v, 1e-4) for v in series["nc4"]], "v-", label="1 − NC4")
+        if tpt_step is not None:
+            ax.axvspan(tpt_step, steps[-1], color="gray", alpha=0.15, label="terminal phase")
+        ax.set_xlabel("SGD step")
+        ax.set_title("Neural collapse on balanced digits")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    return finish(result, out_dir, figure)

@@ -1,0 +1,117 @@
+"""Run every phenomenon and write an HTML index page with a two-line caption per figure."""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena._data import fashion_mnist_available
+from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
+from curvlab.phenomena.eos import EoSConfig, edge_of_stability
+from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
+from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
+from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
+
+__all__ = ["PHENOMENA", "quick_config", "run_all", "run_phenomenon", "write_index"]
+
+#: name -> (function, its config class); the names the CLI accepts.
+PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
+    "eos": (edge_of_stability, EoSConfig),
+    "subspace": (tiny_subspace, SubspaceConfig),
+    "matrix-sensing": (matrix_sensing, MatrixSensingConfig),
+    "deep-linear": (deep_linear, DeepLinearConfig),
+    "neural-collapse": (neural_collapse, NeuralCollapseConfig),
+}
+
+
+def quick_config(name: str) -> Any:
+    """A small configuration of each phenomenon (the tests' sizes; seconds each)."""
+    if name == "eos":
+        return EoSConfig(etas=(0.35, 0.5, 0.6), control_eta=None, steps=700, every=25)
+    if name == "subspace":
+        return SubspaceConfig(
+            num_samples=1000, width=50, steps=200, every=50, ablation_steps=150,
+            ablation_refresh=30,
+        )
+    if name == "matrix-sensing":
+        return MatrixSensingConfig(
+            steps=2000, alphas_gd=(0.5, 2.0), alphas_precond=(0.01, 1.0),
+            symmetric_scaledgd=False,
+        )
+    if name == "deep-linear":
+        return DeepLinearConfig()
+    if name == "neural-collapse":
+        return NeuralCollapseConfig(steps=1600, every=200)
+    raise ValueError(f"unknown phenomenon {name!r}; choose from {sorted(PHENOMENA)}")
+
+
+def run_phenomenon(
+    name: str,
+    out_dir: str | os.PathLike[str],
+    quick: bool = False,
+    progress_bar: bool = True,
+) -> PhenomenonResult:
+    """Run one phenomenon by name into ``out_dir``.
+
+    The tiny-subspace run uses Fashion-MNIST when Debian's ``dataset-fashion-mnist`` is installed
+    and otherwise the shipped digits, whose note then says that the claim is not reproduced there.
+    """
+    if name not in PHENOMENA:
+        raise ValueError(f"unknown phenomenon {name!r}; choose from {sorted(PHENOMENA)}")
+    fn, cls = PHENOMENA[name]
+    config = quick_config(name) if quick else cls()
+    if name == "subspace" and not fashion_mnist_available():
+        print(
+            "Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist); running the "
+            "tiny-subspace check on the shipped digits, where it is known not to reproduce.",
+            file=sys.stderr,
+        )
+        config = SubspaceConfig(
+            dataset="digits", num_samples=1500 if not quick else 500, width=50,
+            steps=config.steps, every=config.every, ablation_steps=config.ablation_steps,
+            ablation_refresh=config.ablation_refresh,
+        )
+    return fn(config, out_dir=out_dir, progress_bar=progress_bar)
+
+
+def write_index(results: list[PhenomenonResult], out_dir: str | os.PathLike[str]) -> Path:
+    """Write ``index.html``: every figure with its two-line caption, outcome and numbers file."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    blocks = []
+    for res in results:
+        status = {True: "reproduced", False: "NOT reproduced", None: "not checked"}[res.reproduced]
+        fig = html.escape(res.figure.name) if res.figure is not None else ""
+        js = html.escape(res.json_path.name) if res.json_path is not None else ""
+        blocks.append(
+            f'<section id="{html.escape(res.name)}">\n'
+            f"<h2>{html.escape(res.name)} — {status}</h2>\n"
+            f'<figure><img src="{fig}" alt="{html.escape(res.name)}" style="max-width:100%">\n'
+            f"<figcaption><p><b>Shows:</b> {html.escape(res.caption[0])}</p>\n"
+            f"<p><b>Paper predicts:</b> {html.escape(res.caption[1])}</p></figcaption></figure>\n"
+            f"<p><i>Measured:</i> {html.escape(res.note)}</p>\n"
+            f'<p>Numbers: <a href="{js}">{js}</a></p>\n</section>'
+        )
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<title>curvlab — training-dynamics phenomena</title></head>\n<body>\n"
+        "<h1>curvlab — training-dynamics phenomena, reproduced on a CPU</h1>\n"
+        + "\n".join(blocks)
+        + "\n</body></html>\n"
+    )
+    path = folder / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def run_all(
+    out_dir: str | os.PathLike[str], quick: bool = False, progress_bar: bool = True
+) -> tuple[list[PhenomenonResult], Path]:
+    """Run every phenomenon into ``out_dir`` and write the index page; return results and its path."""
+    results = [run_phenomenon(name, out_dir, quick, progress_bar) for name in PHENOMENA]
+    return results, write_index(results, out_dir)

@@ -1,0 +1,65 @@
+"""The dynamics CLI and the index page."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from curvlab.cli.dynamics import register
+from curvlab.phenomena import PHENOMENA, PhenomenonResult, write_index
+from curvlab.phenomena.index import quick_config
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="curvlab")
+    register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_runs_one_phenomenon(tmp_path, capsys):
+    args = _parser().parse_args(
+        ["dynamics", "--phenomenon", "deep-linear", "--quick", "--no-progress", "--out", str(tmp_path)]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "deep-linear: reproduced" in out
+    assert (tmp_path / "deep_linear.png").exists()
+    assert json.loads((tmp_path / "deep_linear.json").read_text())["reproduced"] is True
+
+
+def test_cli_arguments():
+    parser = _parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["dynamics"])  # --phenomenon or --all is required
+    with pytest.raises(SystemExit):
+        parser.parse_args(["dynamics", "--phenomenon", "grokking"])
+    assert parser.parse_args(["dynamics", "--all"]).all is True
+    assert set(PHENOMENA) == {"eos", "subspace", "matrix-sensing", "deep-linear", "neural-collapse"}
+    for name in PHENOMENA:
+        assert isinstance(quick_config(name), PHENOMENA[name][1])
+
+
+def test_index_page_has_every_figure_and_two_line_caption(tmp_path):
+    results = []
+    for name, ok in (("eos", True), ("subspace", False)):
+        fig = tmp_path / f"{name}.png"
+        fig.write_bytes(b"png")
+        results.append(
+            PhenomenonResult(
+                name=name,
+                numbers={},
+                reproduced=ok,
+                note=f"note <{name}>",
+                caption=(f"shows {name}", f"predicts {name}"),
+                figure=fig,
+                json_path=Path(tmp_path / f"{name}.json"),
+            )
+        )
+    page = write_index(results, tmp_path).read_text()
+    assert page.count("<img ") == 2 and 'src="eos.png"' in page and 'src="subspace.png"' in page
+    assert "<b>Shows:</b> shows eos" in page and "<b>Paper predicts:</b> predicts subspace" in page
+    assert "subspace — NOT reproduced" in page and "eos — reproduced" in page
+    assert "note &lt;eos&gt;" in page  # escaped

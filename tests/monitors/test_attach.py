@@ -71,7 +71,7 @@ def test_checks_every_n_steps_and_remove_stops(gen):
 
 
 def test_context_manager_and_check_now(gen):
-    model, X, y = _problem(gen)
+    model, _, _ = _problem(gen)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with attach(opt, StepNorm(model, every=100)) as handle:
         values = handle.check_now()

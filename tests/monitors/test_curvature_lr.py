@@ -38,7 +38,12 @@ def test_line_search_lr_on_quadratic(gen):
     # a GD step with that lr minimises the quadratic along g exactly
     w = model.w.detach() - expected * g
     ts = torch.linspace(0.9, 1.1, 21, dtype=torch.float64)
-    losses = [float(0.5 * (model.w.detach() - t * expected * g) @ A @ (model.w.detach() - t * expected * g)) for t in ts]
+    losses = [
+        float(
+            0.5 * (model.w.detach() - t * expected * g) @ A @ (model.w.detach() - t * expected * g)
+        )
+        for t in ts
+    ]
     assert min(losses) == pytest.approx(float(0.5 * w @ A @ w))
 
 
@@ -50,5 +55,7 @@ def test_negative_curvature_gives_nan():
         return 0.5 * model.w @ A @ model.w + 0 * out.sum()
 
     X = torch.zeros(1, 1, dtype=torch.float64)
-    values = attach(torch.optim.SGD(model.parameters(), lr=0.1), CurvatureLR(model, loss_fn, (X, X))).check_now()
+    values = attach(
+        torch.optim.SGD(model.parameters(), lr=0.1), CurvatureLR(model, loss_fn, (X, X))
+    ).check_now()
     assert math.isnan(values["curvature_lr/lr"]) and values["curvature_lr/gHg"] < 0

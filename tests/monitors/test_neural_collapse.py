@@ -140,7 +140,7 @@ def test_monitor_bad_input_at_attach(gen):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="feature-extractor callable"):
         NeuralCollapse(None, model[-1], (X, y))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="nn.Linear"):
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
         NeuralCollapse(lambda x: x, model, (X, y))  # type: ignore[arg-type]
     with pytest.raises(ShapeMismatchError, match=r"shape \[N=30, D=6\]"):
         attach(opt, [NeuralCollapse(lambda x: model(x), model[-1], (X, y))])

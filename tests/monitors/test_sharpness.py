@@ -80,7 +80,9 @@ def test_which_la_not_magnitude(gen):
 
 
 def test_warm_start_reuses_last_eigenvector(gen):
-    model = nn.Sequential(nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 2))
+    model = nn.Sequential(
+        nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 2)
+    )
     X = torch.randn(64, 3, generator=gen)
     y = torch.randn(64, 2, generator=gen)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -117,7 +119,9 @@ def test_adam_preconditioned_sharpness(gen):
     t = 3
     p = torch.cat(
         [
-            ((1 - 0.9**t) * ((opt.state[q]["exp_avg_sq"] / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(-1)
+            ((1 - 0.9**t) * ((opt.state[q]["exp_avg_sq"] / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(
+                -1
+            )
             for q in params
         ]
     )

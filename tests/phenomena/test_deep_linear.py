@@ -20,7 +20,12 @@ def test_closed_form_solves_the_ode():
     assert torch.allclose(du, rhs, rtol=1e-3, atol=1e-9)
     assert abs(float(u[0]) - u0) < 1e-15 and abs(float(u[-1]) - s) < 1e-9
     half = math.log(s / u0 - 1) / (2 * s * eta)
-    assert abs(float(saxe_mode_strength(torch.tensor([half], dtype=torch.float64), s, u0, eta)) - s / 2) < 1e-9
+    assert (
+        abs(
+            float(saxe_mode_strength(torch.tensor([half], dtype=torch.float64), s, u0, eta)) - s / 2
+        )
+        < 1e-9
+    )
 
 
 def test_modes_follow_closed_form(tmp_path):

@@ -21,7 +21,15 @@ def _parser():
 
 def test_cli_runs_one_phenomenon(tmp_path, capsys):
     args = _parser().parse_args(
-        ["dynamics", "--phenomenon", "deep-linear", "--quick", "--no-progress", "--out", str(tmp_path)]
+        [
+            "dynamics",
+            "--phenomenon",
+            "deep-linear",
+            "--quick",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
     )
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -37,7 +37,12 @@ def test_gradient_lives_in_top_subspace_and_dom_sgd_stalls(tmp_path):
 
 def test_digits_say_not_reproduced(tmp_path):
     cfg = SubspaceConfig(
-        dataset="digits", num_samples=500, width=32, steps=150, every=50, ablation_steps=20,
+        dataset="digits",
+        num_samples=500,
+        width=32,
+        steps=150,
+        every=50,
+        ablation_steps=20,
         ablation_refresh=20,
     )
     res = tiny_subspace(cfg, out_dir=tmp_path)

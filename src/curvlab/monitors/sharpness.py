@@ -106,6 +106,8 @@ class Sharpness(HessianMonitor):
         trace: also estimate tr(H) with ``trace_matvecs`` HVPs (default False).
         preconditioned: ``"auto"`` (when the optimizer has Adam state), ``True`` or ``False``.
         lr: override the learning rate read from the optimizer.
+        warm_start: start each Lanczos run from the previous check's top eigenvector (default
+            True; False restarts from a random vector every check, for comparison).
         generator: randomness of the first start vector and of the trace probes.
         every: check every ``every`` steps. name: prefix (default ``"sharpness"``).
 
@@ -149,6 +151,7 @@ class Sharpness(HessianMonitor):
         trace_matvecs: int = 30,
         preconditioned: bool | str = "auto",
         lr: float | None = None,
+        warm_start: bool = True,
         generator: torch.Generator | None = None,
         every: int = 10,
         name: str = "sharpness",
@@ -157,7 +160,9 @@ class Sharpness(HessianMonitor):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if preconditioned not in ("auto", True, False):
-            raise ValueError(f"preconditioned must be 'auto', True or False, got {preconditioned!r}")
+            raise ValueError(
+                f"preconditioned must be 'auto', True or False, got {preconditioned!r}"
+            )
         self.k = k
         self.tol = tol
         self.max_matvecs = max_matvecs
@@ -165,6 +170,7 @@ class Sharpness(HessianMonitor):
         self.trace_matvecs = trace_matvecs
         self.preconditioned = preconditioned
         self.lr = lr
+        self.warm_start = warm_start
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._v0: Tensor | None = None
         self._pv0: Tensor | None = None
@@ -203,7 +209,8 @@ class Sharpness(HessianMonitor):
         assert self.counter is not None
         group = optimizer_group(optimizer, self.params)
         lr = float(self.lr if self.lr is not None else group["lr"])
-        values, self._v0, used, converged = self._eig(self.counter, self._v0)
+        v0 = self._v0 if self.warm_start else None
+        values, self._v0, used, converged = self._eig(self.counter, v0)
         self.last_eigenvalues = values
         lam = float(values[0])
         adaptive = "betas" in group and "eps" in group
@@ -230,7 +237,8 @@ class Sharpness(HessianMonitor):
             else:
                 p, beta1, _ = pre
                 scaled = ScaledOperator(self.counter, p.rsqrt())
-                pvals, self._pv0, pused, _ = self._eig(scaled, self._pv0)
+                pv0 = self._pv0 if self.warm_start else None
+                pvals, self._pv0, pused, _ = self._eig(scaled, pv0)
                 pthr = stability_threshold(lr, adam_beta1=beta1)
                 out["preconditioned"] = float(pvals[0])
                 out["preconditioned_threshold"] = pthr

@@ -1,4 +1,9 @@
-"""Reproductions of the seed papers' training-dynamics phenomena on CPU-sized problems."""
+"""Reproductions of the seed papers' training-dynamics phenomena on CPU-sized problems.
+
+Each function runs one phenomenon, returns a :class:`PhenomenonResult` (numbers, whether the
+paper's qualitative claim held, a note, a two-line caption) and, given ``out_dir``, writes a PNG
+and a small JSON. :func:`run_all` runs them all and writes an ``index.html``.
+"""
 
 from curvlab.phenomena._common import PhenomenonResult
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear, saxe_mode_strength
@@ -9,13 +14,24 @@ from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_colla
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
 __all__ = [
+    # the phenomena
+    "edge_of_stability",
+    "tiny_subspace",
+    "matrix_sensing",
+    "deep_linear",
+    "neural_collapse",
+    # their configurations
+    "EoSConfig",
+    "SubspaceConfig",
+    "MatrixSensingConfig",
+    "DeepLinearConfig",
+    "NeuralCollapseConfig",
+    # results, running everything, helpers
     "PHENOMENA",
+    "PhenomenonResult",
+    "half_square_loss",
     "run_all",
     "run_phenomenon",
+    "saxe_mode_strength",
     "write_index",
-    "EoSConfig",
-    "edge_of_stability",
-    "half_square_loss",
-    "DeepLinearConfig",
-    "deep_linear",
-    "saxe_mode_strength","MatrixSensingConfig", "PhenomenonResult", "matrix_sensing"]
+]

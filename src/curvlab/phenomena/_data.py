@@ -13,7 +13,12 @@ from torch import Tensor
 
 from curvlab.errors import DataNotFoundError
 
-__all__ = ["FASHION_MNIST_DIR", "fashion_mnist_available", "load_digits_tensors", "load_fashion_mnist"]
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "fashion_mnist_available",
+    "load_digits_tensors",
+    "load_fashion_mnist",
+]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _FILES = {

@@ -14,6 +14,7 @@ sigmoidally, and stronger modes are learned first, at a step ∝ 1/s. The run al
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -125,9 +126,7 @@ def deep_linear(
     decoupled = _train(w1, w2, x, y, u, v, cfg)
     steps = torch.arange(cfg.steps + 1, dtype=dt)
     u0 = cfg.init_scale**2
-    closed = torch.stack(
-        [saxe_mode_strength(steps, float(si), u0, cfg.eta) for si in s], dim=1
-    )
+    closed = torch.stack([saxe_mode_strength(steps, float(si), u0, cfg.eta) for si in s], dim=1)
     gap = float(((decoupled - closed).abs() / s).max())
 
     w1r = cfg.random_init_std * torch.randn(d, d, generator=gen, dtype=dt)
@@ -135,21 +134,14 @@ def deep_linear(
     random = _train(w1r, w2r, x, y, u, v, cfg)
 
     half_dec = _half_steps(decoupled, s)
-    half_closed = [
-        math.log(float(si) / u0 - 1) / (2 * float(si) * cfg.eta) for si in s
-    ]
+    half_closed = [math.log(float(si) / u0 - 1) / (2 * float(si) * cfg.eta) for si in s]
     half_rand = _half_steps(random, s)
-    st_rand = [
-        float(si) * h * cfg.eta if h is not None else None for si, h in zip(s, half_rand)
-    ]
-    ordered = all(h is not None for h in half_rand) and all(
-        a < b for a, b in zip(half_rand, half_rand[1:])  # type: ignore[operator]
-    )
+    st_rand = [float(si) * h * cfg.eta if h is not None else None for si, h in zip(s, half_rand)]
+    reached = [h for h in half_rand if h is not None]
+    ordered = len(reached) == r and all(a < b for a, b in itertools.pairwise(reached))
     finite_st = [x for x in st_rand if x is not None]
     spread = (max(finite_st) / min(finite_st)) if len(finite_st) == r else math.inf
-    half_ok = all(
-        h is not None and abs(h - c) <= 0.03 * c for h, c in zip(half_dec, half_closed)
-    )
+    half_ok = all(h is not None and abs(h - c) <= 0.03 * c for h, c in zip(half_dec, half_closed))
     checks = {
         "decoupled_matches_closed_form_within_5pct_of_s": gap < 0.05,
         "decoupled_half_steps_within_3pct_of_closed_form": half_ok,
@@ -202,7 +194,9 @@ def deep_linear(
             ax.plot(xs, random[::stride, i].numpy(), ":", color=line.get_color())
         ax.set_xlabel("GD step")
         ax.set_ylabel("mode strength")
-        ax.set_title("Deep linear network: measured (solid), closed form (dashed), random init (dotted)")
+        ax.set_title(
+            "Deep linear network: measured (solid), closed form (dashed), random init (dotted)"
+        )
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=110)

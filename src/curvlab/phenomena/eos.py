@@ -11,6 +11,7 @@ non-monotonically; a small control η whose 2/η is never reached stays below 1.
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 from dataclasses import asdict, dataclass
@@ -97,10 +98,12 @@ def _run(eta: float, x: Tensor, y: Tensor, cfg: EoSConfig) -> dict[str, Any]:
         "median_ratio_second_half": statistics.median(second),
         "max_ratio": max(ratio),
         "max_ratio_second_half": max(second),
-        "first_step_at_0.95": sink.steps("sharpness/value")[reached] if reached is not None else None,
+        "first_step_at_0.95": sink.steps("sharpness/value")[reached]
+        if reached is not None
+        else None,
         "loss_first": losses[0],
         "loss_last": losses[-1],
-        "loss_increases": sum(1 for a, b in zip(losses, losses[1:]) if b > a),
+        "loss_increases": sum(1 for a, b in itertools.pairwise(losses) if b > a),
         "loss_every": losses[:: cfg.every],
         "failures": len(handle.failures),
     }

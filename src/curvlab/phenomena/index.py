@@ -35,12 +35,18 @@ def quick_config(name: str) -> Any:
         return EoSConfig(etas=(0.35, 0.5, 0.6), control_eta=None, steps=700, every=25)
     if name == "subspace":
         return SubspaceConfig(
-            num_samples=1000, width=50, steps=200, every=50, ablation_steps=150,
+            num_samples=1000,
+            width=50,
+            steps=200,
+            every=50,
+            ablation_steps=150,
             ablation_refresh=30,
         )
     if name == "matrix-sensing":
         return MatrixSensingConfig(
-            steps=2000, alphas_gd=(0.5, 2.0), alphas_precond=(0.01, 1.0),
+            steps=2000,
+            alphas_gd=(0.5, 2.0),
+            alphas_precond=(0.01, 1.0),
             symmetric_scaledgd=False,
         )
     if name == "deep-linear":
@@ -72,8 +78,12 @@ def run_phenomenon(
             file=sys.stderr,
         )
         config = SubspaceConfig(
-            dataset="digits", num_samples=1500 if not quick else 500, width=50,
-            steps=config.steps, every=config.every, ablation_steps=config.ablation_steps,
+            dataset="digits",
+            num_samples=1500 if not quick else 500,
+            width=50,
+            steps=config.steps,
+            every=config.every,
+            ablation_steps=config.ablation_steps,
             ablation_refresh=config.ablation_refresh,
         )
     return fn(config, out_dir=out_dir, progress_bar=progress_bar)
@@ -98,7 +108,7 @@ def write_index(results: list[PhenomenonResult], out_dir: str | os.PathLike[str]
             f'<p>Numbers: <a href="{js}">{js}</a></p>\n</section>'
         )
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<title>curvlab — training-dynamics phenomena</title></head>\n<body>\n"
         "<h1>curvlab — training-dynamics phenomena, reproduced on a CPU</h1>\n"
         + "\n".join(blocks)

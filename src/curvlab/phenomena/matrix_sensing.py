@@ -22,6 +22,7 @@ guarantee reaches accuracy ε only for α polynomially small in ε).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -169,7 +170,9 @@ def matrix_sensing(
         ("symmetric k=r", "sym", cfg.r, cfg.alpha_sym, None, cfg.eta),
         (f"symmetric k={cfg.k_over}", "sym", cfg.k_over, cfg.alpha_sym, None, cfg.eta),
     ]
-    plan += [(f"asymmetric GD α={a:g}", "asym", cfg.k_over, a, None, cfg.eta) for a in cfg.alphas_gd]
+    plan += [
+        (f"asymmetric GD α={a:g}", "asym", cfg.k_over, a, None, cfg.eta) for a in cfg.alphas_gd
+    ]
     plan += [
         (f"asymmetric ScaledGD(λ) α={a:g}", "asym", cfg.k_over, a, cfg.lam, cfg.eta_precond)
         for a in cfg.alphas_precond
@@ -180,7 +183,9 @@ def matrix_sensing(
             for a in cfg.alphas_precond
         ]
     curves: dict[str, list[float]] = {}
-    for label, kind, k, alpha, lam, eta in progress(plan, len(plan), "matrix sensing", progress_bar):
+    for label, kind, k, alpha, lam, eta in progress(
+        plan, len(plan), "matrix sensing", progress_bar
+    ):
         run = _run_symmetric if kind == "sym" else _run_asymmetric
         curves[label] = run(prob, cfg, k, alpha, lam, eta)
 
@@ -207,9 +212,10 @@ def matrix_sensing(
         "symmetric_over_is_sublinear": over["final_error"] > 1e3 * cfg.tol
         and -3.0 <= over["loglog_slope_second_half"] <= -0.2,
         "asymmetric_gd_faster_with_larger_alpha": all(
-            a >= b for a, b in zip(gd_final, gd_final[1:])
+            a >= b for a, b in itertools.pairwise(gd_final)
         ),
-        "asymmetric_gd_largest_alpha_beats_symmetric_over": gd_final[-1] < 0.1 * over["final_error"],
+        "asymmetric_gd_largest_alpha_beats_symmetric_over": gd_final[-1]
+        < 0.1 * over["final_error"],
         "preconditioned_all_alpha_converge": all(h is not None for h in pre_hits),
         # GD's rate scales like α²; over a 100× range of α that is a 10⁴× change in rate
         "preconditioned_alpha_spread_below_2x": all(h is not None for h in pre_hits)

@@ -16,6 +16,7 @@ far it fell.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -89,7 +90,9 @@ def neural_collapse(
     def features(inputs: Tensor) -> Tensor:
         return model[:-1](inputs)
 
-    monitor = NeuralCollapse(features, model[-1], (x, y), model=model, every=cfg.every)
+    head = model[-1]
+    assert isinstance(head, nn.Linear)
+    monitor = NeuralCollapse(features, head, (x, y), model=model, every=cfg.every)
     handle = attach(opt, monitor, HistorySink())
     handle.check_now()
     with torch.no_grad():
@@ -111,7 +114,7 @@ def neural_collapse(
     tpt = next((i for i, e in enumerate(errors) if e == 0.0), None)
     if tpt is not None:
         in_tpt = nc1[tpt:]
-        falls = sum(1 for a, b in zip(in_tpt, in_tpt[1:]) if b < a)
+        falls = sum(1 for a, b in itertools.pairwise(in_tpt) if b < a)
         checks = {
             "zero_training_error_reached": True,
             "nc1_decreases_at_>=_80pct_of_tpt_checks": len(in_tpt) > 2

@@ -97,7 +97,10 @@ def _branch(
     for step in range(cfg.ablation_steps):
         if mode != "sgd" and step % cfg.ablation_refresh == 0:
             res = eigsh(
-                op, k=cfg.k, tol=1e-2, v0=basis[:, 0] if basis is not None else None,
+                op,
+                k=cfg.k,
+                tol=1e-2,
+                v0=basis[:, 0] if basis is not None else None,
                 generator=torch.Generator().manual_seed(cfg.seed),
             )
             basis, matvecs = res.vectors.detach(), matvecs + res.num_matvecs
@@ -135,7 +138,11 @@ def tiny_subspace(
     model = _mlp(x.shape[1], cfg.width, activation, cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     monitor = SubspaceOverlap(
-        model, nn.CrossEntropyLoss(), (x, y), k=cfg.k, every=cfg.every,
+        model,
+        nn.CrossEntropyLoss(),
+        (x, y),
+        k=cfg.k,
+        every=cfg.every,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     handle = attach(opt, monitor, HistorySink())
@@ -213,7 +220,9 @@ def tiny_subspace(
         plt = pyplot()
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
         left.plot(steps, overlap, "o-", label="gradient overlap")
-        left.axhline(random_overlap, color="gray", ls="--", label=f"random (k/n = {random_overlap:.1e})")
+        left.axhline(
+            random_overlap, color="gray", ls="--", label=f"random (k/n = {random_overlap:.1e})"
+        )
         left.set_xlabel("SGD step")
         left.set_ylabel(f"overlap with top-{cfg.k} eigenspace")
         left.set_ylim(-0.02, 1.02)

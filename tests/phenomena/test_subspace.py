@@ -28,7 +28,7 @@ def test_gradient_lives_in_top_subspace_and_dom_sgd_stalls(tmp_path):
     assert n["median_overlap_after_warmup"] >= 0.8
     assert n["random_overlap"] == pytest.approx(10 / n["num_params"])
     ab = n["ablation"]
-    assert ab["sgd"]["decrease"] > 0.05
+    assert ab["sgd"]["decrease"] > 0.15  # measured 0.30 over 150 steps from step 100
     assert ab["dom"]["decrease"] < 0.25 * ab["sgd"]["decrease"]
     assert ab["bulk"]["decrease"] >= 0.5 * ab["sgd"]["decrease"]
     assert res.reproduced is True

@@ -35,6 +35,18 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=_run)
 
 
+def _print_eos_table(numbers: dict[str, Any]) -> None:
+    """Print sharpness·η/2 over steps, one column per η (every few checks)."""
+    runs = list(numbers["runs"].values())
+    if numbers.get("control"):
+        runs.append(numbers["control"])
+    steps = runs[0]["steps"]
+    stride = max(1, len(steps) // 15)
+    print("  step  " + "".join(f"η={r['eta']:<7g}" for r in runs) + "  (sharpness·η/2)")
+    for i in range(0, len(steps), stride):
+        print(f"  {steps[i]:5d} " + "".join(f"{r['ratio'][i]:9.3f}" for r in runs))
+
+
 def _run(args: argparse.Namespace) -> int:
     from curvlab.phenomena.index import run_all, run_phenomenon
 
@@ -46,6 +58,8 @@ def _run(args: argparse.Namespace) -> int:
     for res in results:
         status = {True: "reproduced", False: "NOT reproduced", None: "not checked"}[res.reproduced]
         print(f"{res.name}: {status} — {res.note}")
+        if res.name == "eos":
+            _print_eos_table(res.numbers)
         print(f"  figure {res.figure}  numbers {res.json_path}")
     if index is not None:
         print(f"index: {index}")

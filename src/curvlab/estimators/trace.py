@@ -154,7 +154,8 @@ def hutchpp_trace(
         AQ = _chunked(op, Q, chunk_size, bar)
         exact = (Q * AQ).sum()  # tr(Qᵀ A Q)
         exact_rows = (AQ * Q).sum(dim=1)  # diag(A Q Qᵀ), for per-block traces
-        samples, block_samples = [], {b: [] for b in spec}
+        samples: list[Tensor] = []
+        block_samples: dict[str, list[Tensor]] = {b: [] for b in spec}
         used = 0
         while used < k_probe:
             c = min(chunk_size, k_probe - used)

@@ -4,7 +4,7 @@ Operators (which matrix), estimators (which number), optimizers (which update), 
 benchmark harness built on them. See the README for a ten-line tour.
 """
 
-from curvlab import errors
+from curvlab import distributed, errors
 from curvlab.errors import (
     ClosureRequiredError,
     CurvlabError,
@@ -73,4 +73,6 @@ __all__ = [
     "StateDictError",
     "UnsupportedLossError",
     "errors",
+    # modules
+    "distributed",
 ]

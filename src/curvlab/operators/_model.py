@@ -59,6 +59,7 @@ class CurvatureOperator(LinearOperator):
         reduction: str | None = None,
         cache_graph: bool | None = None,
         check_finite: bool = True,
+        vectorize: bool = False,
     ) -> None:
         if mode not in ("eval", "train", "as-is"):
             raise ValueError(f"mode must be 'eval', 'train' or 'as-is', got {mode!r}")
@@ -71,6 +72,7 @@ class CurvatureOperator(LinearOperator):
         self.params: list[Tensor] = tensors
         self.param_space = ParamSpace(tuple(names), tuple(p.shape for p in tensors))
         self.check_finite = check_finite
+        self.vectorize = bool(vectorize)
         self.cache_graph = self.data.single if cache_graph is None else bool(cache_graph)
         self._cache: list[Any] | None = None
         self._cache_key: tuple[int, ...] | None = None
@@ -79,6 +81,7 @@ class CurvatureOperator(LinearOperator):
             "reduction": self.reduction,
             "cache_graph": cache_graph,
             "check_finite": check_finite,
+            "vectorize": vectorize,
         }
         dtypes = {p.dtype for p in tensors}
         if len(dtypes) != 1:
@@ -221,8 +224,13 @@ class CurvatureOperator(LinearOperator):
         grad_outputs: Sequence[Tensor] | Tensor | None,
         *,
         create_graph: bool = False,
+        batched: bool = False,
     ) -> list[Tensor]:
-        """``autograd.grad`` w.r.t. the chosen parameters, with zeros for unused ones."""
+        """``autograd.grad`` w.r.t. the chosen parameters, with zeros for unused ones.
+
+        With ``batched=True`` the ``grad_outputs`` carry a leading batch dimension of columns
+        (``is_grads_batched``) and so do the results.
+        """
         grads = torch.autograd.grad(
             outputs,
             self.params,
@@ -230,8 +238,25 @@ class CurvatureOperator(LinearOperator):
             retain_graph=True,
             create_graph=create_graph,
             allow_unused=True,
+            is_grads_batched=batched,
         )
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        if not batched:
+            return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        k = (
+            next(iter(grad_outputs)).shape[0]
+            if isinstance(grad_outputs, (list, tuple))
+            else grad_outputs.shape[0]
+        )  # type: ignore[union-attr]
+        return [p.new_zeros(k, *p.shape) if g is None else g for g, p in zip(grads, self.params)]
+
+    def _columns(self, V: Tensor) -> list[Tensor]:
+        """``V [n, k]`` split per parameter as ``[k, *shape]`` pieces (for batched products)."""
+        return [piece.movedim(-1, 0) for piece in self.param_space.split(V)]
+
+    def _flatten_columns(self, pieces: Sequence[Tensor]) -> Tensor:
+        """Inverse of :meth:`_columns`: ``[k, *shape]`` pieces to an ``[n, k]`` matrix."""
+        k = pieces[0].shape[0]
+        return torch.cat([p.reshape(k, -1) for p in pieces], dim=1).T
 
     # -- public extras ----------------------------------------------------------------------
     def loss_and_gradient(self) -> tuple[float, Tensor]:

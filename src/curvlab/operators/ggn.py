@@ -53,6 +53,7 @@ class OutputSpaceOperator(CurvatureOperator):
         reduction: str | None = None,
         cache_graph: bool | None = None,
         check_finite: bool = True,
+        vectorize: bool = False,
     ) -> None:
         self.curvature: LossCurvature = loss_curvature(loss_fn)
         super().__init__(
@@ -64,6 +65,7 @@ class OutputSpaceOperator(CurvatureOperator):
             reduction=reduction,
             cache_graph=cache_graph,
             check_finite=check_finite,
+            vectorize=vectorize,
         )
 
     def _linearise(self, inputs: Any, targets: Tensor, weight: float) -> _OutputLinearisation:
@@ -103,6 +105,18 @@ class OutputSpaceOperator(CurvatureOperator):
     def _apply(self, lin: _OutputLinearisation, V: Tensor) -> Tensor:
         if not lin.idx:
             return torch.zeros_like(V)
+        if self.vectorize and V.shape[1] > 1:
+            with torch.enable_grad():
+                pieces = self._columns(V)
+                (jv,) = torch.autograd.grad(
+                    [lin.jt_u[i] for i in lin.idx],
+                    lin.dummy,
+                    grad_outputs=[pieces[i] for i in lin.idx],
+                    retain_graph=True,
+                    is_grads_batched=True,
+                )
+                w = torch.stack([self._output_matmul(lin, c) for c in jv.detach()])
+                return self._flatten_columns(self._grad(lin.outputs, w, batched=True))
         cols = []
         with torch.enable_grad():
             for j in range(V.shape[1]):

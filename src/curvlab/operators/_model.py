@@ -242,11 +242,8 @@ class CurvatureOperator(LinearOperator):
         )
         if not batched:
             return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
-        k = (
-            next(iter(grad_outputs)).shape[0]
-            if isinstance(grad_outputs, (list, tuple))
-            else grad_outputs.shape[0]
-        )  # type: ignore[union-attr]
+        first = grad_outputs if isinstance(grad_outputs, Tensor) else next(iter(grad_outputs or []))
+        k = first.shape[0]
         return [p.new_zeros(k, *p.shape) if g is None else g for g, p in zip(grads, self.params)]
 
     def _columns(self, V: Tensor) -> list[Tensor]:

@@ -13,6 +13,7 @@ __all__ = [
     "CurvlabError",
     "EmptyDataError",
     "LossNotScalarError",
+    "NonDeterministicError",
     "NonFiniteError",
     "NotSymmetricError",
     "ParameterError",
@@ -60,3 +61,7 @@ class ClosureRequiredError(CurvlabError, RuntimeError):
 
 class StateDictError(CurvlabError, ValueError):
     """A state_dict does not belong to this optimizer or does not fit its parameters."""
+
+
+class NonDeterministicError(CurvlabError, RuntimeError):
+    """Two evaluations of the same model, loss and data disagree (dropout, shuffling, augmentation)."""

@@ -10,7 +10,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from curvlab.errors import LossNotScalarError, NonFiniteError, ShapeMismatchError
+from curvlab.errors import (
+    LossNotScalarError,
+    NonDeterministicError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
 from curvlab.operators.base import LinearOperator
 from curvlab.operators.data import BatchSource, move_to
 from curvlab.operators.param_space import ParamSpace, select_parameters
@@ -267,6 +272,37 @@ class CurvatureOperator(LinearOperator):
             total += loss.detach()
             grad += self.param_space.flatten([t.detach() for t in g])
         return float(total), grad
+
+    def check_deterministic(
+        self, rtol: float = 1e-6, generator: torch.Generator | None = None
+    ) -> None:
+        """Raise :class:`~curvlab.errors.NonDeterministicError` if the operator is not a fixed matrix.
+
+        Evaluates the loss and gradient twice (fresh forward passes) and, without a graph cache,
+        two products with the same random vector; any disagreement beyond ``rtol`` means the model
+        or the data changes between evaluations (dropout or BatchNorm in training mode, a shuffling
+        or augmenting loader). Costs two gradients and, without a cache, two products; it is
+        opt-in rather than run at every construction.
+        """
+        (l1, g1), (l2, g2) = self.loss_and_gradient(), self.loss_and_gradient()
+        problems = []
+        if abs(l1 - l2) > rtol * max(abs(l1), 1e-30) or not torch.allclose(
+            g1, g2, rtol=rtol, atol=0
+        ):
+            problems.append("the loss/gradient")
+        if not self.cache_graph:
+            dev = generator.device if generator is not None else torch.device("cpu")
+            v = torch.randn(self.shape[0], generator=generator, dtype=self.dtype, device=dev).to(
+                self.device
+            )
+            if not torch.allclose(self.matmat(v), self.matmat(v), rtol=rtol, atol=0):
+                problems.append("products")
+        if problems:
+            raise NonDeterministicError(
+                f"{' and '.join(problems)} changed between two evaluations: the model or the data "
+                "is not deterministic (dropout/BatchNorm in training mode, a shuffling DataLoader, "
+                "data augmentation). Use mode='eval', shuffle=False, or a fixed list of batches."
+            )
 
     def block(self, names: str | Sequence[str]) -> CurvatureOperator:
         """The diagonal block of this operator for a subset of its parameters.

@@ -212,10 +212,13 @@ class CurvatureOperator(LinearOperator):
         self._cache_key = None
 
     def _matmat(self, V: Tensor) -> Tensor:
-        out = torch.zeros_like(V)
+        out: Tensor | None = None
         for lin in self._linearisations():
-            out += self._apply(lin, V)
-        if self.check_finite and not bool(torch.isfinite(out).all()):
+            part = self._apply(lin, V)
+            out = part if out is None else out.add_(part)
+        assert out is not None  # BatchSource guarantees at least one batch
+        # one reduction and one host sync: NaN/inf anywhere make the sum non-finite
+        if self.check_finite and not bool(torch.isfinite(out.sum())):
             raise NonFiniteError(
                 f"a {type(self).__name__} product contains NaN/inf; the loss surface is not "
                 "finite here (check the parameters, the data and the input vectors)"

@@ -218,9 +218,10 @@ class OutputSpaceOperator(CurvatureOperator):
                 w = torch.stack([self._output_matmul(lin, c) for c in jv.detach()])
                 return self._flatten_columns(self._grad(lin.outputs, w, batched=True))
         cols = []
+        rows = V.T.contiguous()
         with torch.enable_grad():
             for j in range(V.shape[1]):
-                w = self._output_matmul(lin, self._jvp(lin, V[:, j]).detach())
+                w = self._output_matmul(lin, self._jvp(lin, rows[j]).detach())
                 cols.append(self.param_space.flatten(self._grad(lin.outputs, w)))
         return torch.stack(cols, dim=1)
 

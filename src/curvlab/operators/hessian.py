@@ -88,9 +88,10 @@ class HessianOperator(CurvatureOperator):
                 hv = self._grad(outputs, [cols_v[i] for i in lin.idx], batched=True)
             return self._flatten_columns(hv)
         cols = []
+        rows = V.T.contiguous()  # one contiguous vector per column
         with torch.enable_grad():
             for j in range(V.shape[1]):
-                pieces = self.param_space.split(V[:, j])
+                pieces = self.param_space.split(rows[j])
                 hv = self._grad(outputs, [pieces[i] for i in lin.idx])
                 cols.append(self.param_space.flatten(hv))
         return torch.stack(cols, dim=1)

@@ -4,12 +4,13 @@ Operators (which matrix), estimators (which number), optimizers (which update), 
 benchmark harness built on them. See the README for a ten-line tour.
 """
 
-from curvlab import errors
+from curvlab import distributed, errors
 from curvlab.errors import (
     ClosureRequiredError,
     CurvlabError,
     EmptyDataError,
     LossNotScalarError,
+    NonDeterministicError,
     NonFiniteError,
     NotSymmetricError,
     ParameterError,
@@ -66,6 +67,7 @@ __all__ = [
     "CurvlabError",
     "EmptyDataError",
     "LossNotScalarError",
+    "NonDeterministicError",
     "NonFiniteError",
     "NotSymmetricError",
     "ParameterError",
@@ -73,4 +75,6 @@ __all__ = [
     "StateDictError",
     "UnsupportedLossError",
     "errors",
+    # modules
+    "distributed",
 ]

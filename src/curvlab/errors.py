@@ -14,6 +14,7 @@ __all__ = [
     "DataNotFoundError",
     "EmptyDataError",
     "LossNotScalarError",
+    "NonDeterministicError",
     "NonFiniteError",
     "NotSymmetricError",
     "ParameterError",
@@ -61,6 +62,10 @@ class ClosureRequiredError(CurvlabError, RuntimeError):
 
 class StateDictError(CurvlabError, ValueError):
     """A state_dict does not belong to this optimizer or does not fit its parameters."""
+
+
+class NonDeterministicError(CurvlabError, RuntimeError):
+    """Two evaluations of the same model, loss and data disagree (dropout, shuffling, augmentation)."""
 
 
 class DataNotFoundError(CurvlabError, FileNotFoundError):

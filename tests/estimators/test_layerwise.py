@@ -36,3 +36,19 @@ def test_layer_sensitivity_against_exact_blocks():
     text = res.table()
     assert "trace/n" in text and "0" in text
     assert res.rows()[1]["block"] == "2"
+
+
+def test_exact_per_layer_traces_of_a_relu_network_from_the_ggn():
+    from curvlab import GGNOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (x, y))
+    res = layer_sensitivity(
+        model, nn.CrossEntropyLoss(), (x, y), operator=G, method="exact", top_eigenvalue=False
+    )
+    H = HessianOperator(model, nn.CrossEntropyLoss(), (x, y)).to_dense()
+    assert abs(res.trace[0] - float(H.diagonal()[:30].sum())) < 1e-12
+    assert abs(res.trace[1] - float(H.diagonal()[30:].sum())) < 1e-12
+    assert res.trace_std_error == (0.0, 0.0)

@@ -138,3 +138,82 @@ def test_symmetric_only():
         trace(torch.triu(torch.ones(4, 4)), 3)
     with pytest.raises(NotSymmetricError):
         diagonal(torch.triu(torch.ones(4, 4)), 3)
+
+
+def test_exact_ggn_diagonal_equals_the_hessian_diagonal_of_a_relu_network():
+    from curvlab import GGNOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 4, 4)),
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32, 3),
+    ).double()
+    x, y = torch.randn(11, 16, dtype=torch.float64), torch.randint(0, 3, (11,))
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    G = GGNOperator(model, nn.CrossEntropyLoss(), batches)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), batches)
+    exact_G = G.to_dense().diagonal()
+    exact_H = H.to_dense().diagonal()
+    d = diagonal(G, method="exact")
+    torch.testing.assert_close(d.value, exact_G, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(d.value, exact_H, rtol=1e-10, atol=1e-14)  # piecewise linear
+    assert d.num_matvecs == 0
+    tr = trace(G, method="exact", blocks="module")
+    assert abs(float(tr.value) - float(exact_H.sum())) < 1e-10
+    assert set(tr.blocks) == {"1", "4"}
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_exact_ggn_diagonal_for_regression_losses(loss):
+    from curvlab import GGNOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(9, 4, dtype=torch.float64)
+    y = torch.randn(9, 2, dtype=torch.float64)
+    loss_fn = nn.MSELoss() if loss == "mse" else nn.BCEWithLogitsLoss()
+    if loss == "bce":
+        y = (y > 0).double()
+    G = GGNOperator(model, loss_fn, (x, y))
+    torch.testing.assert_close(G.exact_diagonal(), G.to_dense().diagonal(), rtol=1e-10, atol=1e-14)
+
+
+def test_exact_diagonal_unavailable_for_the_hessian():
+    with pytest.raises(ValueError, match="no exact diagonal"):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2).double()
+        diagonal(
+            HessianOperator(
+                model,
+                nn.MSELoss(),
+                (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)),
+            ),
+            method="exact",
+        )
+
+
+@pytest.mark.parametrize("arch", ["tied", "conv1d", "layernorm"])
+def test_exact_ggn_diagonal_on_the_layerwise_and_generic_paths(arch):
+    from curvlab import GGNOperator
+    from tests.operators.test_curvature_operators import Tied
+
+    torch.manual_seed(0)
+    if arch == "tied":  # a layer used twice: the generic (vmap) path
+        model, d_in = Tied().double(), 5
+    elif arch == "conv1d":
+        model = nn.Sequential(
+            nn.Unflatten(1, (2, 6)),
+            nn.Conv1d(2, 3, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(9, 3),
+        ).double()
+        d_in = 12
+    else:  # a LayerNorm parameter: not a Linear/Conv weight, generic path
+        model, d_in = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double(), 5
+    x, y = torch.randn(10, d_in, dtype=torch.float64), torch.randint(0, 3, (10,))
+    G = GGNOperator(model, nn.CrossEntropyLoss(), [(x[:6], y[:6]), (x[6:], y[6:])])
+    torch.testing.assert_close(G.exact_diagonal(), G.to_dense().diagonal(), rtol=1e-10, atol=1e-14)

@@ -128,3 +128,16 @@ def test_all_errors_are_curvlab_errors():
         ShapeMismatchError,
     ):
         assert issubclass(cls, CurvlabError)
+
+
+def test_check_deterministic_catches_dropout_in_training_mode(setup):
+    from curvlab import NonDeterministicError
+
+    _, x, y = setup
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 3)).double()
+    HessianOperator(model, nn.CrossEntropyLoss(), (x, y)).check_deterministic()  # eval: fine
+    with pytest.warns(UserWarning, match="not a fixed matrix"):
+        H = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), mode="train", cache_graph=False)
+    with pytest.raises(NonDeterministicError, match="not deterministic"):
+        H.check_deterministic()

@@ -282,3 +282,14 @@ def test_eval_mode_by_default_and_mode_restored():
     assert model.training and model[1].training  # the user's mode is restored
     with pytest.warns(UserWarning, match="not a fixed matrix"):
         HessianOperator(model, nn.CrossEntropyLoss(), (x, y), mode="as-is")
+
+
+@pytest.mark.parametrize(
+    "cls", [HessianOperator, GGNOperator, EmpiricalFisherOperator, FisherOperator]
+)
+def test_vectorized_products_equal_the_column_loop(cls):
+    model, batches = make("cnn")
+    loop = cls(model, nn.CrossEntropyLoss(), batches)
+    vec = cls(model, nn.CrossEntropyLoss(), batches, vectorize=True)
+    V = torch.randn(loop.shape[0], 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vec @ V, loop @ V, rtol=1e-12, atol=1e-13)

@@ -14,7 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="curvlab",
         description="curvlab: measure curvature, train with research optimizers, benchmark them.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from curvlab.cli import spectrum
+
+    for command in (spectrum,):
+        command.register(subparsers)
     return parser
 
 

@@ -12,13 +12,36 @@ from curvlab.estimators.probes import sample_probes
 from curvlab.estimators.results import Estimate
 from curvlab.operators.base import LinearOperator
 
-__all__ = ["diagonal"]
+__all__ = ["diagonal", "exact_diagonal"]
+
+
+def exact_diagonal(op: LinearOperator) -> Tensor:
+    """The exact diagonal of an operator that provides one (dense matrices, GGN operators).
+
+    Raises:
+        ValueError: the operator has no closed-form diagonal (the message names the alternatives).
+    """
+    from curvlab.operators.base import DenseOperator
+
+    if isinstance(op, DenseOperator):
+        return op.matrix.diagonal().clone()
+    inner = getattr(op, "op", None)  # CountingOperator and friends
+    fn = getattr(op, "exact_diagonal", None)
+    if fn is None and inner is not None:
+        return exact_diagonal(inner)
+    if fn is None:
+        raise ValueError(
+            f"{type(op).__name__} has no exact diagonal; use method='hutchinson', or a "
+            "GGNOperator (whose diagonal equals the Hessian's for piecewise-linear networks)"
+        )
+    return fn()
 
 
 def diagonal(
     A: LinearOperator | Tensor,
     num_matvecs: int = 100,
     *,
+    method: str = "hutchinson",
     probes: str = "rademacher",
     chunk_size: int = 8,
     generator: torch.Generator | None = None,
@@ -33,9 +56,14 @@ def diagonal(
     :math:`\sum_{l\ne j} a_{jl}^2` per probe — exact for a diagonal matrix. Probes are streamed in
     chunks (memory independent of ``m``); the per-coordinate standard error is the sample one.
 
+    With ``method="exact"`` an operator that knows its diagonal in closed form
+    (:meth:`GGNOperator.exact_diagonal <curvlab.operators.GGNOperator.exact_diagonal>`, a dense
+    tensor) returns it with zero standard error and ``num_matvecs=0``.
+
     Args:
         A: a symmetric operator or dense symmetric tensor.
         num_matvecs: number of probes ``m``.
+        method: ``"hutchinson"`` (default) or ``"exact"``.
         probes: ``"rademacher"`` or ``"gaussian"``.
         chunk_size: probes multiplied per operator call.
         generator: source of the probes.
@@ -45,6 +73,11 @@ def diagonal(
         :class:`~curvlab.estimators.results.Estimate` with ``value`` and ``std_error`` of shape ``[n]``.
     """
     op = symmetric_operator(A, "diagonal")
+    if method == "exact":
+        exact = exact_diagonal(op)
+        return Estimate(exact, torch.zeros_like(exact), 0)
+    if method != "hutchinson":
+        raise ValueError(f"method must be 'hutchinson' or 'exact', got {method!r}")
     if num_matvecs < 1:
         raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
     n = op.shape[0]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from curvlab.estimators.eigen import eigsh
 from curvlab.estimators.results import LayerSensitivity
 from curvlab.estimators.trace import trace
+from curvlab.operators._model import CurvatureOperator
 from curvlab.operators.hessian import HessianOperator
 
 __all__ = ["layer_sensitivity"]
@@ -27,7 +28,7 @@ def layer_sensitivity(
     method: str = "hutchinson",
     top_eigenvalue: bool = True,
     eig_tol: float = 1e-3,
-    operator: HessianOperator | None = None,
+    operator: CurvatureOperator | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> LayerSensitivity:
@@ -43,10 +44,13 @@ def layer_sensitivity(
         model, loss_fn, data, params: as :class:`~curvlab.operators.HessianOperator`.
         by: ``"module"`` (weight and bias of a layer together) or ``"param"``.
         num_matvecs: probes for the traces.
-        method: ``"hutchinson"`` (default) or ``"hutch++"``.
+        method: ``"hutchinson"`` (default), ``"hutch++"``, or ``"exact"`` with a
+            :class:`~curvlab.GGNOperator` as ``operator`` (exact diagonals: for piecewise-linear
+            networks these are the exact per-layer *Hessian* traces, at ~5 HVPs of cost).
         top_eigenvalue: also compute each block's top eigenvalue.
         eig_tol: relative residual tolerance of those eigenvalues.
-        operator: a prebuilt Hessian operator to reuse (its graph cache included).
+        operator: a prebuilt curvature operator to use instead of the Hessian (its graph cache
+            included), e.g. a GGN operator.
         generator: source of the probes and Lanczos start vectors.
         progress: show progress bars.
 

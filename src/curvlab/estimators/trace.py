@@ -60,7 +60,8 @@ def trace(
     Args:
         A: a symmetric operator or dense symmetric tensor.
         num_matvecs: the product budget ``m`` (Hutch++ needs at least 3).
-        method: ``"hutch++"`` (default) or ``"hutchinson"``.
+        method: ``"hutch++"`` (default), ``"hutchinson"``, or ``"exact"`` (the sum of an exact
+            diagonal, for operators that have one, see :func:`~curvlab.diagonal`).
         probes: ``"rademacher"`` or ``"gaussian"``.
         blocks: per-block traces to return in ``Estimate.blocks``.
         rtol: Hutchinson's stopping rule on the standard error (``None``: use the whole budget).
@@ -83,9 +84,17 @@ def trace(
     kw = dict(probes=probes, blocks=blocks, chunk_size=chunk_size, generator=generator)
     if method == "hutchinson":
         return hutchinson_trace(op, num_matvecs, rtol=rtol, progress=progress, **kw)  # type: ignore[arg-type]
+    if method == "exact":
+        from curvlab.estimators._common import block_sum as _bs
+        from curvlab.estimators.diagonal import exact_diagonal
+
+        d = exact_diagonal(op)
+        zero = torch.zeros((), dtype=d.dtype, device=d.device)
+        per = {b: Estimate(_bs(d, sl), zero, 0) for b, sl in resolve_blocks(op, blocks).items()}
+        return Estimate(d.sum(), zero, 0, per)
     if method in ("hutch++", "hutchpp"):
         return hutchpp_trace(op, num_matvecs, progress=progress, **kw)  # type: ignore[arg-type]
-    raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
+    raise ValueError(f"method must be 'hutch++', 'hutchinson' or 'exact', got {method!r}")
 
 
 def hutchinson_trace(
@@ -154,7 +163,8 @@ def hutchpp_trace(
         AQ = _chunked(op, Q, chunk_size, bar)
         exact = (Q * AQ).sum()  # tr(Qᵀ A Q)
         exact_rows = (AQ * Q).sum(dim=1)  # diag(A Q Qᵀ), for per-block traces
-        samples, block_samples = [], {b: [] for b in spec}
+        samples: list[Tensor] = []
+        block_samples: dict[str, list[Tensor]] = {b: [] for b in spec}
         used = 0
         while used < k_probe:
             c = min(chunk_size, k_probe - used)

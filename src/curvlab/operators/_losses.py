@@ -53,6 +53,29 @@ class LossCurvature:
                     "Fisher operators; drop those examples from the data"
                 )
 
+    def hessian_sqrt(self, outputs: Tensor) -> Tensor:
+        """A factor ``S_n`` with ``S_n S_nᵀ`` = per-sample output Hessian (without ``κ``).
+
+        Outputs ``[N, d]`` give ``[N, d, R]``: MSE ``√2 I`` (R = d), BCE ``diag(√(σ(1-σ)))``
+        (R = d), cross-entropy ``diag(√p) - p √pᵀ`` (R = C), since
+        ``(D - p qᵀ)(D - q pᵀ) = diag(p) - ppᵀ`` for ``D = diag(√p)``, ``q = √p``, ``Σ p = 1``.
+        """
+        if outputs.ndim != 2:
+            raise UnsupportedLossError(
+                f"exact diagonals need outputs of shape [N, d], got {tuple(outputs.shape)}; "
+                "use the stochastic diagonal (curvlab.diagonal) for other shapes"
+            )
+        n, d = outputs.shape
+        eye = torch.eye(d, dtype=outputs.dtype, device=outputs.device)
+        if self.kind == "mse":
+            return (2.0**0.5) * eye.expand(n, d, d)
+        if self.kind == "bce":
+            s = torch.sigmoid(outputs)
+            return torch.diag_embed((s * (1 - s)).sqrt())
+        p = torch.softmax(outputs, dim=1)
+        q = p.sqrt()
+        return torch.diag_embed(q) - p[:, :, None] * q[:, None, :]
+
     def hessian_matmul(self, outputs: Tensor, U: Tensor) -> Tensor:
         """Per-element output Hessian (without ``κ``) applied to ``U`` of the outputs' shape."""
         if self.kind == "mse":

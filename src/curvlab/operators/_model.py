@@ -10,7 +10,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from curvlab.errors import LossNotScalarError, NonFiniteError, ShapeMismatchError
+from curvlab.errors import (
+    LossNotScalarError,
+    NonDeterministicError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
 from curvlab.operators.base import LinearOperator
 from curvlab.operators.data import BatchSource, move_to
 from curvlab.operators.param_space import ParamSpace, select_parameters
@@ -59,6 +64,7 @@ class CurvatureOperator(LinearOperator):
         reduction: str | None = None,
         cache_graph: bool | None = None,
         check_finite: bool = True,
+        vectorize: bool = False,
     ) -> None:
         if mode not in ("eval", "train", "as-is"):
             raise ValueError(f"mode must be 'eval', 'train' or 'as-is', got {mode!r}")
@@ -71,6 +77,7 @@ class CurvatureOperator(LinearOperator):
         self.params: list[Tensor] = tensors
         self.param_space = ParamSpace(tuple(names), tuple(p.shape for p in tensors))
         self.check_finite = check_finite
+        self.vectorize = bool(vectorize)
         self.cache_graph = self.data.single if cache_graph is None else bool(cache_graph)
         self._cache: list[Any] | None = None
         self._cache_key: tuple[int, ...] | None = None
@@ -79,6 +86,7 @@ class CurvatureOperator(LinearOperator):
             "reduction": self.reduction,
             "cache_graph": cache_graph,
             "check_finite": check_finite,
+            "vectorize": vectorize,
         }
         dtypes = {p.dtype for p in tensors}
         if len(dtypes) != 1:
@@ -204,10 +212,13 @@ class CurvatureOperator(LinearOperator):
         self._cache_key = None
 
     def _matmat(self, V: Tensor) -> Tensor:
-        out = torch.zeros_like(V)
+        out: Tensor | None = None
         for lin in self._linearisations():
-            out += self._apply(lin, V)
-        if self.check_finite and not bool(torch.isfinite(out).all()):
+            part = self._apply(lin, V)
+            out = part if out is None else out.add_(part)
+        assert out is not None  # BatchSource guarantees at least one batch
+        # one reduction and one host sync: NaN/inf anywhere make the sum non-finite
+        if self.check_finite and not bool(torch.isfinite(out.sum())):
             raise NonFiniteError(
                 f"a {type(self).__name__} product contains NaN/inf; the loss surface is not "
                 "finite here (check the parameters, the data and the input vectors)"
@@ -221,8 +232,13 @@ class CurvatureOperator(LinearOperator):
         grad_outputs: Sequence[Tensor] | Tensor | None,
         *,
         create_graph: bool = False,
+        batched: bool = False,
     ) -> list[Tensor]:
-        """``autograd.grad`` w.r.t. the chosen parameters, with zeros for unused ones."""
+        """``autograd.grad`` w.r.t. the chosen parameters, with zeros for unused ones.
+
+        With ``batched=True`` the ``grad_outputs`` carry a leading batch dimension of columns
+        (``is_grads_batched``) and so do the results.
+        """
         grads = torch.autograd.grad(
             outputs,
             self.params,
@@ -230,8 +246,22 @@ class CurvatureOperator(LinearOperator):
             retain_graph=True,
             create_graph=create_graph,
             allow_unused=True,
+            is_grads_batched=batched,
         )
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        if not batched:
+            return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        first = grad_outputs if isinstance(grad_outputs, Tensor) else next(iter(grad_outputs or []))
+        k = first.shape[0]
+        return [p.new_zeros(k, *p.shape) if g is None else g for g, p in zip(grads, self.params)]
+
+    def _columns(self, V: Tensor) -> list[Tensor]:
+        """``V [n, k]`` split per parameter as ``[k, *shape]`` pieces (for batched products)."""
+        return [piece.movedim(-1, 0) for piece in self.param_space.split(V)]
+
+    def _flatten_columns(self, pieces: Sequence[Tensor]) -> Tensor:
+        """Inverse of :meth:`_columns`: ``[k, *shape]`` pieces to an ``[n, k]`` matrix."""
+        k = pieces[0].shape[0]
+        return torch.cat([p.reshape(k, -1) for p in pieces], dim=1).T
 
     # -- public extras ----------------------------------------------------------------------
     def loss_and_gradient(self) -> tuple[float, Tensor]:
@@ -245,6 +275,37 @@ class CurvatureOperator(LinearOperator):
             total += loss.detach()
             grad += self.param_space.flatten([t.detach() for t in g])
         return float(total), grad
+
+    def check_deterministic(
+        self, rtol: float = 1e-6, generator: torch.Generator | None = None
+    ) -> None:
+        """Raise :class:`~curvlab.errors.NonDeterministicError` if the operator is not a fixed matrix.
+
+        Evaluates the loss and gradient twice (fresh forward passes) and, without a graph cache,
+        two products with the same random vector; any disagreement beyond ``rtol`` means the model
+        or the data changes between evaluations (dropout or BatchNorm in training mode, a shuffling
+        or augmenting loader). Costs two gradients and, without a cache, two products; it is
+        opt-in rather than run at every construction.
+        """
+        (l1, g1), (l2, g2) = self.loss_and_gradient(), self.loss_and_gradient()
+        problems = []
+        if abs(l1 - l2) > rtol * max(abs(l1), 1e-30) or not torch.allclose(
+            g1, g2, rtol=rtol, atol=0
+        ):
+            problems.append("the loss/gradient")
+        if not self.cache_graph:
+            dev = generator.device if generator is not None else torch.device("cpu")
+            v = torch.randn(self.shape[0], generator=generator, dtype=self.dtype, device=dev).to(
+                self.device
+            )
+            if not torch.allclose(self.matmat(v), self.matmat(v), rtol=rtol, atol=0):
+                problems.append("products")
+        if problems:
+            raise NonDeterministicError(
+                f"{' and '.join(problems)} changed between two evaluations: the model or the data "
+                "is not deterministic (dropout/BatchNorm in training mode, a shuffling DataLoader, "
+                "data augmentation). Use mode='eval', shuffle=False, or a fixed list of batches."
+            )
 
     def block(self, names: str | Sequence[str]) -> CurvatureOperator:
         """The diagonal block of this operator for a subset of its parameters.

@@ -59,6 +59,7 @@ class FisherOperator(OutputSpaceOperator):
         reduction: str | None = None,
         cache_graph: bool | None = None,
         check_finite: bool = True,
+        vectorize: bool = False,
     ) -> None:
         if mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
@@ -75,6 +76,7 @@ class FisherOperator(OutputSpaceOperator):
             reduction=reduction,
             cache_graph=cache_graph,
             check_finite=check_finite,
+            vectorize=vectorize,
         )
 
     def _block_kwargs(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -88,18 +89,18 @@ class ParamSpace:
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
-    @property
+    @cached_property
     def offsets(self) -> tuple[int, ...]:
         out = [0]
         for s in self.sizes:
             out.append(out[-1] + s)
         return tuple(out)
 
-    @property
+    @cached_property
     def dim(self) -> int:
         """Total number of coordinates ``n``."""
         return self.offsets[-1]
@@ -119,7 +120,7 @@ class ParamSpace:
                 f"expected leading dimension {self.dim}, got {tuple(flat.shape)}"
             )
         extra = tuple(flat.shape[1:])
-        pieces = torch.split(flat, self.sizes, dim=0)
+        pieces = torch.split(flat, list(self.sizes), dim=0)
         return [p.reshape(*s, *extra) for p, s in zip(pieces, self.shapes)]
 
     def flatten(self, tensors: Sequence[Tensor | None]) -> Tensor:

@@ -1,0 +1,161 @@
+"""``curvlab spectrum``: the curvature summary of a model, printed and saved."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["register", "run"]
+
+DESCRIPTION = """\
+Measure the curvature of a model's loss, matrix-free: the top eigenvalues (Lanczos, with
+residuals), the most negative eigenvalue, the trace (Hutch++, with a standard error), a
+per-layer table (trace, trace per parameter = HAWQ-V2 sensitivity, top eigenvalue of each
+layer's block) and the spectral density (stochastic Lanczos quadrature).
+
+Prints a table, writes OUT/spectrum.png (the density) and OUT/spectrum.json (every figure).
+"""
+
+EPILOG = """\
+examples:
+  curvlab spectrum                                   # tanh MLP on sklearn digits
+  curvlab spectrum --problem digits-cnn --operator ggn --out runs/cnn
+  curvlab spectrum --model mypkg.models:build        # build() returns (model, loss_fn, data)
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``spectrum`` subcommand."""
+    from curvlab.spectrum import OPERATORS
+    from curvlab.zoo import ZOO
+
+    p = subparsers.add_parser(
+        "spectrum",
+        help="eigenvalues, trace, per-layer table and spectral density of a model's curvature",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--problem",
+        default="digits-mlp",
+        help=f"built-in problem: {', '.join(ZOO)} (default: %(default)s)",
+    )
+    src.add_argument(
+        "--model",
+        metavar="MODULE:FUNCTION",
+        help="your own function returning (model, loss_fn, data)",
+    )
+    p.add_argument(
+        "--operator",
+        choices=sorted(OPERATORS),
+        default="hessian",
+        help="curvature matrix (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=5, help="number of top eigenvalues (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=1e-3,
+        help="Lanczos relative residual tolerance (default: %(default)s)",
+    )
+    p.add_argument(
+        "--trace-matvecs",
+        type=int,
+        default=99,
+        help="products for the trace (default: %(default)s)",
+    )
+    p.add_argument(
+        "--layer-matvecs",
+        type=int,
+        default=60,
+        help="probes for the per-layer traces (default: %(default)s)",
+    )
+    p.add_argument(
+        "--probes", type=int, default=4, help="SLQ probes for the density (default: %(default)s)"
+    )
+    p.add_argument(
+        "--lanczos-steps",
+        type=int,
+        default=64,
+        help="Lanczos steps per SLQ probe (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="built-in problems' dtype",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the problem and the probes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("curvlab-out/spectrum"),
+        help="output folder (default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``curvlab spectrum`` with parsed arguments; returns the exit code."""
+    from curvlab.errors import CurvlabError
+    from curvlab.spectrum import plot_density, summarize_spectrum, write_json
+    from curvlab.zoo import load_problem
+
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    try:
+        problem = load_problem(args.model or args.problem, seed=args.seed, dtype=dtype)
+    except ValueError as exc:
+        print(f"curvlab spectrum: {exc}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress and sys.stderr.isatty()
+    print(f"problem         {problem.description}")
+    try:
+        summary, density, _ = summarize_spectrum(
+            problem.model,
+            problem.loss_fn,
+            problem.data,
+            operator=args.operator,
+            top_k=args.top_k,
+            tol=args.tol,
+            trace_matvecs=args.trace_matvecs,
+            layer_matvecs=args.layer_matvecs,
+            num_probes=args.probes,
+            lanczos_steps=args.lanczos_steps,
+            generator=torch.Generator().manual_seed(args.seed),
+            progress=progress,
+        )
+    except CurvlabError as exc:
+        print(f"curvlab spectrum: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(summary.table())
+    png = plot_density(
+        density,
+        args.out / "spectrum.png",
+        title=f"{problem.name}: {args.operator} spectral density",
+        top=summary.top_eigenvalues,
+    )
+    env = {
+        "problem": problem.name,
+        "description": problem.description,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "seed": args.seed,
+    }
+    js = write_json(summary, args.out / "spectrum.json", extra=env)
+    print(f"\nwrote {png}\nwrote {js}")
+    return 0

@@ -1,0 +1,212 @@
+"""One call for the curvature summary of a model: top/bottom eigenvalues, trace, layers, density.
+
+This is what ``curvlab spectrum`` prints and saves; it is a plain composition of the operators
+and estimators, so a program can call it too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvlab.estimators import eigsh, layer_sensitivity, spectral_density, trace
+from curvlab.estimators.results import LayerSensitivity, SpectralDensity
+from curvlab.operators import (
+    CountingOperator,
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+)
+
+__all__ = ["OPERATORS", "SpectrumSummary", "plot_density", "summarize_spectrum"]
+
+OPERATORS = {
+    "hessian": HessianOperator,
+    "ggn": GGNOperator,
+    "fisher": FisherOperator,
+    "ef": EmpiricalFisherOperator,
+}
+
+
+@dataclass
+class SpectrumSummary:
+    """Every figure of a spectrum run (JSON-ready through :meth:`to_dict`)."""
+
+    operator: str
+    num_params: int
+    top_eigenvalues: list[float]
+    top_residuals: list[float]
+    bottom_eigenvalue: float
+    bottom_residual: float
+    trace: float
+    trace_std_error: float
+    layers: list[dict[str, Any]]
+    density: dict[str, list[float]] = field(repr=False)
+    matvecs: dict[str, int]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A summary a person can read in a terminal."""
+        lines = [
+            f"operator        {self.operator}  ({self.num_params:,} parameters)",
+            "top eigenvalues " + "  ".join(f"{v:.6g}" for v in self.top_eigenvalues),
+            "  residuals     " + "  ".join(f"{r:.1e}" for r in self.top_residuals),
+            f"min eigenvalue  {self.bottom_eigenvalue:.6g}   (residual {self.bottom_residual:.1e})",
+            f"trace           {self.trace:.6g} ± {self.trace_std_error:.2g}   "
+            f"(mean eigenvalue {self.trace / self.num_params:.4g})",
+            "",
+            "per layer (trace from one probe set; λ_max of each diagonal block):",
+        ]
+        header = (
+            f"  {'block':<20}{'params':>10}{'trace':>13}{'± s.e.':>11}{'trace/n':>12}{'λ_max':>12}"
+        )
+        lines += [header, "  " + "-" * (len(header) - 2)]
+        for r in self.layers:
+            lines.append(
+                f"  {r['block']:<20}{r['num_params']:>10,}{r['trace']:>13.5g}"
+                f"{r['trace_std_error']:>11.2g}{r['trace_per_param']:>12.4g}{r['top_eigenvalue']:>12.5g}"
+            )
+        cost = ", ".join(f"{k} {v}" for k, v in self.matvecs.items())
+        secs = sum(self.seconds.values())
+        lines += ["", f"products: {cost}  (total {sum(self.matvecs.values())}, {secs:.1f} s)"]
+        return "\n".join(lines)
+
+
+def summarize_spectrum(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    operator: str = "hessian",
+    top_k: int = 5,
+    tol: float = 1e-3,
+    trace_matvecs: int = 99,
+    layer_matvecs: int = 60,
+    num_probes: int = 4,
+    lanczos_steps: int = 64,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> tuple[SpectrumSummary, SpectralDensity, LayerSensitivity]:
+    """Compute the curvature summary of ``model`` on ``data`` (see ``curvlab spectrum --help``).
+
+    Returns:
+        ``(summary, density, layers)``: the JSON-ready summary and the raw estimator results.
+    """
+    if operator not in OPERATORS:
+        raise ValueError(f"operator must be one of {sorted(OPERATORS)}, got {operator!r}")
+    op = CountingOperator(OPERATORS[operator](model, loss_fn, data))
+    base = op.op
+    seconds: dict[str, float] = {}
+    matvecs: dict[str, int] = {}
+
+    def stage(name: str, fn: Any) -> Any:
+        op.reset()
+        t0 = time.perf_counter()
+        out = fn()
+        seconds[name] = time.perf_counter() - t0
+        matvecs[name] = op.num_matvecs
+        return out
+
+    top = stage("top", lambda: eigsh(op, k=top_k, tol=tol, generator=generator))
+    bottom = stage("bottom", lambda: eigsh(op, k=1, which="SA", tol=tol, generator=generator))
+    tr = stage("trace", lambda: trace(op, trace_matvecs, generator=generator, progress=progress))
+    layers = stage(
+        "layers",
+        lambda: layer_sensitivity(
+            model,
+            loss_fn,
+            data,
+            num_matvecs=layer_matvecs,
+            operator=base if isinstance(base, HessianOperator) else None,
+            generator=generator,
+            progress=progress,
+        ),
+    )
+    matvecs["layers"] = layers.num_matvecs  # products on its own (block) operators
+    density = stage(
+        "density",
+        lambda: spectral_density(
+            op, num_probes, lanczos_steps, generator=generator, progress=progress
+        ),
+    )
+    summary = SpectrumSummary(
+        operator=operator,
+        num_params=op.shape[0],
+        top_eigenvalues=[float(v) for v in top.values],
+        top_residuals=[float(r) for r in top.residuals],
+        bottom_eigenvalue=float(bottom.values[0]),
+        bottom_residual=float(bottom.residuals[0]),
+        trace=float(tr.value),
+        trace_std_error=float(tr.std_error),
+        layers=layers.rows(),
+        density={
+            "grid": density.grid.tolist(),
+            "density": density.density.tolist(),
+            "nodes": density.nodes.flatten().tolist(),
+            "weights": density.weights.flatten().tolist(),
+            "sigma": [density.sigma],
+        },
+        matvecs=matvecs,
+        seconds={k: round(v, 4) for k, v in seconds.items()},
+    )
+    return summary, density, layers
+
+
+def plot_density(
+    density: SpectralDensity, path: str | Path, title: str = "", top: list[float] | None = None
+) -> Path:
+    """Write the spectral density (log scale, as eigenvalue densities are usually read) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.semilogy(
+        density.grid.numpy(), density.density.numpy().clip(min=1e-12), lw=1.4, color="#1f5fa8"
+    )
+    for lam in top or []:
+        ax.axvline(lam, color="#c0392b", lw=0.8, alpha=0.6)
+    ax.set_ylim(bottom=max(1e-8, float(density.density.max()) * 1e-8))
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)")
+    ax.set_title(title or "spectral density (stochastic Lanczos quadrature)")
+    ax.grid(alpha=0.3)
+    if top:
+        ax.text(
+            0.99,
+            0.95,
+            "red: top eigenvalues (Lanczos)",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+            color="#c0392b",
+        )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_json(
+    summary: SpectrumSummary, path: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write every figure of ``summary`` (plus ``extra`` metadata) as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**(extra or {}), **summary.to_dict()}
+    path.write_text(json.dumps(payload, indent=1))
+    return path

@@ -79,10 +79,15 @@ def test_which_la_not_magnitude(gen):
     assert values["sharpness/value"] == pytest.approx(1.0, rel=1e-8)
 
 
-def test_warm_start_reuses_last_eigenvector(gen):
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_warm_start_reuses_last_eigenvector(seed):
+    gen = torch.Generator().manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 2)
     )
+    with torch.no_grad():  # deterministic init, independent of the global RNG and test order
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
     X = torch.randn(64, 3, generator=gen)
     y = torch.randn(64, 2, generator=gen)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -8,7 +8,9 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 OUTDIR  ?= curvlab-out
 
-.PHONY: demo test lint bench install clean
+FMNIST  := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test lint bench install clean data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +24,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/curvlab spectrum --problem digits-mlp --out $(OUTDIR)/spectrum
 
-test: $(STAMP)
+# Fashion-MNIST from Debian's package, for the tiny-subspace reproduction and its tests; optional:
+# without it (no apt, not root) those tests skip with the reason and everything else runs.
+data:
+	@if [ ! -d $(FMNIST) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+		|| echo "note: could not install dataset-fashion-mnist; its tests will skip"; \
+	fi
+
+test: $(STAMP) data
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --timeout 600 -q
 
 lint: $(STAMP)

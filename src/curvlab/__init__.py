@@ -4,7 +4,7 @@ Operators (which matrix), estimators (which number), optimizers (which update), 
 benchmark harness built on them. See the README for a ten-line tour.
 """
 
-from curvlab import distributed, errors
+from curvlab import distributed, errors, monitors, phenomena
 from curvlab.errors import (
     ClosureRequiredError,
     CurvlabError,
@@ -77,4 +77,6 @@ __all__ = [
     "errors",
     # modules
     "distributed",
+    "monitors",
+    "phenomena",
 ]

@@ -19,6 +19,10 @@ __all__ = [
     "ShapeMismatchError",
     "StateDictError",
     "UnsupportedLossError",
+    "UnknownNameError",
+    "SuiteError",
+    "StoreError",
+    "DataNotFoundError",
 ]
 
 
@@ -60,3 +64,19 @@ class ClosureRequiredError(CurvlabError, RuntimeError):
 
 class StateDictError(CurvlabError, ValueError):
     """A state_dict does not belong to this optimizer or does not fit its parameters."""
+
+
+class UnknownNameError(CurvlabError, LookupError):
+    """A problem, optimizer or suite name that is not registered; the message lists the known ones."""
+
+
+class SuiteError(CurvlabError, ValueError):
+    """A benchmark suite file is invalid; the message names the offending field."""
+
+
+class StoreError(CurvlabError, RuntimeError):
+    """A benchmark store cannot be used: unwritable path, newer schema, or not a curvlab store."""
+
+
+class DataNotFoundError(CurvlabError, FileNotFoundError):
+    """A benchmark problem's data files are missing; the message says how to get them."""

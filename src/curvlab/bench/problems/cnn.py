@@ -25,7 +25,7 @@ class CNNClassifier(Problem):
     Example:
         >>> inst = CNNClassifier().build(seed=0)
         >>> sum(p.numel() for p in inst.model.parameters())
-        2090
+        1898
     """
 
     dataset: str = "digits"

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.errors import ClosureRequiredError, NonFiniteError, ParameterError, StateDictError
+from curvlab.optim.adopt import ADOPT
 
 
 # ----------------------------------------------------------------------------- problems
@@ -154,12 +155,44 @@ CASES: list[Case] = [
         {"lr": 1e-2, "foreach": True},
         curvlab=False,
         quadratic={"lr": 0.1, "weight_decay": 0.0},
-        rosenbrock={"lr": 0.02, "weight_decay": 0.0},
-        steps=(500, 6000),
+        rosenbrock={"lr": 0.02, "betas": (0.9, 0.99), "weight_decay": 0.0},
+        steps=(500, 3000),
         errors=(
             ({"lr": -1.0}, ValueError, "Invalid learning rate"),
             ({"betas": (0.9, 1.0)}, ValueError, "Invalid beta parameter at index 1"),
         ),
+    ),
+    Case(
+        "adopt",
+        ADOPT,
+        {"lr": 1e-2},
+        quadratic={"lr": 0.1},
+        rosenbrock={"lr": 0.02, "betas": (0.9, 0.99)},
+        steps=(500, 3000),
+        errors=(
+            *_LR_ERR,
+            _EPS_ERR,
+            _WD_ERR,
+            _POLICY_ERR,
+            ({"betas": (0.9, 1.0)}, ParameterError, r"betas\[1\] must be in \[0, 1\)"),
+            ({"clip_exponent": -0.5}, ParameterError, "clip_exponent must be"),
+        ),
+    ),
+    Case(
+        "adopt-single-tensor",
+        ADOPT,
+        {"lr": 1e-2, "foreach": False},
+        quadratic={"lr": 0.1},
+        rosenbrock={"lr": 0.02, "betas": (0.9, 0.99)},
+        steps=(500, 3000),
+    ),
+    Case(
+        "adopt-decoupled",
+        ADOPT,
+        {"lr": 1e-2, "weight_decay": 0.1, "decouple": True},
+        quadratic={"lr": 0.1, "weight_decay": 0.0},
+        rosenbrock={"lr": 0.02, "betas": (0.9, 0.99), "weight_decay": 0.0},
+        steps=(500, 3000),
     ),
 ]
 

@@ -41,7 +41,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -183,7 +183,7 @@ def grads_of(param_groups: Iterable[Mapping[str, Any]]) -> list[tuple[int, int, 
 def check_finite_grads(
     param_groups: Sequence[dict[str, Any]],
     *,
-    step: int | Tensor | None = None,
+    step: int | Tensor | Callable[[], int | Tensor] | None = None,
     on_nonfinite: str | None = None,
 ) -> bool:
     """Apply the non-finite gradient policy; return ``True`` when ``step()`` may proceed.
@@ -196,7 +196,7 @@ def check_finite_grads(
         param_groups: the optimizer's ``param_groups``; each group's ``"on_nonfinite"`` key (default
             ``"raise"``) selects the policy unless ``on_nonfinite`` overrides it.
         step: the number of the step about to be taken (1-based), used only in the error message; a
-            tensor is read only when an error is raised.
+            tensor is read, and a callable called, only when an error is raised.
         on_nonfinite: override of the per-group policy.
 
     Returns:
@@ -217,10 +217,8 @@ def check_finite_grads(
     policies = {on_nonfinite} if on_nonfinite is not None else None
     if policies is None:
         policies = {g.get("on_nonfinite", "raise") for g in param_groups}
-    if policies == {"ignore"}:
-        return True
     entries = grads_of(param_groups)
-    if not entries:
+    if policies == {"ignore"} or not entries:
         return True
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for _, _, p in entries:
@@ -242,7 +240,8 @@ def check_finite_grads(
         if policy == "raise":
             n_nan = int(torch.isnan(p.grad).sum())
             n_inf = int(torch.isinf(p.grad).sum())
-            at = "" if step is None else f" at step {int(step)}"
+            number = step() if callable(step) else step
+            at = "" if number is None else f" at step {int(number)}"
             raise NonFiniteError(
                 f"non-finite gradient{at}: parameter {pi} of param group {gi} "
                 f"(shape {tuple(p.shape)}) has {n_nan} NaN and {n_inf} inf entries; nothing was "

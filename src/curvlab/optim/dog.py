@@ -14,22 +14,23 @@ r"""DoG and L-DoG: parameter-free step sizes from the distance travelled over th
    &\quad x_{t+1} \leftarrow x_t - \eta_t\, g_t \\
    \end{aligned}
 
-DoG takes the norms over all the parameters of a param group as one vector; L-DoG (layer-wise)
-keeps :math:`\bar r, G, \eta` per parameter tensor. The authors stress that the reported results need
+DoG takes the norms over all the parameters of a param group as one vector; L-DoG (layer-wise) keeps
+:math:`\bar r, G, \eta` per parameter tensor. The authors stress that the reported results need
 iterate averaging: use :class:`PolynomialDecayAverager` (γ = 8) next to the optimizer.
 
-Faithful to formll/dog ``src/dog/dog.py`` (v1.0.3, commit 8d45cf5): the r_ε rule
-``reps_rel * (1 + ‖x0‖)``, ``eps`` added once to G at the first step, ``lr`` = c = 1, the
-first-step ``init_eta`` override (which sets ``reps_rel`` to 0), weight decay added to the gradient
-before the norms. Deliberate differences: ``p.grad`` is not modified in place by weight decay; no
-assertion (and no device-to-host synchronisation) in the update: :math:`\bar r`, :math:`G`,
-:math:`\eta` stay tensors on the parameters' device; the distance and the norms cover the parameters that have had a gradient
+Faithful to formll/dog ``src/dog/dog.py`` (v1.0.3, commit 8d45cf5): the r_ε rule ``reps_rel * (1 +
+‖x0‖)``, ``eps`` added once to G at the first step, ``lr`` = c = 1, the first-step ``init_eta``
+override (which sets ``reps_rel`` to 0), weight decay added to the gradient before the norms.
+Deliberate differences: ``p.grad`` is not modified in place by weight decay; no assertion (and no
+device-to-host synchronisation) in the update: :math:`\bar r`, :math:`G`, :math:`\eta` stay tensors
+on the parameters' device; the distance and the norms cover the parameters that have had a gradient
 (the official code needs every parameter of the group to have one); state lives in ``state`` (x0,
 r̄, G per parameter; DoG writes the same group scalars into every parameter's state), so
 ``state_dict``, ``copy.deepcopy`` and ``pickle`` keep everything.
 
 Paper: Ivgi, Hinder, Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
-Schedule", ICML 2023, arXiv 2302.12022. Averaging: Shamir & Zhang, ICML 2013 (polynomial-decay averaging).
+Schedule", ICML 2023, arXiv 2302.12022. Averaging: Shamir & Zhang, ICML 2013 (polynomial-decay
+averaging).
 """
 
 from __future__ import annotations
@@ -85,9 +86,9 @@ class DoG(Optimizer):
             device-to-host synchronisation at all); see :mod:`curvlab.optim._validation`.
 
     State (per parameter): ``"x0"`` (copy of the parameter at its first gradient: 4 bytes per
-    float32 parameter), ``"step"`` (float32 scalar), ``"rbar"`` and ``"G"`` (scalar tensors in float32, or
-    float64 for float64 groups; for DoG the group's values, repeated in every parameter's state).
-    The step size of the last step is ``optimizer.last_eta(group_index)``.
+    float32 parameter), ``"step"`` (float32 scalar), ``"rbar"`` and ``"G"`` (scalar tensors in
+    float32, or float64 for float64 groups; for DoG the group's values, repeated in every
+    parameter's state). The step size of the last step is ``optimizer.last_eta(group_index)``.
 
     Raises:
         ParameterError: invalid hyper-parameters, or a sparse gradient.

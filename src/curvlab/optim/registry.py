@@ -58,6 +58,6 @@ def create(name: str, params: Any, **kwargs: Any) -> Optimizer:
     cls = by_key.get(_key(name)) if isinstance(name, str) else None
     if cls is None:
         close = difflib.get_close_matches(str(name).lower(), available(), n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ParameterError(f"unknown optimizer {name!r}{hint} Known: {', '.join(available())}")
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ParameterError(f"unknown optimizer {name!r}.{hint} Known: {', '.join(available())}")
     return cls(params, **kwargs)

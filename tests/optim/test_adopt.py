@@ -123,7 +123,13 @@ def test_foreach_equals_single_tensor_with_mixed_steps_dtypes_and_complex(gen):
         [*ps_a, *states[0][0], *states[0][1], *states[0][2]],
         [*ps_b, *states[1][0], *states[1][1], *states[1][2]],
     ):
-        torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-15)
+        # float64 (and complex128): equal to 1e-14; float32: rsqrt vs sqrt-then-divide, a few ulps
+        tol = (
+            {"rtol": 1e-14, "atol": 1e-15}
+            if x.dtype != torch.float32
+            else {"rtol": 1e-6, "atol": 1e-7}
+        )
+        torch.testing.assert_close(x, y, **tol)
 
 
 def test_deepcopy_keeps_the_clip_schedule():

@@ -188,8 +188,8 @@ def check_finite_grads(
 ) -> bool:
     """Apply the non-finite gradient policy; return ``True`` when ``step()`` may proceed.
 
-    All gradients are checked with one ``max |g|`` reduction per dtype/device (NaN and inf propagate
-    through the max), then one number is read back. Only if that says "non-finite" are the tensors
+    All gradients are checked with one 2-norm reduction per dtype/device (NaN and inf propagate
+    into the norm), then one number is read back. Only if that says "non-finite" are the tensors
     inspected one by one to name the culprit. Call it *before* touching any state.
 
     Args:
@@ -224,10 +224,11 @@ def check_finite_grads(
     for _, _, p in entries:
         assert p.grad is not None
         buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    # sum of the max-|g| of every tensor: NaN/inf propagate; a finite overflow only sends us to the
-    # exact per-tensor check below, never to a wrong answer
+    # sum of the 2-norms of every tensor: NaN/inf propagate; a finite overflow only sends us to the
+    # exact per-tensor check below, never to a wrong answer. (The 2-norm is a vectorised reduction
+    # on CPU; max|g| and isfinite().all() are ~50x slower there.)
     if all(
-        math.isfinite(float(torch.stack(torch._foreach_norm(grads, math.inf)).sum()))
+        math.isfinite(float(torch.stack(torch._foreach_norm(grads, 2)).sum()))
         for grads in buckets.values()
     ):
         return True

@@ -167,10 +167,16 @@ def adopt_foreach(
             continue
         if weight_decay != 0 and decouple:
             torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_clamp_min_(denom, eps)
-        normed = torch._foreach_div(gs, denom)
-        del denom
+        # normed = g / max(sqrt(v), eps) with one temporary: g * rsqrt(max(v, eps^2)) (equal up to
+        # rounding); float16 cannot hold eps^2, so it takes the sqrt-then-divide route
+        if ps[0].dtype == torch.float16:
+            normed = torch._foreach_sqrt(vs)
+            torch._foreach_clamp_min_(normed, eps)
+            torch._foreach_reciprocal_(normed)
+        else:
+            normed = torch._foreach_maximum(vs, eps * eps)
+            torch._foreach_rsqrt_(normed)
+        torch._foreach_mul_(normed, gs)
         if clip_exponent is not None:
             clip = step**clip_exponent
             torch._foreach_clamp_min_(normed, -clip)

@@ -204,7 +204,8 @@ class DoG(Optimizer):
         g_norms = torch._foreach_norm(grads, 2, dtype=sdtype)
         if tracked:
             x0s = [self.state[p]["x0"] for p in tracked]
-            d_norms = torch._foreach_norm(torch._foreach_sub(tracked, x0s), 2, dtype=sdtype)
+            # ‖x - x0‖ per tensor without materialising x - x0 in Python (cheaper on CPU)
+            d_norms = [torch.dist(p, x0).to(sdtype) for p, x0 in zip(tracked, x0s)]
         eps = group["eps"]
         if self.layerwise:
             self._layerwise_scalars(

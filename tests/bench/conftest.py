@@ -1,4 +1,4 @@
-"""Fixtures of the benchmark-harness tests: a temporary cache, tiny suites, a fake curvature optimizer."""
+"""Fixtures of the harness tests: a temporary cache, tiny suites, a fake curvature optimizer."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _private_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CURVLAB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 class LossModeSGD(torch.optim.Optimizer):
     """A minimal ``closure_mode == "loss"`` optimizer: SGD plus one HVP every ``k`` steps.
 
-    It checks the project-wide closure contract: the closure must return the loss (or (loss, logits))
+    It checks the project-wide closure contract: the closure must return the loss (or (loss,
+    logits))
     with its graph intact, i.e. without having called backward.
     """
 
@@ -69,14 +72,24 @@ def tiny_suite(**over: Any) -> dict[str, Any]:
     """A suite small enough for unit tests (a few seconds in-process)."""
     doc: dict[str, Any] = {
         "name": "tiny",
-        "problems": {"quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
-                     "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10}},
+        "problems": {
+            "quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
+            "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10},
+        },
         "optimizers": [
-            {"label": "adamw", "optimizer": "torch.optim:AdamW", "fixed": {"weight_decay": 0.0},
-             "defaults": {"lr": 0.01}, "search": {"lr": {"low": 1e-3, "high": 0.3}}},
+            {
+                "label": "adamw",
+                "optimizer": "torch.optim:AdamW",
+                "fixed": {"weight_decay": 0.0},
+                "defaults": {"lr": 0.01},
+                "search": {"lr": {"low": 1e-3, "high": 0.3}},
+            },
             "torch-sgd-momentum",
         ],
-        "tracks": {"defaults": {"seeds": 2, "budget_factor": 1.5}, "tuned": {"trials": 2, "studies": 2}},
+        "tracks": {
+            "defaults": {"seeds": 2, "budget_factor": 1.5},
+            "tuned": {"trials": 2, "studies": 2},
+        },
     }
     doc.update(over)
     return doc

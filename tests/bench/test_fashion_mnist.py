@@ -27,18 +27,24 @@ def tiny_set(tmp_path: Path) -> tuple[Path, dict[str, str], np.ndarray, np.ndarr
     src.mkdir()
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     labels = np.array([7, 1], dtype=np.uint8)
-    files = {"imgs-idx3-ubyte.gz": _idx(src / "imgs-idx3-ubyte.gz", images),
-             "labs-idx1-ubyte.gz": _idx(src / "labs-idx1-ubyte.gz", labels)}
+    files = {
+        "imgs-idx3-ubyte.gz": _idx(src / "imgs-idx3-ubyte.gz", images),
+        "labs-idx1-ubyte.gz": _idx(src / "labs-idx1-ubyte.gz", labels),
+    }
     return src, files, images, labels
 
 
 def test_reads_verified_files_from_root(tiny_set) -> None:  # type: ignore[no-untyped-def]
     src, files, images, labels = tiny_set
     out = load_fashion_mnist(src, files=files)
-    assert np.array_equal(out["imgs-idx3-ubyte"], images) and np.array_equal(out["labs-idx1-ubyte"], labels)
+    assert np.array_equal(out["imgs-idx3-ubyte"], images) and np.array_equal(
+        out["labs-idx1-ubyte"], labels
+    )
 
 
-def test_download_verifies_and_places_files(tiny_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_download_verifies_and_places_files(
+    tiny_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     src, files, images, _ = tiny_set
     monkeypatch.setenv("CURVLAB_DATA", str(tmp_path / "data"))
     monkeypatch.setattr("curvlab.bench.problems.fashion_mnist.DEBIAN_DIR", tmp_path / "nodebian")
@@ -50,14 +56,18 @@ def test_download_verifies_and_places_files(tiny_set, tmp_path: Path, monkeypatc
     assert not list((tmp_path / "data" / "fashion-mnist").glob("*.part"))
 
 
-def test_checksum_mismatch_is_refused(tiny_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_checksum_mismatch_is_refused(
+    tiny_set, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     src, files, _, _ = tiny_set
     bad = {k: "0" * 64 for k in files}
     with pytest.raises(DataNotFoundError, match="expected 0000"):
         load_fashion_mnist(src, files=bad)
     monkeypatch.setenv("CURVLAB_DATA", str(tmp_path / "d2"))
     monkeypatch.setattr("curvlab.bench.problems.fashion_mnist.DEBIAN_DIR", tmp_path / "nodebian")
-    with pytest.raises(DataNotFoundError, match="SHA-256 is .* expected 0+; the file was discarded"):
+    with pytest.raises(
+        DataNotFoundError, match=r"SHA-256 is .* expected 0+; the file was discarded"
+    ):
         load_fashion_mnist(files=bad, download=True, base_url=src.as_uri())
     assert not (tmp_path / "d2" / "fashion-mnist" / "imgs-idx3-ubyte.gz").exists()
 

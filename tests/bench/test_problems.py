@@ -33,7 +33,7 @@ def test_deterministic_from_seed_and_declared(name: str) -> None:
     assert any(not torch.equal(x, y) for x, y in zip(_state(a), _state(c)))
     m = a.evaluate()
     assert prob.target.metric in m and np.isfinite(m[prob.target.metric])
-    loss, out = a.loss_and_outputs(xa, ya)
+    loss, _ = a.loss_and_outputs(xa, ya)
     assert loss.dim() == 0 and torch.isfinite(loss)
 
 
@@ -66,13 +66,21 @@ def test_logistic_optimum_matches_an_independent_solver() -> None:
         g /= len(y)
         return val, np.concatenate([(g.T @ x + 1e-3 * wm).ravel(), g.sum(0)])
 
-    ref = minimize(f, np.zeros(c * d + c), jac=True, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000})
+    ref = minimize(
+        f,
+        np.zeros(c * d + c),
+        jac=True,
+        method="L-BFGS-B",
+        options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000},
+    )
     assert prob.f_star() == pytest.approx(ref.fun, abs=1e-9)
     assert prob.f_star() <= ref.fun + 1e-12
 
 
 def test_unknown_problem_suggests() -> None:
-    with pytest.raises(UnknownNameError, match=r"unknown problem 'digit-mlp'\. Did you mean 'digits-mlp'\?"):
+    with pytest.raises(
+        UnknownNameError, match=r"unknown problem 'digit-mlp'\. Did you mean 'digits-mlp'\?"
+    ):
         get_problem("digit-mlp")
 
 

@@ -37,13 +37,29 @@ class _Page(HTMLParser):
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("report")
-    doc = {"problems": {"quadratic-k1e2": {"budget_steps": 12, "eval_every": 4},
-                        "deep-linear": {"budget_steps": 12, "eval_every": 6}},
-           "optimizers": [{"label": "adamw", "optimizer": "torch.optim:AdamW", "fixed": {"weight_decay": 0.0},
-                           "defaults": {"lr": 0.01}, "search": {"lr": {"low": 1e-3, "high": 0.3}}},
-                          {"label": "sgd-m", "optimizer": "torch.optim:SGD", "fixed": {"momentum": 0.9},
-                           "defaults": {"lr": 0.1}, "search": {"lr": {"low": 1e-2, "high": 1e2}}}],
-           "tracks": {"defaults": {"seeds": 2}, "tuned": {"trials": 2, "studies": 2}}}
+    doc = {
+        "problems": {
+            "quadratic-k1e2": {"budget_steps": 12, "eval_every": 4},
+            "deep-linear": {"budget_steps": 12, "eval_every": 6},
+        },
+        "optimizers": [
+            {
+                "label": "adamw",
+                "optimizer": "torch.optim:AdamW",
+                "fixed": {"weight_decay": 0.0},
+                "defaults": {"lr": 0.01},
+                "search": {"lr": {"low": 1e-3, "high": 0.3}},
+            },
+            {
+                "label": "sgd-m",
+                "optimizer": "torch.optim:SGD",
+                "fixed": {"momentum": 0.9},
+                "defaults": {"lr": 0.1},
+                "search": {"lr": {"low": 1e-2, "high": 1e2}},
+            },
+        ],
+        "tracks": {"defaults": {"seeds": 2}, "tuned": {"trials": 2, "studies": 2}},
+    }
     run_suite(parse_suite(doc, "rep"), d / "store.sqlite", workers=0, progress=False)
     write_report(d / "store.sqlite", d / "out")
     return d
@@ -60,7 +76,13 @@ def test_html_names_every_optimizer_and_problem_and_embeds_pngs(report_dir: Path
         assert label in text
     for problem in {r["problem"] for r in runs}:
         assert problem in text
-    for heading in ("Overall", "Environment", "speed-up", "learning-rate sensitivity", "steps to target"):
+    for heading in (
+        "Overall",
+        "Environment",
+        "speed-up",
+        "learning-rate sensitivity",
+        "steps to target",
+    ):
         assert heading.lower() in text.lower()
     assert "torch" in text and "load average" in text
     # 1 profile figure + per problem (curves + LR sensitivity)
@@ -89,7 +111,17 @@ def test_report_of_missing_store_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
 def test_headless_chromium_renders(report_dir: Path, tmp_path: Path) -> None:  # pragma: no cover
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    (report_dir / "out" / "report.html").as_uri()], check=True, timeout=60,
-                   capture_output=True)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            (report_dir / "out" / "report.html").as_uri(),
+        ],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
     assert shot.read_bytes().startswith(PNG)

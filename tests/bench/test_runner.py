@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sqlite3
 from pathlib import Path
@@ -16,7 +17,9 @@ from curvlab.bench.suites import RunSpec, parse_suite
 from curvlab.errors import DataNotFoundError, StoreError, UnknownNameError
 
 
-def _spec(optimizer: str, hparams: dict, problem: str = "quadratic-k1e2", budget: int = 12, every: int = 4) -> RunSpec:
+def _spec(
+    optimizer: str, hparams: dict, problem: str = "quadratic-k1e2", budget: int = 12, every: int = 4
+) -> RunSpec:
     return RunSpec(problem, "x", optimizer, hparams, 0, "defaults", 0, 0, budget, every)
 
 
@@ -34,14 +37,18 @@ def test_clocks_evaluation_schedule_and_target(tmp_path: Path) -> None:
     ev = st.evals(spec.run_id)
     assert [e["step"] for e in ev] == [0, 4, 8, 12]
     assert [e["grad_evals"] for e in ev] == [0.0, 4.0, 8.0, 12.0]  # one closure call per SGD step
-    assert ev[0]["seconds"] == 0.0 and all(b["seconds"] >= a["seconds"] for a, b in zip(ev, ev[1:]))
+    assert ev[0]["seconds"] == 0.0 and all(
+        b["seconds"] >= a["seconds"] for a, b in itertools.pairwise(ev)
+    )
     row = st.runs(run_id=spec.run_id)[0]
     assert row["steps"] == 12 and row["grad_evals"] == 12.0 and row["hvp_evals"] == 0
     assert row["final_metric"] == pytest.approx(ev[-1]["metrics"]["rel_subopt"])
     # time-to-target is the first scheduled evaluation at the target (rel_subopt <= 1e-3)
     hits = [e for e in ev if e["metrics"]["rel_subopt"] <= 1e-3]
     if hits:
-        assert row["ttt_steps"] == hits[0]["step"] and row["ttt_grad_evals"] == hits[0]["grad_evals"]
+        assert (
+            row["ttt_steps"] == hits[0]["step"] and row["ttt_grad_evals"] == hits[0]["grad_evals"]
+        )
     else:
         assert row["ttt_steps"] is None
 
@@ -56,10 +63,14 @@ def test_same_seed_same_trajectory(tmp_path: Path) -> None:
 
 
 def test_divergence_recorded_at_its_step_and_suite_goes_on(tmp_path: Path) -> None:
-    doc = {"problems": {"quadratic-k1e2": {"budget_steps": 40, "eval_every": 5}},
-           "optimizers": [{"label": "wild", "optimizer": "torch.optim:SGD", "defaults": {"lr": 1e60}},
-                          {"label": "calm", "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.5}}],
-           "tracks": {"defaults": {"seeds": 1, "budget_factor": 1.0}}}
+    doc = {
+        "problems": {"quadratic-k1e2": {"budget_steps": 40, "eval_every": 5}},
+        "optimizers": [
+            {"label": "wild", "optimizer": "torch.optim:SGD", "defaults": {"lr": 1e60}},
+            {"label": "calm", "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.5}},
+        ],
+        "tracks": {"defaults": {"seeds": 1, "budget_factor": 1.0}},
+    }
     res = run_suite(parse_suite(doc), tmp_path / "s.sqlite", workers=0, progress=False)
     assert (res.finished, res.diverged, res.failed) == (1, 1, 0)
     st = Store(tmp_path / "s.sqlite")
@@ -69,7 +80,9 @@ def test_divergence_recorded_at_its_step_and_suite_goes_on(tmp_path: Path) -> No
     assert st.runs(label="calm")[0]["status"] == "finished"
 
 
-def test_loss_mode_closure_contract_and_exact_hvp_count(tmp_path: Path, fake_optimizers: str) -> None:
+def test_loss_mode_closure_contract_and_exact_hvp_count(
+    tmp_path: Path, fake_optimizers: str
+) -> None:
     name = f"{fake_optimizers}:LossModeSGD"
     spec = _spec(name, {"lr": 0.05, "k": 3}, problem="breast-cancer-logreg", budget=7, every=7)
     st = _store_with(tmp_path, spec)
@@ -111,7 +124,13 @@ def test_logits_are_flattened_for_loss_mode(tmp_path: Path, fake_optimizers: str
 
     curvlab_test_opts.LossModeSGD.step = spy
     try:
-        spec = _spec(f"{fake_optimizers}:LossModeSGD", {"lr": 0.01}, problem="charlm-pydoc", budget=1, every=1)
+        spec = _spec(
+            f"{fake_optimizers}:LossModeSGD",
+            {"lr": 0.01},
+            problem="charlm-pydoc",
+            budget=1,
+            every=1,
+        )
         st = _store_with(tmp_path, spec)
         assert execute_run(spec, st.path, store=st)["status"] == "finished"
     finally:
@@ -128,8 +147,10 @@ def test_failure_is_recorded_and_suite_goes_on(tmp_path: Path) -> None:
 
 
 def test_resume_skips_done_and_restarts_unfinished(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
-    doc = tiny(problems={"quadratic-k1e2": {"budget_steps": 10, "eval_every": 5}},
-               tracks={"defaults": {"seeds": 2}, "tuned": {"trials": 1, "studies": 1}})
+    doc = tiny(
+        problems={"quadratic-k1e2": {"budget_steps": 10, "eval_every": 5}},
+        tracks={"defaults": {"seeds": 2}, "tuned": {"trials": 1, "studies": 1}},
+    )
     path = tmp_path / "s.sqlite"
     res = run_suite(parse_suite(doc), path, workers=0, progress=False)
     assert res.total == 2 * 3 and res.finished + res.diverged == 6 and res.already_done == 0
@@ -142,12 +163,14 @@ def test_resume_skips_done_and_restarts_unfinished(tmp_path: Path, tiny) -> None
     assert res2.already_done == 5 and res2.finished + res2.diverged == 1
     after = st.runs(run_id=victim)[0]
     assert after["attempt"] == attempt_before + 1 and after["status"] in ("finished", "diverged")
-    assert [e["step"] for e in st.evals(victim)][0] == 0
+    assert next(e["step"] for e in st.evals(victim)) == 0
     res3 = run_suite(parse_suite(doc), path, workers=0, progress=False)
     assert res3.already_done == 6 and res3.finished == 0
 
 
-def test_refusals_happen_before_any_run(tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_refusals_happen_before_any_run(
+    tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     import curvlab.bench.runner as runner
 
     def boom(*a, **k):  # type: ignore[no-untyped-def]
@@ -160,8 +183,17 @@ def test_refusals_happen_before_any_run(tmp_path: Path, tiny, monkeypatch: pytes
     with pytest.raises(StoreError, match="cannot create the store's directory"):
         run_suite(parse_suite(tiny()), afile / "s.sqlite", workers=0, progress=False)
     with pytest.raises(UnknownNameError, match=r"cannot import optimizer 'nosuch\.mod:Opt'"):
-        run_suite(parse_suite(tiny(optimizers=[{"label": "z", "optimizer": "nosuch.mod:Opt",
-                                                "search": {"lr": [0.1]}}])), tmp_path / "a.sqlite", workers=0)
+        run_suite(
+            parse_suite(
+                tiny(
+                    optimizers=[
+                        {"label": "z", "optimizer": "nosuch.mod:Opt", "search": {"lr": [0.1]}}
+                    ]
+                )
+            ),
+            tmp_path / "a.sqlite",
+            workers=0,
+        )
     # a built-in entry missing from the registry is skipped with a note, the others run
     notes: list[str] = []
     doc = tiny(optimizers=["psgdkron"])
@@ -181,8 +213,13 @@ def test_refusals_happen_before_any_run(tmp_path: Path, tiny, monkeypatch: pytes
 def test_unknown_registry_name_suggests(monkeypatch: pytest.MonkeyPatch) -> None:
     import curvlab.bench.optimizers as o
 
-    monkeypatch.setattr(o, "_registry", lambda: {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD})
-    with pytest.raises(UnknownNameError, match=r"unknown optimizer 'adamx'\. Did you mean 'adamw'\? Known optimizers: adamw, sgd"):
+    monkeypatch.setattr(
+        o, "_registry", lambda: {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    )
+    with pytest.raises(
+        UnknownNameError,
+        match=r"unknown optimizer 'adamx'\. Did you mean 'adamw'\? Known optimizers: adamw, sgd",
+    ):
         resolve_optimizer("adamx")
     assert resolve_optimizer("sgd") is torch.optim.SGD
     assert math.isfinite(1.0)

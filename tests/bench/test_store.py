@@ -16,8 +16,13 @@ from curvlab.errors import StoreError
 
 def _registered(tmp_path: Path, tiny) -> tuple[Store, list]:  # type: ignore[no-untyped-def]
     s = parse_suite(tiny())
-    runs = expand_runs(s, {"quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
-                           "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10}})
+    runs = expand_runs(
+        s,
+        {
+            "quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
+            "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10},
+        },
+    )
     st = Store(tmp_path / "s.sqlite")
     st.register(s.name, s.to_json(), {"quadratic-k1e2": {"x": 1}}, runs)
     return st, runs
@@ -36,7 +41,10 @@ def test_newer_schema_is_refused_and_untouched(tmp_path: Path) -> None:
     with sqlite3.connect(p) as c:
         c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     before = p.read_bytes()
-    with pytest.raises(StoreError, match=r"written by a newer curvlab \(store schema 99, this curvlab reads up to 1\)"):
+    with pytest.raises(
+        StoreError,
+        match=r"written by a newer curvlab \(store schema 99, this curvlab reads up to 1\)",
+    ):
         Store(p)
     with pytest.raises(StoreError, match="newer curvlab"):
         Store(p, readonly=True)
@@ -105,8 +113,19 @@ def test_export_csv_and_json(tmp_path: Path, tiny) -> None:  # type: ignore[no-u
     by_id = {r["run_id"]: r for r in rows}
     assert json.loads(by_id[rid]["hparams"]) == dict(runs[0].hparams)
     ev = list(csv.DictReader(open(p_evals)))
-    assert ev == [{"run_id": rid, "attempt": str(a), "step": "0", "grad_evals": "0.0", "hvp_evals": "0",
-                   "seconds": "0.0", "train_loss": "2.0", "acc": "0.5", "loss": "2.0"}]
+    assert ev == [
+        {
+            "run_id": rid,
+            "attempt": str(a),
+            "step": "0",
+            "grad_evals": "0.0",
+            "hvp_evals": "0",
+            "seconds": "0.0",
+            "train_loss": "2.0",
+            "acc": "0.5",
+            "loss": "2.0",
+        }
+    ]
     (pj,) = st.export(tmp_path / "json", "json")
     doc = json.loads(pj.read_text())
     assert doc["schema_version"] == SCHEMA_VERSION and len(doc["runs"]) == len(runs)

@@ -9,8 +9,10 @@ import pytest
 from curvlab.bench.suites import SUITES, expand_runs, load_suite, parse_suite
 from curvlab.errors import SuiteError, UnknownNameError
 
-INFO = {"quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
-        "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10}}
+INFO = {
+    "quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
+    "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10},
+}
 
 
 def test_named_suites_validate() -> None:
@@ -18,14 +20,19 @@ def test_named_suites_validate() -> None:
         s = load_suite(name)
         assert s.name == name and s.problems and s.optimizers
     quick = load_suite("quick")
-    assert {"adamw", "sgd-momentum", "adopt", "sophia", "dog"} <= {e.label for e in quick.optimizers}
+    assert {"adamw", "sgd-momentum", "adopt", "sophia", "dog"} <= {
+        e.label for e in quick.optimizers
+    }
 
 
 def test_quick_suite_uses_only_shipped_data() -> None:
     from curvlab.bench.problems import get_problem
 
     for p in load_suite("quick").problems:
-        assert "fashion" not in get_problem(p).data and "shakespeare" not in get_problem(p).data.lower()
+        assert (
+            "fashion" not in get_problem(p).data
+            and "shakespeare" not in get_problem(p).data.lower()
+        )
 
 
 @pytest.mark.parametrize(
@@ -34,19 +41,56 @@ def test_quick_suite_uses_only_shipped_data() -> None:
         ({"optimizers": ["adamw"]}, r"problems: missing"),
         ({"problems": "digits-mlp", "optimizers": ["adamw"]}, r"problems: expected a list"),
         ({"problems": ["digits-mlp"], "optimizers": []}, r"optimizers: expected a non-empty list"),
-        ({"problems": ["digits-mlp"], "optimizers": ["adamww"]}, r"optimizers\[0\]: no built-in entry 'adamww'\. Did you mean 'adamw'\?"),
-        ({"problems": ["digits-mlp"], "optimizers": ["adamw"], "tracks": {"tuned": {"trials": 0}}},
-         r"tracks\.tuned\.trials: expected an integer >= 1, got 0"),
-        ({"problems": ["digits-mlp"], "optimizers": ["adamw"], "tracks": {"tunde": {}}},
-         r"tracks\.tunde: unknown field\. Did you mean 'tuned'\?"),
-        ({"problems": ["digits-mlp"], "optimizers": [{"label": "x", "optimizer": "sgd", "search": {"lr": {"low": -1, "high": 1}}}]},
-         r"optimizers\[0\]\.search\.lr\.low: expected a positive number, got -1"),
-        ({"problems": ["digits-mlp"], "optimizers": [{"label": "x", "optimizer": "sgd", "search": {"lr": {"low": 1, "high": 0.1, "log": False}}}]},
-         r"optimizers\[0\]\.search\.lr: high \(0\.1\) is below low \(1\)"),
-        ({"problems": ["digits-mlp"], "optimizers": ["adamw", "adamw"]}, r"optimizers: duplicate labels \['adamw'\]"),
-        ({"problems": {"digits-mlp": {"budget_steps": "many"}}, "optimizers": ["adamw"]},
-         r"problems\.digits-mlp\.budget_steps: expected an integer >= 1, got 'many'"),
-        ({"problems": ["digits-mlp"], "optimizers": ["adamw"], "sed": 1}, r"\(top level\)\.sed: unknown field\. Did you mean 'seed'\?"),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamww"]},
+            r"optimizers\[0\]: no built-in entry 'adamww'\. Did you mean 'adamw'\?",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": ["adamw"],
+                "tracks": {"tuned": {"trials": 0}},
+            },
+            r"tracks\.tuned\.trials: expected an integer >= 1, got 0",
+        ),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamw"], "tracks": {"tunde": {}}},
+            r"tracks\.tunde: unknown field\. Did you mean 'tuned'\?",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": [
+                    {"label": "x", "optimizer": "sgd", "search": {"lr": {"low": -1, "high": 1}}}
+                ],
+            },
+            r"optimizers\[0\]\.search\.lr\.low: expected a positive number, got -1",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": [
+                    {
+                        "label": "x",
+                        "optimizer": "sgd",
+                        "search": {"lr": {"low": 1, "high": 0.1, "log": False}},
+                    }
+                ],
+            },
+            r"optimizers\[0\]\.search\.lr: high \(0\.1\) is below low \(1\)",
+        ),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamw", "adamw"]},
+            r"optimizers: duplicate labels \['adamw'\]",
+        ),
+        (
+            {"problems": {"digits-mlp": {"budget_steps": "many"}}, "optimizers": ["adamw"]},
+            r"problems\.digits-mlp\.budget_steps: expected an integer >= 1, got 'many'",
+        ),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamw"], "sed": 1},
+            r"\(top level\)\.sed: unknown field\. Did you mean 'seed'\?",
+        ),
     ],
 )
 def test_invalid_suites_name_the_field(doc: dict, match: str) -> None:
@@ -55,7 +99,11 @@ def test_invalid_suites_name_the_field(doc: dict, match: str) -> None:
 
 
 def test_unknown_problem_lists_known_and_suggests() -> None:
-    with pytest.raises(UnknownNameError, match=r"problems\[0\]: unknown problem 'digits-mpl'\. Did you mean 'digits-mlp'\?.*Known problems: .*breast-cancer-logreg"):
+    with pytest.raises(
+        UnknownNameError,
+        match=r"problems\[0\]: unknown problem 'digits-mpl'\. Did you mean 'digits-mlp'\?.*Known "
+        r"problems: .*breast-cancer-logreg",
+    ):
         parse_suite({"problems": ["digits-mpl"], "optimizers": ["adamw"]})
 
 
@@ -80,13 +128,21 @@ def test_expand_runs_counts_tracks_and_seeds(tiny) -> None:  # type: ignore[no-u
     assert len({r.run_id for r in runs}) == len(runs)
     d = [r for r in runs if r.track == "defaults" and r.problem == "quadratic-k1e2"]
     assert {r.budget_steps for r in d} == {30}  # ceil(1.5 x 20)
-    t = [r for r in runs if r.track == "tuned" and r.label == "adamw" and r.problem == "quadratic-k1e2"]
+    t = [
+        r
+        for r in runs
+        if r.track == "tuned" and r.label == "adamw" and r.problem == "quadratic-k1e2"
+    ]
     lrs = [r.hparams["lr"] for r in t]
     assert all(1e-3 <= x <= 0.3 for x in lrs) and len(set(lrs)) == 4
     assert all(r.hparams["weight_decay"] == 0.0 for r in t)
     # trials of one study share the seed; studies differ
     assert len({r.seed for r in t if r.study == 0}) == 1 and len({r.seed for r in t}) == 2
     # deterministic and workload-agnostic: same points for every problem, same ids on re-expansion
-    t2 = [r for r in runs if r.track == "tuned" and r.label == "adamw" and r.problem == "breast-cancer-logreg"]
+    t2 = [
+        r
+        for r in runs
+        if r.track == "tuned" and r.label == "adamw" and r.problem == "breast-cancer-logreg"
+    ]
     assert [r.hparams["lr"] for r in t2] == lrs
     assert [r.run_id for r in expand_runs(s, INFO)] == [r.run_id for r in runs]

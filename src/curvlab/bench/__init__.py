@@ -8,7 +8,8 @@ Public API::
     write_report("out/store.sqlite", "out/")         # out/report.html, out/report.md, out/figures/
 
 Scoring follows MLCommons AlgoPerf (Dahl et al. 2023, arXiv 2306.07179) and DeepOBS / Crowded
-Valley (Schneider et al. 2019; Schmidt et al. 2021, arXiv 2007.01547); see ``curvlab.bench.scoring``.
+Valley (Schneider et al. 2019; Schmidt et al. 2021, arXiv 2007.01547); see
+``curvlab.bench.scoring``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The benchmark report: one self-contained HTML page and a Markdown twin, from a store.
 
 Contents: per problem, the metric against each clock (steps, gradient-equivalents, seconds) with the
-median and the min–max spread over seeds (defaults track) or over studies' best trials (tuned track),
+median and the min–max spread over seeds (defaults track) or over studies' best trials (tuned
+track),
 the time-to-target and final-quality table, and the learning-rate sensitivity curve; overall, the
 performance profiles and the geometric-mean speed-up over tuned AdamW; the measurement environment.
 Figures are matplotlib (Agg) PNGs written under ``figures/``; the HTML embeds them as ``data:`` URIs
@@ -56,8 +57,11 @@ def _slug(s: str) -> str:
 
 
 def _curves(
-    runs: Sequence[Mapping[str, Any]], evals_by_run: Mapping[str, list[dict[str, Any]]], metric: str,
-    track: str, hib: bool,
+    runs: Sequence[Mapping[str, Any]],
+    evals_by_run: Mapping[str, list[dict[str, Any]]],
+    metric: str,
+    track: str,
+    hib: bool,
 ) -> dict[str, dict[str, np.ndarray]]:
     """label -> {step, x_<clock> (median), y_med, y_lo, y_hi} over seeds / studies' best trials."""
     by_label: dict[str, dict[int, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -71,7 +75,11 @@ def _curves(
             ok = [m for m in members if m["status"] == "finished" and m["final_metric"] is not None]
             if not ok:
                 ok = members
-            key = (lambda m: -(m["final_metric"] or -math.inf)) if hib else (lambda m: m["final_metric"] if m["final_metric"] is not None else math.inf)
+            key = (
+                (lambda m: -(m["final_metric"] or -math.inf))
+                if hib
+                else (lambda m: m["final_metric"] if m["final_metric"] is not None else math.inf)
+            )
             chosen.append(min(ok, key=key))
         series = [evals_by_run.get(m["run_id"], []) for m in chosen]
         series = [s for s in series if s]
@@ -92,9 +100,17 @@ def _curves(
             table["y"].append(ys)
             for c in CLOCKS:
                 table[c].append(xs[c])
-        cur = {"y_med": np.array([np.nanmedian(v) if np.isfinite(v).any() else np.nan for v in table["y"]]),
-               "y_lo": np.array([np.nanmin(v) if np.isfinite(v).any() else np.nan for v in table["y"]]),
-               "y_hi": np.array([np.nanmax(v) if np.isfinite(v).any() else np.nan for v in table["y"]])}
+        cur = {
+            "y_med": np.array(
+                [np.nanmedian(v) if np.isfinite(v).any() else np.nan for v in table["y"]]
+            ),
+            "y_lo": np.array(
+                [np.nanmin(v) if np.isfinite(v).any() else np.nan for v in table["y"]]
+            ),
+            "y_hi": np.array(
+                [np.nanmax(v) if np.isfinite(v).any() else np.nan for v in table["y"]]
+            ),
+        }
         for c in CLOCKS:
             cur[c] = np.array([np.median(v) for v in table[c]])
         out[label] = cur
@@ -102,8 +118,13 @@ def _curves(
 
 
 def _problem_figure(
-    path: Path, name: str, info: Mapping[str, Any], runs: Sequence[Mapping[str, Any]],
-    evals_by_run: Mapping[str, list[dict[str, Any]]], tracks: Sequence[str], colors: Mapping[str, Any],
+    path: Path,
+    name: str,
+    info: Mapping[str, Any],
+    runs: Sequence[Mapping[str, Any]],
+    evals_by_run: Mapping[str, list[dict[str, Any]]],
+    tracks: Sequence[str],
+    colors: Mapping[str, Any],
 ) -> None:
     import matplotlib
 
@@ -119,7 +140,9 @@ def _problem_figure(
             ax = axes[i][j]
             for label, cur in sorted(curves.items()):
                 ax.plot(cur[clock], cur["y_med"], label=label, color=colors[label], lw=1.5)
-                ax.fill_between(cur[clock], cur["y_lo"], cur["y_hi"], color=colors[label], alpha=0.18, lw=0)
+                ax.fill_between(
+                    cur[clock], cur["y_lo"], cur["y_hi"], color=colors[label], alpha=0.18, lw=0
+                )
             ax.axhline(float(info["target_threshold"]), color="k", ls="--", lw=0.8)
             allpos = all((np.nan_to_num(c["y_lo"], nan=1.0) > 0).all() for c in curves.values())
             if not hib and allpos and curves:
@@ -132,14 +155,18 @@ def _problem_figure(
             axes[i][0].legend(fontsize=7)
     fig.suptitle(f"{name}: {metric} (median, min–max band; dashed: target)", fontsize=10)
     # fixed margins: tight_layout costs seconds per figure on a loaded CPU
-    fig.subplots_adjust(left=0.06, right=0.99, top=0.9, bottom=0.12 / len(tracks) + 0.02,
-                        wspace=0.28, hspace=0.45)
+    fig.subplots_adjust(
+        left=0.06, right=0.99, top=0.9, bottom=0.12 / len(tracks) + 0.02, wspace=0.28, hspace=0.45
+    )
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def _lr_figure(
-    path: Path, name: str, info: Mapping[str, Any], data: Mapping[str, list[tuple[float, float]]],
+    path: Path,
+    name: str,
+    info: Mapping[str, Any],
+    data: Mapping[str, list[tuple[float, float]]],
     colors: Mapping[str, Any],
 ) -> None:
     import matplotlib
@@ -171,7 +198,9 @@ def _lr_figure(
     plt.close(fig)
 
 
-def _profile_figure(path: Path, profiles: Mapping[str, tuple[Any, Any, Any]], colors: Mapping[str, Any]) -> None:
+def _profile_figure(
+    path: Path, profiles: Mapping[str, tuple[Any, Any, Any]], colors: Mapping[str, Any]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +211,13 @@ def _profile_figure(path: Path, profiles: Mapping[str, tuple[Any, Any, Any]], co
     for ax, key in zip(axes[0], keys):
         grid, rho, score = profiles[key]
         for label in sorted(rho):
-            ax.step(grid, rho[label], where="post", label=f"{label} (B={score[label]:.2f})", color=colors[label])
+            ax.step(
+                grid,
+                rho[label],
+                where="post",
+                label=f"{label} (B={score[label]:.2f})",
+                color=colors[label],
+            )
         ax.set_xlabel("τ (ratio to the fastest)")
         ax.set_ylabel("fraction of problems")
         ax.set_ylim(-0.02, 1.02)
@@ -196,7 +231,9 @@ def _profile_figure(path: Path, profiles: Mapping[str, tuple[Any, Any, Any]], co
 
 def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -253,8 +290,10 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
 
     def add_img(title: str, path: Path) -> None:
         data = base64.b64encode(path.read_bytes()).decode()
-        html_parts.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-                          f"<figcaption>{html.escape(title)}</figcaption></figure>")
+        html_parts.append(
+            f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        )
         md_parts.append(f"![{title}](figures/{path.name})")
         images.append((title, path))
 
@@ -264,15 +303,23 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(status_count.items()))
     html_parts.append("<h1>curvlab benchmark report</h1>")
     md_parts.append("# curvlab benchmark report")
-    intro = (f"Store {os.fspath(store_path)}; suites: {', '.join(sorted(suites)) or '–'}; "
-             f"{len(runs)} runs ({summary}); optimizers: {', '.join(labels)}; problems: {', '.join(sorted(problems))}.")
+    intro = (
+        f"Store {os.fspath(store_path)}; suites: {', '.join(sorted(suites)) or '–'}; "
+        f"{len(runs)} runs ({summary}); optimizers: {', '.join(labels)}; problems: "
+        f"{', '.join(sorted(problems))}."
+    )
+    skipped = sorted({o for sd in suites.values() for o in sd.get("skipped_optimizers", [])})
+    if skipped:
+        intro += f" Skipped (not in this installation's optimizer registry): {', '.join(skipped)}."
     html_parts.append(f"<p>{html.escape(intro)}</p>")
     md_parts.append(intro)
-    rules = ("Time-to-target: per study the fastest trial reaching the target, median over studies "
-             "(defaults track: each seed is a study); 'miss' = not reached within the budget. Clocks: "
-             "optimizer steps, gradient-equivalents (gradient 1, Hessian-vector product 2, GNB pass 1), "
-             "seconds of training (evaluation off the clock). Final quality: mean ± std over seeds "
-             "(defaults) or over the studies' best trials (tuned).")
+    rules = (
+        "Time-to-target: per study the fastest trial reaching the target, median over studies "
+        "(defaults track: each seed is a study); 'miss' = not reached within the budget. Clocks: "
+        "optimizer steps, gradient-equivalents (gradient 1, Hessian-vector product 2, GNB pass 1), "
+        "seconds of training (evaluation off the clock). Final quality: mean ± std over seeds "
+        "(defaults) or over the studies' best trials (tuned)."
+    )
     html_parts.append(f"<p class=note>{html.escape(rules)}</p>")
     md_parts.append(f"_{rules}_")
 
@@ -287,18 +334,27 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
                 if tr == track:
                     per_problem[p][lab] = t
             if per_problem:
-                profiles[f"{track} track, {_CLOCK_LABEL[clock]}"] = performance_profiles(per_problem)
+                profiles[f"{track} track, {_CLOCK_LABEL[clock]}"] = performance_profiles(
+                    per_problem
+                )
     if profiles:
         pf = figs / "performance_profiles.png"
         _profile_figure(pf, profiles, colors)
-        add_img("Performance profiles (ρ(τ): fraction of problems within τ× of the fastest; B = normalised area)", pf)
+        add_img(
+            "Performance profiles (ρ(τ): fraction of problems within τ× of the fastest; B = "
+            "normalised area)",
+            pf,
+        )
     ref_track = "tuned" if "tuned" in tracks else (tracks[0] if tracks else "tuned")
     sp = {c: speedups(ttt[c], misses, c, "adamw", ref_track) for c in CLOCKS}
     if any(sp.values()):
         header = ["optimizer", *[f"speed-up ({_CLOCK_LABEL[c]})" for c in CLOCKS]]
         rows = [[lab, *[_fmt(sp[c].get(lab)) for c in CLOCKS]] for lab in labels]
-        title = (f"Geometric-mean speed-up over {ref_track} AdamW across problems (>1: faster; misses at "
-                 "budget + 1)")
+        title = (
+            f"Geometric-mean speed-up over {ref_track} AdamW across problems (>1: faster; misses "
+            f"at "
+            "budget + 1)"
+        )
     else:
         header, rows = ["note"], [["no AdamW runs in the store: no speed-up table"]]
         title = "Speed-up over tuned AdamW"
@@ -313,13 +369,25 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
             continue
         direction = "≥" if info["higher_is_better"] else "≤"
         head = f"{p}"
-        desc = (f"{info['description']}. Target: {info['target_metric']} {direction} {info['target_threshold']:g}; "
-                f"budget {info['budget_steps']} steps (tuned), evaluation every {info['eval_every']} steps; "
-                f"data: {info['data']}.")
+        desc = (
+            f"{info['description']}. Target: {info['target_metric']} {direction} "
+            f"{info['target_threshold']:g}; "
+            f"budget {info['budget_steps']} steps (tuned), evaluation every {info['eval_every']} "
+            f"steps; "
+            f"data: {info['data']}."
+        )
         html_parts.append(f'<h2 id="{_slug(p)}">{html.escape(head)}</h2><p>{html.escape(desc)}</p>')
         md_parts.append(f"## {head}\n\n{desc}")
-        header = ["optimizer", "track", "runs", "diverged", "steps to target", "grad-evals to target",
-                  "seconds to target", f"final {info['final_metric']} (mean ± std)"]
+        header = [
+            "optimizer",
+            "track",
+            "runs",
+            "diverged",
+            "steps to target",
+            "grad-evals to target",
+            "seconds to target",
+            f"final {info['final_metric']} (mean ± std)",
+        ]
         rows = []
         for lab in labels:
             for track in tracks:
@@ -328,9 +396,16 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
                     continue
                 key = (p, lab, track)
                 q = fq.get(key, {"mean": math.nan, "std": math.nan, "diverged": 0})
-                rows.append([lab, track, str(len(rs)), str(sum(r["status"] == "diverged" for r in rs)),
-                             *[_fmt(ttt[c].get(key, math.inf)) for c in CLOCKS],
-                             f"{_fmt(q['mean'])} ± {_fmt(q['std'])}"])
+                rows.append(
+                    [
+                        lab,
+                        track,
+                        str(len(rs)),
+                        str(sum(r["status"] == "diverged" for r in rs)),
+                        *[_fmt(ttt[c].get(key, math.inf)) for c in CLOCKS],
+                        f"{_fmt(q['mean'])} ± {_fmt(q['std'])}",
+                    ]
+                )
         html_parts.append(_table_html(header, rows))
         md_parts.append(_table_md(header, rows))
         f1 = figs / f"{_slug(p)}_curves.png"
@@ -343,7 +418,9 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
 
     # ---- environment
     envs = [r["env"] for r in runs if r.get("env")]
-    loads = [x for e in envs for x in (e.get("loadavg") or [])[:1] + (e.get("loadavg_end") or [])[:1]]
+    loads = [
+        x for e in envs for x in (e.get("loadavg") or [])[:1] + (e.get("loadavg_end") or [])[:1]
+    ]
     env_rows = []
     if envs:
         e0 = envs[0]
@@ -351,20 +428,37 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
             vals = sorted({str(e.get(k)) for e in envs})
             env_rows.append([k, ", ".join(vals)])
         if loads:
-            env_rows.append(["1-min load average (run start/end)", f"min {min(loads):.2f}, median {float(np.median(loads)):.2f}, max {max(loads):.2f}"])
+            env_rows.append(
+                [
+                    "1-min load average (run start/end)",
+                    f"min {min(loads):.2f}, median {float(np.median(loads)):.2f}, max "
+                    f"{max(loads):.2f}",
+                ]
+            )
         del e0
-    env_rows.append(["report written with", f"python {platform.python_version()} on {platform.node() or '?'}"])
+    env_rows.append(
+        ["report written with", f"python {platform.python_version()} on {platform.node() or '?'}"]
+    )
     html_parts.append("<h2>Environment</h2>" + _table_html(["item", "value"], env_rows))
     md_parts.append("## Environment\n\n" + _table_md(["item", "value"], env_rows))
-    md_parts.append("Wall-clock comparisons are only meaningful within one machine and load; steps and "
-                    "gradient-equivalents are the primary clocks.")
+    md_parts.append(
+        "Wall-clock comparisons are only meaningful within one machine and load; steps and "
+        "gradient-equivalents are the primary clocks."
+    )
 
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
-             "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:0.85em;color:#555}.note{color:#555;font-size:0.9em}")
-    page = ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>curvlab benchmark report</title>"
-            f"<style>{style}</style></head><body>" + "\n".join(html_parts) + "</body></html>\n")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 "
+        "1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
+        "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%}figure{margin:1em "
+        "0}figcaption{font-size:0.85em;color:#555}.note{color:#555;font-size:0.9em}"
+    )
+    page = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>curvlab benchmark "
+        "report</title>"
+        f"<style>{style}</style></head><body>" + "\n".join(html_parts) + "</body></html>\n"
+    )
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     (out / "report.md").write_text("\n\n".join(md_parts) + "\n", encoding="utf-8")

@@ -26,6 +26,7 @@ run ``running`` so that the next invocation restarts it.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import math
 import multiprocessing
 import os
@@ -72,6 +73,8 @@ def environment() -> dict[str, Any]:
 def _float_loss(loss: Any) -> float:
     if isinstance(loss, tuple):
         loss = loss[0]
+    if isinstance(loss, float):
+        return loss
     if loss is None:
         return math.nan
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
@@ -103,17 +106,22 @@ def execute_run(
             status, summary = _train(spec, st, attempt, parent_pid)
         except Exception as exc:  # recorded, the suite goes on
             status = "failed"
-            summary = {"error": "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]}
+            summary = {
+                "error": "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
+            }
         env = environment()
-        st.finish_run(spec.run_id, attempt, status, summary,
-                      {"loadavg": env["loadavg"], "time": env["time"]})
+        st.finish_run(
+            spec.run_id, attempt, status, summary, {"loadavg": env["loadavg"], "time": env["time"]}
+        )
         return {"status": status, **summary}
     finally:
         if own:
             st.close()
 
 
-def _train(spec: RunSpec, st: Store, attempt: int, parent_pid: int | None) -> tuple[str, dict[str, Any]]:
+def _train(
+    spec: RunSpec, st: Store, attempt: int, parent_pid: int | None
+) -> tuple[str, dict[str, Any]]:
     problem = get_problem(spec.problem)
     inst = problem.build(spec.seed)
     target = problem.target
@@ -158,7 +166,10 @@ def _train(spec: RunSpec, st: Store, attempt: int, parent_pid: int | None) -> tu
 
     def summary(train_loss: float) -> dict[str, Any]:
         return {
-            "steps": steps, "grad_evals": ge, "hvp_evals": hvps, "seconds": secs,
+            "steps": steps,
+            "grad_evals": ge,
+            "hvp_evals": hvps,
+            "seconds": secs,
             "final_metric": float(last.get(problem.final_metric, math.nan)),
             "final_loss": float(last.get("loss", train_loss)),
             **ttt,
@@ -171,7 +182,10 @@ def _train(spec: RunSpec, st: Store, attempt: int, parent_pid: int | None) -> tu
         calls[0] = 0
         t0 = clock()
         batch[0], batch[1] = next_batch()
-        loss = opt.step(closure)
+        try:
+            loss = opt.step(closure)
+        except FloatingPointError:  # NonFiniteError from optimizers with on_nonfinite="raise"
+            loss = math.nan
         train_loss = _float_loss(loss)
         secs += clock() - t0
         steps = step
@@ -182,7 +196,11 @@ def _train(spec: RunSpec, st: Store, attempt: int, parent_pid: int | None) -> tu
             return "diverged", {**summary(train_loss), "diverged_step": step, "final_metric": None}
         if step % every == 0 or step == budget:
             if not record(train_loss):
-                return "diverged", {**summary(train_loss), "diverged_step": step, "final_metric": None}
+                return "diverged", {
+                    **summary(train_loss),
+                    "diverged_step": step,
+                    "final_metric": None,
+                }
             if parent_pid is not None and os.getppid() != parent_pid:
                 os._exit(3)  # orphaned: leave the run 'running' for the next invocation
     return "finished", summary(train_loss)
@@ -243,8 +261,12 @@ class _Progress:
             el = now - self.t0
             eta = el / done * (self.total - done) if done else float("nan")
             eta_s = f"{eta / 60:.1f} min" if math.isfinite(eta) else "?"
-            print(f"[curvlab bench] {done}/{self.total} runs done, {running} running, ETA {eta_s} {note}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[curvlab bench] {done}/{self.total} runs done, {running} running, ETA {eta_s} "
+                f"{note}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -259,20 +281,24 @@ def _usable_entries(suite: Suite, log: Callable[[str], None]) -> tuple[Suite, li
         except UnknownNameError:
             if BUILTIN_OPTIMIZERS.get(e.label) == e:
                 skipped.append(e.label)
-                log(f"note: optimizer {e.label!r} ({e.optimizer}) is not in curvlab's registry here; skipped")
+                log(
+                    f"note: optimizer {e.label!r} ({e.optimizer}) is not in curvlab's registry "
+                    f"here; skipped"
+                )
                 continue
             raise
         keep.append(e)
     if not keep:
         raise UnknownNameError(
-            f"none of the suite's optimizers is available ({', '.join(skipped)}); name registered ones "
+            f"none of the suite's optimizers is available ({', '.join(skipped)}); name registered "
+            f"ones "
             "(`curvlab bench list`) or import paths such as 'torch.optim:AdamW'"
         )
     return Suite(**{**asdict_shallow(suite), "optimizers": tuple(keep)}), skipped
 
 
 def asdict_shallow(obj: Any) -> dict[str, Any]:
-    """Field name -> value without recursing (dataclasses.asdict would deep-copy entries to dicts)."""
+    """Field name -> value without recursing (dataclasses.asdict would convert entries)."""
     return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
 
 
@@ -299,8 +325,10 @@ def run_suite(
     """Run every unfinished run of ``suite`` into the store at ``store_path``.
 
     Before any run starts: the store path is checked (writable, not a newer schema), missing
-    optimizers of built-in entries are skipped with a note (unknown names of explicit entries raise),
-    and every problem's data is checked. Finished and diverged runs already in the store are skipped;
+    optimizers of built-in entries are skipped with a note (unknown names of explicit entries
+    raise),
+    and every problem's data is checked. Finished and diverged runs already in the store are
+    skipped;
     runs left ``running`` (a killed process) or ``failed`` are restarted.
 
     Args:
@@ -325,11 +353,17 @@ def run_suite(
     problem_infos = {p: get_problem(p).info() for p in suite.problems}
     for p in suite.problems:
         problem_infos[p].update(suite.problem_overrides.get(p, {}))
-    store.register(suite.name, suite.to_json(), problem_infos, specs)
+    suite_doc = json.loads(suite.to_json())
+    suite_doc["skipped_optimizers"] = skipped
+    store.register(suite.name, json.dumps(suite_doc, sort_keys=True), problem_infos, specs)
     status = store.status_of([s.run_id for s in specs])
     todo = [s for s in specs if status.get(s.run_id) not in DONE_STATUSES]
-    result = SuiteResult(store=str(path), total=len(specs), already_done=len(specs) - len(todo),
-                         skipped_optimizers=skipped)
+    result = SuiteResult(
+        store=str(path),
+        total=len(specs),
+        already_done=len(specs) - len(todo),
+        skipped_optimizers=skipped,
+    )
     n_workers = (os.cpu_count() or 1) if workers is None else workers
     prog = _Progress(len(todo), progress)
 

@@ -1,19 +1,27 @@
-"""Scores from a store: time-to-target, final quality, performance profiles, speed-ups, LR sensitivity.
+"""Scores from a store: time-to-target, final quality, profiles, speed-ups, LR sensitivity.
 
-The rules, after MLCommons AlgoPerf (Dahl et al. 2023, arXiv 2306.07179; ``scoring/performance_profile.py``)
+The rules, after MLCommons AlgoPerf (Dahl et al. 2023, arXiv 2306.07179;
+``scoring/performance_profile.py``)
 and DeepOBS/Crowded Valley (arXiv 2007.01547):
 
-* **time-to-target** of (problem, optimizer, track) on a clock (``steps``, ``grad_evals``, ``seconds``):
-  per study, the fastest trial that reached the target (a miss or a divergence is ∞); then the median
+* **time-to-target** of (problem, optimizer, track) on a clock (``steps``, ``grad_evals``,
+``seconds``):
+  per study, the fastest trial that reached the target (a miss or a divergence is ∞); then the
+  median
   over studies. In the defaults track every seed is a study of one trial.
-* **final quality**: the problem's final metric at the budget; defaults track: mean ± std over seeds;
-  tuned track: the best trial of each study (by final metric), mean ± std over studies. Diverged runs
+* **final quality**: the problem's final metric at the budget; defaults track: mean ± std over
+seeds;
+  tuned track: the best trial of each study (by final metric), mean ± std over studies. Diverged
+  runs
   are excluded from the mean and counted.
-* **performance profile** (Dolan & Moré 2002): ``r = t / min_optimizers t`` per problem, ratios above
-  ``tau_max = 4`` count as ∞; ``ρ(τ)`` is the fraction of problems with ``r ≤ τ`` on ``τ ∈ [1, 4]``, and
+* **performance profile** (Dolan & Moré 2002): ``r = t / min_optimizers t`` per problem, ratios
+above
+  ``tau_max = 4`` count as ∞; ``ρ(τ)`` is the fraction of problems with ``r ≤ τ`` on ``τ ∈ [1,
+  4]``, and
   ``B = ∫₁⁴ ρ(τ) dτ / 3``.
 * **speed-up over the reference** (tuned AdamW): per problem ``t_ref / t``, misses placed at the
-  clock's budget plus one unit (budget steps + 1; the largest gradient-equivalent or seconds count any
+  clock's budget plus one unit (budget steps + 1; the largest gradient-equivalent or seconds count
+  any
   run of the problem reached at its end, + 1), then the geometric mean over problems (PR #778).
 """
 
@@ -47,7 +55,9 @@ def _run_time(run: Mapping[str, Any], clock: str) -> float:
     return math.inf if v is None else float(v)
 
 
-def time_to_target(runs: Iterable[Mapping[str, Any]], clock: str = "steps") -> dict[tuple[str, str, str], float]:
+def time_to_target(
+    runs: Iterable[Mapping[str, Any]], clock: str = "steps"
+) -> dict[tuple[str, str, str], float]:
     """``(problem, label, track) -> median over studies of the fastest trial`` (∞ for a miss).
 
     Example:
@@ -68,8 +78,10 @@ def time_to_target(runs: Iterable[Mapping[str, Any]], clock: str = "steps") -> d
 def final_quality(
     runs: Iterable[Mapping[str, Any]], higher_is_better: Mapping[str, bool]
 ) -> dict[tuple[str, str, str], dict[str, float]]:
-    """``(problem, label, track) -> {mean, std, n, diverged}`` of the final metric (see module rules)."""
-    groups: dict[tuple[str, str, str], dict[int, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    """``(problem, label, track) -> {mean, std, n, diverged}`` of the final metric."""
+    groups: dict[tuple[str, str, str], dict[int, list[Mapping[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for r in runs:
         groups[(r["problem"], r["label"], r["track"])][int(r["study"])].append(r)
     out = {}
@@ -80,7 +92,8 @@ def final_quality(
             finite = [
                 float(m["final_metric"])
                 for m in members
-                if m.get("status") == "finished" and m.get("final_metric") is not None
+                if m.get("status") == "finished"
+                and m.get("final_metric") is not None
                 and math.isfinite(float(m["final_metric"]))
             ]
             diverged += sum(1 for m in members if m.get("status") == "diverged")
@@ -112,7 +125,8 @@ def performance_profiles(
         ``(taus, {optimizer: ρ(τ)}, {optimizer: B})`` where B is the normalised area under ρ.
 
     Example:
-        >>> t, rho, b = performance_profiles({"p": {"a": 10.0, "b": 20.0}, "q": {"a": math.inf, "b": 5.0}})
+        >>> t, rho, b = performance_profiles({"p": {"a": 10.0, "b": 20.0}, "q": {"a": math.inf,
+        "b": 5.0}})
         >>> float(rho["a"][0]), float(rho["b"][-1]), round(b["a"], 3)
         (0.5, 1.0, 0.5)
     """
@@ -123,8 +137,10 @@ def performance_profiles(
         best = min((t for t in per.values()), default=math.inf)
         for o in opts:
             t = per.get(o, math.inf)
-            r = t / best if math.isfinite(best) and math.isfinite(t) and best > 0 else (
-                1.0 if math.isfinite(t) and t == best else math.inf
+            r = (
+                t / best
+                if math.isfinite(best) and math.isfinite(t) and best > 0
+                else (1.0 if math.isfinite(t) and t == best else math.inf)
             )
             ratios[o].append(r if r <= tau_max else math.inf)
     rho = {}
@@ -133,12 +149,16 @@ def performance_profiles(
     for o in opts:
         r = np.asarray(ratios[o])
         rho[o] = np.array([(r <= tau).sum() / n for tau in grid])
-        score[o] = float((0.5 * (rho[o][1:] + rho[o][:-1]) * np.diff(grid)).sum() / (grid[-1] - grid[0])) if len(grid) > 1 else float(rho[o][0])
+        score[o] = (
+            float((0.5 * (rho[o][1:] + rho[o][:-1]) * np.diff(grid)).sum() / (grid[-1] - grid[0]))
+            if len(grid) > 1
+            else float(rho[o][0])
+        )
     return grid, rho, score
 
 
 def miss_values(runs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], float]:
-    """``(problem, clock) -> value used for a miss`` in the speed-up: the clock's budget + 1 unit."""
+    """``(problem, clock) -> value for a miss`` in the speed-up: the clock's budget + 1 unit."""
     out: dict[tuple[str, str], float] = {}
     for r in runs:
         p = r["problem"]
@@ -164,7 +184,8 @@ def speedups(
     Example:
         >>> ttt = {("p", "adamw", "tuned"): 100.0, ("p", "x", "tuned"): 50.0,
         ...        ("q", "adamw", "tuned"): 40.0, ("q", "x", "tuned"): math.inf}
-        >>> round(speedups(ttt, {("p", "steps"): 201.0, ("q", "steps"): 81.0}, "steps", "adamw")["x"], 4)
+        >>> round(speedups(ttt, {("p", "steps"): 201.0, ("q", "steps"): 81.0}, "steps",
+        "adamw")["x"], 4)
         0.9938
     """
     problems = sorted({p for (p, lab, tr) in ttt if lab == reference and tr == track})
@@ -186,8 +207,10 @@ def speedups(
     return out
 
 
-def lr_sensitivity(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """``problem -> label -> [(lr, final metric)]`` from the tuned track (NaN for diverged), sorted by lr."""
+def lr_sensitivity(
+    runs: Iterable[Mapping[str, Any]],
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """``problem -> label -> [(lr, final metric)]`` of the tuned track (NaN: diverged), by lr."""
     out: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if r["track"] != "tuned" or "lr" not in r["hparams"]:

@@ -11,21 +11,26 @@ writers queue on a 60 s busy timeout.
 Schema (version :data:`SCHEMA_VERSION`; a store written by a newer curvlab is refused)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)           -- schema_version, created_by, created_at
-    problems(name TEXT PRIMARY KEY, info TEXT)       -- JSON: target metric/threshold/direction, budget, ...
+    problems(name TEXT PRIMARY KEY, info TEXT)       -- JSON: target metric/threshold/direction,
+    budget, ...
     suites(name TEXT PRIMARY KEY, spec TEXT, updated_at REAL)   -- the validated suite as JSON
     runs(run_id TEXT PRIMARY KEY,                    -- hash of the run definition (RunSpec.run_id)
-         suite, problem, label, optimizer TEXT, hparams TEXT (JSON), seed, track ('defaults'|'tuned'),
+         suite, problem, label, optimizer TEXT, hparams TEXT (JSON), seed, track
+         ('defaults'|'tuned'),
          study, trial, budget_steps, eval_every INTEGER,
          status TEXT  -- 'pending' | 'running' | 'finished' | 'diverged' | 'failed'
          attempt INTEGER, started_at, finished_at REAL (unix time),
-         steps INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,   -- the three clocks at the end
+         steps INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,   -- the three clocks at
+         the end
          final_metric REAL, final_loss REAL,        -- the problem's final metric and train loss
-         ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,  -- first evaluation at target (NULL: miss)
+         ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,  -- first evaluation at target
+         (NULL: miss)
          diverged_step INTEGER, error TEXT, env TEXT (JSON: torch version, threads, load average))
     evals(run_id, attempt, step INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,
           train_loss REAL, metrics TEXT (JSON), PRIMARY KEY (run_id, attempt, step))
 
-Only the evaluations of a run's current ``attempt`` count; starting an attempt deletes the older ones
+Only the evaluations of a run's current ``attempt`` count; starting an attempt deletes the older
+ones
 in the same transaction. Resume rule: runs with status ``finished`` or ``diverged`` are done; any
 other status (a run in flight when the process died, or one that failed) is restarted.
 """
@@ -79,11 +84,35 @@ CREATE TABLE IF NOT EXISTS evals (
 """
 
 _RUN_COLUMNS = (
-    "run_id", "suite", "problem", "label", "optimizer", "hparams", "seed", "track", "study", "trial",
-    "budget_steps", "eval_every", "status", "attempt", "started_at", "finished_at", "steps",
-    "grad_evals", "hvp_evals", "seconds", "final_metric", "final_loss", "ttt_steps",
-    "ttt_grad_evals", "ttt_seconds", "diverged_step", "error", "env",
-)  # fmt: skip
+    "run_id",
+    "suite",
+    "problem",
+    "label",
+    "optimizer",
+    "hparams",
+    "seed",
+    "track",
+    "study",
+    "trial",
+    "budget_steps",
+    "eval_every",
+    "status",
+    "attempt",
+    "started_at",
+    "finished_at",
+    "steps",
+    "grad_evals",
+    "hvp_evals",
+    "seconds",
+    "final_metric",
+    "final_loss",
+    "ttt_steps",
+    "ttt_grad_evals",
+    "ttt_seconds",
+    "diverged_step",
+    "error",
+    "env",
+)
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -94,21 +123,30 @@ def check_store_path(path: str | os.PathLike[str]) -> Path:
     """Refuse a store path that cannot be written, before any run starts.
 
     Raises:
-        StoreError: the directory is missing and cannot be created, is not writable, or the path is a
+        StoreError: the directory is missing and cannot be created, is not writable, or the path is
+        a
             directory or an existing read-only file.
     """
     p = Path(path)
     if p.is_dir():
-        raise StoreError(f"store path {p} is a directory; give a file path such as {p / 'store.sqlite'}")
+        raise StoreError(
+            f"store path {p} is a directory; give a file path such as {p / 'store.sqlite'}"
+        )
     parent = p.parent if str(p.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StoreError(f"cannot create the store's directory {parent}: {exc}; choose a writable path") from exc
+        raise StoreError(
+            f"cannot create the store's directory {parent}: {exc}; choose a writable path"
+        ) from exc
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"the store's directory {parent} is not writable; choose a writable path with --store")
+        raise StoreError(
+            f"the store's directory {parent} is not writable; choose a writable path with --store"
+        )
     if p.exists() and not os.access(p, os.W_OK):
-        raise StoreError(f"the store {p} is read-only; make it writable or choose another --store path")
+        raise StoreError(
+            f"the store {p} is read-only; make it writable or choose another --store path"
+        )
     return p
 
 
@@ -133,7 +171,9 @@ class Store:
         self.path = Path(path)
         if readonly:
             if not self.path.is_file():
-                raise StoreError(f"no store at {self.path}; run `curvlab bench run --store {self.path}` first")
+                raise StoreError(
+                    f"no store at {self.path}; run `curvlab bench run --store {self.path}` first"
+                )
         else:
             check_store_path(self.path)
         try:
@@ -143,7 +183,9 @@ class Store:
             if not readonly:
                 mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
-                    raise StoreError(f"{self.path}: SQLite refused WAL mode ({mode}); use a local disk")
+                    raise StoreError(
+                        f"{self.path}: SQLite refused WAL mode ({mode}); use a local disk"
+                    )
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._check_or_create(readonly)
         except sqlite3.DatabaseError as exc:
@@ -152,21 +194,29 @@ class Store:
     # -- schema ---------------------------------------------------------------------------------
 
     def _check_or_create(self, readonly: bool) -> None:
-        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {
+            r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
         if "meta" in tables:
             row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
-                raise StoreError(f"{self.path} has a meta table but no schema_version: not a curvlab store")
+                raise StoreError(
+                    f"{self.path} has a meta table but no schema_version: not a curvlab store"
+                )
             version = int(row[0])
             if version > SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path} was written by a newer curvlab (store schema {version}, this curvlab "
+                    f"{self.path} was written by a newer curvlab (store schema {version}, this "
+                    f"curvlab "
                     f"reads up to {SCHEMA_VERSION}); upgrade curvlab or use another --store path. "
                     "Nothing was changed."
                 )
             return
         if tables:
-            raise StoreError(f"{self.path} is an SQLite database but not a curvlab store (tables: {sorted(tables)})")
+            raise StoreError(
+                f"{self.path} is an SQLite database but not a curvlab store (tables: "
+                f"{sorted(tables)})"
+            )
         if readonly:
             raise StoreError(f"{self.path} is empty: not a curvlab store")
         with self.transaction():
@@ -177,13 +227,18 @@ class Store:
 
             self.conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
-                [("schema_version", str(SCHEMA_VERSION)), ("created_by", f"curvlab {__version__}"),
-                 ("created_at", repr(time.time()))],
+                [
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("created_by", f"curvlab {__version__}"),
+                    ("created_at", repr(time.time())),
+                ],
             )
 
     def schema_version(self) -> int:
         """The store's schema version."""
-        return int(self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        return int(
+            self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+        )
 
     @contextmanager
     def transaction(self) -> Any:
@@ -213,24 +268,41 @@ class Store:
         problem_infos: Mapping[str, Mapping[str, Any]],
         runs: Iterable[Any],
     ) -> None:
-        """Record a suite, its problems and its runs (existing runs are left untouched), in one transaction."""
+        """Record a suite, its problems and its runs (existing runs untouched); one transaction."""
         with self.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO suites VALUES (?, ?, ?)", (suite_name, suite_json, time.time()))
+            c.execute(
+                "INSERT OR REPLACE INTO suites VALUES (?, ?, ?)",
+                (suite_name, suite_json, time.time()),
+            )
             for name, info in problem_infos.items():
-                c.execute("INSERT OR REPLACE INTO problems VALUES (?, ?)", (name, json.dumps(dict(info))))
+                c.execute(
+                    "INSERT OR REPLACE INTO problems VALUES (?, ?)", (name, json.dumps(dict(info)))
+                )
             c.executemany(
-                "INSERT OR IGNORE INTO runs (run_id, suite, problem, label, optimizer, hparams, seed, track, "
+                "INSERT OR IGNORE INTO runs (run_id, suite, problem, label, optimizer, hparams, "
+                "seed, track, "
                 "study, trial, budget_steps, eval_every) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
-                    (r.run_id, suite_name, r.problem, r.label, r.optimizer,
-                     json.dumps(dict(r.hparams), sort_keys=True), r.seed, r.track, r.study, r.trial,
-                     r.budget_steps, r.eval_every)
+                    (
+                        r.run_id,
+                        suite_name,
+                        r.problem,
+                        r.label,
+                        r.optimizer,
+                        json.dumps(dict(r.hparams), sort_keys=True),
+                        r.seed,
+                        r.track,
+                        r.study,
+                        r.trial,
+                        r.budget_steps,
+                        r.eval_every,
+                    )
                     for r in runs
                 ],
             )
 
     def start_run(self, run_id: str, env: Mapping[str, Any]) -> int:
-        """Begin a new attempt of ``run_id`` (older evaluations are deleted); returns the attempt number."""
+        """Begin a new attempt of ``run_id`` (older evaluations deleted); returns its number."""
         with self.transaction() as c:
             row = c.execute("SELECT attempt FROM runs WHERE run_id=?", (run_id,)).fetchone()
             if row is None:
@@ -238,9 +310,12 @@ class Store:
             attempt = int(row[0]) + 1
             c.execute("DELETE FROM evals WHERE run_id=?", (run_id,))
             c.execute(
-                "UPDATE runs SET status='running', attempt=?, started_at=?, finished_at=NULL, steps=NULL, "
-                "grad_evals=NULL, hvp_evals=NULL, seconds=NULL, final_metric=NULL, final_loss=NULL, "
-                "ttt_steps=NULL, ttt_grad_evals=NULL, ttt_seconds=NULL, diverged_step=NULL, error=NULL, "
+                "UPDATE runs SET status='running', attempt=?, started_at=?, finished_at=NULL, "
+                "steps=NULL, "
+                "grad_evals=NULL, hvp_evals=NULL, seconds=NULL, final_metric=NULL, "
+                "final_loss=NULL, "
+                "ttt_steps=NULL, ttt_grad_evals=NULL, ttt_seconds=NULL, diverged_step=NULL, "
+                "error=NULL, "
                 "env=? WHERE run_id=?",
                 (attempt, time.time(), json.dumps(dict(env)), run_id),
             )
@@ -261,8 +336,16 @@ class Store:
         with self.transaction() as c:
             c.execute(
                 "INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?,?,?,?)",
-                (run_id, attempt, step, grad_evals, hvp_evals, seconds, _nan_to_none(train_loss),
-                 json.dumps({k: _nan_to_none(float(v)) for k, v in metrics.items()})),
+                (
+                    run_id,
+                    attempt,
+                    step,
+                    grad_evals,
+                    hvp_evals,
+                    seconds,
+                    _nan_to_none(train_loss),
+                    json.dumps({k: _nan_to_none(float(v)) for k, v in metrics.items()}),
+                ),
             )
 
     def finish_run(
@@ -273,9 +356,10 @@ class Store:
         summary: Mapping[str, Any],
         env_end: Mapping[str, Any] | None = None,
     ) -> None:
-        """Mark attempt ``attempt`` of ``run_id`` as ``status`` with its summary columns (one transaction).
+        """Mark attempt ``attempt`` of ``run_id`` as ``status`` with its summary (one transaction).
 
-        ``env_end`` (load average and time at the end) is merged into the run's ``env`` JSON. A stale
+        ``env_end`` (load average and time at the end) is merged into the run's ``env`` JSON. A
+        stale
         attempt (the run was restarted elsewhere) is ignored.
         """
         cols = [k for k in summary if k in _RUN_COLUMNS and k != "env"]
@@ -290,9 +374,16 @@ class Store:
             for k, v in (env_end or {}).items():
                 env[f"{k}_end"] = v
             c.execute(
-                f"UPDATE runs SET status=?, finished_at=?, env=?{sets} WHERE run_id=? AND attempt=?",
-                (status, time.time(), json.dumps(env), *[_nan_to_none(summary[k]) for k in cols],
-                 run_id, attempt),
+                f"UPDATE runs SET status=?, finished_at=?, env=?{sets} WHERE run_id=? AND "
+                f"attempt=?",
+                (
+                    status,
+                    time.time(),
+                    json.dumps(env),
+                    *[_nan_to_none(summary[k]) for k in cols],
+                    run_id,
+                    attempt,
+                ),
             )
 
     # -- reading --------------------------------------------------------------------------------
@@ -304,7 +395,9 @@ class Store:
                 raise StoreError(f"unknown run column {k!r}; columns: {', '.join(_RUN_COLUMNS)}")
         clause = " AND ".join(f"{k}=?" for k in where)
         rows = self.conn.execute(
-            "SELECT * FROM runs" + (f" WHERE {clause}" if clause else "") + " ORDER BY problem, label, track, study, trial, seed",
+            "SELECT * FROM runs"
+            + (f" WHERE {clause}" if clause else "")
+            + " ORDER BY problem, label, track, study, trial, seed",
             tuple(where.values()),
         ).fetchall()
         out = []
@@ -325,7 +418,7 @@ class Store:
         return out
 
     def evals(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        """Evaluation records of the current attempt of one run (or of all runs), ordered by step."""
+        """Evaluation records of the current attempt of one run (or all runs), by step."""
         q = (
             "SELECT e.* FROM evals e JOIN runs r ON e.run_id = r.run_id AND e.attempt = r.attempt"
             + (" WHERE e.run_id=?" if run_id else "")
@@ -341,7 +434,9 @@ class Store:
 
     def problems(self) -> dict[str, dict[str, Any]]:
         """``name -> declared info`` of every problem recorded in the store."""
-        return {r[0]: json.loads(r[1]) for r in self.conn.execute("SELECT name, info FROM problems")}
+        return {
+            r[0]: json.loads(r[1]) for r in self.conn.execute("SELECT name, info FROM problems")
+        }
 
     def suites(self) -> dict[str, dict[str, Any]]:
         """``name -> suite JSON`` of every suite run into the store."""
@@ -354,8 +449,10 @@ class Store:
 
         Args:
             out_dir: directory to write into (created).
-            fmt: ``"csv"`` (``runs.csv``, ``evals.csv``; JSON columns stay JSON strings) or ``"json"``
-                (``store.json`` with ``schema_version``, ``problems``, ``suites``, ``runs``, ``evals``).
+            fmt: ``"csv"`` (``runs.csv``, ``evals.csv``; JSON columns stay JSON strings) or
+            ``"json"``
+                (``store.json`` with ``schema_version``, ``problems``, ``suites``, ``runs``,
+                ``evals``).
 
         Returns:
             The written paths.
@@ -365,8 +462,13 @@ class Store:
         runs, evals = self.runs(), self.evals()
         if fmt == "json":
             path = out / "store.json"
-            doc = {"schema_version": self.schema_version(), "problems": self.problems(),
-                   "suites": self.suites(), "runs": runs, "evals": evals}
+            doc = {
+                "schema_version": self.schema_version(),
+                "problems": self.problems(),
+                "suites": self.suites(),
+                "runs": runs,
+                "evals": evals,
+            }
             path.write_text(json.dumps(doc, indent=1, default=str))
             return [path]
         if fmt != "csv":
@@ -376,11 +478,25 @@ class Store:
             w = csv.DictWriter(fh, fieldnames=list(_RUN_COLUMNS))
             w.writeheader()
             for r in runs:
-                w.writerow({**r, "hparams": json.dumps(r["hparams"], sort_keys=True),
-                            "env": json.dumps(r["env"]) if r["env"] else ""})
+                w.writerow(
+                    {
+                        **r,
+                        "hparams": json.dumps(r["hparams"], sort_keys=True),
+                        "env": json.dumps(r["env"]) if r["env"] else "",
+                    }
+                )
         metric_names = sorted({k for e in evals for k in e["metrics"]})
         with open(p_evals, "w", newline="") as fh:
-            fields = ["run_id", "attempt", "step", "grad_evals", "hvp_evals", "seconds", "train_loss", *metric_names]
+            fields = [
+                "run_id",
+                "attempt",
+                "step",
+                "grad_evals",
+                "hvp_evals",
+                "seconds",
+                "train_loss",
+                *metric_names,
+            ]
             w = csv.DictWriter(fh, fieldnames=fields)
             w.writeheader()
             for e in evals:

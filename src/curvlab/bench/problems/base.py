@@ -1,9 +1,12 @@
 """The benchmark problem contract: what a problem declares and what one seeded instance provides.
 
-A *problem* is a fixed workload in the AlgoPerf sense (Dahl et al., 2023, arXiv 2306.07179): the model,
-the data, the loss, the evaluation metric, the target on that metric and the step budget are all fixed;
+A *problem* is a fixed workload in the AlgoPerf sense (Dahl et al., 2023, arXiv 2306.07179): the
+model,
+the data, the loss, the evaluation metric, the target on that metric and the step budget are all
+fixed;
 the optimizer is the only free part. A problem builds an *instance* from an integer seed; everything
-random in the instance (initialisation, minibatch order, label noise) is drawn from generators seeded
+random in the instance (initialisation, minibatch order, label noise) is drawn from generators
+seeded
 by that integer, so the same seed gives bit-identical runs (DeepOBS PR #44 is the cautionary tale).
 """
 
@@ -57,7 +60,8 @@ class Target:
 class ProblemInstance:
     """One seeded instance of a problem: a model, a minibatch stream, a loss and an evaluation.
 
-    The runner's training step is ``outputs = forward(batch_inputs); loss = loss_fn(outputs, targets)``,
+    The runner's training step is ``outputs = forward(batch_inputs); loss = loss_fn(outputs,
+    targets)``,
     exactly the same code for every optimizer. ``evaluate()`` runs off the clock under
     ``torch.no_grad`` and returns named floats that include the target metric.
 
@@ -68,7 +72,8 @@ class ProblemInstance:
             generator (full-batch problems return the same tensors every time).
         evaluate: ``() -> {metric: value}`` on the evaluation data.
         outputs_are_logits: whether ``outputs`` are class logits (then curvature optimizers in
-            ``closure_mode == "loss"`` receive ``(loss, outputs)`` for Gauss-Newton-Bartlett sampling).
+            ``closure_mode == "loss"`` receive ``(loss, outputs)`` for Gauss-Newton-Bartlett
+            sampling).
         forward: optional replacement for ``model(inputs)``.
     """
 
@@ -117,10 +122,11 @@ class Problem(ABC):
 
     @abstractmethod
     def build(self, seed: int) -> ProblemInstance:
-        """Build the instance for ``seed`` (model initialisation and minibatch order depend on it)."""
+        """Build the instance for ``seed`` (initialisation and minibatch order depend on it)."""
 
     def check_data(self) -> None:
-        """Raise :class:`~curvlab.errors.DataNotFoundError` if the data is missing; default: no-op."""
+        """Raise :class:`~curvlab.errors.DataNotFoundError` if data is missing (default: no-op)."""
+        return None
 
     def info(self) -> dict[str, object]:
         """The declared metadata as a JSON-serialisable dict (stored with every suite)."""

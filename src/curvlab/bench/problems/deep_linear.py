@@ -36,7 +36,7 @@ class DeepLinearNetwork(Problem):
     init_scale: float = 1e-3
     name: str = "deep-linear"
     description: str = "deep linear network (Saxe), 2 layers 8x8, target modes s=(6,4,2,1)"
-    target: Target = Target("rel_error", 1e-3)
+    target: Target = field(default_factory=lambda: Target("rel_error", 1e-3))
     budget_steps: int = 400
     eval_every: int = 10
     data: str = "synthetic"
@@ -46,15 +46,19 @@ class DeepLinearNetwork(Problem):
         data_gen = torch.Generator().manual_seed(4242)
         s = torch.zeros(self.dim, dtype=dt)
         s[: len(self.singular_values)] = torch.tensor(self.singular_values, dtype=dt)
-        t = random_rotation(self.dim, data_gen, dt) @ torch.diag(s) @ random_rotation(
-            self.dim, data_gen, dt
-        ).T
+        t = (
+            random_rotation(self.dim, data_gen, dt)
+            @ torch.diag(s)
+            @ random_rotation(self.dim, data_gen, dt).T
+        )
         gen = torch.Generator().manual_seed(seed)
         layers = []
         for _ in range(self.depth):
             lin = nn.Linear(self.dim, self.dim, bias=False).to(dt)
             with torch.no_grad():
-                lin.weight.copy_(self.init_scale * torch.randn(self.dim, self.dim, generator=gen, dtype=dt))
+                lin.weight.copy_(
+                    self.init_scale * torch.randn(self.dim, self.dim, generator=gen, dtype=dt)
+                )
             layers.append(lin)
         model = nn.Sequential(*layers)
         x = torch.eye(self.dim, dtype=dt)
@@ -70,4 +74,6 @@ class DeepLinearNetwork(Problem):
                 err = float(((out - y) ** 2).sum())
             return {"rel_error": err / t_norm2, "loss": 0.5 * err / self.dim}
 
-        return ProblemInstance(model=model, loss_fn=loss_fn, next_batch=lambda: (x, y), evaluate=evaluate)
+        return ProblemInstance(
+            model=model, loss_fn=loss_fn, next_batch=lambda: (x, y), evaluate=evaluate
+        )

@@ -1,7 +1,8 @@
 """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv 1708.07747): find, verify, optionally download.
 
 The loader looks, in order, in ``root`` (if given), ``$CURVLAB_DATA/fashion-mnist`` and Debian's
-``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). Every file is checked against
+``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). Every file is checked
+against
 its SHA-256 before use. Downloads happen only when asked (``download=True``), from ``base_url`` into
 ``$CURVLAB_DATA/fashion-mnist`` (default ``~/.cache/curvlab/data/fashion-mnist``): the bytes go to a
 temporary file, are verified, then renamed into place, so an interrupted download never leaves a
@@ -38,15 +39,21 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 #: SHA-256 of the four gzip files (identical in Debian's package and upstream).
 FASHION_MNIST_FILES: dict[str, str] = {
-    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "train-images-idx3-ubyte.gz": (
+        "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"
+    ),
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
 
 _HOW_TO_GET = (
-    "Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts the files in "
-    "/usr/share/datasets/fashion-mnist), or put the four .gz files in $CURVLAB_DATA/fashion-mnist, or "
+    "Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts the files "
+    "in "
+    "/usr/share/datasets/fashion-mnist), or put the four .gz files in $CURVLAB_DATA/fashion-mnist, "
+    "or "
     "download them with `curvlab bench run ... --download` / load_fashion_mnist(download=True)."
 )
 
@@ -68,7 +75,7 @@ def _sha256(path: Path) -> str:
 def find_fashion_mnist(
     root: str | os.PathLike[str] | None = None, files: Mapping[str, str] = FASHION_MNIST_FILES
 ) -> Path | None:
-    """The first candidate directory that holds all ``files``, or None (checksums not verified here)."""
+    """The first candidate directory holding all ``files``, or None (checksums not verified)."""
     candidates = [Path(root)] if root is not None else []
     candidates += [data_dir() / "fashion-mnist", DEBIAN_DIR]
     for c in candidates:
@@ -147,10 +154,11 @@ def load_fashion_mnist(
     found = find_fashion_mnist(root, files)
     if found is None:
         if not download:
+            where = [
+                str(p) for p in [*([Path(root)] if root else []), data_dir() / "fashion-mnist"]
+            ]
             raise DataNotFoundError(
-                "Fashion-MNIST files not found in "
-                f"{[str(p) for p in ([Path(root)] if root else []) + [data_dir() / 'fashion-mnist', DEBIAN_DIR]]}. "
-                + _HOW_TO_GET
+                f"Fashion-MNIST files not found in {[*where, str(DEBIAN_DIR)]}. " + _HOW_TO_GET
             )
         found = data_dir() / "fashion-mnist"
         for name, sha in files.items():

@@ -1,7 +1,8 @@
 """L2-regularised logistic and softmax regression on scikit-learn's shipped data (convex, f* known).
 
 The objective is ``f(W, b) = (1/n) Σ CE(W xᵢ + b, yᵢ) + (λ/2) ‖W‖²_F`` on standardised features, in
-float64 and full batch. ``f*`` is computed once to high precision (L-BFGS then Newton steps on the exact
+float64 and full batch. ``f*`` is computed once to high precision (L-BFGS then Newton steps on the
+exact
 Hessian) and cached under the problem name, λ and the SHA-256 of the data, so a changed scikit-learn
 data file can never be scored against a stale optimum. The metric is the suboptimality ``f − f*``.
 These problems follow the research notes' b1/b2 (breast_cancer 569×30 with λ = 1e-3; digits 1797×64
@@ -10,7 +11,7 @@ with λ = 1e-4).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ def load_sklearn(name: str) -> tuple[np.ndarray, np.ndarray]:
         name: ``"breast_cancer"``, ``"digits"``, ``"wine"`` or ``"iris"``.
 
     Returns:
-        ``(X [n, d] float64 with zero mean and unit variance per column (constant columns left 0), y [n] int64)``.
+        ``(X [n, d] float64 with zero mean and unit variance per column (constant columns left 0),
+        y [n] int64)``.
     """
     from sklearn import datasets
 
@@ -55,7 +57,9 @@ def _objective(w: Tensor, x: Tensor, y: Tensor, lam: float, classes: int) -> Ten
     return nn.functional.cross_entropy(logits, y) + 0.5 * lam * (weight**2).sum()
 
 
-def _newton_system(w: Tensor, x: Tensor, y: Tensor, lam: float, classes: int) -> tuple[Tensor, Tensor]:
+def _newton_system(
+    w: Tensor, x: Tensor, y: Tensor, lam: float, classes: int
+) -> tuple[Tensor, Tensor]:
     """Exact gradient and Hessian of the softmax objective (parameters: W row-major, then b)."""
     n, d = x.shape
     weight = w[: classes * d].view(classes, d)
@@ -73,7 +77,9 @@ def _newton_system(w: Tensor, x: Tensor, y: Tensor, lam: float, classes: int) ->
     for a in range(classes):
         h[a, :, a, :] += h4[a]
     # reorder (class, feature+bias) to the parameter layout [W (C*d), b (C)]
-    perm = [a * (d + 1) + i for a in range(classes) for i in range(d)] + [a * (d + 1) + d for a in range(classes)]
+    perm = [a * (d + 1) + i for a in range(classes) for i in range(d)] + [
+        a * (d + 1) + d for a in range(classes)
+    ]
     hm = h.reshape(classes * (d + 1), classes * (d + 1))[perm][:, perm]
     hm[: classes * d, : classes * d] += lam * torch.eye(classes * d, dtype=x.dtype)
     return g, hm
@@ -111,7 +117,7 @@ def regularised_optimum(x: Tensor, y: Tensor, lam: float, classes: int) -> float
 
 @dataclass
 class SoftmaxRegression(Problem):
-    """Full-batch L2-regularised softmax (multinomial logistic) regression on a scikit-learn data set.
+    """Full-batch L2-regularised softmax regression on a scikit-learn data set.
 
     Binary data (breast_cancer) uses two-class softmax, which has the same optimum value as logistic
     regression with the difference of the two weight rows as its weight.
@@ -125,8 +131,10 @@ class SoftmaxRegression(Problem):
     dataset: str = "digits"
     lam: float = 1e-4
     name: str = "digits-softmax"
-    description: str = "softmax regression on scikit-learn digits (1797x64), lambda=1e-4, full batch"
-    target: Target = Target("subopt", 1e-2)
+    description: str = (
+        "softmax regression on scikit-learn digits (1797x64), lambda=1e-4, full batch"
+    )
+    target: Target = field(default_factory=lambda: Target("subopt", 1e-2))
     budget_steps: int = 200
     eval_every: int = 10
     data: str = "scikit-learn"
@@ -147,14 +155,16 @@ class SoftmaxRegression(Problem):
         gen = torch.Generator().manual_seed(seed)
         model = nn.Linear(x.shape[1], classes).to(torch.float64)
         with torch.no_grad():
-            model.weight.copy_(0.01 * torch.randn(model.weight.shape, generator=gen, dtype=torch.float64))
+            model.weight.copy_(
+                0.01 * torch.randn(model.weight.shape, generator=gen, dtype=torch.float64)
+            )
             model.bias.zero_()
         lam = self.lam
 
         def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
-            return nn.functional.cross_entropy(outputs, targets) + 0.5 * lam * (
-                model.weight**2
-            ).sum()
+            return (
+                nn.functional.cross_entropy(outputs, targets) + 0.5 * lam * (model.weight**2).sum()
+            )
 
         def evaluate() -> dict[str, float]:
             with torch.no_grad():

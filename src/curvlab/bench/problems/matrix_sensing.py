@@ -3,7 +3,8 @@
 Ground truth ``M* = U Uᵀ / ‖U Uᵀ‖₂`` with ``U ∈ ℝ^{n×r}`` Gaussian; ``m`` Gaussian (non-symmetric)
 measurement matrices ``Aᵢ`` give ``yᵢ = ⟨Aᵢ, M*⟩``. The loss is ``(1/2m) Σ (⟨Aᵢ, M⟩ − yᵢ)²`` with
 ``M = X Xᵀ`` (symmetric, ``X ∈ ℝ^{n×k}``) or ``M = F Gᵀ`` (asymmetric), initialised at scale ``α``.
-The metric is ``‖M − M*‖_F``. With ``k > r`` randomly initialised GD on the symmetric form is sublinear
+The metric is ``‖M − M*‖_F``. With ``k > r`` randomly initialised GD on the symmetric form is
+sublinear
 (Ω(1/T²)), the asymmetric one linear at a rate ∝ α² (Xiong, Ding & Du, ICLR 2024, arXiv 2310.01769);
 preconditioned methods can remove the slowdown (Xu, Shen, Ma & Chi 2023, "The Power of
 Preconditioning in Overparameterized Low-Rank Matrix Sensing", arXiv 2302.01186). Non-symmetric
@@ -13,7 +14,7 @@ unobservable (research notes §3.1 c). float64, full batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +59,7 @@ class MatrixSensing(Problem):
     alpha: float = 1e-2
     name: str = ""
     description: str = ""
-    target: Target = Target("error", 1e-3)
+    target: Target = field(default_factory=lambda: Target("error", 1e-3))
     budget_steps: int = 500
     eval_every: int = 10
     data: str = "synthetic"
@@ -97,4 +98,6 @@ class MatrixSensing(Problem):
                 loss = float(loss_fn(model(a), y))
             return {"error": err, "loss": loss}
 
-        return ProblemInstance(model=model, loss_fn=loss_fn, next_batch=lambda: (a, y), evaluate=evaluate)
+        return ProblemInstance(
+            model=model, loss_fn=loss_fn, next_batch=lambda: (a, y), evaluate=evaluate
+        )

@@ -35,7 +35,7 @@ class MLPClassifier(Problem):
     train_subset: int | None = None
     name: str = "digits-mlp"
     description: str = "MLP 64-64-10 (ReLU) on scikit-learn digits, batch 64, test accuracy"
-    target: Target = Target("accuracy", 0.97, higher_is_better=True)
+    target: Target = field(default_factory=lambda: Target("accuracy", 0.97, higher_is_better=True))
     budget_steps: int = 300
     eval_every: int = 25
     data: str = "scikit-learn"

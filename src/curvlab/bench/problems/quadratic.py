@@ -1,14 +1,16 @@
 """Ill-conditioned and noisy quadratics with a known optimum.
 
 *Ill-conditioned quadratic*: ``f(x) = ½ (x − x*)ᵀ Q (x − x*)`` with ``Q = Rᵀ diag(λ) R``, ``R`` a
-seeded random rotation (QR of a Gaussian matrix, sign-fixed) and ``λ`` log-spaced in ``[1/κ, 1]``, so
+seeded random rotation (QR of a Gaussian matrix, sign-fixed) and ``λ`` log-spaced in ``[1/κ, 1]``,
+so
 ``f* = 0`` and ``x*`` are known exactly; the metric is the relative suboptimality
 ``(f(x) − f*) / (f(x₀) − f*)``. Gradient descent needs O(κ) steps, heavy ball O(√κ), an exact
 preconditioner O(1) (Nesterov 2004, *Introductory Lectures on Convex Optimization*, §2.1).
 
 *Noisy quadratic* (DeepOBS ``quadratic_deep``, Schneider, Balles & Hennig 2019,
 https://openreview.net/forum?id=rJg6ssC5Y7): 100 dimensions, 90 eigenvalues from U(0, 1) and 10 from
-U(30, 60), randomly rotated; each minibatch loss is ``½ (x − ξ)ᵀ Q (x − ξ)`` averaged over ``ξ ~ N(0, I)``
+U(30, 60), randomly rotated; each minibatch loss is ``½ (x − ξ)ᵀ Q (x − ξ)`` averaged over ``ξ ~
+N(0, I)``
 draws, whose expectation is ``½ xᵀQx + ½ tr Q``. The metric is the noise-free part ``½ xᵀ Q x``.
 Deviation from DeepOBS: the rotation is drawn from the run's seed instead of a global
 ``np.random.RandomState(42)`` at import time.
@@ -17,7 +19,7 @@ Deviation from DeepOBS: the rotation is drawn from the run's seed instead of a g
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +30,7 @@ __all__ = ["IllConditionedQuadratic", "NoisyQuadratic", "random_rotation"]
 
 
 def random_rotation(dim: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
-    """A Haar-distributed orthogonal matrix: QR of a Gaussian matrix with the signs of diag(R) fixed."""
+    """A Haar-distributed orthogonal matrix: QR of a Gaussian matrix, signs of diag(R) fixed."""
     g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
@@ -67,7 +69,7 @@ class IllConditionedQuadratic(Problem):
     dim: int = 100
     name: str = ""
     description: str = ""
-    target: Target = Target("rel_subopt", 1e-3)
+    target: Target = field(default_factory=lambda: Target("rel_subopt", 1e-3))
     budget_steps: int = 300
     eval_every: int = 10
     data: str = "synthetic"
@@ -125,7 +127,7 @@ class NoisyQuadratic(Problem):
     description: str = (
         "DeepOBS quadratic_deep: 90 eigenvalues U(0,1) + 10 U(30,60), rotated, minibatch noise"
     )
-    target: Target = Target("subopt", 3.0)
+    target: Target = field(default_factory=lambda: Target("subopt", 3.0))
     budget_steps: int = 300
     eval_every: int = 10
     data: str = "synthetic"

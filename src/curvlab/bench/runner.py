@@ -18,9 +18,9 @@ Evaluation happens on a fixed step schedule, outside the timed region, in the sa
 every optimizer (AlgoPerf issues #719 and #858 are the failure modes avoided). The seconds clock
 covers only batch drawing and ``optimizer.step`` (which includes the closure).
 
-Workers are spawned processes (default: one per core), each with ``torch.set_num_threads(1)``; each
-writes its own records to the store. A worker whose parent dies stops at its next check, leaving its
-run ``running`` so that the next invocation restarts it.
+Workers are spawned processes (default: one per core), each with ``torch.set_num_threads(1)``; each writes its own
+records to the store. A worker whose runner dies stops at its next evaluation, leaving its run
+``running`` so that the next invocation restarts it.
 """
 
 from __future__ import annotations
@@ -210,12 +210,25 @@ def _train(
 # the suite
 
 
+_WORKER_PPID: int | None = None
+
+
 def _worker_init() -> None:
+    global _WORKER_PPID
+    # The runner that spawned this worker: when it is gone, the worker stops at its next check.
+    _WORKER_PPID = os.getppid()
     torch.set_num_threads(1)
 
 
-def _worker_run(spec_dict: dict[str, Any], store_path: str, parent_pid: int) -> dict[str, Any]:
-    return execute_run(RunSpec(**spec_dict), store_path, parent_pid=parent_pid)
+def _worker_run(spec_dict: dict[str, Any], store_path: str) -> dict[str, Any]:
+    return execute_run(RunSpec(**spec_dict), store_path, parent_pid=_WORKER_PPID)
+
+
+def _mp_context() -> Any:
+    """``spawn``: fresh interpreters (no inherited threads or locks). Not ``forkserver``: its
+    workers hold the server's liveness pipe, so after a ``kill -9`` of the runner the server and
+    its idle workers would wait on each other forever; spawned workers see EOF and exit."""
+    return multiprocessing.get_context("spawn")
 
 
 @dataclass
@@ -400,7 +413,7 @@ def _run_pool(
     count: Callable[[Mapping[str, Any]], None],
     say: Callable[[str], None],
 ) -> None:
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _mp_context()
     pending = list(reversed(todo))
     retries: dict[str, int] = {}
     done = 0
@@ -413,7 +426,7 @@ def _run_pool(
             while (pending or inflight) and not broken:
                 while pending and len(inflight) < n_workers:
                     spec = pending.pop()
-                    inflight[pool.submit(_worker_run, asdict(spec), path, os.getpid())] = spec
+                    inflight[pool.submit(_worker_run, asdict(spec), path)] = spec
                 prog.update(done, len(inflight))
                 finished, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:

@@ -125,8 +125,8 @@ def performance_profiles(
         ``(taus, {optimizer: ρ(τ)}, {optimizer: B})`` where B is the normalised area under ρ.
 
     Example:
-        >>> t, rho, b = performance_profiles({"p": {"a": 10.0, "b": 20.0}, "q": {"a": math.inf,
-        "b": 5.0}})
+        >>> times = {"p": {"a": 10.0, "b": 20.0}, "q": {"a": math.inf, "b": 5.0}}
+        >>> t, rho, b = performance_profiles(times)
         >>> float(rho["a"][0]), float(rho["b"][-1]), round(b["a"], 3)
         (0.5, 1.0, 0.5)
     """
@@ -184,8 +184,8 @@ def speedups(
     Example:
         >>> ttt = {("p", "adamw", "tuned"): 100.0, ("p", "x", "tuned"): 50.0,
         ...        ("q", "adamw", "tuned"): 40.0, ("q", "x", "tuned"): math.inf}
-        >>> round(speedups(ttt, {("p", "steps"): 201.0, ("q", "steps"): 81.0}, "steps",
-        "adamw")["x"], 4)
+        >>> misses = {("p", "steps"): 201.0, ("q", "steps"): 81.0}
+        >>> round(speedups(ttt, misses, "steps", "adamw")["x"], 4)
         0.9938
     """
     problems = sorted({p for (p, lab, tr) in ttt if lab == reference and tr == track})

@@ -117,6 +117,10 @@ def main() -> None:
         f"{med['h_ev']:7.3f} s   "
         f"overhead {100 * (med['h_ev'] / med['bare_ev'] - 1):+6.2f} %"
     )
+    best = {k: min(v) for k, v in rows.items()}
+    print(f"  fastest of {a.repeats} (least disturbed by other load): clock overhead "
+          f"{100 * (best['h_clock'] / best['bare_clock'] - 1):+6.2f} %, end-to-end "
+          f"{100 * (best['h_total'] / best['bare_total'] - 1):+6.2f} %")
     per = [100 * (h / b - 1) for h, b in zip(rows["h_total"], rows["bare_total"])]
     print(f"  end-to-end overhead per repeat: {', '.join(f'{x:+.1f}%' for x in per)}")
 

@@ -103,10 +103,11 @@ def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
 def make_optimizer(name: str, params: Any, hparams: Mapping[str, Any]) -> torch.optim.Optimizer:
     """Construct ``name`` on ``params`` with ``hparams`` (registry names go through ``create``)."""
     if ":" not in name:
+        create: Any = None
         try:
-            from curvlab.optim import create  # type: ignore[attr-defined]
+            from curvlab.optim import create
         except ImportError:
-            create = None
+            pass
         if create is not None:
             resolve_optimizer(name)  # uniform unknown-name error
             return create(name, params, **dict(hparams))  # type: ignore[no-any-return]
@@ -137,10 +138,12 @@ class CostModel:
         self._last = self._read() if callable(self._counters) else None
         self.steps = 0
         group = optimizer.param_groups[0]
-        self.period = next((int(group[k]) for k in _PERIOD_KEYS if k in group), 1)
+        self.period = next(
+            (int(group[k]) for k in _PERIOD_KEYS if isinstance(group.get(k), int)), 1
+        )
         est = str(group.get("estimator", group.get("hessian_estimator", ""))).lower()
         self.gnb = "gnb" in est or "sophiag" in type(optimizer).__name__.lower()
-        self.probes = next((int(group[k]) for k in _PROBE_KEYS if k in group), 1)
+        self.probes = next((int(group[k]) for k in _PROBE_KEYS if isinstance(group.get(k), int)), 1)
         self.exact = callable(self._counters)
 
     def _read(self) -> tuple[int, int]:

@@ -88,7 +88,8 @@ def _curves(
         steps = sorted({e["step"] for s in series for e in s})
         table: dict[str, list[list[float]]] = {c: [] for c in ("y", *CLOCKS)}
         for st in steps:
-            ys, xs = [], {c: [] for c in CLOCKS}
+            ys: list[float] = []
+            xs: dict[str, list[float]] = {c: [] for c in CLOCKS}
             for s in series:
                 e = next((e for e in s if e["step"] == st), None)
                 if e is None:

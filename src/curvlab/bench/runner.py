@@ -18,9 +18,9 @@ Evaluation happens on a fixed step schedule, outside the timed region, in the sa
 every optimizer (AlgoPerf issues #719 and #858 are the failure modes avoided). The seconds clock
 covers only batch drawing and ``optimizer.step`` (which includes the closure).
 
-Workers are spawned processes (default: one per core), each with ``torch.set_num_threads(1)``; each writes its own
-records to the store. A worker whose runner dies stops at its next evaluation, leaving its run
-``running`` so that the next invocation restarts it.
+Workers are spawned processes (default: one per core), each with ``torch.set_num_threads(1)``;
+each writes its own records to the store. A worker whose runner dies stops at its next evaluation,
+leaving its run ``running`` so that the next invocation restarts it.
 """
 
 from __future__ import annotations

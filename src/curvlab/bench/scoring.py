@@ -147,8 +147,8 @@ def performance_profiles(
     score = {}
     n = max(len(times), 1)
     for o in opts:
-        r = np.asarray(ratios[o])
-        rho[o] = np.array([(r <= tau).sum() / n for tau in grid])
+        rr = np.asarray(ratios[o])
+        rho[o] = np.array([(rr <= tau).sum() / n for tau in grid])
         score[o] = (
             float((0.5 * (rho[o][1:] + rho[o][:-1]) * np.diff(grid)).sum() / (grid[-1] - grid[0]))
             if len(grid) > 1

@@ -38,6 +38,9 @@ def random_rotation(dim: int, generator: torch.Generator, dtype: torch.dtype) ->
 
 
 class _QuadraticModel(nn.Module):
+    q: Tensor
+    x_star: Tensor
+
     def __init__(self, x0: Tensor, q: Tensor, x_star: Tensor) -> None:
         super().__init__()
         self.x = nn.Parameter(x0.clone())

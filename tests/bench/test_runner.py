@@ -223,3 +223,19 @@ def test_unknown_registry_name_suggests(monkeypatch: pytest.MonkeyPatch) -> None
         resolve_optimizer("adamx")
     assert resolve_optimizer("sgd") is torch.optim.SGD
     assert math.isfinite(1.0)
+
+
+def test_bad_input_loses_nothing_from_an_existing_store(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    doc = tiny(
+        problems={"quadratic-k1e2": {"budget_steps": 6, "eval_every": 3}},
+        tracks={"defaults": {"seeds": 1}},
+    )
+    path = tmp_path / "s.sqlite"
+    run_suite(parse_suite(doc), path, workers=0, progress=False)
+    before = Store(path).runs()
+    evals_before = Store(path).evals()
+    bad = tiny(optimizers=[{"label": "z", "optimizer": "no.such:Opt", "search": {"lr": [0.1]}}])
+    with pytest.raises(UnknownNameError):
+        run_suite(parse_suite(bad), path, workers=0, progress=False)
+    assert Store(path).runs() == before and Store(path).evals() == evals_before
+    assert Store(path).integrity_check() == "ok"

@@ -133,7 +133,7 @@ class CharTransformer(Problem):
         "char-level transformer (1 layer, d=64, ctx 32) on CPython's pydoc topics text; "
         "val nats/char"
     )
-    target: Target = field(default_factory=lambda: Target("val_loss", 2.6))
+    target: Target = field(default_factory=lambda: Target("val_loss", 2.3))
     budget_steps: int = 300
     eval_every: int = 25
     data: str = "python-stdlib"

@@ -179,8 +179,12 @@ def adopt_foreach(
         torch._foreach_mul_(normed, gs)
         if clip_exponent is not None:
             clip = step**clip_exponent
-            torch._foreach_clamp_min_(normed, -clip)
-            torch._foreach_clamp_max_(normed, clip)
+            if ps[0].device.type == "cpu":  # one pass per tensor instead of two foreach passes
+                for t in normed:
+                    t.clamp_(-clip, clip)
+            else:  # multi-tensor kernels: fewer launches
+                torch._foreach_clamp_min_(normed, -clip)
+                torch._foreach_clamp_max_(normed, clip)
         torch._foreach_lerp_(ms, normed, 1 - beta1)
         del normed
         torch._foreach_add_(ps, ms, alpha=-lr)

@@ -46,6 +46,7 @@ from torch.optim import Optimizer
 from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._validation import (
     check_finite_grads,
+    grads_of,
     load_state_dict_checked,
     validate_lr,
     validate_on_nonfinite,
@@ -179,29 +180,39 @@ class DoG(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not check_finite_grads(self.param_groups, step=self._next_step_number):
-            return loss
+        grads_of(self.param_groups)  # sparse gradients raise before any norm is taken
+        # the 2-norms of the raw gradients serve the finite check and (without weight decay) G
+        norms = []
         for group in self.param_groups:
-            self._step_group(group)
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            sdtype = _scalar_dtype(grads)
+            norms.append(torch._foreach_norm(grads, 2, dtype=sdtype) if grads else [])
+        flat = [n for ns in norms for n in ns]
+        if not check_finite_grads(self.param_groups, step=self._next_step_number, grad_norms=flat):
+            return loss
+        for group, raw_norms in zip(self.param_groups, norms):
+            self._step_group(group, raw_norms)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], raw_norms: list[Tensor]) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
         grads = [p.grad for p in params]
+        sdtype = _scalar_dtype(params)
         if group["weight_decay"] != 0:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            g_norms = torch._foreach_norm(grads, 2, dtype=sdtype)
+        else:
+            g_norms = raw_norms
         tracked = [p for p in group["params"] if self.state.get(p)]  # had a gradient before
         first = not tracked
         new = [p for p in params if not self.state.get(p)]
-        sdtype = _scalar_dtype(params)
         device = params[0].device
         for p in new:
             st = self.state[p]
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
             st["x0"] = p.detach().clone(memory_format=torch.preserve_format)
-        g_norms = torch._foreach_norm(grads, 2, dtype=sdtype)
         if tracked:
             x0s = [self.state[p]["x0"] for p in tracked]
             # ‖x - x0‖ per tensor without materialising x - x0 in Python (cheaper on CPU)

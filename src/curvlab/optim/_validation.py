@@ -405,7 +405,7 @@ def load_state_dict_checked(
     Optimizer.load_state_dict(optimizer, dict(state_dict))  # type: ignore[arg-type]
     if not keep_dtype_keys:
         return
-    id_to_param = {}
+    id_to_param: dict[Any, Tensor] = {}
     for sg, g in zip(state_dict["param_groups"], optimizer.param_groups):
         id_to_param.update(zip(sg["params"], g["params"]))
     for pid, st in state_dict["state"].items():

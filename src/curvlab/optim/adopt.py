@@ -155,12 +155,12 @@ def adopt_foreach(
     one = torch.tensor(1.0)
     for (_, _, step), (ps, gs, ms, vs, ts) in buckets.items():
         if maximize:
-            gs = torch._foreach_neg(gs)
+            gs = list(torch._foreach_neg(gs))
         if weight_decay != 0 and not decouple:
             if maximize:
                 torch._foreach_add_(gs, ps, alpha=weight_decay)
             else:
-                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+                gs = list(torch._foreach_add(gs, ps, alpha=weight_decay))
         if step == 0:
             torch._foreach_addcmul_(vs, gs, gs)
             torch._foreach_add_(ts, one, alpha=1.0)

@@ -182,11 +182,11 @@ class DoG(Optimizer):
                 loss = closure()
         grads_of(self.param_groups)  # sparse gradients raise before any norm is taken
         # the 2-norms of the raw gradients serve the finite check and (without weight decay) G
-        norms = []
+        norms: list[list[Tensor]] = []
         for group in self.param_groups:
             grads = [p.grad for p in group["params"] if p.grad is not None]
             sdtype = _scalar_dtype(grads)
-            norms.append(torch._foreach_norm(grads, 2, dtype=sdtype) if grads else [])
+            norms.append(list(torch._foreach_norm(grads, 2, dtype=sdtype)) if grads else [])
         flat = [n for ns in norms for n in ns]
         if not check_finite_grads(self.param_groups, step=self._next_step_number, grad_norms=flat):
             return loss
@@ -198,11 +198,11 @@ class DoG(Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        grads = [p.grad for p in params]
+        grads: list[Tensor] = [p.grad for p in params]
         sdtype = _scalar_dtype(params)
         if group["weight_decay"] != 0:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            g_norms = torch._foreach_norm(grads, 2, dtype=sdtype)
+            grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+            g_norms = list(torch._foreach_norm(grads, 2, dtype=sdtype))
         else:
             g_norms = raw_norms
         tracked = [p for p in group["params"] if self.state.get(p)]  # had a gradient before

@@ -8,8 +8,8 @@ Reads top to bottom:
    a few variants, and the peer packages that import (``pip install --no-deps``); a peer that does
    not import is reported as such. Optimizers with ``closure_mode == "loss"`` are timed on
    ``step(closure)`` minus the median plain forward+backward of the same run.
-3. Interleaved round-robin timing (one step of each optimizer per round), medians; ratio to AdamW
-   foreach of the same run; state bytes per parameter (distinct tensors in ``optimizer.state``).
+3. Interleaved round-robin timing (one step of each optimizer per round, order shuffled every round),
+   thread CPU time, medians; ratio to AdamW foreach of the same run; state bytes per parameter (distinct tensors in ``optimizer.state``).
 4. Trajectories on identical inputs, float64: curvlab ADOPT vs the official ADOPT (torch-adopt =
    iShohei220/adopt) and pytorch_optimizer's ADOPT; curvlab DoG/LDoG vs the official dog-optimizer.
 
@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -40,6 +41,9 @@ from torch import nn
 from curvlab.optim import OPTIMIZERS, create
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+#: CPU time of this thread: on a shared, oversubscribed machine wall-clock time mostly measures how
+#: long the process waited for a core; thread CPU time does not (memory-bandwidth contention remains)
+CLOCK = time.thread_time
 
 SIZES = {"100k": (128, 256, 256, 10), "1M": (512, 1024, 512, 10)}
 DISTRIBUTIONS = {"adopt": "torch-adopt", "dog": "dog-optimizer", "sophia_opt": "sophia-opt"}
@@ -196,14 +200,16 @@ def time_size(
 
     fb_times: list[float] = []
     live = [(k, v) for k, v in runs.items() if "step" in v]
+    order = random.Random(0)
     for _ in range(rounds):
-        t = time.perf_counter()
+        order.shuffle(live)  # no optimizer always runs right after the same neighbour
+        t = CLOCK()
         fwd_bwd()
-        fb_times.append(time.perf_counter() - t)
+        fb_times.append(CLOCK() - t)
         for _, r in live:
-            t = time.perf_counter()
+            t = CLOCK()
             r["step"]()
-            r["times"].append(time.perf_counter() - t)
+            r["times"].append(CLOCK() - t)
     fb = statistics.median(fb_times)
     ref = statistics.median(runs["torch.AdamW foreach [REF]"]["times"])
     rows = []
@@ -320,12 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--traj-steps", type=int, default=50, help="steps of the trajectory check")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument(
+        "--only", nargs="*", help="time only optimizers whose label contains one of these"
+    )
+    ap.add_argument("--wall", action="store_true", help="wall-clock instead of thread CPU time")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     env = environment()
     print("environment:", json.dumps(env))
     print("note: shared machine; medians of interleaved rounds; compare ratios within a run only")
+    global CLOCK
+    if args.wall:
+        CLOCK = time.perf_counter
+    print("clock:", "wall (perf_counter)" if args.wall else "thread CPU time (time.thread_time)")
     opts, failed = candidates()
+    if args.only:
+        keep = [k for k in opts if "[REF]" in k or any(w in k for w in args.only)]
+        opts = {k: opts[k] for k in keep}
     for label, why in failed.items():
         print(f"peer unavailable: {label}: {why}")
     results: dict[str, Any] = {"environment": env, "unavailable": failed, "sizes": {}}

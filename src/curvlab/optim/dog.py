@@ -215,8 +215,7 @@ class DoG(Optimizer):
             st["x0"] = p.detach().clone(memory_format=torch.preserve_format)
         if tracked:
             x0s = [self.state[p]["x0"] for p in tracked]
-            # ‖x - x0‖ per tensor without materialising x - x0 in Python (cheaper on CPU)
-            d_norms = [torch.dist(p, x0).to(sdtype) for p, x0 in zip(tracked, x0s)]
+            d_norms = self._distances(tracked, x0s, sdtype)
         eps = group["eps"]
         if self.layerwise:
             self._layerwise_scalars(
@@ -247,6 +246,28 @@ class DoG(Optimizer):
             neg_etas = [-eta] * len(params)
         torch._foreach_addcmul_(params, grads, neg_etas)
         torch._foreach_add_([self.state[p]["step"] for p in params], torch.tensor(1.0), alpha=1.0)
+
+    def _distances(
+        self, params: list[Tensor], x0s: list[Tensor], dtype: torch.dtype
+    ) -> list[Tensor]:
+        """‖x - x0‖ per tensor, through one reusable scratch buffer per (device, dtype).
+
+        Allocating a fresh x - x0 every step costs page faults that dominate on CPU; the scratch
+        (as large as the largest parameter) is a cache outside ``state``: ``state_dict``, deepcopy
+        and pickling drop it and it is rebuilt on the next step.
+        """
+        cache: dict[tuple[torch.device, torch.dtype], Tensor] = self.__dict__.setdefault(
+            "_scratch_buffers", {}
+        )
+        out = []
+        for p, x0 in zip(params, x0s):
+            key = (p.device, p.dtype)
+            buf = cache.get(key)
+            if buf is None or buf.numel() < p.numel():
+                buf = cache[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+            diff = torch.sub(p, x0, out=buf[: p.numel()].view(p.shape))
+            out.append(torch.linalg.vector_norm(diff, dtype=dtype))
+        return out
 
     def _layerwise_scalars(self, group, params, new, g_norms, tracked, d_norms) -> None:
         raise NotImplementedError  # only LDoG

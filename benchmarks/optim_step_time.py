@@ -8,8 +8,9 @@ Reads top to bottom:
    a few variants, and the peer packages that import (``pip install --no-deps``); a peer that does
    not import is reported as such. Optimizers with ``closure_mode == "loss"`` are timed on
    ``step(closure)`` minus the median plain forward+backward of the same run.
-3. Interleaved round-robin timing (one step of each optimizer per round, order shuffled every round),
-   thread CPU time, medians; ratio to AdamW foreach of the same run; state bytes per parameter (distinct tensors in ``optimizer.state``).
+3. Interleaved round-robin timing (one step of each optimizer per round, order shuffled each
+   round), thread CPU time, medians; ratio to AdamW foreach of the same run; state bytes per
+   parameter (distinct tensors in ``optimizer.state`` and in param groups).
 4. Trajectories on identical inputs, float64: curvlab ADOPT vs the official ADOPT (torch-adopt =
    iShohei220/adopt) and pytorch_optimizer's ADOPT; curvlab DoG/LDoG vs the official dog-optimizer.
 
@@ -41,8 +42,8 @@ from torch import nn
 from curvlab.optim import OPTIMIZERS, create
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-#: CPU time of this thread: on a shared, oversubscribed machine wall-clock time mostly measures how
-#: long the process waited for a core; thread CPU time does not (memory-bandwidth contention remains)
+#: CPU time of this thread: on a shared, oversubscribed machine wall-clock time mostly measures
+#: how long the process waited for a core; thread CPU time does not (memory contention remains)
 CLOCK = time.thread_time
 
 SIZES = {"100k": (128, 256, 256, 10), "1M": (512, 1024, 512, 10)}
@@ -96,7 +97,7 @@ def candidates() -> tuple[dict[str, Factory], dict[str, str]]:
         kw = REGISTRY_KWARGS.get(name, {})
         opts[f"curvlab {name}"] = lambda ps, name=name, kw=kw: create(name, ps, **kw)
     opts["curvlab adopt (single-tensor)"] = lambda ps: create("adopt", ps, foreach=False)
-    for name in ("dog", "ldog"):
+    for name in ("adopt", "dog", "ldog"):
         if name in OPTIMIZERS:
             opts[f"curvlab {name} (on_nonfinite=ignore)"] = lambda ps, n=name: create(
                 n, ps, on_nonfinite="ignore"

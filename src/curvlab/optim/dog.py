@@ -205,9 +205,14 @@ class DoG(Optimizer):
             g_norms = list(torch._foreach_norm(grads, 2, dtype=sdtype))
         else:
             g_norms = raw_norms
-        tracked = [p for p in group["params"] if self.state.get(p)]  # had a gradient before
+        state = self.state
+        tracked, new = [], []  # tracked: had a gradient before; new: first gradient now
+        for p in group["params"]:
+            if state.get(p):
+                tracked.append(p)
+            elif p.grad is not None:
+                new.append(p)
         first = not tracked
-        new = [p for p in params if not self.state.get(p)]
         device = params[0].device
         for p in new:
             st = self.state[p]
@@ -237,9 +242,10 @@ class DoG(Optimizer):
                 dist = torch.stack(d_norms).to(device).norm()
                 rbar = torch.maximum(st0["rbar"], dist)
                 G = st0["G"] + g_sq
-            for p in set(tracked) | set(params):
-                self.state[p]["rbar"] = rbar  # new tensors each step, never modified in place
-                self.state[p]["G"] = G
+            for p in tracked + new:
+                st = state[p]
+                st["rbar"] = rbar  # new tensors each step, never modified in place
+                st["G"] = G
             eta = group["lr"] * rbar / G.sqrt()
             if first and group["init_eta"] is not None:
                 eta = torch.full_like(eta, group["init_eta"])

@@ -46,6 +46,7 @@ from torch.optim import Optimizer
 from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._validation import (
     check_finite_grads,
+    grads_of,
     load_state_dict_checked,
     validate_lr,
     validate_on_nonfinite,
@@ -179,33 +180,47 @@ class DoG(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not check_finite_grads(self.param_groups, step=self._next_step_number):
-            return loss
+        grads_of(self.param_groups)  # sparse gradients raise before any norm is taken
+        # the 2-norms of the raw gradients serve the finite check and (without weight decay) G
+        norms: list[list[Tensor]] = []
         for group in self.param_groups:
-            self._step_group(group)
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            sdtype = _scalar_dtype(grads)
+            norms.append(list(torch._foreach_norm(grads, 2, dtype=sdtype)) if grads else [])
+        flat = [n for ns in norms for n in ns]
+        if not check_finite_grads(self.param_groups, step=self._next_step_number, grad_norms=flat):
+            return loss
+        for group, raw_norms in zip(self.param_groups, norms):
+            self._step_group(group, raw_norms)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], raw_norms: list[Tensor]) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        grads = [p.grad for p in params]
-        if group["weight_decay"] != 0:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-        tracked = [p for p in group["params"] if self.state.get(p)]  # had a gradient before
-        first = not tracked
-        new = [p for p in params if not self.state.get(p)]
+        grads: list[Tensor] = [p.grad for p in params]
         sdtype = _scalar_dtype(params)
+        if group["weight_decay"] != 0:
+            grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+            g_norms = list(torch._foreach_norm(grads, 2, dtype=sdtype))
+        else:
+            g_norms = raw_norms
+        state = self.state
+        tracked, new = [], []  # tracked: had a gradient before; new: first gradient now
+        for p in group["params"]:
+            if state.get(p):
+                tracked.append(p)
+            elif p.grad is not None:
+                new.append(p)
+        first = not tracked
         device = params[0].device
         for p in new:
             st = self.state[p]
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
             st["x0"] = p.detach().clone(memory_format=torch.preserve_format)
-        g_norms = torch._foreach_norm(grads, 2, dtype=sdtype)
         if tracked:
             x0s = [self.state[p]["x0"] for p in tracked]
-            # ‖x - x0‖ per tensor without materialising x - x0 in Python (cheaper on CPU)
-            d_norms = [torch.dist(p, x0).to(sdtype) for p, x0 in zip(tracked, x0s)]
+            d_norms = self._distances(tracked, x0s, sdtype)
         eps = group["eps"]
         if self.layerwise:
             self._layerwise_scalars(
@@ -227,15 +242,38 @@ class DoG(Optimizer):
                 dist = torch.stack(d_norms).to(device).norm()
                 rbar = torch.maximum(st0["rbar"], dist)
                 G = st0["G"] + g_sq
-            for p in set(tracked) | set(params):
-                self.state[p]["rbar"] = rbar  # new tensors each step, never modified in place
-                self.state[p]["G"] = G
+            for p in tracked + new:
+                st = state[p]
+                st["rbar"] = rbar  # new tensors each step, never modified in place
+                st["G"] = G
             eta = group["lr"] * rbar / G.sqrt()
             if first and group["init_eta"] is not None:
                 eta = torch.full_like(eta, group["init_eta"])
             neg_etas = [-eta] * len(params)
         torch._foreach_addcmul_(params, grads, neg_etas)
         torch._foreach_add_([self.state[p]["step"] for p in params], torch.tensor(1.0), alpha=1.0)
+
+    def _distances(
+        self, params: list[Tensor], x0s: list[Tensor], dtype: torch.dtype
+    ) -> list[Tensor]:
+        """‖x - x0‖ per tensor, through one reusable scratch buffer per (device, dtype).
+
+        Allocating a fresh x - x0 every step costs page faults that dominate on CPU; the scratch
+        (as large as the largest parameter) is a cache outside ``state``: ``state_dict``, deepcopy
+        and pickling drop it and it is rebuilt on the next step.
+        """
+        cache: dict[tuple[torch.device, torch.dtype], Tensor] = self.__dict__.setdefault(
+            "_scratch_buffers", {}
+        )
+        out = []
+        for p, x0 in zip(params, x0s):
+            key = (p.device, p.dtype)
+            buf = cache.get(key)
+            if buf is None or buf.numel() < p.numel():
+                buf = cache[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+            diff = torch.sub(p, x0, out=buf[: p.numel()].view(p.shape))
+            out.append(torch.linalg.vector_norm(diff, dtype=dtype))
+        return out
 
     def _layerwise_scalars(self, group, params, new, g_norms, tracked, d_norms) -> None:
         raise NotImplementedError  # only LDoG

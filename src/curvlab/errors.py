@@ -20,6 +20,9 @@ __all__ = [
     "ParameterError",
     "ShapeMismatchError",
     "StateDictError",
+    "StoreError",
+    "SuiteError",
+    "UnknownNameError",
     "UnsupportedLossError",
 ]
 
@@ -69,4 +72,16 @@ class NonDeterministicError(CurvlabError, RuntimeError):
 
 
 class DataNotFoundError(CurvlabError, FileNotFoundError):
-    """A data set that curvlab reads from a system package is not installed."""
+    """A data set's files are missing (e.g. a system package not installed); the message says how to get them."""
+
+
+class UnknownNameError(CurvlabError, LookupError):
+    """A problem, optimizer or suite name that is not registered; the message lists the known ones."""
+
+
+class SuiteError(CurvlabError, ValueError):
+    """A benchmark suite file is invalid; the message names the offending field."""
+
+
+class StoreError(CurvlabError, RuntimeError):
+    """A benchmark store cannot be used: unwritable path, newer schema, or not a curvlab store."""

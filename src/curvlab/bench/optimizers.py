@@ -1,0 +1,169 @@
+"""Optimizer lookup for the harness and the gradient-equivalent cost rule.
+
+Names resolve through curvlab's optimizer registry (``curvlab.optim.registry.OPTIMIZERS``, created
+with ``curvlab.optim.create``); a name of the form ``"package.module:ClassName"`` imports any other
+``torch.optim.Optimizer`` subclass, so a user can benchmark their own optimizer under the same
+script
+(``"torch.optim:AdamW"`` benchmarks torch's own AdamW).
+
+**Gradient-equivalent clock (GE).** One forward + backward pass = 1 GE, a Hessian-vector product =
+2,
+a Gauss-Newton-Bartlett (GNB) pass = 1. Per step:
+
+1. every call of the closure counts 1 gradient (a ``closure_mode == "backward"`` closure calls
+backward
+   itself; a ``"loss"``-mode optimizer differentiates the returned loss once);
+2. curvature work on top: if the optimizer exposes ``cost_counters() -> Mapping[str, int]`` with
+   cumulative ``"hvps"`` and/or ``"gnb"`` counts, the per-step increments are used (exact);
+3. otherwise, for ``"loss"``-mode optimizers only, it is estimated: a refresh every ``k`` steps
+(``k`` read
+   from the first param group under one of ``k``, ``update_period``, ``hessian_update_interval``,
+   ``update_each``, ``precond_update_interval``, ``refresh_every``; default 1), on steps ``t`` with
+   ``t mod k == 0`` (t from 0), costing 1 GE if the estimator is GNB (class name contains
+   ``"SophiaG"`` or the group's ``estimator``/``hessian_estimator`` is ``"gnb"``) and otherwise
+   2 GE per probe (``num_probes``/``n_samples``/``hessian_samples``, default 1).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from curvlab.bench.problems import closest
+from curvlab.errors import UnknownNameError
+
+__all__ = [
+    "CostModel",
+    "closure_mode_of",
+    "known_optimizers",
+    "make_optimizer",
+    "resolve_optimizer",
+]
+
+_PERIOD_KEYS = (
+    "k",
+    "update_period",
+    "hessian_update_interval",
+    "update_each",
+    "precond_update_interval",
+    "refresh_every",
+)
+_PROBE_KEYS = ("num_probes", "n_samples", "hessian_samples")
+
+
+def _registry() -> Mapping[str, Any]:
+    try:
+        from curvlab.optim import registry  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    return dict(getattr(registry, "OPTIMIZERS", {}))
+
+
+def known_optimizers() -> list[str]:
+    """Sorted names in curvlab's optimizer registry (empty while it has none)."""
+    return sorted(_registry())
+
+
+def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class for a registry name or a ``"module:Class"`` import path.
+
+    Raises:
+        UnknownNameError: the name is neither registered nor importable (lists the known names).
+
+    Example:
+        >>> resolve_optimizer("torch.optim:SGD").__name__
+        'SGD'
+    """
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UnknownNameError(
+                f"cannot import optimizer {name!r} ({exc}); give 'package.module:ClassName' of a "
+                "torch.optim.Optimizer subclass, or a registry name"
+            ) from exc
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise UnknownNameError(f"{name!r} is not a torch.optim.Optimizer subclass")
+        return cls
+    reg = _registry()
+    if name not in reg:
+        known = sorted(reg)
+        raise UnknownNameError(
+            f"unknown optimizer {name!r}.{closest(name, known)} Known optimizers: "
+            f"{', '.join(known) if known else '(the registry is empty)'}; any torch optimizer "
+            "can be named as 'package.module:ClassName', e.g. 'torch.optim:AdamW'"
+        )
+    return reg[name]  # type: ignore[no-any-return]
+
+
+def make_optimizer(name: str, params: Any, hparams: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """Construct ``name`` on ``params`` with ``hparams`` (registry names go through ``create``)."""
+    if ":" not in name:
+        create: Any = None
+        try:
+            from curvlab.optim import create
+        except ImportError:
+            pass
+        if create is not None:
+            resolve_optimizer(name)  # uniform unknown-name error
+            return create(name, params, **dict(hparams))  # type: ignore[no-any-return]
+    return resolve_optimizer(name)(params, **dict(hparams))
+
+
+def closure_mode_of(optimizer: torch.optim.Optimizer) -> str:
+    """``"loss"`` for optimizers that differentiate the closure's loss, else ``"backward"``."""
+    mode = getattr(type(optimizer), "closure_mode", "backward")
+    return "loss" if mode == "loss" else "backward"
+
+
+class CostModel:
+    """Counts gradient-equivalents of optimizer steps by the rule in this module's docstring.
+
+    Example:
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> cm = CostModel(torch.optim.SGD([p], lr=0.1))
+        >>> cm.step_cost(closure_calls=1)
+        (1.0, 0)
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.mode = closure_mode_of(optimizer)
+        self._counters = getattr(optimizer, "cost_counters", None)
+        self._last = self._read() if callable(self._counters) else None
+        self.steps = 0
+        group = optimizer.param_groups[0]
+        self.period = next(
+            (int(group[k]) for k in _PERIOD_KEYS if isinstance(group.get(k), int)), 1
+        )
+        est = str(group.get("estimator", group.get("hessian_estimator", ""))).lower()
+        self.gnb = "gnb" in est or "sophiag" in type(optimizer).__name__.lower()
+        self.probes = next((int(group[k]) for k in _PROBE_KEYS if isinstance(group.get(k), int)), 1)
+        self.exact = callable(self._counters)
+
+    def _read(self) -> tuple[int, int]:
+        c = self._counters()  # type: ignore[misc]
+        return int(c.get("hvps", 0)), int(c.get("gnb", 0))
+
+    def step_cost(self, closure_calls: int) -> tuple[float, int]:
+        """``(gradient-equivalents, HVPs)`` of the step just taken."""
+        ge = float(closure_calls)
+        hvps = 0
+        if self._last is not None:
+            now = self._read()
+            hvps, gnb = now[0] - self._last[0], now[1] - self._last[1]
+            self._last = now
+            ge += 2.0 * hvps + gnb
+        elif self.mode == "loss" and self.steps % max(self.period, 1) == 0:
+            if self.gnb:
+                ge += 1.0
+            else:
+                hvps = self.probes
+                ge += 2.0 * hvps
+        self.steps += 1
+        return ge, hvps

@@ -1,0 +1,214 @@
+"""The benchmark problem contract: what a problem declares and what one seeded instance provides.
+
+A *problem* is a fixed workload in the AlgoPerf sense (Dahl et al., 2023, arXiv 2306.07179): the
+model,
+the data, the loss, the evaluation metric, the target on that metric and the step budget are all
+fixed;
+the optimizer is the only free part. A problem builds an *instance* from an integer seed; everything
+random in the instance (initialisation, minibatch order, label noise) is drawn from generators
+seeded
+by that integer, so the same seed gives bit-identical runs (DeepOBS PR #44 is the cautionary tale).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Problem", "ProblemInstance", "Target", "cache_dir", "cached_value", "checksum"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The time-to-target criterion of a problem: ``metric`` crosses ``threshold``.
+
+    A run *reaches* the target at the first scheduled evaluation where ``value <= threshold``
+    (``higher_is_better=False``) or ``value >= threshold`` (``higher_is_better=True``).
+
+    Args:
+        metric: name of the evaluation metric (a key of ``ProblemInstance.evaluate()``).
+        threshold: the value to reach.
+        higher_is_better: direction of the metric (accuracy: True, loss or suboptimality: False).
+
+    Example:
+        >>> Target("accuracy", 0.9, higher_is_better=True).reached(0.93)
+        True
+    """
+
+    metric: str
+    threshold: float
+    higher_is_better: bool = False
+
+    def reached(self, value: float) -> bool:
+        """Whether ``value`` meets the target (NaN never does)."""
+        if not math.isfinite(value):
+            return False
+        return value >= self.threshold if self.higher_is_better else value <= self.threshold
+
+
+@dataclass
+class ProblemInstance:
+    """One seeded instance of a problem: a model, a minibatch stream, a loss and an evaluation.
+
+    The runner's training step is ``outputs = forward(batch_inputs); loss = loss_fn(outputs,
+    targets)``,
+    exactly the same code for every optimizer. ``evaluate()`` runs off the clock under
+    ``torch.no_grad`` and returns named floats that include the target metric.
+
+    Args:
+        model: the module whose parameters are optimised.
+        loss_fn: ``(outputs, targets) -> scalar loss``.
+        next_batch: draws the next training minibatch ``(inputs, targets)`` from the instance's own
+            generator (full-batch problems return the same tensors every time).
+        evaluate: ``() -> {metric: value}`` on the evaluation data.
+        outputs_are_logits: whether ``outputs`` are class logits (then curvature optimizers in
+            ``closure_mode == "loss"`` receive ``(loss, outputs)`` for Gauss-Newton-Bartlett
+            sampling).
+        forward: optional replacement for ``model(inputs)``.
+    """
+
+    model: nn.Module
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    next_batch: Callable[[], tuple[Tensor, Tensor]]
+    evaluate: Callable[[], dict[str, float]]
+    outputs_are_logits: bool = False
+    forward: Callable[[Tensor], Tensor] | None = None
+
+    def loss_and_outputs(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward pass and loss on one batch (the harness's single training-step code path)."""
+        outputs = self.forward(inputs) if self.forward is not None else self.model(inputs)
+        return self.loss_fn(outputs, targets), outputs
+
+
+@dataclass
+class Problem(ABC):
+    """A benchmark problem: declared target, budget and evaluation schedule, built from a seed.
+
+    Subclasses set the class-level metadata and implement :meth:`build`. Problems whose data may be
+    absent override :meth:`check_data` to raise :class:`~curvlab.errors.DataNotFoundError` with the
+    command that installs the data.
+
+    Attributes:
+        name: registry name (``digits-mlp``).
+        description: one line for ``curvlab bench list`` and the report.
+        target: the time-to-target criterion.
+        budget_steps: optimizer steps of the tuned track (the defaults track gets 1.5x).
+        eval_every: evaluation period in steps (evaluation also runs at step 0 and at the budget).
+        data: where the data comes from (``synthetic``, ``scikit-learn``, ``fashion-mnist``, ...).
+        final_metric: the metric reported as final quality at the budget (defaults to the target's).
+    """
+
+    name: str = ""
+    description: str = ""
+    target: Target = field(default_factory=lambda: Target("loss", 0.0))
+    budget_steps: int = 100
+    eval_every: int = 10
+    data: str = "synthetic"
+    final_metric: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.final_metric:
+            self.final_metric = self.target.metric
+
+    @abstractmethod
+    def build(self, seed: int) -> ProblemInstance:
+        """Build the instance for ``seed`` (initialisation and minibatch order depend on it)."""
+
+    def check_data(self) -> None:
+        """Raise :class:`~curvlab.errors.DataNotFoundError` if data is missing (default: no-op)."""
+        return None
+
+    def info(self) -> dict[str, object]:
+        """The declared metadata as a JSON-serialisable dict (stored with every suite)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "target_metric": self.target.metric,
+            "target_threshold": self.target.threshold,
+            "higher_is_better": self.target.higher_is_better,
+            "budget_steps": self.budget_steps,
+            "eval_every": self.eval_every,
+            "data": self.data,
+            "final_metric": self.final_metric,
+        }
+
+
+def checksum(*arrays: object) -> str:
+    """SHA-256 over the bytes of numpy arrays / tensors / strings, used to key cached optima.
+
+    Example:
+        >>> len(checksum("abc"))
+        64
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, Tensor):
+            h.update(a.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(a, str):
+            h.update(a.encode())
+        else:
+            h.update(memoryview(a).tobytes())  # type: ignore[arg-type]
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Directory of curvlab's cached values: ``$CURVLAB_CACHE_DIR`` or ``~/.cache/curvlab``."""
+    root = os.environ.get("CURVLAB_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "curvlab"
+    )
+    return Path(root)
+
+
+def cached_value(key: str, compute: Callable[[], float]) -> float:
+    """Return the float cached under ``key`` (a name plus a data checksum), computing it once.
+
+    The cache is a JSON file per key, written atomically (temporary file + ``os.replace``), so
+    concurrent workers at worst compute the value twice. An unwritable cache directory is not an
+    error: the value is then recomputed each time.
+    """
+    path = cache_dir() / "optima" / f"{key}.json"
+    try:
+        return float(json.loads(path.read_text())["value"])
+    except (OSError, ValueError, KeyError):
+        pass
+    value = float(compute())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"key": key, "value": repr(value)}, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return value
+
+
+def epoch_sampler(
+    inputs: Tensor, targets: Tensor, batch_size: int, generator: torch.Generator
+) -> Callable[[], tuple[Tensor, Tensor]]:
+    """Minibatches without replacement: a fresh ``randperm`` per epoch from ``generator``."""
+    n = inputs.shape[0]
+    if batch_size >= n:
+        return lambda: (inputs, targets)
+    state = {"perm": torch.randperm(n, generator=generator), "pos": 0}
+
+    def next_batch() -> tuple[Tensor, Tensor]:
+        if state["pos"] + batch_size > n:  # type: ignore[operator]
+            state["perm"] = torch.randperm(n, generator=generator)
+            state["pos"] = 0
+        pos = int(state["pos"])  # type: ignore[call-overload]
+        idx = state["perm"][pos : pos + batch_size]  # type: ignore[index]
+        state["pos"] = pos + batch_size
+        return inputs[idx], targets[idx]
+
+    return next_batch

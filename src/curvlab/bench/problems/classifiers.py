@@ -1,0 +1,85 @@
+"""Shared data plumbing of the image classifiers (digits 8×8 and Fashion-MNIST 28×28)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from curvlab.bench.problems.fashion_mnist import find_fashion_mnist, load_fashion_mnist
+from curvlab.errors import DataNotFoundError
+
+__all__ = ["image_data"]
+
+
+@lru_cache(maxsize=4)
+def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.asarray(d.images, dtype=np.float32) / 16.0
+    y = np.asarray(d.target, dtype=np.int64)
+    # Fixed split (seed 0, independent of the run seed): 1,297 train / 500 test.
+    perm = np.random.default_rng(0).permutation(len(y))
+    test, train = perm[:500], perm[500:]
+    mean, std = float(x[train].mean()), float(x[train].std())
+    x = (x - mean) / std
+    t = torch.from_numpy
+    return t(x[train]).unsqueeze(1), t(y[train]), t(x[test]).unsqueeze(1), t(y[test])
+
+
+@lru_cache(maxsize=2)
+def _fashion(train_subset: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    arrays = load_fashion_mnist()
+    xtr = arrays["train-images-idx3-ubyte"].astype(np.float32) / 255.0
+    ytr = arrays["train-labels-idx1-ubyte"].astype(np.int64)
+    xte = arrays["t10k-images-idx3-ubyte"].astype(np.float32) / 255.0
+    yte = arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
+    if train_subset is not None:
+        xtr, ytr = xtr[:train_subset], ytr[:train_subset]
+    mean, std = 0.2860, 0.3530
+    t = torch.from_numpy
+    return (
+        t((xtr - mean) / std).unsqueeze(1),
+        t(ytr),
+        t((xte - mean) / std).unsqueeze(1),
+        t(yte),
+    )
+
+
+def image_data(
+    dataset: str, train_subset: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train [n,1,h,w], y_train, x_test, y_test)``, standardised (digits or fashion-mnist)."""
+    if dataset == "digits":
+        return _digits()
+    if dataset == "fashion-mnist":
+        return _fashion(train_subset)
+    raise DataNotFoundError(f"unknown image data set {dataset!r}; known: digits, fashion-mnist")
+
+
+def check_image_data(dataset: str) -> None:
+    """Raise DataNotFoundError (with how-to) if the data set's files are absent."""
+    if dataset == "fashion-mnist" and find_fashion_mnist() is None:
+        load_fashion_mnist()  # raises with the how-to message
+
+
+def accuracy_eval(
+    model: torch.nn.Module, x: Tensor, y: Tensor, chunk: int = 2000
+) -> dict[str, float]:
+    """Test accuracy and cross-entropy of ``model`` on ``(x, y)``, in chunks, without grad."""
+    model.eval()
+    correct = 0
+    loss = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            logits = model(x[i : i + chunk])
+            correct += int((logits.argmax(1) == y[i : i + chunk]).sum())
+            loss += float(
+                torch.nn.functional.cross_entropy(logits, y[i : i + chunk], reduction="sum")
+            )
+    model.train()
+    n = x.shape[0]
+    return {"accuracy": correct / n, "test_loss": loss / n}

@@ -1,0 +1,177 @@
+"""Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv 1708.07747): find, verify, optionally download.
+
+The loader looks, in order, in ``root`` (if given), ``$CURVLAB_DATA/fashion-mnist`` and Debian's
+``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). Every file is checked
+against
+its SHA-256 before use. Downloads happen only when asked (``download=True``), from ``base_url`` into
+``$CURVLAB_DATA/fashion-mnist`` (default ``~/.cache/curvlab/data/fashion-mnist``): the bytes go to a
+temporary file, are verified, then renamed into place, so an interrupted download never leaves a
+half file behind. The IDX format is big-endian: magic ``0x00000803`` (uint8 images, 3 dims) or
+``0x00000801`` (labels), then one uint32 per dimension, then the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import tempfile
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from curvlab.errors import DataNotFoundError
+
+__all__ = [
+    "DEBIAN_DIR",
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_URL",
+    "data_dir",
+    "find_fashion_mnist",
+    "load_fashion_mnist",
+    "read_idx",
+]
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+#: SHA-256 of the four gzip files (identical in Debian's package and upstream).
+FASHION_MNIST_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": (
+        "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"
+    ),
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+
+_HOW_TO_GET = (
+    "Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts the files "
+    "in "
+    "/usr/share/datasets/fashion-mnist), or put the four .gz files in $CURVLAB_DATA/fashion-mnist, "
+    "or "
+    "download them with `curvlab bench run ... --download` / load_fashion_mnist(download=True)."
+)
+
+
+def data_dir() -> Path:
+    """curvlab's writable data directory: ``$CURVLAB_DATA`` or ``~/.cache/curvlab/data``."""
+    env = os.environ.get("CURVLAB_DATA")
+    return Path(env) if env else Path(os.path.expanduser("~/.cache/curvlab/data"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_fashion_mnist(
+    root: str | os.PathLike[str] | None = None, files: Mapping[str, str] = FASHION_MNIST_FILES
+) -> Path | None:
+    """The first candidate directory holding all ``files``, or None (checksums not verified)."""
+    candidates = [Path(root)] if root is not None else []
+    candidates += [data_dir() / "fashion-mnist", DEBIAN_DIR]
+    for c in candidates:
+        if all((c / name).is_file() for name in files):
+            return c
+    return None
+
+
+def _download(url: str, dest: Path, sha256: str) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+        got = _sha256(Path(tmp))
+        if got != sha256:
+            raise DataNotFoundError(
+                f"downloaded {url} but its SHA-256 is {got}, expected {sha256}; the file was "
+                "discarded. Retry, or install the data another way: " + _HOW_TO_GET
+            )
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise DataNotFoundError(f"could not download {url}: {exc}. {_HOW_TO_GET}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a (gzip-compressed or plain) IDX file of unsigned bytes into a numpy array.
+
+    Raises:
+        DataNotFoundError: the file is not a uint8 IDX file or is truncated.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as fh:  # type: ignore[operator]
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataNotFoundError(f"{path} is not a uint8 IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataNotFoundError(f"{path} is truncated: expected {np.prod(dims)} bytes of data")
+    return data.reshape(dims)
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    base_url: str = FASHION_MNIST_URL,
+    files: Mapping[str, str] = FASHION_MNIST_FILES,
+) -> dict[str, np.ndarray]:
+    """Fashion-MNIST as numpy arrays, every file verified by SHA-256.
+
+    Args:
+        root: a directory to look in first.
+        download: fetch missing files from ``base_url`` into ``$CURVLAB_DATA/fashion-mnist``.
+        base_url: where to download from (``file://`` URLs work, which is how the loader is tested).
+        files: file name -> SHA-256; override only to test the loader on small files.
+
+    Returns:
+        ``{file name without .gz: array}``; images ``[n, 28, 28]`` uint8, labels ``[n]`` uint8.
+
+    Raises:
+        DataNotFoundError: files missing (the message says how to get them) or a checksum mismatch.
+
+    Example:
+        >>> load_fashion_mnist(root="/nonexistent", files={"x.gz": "0"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        curvlab.errors.DataNotFoundError: Fashion-MNIST files not found...
+    """
+    found = find_fashion_mnist(root, files)
+    if found is None:
+        if not download:
+            where = [
+                str(p) for p in [*([Path(root)] if root else []), data_dir() / "fashion-mnist"]
+            ]
+            raise DataNotFoundError(
+                f"Fashion-MNIST files not found in {[*where, str(DEBIAN_DIR)]}. " + _HOW_TO_GET
+            )
+        found = data_dir() / "fashion-mnist"
+        for name, sha in files.items():
+            if not (found / name).is_file():
+                _download(base_url.rstrip("/") + "/" + name, found / name, sha)
+    out: dict[str, np.ndarray] = {}
+    for name, sha in files.items():
+        path = found / name
+        got = _sha256(path)
+        if got != sha:
+            raise DataNotFoundError(
+                f"{path} has SHA-256 {got}, expected {sha}: the file is corrupt or a different "
+                "version. Delete it and get the data again. " + _HOW_TO_GET
+            )
+        out[name.removesuffix(".gz")] = read_idx(path)
+    return out

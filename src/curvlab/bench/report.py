@@ -1,0 +1,466 @@
+"""The benchmark report: one self-contained HTML page and a Markdown twin, from a store.
+
+Contents: per problem, the metric against each clock (steps, gradient-equivalents, seconds) with the
+median and the min–max spread over seeds (defaults track) or over studies' best trials (tuned
+track),
+the time-to-target and final-quality table, and the learning-rate sensitivity curve; overall, the
+performance profiles and the geometric-mean speed-up over tuned AdamW; the measurement environment.
+Figures are matplotlib (Agg) PNGs written under ``figures/``; the HTML embeds them as ``data:`` URIs
+so the single file can be mailed or archived, the Markdown links the files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import platform
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curvlab.bench.scoring import (
+    CLOCKS,
+    final_quality,
+    lr_sensitivity,
+    miss_values,
+    performance_profiles,
+    speedups,
+    time_to_target,
+)
+from curvlab.bench.store import Store
+
+__all__ = ["write_report"]
+
+_CLOCK_LABEL = {"steps": "steps", "grad_evals": "gradient-equivalents", "seconds": "seconds"}
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    x = float(x)
+    if math.isinf(x):
+        return "miss"
+    if math.isnan(x):
+        return "–"
+    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-2):
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in s)
+
+
+def _curves(
+    runs: Sequence[Mapping[str, Any]],
+    evals_by_run: Mapping[str, list[dict[str, Any]]],
+    metric: str,
+    track: str,
+    hib: bool,
+) -> dict[str, dict[str, np.ndarray]]:
+    """label -> {step, x_<clock> (median), y_med, y_lo, y_hi} over seeds / studies' best trials."""
+    by_label: dict[str, dict[int, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["track"] == track:
+            by_label[r["label"]][int(r["study"])].append(r)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for label, studies in by_label.items():
+        chosen = []
+        for members in studies.values():
+            ok = [m for m in members if m["status"] == "finished" and m["final_metric"] is not None]
+            if not ok:
+                ok = members
+            key = (
+                (lambda m: -(m["final_metric"] or -math.inf))
+                if hib
+                else (lambda m: m["final_metric"] if m["final_metric"] is not None else math.inf)
+            )
+            chosen.append(min(ok, key=key))
+        series = [evals_by_run.get(m["run_id"], []) for m in chosen]
+        series = [s for s in series if s]
+        if not series:
+            continue
+        steps = sorted({e["step"] for s in series for e in s})
+        table: dict[str, list[list[float]]] = {c: [] for c in ("y", *CLOCKS)}
+        for st in steps:
+            ys: list[float] = []
+            xs: dict[str, list[float]] = {c: [] for c in CLOCKS}
+            for s in series:
+                e = next((e for e in s if e["step"] == st), None)
+                if e is None:
+                    continue
+                v = e["metrics"].get(metric)
+                ys.append(math.nan if v is None else float(v))
+                for c in CLOCKS:
+                    xs[c].append(float(e["step"] if c == "steps" else e[c]))
+            table["y"].append(ys)
+            for c in CLOCKS:
+                table[c].append(xs[c])
+        cur = {
+            "y_med": np.array(
+                [np.nanmedian(v) if np.isfinite(v).any() else np.nan for v in table["y"]]
+            ),
+            "y_lo": np.array(
+                [np.nanmin(v) if np.isfinite(v).any() else np.nan for v in table["y"]]
+            ),
+            "y_hi": np.array(
+                [np.nanmax(v) if np.isfinite(v).any() else np.nan for v in table["y"]]
+            ),
+        }
+        for c in CLOCKS:
+            cur[c] = np.array([np.median(v) for v in table[c]])
+        out[label] = cur
+    return out
+
+
+def _problem_figure(
+    path: Path,
+    name: str,
+    info: Mapping[str, Any],
+    runs: Sequence[Mapping[str, Any]],
+    evals_by_run: Mapping[str, list[dict[str, Any]]],
+    tracks: Sequence[str],
+    colors: Mapping[str, Any],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = info["target_metric"]
+    hib = bool(info["higher_is_better"])
+    fig, axes = plt.subplots(len(tracks), 3, figsize=(13, 3.4 * len(tracks)), squeeze=False)
+    for i, track in enumerate(tracks):
+        curves = _curves(runs, evals_by_run, metric, track, hib)
+        for j, clock in enumerate(CLOCKS):
+            ax = axes[i][j]
+            for label, cur in sorted(curves.items()):
+                ax.plot(cur[clock], cur["y_med"], label=label, color=colors[label], lw=1.5)
+                ax.fill_between(
+                    cur[clock], cur["y_lo"], cur["y_hi"], color=colors[label], alpha=0.18, lw=0
+                )
+            ax.axhline(float(info["target_threshold"]), color="k", ls="--", lw=0.8)
+            allpos = all((np.nan_to_num(c["y_lo"], nan=1.0) > 0).all() for c in curves.values())
+            if not hib and allpos and curves:
+                ax.set_yscale("log")
+            ax.set_xlabel(_CLOCK_LABEL[clock])
+            ax.set_ylabel(metric)
+            ax.set_title(f"{track} track", fontsize=9)
+            ax.grid(alpha=0.3)
+        if curves:
+            axes[i][0].legend(fontsize=7)
+    fig.suptitle(f"{name}: {metric} (median, min–max band; dashed: target)", fontsize=10)
+    # fixed margins: tight_layout costs seconds per figure on a loaded CPU
+    fig.subplots_adjust(
+        left=0.06, right=0.99, top=0.9, bottom=0.12 / len(tracks) + 0.02, wspace=0.28, hspace=0.45
+    )
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _lr_figure(
+    path: Path,
+    name: str,
+    info: Mapping[str, Any],
+    data: Mapping[str, list[tuple[float, float]]],
+    colors: Mapping[str, Any],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    hib = bool(info["higher_is_better"])
+    for label, pts in sorted(data.items()):
+        lr = [p[0] for p in pts]
+        v = [p[1] for p in pts]
+        ax.plot(lr, v, "o-", label=label, color=colors[label], ms=4, lw=1)
+        bad = [x for x, y in pts if not math.isfinite(y)]
+        if bad:
+            ax.plot(bad, [ax.get_ylim()[1]] * len(bad), "x", color=colors[label], ms=7)
+    ax.set_xscale("log")
+    vals = [y for pts in data.values() for _, y in pts if math.isfinite(y)]
+    if not hib and vals and min(vals) > 0:
+        ax.set_yscale("log")
+    ax.axhline(float(info["target_threshold"]), color="k", ls="--", lw=0.8)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"final {info['final_metric']}")
+    ax.set_title(f"{name}: learning-rate sensitivity (tuned track; x: diverged)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.15)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _profile_figure(
+    path: Path, profiles: Mapping[str, tuple[Any, Any, Any]], colors: Mapping[str, Any]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(profiles)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        grid, rho, score = profiles[key]
+        for label in sorted(rho):
+            ax.step(
+                grid,
+                rho[label],
+                where="post",
+                label=f"{label} (B={score[label]:.2f})",
+                color=colors[label],
+            )
+        ax.set_xlabel("τ (ratio to the fastest)")
+        ax.set_ylabel("fraction of problems")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.15)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _table_md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write ``report.html``, ``report.md`` and ``figures/*.png`` for the store into ``out_dir``.
+
+    Args:
+        store_path: a curvlab store (opened read-only).
+        out_dir: output directory (created).
+
+    Returns:
+        The path of ``report.html``.
+
+    Raises:
+        StoreError: no store there, or it was written by a newer schema.
+    """
+    store = Store(store_path, readonly=True)
+    try:
+        runs = store.runs()
+        evals = store.evals()
+        problems = store.problems()
+        suites = store.suites()
+    finally:
+        store.close()
+    out = Path(out_dir)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    evals_by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in evals:
+        evals_by_run[e["run_id"]].append(e)
+    done = [r for r in runs if r["status"] in ("finished", "diverged")]
+    labels = sorted({r["label"] for r in runs})
+    tracks = [t for t in ("defaults", "tuned") if any(r["track"] == t for r in runs)]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cmap = matplotlib.colormaps["tab10"]
+    colors = {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+    hib = {p: bool(i["higher_is_better"]) for p, i in problems.items()}
+    ttt = {c: time_to_target(done, c) for c in CLOCKS}
+    fq = final_quality(done, hib)
+    misses = miss_values(done)
+    lrs = lr_sensitivity(done)
+
+    html_parts: list[str] = []
+    md_parts: list[str] = []
+    images: list[tuple[str, Path]] = []
+
+    def add_img(title: str, path: Path) -> None:
+        data = base64.b64encode(path.read_bytes()).decode()
+        html_parts.append(
+            f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        )
+        md_parts.append(f"![{title}](figures/{path.name})")
+        images.append((title, path))
+
+    status_count: dict[str, int] = defaultdict(int)
+    for r in runs:
+        status_count[r["status"]] += 1
+    summary = ", ".join(f"{k}: {v}" for k, v in sorted(status_count.items()))
+    html_parts.append("<h1>curvlab benchmark report</h1>")
+    md_parts.append("# curvlab benchmark report")
+    intro = (
+        f"Store {os.fspath(store_path)}; suites: {', '.join(sorted(suites)) or '–'}; "
+        f"{len(runs)} runs ({summary}); optimizers: {', '.join(labels)}; problems: "
+        f"{', '.join(sorted(problems))}."
+    )
+    skipped = sorted({o for sd in suites.values() for o in sd.get("skipped_optimizers", [])})
+    if skipped:
+        intro += f" Skipped (not in this installation's optimizer registry): {', '.join(skipped)}."
+    html_parts.append(f"<p>{html.escape(intro)}</p>")
+    md_parts.append(intro)
+    rules = (
+        "Time-to-target: per study the fastest trial reaching the target, median over studies "
+        "(defaults track: each seed is a study); 'miss' = not reached within the budget. Clocks: "
+        "optimizer steps, gradient-equivalents (gradient 1, Hessian-vector product 2, GNB pass 1), "
+        "seconds of training (evaluation off the clock). Final quality: mean ± std over seeds "
+        "(defaults) or over the studies' best trials (tuned)."
+    )
+    html_parts.append(f"<p class=note>{html.escape(rules)}</p>")
+    md_parts.append(f"_{rules}_")
+
+    # ---- overall
+    html_parts.append("<h2>Overall</h2>")
+    md_parts.append("## Overall")
+    profiles = {}
+    for track in tracks:
+        for clock in ("steps", "grad_evals"):
+            per_problem: dict[str, dict[str, float]] = defaultdict(dict)
+            for (p, lab, tr), t in ttt[clock].items():
+                if tr == track:
+                    per_problem[p][lab] = t
+            if per_problem:
+                profiles[f"{track} track, {_CLOCK_LABEL[clock]}"] = performance_profiles(
+                    per_problem
+                )
+    if profiles:
+        pf = figs / "performance_profiles.png"
+        _profile_figure(pf, profiles, colors)
+        add_img(
+            "Performance profiles (ρ(τ): fraction of problems within τ× of the fastest; B = "
+            "normalised area)",
+            pf,
+        )
+    ref_track = "tuned" if "tuned" in tracks else (tracks[0] if tracks else "tuned")
+    sp = {c: speedups(ttt[c], misses, c, "adamw", ref_track) for c in CLOCKS}
+    if any(sp.values()):
+        header = ["optimizer", *[f"speed-up ({_CLOCK_LABEL[c]})" for c in CLOCKS]]
+        rows = [[lab, *[_fmt(sp[c].get(lab)) for c in CLOCKS]] for lab in labels]
+        title = (
+            f"Geometric-mean speed-up over {ref_track} AdamW across problems (>1: faster; misses "
+            f"at "
+            "budget + 1)"
+        )
+    else:
+        header, rows = ["note"], [["no AdamW runs in the store: no speed-up table"]]
+        title = "Speed-up over tuned AdamW"
+    html_parts.append(f"<h3>{html.escape(title)}</h3>" + _table_html(header, rows))
+    md_parts.append(f"### {title}\n\n" + _table_md(header, rows))
+
+    # ---- per problem
+    for p in sorted(problems):
+        info = problems[p]
+        prun = [r for r in runs if r["problem"] == p]
+        if not prun:
+            continue
+        direction = "≥" if info["higher_is_better"] else "≤"
+        head = f"{p}"
+        desc = (
+            f"{info['description']}. Target: {info['target_metric']} {direction} "
+            f"{info['target_threshold']:g}; "
+            f"budget {info['budget_steps']} steps (tuned), evaluation every {info['eval_every']} "
+            f"steps; "
+            f"data: {info['data']}."
+        )
+        html_parts.append(f'<h2 id="{_slug(p)}">{html.escape(head)}</h2><p>{html.escape(desc)}</p>')
+        md_parts.append(f"## {head}\n\n{desc}")
+        header = [
+            "optimizer",
+            "track",
+            "runs",
+            "diverged",
+            "steps to target",
+            "grad-evals to target",
+            "seconds to target",
+            f"final {info['final_metric']} (mean ± std)",
+        ]
+        rows = []
+        for lab in labels:
+            for track in tracks:
+                rs = [r for r in prun if r["label"] == lab and r["track"] == track]
+                if not rs:
+                    continue
+                key = (p, lab, track)
+                q = fq.get(key, {"mean": math.nan, "std": math.nan, "diverged": 0})
+                rows.append(
+                    [
+                        lab,
+                        track,
+                        str(len(rs)),
+                        str(sum(r["status"] == "diverged" for r in rs)),
+                        *[_fmt(ttt[c].get(key, math.inf)) for c in CLOCKS],
+                        f"{_fmt(q['mean'])} ± {_fmt(q['std'])}",
+                    ]
+                )
+        html_parts.append(_table_html(header, rows))
+        md_parts.append(_table_md(header, rows))
+        f1 = figs / f"{_slug(p)}_curves.png"
+        _problem_figure(f1, p, info, prun, evals_by_run, tracks, colors)
+        add_img(f"{p}: {info['target_metric']} against each clock", f1)
+        if lrs.get(p):
+            f2 = figs / f"{_slug(p)}_lr.png"
+            _lr_figure(f2, p, info, lrs[p], colors)
+            add_img(f"{p}: learning-rate sensitivity", f2)
+
+    # ---- environment
+    envs = [r["env"] for r in runs if r.get("env")]
+    loads = [
+        x for e in envs for x in (e.get("loadavg") or [])[:1] + (e.get("loadavg_end") or [])[:1]
+    ]
+    env_rows = []
+    if envs:
+        e0 = envs[0]
+        for k in ("curvlab", "torch", "python", "platform", "threads", "cpu_count"):
+            vals = sorted({str(e.get(k)) for e in envs})
+            env_rows.append([k, ", ".join(vals)])
+        if loads:
+            env_rows.append(
+                [
+                    "1-min load average (run start/end)",
+                    f"min {min(loads):.2f}, median {float(np.median(loads)):.2f}, max "
+                    f"{max(loads):.2f}",
+                ]
+            )
+        del e0
+    env_rows.append(
+        ["report written with", f"python {platform.python_version()} on {platform.node() or '?'}"]
+    )
+    html_parts.append("<h2>Environment</h2>" + _table_html(["item", "value"], env_rows))
+    md_parts.append("## Environment\n\n" + _table_md(["item", "value"], env_rows))
+    md_parts.append(
+        "Wall-clock comparisons are only meaningful within one machine and load; steps and "
+        "gradient-equivalents are the primary clocks."
+    )
+
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 "
+        "1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
+        "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%}figure{margin:1em "
+        "0}figcaption{font-size:0.85em;color:#555}.note{color:#555;font-size:0.9em}"
+    )
+    page = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>curvlab benchmark "
+        "report</title>"
+        f"<style>{style}</style></head><body>" + "\n".join(html_parts) + "</body></html>\n"
+    )
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    (out / "report.md").write_text("\n\n".join(md_parts) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,485 @@
+"""The runner: one training script for every optimizer, three clocks, parallel workers, resume.
+
+A run is ``(problem, optimizer, hyperparameters, seed)``. Its loop, identical for every optimizer::
+
+    evaluate at step 0 (off the clock)
+    for step in 1..budget:
+        [clock on]  batch = next_batch(); loss = optimizer.step(closure)  [clock off]
+        steps += 1; gradient-equivalents += cost of the step (curvlab.bench.optimizers rule)
+        non-finite loss -> record "diverged" at this step and stop
+        every eval_every steps and at the budget: evaluate (off the clock) and commit the record
+
+The closure follows the project-wide contract: optimizers with ``closure_mode == "backward"``
+(torch-standard) get ``zero_grad; loss = loss_fn(model(x), y); loss.backward(); return loss``; those
+with ``closure_mode == "loss"`` get a closure that returns ``(loss, logits)`` (logits flattened to
+``[N, classes]``) — or just ``loss`` for problems without logits — and never calls backward.
+
+Evaluation happens on a fixed step schedule, outside the timed region, in the same code path for
+every optimizer (AlgoPerf issues #719 and #858 are the failure modes avoided). The seconds clock
+covers only batch drawing and ``optimizer.step`` (which includes the closure).
+
+Workers are spawned processes (default: one per core), each with ``torch.set_num_threads(1)``;
+each writes its own records to the store. A worker whose runner dies stops at its next evaluation,
+leaving its run ``running`` so that the next invocation restarts it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import multiprocessing
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curvlab.bench.optimizers import CostModel, closure_mode_of, make_optimizer, resolve_optimizer
+from curvlab.bench.problems import get_problem
+from curvlab.bench.store import DONE_STATUSES, Store, check_store_path
+from curvlab.bench.suites import BUILTIN_OPTIMIZERS, RunSpec, Suite, expand_runs
+from curvlab.errors import UnknownNameError
+
+__all__ = ["SuiteResult", "environment", "execute_run", "run_suite"]
+
+
+def environment() -> dict[str, Any]:
+    """The measurement environment: versions, threads, cores and the load average now."""
+    try:
+        load = list(os.getloadavg())
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        load = []
+    from curvlab import __version__
+
+    return {
+        "curvlab": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg": load,
+        "time": time.time(),
+    }
+
+
+def _float_loss(loss: Any) -> float:
+    if isinstance(loss, tuple):
+        loss = loss[0]
+    if isinstance(loss, float):
+        return loss
+    if loss is None:
+        return math.nan
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
+def execute_run(
+    spec: RunSpec,
+    store_path: str | os.PathLike[str],
+    *,
+    parent_pid: int | None = None,
+    store: Store | None = None,
+) -> dict[str, Any]:
+    """Run ``spec`` to its budget, committing each evaluation and the final summary to the store.
+
+    Args:
+        spec: the run.
+        store_path: the SQLite store (opened here unless ``store`` is given).
+        parent_pid: stop (without finishing the run) when the parent process is gone.
+        store: an already open store (in-process execution).
+
+    Returns:
+        The summary written to the ``runs`` row, plus ``status``.
+    """
+    own = store is None
+    st = store if store is not None else Store(store_path)
+    try:
+        attempt = st.start_run(spec.run_id, environment())
+        try:
+            status, summary = _train(spec, st, attempt, parent_pid)
+        except Exception as exc:  # recorded, the suite goes on
+            status = "failed"
+            summary = {
+                "error": "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
+            }
+        env = environment()
+        st.finish_run(
+            spec.run_id, attempt, status, summary, {"loadavg": env["loadavg"], "time": env["time"]}
+        )
+        return {"status": status, **summary}
+    finally:
+        if own:
+            st.close()
+
+
+def _train(
+    spec: RunSpec, st: Store, attempt: int, parent_pid: int | None
+) -> tuple[str, dict[str, Any]]:
+    problem = get_problem(spec.problem)
+    inst = problem.build(spec.seed)
+    target = problem.target
+    opt = make_optimizer(spec.optimizer, inst.model.parameters(), spec.hparams)
+    cost = CostModel(opt)
+    loss_mode = closure_mode_of(opt) == "loss"
+    logits = inst.outputs_are_logits
+    loss_and_outputs = inst.loss_and_outputs
+    next_batch = inst.next_batch
+    clock = time.perf_counter
+
+    steps, ge, hvps, secs = 0, 0.0, 0, 0.0
+    ttt: dict[str, Any] = {}
+    last: dict[str, float] = {}
+    calls = [0]
+    batch: list[Any] = [None, None]
+
+    def closure_backward() -> torch.Tensor:
+        calls[0] += 1
+        opt.zero_grad(set_to_none=True)
+        loss, _ = loss_and_outputs(batch[0], batch[1])
+        loss.backward()
+        return loss
+
+    def closure_loss() -> Any:
+        calls[0] += 1
+        loss, out = loss_and_outputs(batch[0], batch[1])
+        return (loss, out.reshape(-1, out.shape[-1])) if logits else loss
+
+    closure: Callable[[], Any] = closure_loss if loss_mode else closure_backward
+
+    def record(train_loss: float) -> bool:
+        """Evaluate off the clock and commit; returns False if the metric is non-finite."""
+        nonlocal last
+        metrics = inst.evaluate()
+        last = metrics
+        st.add_eval(spec.run_id, attempt, steps, ge, hvps, secs, train_loss, metrics)
+        value = float(metrics[target.metric])
+        if not ttt and target.reached(value):
+            ttt.update(ttt_steps=steps, ttt_grad_evals=ge, ttt_seconds=secs)
+        return math.isfinite(value)
+
+    def summary(train_loss: float) -> dict[str, Any]:
+        return {
+            "steps": steps,
+            "grad_evals": ge,
+            "hvp_evals": hvps,
+            "seconds": secs,
+            "final_metric": float(last.get(problem.final_metric, math.nan)),
+            "final_loss": float(last.get("loss", train_loss)),
+            **ttt,
+        }
+
+    record(math.nan)
+    train_loss = math.nan
+    budget, every = spec.budget_steps, spec.eval_every
+    for step in range(1, budget + 1):
+        calls[0] = 0
+        t0 = clock()
+        batch[0], batch[1] = next_batch()
+        try:
+            loss = opt.step(closure)
+        except FloatingPointError:  # NonFiniteError from optimizers with on_nonfinite="raise"
+            loss = math.nan
+        train_loss = _float_loss(loss)
+        secs += clock() - t0
+        steps = step
+        dge, dh = cost.step_cost(calls[0])
+        ge += dge
+        hvps += dh
+        if not math.isfinite(train_loss):
+            return "diverged", {**summary(train_loss), "diverged_step": step, "final_metric": None}
+        if step % every == 0 or step == budget:
+            if not record(train_loss):
+                return "diverged", {
+                    **summary(train_loss),
+                    "diverged_step": step,
+                    "final_metric": None,
+                }
+            if parent_pid is not None and os.getppid() != parent_pid:
+                os._exit(3)  # orphaned: leave the run 'running' for the next invocation
+    return "finished", summary(train_loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# the suite
+
+
+_WORKER_PPID: int | None = None
+
+
+def _worker_init() -> None:
+    global _WORKER_PPID
+    # The runner that spawned this worker: when it is gone, the worker stops at its next check.
+    _WORKER_PPID = os.getppid()
+    torch.set_num_threads(1)
+
+
+def _worker_run(spec_dict: dict[str, Any], store_path: str) -> dict[str, Any]:
+    return execute_run(RunSpec(**spec_dict), store_path, parent_pid=_WORKER_PPID)
+
+
+def _mp_context() -> Any:
+    """``spawn``: fresh interpreters (no inherited threads or locks). Not ``forkserver``: its
+    workers hold the server's liveness pipe, so after a ``kill -9`` of the runner the server and
+    its idle workers would wait on each other forever; spawned workers see EOF and exit."""
+    return multiprocessing.get_context("spawn")
+
+
+@dataclass
+class SuiteResult:
+    """What :func:`run_suite` did: counts by outcome, skipped optimizers and the wall time."""
+
+    store: str
+    total: int = 0
+    already_done: int = 0
+    finished: int = 0
+    diverged: int = 0
+    failed: int = 0
+    skipped_optimizers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dict (for JSON output)."""
+        return asdict(self)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.running = total, 0, 0
+        self.t0 = time.monotonic()
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.last_print = 0.0
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True)
+
+    def update(self, done: int, running: int, note: str = "") -> None:
+        delta, self.done, self.running = done - self.done, done, running
+        if self.bar is not None:
+            self.bar.update(delta)
+            self.bar.set_postfix_str(f"running={running} {note}".strip())
+            return
+        now = time.monotonic()
+        if self.enabled and (now - self.last_print > 10.0 or done == self.total):
+            self.last_print = now
+            el = now - self.t0
+            eta = el / done * (self.total - done) if done else float("nan")
+            eta_s = f"{eta / 60:.1f} min" if math.isfinite(eta) else "?"
+            print(
+                f"[curvlab bench] {done}/{self.total} runs done, {running} running, ETA {eta_s} "
+                f"{note}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _usable_entries(suite: Suite, log: Callable[[str], None]) -> tuple[Suite, list[str]]:
+    keep, skipped = [], []
+    for e in suite.optimizers:
+        try:
+            resolve_optimizer(e.optimizer)
+        except UnknownNameError:
+            if BUILTIN_OPTIMIZERS.get(e.label) == e:
+                skipped.append(e.label)
+                log(
+                    f"note: optimizer {e.label!r} ({e.optimizer}) is not in curvlab's registry "
+                    f"here; skipped"
+                )
+                continue
+            raise
+        keep.append(e)
+    if not keep:
+        raise UnknownNameError(
+            f"none of the suite's optimizers is available ({', '.join(skipped)}); name registered "
+            f"ones "
+            "(`curvlab bench list`) or import paths such as 'torch.optim:AdamW'"
+        )
+    return Suite(**{**asdict_shallow(suite), "optimizers": tuple(keep)}), skipped
+
+
+def asdict_shallow(obj: Any) -> dict[str, Any]:
+    """Field name -> value without recursing (dataclasses.asdict would convert entries)."""
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
+
+
+def plan_runs(suite: Suite) -> list[RunSpec]:
+    """Validate problems (data present) and expand the suite into its runs."""
+    infos = {}
+    for p in suite.problems:
+        prob = get_problem(p)
+        prob.check_data()
+        info = prob.info()
+        info.update(suite.problem_overrides.get(p, {}))
+        infos[p] = info
+    return expand_runs(suite, infos)
+
+
+def run_suite(
+    suite: Suite,
+    store_path: str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SuiteResult:
+    """Run every unfinished run of ``suite`` into the store at ``store_path``.
+
+    Before any run starts: the store path is checked (writable, not a newer schema), missing
+    optimizers of built-in entries are skipped with a note (unknown names of explicit entries
+    raise),
+    and every problem's data is checked. Finished and diverged runs already in the store are
+    skipped;
+    runs left ``running`` (a killed process) or ``failed`` are restarted.
+
+    Args:
+        suite: a validated suite (:func:`curvlab.bench.suites.load_suite`).
+        store_path: SQLite file (created).
+        workers: parallel processes (default ``os.cpu_count()``); 0 runs in this process.
+        progress: progress display on stderr (tqdm on a TTY, periodic lines otherwise).
+        log: where notes go (default: stderr).
+
+    Returns:
+        A :class:`SuiteResult`.
+
+    Raises:
+        StoreError, UnknownNameError, DataNotFoundError: before any run starts.
+    """
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    t0 = time.monotonic()
+    path = check_store_path(store_path)
+    store = Store(path)
+    suite, skipped = _usable_entries(suite, say)
+    specs = plan_runs(suite)
+    problem_infos = {p: get_problem(p).info() for p in suite.problems}
+    for p in suite.problems:
+        problem_infos[p].update(suite.problem_overrides.get(p, {}))
+    suite_doc = json.loads(suite.to_json())
+    suite_doc["skipped_optimizers"] = skipped
+    store.register(suite.name, json.dumps(suite_doc, sort_keys=True), problem_infos, specs)
+    status = store.status_of([s.run_id for s in specs])
+    todo = [s for s in specs if status.get(s.run_id) not in DONE_STATUSES]
+    result = SuiteResult(
+        store=str(path),
+        total=len(specs),
+        already_done=len(specs) - len(todo),
+        skipped_optimizers=skipped,
+    )
+    n_workers = (os.cpu_count() or 1) if workers is None else workers
+    prog = _Progress(len(todo), progress)
+
+    def count(out: Mapping[str, Any]) -> None:
+        s = out.get("status", "failed")
+        if s == "finished":
+            result.finished += 1
+        elif s == "diverged":
+            result.diverged += 1
+        else:
+            result.failed += 1
+            say(f"note: a run failed: {str(out.get('error', ''))[:300]}")
+
+    try:
+        if n_workers <= 0:
+            for i, spec in enumerate(todo):
+                prog.update(i, 1)
+                count(execute_run(spec, path, store=store))
+            prog.update(len(todo), 0)
+        else:
+            _run_pool(todo, str(path), n_workers, prog, count, say)
+    finally:
+        prog.close()
+        store.close()
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _run_pool(
+    todo: list[RunSpec],
+    path: str,
+    n_workers: int,
+    prog: _Progress,
+    count: Callable[[Mapping[str, Any]], None],
+    say: Callable[[str], None],
+) -> None:
+    ctx = _mp_context()
+    pending = list(reversed(todo))
+    retries: dict[str, int] = {}
+    done = 0
+    fruitless = 0
+    while pending:
+        done_before = done
+        with cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init) as pool:
+            inflight: dict[cf.Future[dict[str, Any]], RunSpec] = {}
+            broken = False
+            while (pending or inflight) and not broken:
+                while pending and len(inflight) < n_workers:
+                    spec = pending.pop()
+                    inflight[pool.submit(_worker_run, asdict(spec), path)] = spec
+                prog.update(done, len(inflight))
+                finished, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    spec = inflight.pop(fut)
+                    try:
+                        out = fut.result()
+                    except cf.process.BrokenProcessPool:
+                        broken = True
+                        retries[spec.run_id] = retries.get(spec.run_id, 0) + 1
+                        if retries[spec.run_id] <= 1:
+                            pending.append(spec)
+                        else:
+                            _mark_failed(path, spec, "the worker process died twice on this run")
+                            count({"status": "failed", "error": "worker died"})
+                            done += 1
+                        continue
+                    count(out)
+                    done += 1
+            if broken:
+                for fut, spec in inflight.items():
+                    if fut.done() and fut.exception() is None:
+                        count(fut.result())
+                        done += 1
+                    else:
+                        pending.append(spec)
+                say("note: a worker process died; its run will be restarted in a fresh pool")
+        fruitless = fruitless + 1 if done == done_before else 0
+        if fruitless >= 3:
+            raise RuntimeError(
+                "worker processes keep dying before finishing any run (3 pools in a row); if you "
+                "called run_suite from a script, guard it with `if __name__ == '__main__':` "
+                "(spawned workers re-import the main module), or use workers=0"
+            )
+    prog.update(done, 0)
+
+
+def _mark_failed(path: str, spec: RunSpec, why: str) -> None:
+    st = Store(path)
+    try:
+        row = st.runs(run_id=spec.run_id)
+        if row:
+            st.finish_run(spec.run_id, int(row[0]["attempt"]), "failed", {"error": why})
+    finally:
+        st.close()
+
+
+def summarize_store_path(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Counts of runs by status in the store at ``path`` (for the CLI)."""
+    st = Store(Path(path), readonly=True)
+    try:
+        out: dict[str, int] = {}
+        for r in st.conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status"):
+            out[r[0]] = int(r[1])
+        return out
+    finally:
+        st.close()

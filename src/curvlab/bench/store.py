@@ -1,0 +1,506 @@
+"""The crash-safe SQLite store of benchmark runs.
+
+Durability rule: the database runs in WAL mode; every evaluation record and every finished run is
+its own transaction (``BEGIN IMMEDIATE … COMMIT``), so a ``kill -9`` of any process at any moment
+leaves a consistent database that holds every committed record and nothing half-written; SQLite's
+WAL guarantees this (https://www.sqlite.org/wal.html, https://www.sqlite.org/atomiccommit.html).
+``synchronous=NORMAL`` keeps commits durable against process crashes (an operating-system crash or
+power loss may drop the last commits, never corrupt). Each worker process opens its own connection;
+writers queue on a 60 s busy timeout.
+
+Schema (version :data:`SCHEMA_VERSION`; a store written by a newer curvlab is refused)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)           -- schema_version, created_by, created_at
+    problems(name TEXT PRIMARY KEY, info TEXT)       -- JSON: target metric/threshold/direction,
+    budget, ...
+    suites(name TEXT PRIMARY KEY, spec TEXT, updated_at REAL)   -- the validated suite as JSON
+    runs(run_id TEXT PRIMARY KEY,                    -- hash of the run definition (RunSpec.run_id)
+         suite, problem, label, optimizer TEXT, hparams TEXT (JSON), seed, track
+         ('defaults'|'tuned'),
+         study, trial, budget_steps, eval_every INTEGER,
+         status TEXT  -- 'pending' | 'running' | 'finished' | 'diverged' | 'failed'
+         attempt INTEGER, started_at, finished_at REAL (unix time),
+         steps INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,   -- the three clocks at
+         the end
+         final_metric REAL, final_loss REAL,        -- the problem's final metric and train loss
+         ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,  -- first evaluation at target
+         (NULL: miss)
+         diverged_step INTEGER, error TEXT, env TEXT (JSON: torch version, threads, load average))
+    evals(run_id, attempt, step INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,
+          train_loss REAL, metrics TEXT (JSON), PRIMARY KEY (run_id, attempt, step))
+
+Only the evaluations of a run's current ``attempt`` count; starting an attempt deletes the older
+ones
+in the same transaction. Resume rule: runs with status ``finished`` or ``diverged`` are done; any
+other status (a run in flight when the process died, or one that failed) is restarted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from curvlab.errors import StoreError
+
+__all__ = ["DONE_STATUSES", "SCHEMA_VERSION", "Store", "check_store_path"]
+
+SCHEMA_VERSION = 1
+DONE_STATUSES = ("finished", "diverged")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS problems (name TEXT PRIMARY KEY, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS suites (name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated_at REAL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    suite TEXT, problem TEXT NOT NULL, label TEXT NOT NULL, optimizer TEXT NOT NULL,
+    hparams TEXT NOT NULL, seed INTEGER NOT NULL, track TEXT NOT NULL,
+    study INTEGER NOT NULL, trial INTEGER NOT NULL,
+    budget_steps INTEGER NOT NULL, eval_every INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'running', 'finished', 'diverged', 'failed')),
+    attempt INTEGER NOT NULL DEFAULT 0,
+    started_at REAL, finished_at REAL,
+    steps INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,
+    final_metric REAL, final_loss REAL,
+    ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,
+    diverged_step INTEGER, error TEXT, env TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_problem ON runs (problem, label, track);
+CREATE TABLE IF NOT EXISTS evals (
+    run_id TEXT NOT NULL, attempt INTEGER NOT NULL, step INTEGER NOT NULL,
+    grad_evals REAL NOT NULL, hvp_evals INTEGER NOT NULL, seconds REAL NOT NULL,
+    train_loss REAL, metrics TEXT NOT NULL,
+    PRIMARY KEY (run_id, attempt, step)
+);
+"""
+
+_RUN_COLUMNS = (
+    "run_id",
+    "suite",
+    "problem",
+    "label",
+    "optimizer",
+    "hparams",
+    "seed",
+    "track",
+    "study",
+    "trial",
+    "budget_steps",
+    "eval_every",
+    "status",
+    "attempt",
+    "started_at",
+    "finished_at",
+    "steps",
+    "grad_evals",
+    "hvp_evals",
+    "seconds",
+    "final_metric",
+    "final_loss",
+    "ttt_steps",
+    "ttt_grad_evals",
+    "ttt_seconds",
+    "diverged_step",
+    "error",
+    "env",
+)
+
+
+def _nan_to_none(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def check_store_path(path: str | os.PathLike[str]) -> Path:
+    """Refuse a store path that cannot be written, before any run starts.
+
+    Raises:
+        StoreError: the directory is missing and cannot be created, is not writable, or the path is
+        a
+            directory or an existing read-only file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise StoreError(
+            f"store path {p} is a directory; give a file path such as {p / 'store.sqlite'}"
+        )
+    parent = p.parent if str(p.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the store's directory {parent}: {exc}; choose a writable path"
+        ) from exc
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(
+            f"the store's directory {parent} is not writable; choose a writable path with --store"
+        )
+    if p.exists() and not os.access(p, os.W_OK):
+        raise StoreError(
+            f"the store {p} is read-only; make it writable or choose another --store path"
+        )
+    return p
+
+
+class Store:
+    """A benchmark store at ``path`` (created with the current schema if absent).
+
+    Args:
+        path: the SQLite file.
+        readonly: open an existing store without creating or migrating anything (reports, export).
+
+    Raises:
+        StoreError: unwritable path, not a curvlab store, or written by a newer schema.
+
+    Example:
+        >>> import tempfile, os
+        >>> s = Store(os.path.join(tempfile.mkdtemp(), "s.sqlite"))
+        >>> s.schema_version()
+        1
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            if not self.path.is_file():
+                raise StoreError(
+                    f"no store at {self.path}; run `curvlab bench run --store {self.path}` first"
+                )
+        else:
+            check_store_path(self.path)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA busy_timeout = 60000")
+            if not readonly:
+                mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(
+                        f"{self.path}: SQLite refused WAL mode ({mode}); use a local disk"
+                    )
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self._check_or_create(readonly)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a usable curvlab store: {exc}") from exc
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def _check_or_create(self, readonly: bool) -> None:
+        tables = {
+            r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if "meta" in tables:
+            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                raise StoreError(
+                    f"{self.path} has a meta table but no schema_version: not a curvlab store"
+                )
+            version = int(row[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} was written by a newer curvlab (store schema {version}, this "
+                    f"curvlab "
+                    f"reads up to {SCHEMA_VERSION}); upgrade curvlab or use another --store path. "
+                    "Nothing was changed."
+                )
+            return
+        if tables:
+            raise StoreError(
+                f"{self.path} is an SQLite database but not a curvlab store (tables: "
+                f"{sorted(tables)})"
+            )
+        if readonly:
+            raise StoreError(f"{self.path} is empty: not a curvlab store")
+        with self.transaction():
+            for stmt in _SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    self.conn.execute(stmt)
+            from curvlab import __version__
+
+            self.conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("created_by", f"curvlab {__version__}"),
+                    ("created_at", repr(time.time())),
+                ],
+            )
+
+    def schema_version(self) -> int:
+        """The store's schema version."""
+        return int(
+            self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+        )
+
+    @contextmanager
+    def transaction(self) -> Any:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on any exception)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check`` (``"ok"`` for a sound database)."""
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def register(
+        self,
+        suite_name: str,
+        suite_json: str,
+        problem_infos: Mapping[str, Mapping[str, Any]],
+        runs: Iterable[Any],
+    ) -> None:
+        """Record a suite, its problems and its runs (existing runs untouched); one transaction."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO suites VALUES (?, ?, ?)",
+                (suite_name, suite_json, time.time()),
+            )
+            for name, info in problem_infos.items():
+                c.execute(
+                    "INSERT OR REPLACE INTO problems VALUES (?, ?)", (name, json.dumps(dict(info)))
+                )
+            c.executemany(
+                "INSERT OR IGNORE INTO runs (run_id, suite, problem, label, optimizer, hparams, "
+                "seed, track, "
+                "study, trial, budget_steps, eval_every) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        r.run_id,
+                        suite_name,
+                        r.problem,
+                        r.label,
+                        r.optimizer,
+                        json.dumps(dict(r.hparams), sort_keys=True),
+                        r.seed,
+                        r.track,
+                        r.study,
+                        r.trial,
+                        r.budget_steps,
+                        r.eval_every,
+                    )
+                    for r in runs
+                ],
+            )
+
+    def start_run(self, run_id: str, env: Mapping[str, Any]) -> int:
+        """Begin a new attempt of ``run_id`` (older evaluations deleted); returns its number."""
+        with self.transaction() as c:
+            row = c.execute("SELECT attempt FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"run {run_id} is not registered in {self.path}")
+            attempt = int(row[0]) + 1
+            c.execute("DELETE FROM evals WHERE run_id=?", (run_id,))
+            c.execute(
+                "UPDATE runs SET status='running', attempt=?, started_at=?, finished_at=NULL, "
+                "steps=NULL, "
+                "grad_evals=NULL, hvp_evals=NULL, seconds=NULL, final_metric=NULL, "
+                "final_loss=NULL, "
+                "ttt_steps=NULL, ttt_grad_evals=NULL, ttt_seconds=NULL, diverged_step=NULL, "
+                "error=NULL, "
+                "env=? WHERE run_id=?",
+                (attempt, time.time(), json.dumps(dict(env)), run_id),
+            )
+        return attempt
+
+    def add_eval(
+        self,
+        run_id: str,
+        attempt: int,
+        step: int,
+        grad_evals: float,
+        hvp_evals: int,
+        seconds: float,
+        train_loss: float | None,
+        metrics: Mapping[str, float],
+    ) -> None:
+        """Append one evaluation record (its own transaction)."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    attempt,
+                    step,
+                    grad_evals,
+                    hvp_evals,
+                    seconds,
+                    _nan_to_none(train_loss),
+                    json.dumps({k: _nan_to_none(float(v)) for k, v in metrics.items()}),
+                ),
+            )
+
+    def finish_run(
+        self,
+        run_id: str,
+        attempt: int,
+        status: str,
+        summary: Mapping[str, Any],
+        env_end: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Mark attempt ``attempt`` of ``run_id`` as ``status`` with its summary (one transaction).
+
+        ``env_end`` (load average and time at the end) is merged into the run's ``env`` JSON. A
+        stale
+        attempt (the run was restarted elsewhere) is ignored.
+        """
+        cols = [k for k in summary if k in _RUN_COLUMNS and k != "env"]
+        sets = "".join(f", {k}=?" for k in cols)
+        with self.transaction() as c:
+            row = c.execute(
+                "SELECT env FROM runs WHERE run_id=? AND attempt=?", (run_id, attempt)
+            ).fetchone()
+            if row is None:
+                return
+            env = json.loads(row[0]) if row[0] else {}
+            for k, v in (env_end or {}).items():
+                env[f"{k}_end"] = v
+            c.execute(
+                f"UPDATE runs SET status=?, finished_at=?, env=?{sets} WHERE run_id=? AND "
+                f"attempt=?",
+                (
+                    status,
+                    time.time(),
+                    json.dumps(env),
+                    *[_nan_to_none(summary[k]) for k in cols],
+                    run_id,
+                    attempt,
+                ),
+            )
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def runs(self, **where: Any) -> list[dict[str, Any]]:
+        """Runs as dicts (``hparams``/``env`` decoded), filtered by equality on columns."""
+        for k in where:
+            if k not in _RUN_COLUMNS:
+                raise StoreError(f"unknown run column {k!r}; columns: {', '.join(_RUN_COLUMNS)}")
+        clause = " AND ".join(f"{k}=?" for k in where)
+        rows = self.conn.execute(
+            "SELECT * FROM runs"
+            + (f" WHERE {clause}" if clause else "")
+            + " ORDER BY problem, label, track, study, trial, seed",
+            tuple(where.values()),
+        ).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["hparams"] = json.loads(d["hparams"])
+            d["env"] = json.loads(d["env"]) if d["env"] else None
+            out.append(d)
+        return out
+
+    def status_of(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """``run_id -> status`` for the given ids that exist."""
+        out: dict[str, str] = {}
+        for i in range(0, len(run_ids), 500):
+            chunk = list(run_ids[i : i + 500])
+            q = f"SELECT run_id, status FROM runs WHERE run_id IN ({','.join('?' * len(chunk))})"
+            out.update({r[0]: r[1] for r in self.conn.execute(q, chunk)})
+        return out
+
+    def evals(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Evaluation records of the current attempt of one run (or all runs), by step."""
+        q = (
+            "SELECT e.* FROM evals e JOIN runs r ON e.run_id = r.run_id AND e.attempt = r.attempt"
+            + (" WHERE e.run_id=?" if run_id else "")
+            + " ORDER BY e.run_id, e.step"
+        )
+        rows = self.conn.execute(q, (run_id,) if run_id else ()).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["metrics"] = json.loads(d["metrics"])
+            out.append(d)
+        return out
+
+    def problems(self) -> dict[str, dict[str, Any]]:
+        """``name -> declared info`` of every problem recorded in the store."""
+        return {
+            r[0]: json.loads(r[1]) for r in self.conn.execute("SELECT name, info FROM problems")
+        }
+
+    def suites(self) -> dict[str, dict[str, Any]]:
+        """``name -> suite JSON`` of every suite run into the store."""
+        return {r[0]: json.loads(r[1]) for r in self.conn.execute("SELECT name, spec FROM suites")}
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def export(self, out_dir: str | os.PathLike[str], fmt: str = "csv") -> list[Path]:
+        """Write ``runs`` and ``evals`` (current attempts) as CSV files or one JSON file.
+
+        Args:
+            out_dir: directory to write into (created).
+            fmt: ``"csv"`` (``runs.csv``, ``evals.csv``; JSON columns stay JSON strings) or
+            ``"json"``
+                (``store.json`` with ``schema_version``, ``problems``, ``suites``, ``runs``,
+                ``evals``).
+
+        Returns:
+            The written paths.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        runs, evals = self.runs(), self.evals()
+        if fmt == "json":
+            path = out / "store.json"
+            doc = {
+                "schema_version": self.schema_version(),
+                "problems": self.problems(),
+                "suites": self.suites(),
+                "runs": runs,
+                "evals": evals,
+            }
+            path.write_text(json.dumps(doc, indent=1, default=str))
+            return [path]
+        if fmt != "csv":
+            raise StoreError(f"unknown export format {fmt!r}; use csv or json")
+        p_runs, p_evals = out / "runs.csv", out / "evals.csv"
+        with open(p_runs, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(_RUN_COLUMNS))
+            w.writeheader()
+            for r in runs:
+                w.writerow(
+                    {
+                        **r,
+                        "hparams": json.dumps(r["hparams"], sort_keys=True),
+                        "env": json.dumps(r["env"]) if r["env"] else "",
+                    }
+                )
+        metric_names = sorted({k for e in evals for k in e["metrics"]})
+        with open(p_evals, "w", newline="") as fh:
+            fields = [
+                "run_id",
+                "attempt",
+                "step",
+                "grad_evals",
+                "hvp_evals",
+                "seconds",
+                "train_loss",
+                *metric_names,
+            ]
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            for e in evals:
+                row = {k: e[k] for k in fields[:7]}
+                row.update({m: e["metrics"].get(m) for m in metric_names})
+                w.writerow(row)
+        return [p_runs, p_evals]

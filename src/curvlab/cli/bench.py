@@ -1,0 +1,237 @@
+"""``curvlab bench``: run a benchmark suite into a store, report it, list what exists, export it.
+
+Examples::
+
+    curvlab bench run --suite quick --store out/store.sqlite     # rerun the same command to resume
+    curvlab bench report --store out/store.sqlite --out out/      # prints the path of
+    out/report.html
+    curvlab bench demo --out out/                                 # both, for the quick suite
+    curvlab bench list
+    curvlab bench export --store out/store.sqlite --format csv --out out/csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from curvlab.errors import CurvlabError
+
+__all__ = ["register"]
+
+
+def _error(exc: Exception) -> int:
+    print(f"curvlab bench: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from curvlab.bench.runner import run_suite
+    from curvlab.bench.suites import load_suite
+
+    try:
+        suite = load_suite(args.suite)
+        res = run_suite(suite, args.store, workers=args.workers, progress=not args.no_progress)
+    except CurvlabError as exc:
+        return _error(exc)
+    print(
+        f"suite {suite.name}: {res.total} runs, {res.already_done} already in the store, "
+        f"{res.finished} finished, {res.diverged} diverged, {res.failed} failed "
+        f"in {res.seconds:.1f} s -> {res.store}",
+        file=sys.stderr,
+    )
+    if args.report:
+        return _report(args.store, args.report)
+    return 1 if res.failed else 0
+
+
+def _report(store: str, out: str | None) -> int:
+    from curvlab.bench.report import write_report
+
+    out_dir = out if out is not None else str(Path(store).resolve().parent / "report")
+    try:
+        path = write_report(store, out_dir)
+    except CurvlabError as exc:
+        return _error(exc)
+    print(path)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    return _report(args.store, args.out)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from curvlab.bench.runner import run_suite
+    from curvlab.bench.suites import load_suite
+
+    out = Path(args.out)
+    t0 = time.monotonic()
+    try:
+        res = run_suite(
+            load_suite(args.suite),
+            out / "store.sqlite",
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+    except CurvlabError as exc:
+        return _error(exc)
+    rc = _report(str(out / "store.sqlite"), str(out))
+    print(
+        f"demo: {res.total} runs ({res.finished} finished, {res.diverged} diverged, {res.failed} "
+        f"failed, {res.already_done} reused) in {time.monotonic() - t0:.1f} s",
+        file=sys.stderr,
+    )
+    return rc
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from curvlab.bench.optimizers import known_optimizers
+    from curvlab.bench.problems import PROBLEMS, get_problem
+    from curvlab.bench.suites import BUILTIN_OPTIMIZERS, SUITES
+
+    registry = set(known_optimizers())
+    doc: dict[str, Any] = {"problems": [], "optimizers": [], "suites": {}}
+    for name in sorted(PROBLEMS):
+        p = get_problem(name)
+        try:
+            p.check_data()
+            avail = True
+        except CurvlabError:
+            avail = False
+        doc["problems"].append({**p.info(), "data_available": avail})
+    for label, e in sorted(BUILTIN_OPTIMIZERS.items()):
+        ok = ":" in e.optimizer or e.optimizer in registry
+        doc["optimizers"].append(
+            {
+                "label": label,
+                "optimizer": e.optimizer,
+                "available": ok,
+                "defaults": {**e.fixed, **e.defaults},
+                "search": {k: [v.low, v.high] for k, v in e.search.items()},
+            }
+        )
+    doc["suites"] = {
+        k: {"problems": v["problems"], "optimizers": v["optimizers"], "tracks": v["tracks"]}
+        for k, v in SUITES.items()
+    }
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print("Problems:")
+    for p in doc["problems"]:
+        d = "≥" if p["higher_is_better"] else "≤"
+        miss = "" if p["data_available"] else "   [data missing]"
+        print(
+            f"  {p['name']:22s} {p['target_metric']} {d} {p['target_threshold']:g}, "
+            f"{p['budget_steps']} steps; {p['description']}{miss}"
+        )
+    print("Optimizers (suite entries):")
+    for o in doc["optimizers"]:
+        flag = "" if o["available"] else "   [not in the registry here]"
+        print(f"  {o['label']:20s} -> {o['optimizer']}, defaults {o['defaults']}{flag}")
+    print("Suites:")
+    for k, v in doc["suites"].items():
+        print(
+            f"  {k}: {len(v['problems'])} problems ({', '.join(v['problems'])}); optimizers "
+            f"{', '.join(v['optimizers'])}; tracks {v['tracks']}"
+        )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from curvlab.bench.store import Store
+
+    try:
+        st = Store(args.store, readonly=True)
+        try:
+            paths = st.export(args.out, args.format)
+        finally:
+            st.close()
+    except CurvlabError as exc:
+        return _error(exc)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``bench`` (``run``, ``report``, ``demo``, ``list``, ``export``) to the curvlab CLI."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmark optimizers on a suite of problems (AlgoPerf-style scoring, crash-safe "
+        "store)",
+        description=(
+            "Run optimizers on a suite of problems under one training script and the same tuning "
+            "budget, store every evaluation in SQLite (resumable, kill -9 safe), and report "
+            "time-to-target, final quality, performance profiles and speed-ups over tuned AdamW."
+        ),
+    )
+    sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a suite into a store (rerun to resume)",
+        description="Run every unfinished run of a suite; finished runs in the store are skipped.",
+    )
+    run.add_argument(
+        "--suite", default="quick", help="quick, standard, or a YAML suite file (default: quick)"
+    )
+    run.add_argument("--store", required=True, help="SQLite store path (created; must be writable)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel worker processes (default: number of cores; 0: in this process)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    run.add_argument("--report", metavar="DIR", default=None, help="also write the report into DIR")
+    run.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser(
+        "report",
+        help="write report.html / report.md / figures from a store",
+        description="Write a self-contained HTML report (and Markdown) and print its path.",
+    )
+    rep.add_argument("--store", required=True, help="the store to report on")
+    rep.add_argument("--out", default=None, help="output directory (default: <store dir>/report)")
+    rep.set_defaults(func=_cmd_report)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the quick suite into DIR/store.sqlite and write DIR/report.html",
+        description="The main job end to end: quick suite, then the report; prints the report "
+        "path.",
+    )
+    demo.add_argument(
+        "--out", default="curvlab-out/bench", help="output directory (default: curvlab-out/bench)"
+    )
+    demo.add_argument("--suite", default="quick", help=argparse.SUPPRESS)
+    demo.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    demo.set_defaults(func=_cmd_demo)
+
+    lst = sub.add_parser(
+        "list",
+        help="list problems, optimizers and suites",
+        description="List the registered problems (with data availability), optimizer entries and "
+        "suites.",
+    )
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.set_defaults(func=_cmd_list)
+
+    exp = sub.add_parser(
+        "export",
+        help="export a store's runs and evaluations as CSV or JSON",
+        description="Write runs.csv + evals.csv, or store.json, for other tools.",
+    )
+    exp.add_argument("--store", required=True, help="the store to export")
+    exp.add_argument(
+        "--format", choices=("csv", "json"), default="csv", help="csv (default) or json"
+    )
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.set_defaults(func=_cmd_export)

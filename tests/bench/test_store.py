@@ -1,0 +1,134 @@
+"""The SQLite store: schema, versioning, refusals, attempts, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from curvlab.bench.store import SCHEMA_VERSION, Store, check_store_path
+from curvlab.bench.suites import expand_runs, parse_suite
+from curvlab.errors import StoreError
+
+
+def _registered(tmp_path: Path, tiny) -> tuple[Store, list]:  # type: ignore[no-untyped-def]
+    s = parse_suite(tiny())
+    runs = expand_runs(
+        s,
+        {
+            "quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
+            "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10},
+        },
+    )
+    st = Store(tmp_path / "s.sqlite")
+    st.register(s.name, s.to_json(), {"quadratic-k1e2": {"x": 1}}, runs)
+    return st, runs
+
+
+def test_new_store_is_wal_and_versioned(tmp_path: Path) -> None:
+    st = Store(tmp_path / "a" / "b" / "s.sqlite")
+    assert st.schema_version() == SCHEMA_VERSION
+    assert st.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert st.integrity_check() == "ok"
+
+
+def test_newer_schema_is_refused_and_untouched(tmp_path: Path) -> None:
+    p = tmp_path / "s.sqlite"
+    Store(p).close()
+    with sqlite3.connect(p) as c:
+        c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    before = p.read_bytes()
+    with pytest.raises(
+        StoreError,
+        match=r"written by a newer curvlab \(store schema 99, this curvlab reads up to 1\)",
+    ):
+        Store(p)
+    with pytest.raises(StoreError, match="newer curvlab"):
+        Store(p, readonly=True)
+    assert p.read_bytes() == before
+
+
+def test_foreign_database_and_bad_paths_are_refused(tmp_path: Path) -> None:
+    p = tmp_path / "other.sqlite"
+    with sqlite3.connect(p) as c:
+        c.execute("CREATE TABLE t (x)")
+    with pytest.raises(StoreError, match="not a curvlab store"):
+        Store(p)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="not a usable curvlab store"):
+        Store(junk)
+    with pytest.raises(StoreError, match="is a directory"):
+        check_store_path(tmp_path)
+    afile = tmp_path / "plain.txt"
+    afile.write_text("x")
+    with pytest.raises(StoreError, match="cannot create the store's directory"):
+        check_store_path(afile / "sub" / "s.sqlite")
+    with pytest.raises(StoreError, match="no store at"):
+        Store(tmp_path / "missing.sqlite", readonly=True)
+
+
+def test_attempts_replace_older_evaluations(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    st, runs = _registered(tmp_path, tiny)
+    rid = runs[0].run_id
+    a1 = st.start_run(rid, {"torch": "x"})
+    st.add_eval(rid, a1, 0, 0.0, 0, 0.0, float("nan"), {"loss": 1.0})
+    st.add_eval(rid, a1, 5, 5.0, 0, 0.1, 0.5, {"loss": 0.5})
+    assert [e["step"] for e in st.evals(rid)] == [0, 5]
+    assert st.evals(rid)[0]["train_loss"] is None  # NaN stored as NULL
+    a2 = st.start_run(rid, {"torch": "x"})  # e.g. after a crash
+    assert a2 == a1 + 1 and st.evals(rid) == []
+    st.finish_run(rid, a1, "finished", {"steps": 99})  # stale attempt: ignored
+    assert st.runs(run_id=rid)[0]["status"] == "running"
+    st.add_eval(rid, a2, 0, 0.0, 0, 0.0, None, {"loss": 1.0})
+    st.finish_run(rid, a2, "finished", {"steps": 30, "final_metric": 0.25}, {"loadavg": [1.0]})
+    row = st.runs(run_id=rid)[0]
+    assert row["status"] == "finished" and row["steps"] == 30 and row["final_metric"] == 0.25
+    assert row["env"] == {"torch": "x", "loadavg_end": [1.0]}
+    with pytest.raises(StoreError, match="unknown run column"):
+        st.runs(bogus=1)
+
+
+def test_register_is_idempotent(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    st, runs = _registered(tmp_path, tiny)
+    rid = runs[0].run_id
+    st.finish_run(rid, st.start_run(rid, {}), "finished", {"steps": 1})
+    st.register("tiny", "{}", {}, runs)
+    assert st.status_of([rid]) == {rid: "finished"}
+    assert len(st.runs()) == len(runs)
+
+
+def test_export_csv_and_json(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    st, runs = _registered(tmp_path, tiny)
+    rid = runs[0].run_id
+    a = st.start_run(rid, {})
+    st.add_eval(rid, a, 0, 0.0, 0, 0.0, 2.0, {"loss": 2.0, "acc": 0.5})
+    st.finish_run(rid, a, "finished", {"steps": 0})
+    p_runs, p_evals = st.export(tmp_path / "csv", "csv")
+    rows = list(csv.DictReader(open(p_runs)))
+    assert {r["run_id"] for r in rows} == {r.run_id for r in runs}
+    by_id = {r["run_id"]: r for r in rows}
+    assert json.loads(by_id[rid]["hparams"]) == dict(runs[0].hparams)
+    ev = list(csv.DictReader(open(p_evals)))
+    assert ev == [
+        {
+            "run_id": rid,
+            "attempt": str(a),
+            "step": "0",
+            "grad_evals": "0.0",
+            "hvp_evals": "0",
+            "seconds": "0.0",
+            "train_loss": "2.0",
+            "acc": "0.5",
+            "loss": "2.0",
+        }
+    ]
+    (pj,) = st.export(tmp_path / "json", "json")
+    doc = json.loads(pj.read_text())
+    assert doc["schema_version"] == SCHEMA_VERSION and len(doc["runs"]) == len(runs)
+    assert doc["evals"][0]["metrics"] == {"loss": 2.0, "acc": 0.5}
+    with pytest.raises(StoreError, match="unknown export format 'xml'"):
+        st.export(tmp_path, "xml")

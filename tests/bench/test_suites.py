@@ -1,0 +1,148 @@
+"""Suite validation (messages point at the bad field) and run expansion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from curvlab.bench.suites import SUITES, expand_runs, load_suite, parse_suite
+from curvlab.errors import SuiteError, UnknownNameError
+
+INFO = {
+    "quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
+    "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10},
+}
+
+
+def test_named_suites_validate() -> None:
+    for name in SUITES:
+        s = load_suite(name)
+        assert s.name == name and s.problems and s.optimizers
+    quick = load_suite("quick")
+    assert {"adamw", "sgd-momentum", "adopt", "sophia", "dog"} <= {
+        e.label for e in quick.optimizers
+    }
+
+
+def test_quick_suite_uses_only_shipped_data() -> None:
+    from curvlab.bench.problems import get_problem
+
+    for p in load_suite("quick").problems:
+        assert (
+            "fashion" not in get_problem(p).data
+            and "shakespeare" not in get_problem(p).data.lower()
+        )
+
+
+@pytest.mark.parametrize(
+    ("doc", "match"),
+    [
+        ({"optimizers": ["adamw"]}, r"problems: missing"),
+        ({"problems": "digits-mlp", "optimizers": ["adamw"]}, r"problems: expected a list"),
+        ({"problems": ["digits-mlp"], "optimizers": []}, r"optimizers: expected a non-empty list"),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamww"]},
+            r"optimizers\[0\]: no built-in entry 'adamww'\. Did you mean 'adamw'\?",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": ["adamw"],
+                "tracks": {"tuned": {"trials": 0}},
+            },
+            r"tracks\.tuned\.trials: expected an integer >= 1, got 0",
+        ),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamw"], "tracks": {"tunde": {}}},
+            r"tracks\.tunde: unknown field\. Did you mean 'tuned'\?",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": [
+                    {"label": "x", "optimizer": "sgd", "search": {"lr": {"low": -1, "high": 1}}}
+                ],
+            },
+            r"optimizers\[0\]\.search\.lr\.low: expected a positive number, got -1",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": [
+                    {
+                        "label": "x",
+                        "optimizer": "sgd",
+                        "search": {"lr": {"low": 1, "high": 0.1, "log": False}},
+                    }
+                ],
+            },
+            r"optimizers\[0\]\.search\.lr: high \(0\.1\) is below low \(1\)",
+        ),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamw", "adamw"]},
+            r"optimizers: duplicate labels \['adamw'\]",
+        ),
+        (
+            {"problems": {"digits-mlp": {"budget_steps": "many"}}, "optimizers": ["adamw"]},
+            r"problems\.digits-mlp\.budget_steps: expected an integer >= 1, got 'many'",
+        ),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamw"], "sed": 1},
+            r"\(top level\)\.sed: unknown field\. Did you mean 'seed'\?",
+        ),
+    ],
+)
+def test_invalid_suites_name_the_field(doc: dict, match: str) -> None:
+    with pytest.raises(SuiteError, match=r"^s\.yaml: " + match):
+        parse_suite(doc, "s.yaml")
+
+
+def test_unknown_problem_lists_known_and_suggests() -> None:
+    with pytest.raises(
+        UnknownNameError,
+        match=r"problems\[0\]: unknown problem 'digits-mpl'\. Did you mean 'digits-mlp'\?.*Known "
+        r"problems: .*breast-cancer-logreg",
+    ):
+        parse_suite({"problems": ["digits-mpl"], "optimizers": ["adamw"]})
+
+
+def test_yaml_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("problems: [digits-mlp\noptimizers: [")
+    with pytest.raises(SuiteError, match=r"bad\.yaml: cannot read the suite file"):
+        load_suite(str(bad))
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("problems: [digits-mlp]\noptimizers: [adamw]\ntracks: {tuned: {trials: x}}\n")
+    with pytest.raises(SuiteError, match=r"ok\.yaml: tracks\.tuned\.trials: expected an integer"):
+        load_suite(str(ok))
+    with pytest.raises(UnknownNameError, match=r"unknown suite 'quik'\. Did you mean 'quick'\?"):
+        load_suite("quik")
+
+
+def test_expand_runs_counts_tracks_and_seeds(tiny) -> None:  # type: ignore[no-untyped-def]
+    s = parse_suite(tiny())
+    runs = expand_runs(s, INFO)
+    # 2 problems x 2 optimizers x (2 default seeds + 2 trials x 2 studies)
+    assert len(runs) == 2 * 2 * (2 + 4)
+    assert len({r.run_id for r in runs}) == len(runs)
+    d = [r for r in runs if r.track == "defaults" and r.problem == "quadratic-k1e2"]
+    assert {r.budget_steps for r in d} == {30}  # ceil(1.5 x 20)
+    t = [
+        r
+        for r in runs
+        if r.track == "tuned" and r.label == "adamw" and r.problem == "quadratic-k1e2"
+    ]
+    lrs = [r.hparams["lr"] for r in t]
+    assert all(1e-3 <= x <= 0.3 for x in lrs) and len(set(lrs)) == 4
+    assert all(r.hparams["weight_decay"] == 0.0 for r in t)
+    # trials of one study share the seed; studies differ
+    assert len({r.seed for r in t if r.study == 0}) == 1 and len({r.seed for r in t}) == 2
+    # deterministic and workload-agnostic: same points for every problem, same ids on re-expansion
+    t2 = [
+        r
+        for r in runs
+        if r.track == "tuned" and r.label == "adamw" and r.problem == "breast-cancer-logreg"
+    ]
+    assert [r.hparams["lr"] for r in t2] == lrs
+    assert [r.run_id for r in expand_runs(s, INFO)] == [r.run_id for r in runs]

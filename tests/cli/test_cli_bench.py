@@ -1,0 +1,120 @@
+"""``curvlab bench`` through its own parser (the integrator wires register() into the main CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from curvlab.cli.bench import register
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="curvlab")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_list_shows_problems_optimizers_suites(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["bench", "list"]) == 0
+    out = capsys.readouterr().out
+    for word in (
+        "digits-mlp",
+        "breast-cancer-logreg",
+        "charlm-pydoc",
+        "sgd-momentum",
+        "quick:",
+        "standard:",
+    ):
+        assert word in out
+    assert _main(["bench", "list", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {p["name"] for p in doc["problems"]} >= {"digits-mlp", "fashion-mlp"}
+
+
+def test_run_report_export_roundtrip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    suite = tmp_path / "s.yaml"
+    suite.write_text(
+        "problems: {quadratic-k1e2: {budget_steps: 6, eval_every: 3}}\n"
+        "optimizers: [torch-sgd-momentum]\ntracks: {defaults: {seeds: 1}}\n"
+    )
+    store = tmp_path / "st.sqlite"
+    assert (
+        _main(
+            [
+                "bench",
+                "run",
+                "--suite",
+                str(suite),
+                "--store",
+                str(store),
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "1 finished" in capsys.readouterr().err
+    assert (
+        _main(
+            [
+                "bench",
+                "export",
+                "--store",
+                str(store),
+                "--format",
+                "json",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 0
+    )
+    assert Path(capsys.readouterr().out.strip()).name == "store.json"
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (
+            ["bench", "run", "--suite", "quik", "--store", "S"],
+            "unknown suite 'quik'. Did you mean 'quick'?",
+        ),
+        (["bench", "report", "--store", "MISSING"], "no store at"),
+        (["bench", "export", "--store", "MISSING", "--out", "o"], "no store at"),
+    ],
+)
+def test_errors_are_one_clear_line(
+    argv: list[str], match: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(tmp_path / a) if a in ("S", "MISSING", "o") else a for a in argv]
+    assert _main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curvlab bench: error: ") and match in err
+
+
+def test_unwritable_store_refused_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert (
+        _main(
+            [
+                "bench",
+                "run",
+                "--suite",
+                "quick",
+                "--store",
+                str(blocker / "s.sqlite"),
+                "--workers",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert "cannot create the store's directory" in capsys.readouterr().err

@@ -160,10 +160,10 @@ def cl_power(p: Problem, k: int) -> dict[str, Any]:
     return {"values": r.values.tolist(), "vectors": r.vectors, "nhvp": r.num_matvecs}
 
 
-def cl_trace(p: Problem, m: int, method: str) -> dict[str, Any]:
+def cl_trace(p: Problem, m: int, method: str, rtol: float | None = None) -> dict[str, Any]:
     from curvlab.estimators import trace
 
-    r = trace(_cl_H(p), m, method=method, blocks="module", generator=_gen())
+    r = trace(_cl_H(p), m, method=method, blocks="module", rtol=rtol, generator=_gen())
     return {
         "trace": float(r.value),
         "se": float(r.std_error),
@@ -382,6 +382,11 @@ def rows_for(task: str, p: Problem, m: int, steps: int) -> list[Row]:
                 "curvlab",
                 f"trace(m={m}, hutch++, blocks='module')",
                 lambda q: cl_trace(q, m, "hutch++"),
+            ),
+            (
+                "curvlab",
+                "trace(hutchinson, rtol=0.05, max 400) [s.e. stopping rule]",
+                lambda q: cl_trace(q, 400, "hutchinson", rtol=0.05),
             ),
             ("pyhessian", f"trace(maxIter={m}, tol=0)", lambda q: ph_trace(q, m)),
             ("curvlinops", f"hutchinson_trace(m={m})", lambda q: clo_trace(q, m, "hutchinson")),

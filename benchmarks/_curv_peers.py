@@ -222,8 +222,8 @@ def ph_trace(p: Problem, m: int) -> dict[str, Any]:
     }
 
 
-def ph_density(p: Problem, steps: int) -> dict[str, Any]:
-    torch.manual_seed(0)
+def ph_density(p: Problem, steps: int, seed: int = 0) -> dict[str, Any]:
+    torch.manual_seed(seed)
     COUNTER.n = 0
     H = _ph(p)
     nodes, weights = H.density(iter=steps, n_v=1)
@@ -277,10 +277,10 @@ def clo_layers(p: Problem, m: int) -> dict[str, Any]:
     return {"trace": sum(blocks.values()), "blocks": blocks, "se": float("nan"), "nhvp": COUNTER.n}
 
 
-def clo_density(p: Problem, steps: int) -> dict[str, Any]:
+def clo_density(p: Problem, steps: int, seed: int = 0) -> dict[str, Any]:
     from curvlinops import lanczos_approximate_spectrum
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     COUNTER.n = 0
     H = _clo(p)
     grid, dens = lanczos_approximate_spectrum(H, ncv=steps)

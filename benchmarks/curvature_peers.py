@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -145,15 +144,50 @@ def _time_task(p: Problem, task: str, rows: list, reps: int, unit: unit_hvp) -> 
 
 
 def _w1_seeds(p: Problem, ref: dict, avail: dict, seeds: int) -> dict[str, float]:
-    """Mean W1/width over ``seeds`` start vectors per library (untimed; one probe each)."""
+    """Mean W1/width over ``seeds`` start vectors, the *same* vector for every library (untimed).
+
+    Start vector ``s``: PyHessian's own Rademacher draw after ``torch.manual_seed(s)`` (its
+    ``density()`` draws nothing before it). curvlab and eigenthings run their public Lanczos
+    kernels (``curvlab.estimators.density.lanczos_tridiagonal``, which ``spectral_density``
+    runs; ``hessian_eigenthings.lanczos_tridiagonal``, which its ``spectral_density`` runs) from
+    that vector; curvlinops cannot take a start vector and draws its own after the same seed.
+    A single probe's W1 varies far more between start vectors than between libraries.
+    """
     import _curv_peers as cp
+
+    def probe(s: int) -> torch.Tensor:
+        torch.manual_seed(s)
+        v = [torch.randint_like(q, high=2) for q in p.model.parameters() if q.requires_grad]
+        for vi in v:
+            vi[vi == 0] = -1
+        return torch.cat([vi.reshape(-1) for vi in v])
+
+    def quadrature(alpha: np.ndarray, beta: np.ndarray) -> dict[str, np.ndarray]:
+        T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+        theta, S = np.linalg.eigh(T)
+        return {"nodes": theta, "weights": S[0] ** 2}
+
+    def curvlab_fn(s: int) -> dict:
+        from curvlab.estimators.density import lanczos_tridiagonal
+        from curvlab.operators import HessianOperator
+
+        H = HessianOperator(p.model, p.loss_fn, (p.X, p.y))
+        a, b = lanczos_tridiagonal(H, probe(s)[:, None], SLQ_STEPS)
+        return quadrature(a[0], b[0])
+
+    def eigenthings_fn(s: int) -> dict:
+        from hessian_eigenthings import lanczos_tridiagonal
+
+        td = lanczos_tridiagonal(cp._et(p), probe(s), SLQ_STEPS, reorthogonalize=True)
+        m = td.alphas.shape[0]
+        return quadrature(td.alphas.double().numpy(), td.betas[: m - 1].double().numpy())
 
     out: dict[str, float] = {}
     for peer, fn in (
-        ("curvlab", lambda s: _cl_density_seed(p, s)),
-        ("pyhessian", lambda s: (torch.manual_seed(s), cp.ph_density(p, SLQ_STEPS))[1]),
-        ("curvlinops", lambda s: (torch.manual_seed(s), cp.clo_density(p, SLQ_STEPS))[1]),
-        ("eigenthings", lambda s: _et_density_seed(p, s)),
+        ("curvlab", curvlab_fn),
+        ("pyhessian", lambda s: cp.ph_density(p, SLQ_STEPS, seed=s)),
+        ("curvlinops", lambda s: cp.clo_density(p, SLQ_STEPS, seed=s)),
+        ("eigenthings", eigenthings_fn),
     ):
         if avail.get(peer) is not None:
             continue
@@ -161,31 +195,6 @@ def _w1_seeds(p: Problem, ref: dict, avail: dict, seeds: int) -> dict[str, float
         for q in p.model.parameters():
             q.grad = None
     return out
-
-
-def _cl_density_seed(p: Problem, seed: int) -> dict:
-    from curvlab.estimators import spectral_density
-    from curvlab.operators import HessianOperator
-
-    r = spectral_density(
-        HessianOperator(p.model, p.loss_fn, (p.X, p.y)),
-        num_probes=1,
-        lanczos_steps=SLQ_STEPS,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return {"nodes": r.nodes.reshape(-1).numpy(), "weights": r.weights.reshape(-1).numpy()}
-
-
-def _et_density_seed(p: Problem, seed: int) -> dict:
-    import _curv_peers as cp
-    from hessian_eigenthings import spectral_density
-
-    r = spectral_density(cp._et(p), num_runs=1, lanczos_steps=SLQ_STEPS, seed=seed)
-    x = r.raw_eigenvalues.reshape(-1).double().numpy()
-    return {
-        "nodes": x[np.isfinite(x)],
-        "weights": r.raw_weights.reshape(-1).double().numpy()[np.isfinite(x)],
-    }
 
 
 def _primitives(p: Problem, avail: dict, unit: unit_hvp, reps: int) -> list[dict]:
@@ -261,13 +270,24 @@ def _memory_child(problem: str, peer: str, method: str, m: int) -> None:
         cp.clo_trace(p, m, method)
     elif peer == "eigenthings":
         cp.et_trace(p, m, method)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"growth_mib": peak - before}))
+    print(json.dumps({"growth_mib": _status_mib("VmHWM") - before}))
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return _status_mib("VmRSS")
+
+
+def _status_mib(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` (peak RSS of this process image) from /proc/self/status.
+
+    Not ``getrusage().ru_maxrss``: Linux carries it over from the forked copy of the parent
+    across ``exec``, so a child of a big process would report the parent's size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _memory(avail: dict, problem: str, ms: tuple[int, int]) -> list[dict]:
@@ -445,7 +465,7 @@ def main() -> None:
     ap.add_argument("--problems", default="mlp,cnn")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--w1-seeds", type=int, default=5)
+    ap.add_argument("--w1-seeds", type=int, default=10)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-primitives", action="store_true")
     ap.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
@@ -504,7 +524,8 @@ def main() -> None:
             w1_seeds = _w1_seeds(p, ref, avail, args.w1_seeds)
             print(
                 f"\n[mlp] SLQ W1/width at {SLQ_STEPS} steps, mean over {args.w1_seeds} start "
-                "vectors: " + ", ".join(f"{k} {v:.2e}" for k, v in w1_seeds.items())
+                "vectors (the same ones for curvlab, PyHessian, eigenthings): "
+                + ", ".join(f"{k} {v:.2e}" for k, v in w1_seeds.items())
             )
         prims: list[dict] = []
         if not args.no_primitives:

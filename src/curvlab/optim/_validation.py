@@ -22,7 +22,7 @@ param group so it survives ``state_dict``, ``copy.deepcopy`` and ``pickle``):
   number that ``state_dict()``/``load_state_dict()`` carry and that is never cast to a parameter
   dtype.
 * ``"ignore"``: no check at all (torch.optim behaviour: NaN/inf propagate into parameters). This is
-  the only policy that needs no device-to-host synchronisation; the other two read back one boolean
+  the only policy that needs no device-to-host synchronisation; the other two read back one number
   per step.
 
 Example:

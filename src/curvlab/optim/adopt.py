@@ -214,9 +214,13 @@ def adopt_foreach(
         torch._foreach_add_(ts, one, alpha=1.0)
 
 
-def _chunks(numels: list[int]) -> list[list[int]]:
-    """Consecutive index groups whose total size fits the largest single tensor."""
-    limit = max(numels)
+def _chunks(numels: list[int], cap: int = 1 << 22) -> list[list[int]]:
+    """Consecutive index groups, each fitting a scratch of max(largest tensor, min(total, cap)).
+
+    Small models run in one group (fewest calls); large ones need a scratch no bigger than
+    ``cap`` elements or their largest tensor.
+    """
+    limit = max(max(numels), min(sum(numels), cap))
     groups: list[list[int]] = [[]]
     total = 0
     for i, n in enumerate(numels):

@@ -256,24 +256,32 @@ class DoG(Optimizer):
     def _distances(
         self, params: list[Tensor], x0s: list[Tensor], dtype: torch.dtype
     ) -> list[Tensor]:
-        """‖x - x0‖ per tensor, through one reusable scratch buffer per (device, dtype).
+        """‖x - x0‖ per tensor; large tensors go through one reusable scratch buffer.
 
-        Allocating a fresh x - x0 every step costs page faults that dominate on CPU; the scratch
-        (as large as the largest parameter) is a cache outside ``state``: ``state_dict``, deepcopy
-        and pickling drop it and it is rebuilt on the next step.
+        A fresh x - x0 of a large tensor costs page faults that dominate the step on CPU; the
+        scratch (as large as the largest such parameter) is a cache outside ``state``:
+        ``state_dict``, deepcopy and pickling drop it and it is rebuilt on the next step. Small
+        tensors (< 65536 elements) take two multi-tensor calls instead (fewer Python calls).
         """
         cache: dict[tuple[torch.device, torch.dtype], Tensor] = self.__dict__.setdefault(
             "_scratch_buffers", {}
         )
-        out = []
-        for p, x0 in zip(params, x0s):
+        out: list[Tensor | None] = [None] * len(params)
+        small = [i for i, p in enumerate(params) if p.numel() < 65536]
+        if small:
+            diffs = torch._foreach_sub([params[i] for i in small], [x0s[i] for i in small])
+            for i, n in zip(small, torch._foreach_norm(diffs, 2, dtype=dtype)):
+                out[i] = n
+        for i, (p, x0) in enumerate(zip(params, x0s)):
+            if out[i] is not None:
+                continue
             key = (p.device, p.dtype)
             buf = cache.get(key)
             if buf is None or buf.numel() < p.numel():
                 buf = cache[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
             diff = torch.sub(p, x0, out=buf[: p.numel()].view(p.shape))
-            out.append(torch.linalg.vector_norm(diff, dtype=dtype))
-        return out
+            out[i] = torch.linalg.vector_norm(diff, dtype=dtype)
+        return out  # type: ignore[return-value]
 
     def _layerwise_scalars(self, group, params, new, g_norms, tracked, d_norms) -> None:
         raise NotImplementedError  # only LDoG

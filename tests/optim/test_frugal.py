@@ -394,3 +394,21 @@ def test_load_state_dict_with_other_density_raises() -> None:
     sd["param_groups"][0]["density"] = 0.25
     with pytest.raises(StateDictError, match="shape"):
         FRUGAL(_stack().parameters(), projection="columns").load_state_dict(sd)
+
+
+@pytest.mark.parametrize("projection", ["columns", "rows"])
+def test_non_contiguous_parameter_gets_the_same_update(projection: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    W_nc = nn.Parameter(base.t().contiguous().t())  # same values, column-major strides
+    W_c = nn.Parameter(base.clone())
+    assert not W_nc.is_contiguous()
+    opts = [
+        FRUGAL([W], lr=0.05, density=0.5, update_gap=2, projection=projection) for W in (W_nc, W_c)
+    ]
+    for _ in range(4):
+        g = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+        for W, opt in zip((W_nc, W_c), opts):
+            W.grad = g.clone()
+            opt.step()
+    assert torch.equal(W_nc.detach(), W_c.detach())

@@ -9,6 +9,7 @@ public fork.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
@@ -18,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._finite import finite_grads_or_policy
+from curvlab.optim._finite import finite_grads_or_policy, workspace
 from curvlab.optim._validation import (
     check_state_dict,
     grads_of,
@@ -45,6 +46,8 @@ _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "group_step")
 #: (target tensor, gradient, exp_avg, exp_avg_sq, step size, sqrt of bias correction 2)
 _AdamEntry = tuple[Tensor, Tensor, Tensor, Tensor, float, float]
 _MIX = 0x9E3779B97F4A7C15
+#: CPU, foreach=None: tensors with at least this many entries use the loop with a scratch buffer.
+_SCRATCH_NUMEL = 1 << 16
 
 
 def _subspace_generator(seed: int, refresh: int) -> torch.Generator:
@@ -156,7 +159,8 @@ class FRUGAL(Optimizer):
         reset_statistics: reset moments at refresh for column/row projections (default ``True``).
         split: default of the per-group ``split`` (default ``None``).
         seed: seed of the subspace choices (default ``0``).
-        foreach: use the ``torch._foreach_*`` path (default ``None``: yes); equal to the loop.
+        foreach: use the ``torch._foreach_*`` path (default ``None``: on non-CPU devices, as
+            torch.optim; the CPU loop reuses one scratch buffer); bitwise equal to the loop.
         on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"``, see ``curvlab.optim._validation``.
 
     Raises:
@@ -380,8 +384,8 @@ class FRUGAL(Optimizer):
 
         with_grad: list[Tensor] = []
         adam: list[_AdamEntry] = []
-        # (param, full grad, indices, Adam entry on the gathered part)
-        coord: list[tuple[Tensor, Tensor, Tensor, _AdamEntry]] = []
+        # (param, grad, indices, exp_avg, exp_avg_sq, step size, bc2) of column/row projections
+        coord: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float, float]] = []
         free: list[tuple[Tensor, Tensor]] = []
         for p in params:
             if p.grad is None:
@@ -405,50 +409,75 @@ class FRUGAL(Optimizer):
             if idx is None:
                 adam.append((p, gd, st["exp_avg"], st["exp_avg_sq"], step_size, bc2_sqrt))
             else:
-                upd = torch.zeros_like(gd)
-                entry = (upd, gd, st["exp_avg"], st["exp_avg_sq"], step_size, bc2_sqrt)
-                coord.append((p, g, idx, entry))
+                coord.append((p, gd, idx, st["exp_avg"], st["exp_avg_sq"], step_size, bc2_sqrt))
         self.state[anchor]["group_step"] = t + 1
 
-        foreach = group["foreach"] is None or bool(group["foreach"])
+        foreach = group["foreach"]
+        if foreach is None:
+            # torch.optim's rule (foreach on accelerators) refined for CPU: tensors below
+            # _SCRATCH_NUMEL go through the foreach kernels (few dispatches); larger ones through
+            # the loop with a reused scratch buffer (a fresh multi-MB temporary per tensor and
+            # step costs page faults). Both paths run the same operations: bitwise equal.
+            on_cpu = any(p.device.type == "cpu" for p in with_grad)
+            big = (lambda t: t.numel() >= _SCRATCH_NUMEL) if on_cpu else (lambda t: False)
+        else:
+            big = (lambda t: False) if foreach else (lambda t: True)
+        scratch = functools.partial(workspace, self)
         if wd != 0.0:
-            if foreach:
+            if foreach is not False:
                 torch._foreach_mul_(with_grad, 1.0 - lr * wd)
             else:
                 for p in with_grad:
                     p.mul_(1.0 - lr * wd)
         # whole tensors (non-split and state-full blocks): AdamW in place.
-        _adam_update(adam, beta1, beta2, eps, foreach)
-        # column/row projections: Adam on the gathered part, the state-free rule on the rest
-        # (the residual g − P(Pᵀg) is zero on the chosen part, so its sign is 0 there).
-        _adam_update([c[3] for c in coord], beta1, beta2, eps, foreach)
-        for p, g, idx, entry in coord:
-            delta = _free_update(g, rule, lr_free).reshape(_matrix_shape(p))
-            delta.index_copy_(axis, idx, entry[0])
-            p.add_(delta.view_as(p))
-        if rule != "no" and free:
-            ps = [p for p, _ in free]
-            gs = [g for _, g in free]
-            if rule == "sign_sgd":
-                if foreach:
-                    torch._foreach_add_(ps, torch._foreach_sign(gs), alpha=-lr_free)
+        _adam_update([e for e in adam if not big(e[0])], beta1, beta2, eps, True)
+        _adam_update([e for e in adam if big(e[0])], beta1, beta2, eps, False, scratch)
+        # column/row projections: θ_S is gathered (after weight decay) and updated by Adam; the
+        # state-free rule is applied to the whole tensor, then θ_S is written back, so the chosen
+        # part gets exactly θ_S + Adam update (its residual g − P(Pᵀg) is 0) and the rest the rule.
+        views, gathered, entries = [], [], []
+        for p, gd, idx, m, v, step_size, bc2_sqrt in coord:
+            shape = _matrix_shape(p)
+            pm = p.view(shape) if p.is_contiguous() else p.reshape(shape).clone()
+            pd = pm.index_select(axis, idx)
+            views.append(pm)
+            gathered.append(pd)
+            entries.append((pd, gd, m, v, step_size, bc2_sqrt))
+        _adam_update([e for e in entries if not big(e[1])], beta1, beta2, eps, True)
+        _adam_update([e for e in entries if big(e[1])], beta1, beta2, eps, False, scratch)
+        for (p, _gd, idx, *_), pm, pd in zip(coord, views, gathered):
+            if rule != "no":
+                assert p.grad is not None
+                gm = p.grad.reshape(pm.shape)
+                d = scratch(gm)
+                if rule == "sign_sgd":
+                    torch.sign(gm, out=d)
                 else:
-                    for p, g in free:
-                        p.add_(g.sign(), alpha=-lr_free)
-            elif foreach:
+                    d.copy_(gm)
+                pm.add_(d, alpha=-lr_free)
+            pm.index_copy_(axis, idx, pd)
+            if not p.is_contiguous():
+                p.copy_(pm.view_as(p))
+        # whole state-free tensors: signSGD (or SGD).
+        if rule == "no" or not free:
+            return
+        if rule == "sgd":
+            ps, gs = [p for p, _ in free], [g for _, g in free]
+            if foreach is not False:
                 torch._foreach_add_(ps, gs, alpha=-lr_free)
             else:
                 for p, g in free:
                     p.add_(g, alpha=-lr_free)
-
-
-def _free_update(g: Tensor, rule: str, lr_free: float) -> Tensor:
-    """The state-free update ``−lr_free · sign(g)`` (``"sgd"``: ``−lr_free · g``; ``"no"``: 0)."""
-    if rule == "sign_sgd":
-        return g.sign().mul_(-lr_free)
-    if rule == "sgd":
-        return g.mul(-lr_free)
-    return torch.zeros_like(g)
+            return
+        small = [(p, g) for p, g in free if not big(g)]
+        if small:
+            signs = torch._foreach_sign([g for _, g in small])
+            torch._foreach_add_([p for p, _ in small], signs, alpha=-lr_free)
+        for p, g in free:
+            if big(g):
+                d = scratch(g)
+                torch.sign(g, out=d)
+                p.add_(d, alpha=-lr_free)
 
 
 def _adam_update(
@@ -457,27 +486,30 @@ def _adam_update(
     beta2: float,
     eps: float,
     foreach: bool,
+    scratch: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
-    """Official FRUGAL AdamW rule, in place on ``target``: the single-tensor loop is the reference.
+    """The AdamW rule of the authors' code, in place on ``target``; the loop is the reference.
 
     ``m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  target ← target − η · m / (sqrt(v)/bc2 + eps)``
-    with ``η = step_size = lr / (1 − β1^t)`` and ``bc2 = sqrt(1 − β2^t)``.
+    with ``η = step_size = lr / (1 − β1^t)`` and ``bc2 = sqrt(1 − β2^t)`` (``m`` is updated as
+    ``m + (1−β1)(g − m)``, torch's form). ``scratch(like)`` gives a reusable buffer for the
+    denominator (loop path), avoiding a fresh allocation per tensor and step.
     """
     if not entries:
         return
     if not foreach:
         for target, g, m, v, step_size, bc2_sqrt in entries:
-            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+            m.lerp_(g, 1.0 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+            denom = torch.sqrt(v, out=scratch(v)) if scratch is not None else v.sqrt()
+            denom.div_(bc2_sqrt).add_(eps)
             target.addcdiv_(m, denom, value=-step_size)
         return
     targets = [e[0] for e in entries]
     gs = [e[1] for e in entries]
     ms = [e[2] for e in entries]
     vs = [e[3] for e in entries]
-    torch._foreach_mul_(ms, beta1)
-    torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+    torch._foreach_lerp_(ms, gs, 1.0 - beta1)
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
     denoms = torch._foreach_sqrt(vs)

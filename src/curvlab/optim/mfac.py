@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._finite import finite_grads_or_policy
+from curvlab.optim._finite import finite_grads_or_policy, workspace
 from curvlab.optim._validation import (
     check_state_dict,
     grads_of,
@@ -303,7 +303,8 @@ class MFAC(Optimizer):
                 u = torch.addmv(g.float(), window.float().t(), c, beta=1.0 / damp, alpha=-1.0)
                 u = u.to(p.dtype)
             else:
-                u = torch.addmv(g, window.t(), c, beta=1.0 / damp, alpha=-1.0)
+                u = workspace(self, g)  # reused buffer: no fresh d-sized temporary per step
+                torch.addmv(g, window.t(), c, beta=1.0 / damp, alpha=-1.0, out=u)
             u = u.view_as(p)
             if mu > 0.0:
                 st = self.state[p]

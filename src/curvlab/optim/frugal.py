@@ -47,7 +47,7 @@ _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "group_step")
 _AdamEntry = tuple[Tensor, Tensor, Tensor, Tensor, float, float]
 _MIX = 0x9E3779B97F4A7C15
 #: CPU, foreach=None: tensors with at least this many entries use the loop with a scratch buffer.
-_SCRATCH_NUMEL = 1 << 16
+_SCRATCH_NUMEL = 1 << 18
 
 
 def _subspace_generator(seed: int, refresh: int) -> torch.Generator:

@@ -51,7 +51,7 @@ def mfac_coefficients(dots: Tensor, gx: Tensor, damp: float, num_grads: int) -> 
         num_grads: ``m``, the window length (the ``1/m`` of the Fisher; zero rows count).
 
     Returns:
-        ``c = λ⁻² K⁻¹ G x``, shape ``[m]``, dtype float64.
+        ``c = λ⁻² K⁻¹ G x``, shape ``[m]``, dtype float64 (float32 on MPS).
 
     Example:
         >>> G = torch.eye(2, 3, dtype=torch.float64)   # two gradients e_1, e_2 in R^3
@@ -64,10 +64,11 @@ def mfac_coefficients(dots: Tensor, gx: Tensor, damp: float, num_grads: int) -> 
     """
     m = num_grads
     lam_inv = 1.0 / damp
-    k = dots.to(torch.float64) * lam_inv
+    wide = torch.float32 if dots.device.type == "mps" else torch.float64  # MPS has no float64
+    k = dots.to(wide) * lam_inv
     k.diagonal().add_(float(m))
     chol, _ = torch.linalg.cholesky_ex(k)
-    sol = torch.cholesky_solve(gx.to(torch.float64).unsqueeze(1), chol).squeeze(1)
+    sol = torch.cholesky_solve(gx.to(wide).unsqueeze(1), chol).squeeze(1)
     return sol.mul_(lam_inv * lam_inv)
 
 

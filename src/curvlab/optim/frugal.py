@@ -19,8 +19,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._finite import finite_grads_or_policy, workspace
+from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
+    check_finite_grads,
     check_state_dict,
     grads_of,
     validate_betas,
@@ -346,7 +347,7 @@ class FRUGAL(Optimizer):
             if anchor is not None:
                 step_no = int(self.state[anchor]["group_step"]) + 1
                 break
-        if not finite_grads_or_policy(self.param_groups, step=step_no):
+        if not check_finite_grads(self.param_groups, step=step_no):
             return loss
         for gi, group in enumerate(self.param_groups):
             self._step_group(gi, group)

@@ -15,8 +15,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._finite import finite_grads_or_policy, workspace
+from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
+    check_finite_grads,
     check_state_dict,
     grads_of,
     validate_lr,
@@ -243,7 +244,7 @@ class MFAC(Optimizer):
             if anchor is not None:
                 step_no = int(self.state[anchor]["step"]) + 1
                 break
-        if not finite_grads_or_policy(self.param_groups, step=step_no):
+        if not check_finite_grads(self.param_groups, step=step_no):
             return loss
         for group in self.param_groups:
             self._step_group(group)

@@ -32,7 +32,7 @@ from curvlab.optim._validation import (
     validate_weight_decay,
 )
 
-__all__ = ["FRUGAL", "PROJECTIONS", "BLOCK_ORDERS", "INACTIVE_UPDATE_RULES"]
+__all__ = ["BLOCK_ORDERS", "FRUGAL", "INACTIVE_UPDATE_RULES", "PROJECTIONS", "block_selection"]
 
 #: ``"blocks"``: whole tensors (BAdam-like; the paper's main pre-training runs, ``--optimizer
 #: frugal``); ``"columns"`` / ``"rows"``: a random ``density`` fraction of the columns / rows of

@@ -1,0 +1,563 @@
+"""FRUGAL: gradient splitting into a state-full subspace (AdamW) and a state-free rest (signSGD).
+
+Zmushko, Beznosikov, Takáč, Horváth 2024, "FRUGAL: Memory-Efficient Optimization by Reducing State
+Overhead for Scalable Training", arXiv 2411.07837 (ICML 2025). Authors' code ("Supplementary
+code", commits by fzmushko of 2024-11-13: ``frugal/proj_optimizer_templates.py`` classes
+``BlockOptimizer``, ``CoordOptimizer``; ``frugal/adamw.py`` class ``AdamW``), read through a
+public fork.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from curvlab.errors import ParameterError, StateDictError
+from curvlab.optim._scratch import workspace
+from curvlab.optim._validation import (
+    check_finite_grads,
+    check_state_dict,
+    grads_of,
+    validate_betas,
+    validate_eps,
+    validate_lr,
+    validate_nonnegative,
+    validate_on_nonfinite,
+    validate_weight_decay,
+)
+
+__all__ = ["BLOCK_ORDERS", "FRUGAL", "INACTIVE_UPDATE_RULES", "PROJECTIONS", "block_selection"]
+
+#: ``"blocks"``: whole tensors (BAdam-like; the paper's main pre-training runs, ``--optimizer
+#: frugal``); ``"columns"`` / ``"rows"``: a random ``density`` fraction of the columns / rows of
+#: every tensor.
+PROJECTIONS: tuple[str, ...] = ("blocks", "columns", "rows")
+#: Order in which blocks become state-full at each refresh (official ``block_order``).
+BLOCK_ORDERS: tuple[str, ...] = ("random", "ascending", "descending", "mirror")
+#: Update of the state-free part (official ``inactive_update_rule``).
+INACTIVE_UPDATE_RULES: tuple[str, ...] = ("sign_sgd", "sgd", "no")
+
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "group_step")
+#: (target tensor, gradient, exp_avg, exp_avg_sq, step size, sqrt of bias correction 2)
+_AdamEntry = tuple[Tensor, Tensor, Tensor, Tensor, float, float]
+_MIX = 0x9E3779B97F4A7C15
+#: CPU, foreach=None: tensors with at least this many entries use the loop with a scratch buffer.
+_SCRATCH_NUMEL = 1 << 18
+
+
+def _subspace_generator(seed: int, refresh: int) -> torch.Generator:
+    """A CPU generator determined by ``(seed, refresh)``: subspaces reproducible from numbers."""
+    return torch.Generator().manual_seed((seed * _MIX + refresh) % (2**63 - 1))
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    """The ``(rows, columns)`` view of a parameter used by the column/row projections."""
+    if p.dim() == 0:
+        return 1, 1
+    if p.dim() == 1:
+        return 1, p.shape[0]
+    return p.shape[0], p.numel() // p.shape[0]
+
+
+def _num_active_blocks(n: int, density: float) -> int:
+    # Python's round (half to even), as the official BlockOptimizer: round(0.5) == 0.
+    return round(n * density)
+
+
+def block_selection(n: int, density: float, order: str, seed: int, refresh: int) -> list[int]:
+    """Indices of the state-full tensors among a group's ``n`` split tensors in subspace k.
+
+    ``round(n · density)`` whole tensors (official ``num_active_blocks``). ``"random"``: the first
+    entries of a permutation drawn from a generator seeded by ``(seed, refresh)`` (the official
+    code draws ``torch.randperm`` from the global generator); ``"ascending"`` / ``"descending"``:
+    consecutive tensors, moving by that many each refresh; ``"mirror"``: pairs from both ends.
+
+    Example:
+        >>> block_selection(8, 0.25, "ascending", seed=0, refresh=1)
+        [2, 3]
+        >>> block_selection(8, 0.25, "descending", seed=0, refresh=0)
+        [7, 6]
+    """
+    k = _num_active_blocks(n, density)
+    if n == 0 or k == 0:
+        return []
+    if order == "random":
+        perm = torch.randperm(n, generator=_subspace_generator(seed, refresh))
+        return [int(i) for i in perm[:k]]
+    if order == "ascending":
+        start = (refresh * k) % n
+        return [(start + i) % n for i in range(k)]
+    if order == "descending":
+        start = (n - 1 - refresh * k) % n
+        return [(start - i) % n for i in range(k)]
+    half = n // 2  # mirror
+    start = (refresh * (k // 2)) % half
+    out: list[int] = []
+    for i in range(start, start + k // 2):
+        out += [i % half, n - 1 - i % half]
+    return out
+
+
+class FRUGAL(Optimizer):
+    r"""FRUGAL: AdamW on a state-full subspace, signSGD (state-free) on the rest of the gradient.
+
+    For the *split* parameters of a group (by default its tensors with ≥ 2 dimensions, i.e. the
+    Linear/conv weights; ``split=False`` for a group keeps it plain AdamW, as the official code does
+    for embeddings, norms, biases and the output layer)::
+
+        every T = update_gap steps (t = 0, T, 2T, ...): choose the subspace S_k (k = t // T) and
+            reset the AdamW moments of the split tensors (fresh zeros; Adam's step restarts at 0)
+        θ ← θ · (1 − lr · wd)                                              (decoupled, all params)
+        on S_k:  m ← β1 m + (1 − β1) g_S ;  v ← β2 v + (1 − β2) g_S²
+                 θ_S ← θ_S − lr·s · (m / (1 − β1^t)) / (sqrt(v) / sqrt(1 − β2^t) + eps)
+        on the rest (state-free):  θ_R ← θ_R − lr·s·s_free · sign(g_R)   ("sign_sgd"; "sgd": g_R)
+        non-split params: plain AdamW with lr
+        (s = proj_params_lr_scale, s_free = inactive_lr_scale)
+
+    Subspaces (``projection``): ``"blocks"`` (default; the paper's main pre-training
+    configuration, the official ``BlockAdamW`` / ``--optimizer frugal``): ``round(density · n)``
+    of the group's ``n`` split tensors are state-full, in ``block_order``; ``"columns"`` /
+    ``"rows"`` (official ``CoordAdamW`` with ``coord_choice``): ``int(density · c)`` random
+    columns (rows) of every split tensor, moments stored only for them. The GaLore-style SVD
+    projection of the paper is not implemented. ``reset_statistics=False`` keeps the moments
+    across refreshes (column/row projections only; blocks always restart, as in the official
+    code).
+
+    Memory (float32): 8 bytes per state-full entry, none for the state-free part: ``8 · density``
+    bytes per split parameter for ``"columns"``/``"rows"`` (2 B at ``density = 0.25``) and for
+    ``"blocks"`` when the split tensors have equal sizes (transformer blocks; in general it is 8 ×
+    the chosen tensors' share), 8 bytes per non-split parameter.
+
+    Randomness and resume: subspace ``k`` is a function of ``(seed, k)`` only (a ``torch.Generator``
+    seeded from them), so the state holds only moments and integer counters and a resumed run is
+    bit-identical. Deviations from the official code: that seeding (official: the global
+    generator); the refresh clock is one per group (official: the first parameter's own step
+    counter); the chosen columns/rows are sorted; moments are created lazily, only for parameters
+    that receive a gradient.
+
+    Args:
+        params: parameters or param groups; a group may set ``split`` (``None``: tensors with
+            ``dim ≥ 2``; ``True``: all; ``False``: none) and any hyper-parameter below.
+        lr: learning rate (default ``1e-3``).
+        betas: AdamW ``(β1, β2)`` (default ``(0.9, 0.999)``).
+        eps: AdamW denominator guard (default ``1e-8``).
+        weight_decay: decoupled weight decay, applied to all parameters (default ``0.01``, the
+            authors' AdamW default).
+        density: ρ, the state-full fraction (default ``0.25``).
+        update_gap: T, steps between subspace refreshes (default ``200``).
+        projection: ``"blocks"`` | ``"columns"`` | ``"rows"`` (default ``"blocks"``).
+        block_order: ``"random"`` | ``"ascending"`` | ``"descending"`` | ``"mirror"`` (default
+            ``"random"``, the official default; the paper's C4 scripts use ``"descending"``).
+        inactive_update_rule: ``"sign_sgd"`` | ``"sgd"`` | ``"no"`` (default ``"sign_sgd"``).
+        inactive_lr_scale: s_free (default ``1.0``; the authors use 0.1 for fine-tuning).
+        proj_params_lr_scale: s, scales both updates of split parameters (default ``1.0``).
+        reset_statistics: reset moments at refresh for column/row projections (default ``True``).
+        split: default of the per-group ``split`` (default ``None``).
+        seed: seed of the subspace choices (default ``0``).
+        foreach: use the ``torch._foreach_*`` path (default ``None``: on non-CPU devices, as
+            torch.optim; the CPU loop reuses one scratch buffer); bitwise equal to the loop.
+        on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"``, see ``curvlab.optim._validation``.
+
+    Raises:
+        ParameterError: an invalid hyper-parameter (the message names it and the valid values).
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+        >>> opt = FRUGAL(model.parameters(), lr=1e-2, density=0.25, update_gap=10)
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> opt.step()
+        >>> sum("exp_avg" in opt.state[m.weight] for m in model)   # one of four weights state-full
+        1
+
+    Paper: Zmushko, Beznosikov, Takáč, Horváth 2024, "FRUGAL: Memory-Efficient Optimization by
+    Reducing State Overhead for Scalable Training", arXiv 2411.07837.
+    """
+
+    closure_mode: ClassVar[str] = "backward"
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        density: float = 0.25,
+        update_gap: int = 200,
+        projection: str = "blocks",
+        block_order: str = "random",
+        inactive_update_rule: str = "sign_sgd",
+        inactive_lr_scale: float = 1.0,
+        proj_params_lr_scale: float = 1.0,
+        reset_statistics: bool = True,
+        split: bool | None = None,
+        seed: int = 0,
+        foreach: bool | None = None,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "density": density,
+            "update_gap": update_gap,
+            "projection": projection,
+            "block_order": block_order,
+            "inactive_update_rule": inactive_update_rule,
+            "inactive_lr_scale": inactive_lr_scale,
+            "proj_params_lr_scale": proj_params_lr_scale,
+            "reset_statistics": reset_statistics,
+            "split": split,
+            "seed": seed,
+            "foreach": foreach,
+            "on_nonfinite": on_nonfinite,
+        }
+        _validate(defaults)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _validate(group)
+            if group["projection"] == "blocks" and group["block_order"] == "mirror":
+                n = len(self._split_params(group))
+                if _num_active_blocks(n, group["density"]) % 2:
+                    raise ParameterError(
+                        f"block_order='mirror' activates tensors in pairs, but round({n} * "
+                        f"{group['density']}) is odd; choose a density giving an even count or "
+                        "another block_order"
+                    )
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _is_split(group: Mapping[str, Any], p: Tensor) -> bool:
+        split = group["split"]
+        return p.dim() >= 2 if split is None else bool(split)
+
+    def _split_params(self, group: Mapping[str, Any]) -> list[Tensor]:
+        return [p for p in group["params"] if self._is_split(group, p)]
+
+    def _anchor(self, group: Mapping[str, Any]) -> Tensor | None:
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st is not None and "group_step" in st:
+                return p
+        return None
+
+    def _selection(
+        self, gi: int, group: Mapping[str, Any], refresh: int
+    ) -> dict[int, Tensor | None]:
+        """Map ``id(p)`` of each state-full split tensor to its column/row indices (None: whole)."""
+        cache: dict[int, tuple[tuple[Any, ...], dict[int, Tensor | None]]]
+        cache = self.__dict__.setdefault("_subspace_cache", {})
+        split = self._split_params(group)
+        key = (
+            refresh,
+            group["projection"],
+            group["block_order"],
+            group["density"],
+            group["seed"],
+            tuple(id(p) for p in split),
+        )
+        hit = cache.get(gi)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        sel: dict[int, Tensor | None] = {}
+        if group["projection"] == "blocks":
+            for i in block_selection(
+                len(split), group["density"], group["block_order"], group["seed"], refresh
+            ):
+                sel[id(split[i])] = None
+        else:
+            gen = _subspace_generator(group["seed"], refresh)
+            axis = 1 if group["projection"] == "columns" else 0
+            for p in split:
+                n = _matrix_shape(p)[axis]
+                idx = torch.randperm(n, generator=gen)[: int(n * group["density"])]
+                sel[id(p)] = torch.sort(idx).values.to(p.device)
+        cache[gi] = (key, sel)
+        return sel
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state_dict saved by :class:`FRUGAL` on parameters of the same shapes.
+
+        Raises:
+            StateDictError: the state_dict comes from another optimizer or another model.
+        """
+        if (
+            isinstance(state_dict, Mapping)
+            and "state" in state_dict
+            and "param_groups" in state_dict
+        ):
+            for pid, st in state_dict["state"].items():
+                extra = sorted(set(st) - set(_STATE_KEYS))
+                if extra:
+                    raise StateDictError(
+                        f"state of parameter id {pid!r} has keys {extra} that FRUGAL does not use "
+                        f"(it uses {sorted(_STATE_KEYS)}): the state_dict was saved from another "
+                        "optimizer; load it into that optimizer instead"
+                    )
+            plain = {
+                "param_groups": state_dict["param_groups"],
+                "state": {
+                    pid: {k: v for k, v in st.items() if k not in ("exp_avg", "exp_avg_sq")}
+                    for pid, st in state_dict["state"].items()
+                },
+            }
+            check_state_dict(self, plain, state_keys=_STATE_KEYS)
+            for sg, g in zip(state_dict["param_groups"], self.param_groups):
+                for pid, p in zip(sg["params"], g["params"]):
+                    st = state_dict["state"].get(pid, {})
+                    allowed = {tuple(p.shape)}
+                    if self._is_split(sg, p) and sg["projection"] != "blocks":
+                        r, c = _matrix_shape(p)
+                        if sg["projection"] == "columns":
+                            allowed.add((r, int(c * sg["density"])))
+                        else:
+                            allowed.add((int(r * sg["density"]), c))
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        v = st.get(key)
+                        if isinstance(v, Tensor) and tuple(v.shape) not in allowed:
+                            raise StateDictError(
+                                f"state {key!r} of a parameter of shape {tuple(p.shape)} has shape "
+                                f"{tuple(v.shape)}; the state_dict was saved for a model with "
+                                "different parameter shapes (or another projection/density)"
+                            )
+        else:
+            check_state_dict(self, state_dict, state_keys=_STATE_KEYS)
+        super().load_state_dict(dict(state_dict))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One FRUGAL step; ``closure`` (optional) zeroes grads, calls backward, returns loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads_of(self.param_groups)  # raises on sparse gradients
+        step_no = 1
+        for group in self.param_groups:
+            anchor = self._anchor(group)
+            if anchor is not None:
+                step_no = int(self.state[anchor]["group_step"]) + 1
+                break
+        if not check_finite_grads(self.param_groups, step=step_no):
+            return loss
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group)
+        return loss
+
+    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
+        params = group["params"]
+        if not any(p.grad is not None for p in params):
+            return
+        anchor = self._anchor(group)
+        if anchor is None:
+            anchor = next(p for p in params if p.grad is not None)
+            self.state[anchor]["group_step"] = 0
+        t = int(self.state[anchor]["group_step"])
+        gap = int(group["update_gap"])
+        refresh = t // gap
+        reset = group["projection"] == "blocks" or bool(group["reset_statistics"])
+        if t % gap == 0 and reset:
+            for p in self._split_params(group):
+                st = self.state.get(p)
+                if st:
+                    st.pop("exp_avg", None)
+                    st.pop("exp_avg_sq", None)
+                    st["step"] = 0
+        sel = self._selection(gi, group, refresh)
+
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        eps = float(group["eps"])
+        wd = float(group["weight_decay"])
+        lr_split = lr * float(group["proj_params_lr_scale"])
+        lr_free = lr_split * float(group["inactive_lr_scale"])
+        rule = group["inactive_update_rule"]
+        axis = 1 if group["projection"] == "columns" else 0
+
+        with_grad: list[Tensor] = []
+        adam: list[_AdamEntry] = []
+        # (param, grad, indices, exp_avg, exp_avg_sq, step size, bc2) of column/row projections
+        coord: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float, float]] = []
+        free: list[tuple[Tensor, Tensor]] = []
+        for p in params:
+            if p.grad is None:
+                continue
+            g = p.grad
+            st = self.state[p]
+            st["step"] = int(st.get("step", 0)) + 1
+            with_grad.append(p)
+            is_split = self._is_split(group, p)
+            if is_split and id(p) not in sel:
+                free.append((p, g))
+                continue
+            idx = sel.get(id(p)) if is_split else None
+            gd = g if idx is None else g.reshape(_matrix_shape(p)).index_select(axis, idx)
+            if "exp_avg" not in st:
+                st["exp_avg"] = torch.zeros_like(gd, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(gd, memory_format=torch.preserve_format)
+            n = st["step"]
+            step_size = (lr_split if is_split else lr) / (1.0 - beta1**n)
+            bc2_sqrt = math.sqrt(1.0 - beta2**n)
+            if idx is None:
+                adam.append((p, gd, st["exp_avg"], st["exp_avg_sq"], step_size, bc2_sqrt))
+            else:
+                coord.append((p, gd, idx, st["exp_avg"], st["exp_avg_sq"], step_size, bc2_sqrt))
+        self.state[anchor]["group_step"] = t + 1
+
+        foreach = group["foreach"]
+        if foreach is None:
+            # torch.optim's rule (foreach on accelerators) refined for CPU: tensors below
+            # _SCRATCH_NUMEL go through the foreach kernels (few dispatches); larger ones through
+            # the loop with a reused scratch buffer (a fresh multi-MB temporary per tensor and
+            # step costs page faults). Both paths run the same operations: bitwise equal.
+            on_cpu = any(p.device.type == "cpu" for p in with_grad)
+            big = (lambda t: t.numel() >= _SCRATCH_NUMEL) if on_cpu else (lambda t: False)
+        else:
+            big = (lambda t: False) if foreach else (lambda t: True)
+        scratch = functools.partial(workspace, self)
+        if wd != 0.0:
+            if foreach is not False:
+                torch._foreach_mul_(with_grad, 1.0 - lr * wd)
+            else:
+                for p in with_grad:
+                    p.mul_(1.0 - lr * wd)
+        # whole tensors (non-split and state-full blocks): AdamW in place.
+        _adam_update([e for e in adam if not big(e[0])], beta1, beta2, eps, True)
+        _adam_update([e for e in adam if big(e[0])], beta1, beta2, eps, False, scratch)
+        # column/row projections: θ_S is gathered (after weight decay) and updated by Adam; the
+        # state-free rule is applied to the whole tensor, then θ_S is written back, so the chosen
+        # part gets exactly θ_S + Adam update (its residual g − P(Pᵀg) is 0) and the rest the rule.
+        views, gathered, entries = [], [], []
+        for p, gd, idx, m, v, step_size, bc2_sqrt in coord:
+            shape = _matrix_shape(p)
+            pm = p.view(shape) if p.is_contiguous() else p.reshape(shape).clone()
+            pd = pm.index_select(axis, idx)
+            views.append(pm)
+            gathered.append(pd)
+            entries.append((pd, gd, m, v, step_size, bc2_sqrt))
+        _adam_update([e for e in entries if not big(e[1])], beta1, beta2, eps, True)
+        _adam_update([e for e in entries if big(e[1])], beta1, beta2, eps, False, scratch)
+        for (p, _gd, idx, *_), pm, pd in zip(coord, views, gathered):
+            if rule != "no":
+                assert p.grad is not None
+                gm = p.grad.reshape(pm.shape)
+                d = scratch(gm)
+                if rule == "sign_sgd":
+                    torch.sign(gm, out=d)
+                else:
+                    d.copy_(gm)
+                pm.add_(d, alpha=-lr_free)
+            pm.index_copy_(axis, idx, pd)
+            if not p.is_contiguous():
+                p.copy_(pm.view_as(p))
+        # whole state-free tensors: signSGD (or SGD).
+        if rule == "no" or not free:
+            return
+        if rule == "sgd":
+            ps, gs = [p for p, _ in free], [g for _, g in free]
+            if foreach is not False:
+                torch._foreach_add_(ps, gs, alpha=-lr_free)
+            else:
+                for p, g in free:
+                    p.add_(g, alpha=-lr_free)
+            return
+        small = [(p, g) for p, g in free if not big(g)]
+        if small:
+            signs = torch._foreach_sign([g for _, g in small])
+            torch._foreach_add_([p for p, _ in small], signs, alpha=-lr_free)
+        for p, g in free:
+            if big(g):
+                d = scratch(g)
+                torch.sign(g, out=d)
+                p.add_(d, alpha=-lr_free)
+
+
+def _adam_update(
+    entries: list[_AdamEntry],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    foreach: bool,
+    scratch: Callable[[Tensor], Tensor] | None = None,
+) -> None:
+    """The AdamW rule of the authors' code, in place on ``target``; the loop is the reference.
+
+    ``m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  target ← target − η · m / (sqrt(v)/bc2 + eps)``
+    with ``η = step_size = lr / (1 − β1^t)`` and ``bc2 = sqrt(1 − β2^t)`` (``m`` is updated as
+    ``m + (1−β1)(g − m)``, torch's form). ``scratch(like)`` gives a reusable buffer for the
+    denominator (loop path), avoiding a fresh allocation per tensor and step.
+    """
+    if not entries:
+        return
+    if not foreach:
+        for target, g, m, v, step_size, bc2_sqrt in entries:
+            m.lerp_(g, 1.0 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            denom = torch.sqrt(v, out=scratch(v)) if scratch is not None else v.sqrt()
+            denom.div_(bc2_sqrt).add_(eps)
+            target.addcdiv_(m, denom, value=-step_size)
+        return
+    targets = [e[0] for e in entries]
+    gs = [e[1] for e in entries]
+    ms = [e[2] for e in entries]
+    vs = [e[3] for e in entries]
+    torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+    denoms = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denoms, [e[5] for e in entries])
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(targets, ms, denoms, [-e[4] for e in entries])
+
+
+def _validate(group: Mapping[str, Any]) -> None:
+    validate_lr(group["lr"])
+    validate_betas(group["betas"])
+    validate_eps(group["eps"])
+    validate_weight_decay(group["weight_decay"])
+    validate_on_nonfinite(group["on_nonfinite"])
+    rho = group["density"]
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
+        raise ParameterError(
+            f"density must be a number in [0, 1] (the state-full fraction ρ), got {rho!r}; "
+            "the paper uses 0.25"
+        )
+    gap = group["update_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ParameterError(
+            f"update_gap must be an int >= 1 (steps between subspace refreshes), got {gap!r}; "
+            "the paper uses 200"
+        )
+    for key, allowed in (
+        ("projection", PROJECTIONS),
+        ("block_order", BLOCK_ORDERS),
+        ("inactive_update_rule", INACTIVE_UPDATE_RULES),
+    ):
+        if group[key] not in allowed:
+            raise ParameterError(
+                f"{key} must be one of {', '.join(map(repr, allowed))}, got {group[key]!r}"
+            )
+    validate_nonnegative("inactive_lr_scale", group["inactive_lr_scale"])
+    validate_nonnegative("proj_params_lr_scale", group["proj_params_lr_scale"])
+    if group["split"] not in (None, True, False):
+        raise ParameterError(
+            f"split must be None (tensors with dim >= 2), True or False, got {group['split']!r}"
+        )
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParameterError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(group["reset_statistics"], bool):
+        raise ParameterError(
+            f"reset_statistics must be True or False, got {group['reset_statistics']!r}"
+        )
+    if group["foreach"] not in (None, True, False):
+        raise ParameterError(f"foreach must be None, True or False, got {group['foreach']!r}")

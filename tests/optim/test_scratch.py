@@ -1,0 +1,23 @@
+"""The scratch buffer: right shape/dtype, reused, grown, and never saved with the optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from curvlab.optim._scratch import workspace
+from curvlab.optim.frugal import FRUGAL
+
+
+def test_workspace_is_reused_grown_and_not_pickled() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = FRUGAL([p])
+    a = workspace(opt, torch.zeros(2, 3))
+    assert a.shape == (2, 3) and a.dtype == torch.float32
+    assert workspace(opt, torch.zeros(6)).data_ptr() == a.data_ptr()  # same buffer
+    big = workspace(opt, torch.zeros(10, dtype=torch.float32))
+    assert big.numel() == 10
+    assert workspace(opt, torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    clone = copy.deepcopy(opt)
+    assert "_workspace" not in clone.__dict__ and "_workspace_views" not in clone.__dict__

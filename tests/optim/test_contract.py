@@ -42,6 +42,8 @@ from torch.optim import Optimizer
 from curvlab.errors import ClosureRequiredError, NonFiniteError, ParameterError, StateDictError
 from curvlab.optim.adopt import ADOPT
 from curvlab.optim.dog import DoG, LDoG
+from curvlab.optim.frugal import FRUGAL
+from curvlab.optim.mfac import MFAC
 
 
 # ----------------------------------------------------------------------------- problems
@@ -224,6 +226,54 @@ CASES: list[Case] = [
         schedule=False,
         errors=(*_LR_ERR, _POLICY_ERR),
         skip={"rosenbrock": "one parameter tensor: LDoG is DoG, covered by the dog row"},
+    ),
+    Case(
+        "mfac",
+        MFAC,
+        {"lr": 1e-2, "num_grads": 4, "damp": 1e-1},
+        quadratic={"lr": 0.1, "num_grads": 8, "damp": 1.0, "momentum": 0.9},
+        rosenbrock={"lr": 0.1, "num_grads": 8, "damp": 1.0, "momentum": 0.9},
+        steps=(500, 3000),
+        errors=(
+            *_LR_ERR,
+            _WD_ERR,
+            _POLICY_ERR,
+            ({"momentum": 1.0}, ParameterError, r"momentum must be a number in \[0, 1\)"),
+            ({"num_grads": 0}, ParameterError, r"num_grads must be an int >= 1"),
+            ({"damp": 0.0}, ParameterError, r"damp must be a finite number > 0"),
+        ),
+    ),
+    Case(
+        "frugal",
+        FRUGAL,
+        {"lr": 1e-2},
+        quadratic={"lr": 0.1, "weight_decay": 0.0},
+        rosenbrock={"lr": 0.02, "weight_decay": 0.0},
+        steps=(500, 6000),
+        errors=(
+            *_LR_ERR,
+            _EPS_ERR,
+            _WD_ERR,
+            _POLICY_ERR,
+            ({"betas": (0.9, 1.0)}, ParameterError, r"betas\[1\] must be in \[0, 1\)"),
+            ({"density": 1.5}, ParameterError, r"density must be a number in \[0, 1\]"),
+            ({"update_gap": 0}, ParameterError, r"update_gap must be an int >= 1"),
+            ({"projection": "svd"}, ParameterError, r"projection must be one of"),
+        ),
+    ),
+    Case(
+        "frugal-columns-split-all",
+        FRUGAL,
+        {"lr": 1e-2, "split": True, "projection": "columns", "density": 0.5, "update_gap": 2},
+        quadratic={"lr": 0.02, "update_gap": 50, "inactive_lr_scale": 0.1, "weight_decay": 0.0},
+        rosenbrock={
+            "lr": 0.02,
+            "update_gap": 50,
+            "inactive_update_rule": "sgd",
+            "inactive_lr_scale": 0.1,
+            "weight_decay": 0.0,
+        },
+        steps=(500, 6000),
     ),
 ]
 

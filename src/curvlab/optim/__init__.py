@@ -6,10 +6,14 @@ keys, ``@torch.no_grad() step(closure=None)``) and declares ``closure_mode``.
 
 from curvlab.optim.adopt import ADOPT
 from curvlab.optim.dog import DoG, LDoG, PolynomialDecayAverager
+from curvlab.optim.frugal import FRUGAL
+from curvlab.optim.mfac import MFAC
 from curvlab.optim.registry import OPTIMIZERS, available, create
 
 __all__ = [
     "ADOPT",
+    "FRUGAL",
+    "MFAC",
     "OPTIMIZERS",
     "DoG",
     "LDoG",

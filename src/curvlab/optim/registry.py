@@ -25,6 +25,8 @@ from torch.optim import Optimizer
 from curvlab.errors import ParameterError
 from curvlab.optim.adopt import ADOPT
 from curvlab.optim.dog import DoG, LDoG
+from curvlab.optim.frugal import FRUGAL
+from curvlab.optim.mfac import MFAC
 
 __all__ = ["OPTIMIZERS", "available", "create"]
 
@@ -36,6 +38,8 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adopt": ADOPT,
     "dog": DoG,
     "ldog": LDoG,
+    "mfac": MFAC,
+    "frugal": FRUGAL,
 }
 
 

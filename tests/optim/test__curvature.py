@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from curvlab.errors import ClosureRequiredError, ShapeMismatchError
 from curvlab.estimators.probes import rademacher_like
 from curvlab.optim._curvature import (
+    _loss_grads,
     gnb_diagonal,
     gnb_estimator,
     hutchinson_diagonal,
@@ -166,25 +167,24 @@ def test_probe_moments_direct() -> None:
     assert off.abs().max() < 5 / math.sqrt(m)
 
 
-def test_hutchinson_estimator_returns_gradient_without_graph() -> None:
+def test_hutchinson_estimator_protocol() -> None:
+    """hutchinson_estimator declares create_graph=True and returns z ⊙ (H z) without graph."""
+    assert hutchinson_estimator.create_graph is True
     x = torch.tensor([1.0, -2.0, 0.5], dtype=DT, requires_grad=True)
     d = torch.tensor([2.0, 3.0, 4.0], dtype=DT)
-    grads, diag = hutchinson_estimator(
-        [x], 0.5 * (d * x * x).sum(), None, torch.Generator().manual_seed(0)
-    )
-    torch.testing.assert_close(grads[0], d * x.detach())
-    assert torch.equal(diag[0], d)
-    assert grads[0].grad_fn is None and diag[0].grad_fn is None
+    grads = list(torch.autograd.grad(0.5 * (d * x * x).sum(), [x], create_graph=True))
+    (diag,) = hutchinson_estimator([x], grads, None, torch.Generator().manual_seed(0))
+    assert torch.equal(diag, d) and diag.grad_fn is None
 
 
-def test_estimator_rejects_freed_graph() -> None:
+def test_loss_grads_rejects_freed_graph_and_graphless_loss() -> None:
     x = torch.ones(2, requires_grad=True)
     loss = (x**2).sum()
     loss.backward()
     with pytest.raises(ClosureRequiredError, match=r"WITHOUT calling loss\.backward"):
-        hutchinson_estimator([x], loss, None, None)
+        _loss_grads(loss, [x])
     with pytest.raises(ClosureRequiredError, match="no autograd graph"):
-        hutchinson_estimator([x], torch.tensor(1.0), None, None)
+        _loss_grads(torch.tensor(1.0), [x])
 
 
 # --- Gauss-Newton-Bartlett --------------------------------------------------------------------
@@ -270,24 +270,25 @@ def test_gnb_errors() -> None:
     logits = torch.ones(4, 2) @ w
     with pytest.raises(ValueError, match="unknown likelihood"):
         gnb_diagonal([w], logits, likelihood="poisson")
-    loss = logits.sum()
     with pytest.raises(ClosureRequiredError, match=r"return \(loss, logits\)"):
-        gnb_estimator([w], loss, None, None)
+        gnb_estimator([w], [None], None, None)
     with pytest.raises(ClosureRequiredError, match="with their autograd graph"):
-        gnb_estimator([w], loss, logits.detach(), None)
+        gnb_estimator([w], [None], logits.detach(), None)
 
 
-def test_gnb_estimator_gradient_and_estimate_share_one_forward() -> None:
+def test_gnb_estimator_shares_the_forward_pass_of_the_gradient() -> None:
+    """The optimizer takes the loss gradient with retain_graph; the estimator reuses the graph."""
+    assert gnb_estimator.create_graph is False
     x, w, b = _softmax_regression(1)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
     logits = x @ w + b
-    loss = F.cross_entropy(logits, y)
-    grads, diag = gnb_estimator([w, b], loss, logits, torch.Generator().manual_seed(3))
+    grads = _loss_grads(F.cross_entropy(logits, y), [w, b], retain_graph=True)
+    diag = gnb_estimator([w, b], grads, logits, torch.Generator().manual_seed(3))
     gw, _ = torch.autograd.grad(F.cross_entropy(x @ w + b, y), [w, b])
     torch.testing.assert_close(grads[0], gw, rtol=1e-14, atol=0)
     ref = gnb_diagonal([w, b], x @ w + b, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(diag[0], ref[0], rtol=1e-14, atol=0)
-    assert all(t.grad_fn is None for t in [*grads, *diag])
+    assert all(t.grad_fn is None for t in diag)
 
 
 # --- spatial averaging ------------------------------------------------------------------------

@@ -22,8 +22,9 @@ Three diagonal estimators, as plain functions over a list of parameters:
 
 ``hutchinson_estimator`` and ``gnb_estimator`` are the default :class:`CurvatureEstimator`
 callables of :class:`curvlab.optim.Sophia` and :class:`curvlab.optim.AdaHessian`: given the
-parameters and the loss of the optimizer's closure (and its outputs), each returns the gradient
-and the diagonal estimate, building the double-backward graph only inside the call.
+parameters, the loss gradient (with its graph) and the outputs of the optimizer's closure, each
+returns the diagonal estimate. The optimizer builds the ``create_graph=True`` graph only on the
+steps that refresh the curvature, and only for estimators that declare ``create_graph = True``.
 
 Papers: Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
 Language Model Pre-training", 2023, arXiv:2305.14342. Yao, Gholami, Shen, Mustafa, Keutzer,
@@ -34,13 +35,18 @@ arXiv:2006.00719.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from curvlab.errors import ClosureRequiredError, ShapeMismatchError
+from curvlab.errors import (
+    ClosureRequiredError,
+    LossNotScalarError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
 from curvlab.estimators.probes import rademacher_like
 
 __all__ = [
@@ -56,22 +62,28 @@ __all__ = [
 class CurvatureEstimator(Protocol):
     """What a curvature optimizer calls on the steps that refresh its curvature.
 
-    ``estimator(params, loss, outputs, generator) -> (grads, diagonal)``: ``params`` are the
-    parameters that take part (all require grad), ``loss`` the scalar loss of the closure with its
-    graph intact, ``outputs`` the model outputs the loss was computed from (``None`` if the closure
-    returned only the loss), ``generator`` the optimizer's random source. It returns the gradient
-    of ``loss`` (detached) and a per-parameter diagonal estimate, both lists aligned with
-    ``params``; an entry is ``None`` for a parameter the loss does not depend on. It must free the
-    graph it builds (no tensor returned may carry a ``grad_fn``).
+    ``estimator(params, grads, outputs, generator) -> diagonal``: ``params`` are the parameters
+    that take part (all require grad); ``grads`` the gradient of the closure's loss, taken by the
+    optimizer with ``create_graph=True`` if ``estimator.create_graph`` is true (second derivatives
+    needed, e.g. Hutchinson) and otherwise with the graph merely retained (e.g. GNB, which
+    back-propagates another loss through the same forward pass); ``outputs`` the model outputs
+    the loss was computed from (``None`` if the closure returned only the loss); ``generator``
+    the optimizer's random source. It returns one detached diagonal estimate per parameter
+    (``None`` where the gradient is ``None``).
+
+    A callable without a ``create_graph`` attribute is called with ``create_graph=False``
+    gradients: set ``my_estimator.create_graph = True`` if it takes Hessian-vector products.
     """
+
+    create_graph: bool
 
     def __call__(
         self,
         params: Sequence[Tensor],
-        loss: Tensor,
+        grads: Sequence[Tensor | None],
         outputs: Tensor | None,
         generator: torch.Generator | None,
-    ) -> tuple[list[Tensor | None], list[Tensor | None]]: ...
+    ) -> list[Tensor | None]: ...
 
 
 def hutchinson_diagonal(
@@ -241,23 +253,160 @@ def spatial_average(d: Tensor) -> Tensor:
     return d.abs()
 
 
-def _check_loss(loss: Tensor) -> None:
-    if loss.grad_fn is None and not loss.requires_grad:
+def hutchinson_estimator(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    outputs: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> list[Tensor | None]:
+    """The :class:`CurvatureEstimator` of SophiaH and AdaHessian: ``z ⊙ (H z)``, one probe.
+
+    Needs gradients built with ``create_graph=True`` (``hutchinson_estimator.create_graph`` is
+    ``True``); ``outputs`` is not used. Cost: one double-backward (about two backward passes).
+    See :func:`hutchinson_diagonal`.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> (g,) = torch.autograd.grad(0.5 * (x * x).sum(), [x], create_graph=True)
+        >>> hutchinson_estimator([x], [g])[0].tolist()
+        [1.0, 1.0]
+
+    Paper: Yao et al. 2021, arXiv:2006.00719; Liu et al. 2023, arXiv:2305.14342 (SophiaH).
+    """
+    return hutchinson_diagonal(params, grads, generator=generator)
+
+
+hutchinson_estimator.create_graph = True  # type: ignore[attr-defined]
+
+
+def gnb_estimator(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    outputs: Tensor | None,
+    generator: torch.Generator | None = None,
+    *,
+    likelihood: str = "categorical",
+    batch_size: int | None = None,
+) -> list[Tensor | None]:
+    """The :class:`CurvatureEstimator` of SophiaG: ``B · ĝ ⊙ ĝ`` on labels sampled from ``outputs``.
+
+    The optimizer has taken the loss gradient with the graph retained
+    (``gnb_estimator.create_graph`` is ``False``), so the sampled loss back-propagates through the
+    same forward pass: one forward and two backward passes per refresh (the official SophiaG loop
+    spends a second forward). ``grads`` is not used. See :func:`gnb_diagonal`.
+
+    Raises:
+        ClosureRequiredError: if ``outputs`` is ``None`` or carries no graph — the closure must
+            return ``(loss, logits)`` for the GNB estimator.
+
+    Example:
+        >>> w = torch.zeros(2, 3, requires_grad=True)
+        >>> d = gnb_estimator([w], [None], torch.eye(2) @ w, torch.Generator().manual_seed(0))
+        >>> d[0].shape
+        torch.Size([2, 3])
+
+    Paper: Liu et al. 2023, arXiv:2305.14342 (Algorithm 2).
+    """
+    if outputs is None:
         raise ClosureRequiredError(
-            "the closure's loss does not depend on the parameters (no autograd graph): compute it "
-            "with grad enabled from the model's outputs and return it WITHOUT calling backward()"
+            "the Gauss-Newton-Bartlett estimator samples labels from the model's outputs: the "
+            "closure must return (loss, logits), e.g.\n"
+            "    def closure():\n"
+            "        logits = model(x)\n"
+            "        return loss_fn(logits, y), logits\n"
+            "(or use estimator='hutchinson', which needs only the loss)"
         )
+    if not isinstance(outputs, Tensor) or outputs.grad_fn is None:
+        raise ClosureRequiredError(
+            "the closure's outputs must be the model outputs (logits) the loss was computed from, "
+            "with their autograd graph (not detached)"
+        )
+    return gnb_diagonal(
+        params, outputs, generator=generator, likelihood=likelihood, batch_size=batch_size
+    )
 
 
-def _grad(
+gnb_estimator.create_graph = False  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- closure plumbing
+# Private helpers shared by the optimizers whose closure returns the loss without backward().
+
+
+def _closure_example(name: str) -> str:
+    return (
+        f"{name}.step() needs a closure that returns the loss WITHOUT calling backward() (the "
+        "optimizer takes the gradients, and the curvature when due, itself), e.g.\n"
+        "    def closure():\n"
+        "        logits = model(x)\n"
+        "        return loss_fn(logits, y), logits   # or just the loss\n"
+        "    optimizer.step(closure)"
+    )
+
+
+def _call_closure(
+    closure: object, params: Sequence[Tensor], name: str
+) -> tuple[Tensor, Tensor | None]:
+    """Run a loss-returning closure with grad enabled; return ``(loss, outputs)``.
+
+    Gradients are cleared first so that a closure that calls ``backward()`` is detected.
+    """
+    if closure is None or not callable(closure):
+        raise ClosureRequiredError(_closure_example(name))
+    for p in params:
+        p.grad = None
+    with torch.enable_grad():
+        out = closure()
+    if any(p.grad is not None for p in params):
+        raise ClosureRequiredError(
+            f"the closure passed to {name}.step() called backward(): it must return the loss "
+            "WITHOUT calling backward() — the optimizer computes the gradients itself (with "
+            "create_graph=True only on the steps that refresh the curvature)"
+        )
+    outputs: object = None
+    loss: object = out
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ClosureRequiredError(
+                f"the closure passed to {name}.step() returned a sequence of {len(out)} items; "
+                "return the loss tensor, or a pair (loss, outputs)"
+            )
+        loss, outputs = out
+    if not isinstance(loss, Tensor):
+        raise ClosureRequiredError(
+            f"the closure passed to {name}.step() returned {type(loss).__name__}, not a loss "
+            "tensor; return the loss (computed with grad enabled, without backward()), or "
+            "(loss, outputs)"
+        )
+    if loss.numel() != 1:
+        raise LossNotScalarError(
+            f"the closure passed to {name}.step() returned a loss of shape {tuple(loss.shape)}; "
+            "reduce it to a scalar (e.g. loss.mean())"
+        )
+    if outputs is not None and not isinstance(outputs, Tensor):
+        raise ClosureRequiredError(
+            f"the closure passed to {name}.step() returned outputs of type "
+            f"{type(outputs).__name__}; the second item must be the model outputs (a tensor)"
+        )
+    if loss.dim() != 0:
+        with torch.enable_grad():
+            loss = loss.reshape(())
+    return loss, outputs
+
+
+def _loss_grads(
     loss: Tensor,
     params: Sequence[Tensor],
     *,
     create_graph: bool = False,
     retain_graph: bool = False,
 ) -> list[Tensor | None]:
-    """``torch.autograd.grad`` with the closure contract's error messages."""
-    _check_loss(loss)
+    """``torch.autograd.grad`` of a closure's loss, with the closure contract's error messages."""
+    if loss.grad_fn is None and not loss.requires_grad:
+        raise ClosureRequiredError(
+            "the closure's loss does not depend on the parameters (no autograd graph): compute it "
+            "with grad enabled from the model's outputs and return it WITHOUT calling backward()"
+        )
     try:
         grads = torch.autograd.grad(
             loss,
@@ -276,75 +425,47 @@ def _grad(
     return list(grads)
 
 
-def hutchinson_estimator(
+def _check_finite_diagonal(
+    param_groups: Sequence[dict[str, Any]],
     params: Sequence[Tensor],
-    loss: Tensor,
-    outputs: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[list[Tensor | None], list[Tensor | None]]:
-    """Gradient and Hutchinson diagonal ``z ⊙ (H z)`` of ``loss`` (a :class:`CurvatureEstimator`).
-
-    Builds the gradient with ``create_graph=True`` (one backward), then one Hessian-vector product
-    over all parameters (:func:`hutchinson_diagonal`); ``outputs`` is not used. Cost: about one
-    forward-backward plus one double-backward.
-
-    Example:
-        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
-        >>> g, d = hutchinson_estimator([x], 0.5 * (x * x).sum())
-        >>> g[0].tolist(), d[0].tolist()
-        ([1.0, 2.0], [1.0, 1.0])
-
-    Paper: Yao et al. 2021, arXiv:2006.00719; Liu et al. 2023, arXiv:2305.14342 (SophiaH).
-    """
-    grads = _grad(loss, params, create_graph=True)
-    diag = hutchinson_diagonal(params, grads, generator=generator)
-    return [None if g is None else g.detach() for g in grads], diag
-
-
-def gnb_estimator(
-    params: Sequence[Tensor],
-    loss: Tensor,
-    outputs: Tensor | None,
-    generator: torch.Generator | None = None,
+    diag: Sequence[Tensor | None],
     *,
-    likelihood: str = "categorical",
-    batch_size: int | None = None,
-) -> tuple[list[Tensor | None], list[Tensor | None]]:
-    """Gradient of ``loss`` and the GNB estimate ``B · ĝ ⊙ ĝ`` from the same forward pass.
+    step: int,
+) -> bool:
+    """Apply the ``on_nonfinite`` policy to a curvature estimate (see ``_validation``).
 
-    The gradient of ``loss`` is taken with the graph retained, then :func:`gnb_diagonal` samples
-    labels from ``outputs`` and back-propagates the sampled loss through the same graph: one
-    forward and two backward passes (the official SophiaG loop spends a second forward).
-
-    Raises:
-        ClosureRequiredError: if ``outputs`` is ``None`` — the closure must return
-            ``(loss, logits)`` for the GNB estimator.
-
-    Example:
-        >>> w = torch.zeros(2, 3, requires_grad=True)
-        >>> logits = torch.eye(2) @ w
-        >>> loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
-        >>> g, d = gnb_estimator([w], loss, logits, torch.Generator().manual_seed(0))
-        >>> g[0].shape, d[0].shape
-        (torch.Size([2, 3]), torch.Size([2, 3]))
-
-    Paper: Liu et al. 2023, arXiv:2305.14342 (Algorithm 2).
+    Returns ``True`` when the step may proceed; ``False`` when it is skipped (policy ``"skip"``,
+    ``nonfinite_skips`` incremented in every group). Raises :class:`NonFiniteError` naming the
+    parameter for policy ``"raise"``.
     """
-    if outputs is None:
-        raise ClosureRequiredError(
-            "the Gauss-Newton-Bartlett estimator samples labels from the model's outputs: the "
-            "closure must return (loss, logits), e.g.\n"
-            "    def closure():\n"
-            "        logits = model(x)\n"
-            "        return loss_fn(logits, y), logits"
-        )
-    if not isinstance(outputs, Tensor) or outputs.grad_fn is None:
-        raise ClosureRequiredError(
-            "the closure's outputs must be the model outputs (logits) the loss was computed from, "
-            "with their autograd graph (not detached)"
-        )
-    grads = _grad(loss, params, retain_graph=True)
-    diag = gnb_diagonal(
-        params, outputs, generator=generator, likelihood=likelihood, batch_size=batch_size
-    )
-    return grads, diag
+    policies = {g.get("on_nonfinite", "raise") for g in param_groups}
+    if policies == {"ignore"}:
+        return True
+    present = [d for d in diag if d is not None]
+    if not present:
+        return True
+    norms = torch._foreach_norm(present, float("inf"))
+    if bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
+        return True
+    where = {
+        id(p): (gi, pi) for gi, g in enumerate(param_groups) for pi, p in enumerate(g["params"])
+    }
+    for p, d in zip(params, diag):
+        if d is None or bool(torch.isfinite(d).all()):
+            continue
+        gi, pi = where[id(p)]
+        policy = param_groups[gi].get("on_nonfinite", "raise")
+        if policy == "ignore":
+            continue
+        if policy == "raise":
+            raise NonFiniteError(
+                f"non-finite curvature estimate at step {step}: parameter {pi} of param group "
+                f"{gi} (shape {tuple(p.shape)}) has {int(torch.isnan(d).sum())} NaN and "
+                f"{int(torch.isinf(d).sum())} inf entries while its gradient is finite; nothing "
+                "was updated. Check the model for overflow in second derivatives, lower the "
+                "learning rate, or pass on_nonfinite='skip' to skip such steps"
+            )
+        for group in param_groups:
+            group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1
+        return False
+    return True

@@ -46,6 +46,7 @@ from curvlab.errors import (
     LossNotScalarError,
     NonFiniteError,
     ShapeMismatchError,
+    StateDictError,
 )
 from curvlab.estimators.probes import rademacher_like
 
@@ -469,3 +470,54 @@ def _check_finite_diagonal(
             group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1
         return False
     return True
+
+
+def _closure_grads(
+    closure: object,
+    params: list[Tensor],
+    name: str,
+    estimator: CurvatureEstimator | None,
+) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+    """Run the closure, take the loss gradient (graph kept only when ``estimator`` is due), write
+    the detached gradient into ``p.grad``; return ``(detached loss, outputs, grads)``."""
+    loss, outputs = _call_closure(closure, params, name)
+    refresh = estimator is not None
+    with torch.enable_grad():
+        grads = _loss_grads(
+            loss,
+            params,
+            create_graph=refresh and bool(getattr(estimator, "create_graph", False)),
+            retain_graph=refresh,
+        )
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.detach()
+    return loss.detach(), outputs, grads
+
+
+_EXTRA_KEY = "curvlab"
+
+
+def _new_generator() -> torch.Generator:
+    """A private CPU generator seeded by one draw from torch's global generator (no reseeding)."""
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return torch.Generator().manual_seed(seed)
+
+
+def _split_state_dict(state_dict: Any) -> tuple[Any, Any]:
+    """Split off curvlab's extra entry (the generator state) from an optimizer state dict."""
+    if not isinstance(state_dict, dict):
+        return state_dict, None
+    base = {k: v for k, v in state_dict.items() if k != _EXTRA_KEY}
+    return base, state_dict.get(_EXTRA_KEY)
+
+
+def _restore_generator(extra: Any, generator: torch.Generator, name: str) -> None:
+    if extra is None:
+        return
+    gen_state = extra.get("generator_state") if isinstance(extra, dict) else None
+    if not isinstance(gen_state, Tensor):
+        raise StateDictError(
+            f"state_dict['curvlab'] lacks the 'generator_state' tensor saved by "
+            f"{name}.state_dict(); pass the dict state_dict() returned, unedited"
+        )
+    generator.set_state(gen_state.cpu())

@@ -64,14 +64,18 @@ from curvlab.errors import (
     ClosureRequiredError,
     ParameterError,
     ShapeMismatchError,
-    StateDictError,
 )
 from curvlab.optim._curvature import (
+    _EXTRA_KEY,
     CurvatureEstimator,
     _call_closure,
     _check_finite_diagonal,
     _closure_example,
+    _closure_grads,
     _loss_grads,
+    _new_generator,
+    _restore_generator,
+    _split_state_dict,
     gnb_estimator,
     hutchinson_estimator,
 )
@@ -91,7 +95,6 @@ __all__ = ["Sophia", "sophia_foreach", "sophia_single_tensor"]
 _STATE_KEYS = ("step", "exp_avg", "hessian")
 _SHAPED_KEYS = ("exp_avg", "hessian")
 _ESTIMATORS = ("gnb", "hutchinson")
-_EXTRA_KEY = "curvlab"
 
 
 def sophia_single_tensor(
@@ -327,10 +330,7 @@ class Sophia(Optimizer):
         }
         super().__init__(params, defaults)
         self._estimator_fn: CurvatureEstimator | None = estimator_fn
-        if generator is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-            generator = torch.Generator().manual_seed(seed)
-        self._generator: torch.Generator = generator
+        self._generator: torch.Generator = generator if generator is not None else _new_generator()
 
     # ------------------------------------------------------------------ persistence
     def __getstate__(self) -> dict[str, Any]:
@@ -351,17 +351,9 @@ class Sophia(Optimizer):
         Raises:
             StateDictError: another optimizer's state, other parameter shapes or group counts.
         """
-        extra = state_dict.get(_EXTRA_KEY) if isinstance(state_dict, dict) else None
-        base = {k: v for k, v in state_dict.items() if k != _EXTRA_KEY}
+        base, extra = _split_state_dict(state_dict)
         load_state_dict_checked(self, base, state_keys=_STATE_KEYS, param_shaped_keys=_SHAPED_KEYS)
-        if extra is not None:
-            gen_state = extra.get("generator_state") if isinstance(extra, dict) else None
-            if not isinstance(gen_state, Tensor):
-                raise StateDictError(
-                    "state_dict['curvlab'] lacks the 'generator_state' tensor saved by "
-                    "Sophia.state_dict(); pass the dict state_dict() returned, unedited"
-                )
-            self._generator.set_state(gen_state.cpu())
+        _restore_generator(extra, self._generator, "Sophia")
 
     # ------------------------------------------------------------------ helpers
     def _estimator(self) -> CurvatureEstimator:
@@ -457,19 +449,9 @@ class Sophia(Optimizer):
                     "call update_curvature() yourself)"
                 )
             params = self._trainable()
-            loss, outputs = _call_closure(closure, params, "Sophia")
             refresh = period is not None and (n - 1) % period == 0
             estimator = self._estimator() if refresh else None
-            with torch.enable_grad():
-                grads = _loss_grads(
-                    loss,
-                    params,
-                    create_graph=refresh and bool(getattr(estimator, "create_graph", False)),
-                    retain_graph=refresh,
-                )
-            for p, g in zip(params, grads):
-                p.grad = None if g is None else g.detach()
-            loss = loss.detach()
+            loss, outputs, grads = _closure_grads(closure, params, "Sophia", estimator)
         if not check_finite_grads(self.param_groups, step=n):
             return loss
         if refresh and not self._refresh(params, grads, outputs, estimator, n):  # type: ignore[arg-type]

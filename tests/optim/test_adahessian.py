@@ -376,3 +376,21 @@ def test_nonfinite_curvature_raises_naming_the_parameter() -> None:
     with pytest.raises(NonFiniteError, match=r"non-finite curvature estimate at step 1: parame"):
         opt.step(lambda: (x**2).sum())
     assert len(opt.state) == 0
+
+
+def test_state_dict_round_trip_keeps_counters_and_probes() -> None:
+    """hessian_step stays a float32 counter (torch would cast it to the parameter dtype) and the
+    probe generator is restored, so the resumed run is bit-identical."""
+    model, x, y = _convnet(3)
+    opt = AdaHessian(model.parameters(), update_period=2)
+    for _ in range(3):
+        opt.step(_loss_fn(model, x, y))
+    twin = copy.deepcopy(model)
+    opt2 = AdaHessian(twin.parameters(), update_period=2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.state[twin[0].weight]["hessian_step"].dtype == torch.float32
+    for _ in range(2):
+        opt.step(_loss_fn(model, x, y))
+        opt2.step(_loss_fn(twin, x, y))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

@@ -316,7 +316,13 @@ class AdaHessian(Optimizer):
             StateDictError: another optimizer's state, other parameter shapes or group counts.
         """
         base, extra = _split_state_dict(state_dict)
-        load_state_dict_checked(self, base, state_keys=_STATE_KEYS, param_shaped_keys=_SHAPED_KEYS)
+        load_state_dict_checked(
+            self,
+            base,
+            state_keys=_STATE_KEYS,
+            param_shaped_keys=_SHAPED_KEYS,
+            keep_dtype_keys=("hessian_step",),
+        )
         _restore_generator(extra, self._generator, "AdaHessian")
 
     # ------------------------------------------------------------------ helpers

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curvlab.errors import ClosureRequiredError, ShapeMismatchError
+from curvlab.errors import ClosureRequiredError, NonFiniteError, ShapeMismatchError
 from curvlab.estimators.probes import rademacher_like
 from curvlab.optim._curvature import (
+    _all_finite,
+    _grads_ok,
     _loss_grads,
     gnb_diagonal,
     gnb_estimator,
@@ -308,3 +310,18 @@ def test_spatial_average_conv_kernel_as_official() -> None:
     assert torch.equal(spatial_average(torch.tensor(-2.0)), torch.tensor(2.0))
     k1 = torch.randn(2, 3, 5, generator=g)
     torch.testing.assert_close(spatial_average(k1), k1.abs().mean(-1, keepdim=True))
+
+
+def test_fast_finite_check_false_alarm_is_cleared_by_the_exact_scan() -> None:
+    """A sum that overflows to inf on finite values is a false alarm: the exact per-parameter
+    scan clears it (no error); a real NaN is named."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 3e38)
+    groups = [{"params": [p], "on_nonfinite": "raise"}]
+    assert not _all_finite([p.grad])
+    assert _grads_ok(groups, 1)
+    p.grad[1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"at step 7: parameter 0 of param group 0"):
+        _grads_ok(groups, 7)
+    groups[0]["on_nonfinite"] = "ignore"
+    assert _grads_ok(groups, 7)

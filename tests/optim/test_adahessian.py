@@ -265,10 +265,21 @@ def test_param_first_seen_between_refreshes_gets_a_finite_step() -> None:
 
 
 # ----------------------------------------------------------------------- paths, maximize
-def test_foreach_equals_single_tensor_float64() -> None:
+@pytest.mark.parametrize("block", [None, 7])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_foreach_equals_single_tensor_float64(
+    block: int | None, contiguous: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit-equal on the CPU blocked path (several blocks per tensor with block=7, a partial last
+    block) and on the _foreach path (taken when a tensor is not contiguous)."""
+    if block is not None:
+        monkeypatch.setattr("curvlab.optim.adahessian._BLOCK", block)
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (5,), (2, 1, 3, 3)]
     mk = lambda: [torch.randn(s, generator=g, dtype=DT) for s in shapes]  # noqa: E731
+    if not contiguous:  # a transposed first tensor sends the bucket down the _foreach path
+        mk0 = mk
+        mk = lambda: [t.t() if i == 0 else t for i, t in enumerate(mk0())]  # noqa: E731
     ps, gs, ms = mk(), mk(), mk()
     vs = [t.abs() for t in mk()]
     kw = dict(
@@ -278,11 +289,13 @@ def test_foreach_equals_single_tensor_float64() -> None:
     b = [copy.deepcopy(t) for t in (ps, ms, vs)]
     ta, tb = [torch.tensor(0.0) for _ in shapes], [torch.tensor(0.0) for _ in shapes]
     ha, hb = [torch.tensor(2.0) for _ in shapes], [torch.tensor(2.0) for _ in shapes]
+    workspace: dict = {}
     for _ in range(3):
         adahessian_single_tensor(a[0], gs, a[1], a[2], ta, ha, **kw)
-        adahessian_foreach(b[0], gs, b[1], b[2], tb, hb, **kw)
+        adahessian_foreach(b[0], gs, b[1], b[2], tb, hb, **kw, workspace=workspace)
     for x, z in zip(a[0] + a[1], b[0] + b[1]):
-        torch.testing.assert_close(x, z, rtol=1e-15, atol=1e-16)
+        assert torch.equal(x, z)
+    assert bool(workspace) == contiguous
     assert [float(s) for s in tb] == [3.0, 3.0, 3.0]
 
 

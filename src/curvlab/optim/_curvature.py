@@ -49,6 +49,7 @@ from curvlab.errors import (
     StateDictError,
 )
 from curvlab.estimators.probes import rademacher_like
+from curvlab.optim._validation import check_finite_grads
 
 __all__ = [
     "CurvatureEstimator",
@@ -426,6 +427,36 @@ def _loss_grads(
     return list(grads)
 
 
+def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
+    """One boolean: are all entries of all tensors finite? (False also for sparse tensors.)
+
+    Uses one sum per tensor (NaN and ±inf propagate through a sum; a huge finite sum may overflow
+    to inf, a false alarm that the callers' exact per-tensor scan then clears). A sum is a
+    vectorised reduction, unlike the ∞-norm, which is ~20× slower on CPU at 1M entries.
+    """
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return True
+    if any(t.is_sparse for t in present):
+        return False
+    sums = [t.sum() for t in present]
+    devices = {t.device for t in sums}
+    if len(devices) == 1:
+        return bool(torch.isfinite(torch.stack(sums)).all())
+    return all(bool(torch.isfinite(t)) for t in sums)
+
+
+def _grads_ok(param_groups: Sequence[dict[str, Any]], step: int) -> bool:
+    """The ``on_nonfinite`` policy on ``p.grad`` (see ``_validation.check_finite_grads``), with a
+    fast all-finite pre-check so that the exact per-parameter scan only runs on a failure."""
+    if {g.get("on_nonfinite", "raise") for g in param_groups} == {"ignore"}:
+        return True
+    grads = [p.grad for g in param_groups for p in g["params"] if p.grad is not None]
+    if _all_finite(grads):
+        return True
+    return check_finite_grads(param_groups, step=step)  # type: ignore[arg-type]
+
+
 def _check_finite_diagonal(
     param_groups: Sequence[dict[str, Any]],
     params: Sequence[Tensor],
@@ -442,11 +473,7 @@ def _check_finite_diagonal(
     policies = {g.get("on_nonfinite", "raise") for g in param_groups}
     if policies == {"ignore"}:
         return True
-    present = [d for d in diag if d is not None]
-    if not present:
-        return True
-    norms = torch._foreach_norm(present, float("inf"))
-    if bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
+    if _all_finite(diag):
         return True
     where = {
         id(p): (gi, pi) for gi, g in enumerate(param_groups) for pi, p in enumerate(g["params"])
@@ -521,3 +548,26 @@ def _restore_generator(extra: Any, generator: torch.Generator, name: str) -> Non
             f"{name}.state_dict(); pass the dict state_dict() returned, unedited"
         )
     generator.set_state(gen_state.cpu())
+
+
+# --------------------------------------------------------------------------- CPU blocking
+#: elements per block of the CPU fast paths: two float32 blocks (1 MiB) stay in L2 cache
+_BLOCK = 1 << 17
+
+
+def _workspace(
+    cache: dict[Any, Tensor] | None, count: int, n: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``count`` scratch rows of ``n`` entries, reused across steps when ``cache`` is given."""
+    key = (dtype, device, count)
+    ws = cache.get(key) if cache is not None else None
+    if ws is None or ws.shape[1] < n:
+        ws = torch.empty((count, n), dtype=dtype, device=device)
+        if cache is not None:
+            cache[key] = ws
+    return ws
+
+
+def _cpu_blockable(*tensors: Tensor) -> bool:
+    """True when every tensor is a contiguous CPU tensor (the blocked fast path applies)."""
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)

@@ -51,19 +51,22 @@ from torch.optim import Optimizer
 
 from curvlab.errors import ClosureRequiredError, ParameterError
 from curvlab.optim._curvature import (
+    _BLOCK,
     _EXTRA_KEY,
     CurvatureEstimator,
     _check_finite_diagonal,
     _closure_example,
     _closure_grads,
+    _cpu_blockable,
+    _grads_ok,
     _new_generator,
     _restore_generator,
     _split_state_dict,
+    _workspace,
     hutchinson_estimator,
     spatial_average,
 )
 from curvlab.optim._validation import (
-    check_finite_grads,
     load_state_dict_checked,
     validate_betas,
     validate_eps,
@@ -134,11 +137,14 @@ def adahessian_foreach(
     weight_decay: float,
     hessian_power: float,
     maximize: bool,
+    workspace: dict[Any, Tensor] | None = None,
 ) -> None:
-    """The AdaHessian update with ``torch._foreach_*`` kernels; equal to the single-tensor one.
+    """The AdaHessian update, multi-tensor; bit-equal to :func:`adahessian_single_tensor`.
 
     Tensors are bucketed by (device, dtype, step, Hessian step) so each bucket shares its bias
-    corrections.
+    corrections. The denominator is built without full-size temporaries on CPU (contiguous
+    tensors are processed in cache-sized blocks through a reusable ``workspace``); other devices
+    use ``torch._foreach_*`` kernels.
     """
     buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
     for tensors in zip(params, grads, exp_avgs, exp_hessian_diag_sqs, steps, hessian_steps):
@@ -147,7 +153,7 @@ def adahessian_foreach(
         bucket = buckets.setdefault(key, [[], [], [], [], [], []])
         for lst, t in zip(bucket, tensors):
             lst.append(t)
-    for (_, _, step, n), (ps, gs, ms, vs, ts, _) in buckets.items():
+    for (device, dtype, step, n), (ps, gs, ms, vs, ts, _) in buckets.items():
         torch._foreach_add_(ts, 1.0)
         step += 1
         if maximize:
@@ -155,13 +161,29 @@ def adahessian_foreach(
         torch._foreach_lerp_(ms, gs, 1 - beta1)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
+        scale = math.sqrt(bias_correction2) ** hessian_power
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        if _cpu_blockable(*ps, *ms, *vs):
+            size = min(_BLOCK, max(p.numel() for p in ps))
+            d_all = _workspace(workspace, 1, size, dtype, device)[0]
+            for p, m, v in zip(ps, ms, vs):
+                pf, mf, vf = p.view(-1), m.view(-1), v.view(-1)
+                numel = pf.numel()
+                for s in range(0, numel, size):
+                    e = min(numel, s + size)
+                    d = d_all[: e - s]
+                    torch.sqrt(vf[s:e], out=d)
+                    if hessian_power != 1:
+                        d.pow_(hessian_power)
+                    d.div_(scale).add_(eps)
+                    pf[s:e].addcdiv_(mf[s:e], d, value=-lr / bias_correction1)
+            continue
         denom = torch._foreach_sqrt(vs)
         if hessian_power != 1:
             torch._foreach_pow_(denom, hessian_power)
-        torch._foreach_div_(denom, math.sqrt(bias_correction2) ** hessian_power)
+        torch._foreach_div_(denom, scale)
         torch._foreach_add_(denom, eps)
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_addcdiv_(ps, ms, denom, value=-lr / bias_correction1)
 
 
@@ -295,6 +317,7 @@ class AdaHessian(Optimizer):
         super().__init__(params, defaults)
         self._estimator_fn: CurvatureEstimator | None = estimator_fn
         self._generator: torch.Generator = generator if generator is not None else _new_generator()
+        self._workspace: dict[Any, Tensor] = {}  # scratch of the CPU fast path (not state)
 
     # ------------------------------------------------------------------ persistence
     def __getstate__(self) -> dict[str, Any]:
@@ -302,6 +325,10 @@ class AdaHessian(Optimizer):
         state["_estimator_fn"] = self._estimator_fn
         state["_generator"] = self._generator
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_workspace", {})
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
@@ -362,7 +389,10 @@ class AdaHessian(Optimizer):
         for p, d in zip(params, diag):
             if d is None:
                 continue
-            dd = spatial_average(d) if average else d.abs()
+            if average and d.dim() >= 3:
+                dd = spatial_average(d)
+            else:  # the built-in estimator's output is ours to overwrite
+                dd = d.abs() if self._estimator_fn is not None else d.abs_()
             state = self._init_state(p)
             beta2 = group_of[id(p)]["betas"][1]
             state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(dd, dd, value=1 - beta2)
@@ -387,7 +417,7 @@ class AdaHessian(Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         estimator = self._estimator() if refresh else None
         loss, outputs, grads = _closure_grads(closure, params, "AdaHessian", estimator)
-        if not check_finite_grads(self.param_groups, step=n):
+        if not _grads_ok(self.param_groups, n):
             return loss
         if refresh and not self._refresh(params, grads, outputs, n):
             return loss
@@ -407,6 +437,7 @@ class AdaHessian(Optimizer):
             if not ps:
                 continue
             fn = adahessian_single_tensor if group["foreach"] is False else adahessian_foreach
+            extra = {} if group["foreach"] is False else {"workspace": self._workspace}
             beta1, beta2 = group["betas"]
             fn(
                 ps,
@@ -422,5 +453,6 @@ class AdaHessian(Optimizer):
                 weight_decay=group["weight_decay"],
                 hessian_power=group["hessian_power"],
                 maximize=group["maximize"],
+                **extra,
             )
         return loss

@@ -66,21 +66,24 @@ from curvlab.errors import (
     ShapeMismatchError,
 )
 from curvlab.optim._curvature import (
+    _BLOCK,
     _EXTRA_KEY,
     CurvatureEstimator,
     _call_closure,
     _check_finite_diagonal,
     _closure_example,
     _closure_grads,
+    _cpu_blockable,
+    _grads_ok,
     _loss_grads,
     _new_generator,
     _restore_generator,
     _split_state_dict,
+    _workspace,
     gnb_estimator,
     hutchinson_estimator,
 )
 from curvlab.optim._validation import (
-    check_finite_grads,
     load_state_dict_checked,
     validate_betas,
     validate_eps,
@@ -144,23 +147,49 @@ def sophia_foreach(
     eps: float,
     maximize: bool,
     clamp_hessian: bool,
+    workspace: dict[Any, Tensor] | None = None,
 ) -> None:
-    """The Sophia update with ``torch._foreach_*`` kernels; equal to :func:`sophia_single_tensor`.
+    """The Sophia update, multi-tensor; bit-equal to :func:`sophia_single_tensor`.
 
-    Tensors are grouped by (device, dtype) as ``_foreach`` kernels require.
+    Tensors are grouped by (device, dtype). The EMA and the weight decay use ``torch._foreach_*``
+    kernels. The clipped ratio avoids full-size temporaries on CPU (where allocating and
+    first-touching them costs more than the arithmetic): contiguous CPU tensors are processed in
+    cache-sized blocks through a small reusable ``workspace``, using
+    ``clip(m/d, −1, 1) = m / max(d, |m|)`` for ``d > 0``; other devices use ``_foreach`` kernels.
     """
     buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
     for tensors in zip(params, grads, exp_avgs, hessians, steps):
         bucket = buckets.setdefault((tensors[0].device, tensors[0].dtype), [[], [], [], [], []])
         for lst, t in zip(bucket, tensors):
             lst.append(t)
-    for ps, gs, ms, hs, ts in buckets.values():
+    for (device, dtype), (ps, gs, ms, hs, ts) in buckets.items():
         torch._foreach_add_(ts, 1.0)
         if maximize:
             gs = list(torch._foreach_neg(gs))
         if weight_decay != 0:
             torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_lerp_(ms, gs, 1 - beta1)
+        if _cpu_blockable(*ps, *ms, *hs):
+            size = min(_BLOCK, max(p.numel() for p in ps))
+            ws = _workspace(workspace, 2, size, dtype, device)
+            for p, m, h in zip(ps, ms, hs):
+                pf, mf, hf = p.view(-1), m.view(-1), h.view(-1)
+                n = pf.numel()
+                for s in range(0, n, size):
+                    e = min(n, s + size)
+                    d, a = ws[0, : e - s], ws[1, : e - s]
+                    if clamp_hessian:
+                        torch.clamp(hf[s:e], min=0.0, out=d)
+                        d.mul_(rho)
+                    else:
+                        torch.mul(hf[s:e], rho, out=d)
+                    d.add_(eps)
+                    mb = mf[s:e]
+                    torch.abs(mb, out=a)
+                    torch.maximum(d, a, out=d)
+                    torch.div(mb, d, out=d)
+                    pf[s:e].add_(d, alpha=-lr)
+            continue
         if clamp_hessian:
             denom = torch._foreach_clamp_min(hs, 0.0)
             torch._foreach_mul_(denom, rho)
@@ -331,6 +360,7 @@ class Sophia(Optimizer):
         super().__init__(params, defaults)
         self._estimator_fn: CurvatureEstimator | None = estimator_fn
         self._generator: torch.Generator = generator if generator is not None else _new_generator()
+        self._workspace: dict[Any, Tensor] = {}  # scratch of the CPU fast path (not state)
 
     # ------------------------------------------------------------------ persistence
     def __getstate__(self) -> dict[str, Any]:
@@ -338,6 +368,10 @@ class Sophia(Optimizer):
         state["_estimator_fn"] = self._estimator_fn
         state["_generator"] = self._generator
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_workspace", {})
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
@@ -452,7 +486,7 @@ class Sophia(Optimizer):
             refresh = period is not None and (n - 1) % period == 0
             estimator = self._estimator() if refresh else None
             loss, outputs, grads = _closure_grads(closure, params, "Sophia", estimator)
-        if not check_finite_grads(self.param_groups, step=n):
+        if not _grads_ok(self.param_groups, n):
             return loss
         if refresh and not self._refresh(params, grads, outputs, estimator, n):  # type: ignore[arg-type]
             return loss
@@ -471,6 +505,7 @@ class Sophia(Optimizer):
                 ts.append(state["step"])
             if not ps:
                 continue
+            extra = {} if group["foreach"] is False else {"workspace": self._workspace}
             fn = sophia_single_tensor if group["foreach"] is False else sophia_foreach
             fn(
                 ps,
@@ -485,6 +520,7 @@ class Sophia(Optimizer):
                 eps=group["eps"],
                 maximize=group["maximize"],
                 clamp_hessian=clamp,
+                **extra,
             )
         return loss
 

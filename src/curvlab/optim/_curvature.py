@@ -553,6 +553,9 @@ def _restore_generator(extra: Any, generator: torch.Generator, name: str) -> Non
 # --------------------------------------------------------------------------- CPU blocking
 #: elements per block of the CPU fast paths: two float32 blocks (1 MiB) stay in L2 cache
 _BLOCK = 1 << 17
+#: tensors smaller than this take the ``_foreach`` route: their temporaries come from the heap and
+#: cost little, while larger ones are fresh pages to fault in on every step (measured on CPU)
+_BLOCK_MIN = 1 << 17
 
 
 def _workspace(

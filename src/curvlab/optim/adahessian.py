@@ -52,6 +52,7 @@ from torch.optim import Optimizer
 from curvlab.errors import ClosureRequiredError, ParameterError
 from curvlab.optim._curvature import (
     _BLOCK,
+    _BLOCK_MIN,
     _EXTRA_KEY,
     CurvatureEstimator,
     _check_finite_diagonal,
@@ -164,11 +165,16 @@ def adahessian_foreach(
         scale = math.sqrt(bias_correction2) ** hessian_power
         if weight_decay != 0:
             torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        if _cpu_blockable(*ps, *ms, *vs):
-            size = min(_BLOCK, max(p.numel() for p in ps))
+        blocked = [
+            i
+            for i, p in enumerate(ps)
+            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, ms[i], vs[i])
+        ]
+        if blocked:
+            size = min(_BLOCK, max(ps[i].numel() for i in blocked))
             d_all = _workspace(workspace, 1, size, dtype, device)[0]
-            for p, m, v in zip(ps, ms, vs):
-                pf, mf, vf = p.view(-1), m.view(-1), v.view(-1)
+            for i in blocked:
+                pf, mf, vf = ps[i].view(-1), ms[i].view(-1), vs[i].view(-1)
                 numel = pf.numel()
                 for s in range(0, numel, size):
                     e = min(numel, s + size)
@@ -178,7 +184,10 @@ def adahessian_foreach(
                         d.pow_(hessian_power)
                     d.div_(scale).add_(eps)
                     pf[s:e].addcdiv_(mf[s:e], d, value=-lr / bias_correction1)
-            continue
+            rest = sorted(set(range(len(ps))) - set(blocked))
+            if not rest:
+                continue
+            ps, ms, vs = [ps[i] for i in rest], [ms[i] for i in rest], [vs[i] for i in rest]
         denom = torch._foreach_sqrt(vs)
         if hessian_power != 1:
             torch._foreach_pow_(denom, hessian_power)

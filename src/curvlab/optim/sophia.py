@@ -67,6 +67,7 @@ from curvlab.errors import (
 )
 from curvlab.optim._curvature import (
     _BLOCK,
+    _BLOCK_MIN,
     _EXTRA_KEY,
     CurvatureEstimator,
     _call_closure,
@@ -169,11 +170,16 @@ def sophia_foreach(
         if weight_decay != 0:
             torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_lerp_(ms, gs, 1 - beta1)
-        if _cpu_blockable(*ps, *ms, *hs):
-            size = min(_BLOCK, max(p.numel() for p in ps))
+        blocked = [
+            i
+            for i, p in enumerate(ps)
+            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, ms[i], hs[i])
+        ]
+        if blocked:
+            size = min(_BLOCK, max(ps[i].numel() for i in blocked))
             ws = _workspace(workspace, 2, size, dtype, device)
-            for p, m, h in zip(ps, ms, hs):
-                pf, mf, hf = p.view(-1), m.view(-1), h.view(-1)
+            for i in blocked:
+                pf, mf, hf = ps[i].view(-1), ms[i].view(-1), hs[i].view(-1)
                 n = pf.numel()
                 for s in range(0, n, size):
                     e = min(n, s + size)
@@ -189,7 +195,10 @@ def sophia_foreach(
                     torch.maximum(d, a, out=d)
                     torch.div(mb, d, out=d)
                     pf[s:e].add_(d, alpha=-lr)
-            continue
+            rest = sorted(set(range(len(ps))) - set(blocked))
+            if not rest:
+                continue
+            ps, ms, hs = [ps[i] for i in rest], [ms[i] for i in rest], [hs[i] for i in rest]
         if clamp_hessian:
             denom = torch._foreach_clamp_min(hs, 0.0)
             torch._foreach_mul_(denom, rho)

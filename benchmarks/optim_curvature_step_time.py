@@ -20,8 +20,8 @@ Reads top to bottom:
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/optim_curvature_step_time.py [--rounds 20]
 
-Peers (``pip install --no-deps``): sophia-opt, pytorch_optimizer, torch-optimizer (+ pytorch-ranger);
-a peer that does not import is reported and skipped. Never asserted in tests.
+Peers (``pip install --no-deps``): sophia-opt, pytorch_optimizer, torch-optimizer (+ its import
+pytorch-ranger); a peer that does not import is reported and skipped. Never asserted in tests.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -186,24 +185,53 @@ def build_cases(widths: tuple[int, ...]) -> tuple[list[Case], list[str]]:
     notes = []
     cases: list[Case] = [
         Plain("plain forward+backward", fresh(), X, y),
-        Backward("torch.AdamW foreach [REF]", fresh(), X, y,
-                 lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)),
-        Backward("torch.AdamW fused", fresh(), X, y,
-                 lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+        Backward(
+            "torch.AdamW foreach [REF]",
+            fresh(),
+            X,
+            y,
+            lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        ),
+        Backward(
+            "torch.AdamW fused",
+            fresh(),
+            X,
+            y,
+            lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+        ),
     ]
     m = fresh()
-    cases.append(Closure("curvlab Sophia G (GNB, k=10)", m, X, y,
-                         Sophia(m.parameters(), lr=1e-4), period=PERIOD))
+    cases.append(
+        Closure(
+            "curvlab Sophia G (GNB, k=10)", m, X, y, Sophia(m.parameters(), lr=1e-4), period=PERIOD
+        )
+    )
     m = fresh()
-    cases.append(Closure("curvlab Sophia H (Hutchinson, k=10)", m, X, y,
-                         Sophia(m.parameters(), lr=1e-4, estimator="hutchinson"), period=PERIOD))
+    cases.append(
+        Closure(
+            "curvlab Sophia H (Hutchinson, k=10)",
+            m,
+            X,
+            y,
+            Sophia(m.parameters(), lr=1e-4, estimator="hutchinson"),
+            period=PERIOD,
+        )
+    )
     m = fresh()
-    cases.append(Closure("curvlab AdaHessian (HVP every step)", m, X, y,
-                         AdaHessian(m.parameters(), lr=1e-3)))
+    cases.append(
+        Closure("curvlab AdaHessian (HVP every step)", m, X, y, AdaHessian(m.parameters(), lr=1e-3))
+    )
     m = fresh()
-    cases.append(Closure("curvlab AdaHessian (update_period=10)", m, X, y,
-                         AdaHessian(m.parameters(), lr=1e-3, update_period=PERIOD),
-                         period=PERIOD))
+    cases.append(
+        Closure(
+            "curvlab AdaHessian (update_period=10)",
+            m,
+            X,
+            y,
+            AdaHessian(m.parameters(), lr=1e-3, update_period=PERIOD),
+            period=PERIOD,
+        )
+    )
     cls, why = peer("sophia_opt", "SophiaG")
     if cls is None:
         notes.append(f"sophia_opt.SophiaG: {why}")
@@ -213,16 +241,32 @@ def build_cases(widths: tuple[int, ...]) -> tuple[list[Case], list[str]]:
     if cls is None:
         notes.append(f"pytorch_optimizer.SophiaH: {why}")
     else:
-        cases.append(Backward("pytorch_optimizer.SophiaH (k=10)", fresh(), X, y,
-                              lambda ps, c=cls: c(ps, update_period=PERIOD),
-                              create_graph=True, period=PERIOD))
+        cases.append(
+            Backward(
+                "pytorch_optimizer.SophiaH (k=10)",
+                fresh(),
+                X,
+                y,
+                lambda ps, c=cls: c(ps, update_period=PERIOD),
+                create_graph=True,
+                period=PERIOD,
+            )
+        )
     for module, attr in (("pytorch_optimizer", "AdaHessian"), ("torch_optimizer", "Adahessian")):
         cls, why = peer(module, attr)
         if cls is None:
             notes.append(f"{module}.{attr}: {why}")
             continue
-        cases.append(Backward(f"{module}.{attr}", fresh(), X, y,
-                              lambda ps, c=cls: c(ps, lr=1e-3), create_graph=True))
+        cases.append(
+            Backward(
+                f"{module}.{attr}",
+                fresh(),
+                X,
+                y,
+                lambda ps, c=cls: c(ps, lr=1e-3),
+                create_graph=True,
+            )
+        )
     return cases, notes
 
 
@@ -246,23 +290,37 @@ def time_size(label: str, widths: tuple[int, ...], rounds: int) -> list[dict[str
         normal = med(c.times["normal"]) - plain
         refresh = med(c.times["refresh"]) - plain if c.periodic else float("nan")
         amort = (normal * (PERIOD - 1) + refresh) / PERIOD if c.periodic else normal
-        rows.append({
-            "size": label, "params": n, "name": c.name, "step_ms": normal,
-            "x_ref": normal / ref, "refresh_ms": refresh, "amortised_ms": amort,
-            "amortised_x_ref": amort / ref, "plain_ms": plain,
-            "bytes_per_param": state_bytes_per_param(c.opt, n) if c.opt else 0.0,
-        })
-    print(f"\n### {label} MLP {'-'.join(map(str, widths))} ({n:,} params); plain forward+backward "
-          f"{plain:.3f} ms; AdamW-foreach step {ref:.3f} ms")
+        rows.append(
+            {
+                "size": label,
+                "params": n,
+                "name": c.name,
+                "step_ms": normal,
+                "x_ref": normal / ref,
+                "refresh_ms": refresh,
+                "amortised_ms": amort,
+                "amortised_x_ref": amort / ref,
+                "plain_ms": plain,
+                "bytes_per_param": state_bytes_per_param(c.opt, n) if c.opt else 0.0,
+            }
+        )
+    print(
+        f"\n### {label} MLP {'-'.join(map(str, widths))} ({n:,} params); plain forward+backward "
+        f"{plain:.3f} ms; AdamW-foreach step {ref:.3f} ms"
+    )
     for note in notes:
         print(f"  peer unavailable: {note}")
-    print("| optimizer | step ms | x ref | refresh step ms | amortised ms (k=10) | amortised x ref "
-          "| B/param |")
+    print(
+        "| optimizer | step ms | x ref | refresh step ms | amortised ms (k=10) | amortised x ref "
+        "| B/param |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rf = "" if r["refresh_ms"] != r["refresh_ms"] else f"{r['refresh_ms']:.3f}"
-        print(f"| {r['name']} | {r['step_ms']:.3f} | {r['x_ref']:.2f} | {rf} | "
-              f"{r['amortised_ms']:.3f} | {r['amortised_x_ref']:.2f} | {r['bytes_per_param']:.1f} |")
+        print(
+            f"| {r['name']} | {r['step_ms']:.3f} | {r['x_ref']:.2f} | {rf} | "
+            f"{r['amortised_ms']:.3f} | {r['amortised_x_ref']:.2f} | {r['bytes_per_param']:.1f} |"
+        )
     return rows
 
 
@@ -294,8 +352,10 @@ def sophia_trajectory(steps: int = 30) -> str:
         (ours.state[q]["hessian"] - len(X) * official.state[p]["hessian"]).abs().max().item()
         for p, q in zip(*(m.parameters() for m in models))
     )
-    return (f"Sophia vs sophia_opt.SophiaG (official), float64, {steps} steps, GNB every 10: "
-            f"max |Δθ| = {dp:.1e}; max |h_curvlab − B·h_official| = {dh:.1e}")
+    return (
+        f"Sophia vs sophia_opt.SophiaG (official), float64, {steps} steps, GNB every 10: "
+        f"max |Δθ| = {dp:.1e}; max |h_curvlab − B·h_official| = {dh:.1e}"
+    )
 
 
 def adahessian_trajectory(steps: int = 20) -> str:
@@ -314,8 +374,13 @@ def adahessian_trajectory(steps: int = 20) -> str:
         return hutchinson_diagonal(params, grads, probes=z)
 
     same_probes.create_graph = True  # type: ignore[attr-defined]
-    hp = {"lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-4, "weight_decay": 1e-3,
-          "hessian_power": 1.0}
+    hp = {
+        "lr": 0.05,
+        "betas": (0.9, 0.999),
+        "eps": 1e-4,
+        "weight_decay": 1e-3,
+        "hessian_power": 1.0,
+    }
     peer_opt = cls(models[0].parameters(), **hp)
     ours = AdaHessian(models[1].parameters(), **hp, estimator=same_probes)
     for t in range(steps):
@@ -326,8 +391,10 @@ def adahessian_trajectory(steps: int = 20) -> str:
         torch.manual_seed(100 + t)
         ours.step(lambda: F.cross_entropy(models[1](X), y))
     dp = max((p - q).abs().max().item() for p, q in zip(*(m.parameters() for m in models)))
-    return (f"AdaHessian vs torch_optimizer.Adahessian (official rule), conv net, float64, "
-            f"{steps} steps, same probes: max |Δθ| = {dp:.1e}")
+    return (
+        f"AdaHessian vs torch_optimizer.Adahessian (official rule), conv net, float64, "
+        f"{steps} steps, same probes: max |Δθ| = {dp:.1e}"
+    )
 
 
 def main() -> int:
@@ -343,9 +410,11 @@ def main() -> int:
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{dist} not installed")
-    print(f"torch {torch.__version__}, Python {platform.python_version()}, "
-          f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads "
-          f"{torch.get_num_threads()}, clock: thread CPU time; peers: {', '.join(versions)}")
+    print(
+        f"torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads "
+        f"{torch.get_num_threads()}, clock: thread CPU time; peers: {', '.join(versions)}"
+    )
     print(f"{args.rounds} rounds of {PERIOD} iterations per case, interleaved; medians")
     for label in args.sizes.split(","):
         time_size(label, SIZES[label], args.rounds)

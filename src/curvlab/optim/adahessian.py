@@ -228,7 +228,9 @@ class AdaHessian(Optimizer):
             :class:`~curvlab.optim._curvature.CurvatureEstimator` callable; its output goes
             through ``|·|`` and spatial averaging. Optimizer-wide.
         maximize: maximise the objective instead.
-        foreach: use the multi-tensor path (default ``None`` = ``True``).
+        foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
+            kernels, and cache-sized blocks through a small reusable scratch buffer for large
+            CPU tensors; bit-equal to the single-tensor reference (``False``).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``.
         generator: random source of the probes; default a private CPU generator seeded from
             torch's global generator at construction. Saved in ``state_dict()`` (key

@@ -259,7 +259,9 @@ class Sophia(Optimizer):
             ``"gaussian"`` (regression outputs, loss ``½‖f − y‖²`` per prediction).
         eps: added to the denominator (default 1e-15, as the official code).
         maximize: maximise the objective instead.
-        foreach: use the multi-tensor path (default ``None`` = ``True``).
+        foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
+            kernels, and cache-sized blocks through a small reusable scratch buffer for large
+            CPU tensors; bit-equal to the single-tensor reference (``False``).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` for NaN/inf gradients or
             curvature estimates; see :mod:`curvlab.optim._validation`.
         generator: random source of the probes / sampled labels; default a private CPU generator

@@ -3,9 +3,10 @@
 Reads top to bottom:
 
 1. Two MLPs (~100k and ~1M float32 parameters), a random batch of 64, cross-entropy, one thread.
-2. Every case runs full training iterations (gradient + curvature when due + update), ten per
-   round (one Sophia period), rounds interleaved round-robin in a shuffled order, thread CPU time
-   (the machine is shared; wall time would mostly measure waiting for a core), medians.
+2. Every case runs full training iterations (gradient + curvature when due + update), one per
+   round, rounds interleaved round-robin in a shuffled order (so no case runs on a cache warmed by
+   its own previous iteration), thread CPU time (the machine is shared; wall time would mostly
+   measure waiting for a core), medians over ``--rounds`` × 10 iterations.
    A case's *step* cost is its median iteration minus the median plain forward+backward of the
    same run — for AdamW that is ``step()`` itself; for the closure optimizers it also contains
    whatever their gradient path costs beyond a plain backward (for the peers' AdaHessian/SophiaH
@@ -73,7 +74,7 @@ def peer(module: str, attr: str) -> tuple[Any, str]:
 
 # --------------------------------------------------------------------------- one case = one loop
 class Case:
-    """A training loop of one optimizer; ``run_period()`` times PERIOD iterations."""
+    """A training loop of one optimizer; ``run_once()`` times one iteration."""
 
     periodic = False
 
@@ -89,13 +90,12 @@ class Case:
     def is_refresh(self) -> bool:
         return False
 
-    def run_period(self) -> None:
-        for _ in range(PERIOD):
-            kind = "refresh" if self.periodic and self.is_refresh() else "normal"
-            t0 = CLOCK()
-            self.iteration()
-            self.times[kind].append(CLOCK() - t0)
-            self.it += 1
+    def run_once(self) -> None:
+        kind = "refresh" if self.periodic and self.is_refresh() else "normal"
+        t0 = CLOCK()
+        self.iteration()
+        self.times[kind].append(CLOCK() - t0)
+        self.it += 1
 
 
 class Plain(Case):
@@ -274,14 +274,15 @@ def time_size(label: str, widths: tuple[int, ...], rounds: int) -> list[dict[str
     cases, notes = build_cases(widths)
     n = sum(p.numel() for p in cases[0].model.parameters())
     for c in cases:  # warm-up period, not timed
-        c.run_period()
+        for _ in range(PERIOD):
+            c.run_once()
         c.times = {"normal": [], "refresh": []}
     order = list(cases)
     rng = random.Random(0)
-    for _ in range(rounds):
+    for _ in range(rounds * PERIOD):
         rng.shuffle(order)
         for c in order:
-            c.run_period()
+            c.run_once()
     med = lambda xs: statistics.median(xs) * 1e3 if xs else float("nan")  # noqa: E731
     plain = med(cases[0].times["normal"])
     rows = []
@@ -399,7 +400,9 @@ def adahessian_trajectory(steps: int = 20) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20, help="timed periods of 10 iterations")
+    parser.add_argument(
+        "--rounds", type=int, default=20, help="timed periods (10 iterations of every case each)"
+    )
     parser.add_argument("--sizes", default="100k,1M", help="comma-separated subset of 100k,1M")
     parser.add_argument("--skip-trajectory", action="store_true")
     args = parser.parse_args()
@@ -415,7 +418,7 @@ def main() -> int:
         f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch threads "
         f"{torch.get_num_threads()}, clock: thread CPU time; peers: {', '.join(versions)}"
     )
-    print(f"{args.rounds} rounds of {PERIOD} iterations per case, interleaved; medians")
+    print(f"{args.rounds * PERIOD} interleaved rounds of one iteration per case; medians")
     for label in args.sizes.split(","):
         time_size(label, SIZES[label], args.rounds)
     if not args.skip_trajectory:

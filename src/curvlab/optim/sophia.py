@@ -44,7 +44,10 @@ Algorithm 3; the official training loop refreshes after steps k, 2k, … with an
 next batch, so its first k steps are pure sign steps — the author reports the order matters
 little, Liuhong99/Sophia#22); ``eps`` is a hyper-parameter (official: 1e-15 fixed); SophiaH takes
 Rademacher rather than Gaussian probes and no bias correction (as SophiaG and the paper);
-non-finite gradients follow curvlab's ``on_nonfinite`` policy.
+``maximize=True`` negates the gradient and, for estimates of the loss's own curvature
+(Hutchinson, custom), the estimate too, so maximising f is minimising −f (the GNB estimate, a
+Gauss-Newton matrix of the model's likelihood, keeps its sign); non-finite gradients and
+estimates follow curvlab's ``on_nonfinite`` policy.
 
 Paper: Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
 Language Model Pre-training", ICLR 2024, arXiv:2305.14342; code: Liuhong99/Sophia.

@@ -143,9 +143,9 @@ def adahessian_foreach(
     """The AdaHessian update, multi-tensor; bit-equal to :func:`adahessian_single_tensor`.
 
     Tensors are bucketed by (device, dtype, step, Hessian step) so each bucket shares its bias
-    corrections. The denominator is built without full-size temporaries on CPU (contiguous
-    tensors are processed in cache-sized blocks through a reusable ``workspace``); other devices
-    use ``torch._foreach_*`` kernels.
+    corrections. Large contiguous CPU tensors are processed in cache-sized blocks (EMA,
+    denominator and update while the block is in cache, through a reusable ``workspace``; no
+    full-size temporaries); everything else uses ``torch._foreach_*`` kernels.
     """
     buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
     for tensors in zip(params, grads, exp_avgs, exp_hessian_diag_sqs, steps, hessian_steps):
@@ -159,35 +159,40 @@ def adahessian_foreach(
         step += 1
         if maximize:
             gs = list(torch._foreach_neg(gs))
-        torch._foreach_lerp_(ms, gs, 1 - beta1)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
         scale = math.sqrt(bias_correction2) ** hessian_power
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
         blocked = [
             i
             for i, p in enumerate(ps)
-            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, ms[i], vs[i])
+            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, gs[i], ms[i], vs[i])
         ]
         if blocked:
+            # per block: EMA, denominator and update while the block is in cache
             size = min(_BLOCK, max(ps[i].numel() for i in blocked))
             d_all = _workspace(workspace, 1, size, dtype, device)[0]
             for i in blocked:
-                pf, mf, vf = ps[i].view(-1), ms[i].view(-1), vs[i].view(-1)
+                pf, gf, mf, vf = ps[i].view(-1), gs[i].view(-1), ms[i].view(-1), vs[i].view(-1)
                 numel = pf.numel()
                 for s in range(0, numel, size):
                     e = min(numel, s + size)
-                    d = d_all[: e - s]
+                    d, mb, pb = d_all[: e - s], mf[s:e], pf[s:e]
+                    mb.lerp_(gf[s:e], 1 - beta1)
                     torch.sqrt(vf[s:e], out=d)
                     if hessian_power != 1:
                         d.pow_(hessian_power)
                     d.div_(scale).add_(eps)
-                    pf[s:e].addcdiv_(mf[s:e], d, value=-lr / bias_correction1)
+                    if weight_decay != 0:
+                        pb.mul_(1 - lr * weight_decay)
+                    pb.addcdiv_(mb, d, value=-lr / bias_correction1)
             rest = sorted(set(range(len(ps))) - set(blocked))
             if not rest:
                 continue
-            ps, ms, vs = [ps[i] for i in rest], [ms[i] for i in rest], [vs[i] for i in rest]
+            ps, gs = [ps[i] for i in rest], [gs[i] for i in rest]
+            ms, vs = [ms[i] for i in rest], [vs[i] for i in rest]
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
         denom = torch._foreach_sqrt(vs)
         if hessian_power != 1:
             torch._foreach_pow_(denom, hessian_power)

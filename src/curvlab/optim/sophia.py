@@ -155,11 +155,11 @@ def sophia_foreach(
 ) -> None:
     """The Sophia update, multi-tensor; bit-equal to :func:`sophia_single_tensor`.
 
-    Tensors are grouped by (device, dtype). The EMA and the weight decay use ``torch._foreach_*``
-    kernels. The clipped ratio avoids full-size temporaries on CPU (where allocating and
-    first-touching them costs more than the arithmetic): contiguous CPU tensors are processed in
-    cache-sized blocks through a small reusable ``workspace``, using
-    ``clip(m/d, −1, 1) = m / max(d, |m|)`` for ``d > 0``; other devices use ``_foreach`` kernels.
+    Tensors are grouped by (device, dtype). Large contiguous CPU tensors are processed in
+    cache-sized blocks — EMA, clipped ratio and update while the block is in cache, through a
+    small reusable ``workspace`` and ``clip(m/d, −1, 1) = m / max(d, |m|)`` for ``d > 0`` — because
+    on CPU allocating and first-touching full-size temporaries, and every extra pass over memory,
+    cost more than the arithmetic. Everything else uses ``torch._foreach_*`` kernels.
     """
     buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
     for tensors in zip(params, grads, exp_avgs, hessians, steps):
@@ -170,38 +170,43 @@ def sophia_foreach(
         torch._foreach_add_(ts, 1.0)
         if maximize:
             gs = list(torch._foreach_neg(gs))
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        torch._foreach_lerp_(ms, gs, 1 - beta1)
         blocked = [
             i
             for i, p in enumerate(ps)
-            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, ms[i], hs[i])
+            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, gs[i], ms[i], hs[i])
         ]
         if blocked:
+            # per block: EMA, ratio and update while the block is in cache (one pass over memory)
             size = min(_BLOCK, max(ps[i].numel() for i in blocked))
             ws = _workspace(workspace, 2, size, dtype, device)
             for i in blocked:
-                pf, mf, hf = ps[i].view(-1), ms[i].view(-1), hs[i].view(-1)
+                pf, gf, mf, hf = ps[i].view(-1), gs[i].view(-1), ms[i].view(-1), hs[i].view(-1)
                 n = pf.numel()
                 for s in range(0, n, size):
                     e = min(n, s + size)
                     d, a = ws[0, : e - s], ws[1, : e - s]
+                    mb, pb = mf[s:e], pf[s:e]
+                    mb.lerp_(gf[s:e], 1 - beta1)
                     if clamp_hessian:
                         torch.clamp(hf[s:e], min=0.0, out=d)
                         d.mul_(rho)
                     else:
                         torch.mul(hf[s:e], rho, out=d)
                     d.add_(eps)
-                    mb = mf[s:e]
                     torch.abs(mb, out=a)
                     torch.maximum(d, a, out=d)
                     torch.div(mb, d, out=d)
-                    pf[s:e].add_(d, alpha=-lr)
+                    if weight_decay != 0:
+                        pb.mul_(1 - lr * weight_decay)
+                    pb.add_(d, alpha=-lr)
             rest = sorted(set(range(len(ps))) - set(blocked))
             if not rest:
                 continue
-            ps, ms, hs = [ps[i] for i in rest], [ms[i] for i in rest], [hs[i] for i in rest]
+            ps, gs = [ps[i] for i in rest], [gs[i] for i in rest]
+            ms, hs = [ms[i] for i in rest], [hs[i] for i in rest]
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
         if clamp_hessian:
             denom = torch._foreach_clamp_min(hs, 0.0)
             torch._foreach_mul_(denom, rho)

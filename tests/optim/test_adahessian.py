@@ -42,6 +42,7 @@ def _reference_adahessian(model, x, y, *, steps, lr, betas, eps, wd, k, tau, see
     p ← p − lr (m/bc1 / ((√v_sq)^k / (√bc2)^k + eps) + wd p). With tau > 1 (curvlab's extension)
     v_sq and its bias correction move only on refresh steps."""
     params = list(model.parameters())
+    lrs, wds = ([v] * len(params) if isinstance(v, float) else v for v in (lr, wd))
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for p in params]
     m = [torch.zeros_like(p) for p in params]
@@ -72,7 +73,7 @@ def _reference_adahessian(model, x, y, *, steps, lr, betas, eps, wd, k, tau, see
                 m[i] = betas[0] * m[i] + (1 - betas[0]) * g
                 bc1, bc2 = 1 - betas[0] ** t, 1 - betas[1] ** n_h
                 denom = (v[i].sqrt() ** k) / math.sqrt(bc2) ** k + eps
-                p.copy_(p - lr * (m[i] / bc1 / denom + wd * p))
+                p.copy_(p - lrs[i] * (m[i] / bc1 / denom + wds[i] * p))
         history.append(
             (
                 [p.detach().clone() for p in params],
@@ -119,6 +120,38 @@ def test_matches_reference_loop_on_params_and_state(hp: dict, foreach: bool) -> 
                 st["exp_hessian_diag_sq"], rv.expand_as(p), rtol=1e-10, atol=1e-15
             )
             assert int(st["step"]) == t + 1 and int(st["hessian_step"]) == n_h
+
+
+def test_param_groups_follow_the_reference_per_group() -> None:
+    """Two groups with their own lr and weight decay (one probe draw covers both)."""
+    model, x, y = _convnet(4)
+    ref = copy.deepcopy(model)
+    opt = AdaHessian(
+        [
+            {"params": model[0].parameters()},
+            {"params": model[3].parameters(), "lr": 0.02, "weight_decay": 0.0},
+        ],
+        lr=0.1,
+        weight_decay=0.05,
+        generator=torch.Generator().manual_seed(2),
+    )
+    history = _reference_adahessian(
+        ref,
+        x,
+        y,
+        steps=4,
+        lr=[0.1, 0.1, 0.02, 0.02],
+        betas=(0.9, 0.999),
+        eps=1e-4,
+        wd=[0.05, 0.05, 0.0, 0.0],
+        k=1.0,
+        tau=1,
+        seed=2,
+    )
+    for t in range(4):
+        opt.step(_loss_fn(model, x, y))
+        for p, rp in zip(model.parameters(), history[t][0]):
+            torch.testing.assert_close(p.detach(), rp, rtol=1e-12, atol=1e-13)
 
 
 # ----------------------------------------------------------------------- closed form

@@ -209,6 +209,17 @@ def build_cases(widths: tuple[int, ...]) -> tuple[list[Case], list[str]]:
     m = fresh()
     cases.append(
         Closure(
+            "curvlab Sophia G, on_nonfinite='ignore'",
+            m,
+            X,
+            y,
+            Sophia(m.parameters(), lr=1e-4, on_nonfinite="ignore"),
+            period=PERIOD,
+        )
+    )
+    m = fresh()
+    cases.append(
+        Closure(
             "curvlab Sophia H (Hutchinson, k=10)",
             m,
             X,

@@ -1,0 +1,474 @@
+r"""AdaHessian: Adam with the second moment of a Hutchinson Hessian-diagonal estimate.
+
+.. math::
+   \begin{aligned}
+   &\textbf{input}: \eta \text{ (lr)},\ \beta_1, \beta_2,\ \epsilon,
+       \ \lambda \text{ (weight decay)},\ k \text{ (Hessian power)},
+       \ \tau \text{ (update period)} \\
+   &\textbf{init}: m_0 \leftarrow 0,\ v_0 \leftarrow 0,\ n_0 \leftarrow 0 \\
+   &\textbf{for } t = 1, 2, \ldots: \\
+   &\quad g_t \leftarrow \nabla L_t(\theta_{t-1})
+       \qquad (g_t \leftarrow -g_t \text{ if maximize}) \\
+   &\quad \textbf{if } t \bmod \tau = 1 \ (\text{every step for } \tau = 1): \\
+   &\qquad z \sim \text{Rademacher};\ D \leftarrow |z \odot (H_t z)|
+       \ \text{(spatially averaged for conv kernels)} \\
+   &\qquad v \leftarrow \beta_2 v + (1-\beta_2)\, D^2; \quad n \leftarrow n + 1 \\
+   &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1)\, g_t \\
+   &\quad \theta_t \leftarrow \theta_{t-1} - \eta \Big( \dfrac{m_t / (1-\beta_1^t)}
+       {\big(\sqrt{v} / \sqrt{1-\beta_2^{n}}\big)^{k} + \epsilon} + \lambda\,\theta_{t-1} \Big)
+   \end{aligned}
+
+Faithful to the authors' image-classification optimizer (amirgholami/adahessian
+``image_classification/optim_adahessian.py``): one Rademacher probe per step, ``D = |H z|``
+(``= |z ⊙ H z|`` for ±1 probes), 4-D convolution kernels averaged over their two spatial dims,
+bias corrections ``1 − β1^t`` and ``1 − β2^t``, the power ``k`` applied to ``sqrt(v)`` and to
+``sqrt(1 − β2^t)`` separately, ``eps`` added after the power, and weight decay applied as
+``lr · wd · θ`` outside the preconditioner (decoupled, although the official docstring calls it
+an L2 penalty). Defaults are the authors': lr 0.15, betas (0.9, 0.999), eps 1e-4, weight decay 0,
+Hessian power 1.
+
+Deviations, deliberate: ``update_period`` τ > 1 refreshes the estimate every τ steps and then
+updates ``v`` only on those steps, with its bias correction counting refreshes (``n``) — with
+τ = 1 (default) this is exactly the official rule; davda54/ada-hessian's ``update_each`` instead
+re-uses the stale estimate in ``v`` every step, which needs a third buffer. Conv1d/Conv3d kernels
+(3-D / 5-D) are averaged over their spatial dims too (the official code has no branch for them);
+``spatial_averaging=False`` turns averaging off. The probe comes from an explicit generator, and
+non-finite gradients follow curvlab's ``on_nonfinite`` policy.
+
+Paper: Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney, "ADAHESSIAN: An Adaptive Second Order
+Optimizer for Machine Learning", AAAI 2021, arXiv:2006.00719; code: amirgholami/adahessian.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from curvlab.errors import ClosureRequiredError, ParameterError
+from curvlab.optim._curvature import (
+    _BLOCK,
+    _BLOCK_MIN,
+    _EXTRA_KEY,
+    CurvatureEstimator,
+    _check_finite_diagonal,
+    _closure_example,
+    _closure_grads,
+    _cpu_blockable,
+    _grads_ok,
+    _new_generator,
+    _restore_generator,
+    _split_state_dict,
+    _workspace,
+    hutchinson_estimator,
+    spatial_average,
+)
+from curvlab.optim._validation import (
+    load_state_dict_checked,
+    validate_betas,
+    validate_eps,
+    validate_lr,
+    validate_on_nonfinite,
+    validate_weight_decay,
+)
+
+__all__ = ["AdaHessian", "adahessian_foreach", "adahessian_single_tensor"]
+
+_STATE_KEYS = ("step", "hessian_step", "exp_avg", "exp_hessian_diag_sq")
+_SHAPED_KEYS = ("exp_avg", "exp_hessian_diag_sq")
+
+
+def adahessian_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_hessian_diag_sqs: list[Tensor],
+    steps: list[Tensor],
+    hessian_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+    maximize: bool,
+) -> None:
+    """The AdaHessian parameter update, one tensor at a time (the reference for the foreach path).
+
+    ``v`` (``exp_hessian_diag_sqs``) has already been refreshed when due; in place:
+    ``step += 1``; ``m ← β1 m + (1 − β1) g``;
+    ``θ ← θ(1 − lr·wd) − lr/(1 − β1^t) · m / ((√v)^k / (√(1 − β2^n))^k + eps)``.
+    """
+    for param, grad, exp_avg, v, step_t, hstep_t in zip(
+        params, grads, exp_avgs, exp_hessian_diag_sqs, steps, hessian_steps
+    ):
+        if maximize:
+            grad = -grad
+        step_t += 1
+        step, n = float(step_t), float(hstep_t)
+        exp_avg.lerp_(grad, 1 - beta1)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
+        denom = v.sqrt()
+        if hessian_power != 1:
+            denom.pow_(hessian_power)
+        denom.div_(math.sqrt(bias_correction2) ** hessian_power).add_(eps)
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def adahessian_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_hessian_diag_sqs: list[Tensor],
+    steps: list[Tensor],
+    hessian_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+    maximize: bool,
+    workspace: dict[Any, Tensor] | None = None,
+) -> None:
+    """The AdaHessian update, multi-tensor; bit-equal to :func:`adahessian_single_tensor`.
+
+    Tensors are bucketed by (device, dtype, step, Hessian step) so each bucket shares its bias
+    corrections. Large contiguous CPU tensors are processed in cache-sized blocks (EMA,
+    denominator and update while the block is in cache, through a reusable ``workspace``; no
+    full-size temporaries); everything else uses ``torch._foreach_*`` kernels.
+    """
+    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+    for tensors in zip(params, grads, exp_avgs, exp_hessian_diag_sqs, steps, hessian_steps):
+        p = tensors[0]
+        key = (p.device, p.dtype, float(tensors[4]), float(tensors[5]))
+        bucket = buckets.setdefault(key, [[], [], [], [], [], []])
+        for lst, t in zip(bucket, tensors):
+            lst.append(t)
+    for (device, dtype, step, n), (ps, gs, ms, vs, ts, _) in buckets.items():
+        torch._foreach_add_(ts, 1.0)
+        step += 1
+        if maximize:
+            gs = list(torch._foreach_neg(gs))
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
+        scale = math.sqrt(bias_correction2) ** hessian_power
+        blocked = [
+            i
+            for i, p in enumerate(ps)
+            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, gs[i], ms[i], vs[i])
+        ]
+        if blocked:
+            # per block: EMA, denominator and update while the block is in cache
+            size = min(_BLOCK, max(ps[i].numel() for i in blocked))
+            d_all = _workspace(workspace, 1, size, dtype, device)[0]
+            for i in blocked:
+                pf, gf, mf, vf = ps[i].view(-1), gs[i].view(-1), ms[i].view(-1), vs[i].view(-1)
+                numel = pf.numel()
+                for s in range(0, numel, size):
+                    e = min(numel, s + size)
+                    d, mb, pb = d_all[: e - s], mf[s:e], pf[s:e]
+                    mb.lerp_(gf[s:e], 1 - beta1)
+                    torch.sqrt(vf[s:e], out=d)
+                    if hessian_power != 1:
+                        d.pow_(hessian_power)
+                    d.div_(scale).add_(eps)
+                    if weight_decay != 0:
+                        pb.mul_(1 - lr * weight_decay)
+                    pb.addcdiv_(mb, d, value=-lr / bias_correction1)
+            rest = sorted(set(range(len(ps))) - set(blocked))
+            if not rest:
+                continue
+            ps, gs = [ps[i] for i in rest], [gs[i] for i in rest]
+            ms, vs = [ms[i] for i in rest], [vs[i] for i in rest]
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        denom = torch._foreach_sqrt(vs)
+        if hessian_power != 1:
+            torch._foreach_pow_(denom, hessian_power)
+        torch._foreach_div_(denom, scale)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, value=-lr / bias_correction1)
+
+
+class AdaHessian(Optimizer):
+    r"""AdaHessian (Yao et al. 2021): Adam whose second moment is that of ``|diag H|`` estimates.
+
+    **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
+    returns the loss WITHOUT calling ``backward()`` (the loss tensor, or ``(loss, outputs)``).
+    The optimizer takes the gradient with ``torch.autograd.grad(create_graph=True)`` on the steps
+    that refresh the curvature (every step by default, as the authors), computes one
+    Hessian-vector product ``H z`` for all parameters in a single backward call, writes the
+    detached gradient into ``p.grad`` and returns the detached loss. Nothing of the graph
+    outlives the step (no ``loss.backward(create_graph=True)``, so no param↔grad reference cycle).
+    A missing closure raises :class:`~curvlab.errors.ClosureRequiredError`.
+
+    Rule (full box in the module docstring): ``D = |z ⊙ H z|`` (spatially averaged over conv
+    kernels), ``v ← β2 v + (1−β2) D²``, ``m ← β1 m + (1−β1) g``,
+    ``θ ← θ − lr (m/(1−β1^t) / ((√v/√(1−β2^n))^k + eps) + wd θ)``.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 0.15, the authors').
+        betas: (β1, β2) (default (0.9, 0.999)).
+        eps: added to the denominator after the power (default 1e-4, the authors').
+        weight_decay: decoupled weight decay, applied as ``lr·wd·θ`` (default 0). The authors'
+            CIFAR script passes ``wd/lr`` to get a decay of ``wd``.
+        hessian_power: k in [0, 1] (default 1; the authors report 0.5 sometimes better).
+        update_period: refresh the Hessian estimate (and ``v``) every τ steps (default 1, as the
+            authors; the bias correction of ``v`` counts refreshes). Optimizer-wide.
+        spatial_averaging: average ``|D|`` over the spatial dims of conv kernels (≥ 3-D tensors;
+            default ``True``). Optimizer-wide.
+        estimator: ``"hutchinson"`` (default) or a
+            :class:`~curvlab.optim._curvature.CurvatureEstimator` callable; its output goes
+            through ``|·|`` and spatial averaging. Optimizer-wide.
+        maximize: maximise the objective instead.
+        foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
+            kernels, and cache-sized blocks through a small reusable scratch buffer for large
+            CPU tensors; bit-equal to the single-tensor reference (``False``).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``.
+        generator: random source of the probes; default a private CPU generator seeded from
+            torch's global generator at construction. Saved in ``state_dict()`` (key
+            ``"curvlab"``) so a resumed run is bit-identical.
+
+    State (per parameter): ``"step"``, ``"hessian_step"`` (float32 scalars), ``"exp_avg"`` (m),
+    ``"exp_hessian_diag_sq"`` (v): 8 bytes per float32 parameter, as the official code.
+
+    Raises:
+        ParameterError: invalid hyper-parameters or a sparse gradient.
+        ClosureRequiredError: no closure, a closure that called ``backward()`` or returned no
+            loss tensor.
+        NonFiniteError: NaN/inf gradient or curvature under ``on_nonfinite="raise"``.
+        StateDictError: ``load_state_dict`` with another optimizer's state or other shapes.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
+        >>> opt = AdaHessian(model.parameters(), lr=0.1)
+        >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        >>> sorted(opt.state[model[0].weight])
+        ['exp_avg', 'exp_hessian_diag_sq', 'hessian_step', 'step']
+
+    Paper: Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney, "ADAHESSIAN: An Adaptive Second Order
+    Optimizer for Machine Learning", AAAI 2021, arXiv:2006.00719; code: amirgholami/adahessian.
+    """
+
+    closure_mode: ClassVar[str] = "loss"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        *,
+        update_period: int = 1,
+        spatial_averaging: bool = True,
+        estimator: str | CurvatureEstimator = "hutchinson",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        on_nonfinite: str = "raise",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        validate_lr(lr)
+        betas = validate_betas(betas)  # type: ignore[assignment]
+        validate_eps(eps)
+        validate_weight_decay(weight_decay)
+        validate_on_nonfinite(on_nonfinite)
+        if (
+            isinstance(hessian_power, bool)
+            or not isinstance(hessian_power, (int, float))
+            or not 0.0 <= hessian_power <= 1.0
+        ):
+            raise ParameterError(
+                f"hessian_power must be a number in [0, 1] (the authors use 1, sometimes 0.5), "
+                f"got {hessian_power!r}"
+            )
+        if (
+            isinstance(update_period, bool)
+            or not isinstance(update_period, int)
+            or update_period < 1
+        ):
+            raise ParameterError(
+                f"update_period must be an int >= 1 (1 = a Hessian estimate every step, as the "
+                f"authors), got {update_period!r}"
+            )
+        if isinstance(estimator, str):
+            if estimator != "hutchinson":
+                raise ParameterError(
+                    f"estimator must be 'hutchinson' or a callable, got {estimator!r}"
+                )
+            estimator_name, estimator_fn = estimator, None
+        elif callable(estimator):
+            estimator_name, estimator_fn = "custom", estimator
+        else:
+            raise ParameterError(f"estimator must be a string or a callable, got {estimator!r}")
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "hessian_power": float(hessian_power),
+            "update_period": update_period,
+            "spatial_averaging": bool(spatial_averaging),
+            "estimator": estimator_name,
+            "maximize": bool(maximize),
+            "foreach": foreach,
+            "on_nonfinite": on_nonfinite,
+            "nonfinite_skips": 0,
+        }
+        super().__init__(params, defaults)
+        self._estimator_fn: CurvatureEstimator | None = estimator_fn
+        self._generator: torch.Generator = generator if generator is not None else _new_generator()
+        self._workspace: dict[Any, Tensor] = {}  # scratch of the CPU fast path (not state)
+
+    # ------------------------------------------------------------------ persistence
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_estimator_fn"] = self._estimator_fn
+        state["_generator"] = self._generator
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_workspace", {})
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
+        sd = super().state_dict()
+        sd[_EXTRA_KEY] = {"generator_state": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict` (checked; restores the generator too).
+
+        Raises:
+            StateDictError: another optimizer's state, other parameter shapes or group counts.
+        """
+        base, extra = _split_state_dict(state_dict)
+        load_state_dict_checked(
+            self,
+            base,
+            state_keys=_STATE_KEYS,
+            param_shaped_keys=_SHAPED_KEYS,
+            keep_dtype_keys=("hessian_step",),
+        )
+        _restore_generator(extra, self._generator, "AdaHessian")
+
+    # ------------------------------------------------------------------ helpers
+    def _next_step_number(self) -> int:
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st:
+                    return int(st["step"]) + 1
+        return 1
+
+    def _estimator(self) -> CurvatureEstimator:
+        if self._estimator_fn is not None:
+            return self._estimator_fn
+        return hutchinson_estimator  # type: ignore[return-value]
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["hessian_step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _refresh(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor | None], outputs: Any, n: int
+    ) -> bool:
+        """``D = avg|ĥ|``, then ``v ← β2 v + (1 − β2) D²`` and ``n ← n + 1``; False if skipped."""
+        estimator = self._estimator()
+        with torch.enable_grad():
+            diag = estimator(params, grads, outputs, self._generator)
+        if not _check_finite_diagonal(self.param_groups, params, diag, step=n):
+            return False
+        average = self.defaults["spatial_averaging"]
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for p, d in zip(params, diag):
+            if d is None:
+                continue
+            if average and d.dim() >= 3:
+                dd = spatial_average(d)
+            else:  # the built-in estimator's output is ours to overwrite
+                dd = d.abs() if self._estimator_fn is not None else d.abs_()
+            state = self._init_state(p)
+            beta2 = group_of[id(p)]["betas"][1]
+            state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(dd, dd, value=1 - beta2)
+            state["hessian_step"] += 1
+        return True
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
+        """Take one AdaHessian step (with a Hessian-diagonal refresh when due).
+
+        Args:
+            closure: returns the loss, or ``(loss, outputs)``, WITHOUT calling ``backward()``.
+
+        Returns:
+            The closure's loss, detached.
+        """
+        if closure is None:
+            raise ClosureRequiredError(_closure_example("AdaHessian"))
+        n = self._next_step_number()
+        refresh = (n - 1) % self.defaults["update_period"] == 0
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        estimator = self._estimator() if refresh else None
+        loss, outputs, grads = _closure_grads(closure, params, "AdaHessian", estimator)
+        if not _grads_ok(self.param_groups, n):
+            return loss
+        if refresh and not self._refresh(params, grads, outputs, n):
+            return loss
+        del grads, outputs
+        for group in self.param_groups:
+            ps, gs, ms, vs, ts, hts = [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                ps.append(p)
+                gs.append(p.grad)
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_hessian_diag_sq"])
+                ts.append(state["step"])
+                hts.append(state["hessian_step"])
+            if not ps:
+                continue
+            fn = adahessian_single_tensor if group["foreach"] is False else adahessian_foreach
+            extra = {} if group["foreach"] is False else {"workspace": self._workspace}
+            beta1, beta2 = group["betas"]
+            fn(
+                ps,
+                gs,
+                ms,
+                vs,
+                ts,
+                hts,
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                hessian_power=group["hessian_power"],
+                maximize=group["maximize"],
+                **extra,
+            )
+        return loss

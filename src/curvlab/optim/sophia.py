@@ -1,0 +1,635 @@
+r"""Sophia: a clipped diagonal-Newton step with a curvature estimate refreshed every k steps.
+
+.. math::
+   \begin{aligned}
+   &\textbf{input}: \eta \text{ (lr)},\ \beta_1, \beta_2,\ \rho,\ \lambda \text{ (weight decay)},
+       \ \epsilon,\ k \text{ (update period)}, \\
+   &\qquad \text{Estimator} \in \{\text{GNB}, \text{Hutchinson}\} \\
+   &\textbf{init}: m_0 \leftarrow 0,\ h_0 \leftarrow 0 \\
+   &\textbf{for } t = 1, 2, \ldots: \\
+   &\quad g_t \leftarrow \nabla L_t(\theta_{t-1})
+       \qquad (g_t \leftarrow -g_t \text{ if maximize}) \\
+   &\quad \textbf{if } t \bmod k = 1: \ \hat h_t \leftarrow \text{Estimator}(\theta_{t-1}),
+       \quad h_t \leftarrow \beta_2 h_{t-k} + (1-\beta_2)\,\hat h_t
+       \quad \textbf{else } h_t \leftarrow h_{t-1} \\
+   &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1)\, g_t \\
+   &\quad \theta_{t-1} \leftarrow \theta_{t-1}(1 - \eta\lambda) \\
+   &\quad \theta_t \leftarrow \theta_{t-1} - \eta\,
+       \mathrm{clip}\!\big(m_t / (\rho \max(h_t, 0) + \epsilon),\ -1,\ 1\big)
+   \end{aligned}
+
+Estimators (:mod:`curvlab.optim._curvature`):
+
+* ``"gnb"`` (SophiaG, default): Gauss-Newton-Bartlett, ``ĥ = B · ĝ ⊙ ĝ`` with ``ĝ`` the gradient
+  of the mean cross-entropy on labels sampled from the model's own logits, ``B`` the number of
+  predictions in the batch (tokens for a language model). Needs the closure to return
+  ``(loss, logits)``. ``ĥ ≥ 0``.
+* ``"hutchinson"`` (SophiaH): ``ĥ = z ⊙ (H z)``, z Rademacher; may be negative, which the
+  ``max(h, 0)`` turns into a plain sign step for that coordinate (as the authors' SophiaH code).
+
+**Batch-size convention.** The official SophiaG (Liuhong99/Sophia ``sophia.py``) stores
+``hessian = EMA(ĝ ⊙ ĝ)`` *without* the batch factor and multiplies inside the step:
+``ratio = |m| / (rho * bs * hessian + 1e-15)`` with ``bs`` = tokens per batch passed to
+``step(bs=...)``. Here the factor is applied when the estimate is made: ``state["hessian"]`` is
+``EMA(B · ĝ ⊙ ĝ)``, a Hessian-diagonal estimate, with ``B`` the number of predictions in the
+outputs the closure returned (``bs=`` overrides it), and the step divides by
+``rho * hessian + eps``. So with the same ``rho`` and ``bs`` equal to the prediction count of the
+batch the estimate is taken on, the updates are the same and ``state["hessian"]`` here is ``B``
+times the official one. ``rho`` therefore has the same meaning (and default, 0.04) as in the
+official code; it is the paper's γ.
+
+Deviations from the official code, deliberate: the curvature is refreshed *before* the update of
+steps 1, k+1, 2k+1, … on the step's own batch, from the same forward pass (the paper's
+Algorithm 3; the official training loop refreshes after steps k, 2k, … with an extra forward on the
+next batch, so its first k steps are pure sign steps — the author reports the order matters
+little, Liuhong99/Sophia#22); ``eps`` is a hyper-parameter (official: 1e-15 fixed); SophiaH takes
+Rademacher rather than Gaussian probes and no bias correction (as SophiaG and the paper);
+``maximize=True`` negates the gradient and, for estimates of the loss's own curvature
+(Hutchinson, custom), the estimate too, so maximising f is minimising −f (the GNB estimate, a
+Gauss-Newton matrix of the model's likelihood, keeps its sign); non-finite gradients and
+estimates follow curvlab's ``on_nonfinite`` policy.
+
+Paper: Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
+Language Model Pre-training", ICLR 2024, arXiv:2305.14342; code: Liuhong99/Sophia.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from curvlab.errors import (
+    ClosureRequiredError,
+    ParameterError,
+    ShapeMismatchError,
+)
+from curvlab.optim._curvature import (
+    _BLOCK,
+    _BLOCK_MIN,
+    _EXTRA_KEY,
+    CurvatureEstimator,
+    _call_closure,
+    _check_finite_diagonal,
+    _closure_example,
+    _closure_grads,
+    _cpu_blockable,
+    _grads_ok,
+    _loss_grads,
+    _new_generator,
+    _restore_generator,
+    _split_state_dict,
+    _workspace,
+    gnb_estimator,
+    hutchinson_estimator,
+)
+from curvlab.optim._validation import (
+    load_state_dict_checked,
+    validate_betas,
+    validate_eps,
+    validate_lr,
+    validate_nonnegative,
+    validate_on_nonfinite,
+    validate_weight_decay,
+)
+
+__all__ = ["Sophia", "sophia_foreach", "sophia_single_tensor"]
+
+_STATE_KEYS = ("step", "exp_avg", "hessian")
+_SHAPED_KEYS = ("exp_avg", "hessian")
+_ESTIMATORS = ("gnb", "hutchinson")
+
+
+def sophia_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    clamp_hessian: bool,
+) -> None:
+    """The Sophia update, one tensor at a time (the reference for the foreach path).
+
+    In place: ``step += 1``; ``θ ← θ(1 − lr·wd)``; ``m ← β1 m + (1 − β1) g``;
+    ``θ ← θ − lr · clip(m / (ρ·h + ε), −1, 1)`` with ``h`` replaced by ``max(h, 0)`` when
+    ``clamp_hessian``. ``clip(m/d, −1, 1)`` equals the official ``sign(m)·min(|m|/d, 1)`` for d > 0.
+    """
+    for param, grad, exp_avg, hess, step_t in zip(params, grads, exp_avgs, hessians, steps):
+        if maximize:
+            grad = -grad
+        step_t += 1
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        h = hess.clamp(min=0) if clamp_hessian else hess
+        ratio = exp_avg / (h * rho + eps)
+        param.add_(ratio.clamp_(-1, 1), alpha=-lr)
+
+
+def sophia_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    clamp_hessian: bool,
+    workspace: dict[Any, Tensor] | None = None,
+) -> None:
+    """The Sophia update, multi-tensor; bit-equal to :func:`sophia_single_tensor`.
+
+    Tensors are grouped by (device, dtype). Large contiguous CPU tensors are processed in
+    cache-sized blocks — EMA, clipped ratio and update while the block is in cache, through a
+    small reusable ``workspace`` and ``clip(m/d, −1, 1) = m / max(d, |m|)`` for ``d > 0`` — because
+    on CPU allocating and first-touching full-size temporaries, and every extra pass over memory,
+    cost more than the arithmetic. Everything else uses ``torch._foreach_*`` kernels.
+    """
+    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+    for tensors in zip(params, grads, exp_avgs, hessians, steps):
+        bucket = buckets.setdefault((tensors[0].device, tensors[0].dtype), [[], [], [], [], []])
+        for lst, t in zip(bucket, tensors):
+            lst.append(t)
+    for (device, dtype), (ps, gs, ms, hs, ts) in buckets.items():
+        torch._foreach_add_(ts, 1.0)
+        if maximize:
+            gs = list(torch._foreach_neg(gs))
+        blocked = [
+            i
+            for i, p in enumerate(ps)
+            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, gs[i], ms[i], hs[i])
+        ]
+        if blocked:
+            # per block: EMA, ratio and update while the block is in cache (one pass over memory)
+            size = min(_BLOCK, max(ps[i].numel() for i in blocked))
+            ws = _workspace(workspace, 2, size, dtype, device)
+            for i in blocked:
+                pf, gf, mf, hf = ps[i].view(-1), gs[i].view(-1), ms[i].view(-1), hs[i].view(-1)
+                n = pf.numel()
+                for s in range(0, n, size):
+                    e = min(n, s + size)
+                    d, a = ws[0, : e - s], ws[1, : e - s]
+                    mb, pb = mf[s:e], pf[s:e]
+                    mb.lerp_(gf[s:e], 1 - beta1)
+                    if clamp_hessian:
+                        torch.clamp(hf[s:e], min=0.0, out=d)
+                        d.mul_(rho)
+                    else:
+                        torch.mul(hf[s:e], rho, out=d)
+                    d.add_(eps)
+                    torch.abs(mb, out=a)
+                    torch.maximum(d, a, out=d)
+                    torch.div(mb, d, out=d)
+                    if weight_decay != 0:
+                        pb.mul_(1 - lr * weight_decay)
+                    pb.add_(d, alpha=-lr)
+            rest = sorted(set(range(len(ps))) - set(blocked))
+            if not rest:
+                continue
+            ps, gs = [ps[i] for i in rest], [gs[i] for i in rest]
+            ms, hs = [ms[i] for i in rest], [hs[i] for i in rest]
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        if clamp_hessian:
+            denom = torch._foreach_clamp_min(hs, 0.0)
+            torch._foreach_mul_(denom, rho)
+        else:
+            denom = torch._foreach_mul(hs, rho)
+        torch._foreach_add_(denom, eps)
+        ratio = torch._foreach_div(ms, denom)
+        del denom
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        torch._foreach_add_(ps, ratio, alpha=-lr)
+
+
+class Sophia(Optimizer):
+    r"""Sophia (Liu et al. 2023): SophiaG (Gauss-Newton-Bartlett, default) or SophiaH (Hutchinson).
+
+    **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
+    returns the loss WITHOUT calling ``backward()`` — either the loss tensor or ``(loss, logits)``,
+    the model outputs the loss was computed from (required by the default GNB estimator, which
+    samples labels from them). The optimizer computes the gradient itself with
+    ``torch.autograd.grad``, writes it into ``p.grad`` and returns the (detached) loss. The
+    curvature is refreshed only on steps 1, k+1, 2k+1, … (``k = update_period``), from the same
+    forward pass; only those steps keep the graph for a second backward (GNB) or build a
+    ``create_graph=True`` graph (Hutchinson), so no graph outlives a step and memory stays flat.
+    A missing closure raises :class:`~curvlab.errors.ClosureRequiredError`.
+
+    **Driving your own loop**: construct with ``update_period=None``; then ``step()`` without a
+    closure uses the gradients in ``p.grad`` (torch style: call ``loss.backward()`` first) and
+    never refreshes the curvature; call :meth:`update_curvature` yourself (with a closure, with
+    an explicit diagonal, or — as in the official SophiaG loop — after back-propagating the
+    sampled-label loss, with ``bs=``).
+
+    Rule (the module docstring has the full algorithm box):
+    :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta\,\mathrm{clip}(m/(\rho\max(h,0)+\epsilon),
+    \pm 1)`, :math:`m` the EMA (β1) of gradients, :math:`h` the EMA (β2) of the curvature
+    estimate, refreshed every k steps. No bias correction.
+
+    **Batch-size factor**: ``state["hessian"]`` is the EMA of ``B · ĝ ⊙ ĝ`` (the GNB estimate
+    *with* its batch factor, ``B`` = predictions per batch, e.g. tokens); the official code stores
+    it without ``B`` and multiplies by ``bs`` in ``step(bs=...)``. Same ``rho``, same update when
+    ``bs`` equals ``B``; see the module docstring.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate η (default 1e-4, the official default; GPT-2 runs used 3e-4 to 7e-4).
+        betas: (β1, β2) for the gradient EMA and the curvature EMA (default (0.965, 0.99)).
+        rho: ρ, the clipping scale (default 0.04; official GPT-2 configs 0.03 to 0.08). Larger ρ:
+            more coordinates clipped to a sign step.
+        weight_decay: decoupled weight decay λ (default 0.1).
+        estimator: ``"gnb"`` (SophiaG), ``"hutchinson"`` (SophiaH), or a
+            :class:`~curvlab.optim._curvature.CurvatureEstimator` callable (kept on the instance,
+            included in ``copy.deepcopy``/``pickle``, not in ``state_dict``).
+        update_period: k, refresh the curvature every k steps (default 10); ``None`` for manual
+            refreshes through :meth:`update_curvature` (``step()`` then accepts no closure).
+        bs: batch factor B of the GNB estimate; default the number of predictions in the logits
+            (all leading dims). Optimizer-wide.
+        likelihood: GNB sampling distribution, ``"categorical"`` (default; logits ``[..., C]``) or
+            ``"gaussian"`` (regression outputs, loss ``½‖f − y‖²`` per prediction).
+        eps: added to the denominator (default 1e-15, as the official code).
+        maximize: maximise the objective instead.
+        foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
+            kernels, and cache-sized blocks through a small reusable scratch buffer for large
+            CPU tensors; bit-equal to the single-tensor reference (``False``).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` for NaN/inf gradients or
+            curvature estimates; see :mod:`curvlab.optim._validation`.
+        generator: random source of the probes / sampled labels; default a private CPU generator
+            seeded from torch's global generator at construction (one draw, no reseeding). Its
+            state is saved in ``state_dict()`` (key ``"curvlab"``) so a resumed run is
+            bit-identical.
+
+    ``estimator``, ``update_period``, ``bs`` and ``likelihood`` are optimizer-wide (the
+    constructor's values are used for all param groups).
+
+    State (per parameter, created at its first gradient): ``"step"`` (float32 scalar),
+    ``"exp_avg"`` (m), ``"hessian"`` (h): 8 bytes per float32 parameter, as the official code.
+
+    Raises:
+        ParameterError: invalid hyper-parameters (at construction) or a sparse gradient.
+        ClosureRequiredError: no closure, a closure that called ``backward()``, or one that
+            returned no loss tensor (or no logits for the GNB estimator).
+        NonFiniteError: NaN/inf gradient or curvature under ``on_nonfinite="raise"`` (nothing is
+            changed).
+        StateDictError: ``load_state_dict`` with another optimizer's state or other shapes.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> opt = Sophia(model.parameters(), lr=1e-3)
+        >>> def closure():
+        ...     logits = model(x)
+        ...     return torch.nn.functional.cross_entropy(logits, y), logits
+        >>> loss = opt.step(closure)
+        >>> sorted(opt.state[model.weight])
+        ['exp_avg', 'hessian', 'step']
+
+    Paper: Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
+    Language Model Pre-training", ICLR 2024, arXiv:2305.14342; code: Liuhong99/Sophia.
+    """
+
+    closure_mode: ClassVar[str] = "loss"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        *,
+        estimator: str | CurvatureEstimator = "gnb",
+        update_period: int | None = 10,
+        bs: int | None = None,
+        likelihood: str = "categorical",
+        eps: float = 1e-15,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        on_nonfinite: str = "raise",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        validate_lr(lr)
+        betas = validate_betas(betas)  # type: ignore[assignment]
+        validate_nonnegative("rho", rho, "; the official default is 0.04")
+        validate_weight_decay(weight_decay)
+        validate_eps(eps)
+        validate_on_nonfinite(on_nonfinite)
+        if isinstance(estimator, str):
+            if estimator not in _ESTIMATORS:
+                raise ParameterError(
+                    f"estimator must be 'gnb' (SophiaG), 'hutchinson' (SophiaH) or a callable, "
+                    f"got {estimator!r}"
+                )
+            estimator_name, estimator_fn = estimator, None
+        elif callable(estimator):
+            estimator_name, estimator_fn = "custom", estimator
+        else:
+            raise ParameterError(f"estimator must be a string or a callable, got {estimator!r}")
+        if update_period is not None and (
+            isinstance(update_period, bool)
+            or not isinstance(update_period, int)
+            or update_period < 1
+        ):
+            raise ParameterError(
+                f"update_period must be an int >= 1 (the paper's k, default 10) or None for "
+                f"manual refreshes, got {update_period!r}"
+            )
+        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
+            raise ParameterError(
+                "bs must be a positive int (predictions per batch, e.g. tokens) or None, "
+                f"got {bs!r}"
+            )
+        if likelihood not in ("categorical", "gaussian"):
+            raise ParameterError(
+                f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}"
+            )
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "rho": rho,
+            "weight_decay": weight_decay,
+            "eps": eps,
+            "estimator": estimator_name,
+            "update_period": update_period,
+            "bs": bs,
+            "likelihood": likelihood,
+            "maximize": bool(maximize),
+            "foreach": foreach,
+            "on_nonfinite": on_nonfinite,
+            "nonfinite_skips": 0,
+        }
+        super().__init__(params, defaults)
+        self._estimator_fn: CurvatureEstimator | None = estimator_fn
+        self._generator: torch.Generator = generator if generator is not None else _new_generator()
+        self._workspace: dict[Any, Tensor] = {}  # scratch of the CPU fast path (not state)
+
+    # ------------------------------------------------------------------ persistence
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_estimator_fn"] = self._estimator_fn
+        state["_generator"] = self._generator
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_workspace", {})
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
+        sd = super().state_dict()
+        sd[_EXTRA_KEY] = {"generator_state": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict` (checked; restores the generator too).
+
+        Raises:
+            StateDictError: another optimizer's state, other parameter shapes or group counts.
+        """
+        base, extra = _split_state_dict(state_dict)
+        load_state_dict_checked(self, base, state_keys=_STATE_KEYS, param_shaped_keys=_SHAPED_KEYS)
+        _restore_generator(extra, self._generator, "Sophia")
+
+    # ------------------------------------------------------------------ helpers
+    def _estimator(self) -> CurvatureEstimator:
+        if self._estimator_fn is not None:
+            return self._estimator_fn
+        if self.defaults["estimator"] == "hutchinson":
+            return hutchinson_estimator  # type: ignore[return-value]
+        est: Any = functools.partial(
+            gnb_estimator,
+            likelihood=self.defaults["likelihood"],
+            batch_size=self.defaults["bs"],
+        )
+        est.create_graph = False
+        return est  # type: ignore[no-any-return]
+
+    def _trainable(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _next_step_number(self) -> int:
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st:
+                    return int(st["step"]) + 1
+        return 1
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _update_hessian(self, params: Sequence[Tensor], diag: Sequence[Tensor | None]) -> None:
+        """``h ← β2 h + (1 − β2) ĥ`` for every parameter with an estimate.
+
+        Under ``maximize`` the objective is ``−loss``, whose curvature is ``−ĥ`` for a curvature
+        estimate of the loss (Hutchinson, custom); the GNB estimate is a Gauss-Newton matrix of
+        the model's likelihood and keeps its sign.
+        """
+        flip = self.defaults["estimator"] != "gnb"
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for p, d in zip(params, diag):
+            if d is None:
+                continue
+            state = self._init_state(p)
+            group = group_of[id(p)]
+            beta2 = group["betas"][1]
+            scale = -(1 - beta2) if flip and group["maximize"] else 1 - beta2
+            state["hessian"].mul_(beta2).add_(d.to(p.dtype), alpha=scale)
+
+    def _refresh(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor | None],
+        outputs: Tensor | None,
+        estimator: CurvatureEstimator,
+        step: int,
+    ) -> bool:
+        with torch.enable_grad():
+            diag = estimator(params, grads, outputs, self._generator)
+        if not _check_finite_diagonal(self.param_groups, params, diag, step=step):
+            return False
+        self._update_hessian(params, diag)
+        return True
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]
+        """Take one Sophia step (refreshing the curvature first on steps 1, k+1, 2k+1, …).
+
+        Args:
+            closure: returns the loss, or ``(loss, logits)``, WITHOUT calling ``backward()``.
+                Optional only with ``update_period=None`` (then ``p.grad`` is used).
+
+        Returns:
+            The closure's loss (detached), or ``None`` without a closure.
+        """
+        n = self._next_step_number()
+        period = self.defaults["update_period"]
+        loss: Tensor | None = None
+        refresh = False
+        if closure is None and period is None:
+            params: list[Tensor] = []
+            grads: list[Tensor | None] = []
+            outputs = None
+        else:
+            if closure is None:
+                raise ClosureRequiredError(
+                    _closure_example("Sophia")
+                    + "\n(or construct Sophia(..., update_period=None) to step from p.grad and "
+                    "call update_curvature() yourself)"
+                )
+            params = self._trainable()
+            refresh = period is not None and (n - 1) % period == 0
+            estimator = self._estimator() if refresh else None
+            loss, outputs, grads = _closure_grads(closure, params, "Sophia", estimator)
+        if not _grads_ok(self.param_groups, n):
+            return loss
+        if refresh and not self._refresh(params, grads, outputs, estimator, n):  # type: ignore[arg-type]
+            return loss
+        del grads, outputs
+        clamp = self.defaults["estimator"] != "gnb"
+        for group in self.param_groups:
+            ps, gs, ms, hs, ts = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                ps.append(p)
+                gs.append(p.grad)
+                ms.append(state["exp_avg"])
+                hs.append(state["hessian"])
+                ts.append(state["step"])
+            if not ps:
+                continue
+            extra = {} if group["foreach"] is False else {"workspace": self._workspace}
+            fn = sophia_single_tensor if group["foreach"] is False else sophia_foreach
+            fn(
+                ps,
+                gs,
+                ms,
+                hs,
+                ts,
+                lr=float(group["lr"]),
+                beta1=group["betas"][0],
+                rho=group["rho"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                clamp_hessian=clamp,
+                **extra,
+            )
+        return loss
+
+    @torch.no_grad()
+    def update_curvature(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        diagonal: Sequence[Tensor | None] | None = None,
+        bs: int | None = None,
+    ) -> Tensor | None:
+        """Refresh the curvature EMA ``h ← β2 h + (1 − β2) ĥ`` now, from one of three sources.
+
+        Use it when you drive the loop yourself (``update_period=None``), or to add a refresh.
+        It changes neither the parameters, nor the momentum, nor the step count, nor ``p.grad``.
+
+        * ``closure`` (loss, or ``(loss, logits)``, without backward): ``ĥ`` from the optimizer's
+          estimator at the current parameters.
+        * ``diagonal``: your own estimate, one tensor (or ``None``) per parameter of
+          ``param_groups`` in order, *with* its batch factor (e.g. ``B · ĝ ⊙ ĝ``).
+        * neither: the official SophiaG loop — you back-propagated the mean cross-entropy on labels
+          sampled from the model into ``p.grad``; ``ĥ = bs · p.grad ⊙ p.grad`` (``bs`` required
+          here, or set at construction).
+
+        Args:
+            closure: see above.
+            diagonal: see above.
+            bs: batch factor B for the ``p.grad`` source.
+
+        Returns:
+            The closure's loss (detached), or ``None``.
+
+        Raises:
+            ParameterError: more than one source, or no ``bs`` for the ``p.grad`` source.
+            ShapeMismatchError: ``diagonal`` does not fit the parameters.
+            NonFiniteError: a NaN/inf estimate under ``on_nonfinite="raise"``.
+
+        Example (the official loop, every k steps, after the usual step)::
+
+            logits = model(x)
+            y_hat = torch.distributions.Categorical(logits=logits).sample()
+            optimizer.zero_grad()
+            F.cross_entropy(logits.view(-1, logits.size(-1)), y_hat.view(-1)).backward()
+            optimizer.update_curvature(bs=y_hat.numel())
+        """
+        if closure is not None and diagonal is not None:
+            raise ParameterError(
+                "update_curvature takes one source: a closure, or diagonal=, or neither (p.grad)"
+            )
+        step = self._next_step_number()
+        loss: Tensor | None = None
+        if closure is not None:
+            params = self._trainable()
+            saved = [p.grad for p in params]
+            try:
+                loss, outputs = _call_closure(closure, params, "Sophia")
+                estimator = self._estimator()
+                with torch.enable_grad():
+                    grads = _loss_grads(
+                        loss,
+                        params,
+                        create_graph=bool(getattr(estimator, "create_graph", False)),
+                        retain_graph=True,
+                    )
+                    diag = estimator(params, grads, outputs, self._generator)
+                del grads, outputs
+            finally:
+                for p, g in zip(params, saved):
+                    p.grad = g
+            loss = loss.detach()
+        else:
+            params = [p for g in self.param_groups for p in g["params"]]
+            if diagonal is not None:
+                diag = list(diagonal)
+                if len(diag) != len(params) or any(
+                    d is not None and d.shape != p.shape for d, p in zip(diag, params)
+                ):
+                    raise ShapeMismatchError(
+                        f"diagonal must hold one tensor (or None) per parameter of param_groups "
+                        f"({len(params)}), each shaped like its parameter"
+                    )
+            else:
+                factor = bs if bs is not None else self.defaults["bs"]
+                if factor is None:
+                    raise ParameterError(
+                        "update_curvature() without a closure or diagonal reads ĝ from p.grad and "
+                        "needs bs=, the number of predictions (e.g. tokens) the sampled-label loss "
+                        "averaged over, so that ĥ = bs · ĝ ⊙ ĝ"
+                    )
+                diag = [None if p.grad is None else p.grad * p.grad * factor for p in params]
+        if _check_finite_diagonal(self.param_groups, params, diag, step=step):
+            self._update_hessian(params, diag)
+        return loss

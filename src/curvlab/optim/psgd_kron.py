@@ -613,7 +613,7 @@ class PSGDKron(Optimizer):
         >>> opt = PSGDKron([w], lr=0.1, init_scale=1.0)
         >>> (w**2).sum().backward(); opt.step()
         >>> [tuple(q.shape) for q in opt.state[w]["Q"]]
-        [(2, 2), (3,)]
+        [(3,), (2, 2)]
 
     Papers: X.-L. Li, "Preconditioned Stochastic Gradient Descent", IEEE TNNLS 2018
     (arXiv:1512.04202);

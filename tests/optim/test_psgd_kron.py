@@ -172,6 +172,27 @@ def test_kron_precondition_is_explicit_kronecker_product():
     torch.testing.assert_close(kron_precondition(Q, G), expect)
 
 
+@pytest.mark.parametrize("n", [200, 600])
+def test_structured_products_equal_dense_products(n):
+    # sizes above the 256 block exercise the recursive triangular / symmetric blocking
+    from curvlab.optim.psgd_kron import _gram, _mode_apply, _triu_mm
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.triu(torch.randn(n, n, dtype=DT, generator=g))
+    X = torch.randn(n, 70, dtype=DT, generator=g)
+    torch.testing.assert_close(_triu_mm(U, X, False), U @ X)
+    torch.testing.assert_close(_triu_mm(U, X, True), U.T @ X)
+    torch.testing.assert_close(_gram(X), X @ X.T)
+    Y = torch.randn(5, n, dtype=DT, generator=g)
+    for tr in (False, True):
+        M = U.T if tr else U
+        torch.testing.assert_close(_mode_apply(U, Y, 1, tr, True), Y @ M.T)
+        torch.testing.assert_close(_mode_apply(U, X, 0, tr, True), M @ X)
+    Q = [U, torch.rand(5, dtype=DT, generator=g)]
+    G = torch.randn(n, 5, dtype=DT, generator=g)
+    torch.testing.assert_close(kron_precondition(Q, G, triangular=True), kron_precondition(Q, G))
+
+
 def test_norm_lower_bound_is_a_tight_lower_bound():
     g = torch.Generator().manual_seed(0)
     for n in (5, 40):

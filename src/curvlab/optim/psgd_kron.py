@@ -122,11 +122,59 @@ def init_factors(
 # --------------------------------------------------------------------------------------------------
 
 
-def _mode_apply(q: Tensor, x: Tensor, i: int, transpose: bool = False) -> Tensor:
-    """Multiply mode ``i`` of ``x`` by ``q`` (or ``qᵀ``): ``y[.., a, ..] = Σ_b q[a, b] x[.., b,
-    ..]``.
+_BLOCK = 256  # below this size a triangular or symmetric product is one plain matmul
 
-    A 1-D ``q`` is a diagonal (the transpose is the same).
+
+def _triu_mm(U: Tensor, X: Tensor, trans: bool) -> Tensor:
+    """``op(U) @ X`` for an upper-triangular ``U`` (``op``: transpose if ``trans``), skipping zeros.
+
+    Recursive 2x2 blocking: ``[U11 U12; 0 U22] [X1; X2] = [U11 X1 + U12 X2; U22 X2]``, so about half
+    the multiply-adds of a dense product for large ``U``. Exact zeros of ``U`` contribute nothing
+    either way, so the result equals the dense product up to round-off.
+    """
+    out = torch.empty(U.shape[0], X.shape[1], dtype=X.dtype, device=X.device)
+    _triu_mm_into(out, U, X, trans)
+    return out
+
+
+def _triu_mm_into(out: Tensor, U: Tensor, X: Tensor, trans: bool) -> None:
+    n = U.shape[0]
+    if n <= _BLOCK:
+        torch.mm(U.mT if trans else U, X, out=out)
+        return
+    h = n // 2
+    if trans:  # [U11ᵀ 0; U12ᵀ U22ᵀ]
+        _triu_mm_into(out[:h], U[:h, :h], X[:h], True)
+        _triu_mm_into(out[h:], U[h:, h:], X[h:], True)
+        out[h:].addmm_(U[:h, h:].mT, X[:h])
+    else:
+        _triu_mm_into(out[:h], U[:h, :h], X[:h], False)
+        out[:h].addmm_(U[:h, h:], X[h:])
+        _triu_mm_into(out[h:], U[h:, h:], X[h:], False)
+
+
+def _gram(X: Tensor) -> Tensor:
+    """``X Xᵀ`` computing one triangle of blocks (symmetric; 2x2 recursive blocking)."""
+    n = X.shape[0]
+    if n <= _BLOCK:
+        return X @ X.mT
+    h = n // 2
+    out = torch.empty(n, n, dtype=X.dtype, device=X.device)
+    out[:h, :h] = _gram(X[:h])
+    out[h:, h:] = _gram(X[h:])
+    off = X[:h] @ X[h:].mT
+    out[:h, h:] = off
+    out[h:, :h] = off.mT
+    return out
+
+
+def _mode_apply(
+    q: Tensor, x: Tensor, i: int, transpose: bool = False, triangular: bool = False
+) -> Tensor:
+    """Multiply mode ``i`` of ``x`` by ``q`` (or ``qᵀ``): ``y[..a..] = Σ_b q[a, b] x[..b..]``.
+
+    A 1-D ``q`` is a diagonal (the transpose is the same). ``triangular=True`` declares ``q`` upper
+    triangular (geometry ``"EQ"``) and uses :func:`_triu_mm` for the first and last modes.
     """
     if q.dim() < 2:
         if x.dim() == 0:
@@ -137,9 +185,13 @@ def _mode_apply(q: Tensor, x: Tensor, i: int, transpose: bool = False) -> Tensor
     m = q.mT if transpose else q
     n = x.dim()
     if i == 0:
-        return (m @ x.reshape(x.shape[0], -1)).view(x.shape)
+        x2 = x.reshape(x.shape[0], -1)
+        y = _triu_mm(q, x2, transpose) if triangular else m @ x2
+        return y.view(x.shape)
     if i == n - 1:
-        return x @ m.mT
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _triu_mm(q, x2.mT, transpose).mT if triangular else x2 @ m.mT
+        return y.reshape(x.shape)
     xt = x.movedim(i, -1)
     return (xt @ m.mT).movedim(-1, i)
 
@@ -171,13 +223,10 @@ def _mode_gram(x: Tensor, i: int, dense: bool) -> Tensor:
         dims = [j for j in range(n) if j != i]
         return (x * x).sum(dim=dims) if dims else x * x
     if i == 0:
-        x2 = x.reshape(x.shape[0], -1)
-        return x2 @ x2.mT
+        return _gram(x.reshape(x.shape[0], -1))
     if i == n - 1:
-        x2 = x.reshape(-1, x.shape[-1])
-        return x2.mT @ x2
-    x2 = x.movedim(i, 0).reshape(x.shape[i], -1)
-    return x2 @ x2.mT
+        return _gram(x.reshape(-1, x.shape[-1]).mT)
+    return _gram(x.movedim(i, 0).reshape(x.shape[i], -1))
 
 
 def _lift(x: Tensor) -> Tensor:
@@ -185,12 +234,13 @@ def _lift(x: Tensor) -> Tensor:
     return x.float() if torch.finfo(x.dtype).eps > 1e-6 else x
 
 
-def kron_precondition(Q: Sequence[Tensor], g: Tensor) -> Tensor:
+def kron_precondition(Q: Sequence[Tensor], g: Tensor, triangular: bool = False) -> Tensor:
     """``P g`` with ``P = QᵀQ``, ``Q = Q_1 ⊗ ... ⊗ Q_k`` applied mode-wise (official
     ``precond_grad_kron``).
 
     ``g`` is the squeezed gradient (``k`` dims); mode ``i`` is multiplied by ``Q_iᵀ Q_i`` (``q_i²``
-    for a diagonal factor).
+    for a diagonal factor). ``triangular=True`` declares the dense factors upper triangular
+    (geometry ``"EQ"``) and skips their zero halves; the result is the same up to round-off.
 
     Example:
         >>> Q = [2.0 * torch.eye(2), torch.tensor([1.0, 3.0])]
@@ -205,7 +255,7 @@ def kron_precondition(Q: Sequence[Tensor], g: Tensor) -> Tensor:
         if q.dim() < 2:
             x = _mode_apply(q * q, x, i)
         else:
-            x = _mode_apply(q, _mode_apply(q, x, i), i, transpose=True)
+            x = _mode_apply(q, _mode_apply(q, x, i, False, triangular), i, True, triangular)
     return x
 
 
@@ -342,7 +392,7 @@ def update_precond_kron_eq(
     k = h.dim()
     A = h
     for i, q in enumerate(Q):
-        A = _mode_apply(q, A, i)
+        A = _mode_apply(q, A, i, triangular=True)
     B = v
     for i, q in enumerate(Q):
         B = _mode_solve_t(q, B, i)
@@ -353,7 +403,7 @@ def update_precond_kron_eq(
         if dense:
             ell = norm_lower_bound_spd(t1 + t2, generator)
             Li = _update_lipschitz(L[i], ell, beta_lipschitz)
-            q.sub_(((lr / Li).to(q.dtype) * torch.triu(t1 - t2)) @ q)
+            q.sub_(_triu_mm((lr / Li).to(q.dtype) * torch.triu(t1 - t2), q, False))
         else:
             ell = torch.max(t1 + t2)
             Li = _update_lipschitz(L[i], ell, beta_lipschitz)
@@ -514,14 +564,14 @@ def psgd_kron_step(
     target = g if whiten_grad else m
     if update_preconditioner and update_preconditioner_first:
         fit(Q, L, target, preconditioner_lr, beta_lipschitz, damping, generator)
-    u = kron_precondition(Q, m)
+    u = kron_precondition(Q, m, triangular=geometry == "EQ")
     if update_preconditioner and not update_preconditioner_first:
         fit(Q, L, target, preconditioner_lr, beta_lipschitz, damping, generator)
     max_avg, max_elem = grad_clip_max_amps
     rms = torch.sqrt(torch.mean(u * u))
     u = u * torch.clamp(max_avg / rms, max=1.0)
     u = u.clamp(-max_elem, max_elem)
-    param.sub_(u.view_as(param), alpha=lr)
+    param.sub_(u.reshape(param.shape), alpha=lr)
 
 
 def _mix_seed(*values: int) -> int:

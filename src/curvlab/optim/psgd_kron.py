@@ -429,8 +429,8 @@ def update_precond_kron_whiten_eq(
     fixed point is ``P = QᵀQ ≈ E[h hᵀ]^{-1/2}`` (Kronecker-structured), which whitens the gradient.
     """
     v = torch.randn(g.shape, dtype=g.dtype, device=g.device, generator=generator)
-    damp = damping + torch.finfo(g.dtype).eps * g.abs()
-    update_precond_kron_eq(Q, L, v, g + damp * v, lr, beta_lipschitz, generator)
+    h = torch.addcmul(g, g.abs().mul_(torch.finfo(g.dtype).eps).add_(damping), v)
+    update_precond_kron_eq(Q, L, v, h, lr, beta_lipschitz, generator)
 
 
 def update_precond_kron_whiten_q0p5eq1p5(
@@ -455,8 +455,8 @@ def update_precond_kron_whiten_q0p5eq1p5(
     (rotation).
     """
     v = torch.randn(g.shape, dtype=g.dtype, device=g.device, generator=generator)
-    damp = damping + torch.finfo(g.dtype).eps * g.abs()
-    pg = kron_precondition(Q, g + damp * v)
+    h = torch.addcmul(g, g.abs().mul_(torch.finfo(g.dtype).eps).add_(damping), v)
+    pg = kron_precondition(Q, h)
     numel = g.numel()
     k = g.dim()
     for i, q in enumerate(Q):
@@ -568,9 +568,8 @@ def psgd_kron_step(
     if update_preconditioner and not update_preconditioner_first:
         fit(Q, L, target, preconditioner_lr, beta_lipschitz, damping, generator)
     max_avg, max_elem = grad_clip_max_amps
-    rms = torch.sqrt(torch.mean(u * u))
-    u = u * torch.clamp(max_avg / rms, max=1.0)
-    u = u.clamp(-max_elem, max_elem)
+    rms = torch.linalg.vector_norm(u) / math.sqrt(max(u.numel(), 1))
+    u = u.mul_(torch.clamp(max_avg / rms, max=1.0)).clamp_(-max_elem, max_elem)
     param.sub_(u.reshape(param.shape), alpha=lr)
 
 

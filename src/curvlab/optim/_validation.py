@@ -1,0 +1,394 @@
+"""Small shared checks for curvlab optimizers (functions, not a base class).
+
+Every curvlab optimizer calls these from ``__init__`` (hyper-parameters), from ``step`` (gradients)
+and from ``load_state_dict`` (saved state), so that the same mistake gets the same message
+everywhere.
+
+Non-finite gradient policy (hyper-parameter ``on_nonfinite`` of every curvlab optimizer, kept in
+each
+param group so it survives ``state_dict``, ``copy.deepcopy`` and ``pickle``):
+
+* ``"raise"`` (default): :func:`check_finite_grads` raises :class:`~curvlab.errors.NonFiniteError`
+  naming the first offending parameter (param group index, index within the group, shape) and the
+  step
+  number, *before* anything is changed: parameters and optimizer state are exactly as before the
+  call.
+* ``"skip"``: the whole ``step()`` is skipped (parameters and state untouched) and the skip is
+  counted in
+  ``param_groups[i]["nonfinite_skips"]`` (an ``int``, incremented in every group, because the step
+  is
+  skipped for all of them). Keeping the count in the param groups, not in ``state``, means it is a
+  plain
+  number that ``state_dict()``/``load_state_dict()`` carry and that is never cast to a parameter
+  dtype.
+* ``"ignore"``: no check at all (torch.optim behaviour: NaN/inf propagate into parameters). This is
+  the only policy that needs no device-to-host synchronisation; the other two read back one boolean
+  per step.
+
+Example:
+    >>> import torch
+    >>> from curvlab.optim._validation import validate_lr, validate_betas
+    >>> validate_lr(1e-3)
+    0.001
+    >>> validate_betas((0.9, 0.999))
+    (0.9, 0.999)
+    >>> validate_lr(-1.0)
+    Traceback (most recent call last):
+    ...
+    curvlab.errors.ParameterError: lr must be a finite number >= 0, got -1.0; pass e.g. lr=1e-3
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from curvlab.errors import NonFiniteError, ParameterError, StateDictError
+
+__all__ = [
+    "ON_NONFINITE",
+    "check_finite_grads",
+    "check_state_dict",
+    "grads_of",
+    "load_state_dict_checked",
+    "validate_betas",
+    "validate_eps",
+    "validate_lr",
+    "validate_nonnegative",
+    "validate_on_nonfinite",
+    "validate_positive",
+    "validate_weight_decay",
+]
+
+#: Accepted values of the ``on_nonfinite`` hyper-parameter.
+ON_NONFINITE: tuple[str, ...] = ("raise", "skip", "ignore")
+
+
+def _is_real_number(value: object) -> bool:
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_float(value: float | Tensor) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def validate_nonnegative(name: str, value: float | Tensor, hint: str = "") -> float | Tensor:
+    """Check that ``value`` is a finite real number ``>= 0`` and return it unchanged.
+
+    Raises:
+        ParameterError: if ``value`` is not a real number, is NaN/inf, or is negative.
+    """
+    if not _is_real_number(value) or not math.isfinite(_as_float(value)) or _as_float(value) < 0:
+        raise ParameterError(f"{name} must be a finite number >= 0, got {value!r}{hint}")
+    return value
+
+
+def validate_positive(name: str, value: float | Tensor, hint: str = "") -> float | Tensor:
+    """Check that ``value`` is a finite real number ``> 0`` and return it unchanged.
+
+    Raises:
+        ParameterError: if ``value`` is not a real number, is NaN/inf, or is ``<= 0``.
+    """
+    if not _is_real_number(value) or not math.isfinite(_as_float(value)) or _as_float(value) <= 0:
+        raise ParameterError(f"{name} must be a finite number > 0, got {value!r}{hint}")
+    return value
+
+
+def validate_lr(lr: float | Tensor) -> float | Tensor:
+    """Check a learning rate: a finite number (or one-element tensor) ``>= 0``.
+
+    ``lr = 0`` is allowed (it freezes the parameters; schedulers use it).
+
+    Raises:
+        ParameterError: "lr must be a finite number >= 0, got ...".
+    """
+    return validate_nonnegative("lr", lr, "; pass e.g. lr=1e-3")
+
+
+def validate_eps(eps: float, name: str = "eps") -> float:
+    """Check a denominator guard ``eps > 0`` (finite).
+
+    Raises:
+        ParameterError: "eps must be a finite number > 0, got ...".
+    """
+    validate_positive(name, eps, "; it guards a division, use a small positive value such as 1e-8")
+    return eps
+
+
+def validate_weight_decay(weight_decay: float) -> float:
+    """Check ``weight_decay >= 0`` (finite).
+
+    Raises:
+        ParameterError: "weight_decay must be a finite number >= 0, got ...".
+    """
+    validate_nonnegative("weight_decay", weight_decay, "; use 0 to disable weight decay")
+    return weight_decay
+
+
+def validate_betas(betas: Sequence[float], n: int = 2, name: str = "betas") -> tuple[float, ...]:
+    """Check a tuple of ``n`` decay rates, each in ``[0, 1)``, and return it as a tuple.
+
+    Raises:
+        ParameterError: wrong length, or an entry outside ``[0, 1)`` (the message names the entry).
+    """
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != n:
+        raise ParameterError(f"{name} must be a sequence of {n} numbers in [0, 1), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not _is_real_number(b) or not 0.0 <= _as_float(b) < 1.0:
+            raise ParameterError(f"{name}[{i}] must be in [0, 1), got {b!r}")
+    return tuple(betas)
+
+
+def validate_on_nonfinite(value: str) -> str:
+    """Check the non-finite gradient policy: one of ``"raise"``, ``"skip"``, ``"ignore"``.
+
+    Raises:
+        ParameterError: any other value.
+    """
+    if value not in ON_NONFINITE:
+        raise ParameterError(
+            f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE))}, got {value!r}"
+        )
+    return value
+
+
+def grads_of(param_groups: Iterable[Mapping[str, Any]]) -> list[tuple[int, int, Tensor]]:
+    """List ``(group_index, index_in_group, param)`` for every parameter that has a gradient.
+
+    Raises:
+        ParameterError: a gradient is sparse (curvlab optimizers are dense-only).
+    """
+    out = []
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ParameterError(
+                    f"parameter {pi} of param group {gi} (shape {tuple(p.shape)}) has a sparse "
+                    "gradient, which this optimizer does not support; use a dense gradient "
+                    "(e.g. nn.Embedding(..., sparse=False)) or torch.optim.SparseAdam"
+                )
+            out.append((gi, pi, p))
+    return out
+
+
+def check_finite_grads(
+    param_groups: Sequence[dict[str, Any]],
+    *,
+    step: int | Tensor | Callable[[], int | Tensor] | None = None,
+    on_nonfinite: str | None = None,
+) -> bool:
+    """Apply the non-finite gradient policy; return ``True`` when ``step()`` may proceed.
+
+    All gradients are checked with one ``max |g|`` reduction per dtype/device (NaN and inf propagate
+    through the max), then one boolean is read back. Only if that says "non-finite" are the tensors
+    inspected one by one to name the culprit. Call it *before* touching any state.
+
+    Args:
+        param_groups: the optimizer's ``param_groups``; each group's ``"on_nonfinite"`` key (default
+            ``"raise"``) selects the policy unless ``on_nonfinite`` overrides it.
+        step: the number of the step about to be taken (1-based), used only in the error message; a
+            tensor is read, and a callable called, only when an error is raised.
+        on_nonfinite: override of the per-group policy.
+
+    Returns:
+        ``True`` if every gradient is finite (or the policy is ``"ignore"``); ``False`` if the step
+        must be skipped (policy ``"skip"``; ``"nonfinite_skips"`` has been incremented in every
+        group).
+
+    Raises:
+        NonFiniteError: policy ``"raise"`` and a gradient holds NaN or inf.
+        ParameterError: a gradient is sparse.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([1.0, float("nan")])
+        >>> groups = [{"params": [p], "on_nonfinite": "skip"}]
+        >>> check_finite_grads(groups, step=1), groups[0]["nonfinite_skips"]
+        (False, 1)
+    """
+    policies = {on_nonfinite} if on_nonfinite is not None else None
+    if policies is None:
+        policies = {g.get("on_nonfinite", "raise") for g in param_groups}
+    entries = grads_of(param_groups)
+    if policies == {"ignore"} or not entries:
+        return True
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for _, _, p in entries:
+        assert p.grad is not None
+        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    flags = []
+    for grads in buckets.values():
+        norms = torch._foreach_norm(grads, float("inf"))
+        flags.append(torch.isfinite(torch.stack(norms)).all().cpu())
+    if bool(torch.stack(flags).all()):
+        return True
+    for gi, pi, p in entries:
+        assert p.grad is not None
+        if bool(torch.isfinite(p.grad).all()):
+            continue
+        policy = on_nonfinite or param_groups[gi].get("on_nonfinite", "raise")
+        if policy == "ignore":
+            continue
+        if policy == "raise":
+            n_nan = int(torch.isnan(p.grad).sum())
+            n_inf = int(torch.isinf(p.grad).sum())
+            number = step() if callable(step) else step
+            at = "" if number is None else f" at step {int(number)}"
+            raise NonFiniteError(
+                f"non-finite gradient{at}: parameter {pi} of param group {gi} "
+                f"(shape {tuple(p.shape)}) has {n_nan} NaN and {n_inf} inf entries; nothing was "
+                "updated. Lower the learning rate, clip gradients, check the loss for log(0) or "
+                "overflow, or pass on_nonfinite='skip' to skip such steps"
+            )
+        # "skip": the whole step is skipped, for every group
+        for group in param_groups:
+            group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1
+        return False
+    return True
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    return tuple(x.shape) if isinstance(x, Tensor) else None
+
+
+def check_state_dict(
+    optimizer: Optimizer,
+    state_dict: Mapping[str, Any],
+    *,
+    state_keys: Collection[str],
+    param_shaped_keys: Collection[str] = (),
+    group_keys: Collection[str] | None = None,
+) -> None:
+    """Check that ``state_dict`` comes from this kind of optimizer on parameters of these shapes.
+
+    Checks, in order: the two top-level keys; the number of param groups and of parameters per
+    group;
+    that every saved param group has the hyper-parameters this optimizer uses (``group_keys``,
+    default
+    the keys of ``optimizer.defaults``); that each parameter's state holds only ``state_keys``; that
+    entries in ``param_shaped_keys`` have the parameter's shape and that other tensors are scalars.
+
+    Args:
+        optimizer: the optimizer that is about to load.
+        state_dict: what ``Optimizer.state_dict()`` returned (possibly for another optimizer).
+        state_keys: the per-parameter state keys this optimizer creates.
+        param_shaped_keys: the state keys whose tensors have the shape of their parameter.
+        group_keys: hyper-parameter keys every saved group must carry.
+
+    Raises:
+        StateDictError: with a message saying what does not match and what to do.
+    """
+    name = type(optimizer).__name__
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise StateDictError(
+            f"{name}.load_state_dict expects the dict returned by optimizer.state_dict() (keys "
+            f"'state' and 'param_groups'), got {type(state_dict).__name__}"
+            + (
+                f" with keys {sorted(map(str, state_dict))}"
+                if isinstance(state_dict, Mapping)
+                else ""
+            )
+        )
+    saved_groups = state_dict["param_groups"]
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise StateDictError(
+            f"state_dict has {len(saved_groups)} param groups but this {name} has {len(groups)}; "
+            "build the optimizer with the same param groups as the one that was saved"
+        )
+    required = set(optimizer.defaults) if group_keys is None else set(group_keys)
+    id_to_param: dict[Any, tuple[int, int, Tensor]] = {}
+    for gi, (sg, g) in enumerate(zip(saved_groups, groups)):
+        if len(sg["params"]) != len(g["params"]):
+            raise StateDictError(
+                f"param group {gi} of the state_dict has {len(sg['params'])} parameters but this "
+                f"{name} has {len(g['params'])}; the state_dict was saved for a different model"
+            )
+        missing = sorted(required - set(sg))
+        if missing:
+            raise StateDictError(
+                f"param group {gi} of the state_dict lacks the {name} hyper-parameters {missing}: "
+                f"it was probably saved from another optimizer; load it into that optimizer instead"
+            )
+        for pi, (pid, p) in enumerate(zip(sg["params"], g["params"])):
+            id_to_param[pid] = (gi, pi, p)
+    allowed = set(state_keys)
+    shaped = set(param_shaped_keys)
+    for pid, st in state_dict["state"].items():
+        if pid not in id_to_param:
+            raise StateDictError(
+                f"state_dict holds state for parameter id {pid!r}, which no param group lists; "
+                "the state_dict is corrupt or was edited"
+            )
+        gi, pi, p = id_to_param[pid]
+        extra = sorted(set(st) - allowed)
+        if extra:
+            raise StateDictError(
+                f"state of parameter {pi} in param group {gi} has keys {extra} that {name} does "
+                f"not use (it uses {sorted(allowed)}): the state_dict was saved from another "
+                "optimizer"
+            )
+        for key, value in st.items():
+            shp = _shape(value)
+            if shp is None:
+                continue
+            if key in shaped and shp != tuple(p.shape):
+                raise StateDictError(
+                    f"state {key!r} of parameter {pi} in param group {gi} has shape {shp} but the "
+                    f"parameter has shape {tuple(p.shape)}; the state_dict was saved for a model "
+                    "with different parameter shapes (or a different parameter order)"
+                )
+            if key not in shaped and len(shp) != 0:
+                raise StateDictError(
+                    f"state {key!r} of parameter {pi} in param group {gi} should be a scalar "
+                    f"tensor but has shape {shp}; the state_dict was saved from another optimizer"
+                )
+
+
+def load_state_dict_checked(
+    optimizer: Optimizer,
+    state_dict: Mapping[str, Any],
+    *,
+    state_keys: Collection[str],
+    param_shaped_keys: Collection[str] = (),
+    keep_dtype_keys: Collection[str] = (),
+) -> None:
+    """Validate ``state_dict`` (:func:`check_state_dict`), load it, then restore scalar dtypes.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor except ``"step"``
+    to its
+    parameter's dtype; scalars kept in float32/float64 on purpose (e.g. DoG's distance and
+    gradient-norm
+    sums next to bfloat16 parameters) would silently lose precision. Keys in ``keep_dtype_keys``
+    are put
+    back with their saved dtype (on the parameter's device), so a round trip is bit-identical.
+
+    Call it from an overriding ``load_state_dict`` (an override survives ``copy.deepcopy`` and
+    pickling, unlike a hook registered on the instance).
+
+    Raises:
+        StateDictError: see :func:`check_state_dict`.
+    """
+    check_state_dict(
+        optimizer, state_dict, state_keys=state_keys, param_shaped_keys=param_shaped_keys
+    )
+    Optimizer.load_state_dict(optimizer, dict(state_dict))  # type: ignore[arg-type]
+    if not keep_dtype_keys:
+        return
+    id_to_param = {}
+    for sg, g in zip(state_dict["param_groups"], optimizer.param_groups):
+        id_to_param.update(zip(sg["params"], g["params"]))
+    for pid, st in state_dict["state"].items():
+        p = id_to_param[pid]
+        for key in keep_dtype_keys:
+            saved = st.get(key)
+            if isinstance(saved, Tensor):
+                optimizer.state[p][key] = saved.to(device=p.device, copy=True)

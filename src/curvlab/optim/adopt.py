@@ -1,0 +1,336 @@
+r"""ADOPT: Adam with the second moment taken from the *previous* step, and a clipped normalised
+gradient.
+
+.. math::
+   \begin{aligned}
+   &\textbf{input}: \gamma \text{ (lr)},\ \beta_1, \beta_2,\ \epsilon,
+       \ \lambda \text{ (weight decay)},
+       \ c(t) = t^{\kappa} \text{ (clip, } \kappa = 1/4\text{)},\ \theta_0 \\
+   &\textbf{init}: m_0 \leftarrow 0 \\
+   &t = 0: \quad g_0 \leftarrow \nabla f(\theta_0) \ (+\lambda\theta_0 \text{ if coupled});
+       \quad v_0 \leftarrow g_0^2; \quad \text{no parameter update} \\
+   &\textbf{for } t = 1, 2, \ldots: \\
+   &\quad g_t \leftarrow \nabla f(\theta_{t-1}) \qquad (g_t \leftarrow -g_t \text{ if maximize}) \\
+   &\quad \textbf{if } \lambda \ne 0: \ \textbf{if} \text{ decouple}:
+       \theta_{t-1} \leftarrow \theta_{t-1} - \gamma\lambda\theta_{t-1}
+       \ \textbf{else}\ g_t \leftarrow g_t + \lambda\theta_{t-1} \\
+   &\quad n_t \leftarrow \mathrm{clip}\big(g_t / \max(\sqrt{v_{t-1}}, \epsilon),\ -c(t),\ c(t)\big)
+   \\
+   &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1)\, n_t \\
+   &\quad \theta_t \leftarrow \theta_{t-1} - \gamma\, m_t \\
+   &\quad v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2)\, g_t^2 \qquad
+       \text{(updated after use: } n_t \text{ is independent of } g_t \text{ through } v) \\
+   \end{aligned}
+
+Variant: the authors' current ("clipped", 22 Nov 2024) ADOPT, as in iShohei220/adopt
+``src/adopt/adopt.py`` (commit 6468572) and the updated arXiv v3: ``clip_exponent=0.25`` gives the
+clip schedule c(t) = t^{1/4} evaluated at the number of completed steps (1 at the first real
+update);
+``clip_exponent=None`` is the original, un-clipped ADOPT of the first arXiv version. There is no
+bias
+correction. ``decouple=False`` (the authors' default) adds ``weight_decay * θ`` to the gradient
+(Adam
+style, also on the initialisation step); ``decouple=True`` shrinks θ by ``lr * weight_decay`` before
+the update (AdamW style, not on the initialisation step) — use it when replacing AdamW.
+
+Deviations from the official code, all deliberate: the clip is a number (``clip_exponent``), not a
+lambda kept on the instance, so ``copy.deepcopy``/``pickle`` keep it; the foreach path buckets
+tensors
+by step count (the official one reads the step of the first tensor for the whole group); there is no
+``fused``/``capturable``/``differentiable`` path; non-finite gradients follow curvlab's
+``on_nonfinite`` policy.
+
+Paper: Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa, Matsuo,
+"ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate", NeurIPS 2024,
+arXiv 2411.02853.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from curvlab.optim._validation import (
+    check_finite_grads,
+    load_state_dict_checked,
+    validate_betas,
+    validate_eps,
+    validate_lr,
+    validate_nonnegative,
+    validate_on_nonfinite,
+    validate_weight_decay,
+)
+
+__all__ = ["ADOPT", "adopt_foreach", "adopt_single_tensor"]
+
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_SHAPED_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def adopt_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decouple: bool,
+    clip_exponent: float | None,
+    maximize: bool,
+) -> None:
+    """The ADOPT update, one tensor at a time (the reference for every faster path).
+
+    Updates ``params``, ``exp_avgs`` (m), ``exp_avg_sqs`` (v) and ``steps`` (number of completed
+    steps, a float32 scalar tensor per parameter) in place, following the rule in the module
+    docstring.
+    """
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
+        params, grads, exp_avgs, exp_avg_sqs, steps
+    ):
+        if maximize:
+            grad = -grad
+        if torch.is_complex(param):
+            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
+            exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
+        if weight_decay != 0 and not decouple:
+            grad = grad.add(param, alpha=weight_decay)
+        step = float(step_t)
+        if step == 0:
+            exp_avg_sq.addcmul_(grad, grad)
+            step_t += 1
+            continue
+        if weight_decay != 0 and decouple:
+            param.mul_(1 - lr * weight_decay)
+        normed = grad / exp_avg_sq.sqrt().clamp_(min=eps)
+        if clip_exponent is not None:
+            clip = step**clip_exponent
+            normed.clamp_(-clip, clip)
+        exp_avg.lerp_(normed, 1 - beta1)
+        param.add_(exp_avg, alpha=-lr)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_t += 1
+
+
+def adopt_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decouple: bool,
+    clip_exponent: float | None,
+    maximize: bool,
+) -> None:
+    """The ADOPT update with ``torch._foreach_*`` kernels; equal to :func:`adopt_single_tensor`.
+
+    Tensors are bucketed by (device, dtype, completed steps), so parameters whose gradients appeared
+    at different times still get their own clip value and initialisation step.
+    """
+    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
+        params, grads, exp_avgs, exp_avg_sqs, steps
+    ):
+        if torch.is_complex(param):
+            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
+            exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
+        key = (param.device, param.dtype, float(step_t))
+        bucket = buckets.setdefault(key, [[], [], [], [], []])
+        for lst, t in zip(bucket, (param, grad, exp_avg, exp_avg_sq, step_t)):
+            lst.append(t)
+    one = torch.tensor(1.0)
+    for (_, _, step), (ps, gs, ms, vs, ts) in buckets.items():
+        if maximize:
+            gs = torch._foreach_neg(gs)
+        if weight_decay != 0 and not decouple:
+            if maximize:
+                torch._foreach_add_(gs, ps, alpha=weight_decay)
+            else:
+                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+        if step == 0:
+            torch._foreach_addcmul_(vs, gs, gs)
+            torch._foreach_add_(ts, one, alpha=1.0)
+            continue
+        if weight_decay != 0 and decouple:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_clamp_min_(denom, eps)
+        normed = torch._foreach_div(gs, denom)
+        del denom
+        if clip_exponent is not None:
+            clip = step**clip_exponent
+            torch._foreach_clamp_min_(normed, -clip)
+            torch._foreach_clamp_max_(normed, clip)
+        torch._foreach_lerp_(ms, normed, 1 - beta1)
+        del normed
+        torch._foreach_add_(ps, ms, alpha=-lr)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        torch._foreach_add_(ts, one, alpha=1.0)
+
+
+class ADOPT(Optimizer):
+    r"""ADOPT (Taniguchi et al., NeurIPS 2024), the authors' current clipped variant.
+
+    Rule (see the module docstring for the full algorithm box): at the first step only
+    :math:`v \leftarrow g^2`; then :math:`m \leftarrow \beta_1 m + (1-\beta_1)
+    \,\mathrm{clip}(g/\max(\sqrt{v},\epsilon), \pm t^{1/4})`,
+    :math:`\theta \leftarrow \theta - \gamma m`,
+    and only afterwards :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`. No bias correction.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate γ (default 1e-3).
+        betas: (β1, β2), each in [0, 1) (default (0.9, 0.9999)).
+        eps: floor of √v (default 1e-6; it is a ``max``, not an added term).
+        weight_decay: λ ≥ 0 (default 0).
+        decouple: ``False`` (default, as the authors): L2 added to the gradient; ``True``:
+        AdamW-style
+            decoupled decay θ ← θ(1 − γλ), skipped on the initialisation step.
+        clip_exponent: κ of the clip schedule c(t) = t^κ (default 0.25 as in the authors' repo);
+            ``None`` disables clipping (original ADOPT).
+        maximize: maximise the objective instead.
+        foreach: use the multi-tensor path (default ``None`` = ``True``; it is faster on CPU as
+        well).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``; see
+            :mod:`curvlab.optim._validation`.
+
+    State (per parameter, created at its first gradient): ``"step"`` (float32 scalar, completed
+    steps), ``"exp_avg"`` (m) and ``"exp_avg_sq"`` (v), each of the parameter's shape and dtype:
+    8 bytes per float32 parameter.
+
+    Raises:
+        ParameterError: invalid hyper-parameters (at construction) or a sparse gradient (at step).
+        NonFiniteError: a NaN/inf gradient under ``on_nonfinite="raise"``; nothing is changed.
+        StateDictError: ``load_state_dict`` with another optimizer's state or other shapes.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = ADOPT(model.parameters(), lr=1e-3, weight_decay=0.01, decouple=True)
+        >>> for _ in range(2):
+        ...     opt.zero_grad()
+        ...     model(torch.ones(4, 3)).pow(2).mean().backward()
+        ...     opt.step()
+        >>> int(opt.state[model.weight]["step"])
+        2
+
+    Paper: Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate",
+    NeurIPS 2024, arXiv 2411.02853; code: iShohei220/adopt.
+    """
+
+    closure_mode: ClassVar[str] = "backward"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        decouple: bool = False,
+        clip_exponent: float | None = 0.25,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        validate_lr(lr)
+        betas = validate_betas(betas)  # type: ignore[assignment]
+        validate_eps(eps)
+        validate_weight_decay(weight_decay)
+        if clip_exponent is not None:
+            validate_nonnegative(
+                "clip_exponent", clip_exponent, "; the authors use 0.25, None disables clipping"
+            )
+        validate_on_nonfinite(on_nonfinite)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "decouple": bool(decouple),
+            "clip_exponent": clip_exponent,
+            "maximize": bool(maximize),
+            "foreach": foreach,
+            "on_nonfinite": on_nonfinite,
+            "nonfinite_skips": 0,
+        }
+        super().__init__(params, defaults)
+
+    def _next_step_number(self) -> int:
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st:
+                    return int(st["step"]) + 1
+        return 1
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Take one ADOPT step; the optional ``closure`` zeroes grads, calls backward, returns loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not check_finite_grads(self.param_groups, step=self._next_step_number):
+            return loss
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            lr = group["lr"]
+            beta1, beta2 = group["betas"]
+            fn = adopt_single_tensor if group["foreach"] is False else adopt_foreach
+            fn(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                lr=float(lr),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decouple=group["decouple"],
+                clip_exponent=group["clip_exponent"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict saved by :class:`ADOPT`; raises StateDictError for any other."""
+        load_state_dict_checked(
+            self, state_dict, state_keys=_STATE_KEYS, param_shaped_keys=_SHAPED_KEYS
+        )

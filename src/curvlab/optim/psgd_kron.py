@@ -21,6 +21,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
+from curvlab.optim._validation import (
+    check_finite_grads,
+    validate_lr,
+    validate_nonnegative,
+    validate_on_nonfinite,
+    validate_weight_decay,
+)
 
 __all__ = [
     "PSGDKron",
@@ -586,7 +593,7 @@ def _mix_seed(*values: int) -> int:
 
 
 def probe_seed(seed: int, step: int, index: int) -> int:
-    """Seed of the generator of parameter ``index`` (order over all groups) at 0-based ``step``."""
+    """Seed of the generator of the ``index``-th parameter of a param group at 0-based ``step``."""
     return _mix_seed(seed, step, index + 1)
 
 
@@ -599,50 +606,54 @@ def coin_seed(seed: int, step: int) -> int:
 # the optimizer
 # --------------------------------------------------------------------------------------------------
 
-_STATE_KEYS = ("step", "Q", "L", "momentum_buffer")
+
+def _num_factors(shape: Sequence[int]) -> int:
+    return max(1, sum(1 for d in shape if d != 1))
+
+
+def _factors(state: dict[str, Any], k: int) -> tuple[list[Tensor], list[Tensor]]:
+    return [state[f"Q_{i}"] for i in range(k)], [state[f"L_{i}"] for i in range(k)]
 
 
 class PSGDKron(Optimizer):
     r"""PSGD with a Kronecker-factored whitening preconditioner fitted on a Lie group (Li).
 
-    Each parameter ``θ`` (squeezed to ``k`` dims) gets ``Q = Q_1 ⊗ ... ⊗ Q_k`` and ``P = QᵀQ``; the
-    factors are upper-triangular (geometry ``"EQ"``, default) or near-SPD (``"Q0.5EQ1.5"``, the
-    official default) ``d_i x d_i`` matrices, or diagonals for large/skewed dims
-    (:func:`factor_kinds`).
-    ``Q`` is fitted by gradient whitening, no Hessian-vector product: with ``v ~ N(0, I)`` and
-    ``h = g + (damping + ε|g|) v`` it minimises ``E[hᵀPh + vᵀP⁻¹v]``, whose minimiser is
-    ``P = E[hhᵀ]^{-1/2}`` (Newton-like for the empirical Fisher), by normalised steps on the group
+    Each parameter ``θ`` (squeezed to ``k`` dims) gets ``Q = Q_1 ⊗ ... ⊗ Q_k`` and ``P = QᵀQ``.
+    The factors are upper-triangular (geometry ``"EQ"``, default) or near-SPD (``"Q0.5EQ1.5"``,
+    the official default) ``d_i x d_i`` matrices, or diagonals for large or skewed dims
+    (:func:`factor_kinds`). ``Q`` is fitted by gradient whitening, with no Hessian-vector product:
+    with ``v ~ N(0, I)`` and ``h = g + (damping + ε|g|) v`` it minimises ``E[hᵀPh + vᵀP⁻¹v]``,
+    whose minimiser is ``P = E[hhᵀ]^{-1/2}``, by normalised steps on the group
     (:func:`update_precond_kron_whiten_eq`). Per step (:func:`psgd_kron_step`)::
 
-        p_t = preconditioner_update_probability or precond_update_prob_schedule(t)
-        with probability p_t (coin from a generator seeded by (seed, t)):  fit Q
-        u = P·(m or g);  u ← u·min(1, 2/RMS(u));  u ← clamp(u, ±10);  θ ← θ - lr·u
+        p_t = preconditioner_update_probability, or precond_update_prob_schedule(t) if None
+        with probability p_t (a coin seeded by (seed, t)):  fit Q on g (or on m)
+        u = P·(m if momentum else g);  u ← u·min(1, 2/RMS(u));  u ← clamp(u, ±10)
+        θ ← θ - lr·u
 
     Defaults are the official ``KronWhiten`` ones (lr 1e-3, preconditioner_lr 0.1, betaL 0.9,
-    damping 1e-9, momentum 0, clip (2, 10), max_size ∞, max_skew 1, automatic init scale), except
-    the
-    update probability, which follows the annealing schedule (pass ``1.0`` for ``KronWhiten``'s).
+    damping 1e-9, momentum 0, clip (2, 10), max_size ∞, max_skew 1, automatic init scale),
+    except the update probability, which follows the annealing schedule (pass ``1.0`` for
+    ``KronWhiten``'s).
 
-    Randomness is reproducible and resumable: the probes of parameter ``j`` at step ``t`` come from
-    a
-    fresh ``torch.Generator`` seeded with a hash of ``(seed, t, j)`` and the update coin from one
-    seeded
-    with ``(seed, t)``, in the official draw order, so the state holds only tensors (``step``, the
-    factors ``Q``, the Lipschitz estimates ``L``, ``momentum_buffer``) and a resumed run is
-    bit-identical.
+    Randomness is reproducible and resumable: the probes of the ``j``-th parameter of a group at
+    step ``t`` come from a fresh ``torch.Generator`` seeded with a hash of ``(seed, t, j)``, and
+    the update coin from one seeded with ``(seed, t)``; within a tensor the draws follow the
+    official order. The state holds only tensors (``step``; the factors ``Q_0 … Q_{k-1}``; the
+    Lipschitz estimates ``L_0 … L_{k-1}``, float32 for half-precision parameters;
+    ``momentum_buffer``), so a resumed run is bit-identical.
 
     Args:
         params: parameters or param groups.
         lr: step size (official ``lr_params``), default 1e-3.
         preconditioner_lr: step size of the preconditioner fit (``lr_preconditioner``), in (0, 1).
         beta_lipschitz: EMA factor of the Lipschitz estimate (``betaL``), in [0, 1].
-        damping: added noise level ``damping`` (``P < I/damping``), >= 0.
+        damping: noise level added to the whitened vector (``P < I/damping``), >= 0.
         momentum: ``β`` of the gradient EMA (no bias correction), in [0, 1); 0 disables.
-        weight_decay: >= 0; decoupled (``θ ← θ(1-lr·wd)``) unless ``decoupled_weight_decay=False``.
-        grad_clip_max_amps: ``(max RMS, max |entry|)`` of the preconditioned update, default (2,
-        10).
-        preconditioner_update_probability: a number in (0, 1], or ``None`` for the schedule defined
-        by
+        weight_decay: >= 0; decoupled (``θ ← θ(1 - lr·wd)``) unless
+            ``decoupled_weight_decay=False`` (then ``g ← g + wd·θ``).
+        grad_clip_max_amps: ``(max RMS, max |entry|)`` of the preconditioned update.
+        preconditioner_update_probability: a number in (0, 1], or ``None`` for the schedule of
             ``prob_max, prob_min, prob_decay, prob_flat_start``
             (:func:`precond_update_prob_schedule`).
         max_size, max_skew: the dense/diagonal rule of :func:`factor_kinds`.
@@ -652,24 +663,27 @@ class PSGDKron(Optimizer):
         whiten_grad: whiten the gradient (True) or the momentum (False; needs ``momentum > 0``).
         geometry: ``"EQ"`` (triangular group, ``dQ = E Q``) or ``"Q0.5EQ1.5"``.
         seed: integer seed of the probe and coin streams.
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` a step whose gradients
+            hold NaN/inf (see ``curvlab.optim._validation``).
 
     Raises:
-        ParameterError: a hyper-parameter out of range (the message names it and the valid range).
+        ParameterError: a hyper-parameter out of range (the message names it and its range), or
+            a sparse gradient.
+        NonFiniteError: a NaN/inf gradient with ``on_nonfinite="raise"``; nothing is changed.
         StateDictError: ``load_state_dict`` with a state that does not fit.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(3, 2))
         >>> opt = PSGDKron([w], lr=0.1, init_scale=1.0)
         >>> (w**2).sum().backward(); opt.step()
-        >>> [tuple(q.shape) for q in opt.state[w]["Q"]]
-        [(3,), (2, 2)]
+        >>> tuple(opt.state[w]["Q_0"].shape), tuple(opt.state[w]["Q_1"].shape)
+        ((3,), (2, 2))
 
     Papers: X.-L. Li, "Preconditioned Stochastic Gradient Descent", IEEE TNNLS 2018
-    (arXiv:1512.04202);
-    X.-L. Li, "Preconditioner on Matrix Lie Group for SGD", ICLR 2019 (arXiv:1809.10232);
-    O. Pooladzandi, X.-L. Li, "Curvature-Informed SGD via General Purpose Lie-Group
-    Preconditioners", 2024 (arXiv:2402.04553); X.-L. Li, "Stochastic Hessian Fittings with Lie
-    Groups", 2024 (arXiv:2402.11858). Code: lixilinx/psgd_torch ``psgd.py`` @a8616f1.
+    (arXiv:1512.04202); X.-L. Li, "Preconditioner on Matrix Lie Group for SGD", ICLR 2019
+    (arXiv:1809.10232); O. Pooladzandi, X.-L. Li, "Curvature-Informed SGD via General Purpose
+    Lie-Group Preconditioners", 2024 (arXiv:2402.04553); X.-L. Li, "Stochastic Hessian Fittings
+    with Lie Groups", 2024 (arXiv:2402.11858). Code: lixilinx/psgd_torch ``psgd.py`` @a8616f1.
     """
 
     closure_mode: ClassVar[str] = "backward"
@@ -697,6 +711,7 @@ class PSGDKron(Optimizer):
         whiten_grad: bool = True,
         geometry: str = "EQ",
         seed: int = 0,
+        on_nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -706,7 +721,9 @@ class PSGDKron(Optimizer):
             momentum=momentum,
             weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
-            grad_clip_max_amps=tuple(grad_clip_max_amps),
+            grad_clip_max_amps=tuple(grad_clip_max_amps)
+            if isinstance(grad_clip_max_amps, (tuple, list))
+            else grad_clip_max_amps,
             preconditioner_update_probability=preconditioner_update_probability,
             prob_max=prob_max,
             prob_min=prob_min,
@@ -719,59 +736,67 @@ class PSGDKron(Optimizer):
             whiten_grad=whiten_grad,
             geometry=geometry,
             seed=seed,
+            on_nonfinite=on_nonfinite,
+            nonfinite_skips=0,
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _validate_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (hyper-parameters validated like the constructor's)."""
         super().add_param_group(param_group)
-        if hasattr(self, "defaults") and self.param_groups:
+        if hasattr(self, "defaults"):
             _validate_group(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("on_nonfinite", "raise")
+            group.setdefault("nonfinite_skips", 0)
 
     @torch.no_grad()
     def step(  # type: ignore[override]
         self, closure: Callable[[], float | Tensor] | None = None
     ) -> float | Tensor | None:
-        """Take one step; ``closure`` (optional) zeroes grads, computes the loss, calls backward."""
+        """Take one step; ``closure`` (optional) zeroes grads, computes the loss, calls backward.
+
+        Returns:
+            the closure's loss, or ``None`` without a closure.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = -1
+        steps = [
+            int(self.state[p]["step"].item())
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and "step" in self.state[p]
+        ]
+        if not check_finite_grads(self.param_groups, step=max(steps, default=0) + 1):
+            return loss
         coins: dict[tuple[int, int], float] = {}
         for group in self.param_groups:
-            new: list[tuple[Tensor, Tensor]] = []
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ParameterError(
-                        "PSGDKron does not support sparse gradients; use a dense gradient "
-                        "(e.g. nn.Embedding(..., sparse=False))"
-                    )
-                if len(self.state[p]) == 0:
-                    new.append((p, self._grad_for_init(p, group)))
+            new = [
+                (p, self._grad_for_init(p, group))
+                for p in group["params"]
+                if p.grad is not None and len(self.state[p]) == 0
+            ]
             if new:
                 self._init_states(group, new)
-            index -= len(group["params"])
-            for p in group["params"]:
-                index += 1
+            for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 t = int(state["step"].item())
-                update = self._coin(group, t, coins)
                 gen = torch.Generator(device=p.device)
                 gen.manual_seed(probe_seed(int(group["seed"]), t, index))
+                Q, L = _factors(state, _num_factors(p.shape))
                 psgd_kron_step(
                     p,
                     p.grad,
-                    state["Q"],
-                    state["L"],
+                    Q,
+                    L,
                     state.get("momentum_buffer"),
                     t,
                     lr=float(group["lr"]),
@@ -782,7 +807,7 @@ class PSGDKron(Optimizer):
                     weight_decay=float(group["weight_decay"]),
                     decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
                     grad_clip_max_amps=tuple(group["grad_clip_max_amps"]),  # type: ignore[arg-type]
-                    update_preconditioner=update,
+                    update_preconditioner=self._coin(group, t, coins),
                     update_preconditioner_first=bool(group["update_preconditioner_first"]),
                     whiten_grad=bool(group["whiten_grad"]),
                     geometry=str(group["geometry"]),
@@ -804,7 +829,7 @@ class PSGDKron(Optimizer):
     def _init_states(self, group: dict[str, Any], new: list[tuple[Tensor, Tensor]]) -> None:
         scale = group["init_scale"]
         if scale is None:
-            s4 = max(torch.mean(g.abs() ** 4).item() for _, g in new)
+            s4 = max(torch.mean(_lift(g).abs() ** 4).item() for _, g in new)
             scale = (s4 + float(group["damping"]) ** 4) ** (-1.0 / 8.0)
         for p, _ in new:
             kinds = factor_kinds(p.shape, group["max_size"], group["max_skew"])
@@ -812,8 +837,10 @@ class PSGDKron(Optimizer):
             ldtype = _lift(torch.empty(0, dtype=p.dtype)).dtype
             state = self.state[p]
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["Q"] = Q
-            state["L"] = [torch.zeros([], dtype=ldtype, device=p.device) for _ in Q]
+            for i, q in enumerate(Q):
+                state[f"Q_{i}"] = q
+            for i in range(len(Q)):
+                state[f"L_{i}"] = torch.zeros([], dtype=ldtype, device=p.device)
             if group["momentum"] > 0.0:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -835,23 +862,24 @@ class PSGDKron(Optimizer):
         return cache[key] < p
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`; checks its layout first.
+        """Load a state saved by :meth:`state_dict`, after checking its layout.
+
+        The Lipschitz estimates keep their saved dtype (float32 next to half-precision factors).
 
         Raises:
-            StateDictError: the number of groups/parameters, the keys or the factor shapes differ.
+            StateDictError: the number of groups or parameters, the keys or the factor shapes
+                differ from this optimizer's.
         """
         _check_state_dict(self, state_dict)
-        saved_l = {}
-        for pid, st in state_dict["state"].items():
-            if "L" in st:
-                saved_l[pid] = [x.dtype for x in st["L"]]
         super().load_state_dict(state_dict)
         id_to_param = {}
         for sg, g in zip(state_dict["param_groups"], self.param_groups):
             id_to_param.update(zip(sg["params"], g["params"]))
-        for pid, dtypes in saved_l.items():
-            st = self.state[id_to_param[pid]]
-            st["L"] = [x.to(dt) for x, dt in zip(st["L"], dtypes)]
+        for pid, st in state_dict["state"].items():
+            p = id_to_param[pid]
+            for key, value in st.items():
+                if key.startswith("L_") and isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
 
 def _validate_group(group: dict[str, Any]) -> None:
@@ -865,23 +893,13 @@ def _validate_group(group: dict[str, Any]) -> None:
             rb = ")" if hi_open else "]"
             raise ParameterError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {v!r}")
 
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        lr = float(lr.item())
-    if (
-        not isinstance(lr, (int, float))
-        or isinstance(lr, bool)
-        or not math.isfinite(lr)
-        or lr < 0.0
-    ):
-        raise ParameterError(
-            f"lr must be a finite number >= 0, got {group['lr']!r}; pass e.g. lr=1e-3"
-        )
+    validate_lr(group["lr"])
+    validate_weight_decay(group["weight_decay"])
+    validate_nonnegative("damping", group["damping"], "; the official default is 1e-9")
+    validate_on_nonfinite(group["on_nonfinite"])
     num("preconditioner_lr", 0.0, 1.0, lo_open=True, hi_open=True)
     num("beta_lipschitz", 0.0, 1.0)
-    num("damping", 0.0, math.inf, hi_open=True)
     num("momentum", 0.0, 1.0, hi_open=True)
-    num("weight_decay", 0.0, math.inf, hi_open=True)
     num("max_size", 0.0, math.inf)
     num("max_skew", 0.0, math.inf)
     amps = group["grad_clip_max_amps"]
@@ -893,16 +911,14 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ParameterError(
             f"grad_clip_max_amps must be two positive numbers (max RMS, max |entry|), got {amps!r}"
         )
-    p = group["preconditioner_update_probability"]
-    if p is not None:
+    if group["preconditioner_update_probability"] is not None:
         num("preconditioner_update_probability", 0.0, 1.0, lo_open=True)
     else:
         num("prob_max", 0.0, 1.0, lo_open=True)
         num("prob_min", 0.0, group["prob_max"])
         num("prob_decay", 0.0, math.inf, hi_open=True)
         num("prob_flat_start", 0.0, math.inf, hi_open=True)
-    s = group["init_scale"]
-    if s is not None:
+    if group["init_scale"] is not None:
         num("init_scale", 0.0, math.inf, lo_open=True, hi_open=True)
     if group["geometry"] not in GEOMETRIES:
         raise ParameterError(
@@ -929,6 +945,7 @@ def _check_state_dict(opt: PSGDKron, state_dict: dict[str, Any]) -> None:
             f"state_dict has {len(groups)} param groups but this PSGDKron has "
             f"{len(opt.param_groups)}; build the optimizer with the same param groups"
         )
+    required = set(opt.defaults) - {"nonfinite_skips"}
     id_to_param: dict[Any, Tensor] = {}
     for gi, (sg, g) in enumerate(zip(groups, opt.param_groups)):
         if len(sg["params"]) != len(g["params"]):
@@ -936,30 +953,46 @@ def _check_state_dict(opt: PSGDKron, state_dict: dict[str, Any]) -> None:
                 f"param group {gi} of the state_dict has {len(sg['params'])} parameters but this "
                 f"PSGDKron has {len(g['params'])}; the state_dict was saved for a different model"
             )
-        missing = sorted(set(opt.defaults) - set(sg))
+        missing = sorted(required - set(sg))
         if missing:
             raise StateDictError(
                 f"param group {gi} of the state_dict lacks the PSGDKron hyper-parameters "
-                f"{missing}: it was saved from another optimizer"
+                f"{missing}: it was saved from another optimizer; load it into that optimizer"
             )
         id_to_param.update(zip(sg["params"], g["params"]))
     for pid, st in state_dict["state"].items():
         p = id_to_param.get(pid)
         if p is None:
-            raise StateDictError(f"state_dict holds state for unknown parameter id {pid!r}")
-        extra = sorted(set(st) - set(_STATE_KEYS))
-        if extra or "Q" not in st or "L" not in st:
             raise StateDictError(
-                f"state of parameter id {pid!r} has keys {sorted(st)}, PSGDKron uses "
-                f"{list(_STATE_KEYS)}: the state_dict was saved from another optimizer"
+                f"state_dict holds state for parameter id {pid!r}, which no param group lists"
+            )
+        k = _num_factors(p.shape)
+        allowed = {"step", "momentum_buffer"} | {f"Q_{i}" for i in range(k)}
+        allowed |= {f"L_{i}" for i in range(k)}
+        extra = sorted(set(st) - allowed)
+        if extra:
+            raise StateDictError(
+                f"state of parameter id {pid!r} has keys {extra} that PSGDKron does not use for a "
+                f"parameter of shape {tuple(p.shape)}: the state_dict was saved from another "
+                "optimizer, or for a model whose parameters have another shape"
             )
         dims = [d for d in p.shape if d != 1] or [1]
-        qs = st["Q"]
-        if len(qs) != len(dims) or any(
-            q.shape[0] != d if q.dim() else d != 1 for q, d in zip(qs, dims)
-        ):
+        for i, d in enumerate(dims):
+            q = st.get(f"Q_{i}")
+            if q is None:
+                raise StateDictError(
+                    f"state of parameter id {pid!r} lacks the factor 'Q_{i}': it was saved from "
+                    "another optimizer"
+                )
+            if (q.shape[0] if q.dim() else 1) != d:
+                raise StateDictError(
+                    f"factor Q_{i} of parameter id {pid!r} has shape {tuple(q.shape)}, which does "
+                    f"not fit the parameter's shape {tuple(p.shape)}; the state_dict was saved "
+                    "for a different model"
+                )
+        mb = st.get("momentum_buffer")
+        if mb is not None and tuple(mb.shape) != tuple(p.shape):
             raise StateDictError(
-                f"the factors Q of parameter id {pid!r} have shapes "
-                f"{[tuple(q.shape) for q in qs]}, which do not fit the parameter's shape "
-                f"{tuple(p.shape)}; the state_dict was saved for a different model"
+                f"momentum_buffer of parameter id {pid!r} has shape {tuple(mb.shape)} but the "
+                f"parameter has shape {tuple(p.shape)}; the state_dict was saved for another model"
             )

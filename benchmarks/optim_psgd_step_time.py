@@ -241,7 +241,8 @@ def trajectory_check(official: Any, steps: int = 10) -> None:
         err_q = max(
             ((a - b).abs().max() / b.abs().max()).item()
             for p, ql in zip(p1, qls)
-            for a, b in zip(opt.state[p]["Q"], ql[0][0])
+            for i, b in enumerate(ql[0][0])
+            for a in [opt.state[p][f"Q_{i}"]]
         )
         print(
             f"trajectory vs official psgd.py ({geometry}, float64, {steps} steps, same probes): "

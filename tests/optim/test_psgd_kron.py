@@ -173,7 +173,8 @@ def test_kron_precondition_is_explicit_kronecker_product():
     torch.testing.assert_close(kron_precondition(Q, G), expect)
     torch.testing.assert_close(kron_precondition(Q, G, triangular=True), expect)
     # a dense factor with d² > numel / d is applied as two products instead of forming P
-    Qs = [torch.triu(torch.randn(6, 6, dtype=DT, generator=g)), torch.rand(2, dtype=DT, generator=g)]
+    Qs = [torch.triu(torch.randn(6, 6, dtype=DT, generator=g))]
+    Qs.append(torch.rand(2, dtype=DT, generator=g))
     Gs = torch.randn(6, 2, dtype=DT, generator=g)
     Qk = torch.kron(Qs[0], torch.diag(Qs[1]))
     expect = (Qk.T @ Qk @ Gs.reshape(-1)).reshape(6, 2)

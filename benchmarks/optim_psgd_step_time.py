@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from curvlab.optim.psgd_kron import PSGDKron, probe_seed
+from curvlab.optim.psgd_lra import PSGDLRA
 
 SIZES = {"100k": (128, 256, 256, 10), "1M": (512, 1024, 512, 10)}
 
@@ -78,6 +79,9 @@ def make_cases(official: Any) -> dict[str, Callable[[list[nn.Parameter]], Any]]:
         "curvlab.PSGDKron apply-only (p=1e-9)": lambda ps: PSGDKron(
             ps, preconditioner_update_probability=1e-9, init_scale=1.0
         ),
+        "curvlab.PSGDLRA r=10 (p=1)": lambda ps: PSGDLRA(
+            ps, rank=10, preconditioner_update_probability=1.0
+        ),
     }
     try:
         import kron_torch
@@ -102,20 +106,27 @@ def make_cases(official: Any) -> dict[str, Callable[[list[nn.Parameter]], Any]]:
         cases["heavyball.PSGDKron (p=1, one_diag, eager)"] = lambda ps: heavyball.PSGDKron(
             ps, lr=1e-3, preconditioner_update_probability=1.0, memory_save_mode="one_diag"
         )
+        cases["heavyball.PSGDLRA r=10 (p=1, eager)"] = lambda ps: heavyball.PSGDLRA(
+            ps, lr=1e-3, rank=10, preconditioner_update_probability=1.0
+        )
     except Exception as exc:
         print(f"# heavyball skipped: {exc!r}", file=sys.stderr)
     return cases
 
 
 class _OfficialStep:
-    """Official KronWhiten (closure-driven) on its own copy of the model."""
+    """Official KronWhiten / LRAWhiten (closure-driven) on its own copy of the model."""
 
     def __init__(self, official: Any, model: nn.Module, x: Any, y: Any, dq: str) -> None:
         self.model = model
         self.ps = list(model.parameters())
         loss_fn = nn.CrossEntropyLoss()
         self.closure = lambda: loss_fn(model(x), y)
-        self.opt = official.KronWhiten(self.ps, preconditioner_init_scale=1.0, dQ=dq)
+        if dq == "LRA":
+            self.opt = official.LRAWhiten(self.ps, rank_of_approximation=10,
+                                          preconditioner_init_scale=1.0)  # fmt: skip
+        else:
+            self.opt = official.KronWhiten(self.ps, preconditioner_init_scale=1.0, dQ=dq)
         self.state: dict[Any, Any] = {}
 
     def step(self) -> None:
@@ -123,6 +134,13 @@ class _OfficialStep:
 
     def fwdbwd(self) -> None:
         torch.autograd.grad(self.closure(), self.ps)
+
+    def state_bytes(self) -> int:
+        if hasattr(self.opt, "_UVd"):
+            tensors = list(self.opt._UVd)
+        else:
+            tensors = [q for ql in self.opt._QLs_exprs for q in ql[0][0]]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def time_size(name: str, rounds: int, official: Any) -> list[tuple[str, float, float, float]]:
@@ -142,12 +160,13 @@ def time_size(name: str, rounds: int, official: Any) -> list[tuple[str, float, f
         setups[label] = (ps, opt)
     officials = []
     if official is not None:
-        for dq in ("Q0.5EQ1.5", "EQ"):
+        for dq in ("Q0.5EQ1.5", "EQ", "LRA"):
             model = mlp(widths)
             model.load_state_dict(base.state_dict())
             off = _OfficialStep(official, model, x, y, dq)
             officials.append(off)
-            setups[f"official psgd.KronWhiten dQ={dq} (closure - fwd/bwd)"] = (off.ps, off)
+            kind = "LRAWhiten r=10" if dq == "LRA" else f"KronWhiten dQ={dq}"
+            setups[f"official psgd.{kind} (closure - fwd/bwd)"] = (off.ps, off)
 
     times: dict[str, list[float]] = {k: [] for k in setups}
     fb_times: list[float] = []
@@ -176,8 +195,7 @@ def time_size(name: str, rounds: int, official: Any) -> list[tuple[str, float, f
         if isinstance(opt, torch.optim.Optimizer):
             bpp = state_bytes(opt) / n_params
         else:
-            bpp = sum(q.numel() * q.element_size() for ql in opt.opt._QLs_exprs for q in ql[0][0])
-            bpp /= n_params
+            bpp = opt.state_bytes() / n_params
         rows.append((label, med * 1e3, med / ref, bpp))
     print(f"\n### {name} MLP {widths}, {n_params:,} params; AdamW-foreach step {ref * 1e3:.3f} ms")
     print("| optimizer | step ms (median) | x AdamW-foreach | state B/param |")
@@ -188,9 +206,12 @@ def time_size(name: str, rounds: int, official: Any) -> list[tuple[str, float, f
     for mine, layout in (
         ("curvlab.PSGDKron defaults (p=1 phase)", ("one_diag", "official")),
         ("curvlab.PSGDKron two-sided (max_skew=64)", ("two-sided",)),
+        ("curvlab.PSGDLRA r=10 (p=1)", ("LRA",)),
     ):
         peers = {k: v for k, v in by.items() if not k.startswith("curvlab") and "REF" not in k}
         peers = {k: v for k, v in peers.items() if any(t in k for t in layout)}
+        if "LRA" not in layout:
+            peers = {k: v for k, v in peers.items() if "LRA" not in k}
         if peers:
             best = min(peers, key=peers.__getitem__)
             print(f"{mine} / best same-layout peer ({best}): {by[mine] / peers[best]:.2f}x")

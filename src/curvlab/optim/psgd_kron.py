@@ -877,7 +877,7 @@ class PSGDKron(Optimizer):
         """
         _check_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
-        id_to_param = {}
+        id_to_param: dict[Any, Tensor] = {}
         for sg, g in zip(state_dict["param_groups"], self.param_groups):
             id_to_param.update(zip(sg["params"], g["params"]))
         for pid, st in state_dict["state"].items():

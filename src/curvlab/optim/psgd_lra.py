@@ -361,10 +361,9 @@ class PSGDLRA(Optimizer):
         ref = new[0]
         gen = torch.Generator(device=ref.device)
         gen.manual_seed(_mix_seed(int(group["seed"]), -1, 0))
-        kw = dict(dtype=ref.dtype, device=ref.device, generator=gen)
-        U = torch.randn(total, rank, **kw)  # type: ignore[arg-type]
+        U = torch.randn(total, rank, dtype=ref.dtype, device=ref.device, generator=gen)
         U *= 0.1**0.5 / torch.linalg.vector_norm(U)
-        V = torch.randn(total, rank, **kw)  # type: ignore[arg-type]
+        V = torch.randn(total, rank, dtype=ref.dtype, device=ref.device, generator=gen)
         V *= 0.1**0.5 / torch.linalg.vector_norm(V)
         scale = group["init_scale"]
         if scale is None:
@@ -397,7 +396,7 @@ class PSGDLRA(Optimizer):
         """
         _check_state_dict(self, state_dict)
         super().load_state_dict(state_dict)
-        id_to_param = {}
+        id_to_param: dict[Any, Tensor] = {}
         for sg, g in zip(state_dict["param_groups"], self.param_groups):
             id_to_param.update(zip(sg["params"], g["params"]))
         for pid, st in state_dict["state"].items():

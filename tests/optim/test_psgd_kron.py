@@ -43,16 +43,25 @@ def ref_bound(A, gen, skew=False):
     return s * torch.linalg.vector_norm(V, dim=1).amax()
 
 
+def ref_precond(Q, X):
+    M = [Q[0], Q[1] if Q[1].dim() == 2 else torch.diag(Q[1])]
+    return M[0].T @ M[0] @ X @ M[1].T @ M[1]
+
+
 def ref_step(
-    W, G, Q, L, t, gen, geometry, lr=0.01, plr=0.1, beta=0.9, damp=1e-9, mom=0.0, wd=0.0, m=None
-):
+    W, G, Q, L, t, gen, geometry, lr=0.01, plr=0.1, beta=0.9, damp=1e-9, mom=0.0, wd=0.0, m=None,
+    first=True, whiten_m=False,
+):  # fmt: skip
     """One step on a matrix W; Q = [Q0 (dense, rows), Q1 (dense or diagonal vector, columns)]."""
     W.mul_(1 - lr * wd)
     if mom > 0:
         b = min(t / (t + 1), mom)
         m.mul_(b).add_((1 - b) * G)
-    Vn = torch.randn(G.shape, dtype=G.dtype, generator=gen)
-    h = G + (damp + torch.finfo(G.dtype).eps * G.abs()) * Vn
+    if not first:
+        u = ref_precond(Q, m if mom > 0 else G)
+    T = m if whiten_m else G
+    Vn = torch.randn(T.shape, dtype=T.dtype, generator=gen)
+    h = T + (damp + torch.finfo(T.dtype).eps * T.abs()) * Vn
     M = [Q[0], Q[1] if Q[1].dim() == 2 else torch.diag(Q[1])]
     if geometry == "EQ":
         A = M[0] @ h @ M[1].T
@@ -92,8 +101,8 @@ def ref_step(
         n = [q.abs().max() for q in Q]
         gm = (n[0] * n[1]).sqrt()
         Q[0], Q[1] = Q[0] * gm / n[0], Q[1] * gm / n[1]
-    M = [Q[0], Q[1] if Q[1].dim() == 2 else torch.diag(Q[1])]
-    u = M[0].T @ M[0] @ (m if mom > 0 else G) @ M[1].T @ M[1]
+    if first:
+        u = ref_precond(Q, m if mom > 0 else G)
     rms = u.square().mean().sqrt()
     if rms > 2.0:
         u = u * 2.0 / rms
@@ -106,9 +115,15 @@ def _loss(W1, W2, X, Y, C):
 
 
 @pytest.mark.parametrize(
-    ("geometry", "mom", "wd"), [("EQ", 0.0, 0.0), ("EQ", 0.5, 0.1), ("Q0.5EQ1.5", 0.5, 0.1)]
+    ("geometry", "mom", "wd", "first", "whiten_m"),
+    [
+        ("EQ", 0.0, 0.0, True, False),
+        ("EQ", 0.5, 0.1, True, False),
+        ("EQ", 0.5, 0.0, False, True),
+        ("Q0.5EQ1.5", 0.5, 0.1, True, False),
+    ],
 )
-def test_matches_reference_loop(geometry, mom, wd):
+def test_matches_reference_loop(geometry, mom, wd, first, whiten_m):
     g = torch.Generator().manual_seed(3)
     W1 = torch.randn(4, 6, dtype=DT, generator=g)
     W2 = torch.randn(3, 8, dtype=DT, generator=g)
@@ -125,6 +140,8 @@ def test_matches_reference_loop(geometry, mom, wd):
         preconditioner_update_probability=1.0,
         geometry=geometry,
         seed=7,
+        update_preconditioner_first=first,
+        whiten_grad=not whiten_m,
     )
     refs, Qs, Ls, ms = [W1.clone(), W2.clone()], None, None, None
     for t in range(5):
@@ -144,8 +161,9 @@ def test_matches_reference_loop(geometry, mom, wd):
         for j in range(2):
             gen = torch.Generator().manual_seed(probe_seed(7, t, j))
             Qs[j], Ls[j] = ref_step(
-                refs[j], grads[j], Qs[j], Ls[j], t, gen, geometry, mom=mom, wd=wd, m=ms[j]
-            )
+                refs[j], grads[j], Qs[j], Ls[j], t, gen, geometry, mom=mom, wd=wd, m=ms[j],
+                first=first, whiten_m=whiten_m,
+            )  # fmt: skip
     for p, ref, Q in zip((p1, p2), refs, Qs):
         torch.testing.assert_close(p.detach(), ref, rtol=1e-10, atol=1e-12)
         for i, qr in enumerate(Q):

@@ -7,23 +7,19 @@ Adding an optimizer is one row in CASES, e.g.::
 Fields of a row (all but ``name`` and ``factory`` optional):
 
 * ``factory(params, **kwargs)`` builds the optimizer; ``kwargs`` are used by the API tests.
-* ``closure_mode``: ``"backward"`` (torch standard: closure zeroes grads, calls backward, returns
-  loss) or
-  ``"loss"`` (closure returns the loss, or ``(loss, outputs)``, WITHOUT backward; step computes
-  grads).
-* ``driver(opt, problem) -> loss``: one optimisation step; default: by ``closure_mode``.
-  ``problem`` has
-  ``.loss()`` (scalar tensor) and ``.loss_and_outputs()`` (``(loss, logits)``; logits are ``None``
-  for the
-  quadratic and Rosenbrock).
-* ``quadratic`` / ``rosenbrock``: kwargs for the convergence runs, ``steps=(n_quadratic,
-  n_rosenbrock)``.
-  Both runs use a linear-decay LambdaLR (Defazio et al. 2023) so the last iterate converges.
-* ``errors``: ``((kwargs, exception type, regex), ...)`` — bad constructor inputs and their
-  messages.
+* ``closure_mode``: ``"backward"`` (torch standard: the closure zeroes grads, calls backward and
+  returns the loss) or ``"loss"`` (the closure returns the loss, or ``(loss, outputs)``, WITHOUT
+  calling backward; step computes the gradients).
+* ``driver(opt, problem) -> loss``: one optimisation step; default: chosen by ``closure_mode``.
+  ``problem`` has ``.loss()`` (scalar tensor) and ``.loss_and_outputs()`` (``(loss, logits)``;
+  logits are ``None`` for the quadratic and Rosenbrock).
+* ``quadratic`` / ``rosenbrock``: kwargs for the convergence runs; ``steps=(n_quadratic,
+  n_rosenbrock)``, a run of more than 5000 steps is marked slow. With ``schedule=True`` (default)
+  both runs use a linear-decay LambdaLR (Defazio et al. 2023) so that the last iterate converges.
+* ``errors``: ``((kwargs, exception type, regex), ...)``: bad constructor inputs, their messages.
 * ``curvlab``: the row is a curvlab optimizer, so the curvlab policies are checked as well
-  (non-finite
-  gradients, ``StateDictError`` on foreign/mismatched state, sparse gradients, ``closure_mode``).
+  (non-finite gradients, ``StateDictError`` on foreign or mismatched state, sparse gradients,
+  the ``closure_mode`` class attribute).
 * ``group_kwargs``: hyper-parameters of the second param group in the multi-group test.
 * ``skip``: ``{test name: reason}`` for a test that does not apply (say why).
 """
@@ -45,6 +41,7 @@ from torch.optim import Optimizer
 
 from curvlab.errors import ClosureRequiredError, NonFiniteError, ParameterError, StateDictError
 from curvlab.optim.adopt import ADOPT
+from curvlab.optim.dog import DoG, LDoG
 
 
 # ----------------------------------------------------------------------------- problems
@@ -135,6 +132,7 @@ class Case:
     curvlab: bool = True
     group_kwargs: Mapping[str, Any] | None = None
     skip: Mapping[str, str] = field(default_factory=dict)
+    schedule: bool = True
 
     def make(self, params: Any, **overrides: Any) -> Optimizer:
         return self.factory(params, **{**self.kwargs, **overrides})
@@ -185,6 +183,9 @@ CASES: list[Case] = [
         quadratic={"lr": 0.1},
         rosenbrock={"lr": 0.02, "betas": (0.9, 0.99)},
         steps=(500, 3000),
+        skip={
+            "rosenbrock": "foreach == single-tensor is proven in test_adopt.py; adopt row runs it"
+        },
     ),
     Case(
         "adopt-decoupled",
@@ -193,6 +194,36 @@ CASES: list[Case] = [
         quadratic={"lr": 0.1, "weight_decay": 0.0},
         rosenbrock={"lr": 0.02, "betas": (0.9, 0.99), "weight_decay": 0.0},
         steps=(500, 3000),
+        skip={
+            "quadratic": "with weight_decay=0 this is the adopt row",
+            "rosenbrock": "with weight_decay=0 this is the adopt row",
+        },
+    ),
+    Case(
+        "dog",
+        DoG,
+        {"reps_rel": 1e-2},
+        quadratic={"reps_rel": 1e-2},
+        rosenbrock={"reps_rel": 1e-6},
+        steps=(300, 12000),
+        schedule=False,
+        errors=(
+            *_LR_ERR,
+            _WD_ERR,
+            _POLICY_ERR,
+            ({"reps_rel": 0.0}, ParameterError, "reps_rel must be a finite number > 0"),
+            ({"init_eta": -1.0}, ParameterError, "init_eta must be a finite number > 0"),
+        ),
+    ),
+    Case(
+        "ldog",
+        LDoG,
+        {"reps_rel": 1e-2, "weight_decay": 1e-3},
+        quadratic={"reps_rel": 1e-2, "weight_decay": 0.0},
+        steps=(300, 12000),
+        schedule=False,
+        errors=(*_LR_ERR, _POLICY_ERR),
+        skip={"rosenbrock": "one parameter tensor: LDoG is DoG, covered by the dog row"},
     ),
 ]
 
@@ -436,14 +467,21 @@ def test_state_holds_only_tensors_and_numbers(case: Case) -> None:
             assert not callable(v), f"param group holds a callable under {k!r}"
 
 
-@parametrize
-@pytest.mark.parametrize("kind", ["quadratic", "rosenbrock"])
+@pytest.mark.parametrize(
+    ("case", "kind"),
+    [
+        pytest.param(c, kind, marks=[pytest.mark.slow] if n > 5000 else [], id=f"{kind}-{c.name}")
+        for c in CASES
+        for kind, n in zip(("quadratic", "rosenbrock"), c.steps)
+    ],
+)
 def test_converges_to_the_known_minimiser(case: Case, kind: str) -> None:
     maybe_skip(case, kind)
     f = Objective(kind)
     steps = case.steps[0] if kind == "quadratic" else case.steps[1]
     opt = case.make(f.params(), **getattr(case, kind))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / steps)
+    factor = (lambda t: 1.0 - t / steps) if case.schedule else (lambda t: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     start = f.loss().item()
     for _ in range(steps):
         case.step(opt, f)

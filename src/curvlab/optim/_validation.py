@@ -185,11 +185,12 @@ def check_finite_grads(
     *,
     step: int | Tensor | Callable[[], int | Tensor] | None = None,
     on_nonfinite: str | None = None,
+    grad_norms: Sequence[Tensor] | None = None,
 ) -> bool:
     """Apply the non-finite gradient policy; return ``True`` when ``step()`` may proceed.
 
-    All gradients are checked with one ``max |g|`` reduction per dtype/device (NaN and inf propagate
-    through the max), then one boolean is read back. Only if that says "non-finite" are the tensors
+    All gradients are checked with one 2-norm reduction per dtype/device (NaN and inf propagate
+    into the norm), then one number is read back. Only if that says "non-finite" are the tensors
     inspected one by one to name the culprit. Call it *before* touching any state.
 
     Args:
@@ -198,6 +199,8 @@ def check_finite_grads(
         step: the number of the step about to be taken (1-based), used only in the error message; a
             tensor is read, and a callable called, only when an error is raised.
         on_nonfinite: override of the per-group policy.
+        grad_norms: the 2-norms of the gradients, in ``grads_of`` order, if the optimizer computes
+            them anyway (DoG); then no extra pass over the gradients is made.
 
     Returns:
         ``True`` if every gradient is finite (or the policy is ``"ignore"``); ``False`` if the step
@@ -220,16 +223,35 @@ def check_finite_grads(
     entries = grads_of(param_groups)
     if policies == {"ignore"} or not entries:
         return True
+    if grad_norms is not None:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for n in grad_norms:
+            by_device.setdefault(n.device, []).append(n)
+        if all(math.isfinite(float(torch.stack(ns).sum())) for ns in by_device.values()):
+            return True
+        return _slow_path(param_groups, entries, step, on_nonfinite)
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for _, _, p in entries:
         assert p.grad is not None
         buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    flags = []
-    for grads in buckets.values():
-        norms = torch._foreach_norm(grads, float("inf"))
-        flags.append(torch.isfinite(torch.stack(norms)).all().cpu())
-    if bool(torch.stack(flags).all()):
+    # sum of the 2-norms of every tensor: NaN/inf propagate; a finite overflow only sends us to the
+    # exact per-tensor check below, never to a wrong answer. (The 2-norm is a vectorised reduction
+    # on CPU; max|g| and isfinite().all() are ~50x slower there.)
+    if all(
+        math.isfinite(float(torch.stack(torch._foreach_norm(grads, 2)).sum()))
+        for grads in buckets.values()
+    ):
         return True
+    return _slow_path(param_groups, entries, step, on_nonfinite)
+
+
+def _slow_path(
+    param_groups: Sequence[dict[str, Any]],
+    entries: list[tuple[int, int, Tensor]],
+    step: int | Tensor | Callable[[], int | Tensor] | None,
+    on_nonfinite: str | None,
+) -> bool:
+    """Exact per-tensor check, run only when the cheap reduction was not finite."""
     for gi, pi, p in entries:
         assert p.grad is not None
         if bool(torch.isfinite(p.grad).all()):
@@ -383,7 +405,7 @@ def load_state_dict_checked(
     Optimizer.load_state_dict(optimizer, dict(state_dict))  # type: ignore[arg-type]
     if not keep_dtype_keys:
         return
-    id_to_param = {}
+    id_to_param: dict[Any, Tensor] = {}
     for sg, g in zip(state_dict["param_groups"], optimizer.param_groups):
         id_to_param.update(zip(sg["params"], g["params"]))
     for pid, st in state_dict["state"].items():

@@ -135,11 +135,13 @@ def adopt_foreach(
     decouple: bool,
     clip_exponent: float | None,
     maximize: bool,
+    scratch: dict[tuple[torch.device, torch.dtype], Tensor] | None = None,
 ) -> None:
     """The ADOPT update with ``torch._foreach_*`` kernels; equal to :func:`adopt_single_tensor`.
 
     Tensors are bucketed by (device, dtype, completed steps), so parameters whose gradients appeared
-    at different times still get their own clip value and initialisation step.
+    at different times still get their own clip value and initialisation step. ``scratch``: an
+    optional cache of reusable temporary buffers (used on CPU).
     """
     buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(
@@ -155,32 +157,88 @@ def adopt_foreach(
     one = torch.tensor(1.0)
     for (_, _, step), (ps, gs, ms, vs, ts) in buckets.items():
         if maximize:
-            gs = torch._foreach_neg(gs)
+            gs = list(torch._foreach_neg(gs))
         if weight_decay != 0 and not decouple:
             if maximize:
                 torch._foreach_add_(gs, ps, alpha=weight_decay)
             else:
-                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+                gs = list(torch._foreach_add(gs, ps, alpha=weight_decay))
         if step == 0:
             torch._foreach_addcmul_(vs, gs, gs)
             torch._foreach_add_(ts, one, alpha=1.0)
             continue
         if weight_decay != 0 and decouple:
             torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_clamp_min_(denom, eps)
-        normed = torch._foreach_div(gs, denom)
-        del denom
-        if clip_exponent is not None:
-            clip = step**clip_exponent
-            torch._foreach_clamp_min_(normed, -clip)
-            torch._foreach_clamp_max_(normed, clip)
-        torch._foreach_lerp_(ms, normed, 1 - beta1)
-        del normed
+        # normed = g / max(sqrt(v), eps), computed as g * rsqrt(max(v, eps^2)) (equal up to
+        # rounding; float16 cannot hold eps^2 and takes sqrt-then-reciprocal). On CPU the
+        # temporary lives in a reusable scratch buffer (as large as the largest tensor): fresh
+        # allocations cost page faults that dominate the step there.
+        use_scratch = scratch is not None and ps[0].device.type == "cpu"
+        for idx in _chunks([v.numel() for v in vs]) if use_scratch else [range(len(ps))]:
+            g_, m_, v_ = [gs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx]
+            if use_scratch:
+                assert scratch is not None
+                normed = _scratch_views(scratch, v_)
+                torch._foreach_copy_(normed, v_)
+                if ps[0].dtype == torch.float16:
+                    torch._foreach_sqrt_(normed)
+                    torch._foreach_clamp_min_(normed, eps)
+                    torch._foreach_reciprocal_(normed)
+                else:
+                    torch._foreach_clamp_min_(normed, eps * eps)
+                    torch._foreach_rsqrt_(normed)
+            elif ps[0].dtype == torch.float16:
+                normed = list(torch._foreach_sqrt(v_))
+                torch._foreach_clamp_min_(normed, eps)
+                torch._foreach_reciprocal_(normed)
+            else:
+                normed = list(torch._foreach_maximum(v_, eps * eps))
+                torch._foreach_rsqrt_(normed)
+            torch._foreach_mul_(normed, g_)
+            if clip_exponent is not None:
+                clip = step**clip_exponent
+                if ps[0].device.type == "cpu":  # one pass per tensor instead of two foreach passes
+                    for t in normed:
+                        t.clamp_(-clip, clip)
+                else:  # multi-tensor kernels: fewer launches
+                    torch._foreach_clamp_min_(normed, -clip)
+                    torch._foreach_clamp_max_(normed, clip)
+            torch._foreach_lerp_(m_, normed, 1 - beta1)
+            del normed
         torch._foreach_add_(ps, ms, alpha=-lr)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
         torch._foreach_add_(ts, one, alpha=1.0)
+
+
+def _chunks(numels: list[int]) -> list[list[int]]:
+    """Consecutive index groups whose total size fits the largest single tensor."""
+    limit = max(numels)
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i, n in enumerate(numels):
+        if groups[-1] and total + n > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
+
+
+def _scratch_views(
+    scratch: dict[tuple[torch.device, torch.dtype], Tensor], like: list[Tensor]
+) -> list[Tensor]:
+    """Views into one cached buffer per (device, dtype), shaped like ``like``."""
+    need = sum(t.numel() for t in like)
+    key = (like[0].device, like[0].dtype)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < need:
+        buf = scratch[key] = torch.empty(need, device=like[0].device, dtype=like[0].dtype)
+    views, off = [], 0
+    for t in like:
+        views.append(buf[off : off + t.numel()].view(t.shape))
+        off += t.numel()
+    return views
 
 
 class ADOPT(Optimizer):
@@ -271,6 +329,10 @@ class ADOPT(Optimizer):
         }
         super().__init__(params, defaults)
 
+    def _scratch(self) -> dict[tuple[torch.device, torch.dtype], Tensor]:
+        """Reusable temporaries: a cache outside ``state`` (state_dict/deepcopy/pickle drop it)."""
+        return self.__dict__.setdefault("_scratch_buffers", {})
+
     def _next_step_number(self) -> int:
         for group in self.param_groups:
             for p in group["params"]:
@@ -326,6 +388,7 @@ class ADOPT(Optimizer):
                 decouple=group["decouple"],
                 clip_exponent=group["clip_exponent"],
                 maximize=group["maximize"],
+                **({} if fn is adopt_single_tensor else {"scratch": self._scratch()}),
             )
         return loss
 

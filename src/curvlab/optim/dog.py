@@ -1,0 +1,422 @@
+r"""DoG and L-DoG: parameter-free step sizes from the distance travelled over the gradients seen.
+
+.. math::
+   \begin{aligned}
+   &\textbf{input}: x_0,\ r_\epsilon\text{-rule } \rho \text{ (reps\_rel)},
+       \ c \text{ (lr, default 1)},\ \epsilon,\ \lambda \text{ (weight decay)} \\
+   &\textbf{for } t = 0, 1, \ldots: \\
+   &\quad g_t \leftarrow \nabla f(x_t) + \lambda x_t \\
+   &\quad \bar r_t \leftarrow \begin{cases} \rho\,(1 + \lVert x_0 \rVert) & t = 0 \\
+       \max(\bar r_{t-1},\ \lVert x_t - x_0 \rVert) & t \ge 1 \end{cases} \qquad
+       G_t \leftarrow \epsilon + \textstyle\sum_{i \le t} \lVert g_i \rVert^2 \\
+   &\quad \eta_t \leftarrow c\, \bar r_t / \sqrt{G_t}
+       \qquad (\eta_0 \leftarrow \text{init\_eta} \text{ if given; then } \bar r_0 = 0) \\
+   &\quad x_{t+1} \leftarrow x_t - \eta_t\, g_t \\
+   \end{aligned}
+
+DoG takes the norms over all the parameters of a param group as one vector; L-DoG (layer-wise) keeps
+:math:`\bar r, G, \eta` per parameter tensor. The authors stress that the reported results need
+iterate averaging: use :class:`PolynomialDecayAverager` (γ = 8) next to the optimizer.
+
+Faithful to formll/dog ``src/dog/dog.py`` (v1.0.3, commit 8d45cf5): the r_ε rule ``reps_rel * (1 +
+‖x0‖)``, ``eps`` added once to G at the first step, ``lr`` = c = 1, the first-step ``init_eta``
+override (which sets ``reps_rel`` to 0), weight decay added to the gradient before the norms.
+Deliberate differences: ``p.grad`` is not modified in place by weight decay; no assertion (and no
+device-to-host synchronisation) in the update: :math:`\bar r`, :math:`G`, :math:`\eta` stay tensors
+on the parameters' device; the distance and the norms cover the parameters that have had a gradient
+(the official code needs every parameter of the group to have one); state lives in ``state`` (x0,
+r̄, G per parameter; DoG writes the same group scalars into every parameter's state), so
+``state_dict``, ``copy.deepcopy`` and ``pickle`` keep everything.
+
+Paper: Ivgi, Hinder, Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
+Schedule", ICML 2023, arXiv 2302.12022. Averaging: Shamir & Zhang, ICML 2013 (polynomial-decay
+averaging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from curvlab.errors import ParameterError, StateDictError
+from curvlab.optim._validation import (
+    check_finite_grads,
+    grads_of,
+    load_state_dict_checked,
+    validate_lr,
+    validate_on_nonfinite,
+    validate_positive,
+    validate_weight_decay,
+)
+
+__all__ = ["DoG", "LDoG", "PolynomialDecayAverager"]
+
+_STATE_KEYS = ("step", "x0", "rbar", "G")
+_SHAPED_KEYS = ("x0",)
+_SCALAR_KEYS = ("rbar", "G")
+
+
+def _scalar_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class DoG(Optimizer):
+    r"""DoG, "Distance over Gradients" (Ivgi, Hinder, Carmon 2023): SGD with η_t = c·r̄_t/√G_t.
+
+    Rule: :math:`\bar r_t = \max(r_\epsilon, \max_{i\le t}\lVert x_i - x_0\rVert)`,
+    :math:`G_t = \epsilon + \sum_{i\le t}\lVert g_i\rVert^2`,
+    :math:`x_{t+1} = x_t - c\,\bar r_t/\sqrt{G_t}\; g_t`, with :math:`r_\epsilon =` ``reps_rel``
+    :math:`\cdot(1+\lVert x_0\rVert)` and norms over the whole param group (see the module
+    docstring).
+
+    Args:
+        params: parameters or param groups (each group is one DoG "vector").
+        reps_rel: ρ in r_ε = ρ(1 + ‖x0‖) (default 1e-6; 1e-4 for batch-norm nets, 1e-8 if training
+            diverges early).
+        lr: c, a multiplier of η (default 1.0; the authors advise against changing it;
+            schedulers may still scale it).
+        weight_decay: λ, added to the gradient (L2) before the norms (default 0).
+        eps: added once to G at the first step (default 1e-8).
+        init_eta: if given, the first step size η_0 (then r̄_0 = 0 and ``reps_rel`` is ignored).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` (the only policy with no
+            device-to-host synchronisation at all); see :mod:`curvlab.optim._validation`.
+
+    State (per parameter): ``"x0"`` (copy of the parameter at its first gradient: 4 bytes per
+    float32 parameter), ``"step"`` (float32 scalar), ``"rbar"`` and ``"G"`` (scalar tensors in
+    float32, or float64 for float64 groups; for DoG the group's values, repeated in every
+    parameter's state). The step size of the last step is ``optimizer.last_eta(group_index)``.
+
+    Raises:
+        ParameterError: invalid hyper-parameters, or a sparse gradient.
+        NonFiniteError: a NaN/inf gradient under ``on_nonfinite="raise"``; nothing is changed.
+        StateDictError: ``load_state_dict`` with another optimizer's state or other shapes.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = DoG(model.parameters())
+        >>> avg = PolynomialDecayAverager(model.parameters(), gamma=8)
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     model(torch.ones(4, 3)).pow(2).mean().backward()
+        ...     opt.step()
+        ...     avg.step()
+        >>> bool(opt.last_eta(0) > 0)
+        True
+
+    Paper: Ivgi, Hinder, Carmon, ICML 2023, arXiv 2302.12022; code: formll/dog.
+    """
+
+    closure_mode: ClassVar[str] = "backward"
+    layerwise: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: Any,
+        reps_rel: float = 1e-6,
+        lr: float | Tensor = 1.0,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        init_eta: float | None = None,
+        *,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        validate_lr(lr)
+        if init_eta is not None:
+            validate_positive("init_eta", init_eta, "; it is the first step size, or None")
+            reps_rel = 0.0
+        else:
+            validate_positive(
+                "reps_rel",
+                reps_rel,
+                "; the authors suggest 1e-6 (1e-4 for batch-norm nets, 1e-8 if training diverges)",
+            )
+        validate_weight_decay(weight_decay)
+        validate_positive("eps", eps, "; it keeps G > 0 at the first step, e.g. 1e-8")
+        validate_on_nonfinite(on_nonfinite)
+        defaults = {
+            "reps_rel": reps_rel,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "eps": eps,
+            "init_eta": init_eta,
+            "on_nonfinite": on_nonfinite,
+            "nonfinite_skips": 0,
+        }
+        super().__init__(params, defaults)
+
+    def _next_step_number(self) -> int:
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st:
+                    return int(st["step"]) + 1
+        return 1
+
+    def last_eta(self, group_index: int = 0) -> Tensor | list[Tensor]:
+        """η of the last step: a scalar tensor for DoG, one per parameter (with state) for L-DoG."""
+        group = self.param_groups[group_index]
+        etas = []
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st:
+                etas.append(group["lr"] * st["rbar"] / st["G"].sqrt())
+        if not etas:
+            raise ParameterError(f"param group {group_index} has taken no step yet")
+        return etas if self.layerwise else etas[0]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Take one DoG step; the optional ``closure`` zeroes grads, calls backward, returns loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads_of(self.param_groups)  # sparse gradients raise before any norm is taken
+        # the 2-norms of the raw gradients serve the finite check and (without weight decay) G
+        norms: list[list[Tensor]] = []
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            sdtype = _scalar_dtype(grads)
+            norms.append(list(torch._foreach_norm(grads, 2, dtype=sdtype)) if grads else [])
+        flat = [n for ns in norms for n in ns]
+        if not check_finite_grads(self.param_groups, step=self._next_step_number, grad_norms=flat):
+            return loss
+        for group, raw_norms in zip(self.param_groups, norms):
+            self._step_group(group, raw_norms)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], raw_norms: list[Tensor]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads: list[Tensor] = [p.grad for p in params]
+        sdtype = _scalar_dtype(params)
+        if group["weight_decay"] != 0:
+            grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+            g_norms = list(torch._foreach_norm(grads, 2, dtype=sdtype))
+        else:
+            g_norms = raw_norms
+        tracked = [p for p in group["params"] if self.state.get(p)]  # had a gradient before
+        first = not tracked
+        new = [p for p in params if not self.state.get(p)]
+        device = params[0].device
+        for p in new:
+            st = self.state[p]
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["x0"] = p.detach().clone(memory_format=torch.preserve_format)
+        if tracked:
+            x0s = [self.state[p]["x0"] for p in tracked]
+            d_norms = self._distances(tracked, x0s, sdtype)
+        eps = group["eps"]
+        if self.layerwise:
+            self._layerwise_scalars(
+                group, params, new, g_norms, tracked, d_norms if tracked else []
+            )
+            neg_etas = [
+                -(group["lr"] * self.state[p]["rbar"] / self.state[p]["G"].sqrt()) for p in params
+            ]
+            if first and group["init_eta"] is not None:
+                neg_etas = [torch.full_like(e, -group["init_eta"]) for e in neg_etas]
+        else:
+            g_sq = torch.stack(g_norms).to(device).square().sum()
+            if first:
+                x_norm = torch.stack(torch._foreach_norm(params, 2, dtype=sdtype)).to(device).norm()
+                rbar = group["reps_rel"] * (1 + x_norm)
+                G = g_sq + eps
+            else:
+                st0 = self.state[tracked[0]]
+                dist = torch.stack(d_norms).to(device).norm()
+                rbar = torch.maximum(st0["rbar"], dist)
+                G = st0["G"] + g_sq
+            for p in set(tracked) | set(params):
+                self.state[p]["rbar"] = rbar  # new tensors each step, never modified in place
+                self.state[p]["G"] = G
+            eta = group["lr"] * rbar / G.sqrt()
+            if first and group["init_eta"] is not None:
+                eta = torch.full_like(eta, group["init_eta"])
+            neg_etas = [-eta] * len(params)
+        torch._foreach_addcmul_(params, grads, neg_etas)
+        torch._foreach_add_([self.state[p]["step"] for p in params], torch.tensor(1.0), alpha=1.0)
+
+    def _distances(
+        self, params: list[Tensor], x0s: list[Tensor], dtype: torch.dtype
+    ) -> list[Tensor]:
+        """‖x - x0‖ per tensor, through one reusable scratch buffer per (device, dtype).
+
+        Allocating a fresh x - x0 every step costs page faults that dominate on CPU; the scratch
+        (as large as the largest parameter) is a cache outside ``state``: ``state_dict``, deepcopy
+        and pickling drop it and it is rebuilt on the next step.
+        """
+        cache: dict[tuple[torch.device, torch.dtype], Tensor] = self.__dict__.setdefault(
+            "_scratch_buffers", {}
+        )
+        out = []
+        for p, x0 in zip(params, x0s):
+            key = (p.device, p.dtype)
+            buf = cache.get(key)
+            if buf is None or buf.numel() < p.numel():
+                buf = cache[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+            diff = torch.sub(p, x0, out=buf[: p.numel()].view(p.shape))
+            out.append(torch.linalg.vector_norm(diff, dtype=dtype))
+        return out
+
+    def _layerwise_scalars(self, group, params, new, g_norms, tracked, d_norms) -> None:
+        raise NotImplementedError  # only LDoG
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict saved by this class; raises StateDictError for any other."""
+        load_state_dict_checked(
+            self,
+            state_dict,
+            state_keys=_STATE_KEYS,
+            param_shaped_keys=_SHAPED_KEYS,
+            keep_dtype_keys=_SCALAR_KEYS,
+        )
+        if not self.layerwise:
+            # DoG's group scalars must agree across a group's parameters
+            for gi, group in enumerate(self.param_groups):
+                vals = [self.state[p]["rbar"] for p in group["params"] if self.state.get(p)]
+                if any(not torch.equal(v, vals[0]) for v in vals[1:]):
+                    raise StateDictError(
+                        f"param group {gi}: the parameters carry different 'rbar' values, so the "
+                        "state_dict was saved from LDoG (layer-wise); load it into LDoG"
+                    )
+
+
+class LDoG(DoG):
+    r"""L-DoG: layer-wise DoG, with r̄, G and η kept per parameter tensor (Ivgi et al. 2023).
+
+    Rule, for every parameter tensor :math:`x^{(k)}` separately:
+    :math:`\bar r^{(k)}_0 = \rho(1 + \lVert x^{(k)}_0\rVert)`,
+    :math:`\bar r^{(k)}_t = \max(\bar r^{(k)}_{t-1}, \lVert x^{(k)}_t - x^{(k)}_0\rVert)`,
+    :math:`G^{(k)}_t = \epsilon + \sum_{i\le t}\lVert g^{(k)}_i\rVert^2`,
+    :math:`x^{(k)}_{t+1} = x^{(k)}_t - c\,\bar r^{(k)}_t/\sqrt{G^{(k)}_t}\; g^{(k)}_t`.
+    Arguments, state and errors as :class:`DoG` (``rbar`` and ``G`` are per tensor).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = LDoG(model.parameters())
+        >>> model(torch.ones(4, 3)).sum().backward(); opt.step()
+        >>> len(opt.last_eta(0))
+        2
+
+    Paper: Ivgi, Hinder, Carmon, ICML 2023, arXiv 2302.12022; code: formll/dog (class LDoG).
+    """
+
+    layerwise: ClassVar[bool] = True
+
+    def _layerwise_scalars(self, group, params, new, g_norms, tracked, d_norms) -> None:
+        eps, reps_rel = group["eps"], group["reps_rel"]
+        new_set = set(new)
+        dist = dict(zip(tracked, d_norms))
+        x_norms = dict(zip(new, torch._foreach_norm(new, 2, dtype=g_norms[0].dtype))) if new else {}
+        for p, gn in zip(params, g_norms):
+            st = self.state[p]
+            if p in new_set:
+                st["rbar"] = reps_rel * (1 + x_norms[p])
+                st["G"] = gn.square() + eps
+            else:
+                st["rbar"] = torch.maximum(st["rbar"], dist[p])
+                st["G"] = st["G"] + gn.square()
+
+
+class PolynomialDecayAverager:
+    r"""Polynomial-decay iterate averaging (Shamir & Zhang 2013), as recommended for DoG/L-DoG.
+
+    Rule, called once after every optimizer step t = 1, 2, ...:
+    :math:`\bar x_t = (1 - w_t)\,\bar x_{t-1} + w_t\, x_t` with :math:`w_t = (\gamma+1)/(t+\gamma)`
+    (so :math:`\bar x_1 = x_1`; γ = 0 is the uniform average, γ → ∞ the last iterate).
+
+    Args:
+        params: the tensors to average (e.g. ``model.parameters()``), or an ``nn.Module``, whose
+            parameters and floating-point buffers (batch-norm statistics) are averaged.
+        gamma: γ ≥ 0 (default 8, the authors' choice).
+
+    Attributes:
+        averaged: the averaged tensors, in the order of ``params``; ``t``: steps taken so far.
+
+    Example:
+        >>> x = torch.nn.Parameter(torch.zeros(2))
+        >>> avg = PolynomialDecayAverager([x], gamma=0.0)
+        >>> for v in (1.0, 2.0, 3.0):
+        ...     _ = x.data.fill_(v); avg.step()
+        >>> avg.averaged[0].tolist()  # uniform average of 1, 2, 3
+        [2.0, 2.0]
+
+    Paper: Shamir & Zhang, "Stochastic Gradient Descent for Non-smooth Optimization: Convergence
+    Results and Optimal Averaging Schemes", ICML 2013; use with DoG: Ivgi et al. 2023,
+    arXiv 2302.12022.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | nn.Module, gamma: float = 8.0) -> None:
+        if not isinstance(gamma, (int, float)) or gamma < 0:
+            raise ParameterError(f"gamma must be a number >= 0, got {gamma!r}; the authors use 8")
+        if isinstance(params, nn.Module):
+            tensors = [
+                *params.parameters(),
+                *(b for b in params.buffers() if b.is_floating_point()),
+            ]
+        else:
+            tensors = list(params)
+        if not tensors:
+            raise ParameterError("PolynomialDecayAverager got no tensors to average")
+        self.params: list[Tensor] = tensors
+        self.gamma = float(gamma)
+        self.t = 0
+        self.averaged: list[Tensor] = [p.detach().clone() for p in tensors]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Fold the current parameters into the average (call after ``optimizer.step()``)."""
+        self.t += 1
+        w = (self.gamma + 1) / (self.t + self.gamma)
+        torch._foreach_lerp_(self.averaged, [p.detach() for p in self.params], w)
+
+    @torch.no_grad()
+    def copy_to(self, params: Iterable[Tensor] | None = None) -> None:
+        """Copy the averaged values into ``params`` (default: the averaged tensors themselves)."""
+        targets = self.params if params is None else list(params)
+        torch._foreach_copy_(targets, self.averaged)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Context manager: the tracked tensors hold the average inside, their own values after."""
+        backup = [p.detach().clone() for p in self.params]
+        self.copy_to()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, backup)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"t": int, "gamma": float, "averaged": list of tensors}``."""
+        return {"t": self.t, "gamma": self.gamma, "averaged": [a.clone() for a in self.averaged]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; shapes must match."""
+        saved = state_dict.get("averaged")
+        if not isinstance(saved, list) or len(saved) != len(self.averaged):
+            raise StateDictError(
+                f"expected {len(self.averaged)} averaged tensors, got "
+                f"{len(saved) if isinstance(saved, list) else type(saved).__name__}"
+            )
+        for i, (a, s) in enumerate(zip(self.averaged, saved)):
+            if a.shape != s.shape:
+                raise StateDictError(
+                    f"averaged tensor {i} has shape {tuple(s.shape)} in the state_dict but "
+                    f"{tuple(a.shape)} here; it was saved for another model"
+                )
+        self.t = int(state_dict["t"])
+        self.gamma = float(state_dict.get("gamma", self.gamma))
+        with torch.no_grad():
+            torch._foreach_copy_(self.averaged, saved)

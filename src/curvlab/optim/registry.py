@@ -1,0 +1,63 @@
+"""One explicit registry of optimizer names -> classes, and ``create(name, params, **kwargs)``.
+
+Adding an optimizer is one line in :data:`OPTIMIZERS`. Names are lower case; lookup ignores case,
+``-`` and ``_``.
+
+Example:
+    >>> import torch
+    >>> opt = create("adopt", torch.nn.Linear(2, 1).parameters(), lr=1e-3)
+    >>> type(opt).__name__
+    'ADOPT'
+    >>> create("adomp", [])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    curvlab.errors.ParameterError: unknown optimizer 'adomp'. Did you mean 'adopt'? Known: adam, ...
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from curvlab.errors import ParameterError
+from curvlab.optim.adopt import ADOPT
+from curvlab.optim.dog import DoG, LDoG
+
+__all__ = ["OPTIMIZERS", "available", "create"]
+
+#: Every optimizer curvlab can build by name (torch baselines included).
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "adopt": ADOPT,
+    "dog": DoG,
+    "ldog": LDoG,
+}
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def available() -> list[str]:
+    """The registered names, sorted."""
+    return sorted(OPTIMIZERS)
+
+
+def create(name: str, params: Any, **kwargs: Any) -> Optimizer:
+    """Build the optimizer registered as ``name`` on ``params`` with ``kwargs``.
+
+    Raises:
+        ParameterError: unknown name; the message lists the known names and suggests the closest.
+    """
+    by_key = {_key(k): cls for k, cls in OPTIMIZERS.items()}
+    cls = by_key.get(_key(name)) if isinstance(name, str) else None
+    if cls is None:
+        close = difflib.get_close_matches(str(name).lower(), available(), n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ParameterError(f"unknown optimizer {name!r}.{hint} Known: {', '.join(available())}")
+    return cls(params, **kwargs)

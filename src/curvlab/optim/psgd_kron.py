@@ -6,8 +6,9 @@ the default here), ``update_precond_kron_whiten_q0p5eq1p5`` + ``procrustes_step2
 ``"Q0.5EQ1.5"``, the official default), ``norm_lower_bound_spd/skh``, ``balance_kron_precond``,
 ``precond_grad_kron`` and the step of ``KronWhiten`` (momentum, clipping), with the decoupled weight
 decay of ``wrapped_as_torch_optimizer_for_ddp.py`` (``KWNS4``). The update-probability schedule is
-the one of kron-torch (``precond_update_prob_schedule``), which the official README points to for
-annealing the update probability. Nothing was copied; the rules were re-written from reading.
+kron-torch's ``precond_update_prob_schedule``; the official torch.optim wrapper asks to "quickly
+anneal" the update probability to 0.01–0.1 but ships no schedule. Nothing was copied; the rules
+were re-written from reading.
 """
 
 from __future__ import annotations
@@ -61,10 +62,9 @@ def factor_kinds(
     """Which Kronecker factors are dense (``True``) and which are diagonal (``False``).
 
     Rule (official ``init_kron``): the gradient is squeezed first (size-1 dims dropped); a dim of
-    size
-    ``d`` of a tensor with ``numel`` entries gets a diagonal factor if ``d <= 1``, ``d > max_size``
-    or
-    ``d**2 > max_skew * numel``, else a dense (triangular, for geometry ``"EQ"``) ``d x d`` factor.
+    size ``d`` of a tensor with ``numel`` entries gets a diagonal factor if ``d <= 1``,
+    ``d > max_size`` or ``d**2 > max_skew * numel``, else a dense (triangular, for geometry
+    ``"EQ"``) ``d x d`` factor.
     With the default ``max_skew = 1`` the larger side of a non-square matrix is diagonal (one-sided
     Kron) and a square matrix is two-sided; ``max_skew = inf`` makes every dim dense (kron-torch's
     ``memory_save_mode=None``), ``max_skew = 0`` every dim diagonal (``"all_diag"``). A scalar gets
@@ -96,11 +96,10 @@ def init_factors(
     dtype: torch.dtype,
     device: torch.device | str | None = None,
 ) -> list[Tensor]:
-    """Initial factors ``Q_i = scale**(1/k) I`` (dense) or ``scale**(1/k) 1`` (diagonal), ``k``
-    dims.
+    """Initial factors ``Q_i = scale**(1/k) I`` (dense) or ``scale**(1/k) 1`` (diagonal).
 
-    So that ``Q = Q_1 ⊗ ... ⊗ Q_k = scale * I`` and ``P = QᵀQ = scale² I``. A scalar gets
-    ``[scale]``.
+    With ``k`` squeezed dims, ``Q = Q_1 ⊗ ... ⊗ Q_k = scale * I`` and ``P = QᵀQ = scale² I``. A
+    scalar gets ``[scale]``.
 
     Args:
         shape: the parameter's shape (squeezed here).
@@ -242,8 +241,7 @@ def _lift(x: Tensor) -> Tensor:
 
 
 def kron_precondition(Q: Sequence[Tensor], g: Tensor, triangular: bool = False) -> Tensor:
-    """``P g`` with ``P = QᵀQ``, ``Q = Q_1 ⊗ ... ⊗ Q_k`` applied mode-wise (official
-    ``precond_grad_kron``).
+    """``P g`` with ``P = QᵀQ``, ``Q = Q_1 ⊗ ... ⊗ Q_k`` applied mode-wise (``precond_grad_kron``).
 
     ``g`` is the squeezed gradient (``k`` dims); mode ``i`` is multiplied by ``Q_iᵀ Q_i`` (``q_i²``
     for a diagonal factor). ``triangular=True`` declares the dense factors upper triangular
@@ -318,12 +316,11 @@ def norm_lower_bound_skew(A: Tensor, generator: torch.Generator | None = None) -
 
 
 def procrustes_step(q: Tensor, generator: torch.Generator | None = None) -> None:
-    """One online orthogonal-Procrustes rotation ``Q ← exp(aR) Q`` that pulls ``Q`` towards SPD (in
-    place).
+    """One online orthogonal-Procrustes rotation ``Q ← exp(aR) Q`` pulling ``Q`` towards SPD.
 
-    Official ``procrustes_step2`` (max step 1/8): ``R = Qᵀ - Q`` normalised by a lower bound of its
-    norm, ``exp(aR) ≈ I + aR + (aR)²/2``; ``a = min(-tr(RQ)/tr(R²Q), 1/8)`` if ``tr(R²Q) < 0`` else
-    1/8.
+    In place. Official ``procrustes_step2`` (max step 1/8): ``R = Qᵀ - Q`` normalised by a lower
+    bound of its norm, ``exp(aR) ≈ I + aR + (aR)²/2``; ``a = min(-tr(RQ)/tr(R²Q), 1/8)`` if
+    ``tr(R²Q) < 0``, else 1/8.
     """
     R = q.mT - q
     R = R / (norm_lower_bound_skew(R, generator) + torch.finfo(R.dtype).smallest_normal)
@@ -376,15 +373,13 @@ def update_precond_kron_eq(
     beta_lipschitz: float = 0.9,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Fit ``Q`` on the group of triangular (or diagonal) matrices with the pair ``(v, h)``, in
-    place.
+    """Fit ``Q`` on the group of triangular (or diagonal) matrices with the pair ``(v, h)``.
 
-    Criterion (Li, 2018/2024): ``E[hᵀ P h + vᵀ P⁻¹ v]``, minimised by ``P = (E[h hᵀ])^{-1/2}`` for
-    the
-    whitening pair and by ``|H|⁻¹`` for ``h = H v``. With ``A = Q h`` and ``B = Q^{-T} v``
-    (mode-wise: ``Q_i`` and triangular solves with ``Q_iᵀ``), the gradient on the group along
-    factor ``i`` is ``E_i = A_(i)A_(i)ᵀ - B_(i)B_(i)ᵀ`` (its diagonal for a diagonal factor).
-    Step ``dQ = E Q``:
+    In place. Criterion (Li, 2018/2024): ``E[hᵀ P h + vᵀ P⁻¹ v]``, minimised by
+    ``P = (E[h hᵀ])^{-1/2}`` for the whitening pair and by ``|H|⁻¹`` for ``h = H v``. With
+    ``A = Q h`` and ``B = Q^{-T} v`` (mode-wise: ``Q_i`` and triangular solves with ``Q_iᵀ``), the
+    gradient on the group along factor ``i`` is ``E_i = A_(i)A_(i)ᵀ - B_(i)B_(i)ᵀ`` (its diagonal
+    for a diagonal factor). Step ``dQ = E Q``:
 
         ℓ_i = lower bound of ‖A_(i)A_(i)ᵀ + B_(i)B_(i)ᵀ‖₂     (diagonal factor: max entry)
         L_i ← max(β L_i + (1-β) ℓ_i, ℓ_i)
@@ -432,13 +427,12 @@ def update_precond_kron_whiten_eq(
     damping: float = 1e-9,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Whitening fit of a triangular Kron ``Q`` (official ``update_precond_kron_whiten_eq``), in
-    place.
+    """Whitening fit of a triangular Kron ``Q`` (official ``update_precond_kron_whiten_eq``).
 
-    Draws ``v ~ N(0, I)`` (first draw from ``generator``), sets ``h = g + (damping + ε|g|) ⊙ v``
-    with
-    ``ε`` the dtype's machine epsilon, and calls :func:`update_precond_kron_eq` with ``(v, h)``; the
-    fixed point is ``P = QᵀQ ≈ E[h hᵀ]^{-1/2}`` (Kronecker-structured), which whitens the gradient.
+    In place. Draws ``v ~ N(0, I)`` (first draw from ``generator``), sets
+    ``h = g + (damping + ε|g|) ⊙ v`` with ``ε`` the dtype's machine epsilon, and calls
+    :func:`update_precond_kron_eq` with ``(v, h)``; the fixed point is ``P = QᵀQ ≈ E[h hᵀ]^{-1/2}``
+    (Kronecker-structured), which whitens the gradient.
     """
     v = torch.randn(g.shape, dtype=g.dtype, device=g.device, generator=generator)
     h = torch.addcmul(g, g.abs().mul_(torch.finfo(g.dtype).eps).add_(damping), v)
@@ -504,8 +498,8 @@ def precond_update_prob_schedule(
 
     ``p(n) = clip(max_prob · exp(-decay (n - flat_start)), min_prob, max_prob)``: 1 for the first
     500 steps, then an exponential anneal that reaches 0.03 near step 4000 (kron-torch's
-    ``precond_update_prob_schedule``; the official README asks to anneal the probability to
-    0.01–0.1).
+    ``precond_update_prob_schedule``; the official DDP wrapper ``KWNS4`` asks to anneal the
+    probability to 0.01–0.1).
 
     Example:
         >>> precond_update_prob_schedule(0), round(precond_update_prob_schedule(1500), 4)

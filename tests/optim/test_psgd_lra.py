@@ -183,3 +183,37 @@ def test_load_state_dict_errors():
         PSGDLRA([torch.nn.Parameter(torch.randn(5, 3))], rank=2).load_state_dict(sd)
     with pytest.raises(StateDictError, match="lacks the PSGDLRA hyper-parameters"):
         opt.load_state_dict(torch.optim.SGD([a], lr=0.1).state_dict())
+
+
+@pytest.mark.parametrize("mom", [0.0, 0.9])
+def test_apply_only_steps_equal_the_flat_rule(mom):
+    # steps that do not refit apply P block by block; they must equal precond_grad_lra on the
+    # concatenated vectors (with the group-wide clip)
+    from curvlab.optim.psgd_lra import precond_grad_lra
+
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, dtype=DT, generator=g)) for s in [(4, 3), (5,), (2,)]]
+    opt = PSGDLRA(ps, lr=0.5, rank=3, momentum=mom, preconditioner_update_probability=1.0)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, dtype=DT, generator=g)
+        opt.step()
+    opt.param_groups[0]["preconditioner_update_probability"] = 1e-300
+    grads = [torch.randn(p.shape, dtype=DT, generator=g) for p in ps]
+    before = [p.detach().clone() for p in ps]
+    U = torch.cat([opt.state[p]["U"] for p in ps])
+    V = torch.cat([opt.state[p]["V"] for p in ps])
+    d = torch.cat([opt.state[p]["d"] for p in ps]).reshape(-1, 1)
+    m = torch.cat([x.reshape(-1, 1) for x in grads])
+    if mom > 0:
+        old = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1, 1) for p in ps])
+        beta = min(3 / 4, mom)  # t = 3 completed steps
+        m = beta * old + (1 - beta) * m
+    u = precond_grad_lra(U, V, d, m)
+    u = u * min(1.0, 2.0 / float(u.square().mean().sqrt()))
+    expect = torch.cat([b.reshape(-1, 1) for b in before]) - 0.5 * u.clamp(-10, 10)
+    for p, x in zip(ps, grads):
+        p.grad = x
+    opt.step()
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1, 1) for p in ps]), expect)
+    assert torch.equal(opt.state[ps[0]]["U"], U[:12])  # nothing refitted

@@ -300,12 +300,16 @@ class PSGDLRA(Optimizer):
                 else:
                     g = g.add(p, alpha=wd)
             grads.append(g.reshape(-1, 1))
-        g = torch.cat(grads)
         new = [p for p in ps if len(self.state[p]) == 0]
         if new:
-            self._init_states(group, new, g, ps)
+            self._init_states(group, new, torch.cat(grads), ps)
         first = self.state[ps[0]]
         t = int(first["step"].item())
+        update = _coin(group, t)
+        if not update:
+            self._apply_blockwise(group, ps, grads, t)
+            return
+        g = torch.cat(grads)
         U = torch.cat([self.state[p]["U"] for p in ps])
         V = torch.cat([self.state[p]["V"] for p in ps])
         d = torch.cat([self.state[p]["d"] for p in ps]).reshape(-1, 1)
@@ -317,7 +321,6 @@ class PSGDLRA(Optimizer):
             m.mul_(beta).add_(g, alpha=1.0 - beta)
         else:
             m = g
-        update = _coin(group, t)
         gen = torch.Generator(device=g.device)
         gen.manual_seed(_mix_seed(int(group["seed"]), t, 1))
         target = g if group["whiten_grad"] else m
@@ -345,6 +348,40 @@ class PSGDLRA(Optimizer):
                 st[key].copy_(value)
             st["step"] += 1
             start += n
+
+    def _apply_blockwise(
+        self, group: dict[str, Any], ps: list[Tensor], grads: list[Tensor], t: int
+    ) -> None:
+        """A step without refitting: :func:`precond_grad_lra` block by block, nothing concatenated.
+
+        ``Vᵀx = Σ_j V_jᵀ x_j`` and ``Uᵀx = Σ_j U_jᵀ x_j`` are the only couplings between
+        parameters; the clip uses the RMS over the whole group, as the flat rule.
+        """
+        lr = float(group["lr"])
+        momentum = float(group["momentum"])
+        states = [self.state[p] for p in ps]
+        ms = []
+        for st, g in zip(states, grads):
+            if momentum > 0.0:
+                beta = min(t / (t + 1.0), momentum)
+                buf = st["momentum_buffer"]
+                buf.mul_(beta).add_(g.reshape(buf.shape), alpha=1.0 - beta)
+                ms.append(buf.reshape(-1, 1))
+            else:
+                ms.append(g)
+        dm = [st["d"].reshape(-1, 1) * m for st, m in zip(states, ms)]
+        s1 = sum(st["V"].mT @ x for st, x in zip(states, dm))
+        xs = [x + st["U"] @ s1 for st, x in zip(states, dm)]
+        s2 = sum(st["U"].mT @ x for st, x in zip(states, xs))
+        us = [st["d"].reshape(-1, 1) * (x + st["V"] @ s2) for st, x in zip(states, xs)]
+        total = sum(u.numel() for u in us)
+        sq = torch.stack([torch.linalg.vector_norm(u) for u in us])
+        rms = torch.linalg.vector_norm(sq) / math.sqrt(total)
+        max_avg, max_elem = group["grad_clip_max_amps"]
+        scale = torch.clamp(max_avg / rms, max=1.0)
+        for p, st, u in zip(ps, states, us):
+            p.sub_(u.mul_(scale).clamp_(-max_elem, max_elem).reshape(p.shape), alpha=lr)
+            st["step"] += 1
 
     def _init_states(
         self, group: dict[str, Any], new: list[Tensor], g: Tensor, ps: list[Tensor]

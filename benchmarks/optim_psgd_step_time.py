@@ -82,6 +82,9 @@ def make_cases(official: Any) -> dict[str, Callable[[list[nn.Parameter]], Any]]:
         "curvlab.PSGDLRA r=10 (p=1)": lambda ps: PSGDLRA(
             ps, rank=10, preconditioner_update_probability=1.0
         ),
+        "curvlab.PSGDLRA r=10 apply-only (p=1e-9)": lambda ps: PSGDLRA(
+            ps, rank=10, preconditioner_update_probability=1e-9, init_scale=1.0
+        ),
     }
     try:
         import kron_torch

@@ -217,3 +217,30 @@ def test_apply_only_steps_equal_the_flat_rule(mom):
     opt.step()
     torch.testing.assert_close(torch.cat([p.detach().reshape(-1, 1) for p in ps]), expect)
     assert torch.equal(opt.state[ps[0]]["U"], U[:12])  # nothing refitted
+
+
+def test_state_views_or_copies_give_identical_steps():
+    # U, V, d are kept as views of one buffer per group (the refit runs on it in place); when
+    # the views are broken (clones, as after a casting load_state_dict) the step concatenates and
+    # re-points them: both paths must give bit-identical results.
+    g = torch.Generator().manual_seed(0)
+    ps1 = [torch.nn.Parameter(torch.randn(s, dtype=DT, generator=g)) for s in [(4, 3), (5,)]]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    o1 = PSGDLRA(ps1, lr=0.1, rank=2, preconditioner_update_probability=1.0)
+    o2 = PSGDLRA(ps2, lr=0.1, rank=2, preconditioner_update_probability=1.0)
+    grads = [[torch.randn(p.shape, dtype=DT, generator=g) for p in ps1] for _ in range(4)]
+    for k, gs in enumerate(grads):
+        for o, ps in ((o1, ps1), (o2, ps2)):
+            for p, x in zip(ps, gs):
+                p.grad = x.clone()
+            o.step()
+        if k == 1:
+            for p in ps2:
+                for key in ("U", "V", "d"):
+                    o2.state[p][key] = o2.state[p][key].clone()
+    for a, b in zip(ps1, ps2):
+        assert torch.equal(a, b)
+        for key in ("U", "V", "d"):
+            assert torch.equal(o1.state[a][key], o2.state[b][key])
+    u0, u1 = (o2.state[p]["U"] for p in ps2)  # re-pointed: consecutive views again
+    assert u1.untyped_storage().data_ptr() == u0.untyped_storage().data_ptr()

@@ -310,9 +310,8 @@ class PSGDLRA(Optimizer):
             self._apply_blockwise(group, ps, grads, t)
             return
         g = torch.cat(grads)
-        U = torch.cat([self.state[p]["U"] for p in ps])
-        V = torch.cat([self.state[p]["V"] for p in ps])
-        d = torch.cat([self.state[p]["d"] for p in ps]).reshape(-1, 1)
+        U, V, d = (self._flat(ps, key) for key in ("U", "V", "d"))
+        d = d.view(-1, 1)
         L = [first["L_u"].clone(), first["L_v"].clone(), first["L_d"].clone()]
         momentum = float(group["momentum"])
         if momentum > 0.0:
@@ -339,15 +338,42 @@ class PSGDLRA(Optimizer):
             n = p.numel()
             st = self.state[p]
             p.sub_(u[start : start + n].reshape(p.shape), alpha=lr)
-            st["U"].copy_(U[start : start + n])
-            st["V"].copy_(V[start : start + n])
-            st["d"].copy_(d[start : start + n, 0])
             if momentum > 0.0:
                 st["momentum_buffer"].copy_(m[start : start + n].reshape(p.shape))
             for key, value in zip(("L_u", "L_v", "L_d"), L):
                 st[key].copy_(value)
             st["step"] += 1
             start += n
+
+    def _flat(self, ps: list[Tensor], key: str) -> Tensor:
+        """The group's ``U``, ``V`` or ``d`` as one tensor whose row blocks are the state entries.
+
+        The per-parameter entries are kept as consecutive views of one buffer, so the refit runs
+        in place on the concatenation without copying. If they are not (after a parameter was
+        left out of a step, or a ``load_state_dict`` that cast them), they are concatenated once
+        and the state entries are re-pointed to views of the new buffer.
+        """
+        tensors = [self.state[p][key] for p in ps]
+        first = tensors[0]
+        storage = first.untyped_storage()
+        offset = first.storage_offset()
+        rows = sum(t.shape[0] for t in tensors)
+        shape = (rows, *first.shape[1:])
+        ok = True
+        for t in tensors:
+            ok = ok and t.is_contiguous() and t.untyped_storage().data_ptr() == storage.data_ptr()
+            ok = ok and t.storage_offset() == offset and t.dtype == first.dtype
+            offset += t.numel()
+        if ok and offset <= storage.nbytes() // first.element_size():
+            flat = first.new_empty(0)
+            stride = (shape[1], 1) if len(shape) == 2 else (1,)
+            return flat.set_(storage, first.storage_offset(), shape, stride)
+        flat = torch.cat(tensors)
+        start = 0
+        for p, t in zip(ps, tensors):
+            self.state[p][key] = flat[start : start + t.shape[0]]
+            start += t.shape[0]
+        return flat
 
     def _apply_blockwise(
         self, group: dict[str, Any], ps: list[Tensor], grads: list[Tensor], t: int
@@ -412,13 +438,14 @@ class PSGDLRA(Optimizer):
             s4 = torch.mean(_lift(gn) ** 4).item()
             scale = (s4 + float(group["damping"]) ** 4) ** (-1.0 / 8.0)
         ldtype = _lift(torch.empty(0, dtype=ref.dtype)).dtype
+        d = torch.full((total,), float(scale), dtype=ref.dtype, device=ref.device)
         start = 0
         for p, n in zip(new, sizes):
             st = self.state[p]
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            st["U"] = U[start : start + n].clone()
-            st["V"] = V[start : start + n].clone()
-            st["d"] = torch.full((n,), float(scale), dtype=p.dtype, device=p.device)
+            st["U"] = U[start : start + n]
+            st["V"] = V[start : start + n]
+            st["d"] = d[start : start + n]
             for key in ("L_u", "L_v", "L_d"):
                 st[key] = torch.zeros([], dtype=ldtype, device=p.device)
             if group["momentum"] > 0.0:

@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: the quick benchmark suite on shipped data into a SQLite store, then its report.
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/curvlab spectrum --problem digits-mlp --out $(OUTDIR)/spectrum
+	OMP_NUM_THREADS=1 $(BIN)/curvlab bench demo --out $(OUTDIR)/bench
 
 # Fashion-MNIST from Debian's package, for the tiny-subspace reproduction and its tests; optional:
 # without it (no apt, not root) those tests skip with the reason and everything else runs.

@@ -4,7 +4,7 @@ Operators (which matrix), estimators (which number), optimizers (which update), 
 benchmark harness built on them. See the README for a ten-line tour.
 """
 
-from curvlab import distributed, errors, monitors, phenomena
+from curvlab import bench, distributed, errors, monitors, optim, phenomena, schedules
 from curvlab.errors import (
     ClosureRequiredError,
     CurvlabError,
@@ -76,7 +76,10 @@ __all__ = [
     "UnsupportedLossError",
     "errors",
     # modules
+    "bench",
     "distributed",
+    "optim",
+    "schedules",
     "monitors",
     "phenomena",
 ]

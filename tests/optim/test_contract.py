@@ -40,10 +40,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.errors import ClosureRequiredError, NonFiniteError, ParameterError, StateDictError
+from curvlab.optim.adahessian import AdaHessian
 from curvlab.optim.adopt import ADOPT
 from curvlab.optim.dog import DoG, LDoG
 from curvlab.optim.frugal import FRUGAL
 from curvlab.optim.mfac import MFAC
+from curvlab.optim.psgd_kron import PSGDKron
+from curvlab.optim.psgd_lra import PSGDLRA
+from curvlab.optim.sophia import Sophia
 
 
 # ----------------------------------------------------------------------------- problems
@@ -274,6 +278,144 @@ CASES: list[Case] = [
             "weight_decay": 0.0,
         },
         steps=(500, 6000),
+    ),
+    Case(
+        "sophia-g",
+        Sophia,
+        {"lr": 1e-2},
+        closure_mode="loss",
+        driver=lambda opt, prob: opt.step(prob.loss_and_outputs),
+        errors=(
+            *_LR_ERR,
+            _EPS_ERR,
+            _WD_ERR,
+            _POLICY_ERR,
+            ({"betas": (0.965, 1.0)}, ParameterError, r"betas\[1\] must be in \[0, 1\)"),
+            ({"rho": -0.1}, ParameterError, r"rho must be a finite number >= 0"),
+            ({"estimator": "fisher"}, ParameterError, r"estimator must be 'gnb' \(SophiaG\)"),
+            ({"update_period": 0}, ParameterError, r"update_period must be an int >= 1"),
+        ),
+        skip={
+            "closure": "GNB needs (loss, logits); the loss-only closure contract is run by the "
+            "sophia-h row, and tests/optim/test_sophia.py checks the GNB closure errors",
+            "param_groups": "one sampled-label draw covers all groups, so two optimizers on split "
+            "groups draw different labels; test_sophia.py checks groups against the reference loop",
+            "quadratic": "GNB needs a likelihood (logits); the update rule converges in sophia-h",
+            "rosenbrock": "GNB needs a likelihood (logits); the update rule converges in sophia-h",
+        },
+    ),
+    Case(
+        "sophia-h",
+        Sophia,
+        {"lr": 1e-2, "estimator": "hutchinson"},
+        closure_mode="loss",
+        quadratic={"lr": 0.05, "rho": 0.1, "weight_decay": 0.0},
+        rosenbrock={"lr": 0.1, "rho": 0.01, "weight_decay": 0.0},
+        steps=(500, 1500),
+        skip={
+            "param_groups": "one Rademacher probe covers all groups (H z couples them), so two "
+            "optimizers on split groups differ; test_sophia.py checks groups against the reference loop"
+        },
+    ),
+    Case(
+        "sophia-g-single-tensor",
+        Sophia,
+        {"lr": 1e-2, "foreach": False},
+        closure_mode="loss",
+        driver=lambda opt, prob: opt.step(prob.loss_and_outputs),
+        skip={
+            "closure": "see sophia-g",
+            "param_groups": "see sophia-g",
+            "quadratic": "see sophia-g",
+            "rosenbrock": "see sophia-g",
+        },
+    ),
+    Case(
+        "adahessian",
+        AdaHessian,
+        {"lr": 0.05},
+        closure_mode="loss",
+        quadratic={},
+        rosenbrock={"lr": 0.1, "hessian_power": 0.5},
+        steps=(300, 5000),
+        errors=(
+            *_LR_ERR,
+            _WD_ERR,
+            _POLICY_ERR,
+            ({"eps": 0.0}, ParameterError, r"eps must be a finite number > 0, got 0\.0"),
+            ({"betas": (0.9, 1.0)}, ParameterError, r"betas\[1\] must be in \[0, 1\)"),
+            ({"hessian_power": 1.5}, ParameterError, r"hessian_power must be a number in \[0, 1\]"),
+            ({"update_period": 0}, ParameterError, r"update_period must be an int >= 1"),
+        ),
+        skip={
+            "param_groups": "one Rademacher probe covers all groups (H z couples them), so two "
+            "optimizers on split groups differ; test_adahessian.py checks the rule per group"
+        },
+    ),
+    Case(
+        "adahessian-single-tensor-period-2",
+        AdaHessian,
+        {"lr": 0.05, "foreach": False, "update_period": 2},
+        closure_mode="loss",
+        quadratic={},
+        skip={
+            "param_groups": "see adahessian",
+            "rosenbrock": "the adahessian row runs it (5000 steps)",
+        },
+    ),
+    Case(
+        "psgd_kron",
+        PSGDKron,
+        {"lr": 1e-2},
+        quadratic={"lr": 0.03},
+        rosenbrock={"lr": 0.01, "max_skew": math.inf},
+        steps=(300, 3000),
+        errors=(
+            *_LR_ERR,
+            _WD_ERR,
+            _POLICY_ERR,
+            (
+                {"preconditioner_lr": 0.0},
+                ParameterError,
+                r"preconditioner_lr must be a number in \(0",
+            ),
+            ({"momentum": 1.0}, ParameterError, r"momentum must be a number in \[0\.0, 1\.0\)"),
+            ({"geometry": "QUAD"}, ParameterError, "geometry must be one of 'EQ', 'Q0.5EQ1.5'"),
+            (
+                {"preconditioner_update_probability": 0.0},
+                ParameterError,
+                "preconditioner_update_probability must be",
+            ),
+        ),
+    ),
+    Case(
+        "psgd_kron-q0p5eq1p5-momentum",
+        PSGDKron,
+        {
+            "lr": 1e-2,
+            "geometry": "Q0.5EQ1.5",
+            "momentum": 0.9,
+            "weight_decay": 0.1,
+            "preconditioner_update_probability": 0.5,
+            "max_skew": math.inf,
+        },
+        quadratic={"lr": 0.03, "weight_decay": 0.0},
+        rosenbrock={"lr": 0.01, "weight_decay": 0.0},
+        steps=(300, 3000),
+    ),
+    Case(
+        "psgd_lra",
+        PSGDLRA,
+        {"lr": 1e-2, "rank": 4},
+        quadratic={"lr": 0.03},
+        rosenbrock={"lr": 0.01, "rank": 1},
+        steps=(300, 3000),
+        errors=(
+            *_LR_ERR,
+            _WD_ERR,
+            _POLICY_ERR,
+            ({"rank": 100}, ParameterError, r"rank must be smaller than the number of entries"),
+        ),
     ),
 ]
 

@@ -1,16 +1,31 @@
 import pytest
 import torch
 
-from curvlab.errors import ParameterError
+from curvlab.errors import UnknownNameError
 from curvlab.optim import ADOPT, OPTIMIZERS, LDoG, available, create
 
 
 def test_registry_builds_every_entry():
     for name in available():
-        p = torch.nn.Parameter(torch.zeros(2))
+        p = torch.nn.Parameter(torch.zeros(4, 4))
         kwargs = {"lr": 0.1} if OPTIMIZERS[name] is torch.optim.SGD else {}
+        if name == "psgd_lra":
+            kwargs = {"rank": 2}
         assert isinstance(create(name, [p], **kwargs), OPTIMIZERS[name])
-    assert {"adam", "adamw", "sgd", "adopt", "dog", "ldog"} <= set(available())
+    assert {
+        "adam",
+        "adamw",
+        "sgd",
+        "adopt",
+        "dog",
+        "ldog",
+        "sophia",
+        "adahessian",
+        "psgd_kron",
+        "psgd_lra",
+        "mfac",
+        "frugal",
+    } <= set(available())
 
 
 def test_lookup_ignores_case_dashes_underscores_and_passes_kwargs():
@@ -21,9 +36,11 @@ def test_lookup_ignores_case_dashes_underscores_and_passes_kwargs():
 
 def test_unknown_name_lists_known_and_suggests_closest():
     with pytest.raises(
-        ParameterError,
-        match=r"unknown optimizer 'adamww'\. Did you mean 'adamw'\? Known: adam, adamw",
+        UnknownNameError,
+        match=r"unknown optimizer 'adamww'\. Did you mean 'adamw'\? Known: adahessian, adam, adamw",
     ):
         create("adamww", [])
-    with pytest.raises(ParameterError, match=r"unknown optimizer 'zzz'\. Known: adam, "):
+    with pytest.raises(
+        UnknownNameError, match=r"unknown optimizer 'zzz'\. Known: adahessian, adam, "
+    ):
         create("zzz", [])

@@ -15,9 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="curvlab: measure curvature, train with research optimizers, benchmark them.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from curvlab.cli import dynamics, spectrum
+    from curvlab.cli import bench, dynamics, spectrum
 
-    for command in (spectrum, dynamics):
+    for command in (bench, spectrum, dynamics):
         command.register(subparsers)
     return parser
 

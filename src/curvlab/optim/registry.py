@@ -11,7 +11,7 @@ Example:
     >>> create("adomp", [])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    curvlab.errors.ParameterError: unknown optimizer 'adomp'. Did you mean 'adopt'? Known: adam, ...
+    curvlab.errors.UnknownNameError: unknown optimizer 'adomp'. Did you mean 'adopt'? Known: adahessian, ...
 """
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from curvlab.errors import ParameterError
+from curvlab.errors import UnknownNameError
+from curvlab.optim.adahessian import AdaHessian
 from curvlab.optim.adopt import ADOPT
 from curvlab.optim.dog import DoG, LDoG
 from curvlab.optim.frugal import FRUGAL
 from curvlab.optim.mfac import MFAC
+from curvlab.optim.psgd_kron import PSGDKron
+from curvlab.optim.psgd_lra import PSGDLRA
+from curvlab.optim.sophia import Sophia
 
 __all__ = ["OPTIMIZERS", "available", "create"]
 
@@ -40,6 +44,10 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "ldog": LDoG,
     "mfac": MFAC,
     "frugal": FRUGAL,
+    "sophia": Sophia,
+    "adahessian": AdaHessian,
+    "psgd_kron": PSGDKron,
+    "psgd_lra": PSGDLRA,
 }
 
 
@@ -56,12 +64,12 @@ def create(name: str, params: Any, **kwargs: Any) -> Optimizer:
     """Build the optimizer registered as ``name`` on ``params`` with ``kwargs``.
 
     Raises:
-        ParameterError: unknown name; the message lists the known names and suggests the closest.
+        UnknownNameError: unknown name; the message lists the known names and suggests the closest.
     """
     by_key = {_key(k): cls for k, cls in OPTIMIZERS.items()}
     cls = by_key.get(_key(name)) if isinstance(name, str) else None
     if cls is None:
         close = difflib.get_close_matches(str(name).lower(), available(), n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ParameterError(f"unknown optimizer {name!r}.{hint} Known: {', '.join(available())}")
+        raise UnknownNameError(f"unknown optimizer {name!r}.{hint} Known: {', '.join(available())}")
     return cls(params, **kwargs)

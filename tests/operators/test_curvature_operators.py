@@ -19,7 +19,15 @@ from tests.reference.dense import (
     dense_hessian,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 by default inside this module only (restored after each test)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class Tied(nn.Module):

@@ -20,7 +20,6 @@ from tests.reference.dense import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """float64 by default inside this module only (restored after each test)."""

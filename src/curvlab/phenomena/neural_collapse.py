@@ -2,16 +2,19 @@
 
 Set-up (a CPU-sized version of Papyan, Han & Donoho's protocol): a balanced subset of scikit-learn
 digits (``per_class`` examples of each of the 10 classes, standardised), an MLP 64-w-w-10 with ReLU,
-cross-entropy, SGD with momentum 0.9 and weight decay (batch ``batch_size``). A
+the MSE loss on one-hot targets (default; Han, Papyan & Donoho, "Neural collapse under MSE loss",
+ICLR 2022, arXiv 2106.02073) or cross-entropy (``loss="ce"``), SGD with momentum 0.9 and weight
+decay (batch ``batch_size``). A
 :class:`~curvlab.monitors.NeuralCollapse` monitor records NC1–NC4 of the penultimate features on the
 whole training subset every ``every`` steps. The terminal phase of training (TPT) starts at the
 first check with zero training error; the prediction is that NC1 keeps decreasing through the TPT
 (towards zero in the limit) while NC4 (nearest-class-centre agreement) goes to 1 and the classifier
 aligns with the class means (NC3 decreases).
 
-Measured here: NC1 falls steadily through the TPT but, within a CPU-sized budget, by tens of
-percent rather than to zero (weight decay and a small MLP set a slow approach); the JSON says how
-far it fell.
+Measured here (6,000 steps, one CPU core, ~5 s): with MSE, NC1 falls from 1.2 at initialisation
+to about 1e-3 (three orders of magnitude: collapse); with cross-entropy and the same budget it
+falls steadily through the TPT but plateaus near 0.1 (the approach is logarithmically slow), which
+the JSON then reports instead of claiming collapse.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class NeuralCollapseConfig:
     steps: int = 6000
     every: int = 200
     seed: int = 0
+    loss: str = "mse"
 
 
 def _balanced_digits(per_class: int) -> tuple[Tensor, Tensor]:
@@ -80,7 +84,10 @@ def neural_collapse(
     learning training", PNAS 2020 (arXiv 2008.08186).
     """
     cfg = config or NeuralCollapseConfig()
+    if cfg.loss not in ("mse", "ce"):
+        raise ValueError(f"loss must be 'mse' or 'ce', got {cfg.loss!r}")
     x, y = _balanced_digits(cfg.per_class)
+    onehot = nn.functional.one_hot(y, 10).to(x.dtype)
     model = _mlp(cfg.width, cfg.seed)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -101,7 +108,12 @@ def neural_collapse(
     for step in progress(range(cfg.steps), cfg.steps, "neural collapse", progress_bar):
         idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen)
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        out = model(x[idx])
+        if cfg.loss == "mse":
+            loss = ((out - onehot[idx]) ** 2).sum(dim=1).mean()
+        else:
+            loss = nn.functional.cross_entropy(out, y[idx])
+        loss.backward()
         opt.step()
         if (step + 1) % cfg.every == 0:
             with torch.no_grad():
@@ -124,6 +136,8 @@ def neural_collapse(
             "nc4_end_>=_0.99": series["nc4"][-1] >= 0.99,
             "nc3_decreases_through_tpt": series["nc3"][-1] < series["nc3"][tpt],
         }
+        if cfg.loss == "mse":  # collapse, not only a decrease
+            checks["nc1_end_<=_0.02_x_initial"] = nc1[-1] <= 0.02 * nc1[0]
     else:
         checks = {"zero_training_error_reached": False}
     reproduced = all(checks.values())
@@ -131,8 +145,12 @@ def neural_collapse(
     note = (
         f"zero training error from step {tpt_step}; NC1 {nc1[0]:.3f} at init, "
         + (f"{nc1[tpt]:.3f} at the start of the terminal phase, " if tpt is not None else "")
-        + f"{nc1[-1]:.3f} after {cfg.steps} steps; NC4 {series['nc4'][-1]:.3f}. "
-        "NC1 falls steadily but, in this CPU budget, stays well above 0."
+        + f"{nc1[-1]:.4f} after {cfg.steps} steps ({cfg.loss} loss); NC4 {series['nc4'][-1]:.3f}. "
+        + (
+            f"NC1 fell by a factor {nc1[0] / max(nc1[-1], 1e-12):.0f}."
+            if cfg.loss == "mse"
+            else "With cross-entropy NC1 falls steadily but, in this CPU budget, stays well above 0."
+        )
     )
     numbers: dict[str, Any] = {
         "config": asdict(cfg),
@@ -152,7 +170,8 @@ def neural_collapse(
         caption=(
             "NC1 (within-class variability, log scale), NC2 equiangularity, NC3 self-duality and NC4 "
             f"mismatch of penultimate features of an MLP on balanced digits ({cfg.per_class}/class) "
-            "under SGD; the shaded region is the terminal phase (zero training error).",
+            f"under SGD with the {cfg.loss.upper()} loss; the shaded region is the terminal phase "
+            "(zero training error).",
             "Papyan et al.: in the terminal phase NC1 → 0, class means approach a simplex ETF "
             "(NC2), the classifier aligns with them (NC3) and predicts the nearest class mean (NC4).",
         ),

@@ -229,3 +229,32 @@ def test_lightning_callback_missing_dependency_message():
             lightning_callback([])
     else:
         pytest.skip("lightning is installed")
+
+
+def test_store_sink_records_checks_in_the_benchmark_store(tmp_path):
+    """Monitor values land in the benchmark store's monitors table and survive reopening."""
+    import torch
+    from torch import nn
+
+    from curvlab.bench import Store
+    from curvlab.monitors import CurvatureLR, StoreSink, attach
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "store.sqlite"
+    sink = StoreSink(path, key="run-a")
+    handle = attach(opt, CurvatureLR(model, nn.MSELoss(), (x, y), every=2), sink)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    handle.remove()
+    sink.close()
+    store = Store(path)
+    rows = store.monitor_values("run-a")
+    assert {r["step"] for r in rows} == {2, 4}
+    assert all(r["name"].startswith("curvature_lr/") for r in rows)
+    assert store.integrity_check() == "ok"
+    store.close()

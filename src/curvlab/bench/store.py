@@ -28,6 +28,9 @@ Schema (version :data:`SCHEMA_VERSION`; a store written by a newer curvlab is re
          diverged_step INTEGER, error TEXT, env TEXT (JSON: torch version, threads, load average))
     evals(run_id, attempt, step INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,
           train_loss REAL, metrics TEXT (JSON), PRIMARY KEY (run_id, attempt, step))
+    monitors(key TEXT, step INTEGER, name TEXT, value REAL,  -- training-dynamics monitor values
+             recorded_at REAL, PRIMARY KEY (key, step, name))  -- (curvlab.monitors.StoreSink);
+                                                             -- key: a run_id or any label
 
 Only the evaluations of a run's current ``attempt`` count; starting an attempt deletes the older
 ones
@@ -75,6 +78,10 @@ CREATE TABLE IF NOT EXISTS runs (
     diverged_step INTEGER, error TEXT, env TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_problem ON runs (problem, label, track);
+CREATE TABLE IF NOT EXISTS monitors (
+    key TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
+    recorded_at REAL, PRIMARY KEY (key, step, name)
+);
 CREATE TABLE IF NOT EXISTS evals (
     run_id TEXT NOT NULL, attempt INTEGER NOT NULL, step INTEGER NOT NULL,
     grad_evals REAL NOT NULL, hvp_evals INTEGER NOT NULL, seconds REAL NOT NULL,
@@ -348,6 +355,30 @@ class Store:
                 ),
             )
 
+    def add_monitor_values(self, key: str, step: int, values: Mapping[str, float]) -> None:
+        """Record one monitor check (``name -> value`` at ``step``) under ``key``, one transaction.
+
+        ``key`` is a run id or any label of a training run; NaN is stored as NULL.
+        """
+        now = time.time()
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO monitors VALUES (?,?,?,?,?)",
+                [
+                    (str(key), int(step), str(name), _nan_to_none(float(v)), now)
+                    for name, v in values.items()
+                ],
+            )
+
+    def monitor_values(self, key: str | None = None) -> list[dict[str, Any]]:
+        """Monitor records (``key, step, name, value``), optionally of one key, in step order."""
+        sql = "SELECT key, step, name, value FROM monitors"
+        args: tuple[Any, ...] = ()
+        if key is not None:
+            sql, args = sql + " WHERE key = ?", (key,)
+        rows = self.conn.execute(sql + " ORDER BY key, step, name", args).fetchall()
+        return [{"key": r[0], "step": r[1], "name": r[2], "value": r[3]} for r in rows]
+
     def finish_run(
         self,
         run_id: str,
@@ -468,6 +499,7 @@ class Store:
                 "suites": self.suites(),
                 "runs": runs,
                 "evals": evals,
+                "monitors": self.monitor_values(),
             }
             path.write_text(json.dumps(doc, indent=1, default=str))
             return [path]

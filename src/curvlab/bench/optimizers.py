@@ -3,25 +3,22 @@
 Names resolve through curvlab's optimizer registry (``curvlab.optim.registry.OPTIMIZERS``, created
 with ``curvlab.optim.create``); a name of the form ``"package.module:ClassName"`` imports any other
 ``torch.optim.Optimizer`` subclass, so a user can benchmark their own optimizer under the same
-script
-(``"torch.optim:AdamW"`` benchmarks torch's own AdamW).
+script (``"torch.optim:AdamW"`` benchmarks torch's own AdamW).
 
 **Gradient-equivalent clock (GE).** One forward + backward pass = 1 GE, a Hessian-vector product =
-2,
-a Gauss-Newton-Bartlett (GNB) pass = 1. Per step:
+2, a Gauss-Newton-Bartlett (GNB) pass = 1. Per step:
 
 1. every call of the closure counts 1 gradient (a ``closure_mode == "backward"`` closure calls
-backward
-   itself; a ``"loss"``-mode optimizer differentiates the returned loss once);
+   backward itself; a ``"loss"``-mode optimizer differentiates the returned loss once);
 2. curvature work on top: if the optimizer exposes ``cost_counters() -> Mapping[str, int]`` with
    cumulative ``"hvps"`` and/or ``"gnb"`` counts, the per-step increments are used (exact);
 3. otherwise, for ``"loss"``-mode optimizers only, it is estimated: a refresh every ``k`` steps
-(``k`` read
-   from the first param group under one of ``k``, ``update_period``, ``hessian_update_interval``,
-   ``update_each``, ``precond_update_interval``, ``refresh_every``; default 1), on steps ``t`` with
-   ``t mod k == 0`` (t from 0), costing 1 GE if the estimator is GNB (class name contains
-   ``"SophiaG"`` or the group's ``estimator``/``hessian_estimator`` is ``"gnb"``) and otherwise
-   2 GE per probe (``num_probes``/``n_samples``/``hessian_samples``, default 1).
+   (``k`` read from the first param group under one of ``k``, ``update_period``,
+   ``hessian_update_interval``, ``update_each``, ``precond_update_interval``, ``refresh_every``;
+   default 1), on steps ``t`` with ``t mod k == 0`` (t from 0), costing 1 GE if the estimator is
+   GNB (class name contains ``"SophiaG"`` or the group's ``estimator``/``hessian_estimator`` is
+   ``"gnb"``) and otherwise 2 GE per probe (``num_probes``/``n_samples``/``hessian_samples``,
+   default 1).
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """The benchmark report: one self-contained HTML page and a Markdown twin, from a store.
 
-Contents: per problem, the metric against each clock (steps, gradient-equivalents, seconds) with the
-median and the min–max spread over seeds (defaults track) or over studies' best trials (tuned
-track),
-the time-to-target and final-quality table, and the learning-rate sensitivity curve; overall, the
-performance profiles and the geometric-mean speed-up over tuned AdamW; the measurement environment.
-Figures are matplotlib (Agg) PNGs written under ``figures/``; the HTML embeds them as ``data:`` URIs
-so the single file can be mailed or archived, the Markdown links the files.
+Contents: per problem, the metric against each clock (steps, gradient-equivalents, seconds) with
+the median and the min–max spread over seeds (defaults track) or over studies' best trials (tuned
+track), the time-to-target and final-quality table, and the learning-rate sensitivity curve;
+overall, the performance profiles and the geometric-mean speed-up over tuned AdamW; the measurement
+environment. Figures are matplotlib (Agg) PNGs written under ``figures/``; the HTML embeds them as
+``data:`` URIs so the single file can be mailed or archived, the Markdown links the files.
 """
 
 from __future__ import annotations

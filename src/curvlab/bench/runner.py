@@ -339,10 +339,8 @@ def run_suite(
 
     Before any run starts: the store path is checked (writable, not a newer schema), missing
     optimizers of built-in entries are skipped with a note (unknown names of explicit entries
-    raise),
-    and every problem's data is checked. Finished and diverged runs already in the store are
-    skipped;
-    runs left ``running`` (a killed process) or ``failed`` are restarted.
+    raise), and every problem's data is checked. Finished and diverged runs already in the store
+    are skipped; runs left ``running`` (a killed process) or ``failed`` are restarted.
 
     Args:
         suite: a validated suite (:func:`curvlab.bench.suites.load_suite`).

@@ -7,13 +7,10 @@ and DeepOBS/Crowded Valley (arXiv 2007.01547):
 * **time-to-target** of (problem, optimizer, track) on a clock (``steps``, ``grad_evals``,
 ``seconds``):
   per study, the fastest trial that reached the target (a miss or a divergence is ∞); then the
-  median
-  over studies. In the defaults track every seed is a study of one trial.
+  median over studies. In the defaults track every seed is a study of one trial.
 * **final quality**: the problem's final metric at the budget; defaults track: mean ± std over
-seeds;
-  tuned track: the best trial of each study (by final metric), mean ± std over studies. Diverged
-  runs
-  are excluded from the mean and counted.
+  seeds; tuned track: the best trial of each study (by final metric), mean ± std over studies.
+  Diverged runs are excluded from the mean and counted.
 * **performance profile** (Dolan & Moré 2002): ``r = t / min_optimizers t`` per problem, ratios
 above
   ``tau_max = 4`` count as ∞; ``ρ(τ)`` is the fraction of problems with ``r ≤ τ`` on ``τ ∈ [1,
@@ -21,8 +18,7 @@ above
   ``B = ∫₁⁴ ρ(τ) dτ / 3``.
 * **speed-up over the reference** (tuned AdamW): per problem ``t_ref / t``, misses placed at the
   clock's budget plus one unit (budget steps + 1; the largest gradient-equivalent or seconds count
-  any
-  run of the problem reached at its end, + 1), then the geometric mean over problems (PR #778).
+  any run of the problem reached at its end, + 1), then the geometric mean over problems (PR #778).
 """
 
 from __future__ import annotations

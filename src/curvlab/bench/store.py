@@ -11,20 +11,17 @@ writers queue on a 60 s busy timeout.
 Schema (version :data:`SCHEMA_VERSION`; a store written by a newer curvlab is refused)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)           -- schema_version, created_by, created_at
-    problems(name TEXT PRIMARY KEY, info TEXT)       -- JSON: target metric/threshold/direction,
-    budget, ...
+    problems(name TEXT PRIMARY KEY, info TEXT)       -- JSON: target, budget, ...
     suites(name TEXT PRIMARY KEY, spec TEXT, updated_at REAL)   -- the validated suite as JSON
     runs(run_id TEXT PRIMARY KEY,                    -- hash of the run definition (RunSpec.run_id)
-         suite, problem, label, optimizer TEXT, hparams TEXT (JSON), seed, track
-         ('defaults'|'tuned'),
+         suite, problem, label, optimizer TEXT, hparams TEXT (JSON), seed,
+         track ('defaults'|'tuned'),
          study, trial, budget_steps, eval_every INTEGER,
          status TEXT  -- 'pending' | 'running' | 'finished' | 'diverged' | 'failed'
          attempt INTEGER, started_at, finished_at REAL (unix time),
-         steps INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,   -- the three clocks at
-         the end
+         steps INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,   -- clocks at the end
          final_metric REAL, final_loss REAL,        -- the problem's final metric and train loss
-         ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,  -- first evaluation at target
-         (NULL: miss)
+         ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,  -- time to target (NULL: miss)
          diverged_step INTEGER, error TEXT, env TEXT (JSON: torch version, threads, load average))
     evals(run_id, attempt, step INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,
           train_loss REAL, metrics TEXT (JSON), PRIMARY KEY (run_id, attempt, step))
@@ -33,9 +30,8 @@ Schema (version :data:`SCHEMA_VERSION`; a store written by a newer curvlab is re
                                                              -- key: a run_id or any label
 
 Only the evaluations of a run's current ``attempt`` count; starting an attempt deletes the older
-ones
-in the same transaction. Resume rule: runs with status ``finished`` or ``diverged`` are done; any
-other status (a run in flight when the process died, or one that failed) is restarted.
+ones in the same transaction. Resume rule: runs with status ``finished`` or ``diverged`` are done;
+any other status (a run in flight when the process died, or one that failed) is restarted.
 """
 
 from __future__ import annotations
@@ -131,8 +127,7 @@ def check_store_path(path: str | os.PathLike[str]) -> Path:
 
     Raises:
         StoreError: the directory is missing and cannot be created, is not writable, or the path is
-        a
-            directory or an existing read-only file.
+            a directory or an existing read-only file.
     """
     p = Path(path)
     if p.is_dir():
@@ -390,8 +385,7 @@ class Store:
         """Mark attempt ``attempt`` of ``run_id`` as ``status`` with its summary (one transaction).
 
         ``env_end`` (load average and time at the end) is merged into the run's ``env`` JSON. A
-        stale
-        attempt (the run was restarted elsewhere) is ignored.
+        stale attempt (the run was restarted elsewhere) is ignored.
         """
         cols = [k for k in summary if k in _RUN_COLUMNS and k != "env"]
         sets = "".join(f", {k}=?" for k in cols)
@@ -481,9 +475,8 @@ class Store:
         Args:
             out_dir: directory to write into (created).
             fmt: ``"csv"`` (``runs.csv``, ``evals.csv``; JSON columns stay JSON strings) or
-            ``"json"``
-                (``store.json`` with ``schema_version``, ``problems``, ``suites``, ``runs``,
-                ``evals``).
+                ``"json"`` (``store.json`` with ``schema_version``, ``problems``, ``suites``,
+                ``runs``, ``evals``).
 
         Returns:
             The written paths.

@@ -5,14 +5,12 @@ same protocol for every optimizer (the lesson of the Sophia threads: same script
 
 * ``defaults`` — one shot with the optimizer's declared default hyperparameters, ``seeds`` seeds,
   budget ``budget_factor`` × the problem's budget (AlgoPerf self-tuning ruleset: 1.5×; Crowded
-  Valley's
-  one-shot track, Schmidt, Schneider & Hennig 2021, arXiv 2007.01547).
-* ``tuned`` — ``trials × studies`` configurations from a scrambled Halton sequence over the declared
-  search space, split into ``studies`` studies of ``trials`` trials; every trial of study ``j`` uses
-  seed ``j`` (AlgoPerf external tuning: 3 studies × 5 trials, arXiv 2306.07179). The points depend
-  only
-  on the suite seed and the optimizer label, so every problem sees the same configurations
-  (a workload-agnostic search space).
+  Valley's one-shot track, Schmidt, Schneider & Hennig 2021, arXiv 2007.01547).
+* ``tuned`` — ``trials × studies`` configurations from a scrambled Halton sequence over the
+  declared search space, split into ``studies`` studies of ``trials`` trials; every trial of study
+  ``j`` uses seed ``j`` (AlgoPerf external tuning: 3 studies × 5 trials, arXiv 2306.07179). The
+  points depend only on the suite seed and the optimizer label, so every problem sees the same
+  configurations (a workload-agnostic search space).
 
 YAML format (every field but ``problems`` and ``optimizers`` optional)::
 

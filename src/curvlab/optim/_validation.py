@@ -5,22 +5,17 @@ and from ``load_state_dict`` (saved state), so that the same mistake gets the sa
 everywhere.
 
 Non-finite gradient policy (hyper-parameter ``on_nonfinite`` of every curvlab optimizer, kept in
-each
-param group so it survives ``state_dict``, ``copy.deepcopy`` and ``pickle``):
+each param group so it survives ``state_dict``, ``copy.deepcopy`` and ``pickle``):
 
 * ``"raise"`` (default): :func:`check_finite_grads` raises :class:`~curvlab.errors.NonFiniteError`
   naming the first offending parameter (param group index, index within the group, shape) and the
-  step
-  number, *before* anything is changed: parameters and optimizer state are exactly as before the
-  call.
+  step number, *before* anything is changed: parameters and optimizer state are exactly as before
+  the call.
 * ``"skip"``: the whole ``step()`` is skipped (parameters and state untouched) and the skip is
-  counted in
-  ``param_groups[i]["nonfinite_skips"]`` (an ``int``, incremented in every group, because the step
-  is
-  skipped for all of them). Keeping the count in the param groups, not in ``state``, means it is a
-  plain
-  number that ``state_dict()``/``load_state_dict()`` carry and that is never cast to a parameter
-  dtype.
+  counted in ``param_groups[i]["nonfinite_skips"]`` (an ``int``, incremented in every group,
+  because the step is skipped for all of them). Keeping the count in the param groups, not in
+  ``state``, means it is a plain number that ``state_dict()``/``load_state_dict()`` carry and that
+  is never cast to a parameter dtype.
 * ``"ignore"``: no check at all (torch.optim behaviour: NaN/inf propagate into parameters). This is
   the only policy that needs no device-to-host synchronisation; the other two read back one number
   per step.
@@ -292,11 +287,10 @@ def check_state_dict(
     """Check that ``state_dict`` comes from this kind of optimizer on parameters of these shapes.
 
     Checks, in order: the two top-level keys; the number of param groups and of parameters per
-    group;
-    that every saved param group has the hyper-parameters this optimizer uses (``group_keys``,
-    default
-    the keys of ``optimizer.defaults``); that each parameter's state holds only ``state_keys``; that
-    entries in ``param_shaped_keys`` have the parameter's shape and that other tensors are scalars.
+    group; that every saved param group has the hyper-parameters this optimizer uses
+    (``group_keys``, default the keys of ``optimizer.defaults``); that each parameter's state holds
+    only ``state_keys``; that entries in ``param_shaped_keys`` have the parameter's shape and that
+    other tensors are scalars.
 
     Args:
         optimizer: the optimizer that is about to load.
@@ -386,12 +380,10 @@ def load_state_dict_checked(
     """Validate ``state_dict`` (:func:`check_state_dict`), load it, then restore scalar dtypes.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor except ``"step"``
-    to its
-    parameter's dtype; scalars kept in float32/float64 on purpose (e.g. DoG's distance and
-    gradient-norm
-    sums next to bfloat16 parameters) would silently lose precision. Keys in ``keep_dtype_keys``
-    are put
-    back with their saved dtype (on the parameter's device), so a round trip is bit-identical.
+    to its parameter's dtype; scalars kept in float32/float64 on purpose (e.g. DoG's distance and
+    gradient-norm sums next to bfloat16 parameters) would silently lose precision. Keys in
+    ``keep_dtype_keys`` are put back with their saved dtype (on the parameter's device), so a round
+    trip is bit-identical.
 
     Call it from an overriding ``load_state_dict`` (an override survives ``copy.deepcopy`` and
     pickling, unlike a hook registered on the instance).

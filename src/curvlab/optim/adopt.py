@@ -25,19 +25,16 @@ gradient.
 Variant: the authors' current ("clipped", 22 Nov 2024) ADOPT, as in iShohei220/adopt
 ``src/adopt/adopt.py`` (commit 6468572) and the updated arXiv v3: ``clip_exponent=0.25`` gives the
 clip schedule c(t) = t^{1/4} evaluated at the number of completed steps (1 at the first real
-update);
-``clip_exponent=None`` is the original, un-clipped ADOPT of the first arXiv version. There is no
-bias
-correction. ``decouple=False`` (the authors' default) adds ``weight_decay * θ`` to the gradient
-(Adam
-style, also on the initialisation step); ``decouple=True`` shrinks θ by ``lr * weight_decay`` before
-the update (AdamW style, not on the initialisation step) — use it when replacing AdamW.
+update); ``clip_exponent=None`` is the original, un-clipped ADOPT of the first arXiv version. There
+is no bias correction. ``decouple=False`` (the authors' default) adds ``weight_decay * θ`` to the
+gradient (Adam style, also on the initialisation step); ``decouple=True`` shrinks θ by ``lr *
+weight_decay`` before the update (AdamW style, not on the initialisation step) — use it when
+replacing AdamW.
 
 Deviations from the official code, all deliberate: the clip is a number (``clip_exponent``), not a
 lambda kept on the instance, so ``copy.deepcopy``/``pickle`` keep it; the foreach path buckets
-tensors
-by step count (the official one reads the step of the first tensor for the whole group); there is no
-``fused``/``capturable``/``differentiable`` path; non-finite gradients follow curvlab's
+tensors by step count (the official one reads the step of the first tensor for the whole group);
+there is no ``fused``/``capturable``/``differentiable`` path; non-finite gradients follow curvlab's
 ``on_nonfinite`` policy.
 
 Paper: Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa, Matsuo,
@@ -270,7 +267,7 @@ class ADOPT(Optimizer):
             ``None`` disables clipping (original ADOPT).
         maximize: maximise the objective instead.
         foreach: use the multi-tensor path (default ``None`` = ``True``; it is faster on CPU as
-        well).
+            well).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``; see
             :mod:`curvlab.optim._validation`.
 

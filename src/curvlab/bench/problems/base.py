@@ -1,13 +1,11 @@
 """The benchmark problem contract: what a problem declares and what one seeded instance provides.
 
 A *problem* is a fixed workload in the AlgoPerf sense (Dahl et al., 2023, arXiv 2306.07179): the
-model,
-the data, the loss, the evaluation metric, the target on that metric and the step budget are all
-fixed;
-the optimizer is the only free part. A problem builds an *instance* from an integer seed; everything
-random in the instance (initialisation, minibatch order, label noise) is drawn from generators
-seeded
-by that integer, so the same seed gives bit-identical runs (DeepOBS PR #44 is the cautionary tale).
+model, the data, the loss, the evaluation metric, the target on that metric and the step budget are
+all fixed; the optimizer is the only free part. A problem builds an *instance* from an integer
+seed; everything random in the instance (initialisation, minibatch order, label noise) is drawn
+from generators seeded by that integer, so the same seed gives bit-identical runs (DeepOBS PR #44
+is the cautionary tale).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A small CNN classifier (conv-pool-conv-pool-linear) on digits or Fashion-MNIST.
 
 DeepOBS's ``fmnist_2c2d`` in miniature (Schneider, Balles & Hennig 2019): two 3×3 convolutions with
-ReLU and 2×2 max-pooling, then a linear layer; minibatch cross-entropy; metric: test accuracy on the
-fixed held-out split.
+ReLU and 2×2 max-pooling, then a linear layer; minibatch cross-entropy; metric: test accuracy on
+the fixed held-out split.
 """
 
 from __future__ import annotations

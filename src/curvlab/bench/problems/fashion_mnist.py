@@ -2,12 +2,12 @@
 
 The loader looks, in order, in ``root`` (if given), ``$CURVLAB_DATA/fashion-mnist`` and Debian's
 ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). Every file is checked
-against
-its SHA-256 before use. Downloads happen only when asked (``download=True``), from ``base_url`` into
-``$CURVLAB_DATA/fashion-mnist`` (default ``~/.cache/curvlab/data/fashion-mnist``): the bytes go to a
-temporary file, are verified, then renamed into place, so an interrupted download never leaves a
-half file behind. The IDX format is big-endian: magic ``0x00000803`` (uint8 images, 3 dims) or
-``0x00000801`` (labels), then one uint32 per dimension, then the data.
+against its SHA-256 before use. Downloads happen only when asked (``download=True``), from
+``base_url`` into ``$CURVLAB_DATA/fashion-mnist`` (default
+``~/.cache/curvlab/data/fashion-mnist``): the bytes go to a temporary file, are verified, then
+renamed into place, so an interrupted download never leaves a half file behind. The IDX format is
+big-endian: magic ``0x00000803`` (uint8 images, 3 dims) or ``0x00000801`` (labels), then one uint32
+per dimension, then the data.
 """
 
 from __future__ import annotations

@@ -2,11 +2,10 @@
 
 The objective is ``f(W, b) = (1/n) Σ CE(W xᵢ + b, yᵢ) + (λ/2) ‖W‖²_F`` on standardised features, in
 float64 and full batch. ``f*`` is computed once to high precision (L-BFGS then Newton steps on the
-exact
-Hessian) and cached under the problem name, λ and the SHA-256 of the data, so a changed scikit-learn
-data file can never be scored against a stale optimum. The metric is the suboptimality ``f − f*``.
-These problems follow the research notes' b1/b2 (breast_cancer 569×30 with λ = 1e-3; digits 1797×64
-with λ = 1e-4).
+exact Hessian) and cached under the problem name, λ and the SHA-256 of the data, so a changed
+scikit-learn data file can never be scored against a stale optimum. The metric is the suboptimality
+``f − f*``. These problems follow the research notes' b1/b2 (breast_cancer 569×30 with λ = 1e-3;
+digits 1797×64 with λ = 1e-4).
 """
 
 from __future__ import annotations

@@ -4,9 +4,8 @@ Ground truth ``M* = U Uᵀ / ‖U Uᵀ‖₂`` with ``U ∈ ℝ^{n×r}`` Gaussia
 measurement matrices ``Aᵢ`` give ``yᵢ = ⟨Aᵢ, M*⟩``. The loss is ``(1/2m) Σ (⟨Aᵢ, M⟩ − yᵢ)²`` with
 ``M = X Xᵀ`` (symmetric, ``X ∈ ℝ^{n×k}``) or ``M = F Gᵀ`` (asymmetric), initialised at scale ``α``.
 The metric is ``‖M − M*‖_F``. With ``k > r`` randomly initialised GD on the symmetric form is
-sublinear
-(Ω(1/T²)), the asymmetric one linear at a rate ∝ α² (Xiong, Ding & Du, ICLR 2024, arXiv 2310.01769);
-preconditioned methods can remove the slowdown (Xu, Shen, Ma & Chi 2023, "The Power of
+sublinear (Ω(1/T²)), the asymmetric one linear at a rate ∝ α² (Xiong, Ding & Du, ICLR 2024, arXiv
+2310.01769); preconditioned methods can remove the slowdown (Xu, Shen, Ma & Chi 2023, "The Power of
 Preconditioning in Overparameterized Low-Rank Matrix Sensing", arXiv 2302.01186). Non-symmetric
 ``Aᵢ`` matter for the asymmetric case: with symmetric ones the antisymmetric part of F Gᵀ is
 unobservable (research notes §3.1 c). float64, full batch.

@@ -8,11 +8,10 @@ so
 preconditioner O(1) (Nesterov 2004, *Introductory Lectures on Convex Optimization*, §2.1).
 
 *Noisy quadratic* (DeepOBS ``quadratic_deep``, Schneider, Balles & Hennig 2019,
-https://openreview.net/forum?id=rJg6ssC5Y7): 100 dimensions, 90 eigenvalues from U(0, 1) and 10 from
-U(30, 60), randomly rotated; each minibatch loss is ``½ (x − ξ)ᵀ Q (x − ξ)`` averaged over ``ξ ~
-N(0, I)``
-draws, whose expectation is ``½ xᵀQx + ½ tr Q``. The metric is the noise-free part ``½ xᵀ Q x``.
-Deviation from DeepOBS: the rotation is drawn from the run's seed instead of a global
+https://openreview.net/forum?id=rJg6ssC5Y7): 100 dimensions, 90 eigenvalues from U(0, 1) and 10
+from U(30, 60), randomly rotated; each minibatch loss is ``½ (x − ξ)ᵀ Q (x − ξ)`` averaged over ``ξ
+~ N(0, I)`` draws, whose expectation is ``½ xᵀQx + ½ tr Q``. The metric is the noise-free part ``½
+xᵀ Q x``. Deviation from DeepOBS: the rotation is drawn from the run's seed instead of a global
 ``np.random.RandomState(42)`` at import time.
 """
 

@@ -172,6 +172,21 @@ def cl_trace(p: Problem, m: int, method: str, rtol: float | None = None) -> dict
     }
 
 
+def cl_exact_ggn_trace(p: Problem) -> dict[str, Any]:
+    """Exact GGN diagonal; for piecewise-linear (ReLU) nets it is the Hessian diagonal."""
+    from curvlab.estimators import trace
+    from curvlab.operators import GGNOperator
+
+    G = GGNOperator(p.model, p.loss_fn, (p.X, p.y))
+    r = trace(G, method="exact", blocks="module")
+    return {
+        "trace": float(r.value),
+        "se": 0.0,
+        "blocks": {b: float(e.value) for b, e in r.blocks.items()},
+        "nhvp": 0,
+    }
+
+
 def cl_density(p: Problem, steps: int) -> dict[str, Any]:
     from curvlab.estimators import spectral_density
 
@@ -400,6 +415,11 @@ def rows_for(task: str, p: Problem, m: int, steps: int) -> list[Row]:
                 "curvlab",
                 f"trace(m={m}, hutchinson, blocks='module') [one probe set]",
                 lambda q: cl_trace(q, m, "hutchinson"),
+            ),
+            (
+                "curvlab",
+                "trace(GGN, method='exact') [= Hessian iff piecewise-linear]",
+                cl_exact_ggn_trace,
             ),
             (
                 "curvlinops",

@@ -353,7 +353,7 @@ def _print_task(name: str, task: str, rows: list[dict]) -> None:
 def _targets(all_res: dict, memory: list[dict], w1_seeds: dict) -> list[tuple[str, bool, str]]:
     out: list[tuple[str, bool, str]] = []
     for name, tasks in all_res.items():
-        cl_rows = [r for t in tasks.values() for r in t if r["peer"] == "curvlab"]
+        cl_rows = [r for t in tasks.values() for r in t if r["peer"] == "curvlab" and r["nhvp"]]
         worst = max(cl_rows, key=lambda r: r["per_hvp"])
         out.append(
             (

@@ -49,10 +49,12 @@ __all__ = [
     "ON_NONFINITE",
     "check_finite_grads",
     "check_state_dict",
+    "match_param_groups",
     "grads_of",
     "load_state_dict_checked",
     "validate_betas",
     "validate_eps",
+    "validate_in_range",
     "validate_lr",
     "validate_nonnegative",
     "validate_on_nonfinite",
@@ -276,6 +278,80 @@ def _shape(x: Any) -> tuple[int, ...] | None:
     return tuple(x.shape) if isinstance(x, Tensor) else None
 
 
+def match_param_groups(
+    optimizer: Optimizer,
+    state_dict: Mapping[str, Any],
+    *,
+    group_keys: Collection[str] | None = None,
+) -> dict[Any, tuple[int, int, Tensor]]:
+    """Check a state_dict's top-level layout and param groups; map saved ids to parameters.
+
+    Checks the two top-level keys, the number of param groups and of parameters per group, and
+    that every saved group carries the hyper-parameters this optimizer uses (``group_keys``,
+    default the keys of ``optimizer.defaults`` except the ``nonfinite_skips`` counter). Optimizers
+    whose state is not parameter-shaped (PSGD factors, M-FAC windows) check their state entries
+    themselves on top of this.
+
+    Returns:
+        ``saved parameter id -> (group index, index in group, parameter)``.
+
+    Raises:
+        StateDictError: with a message saying what does not match and what to do.
+    """
+    name = type(optimizer).__name__
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise StateDictError(
+            f"{name}.load_state_dict expects the dict returned by optimizer.state_dict() (keys "
+            f"'state' and 'param_groups'), got {type(state_dict).__name__}"
+            + (
+                f" with keys {sorted(map(str, state_dict))}"
+                if isinstance(state_dict, Mapping)
+                else ""
+            )
+        )
+    saved_groups = state_dict["param_groups"]
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise StateDictError(
+            f"state_dict has {len(saved_groups)} param groups but this {name} has {len(groups)}; "
+            "build the optimizer with the same param groups as the one that was saved"
+        )
+    required = set(optimizer.defaults) if group_keys is None else set(group_keys)
+    required.discard("nonfinite_skips")
+    id_to_param: dict[Any, tuple[int, int, Tensor]] = {}
+    for gi, (sg, g) in enumerate(zip(saved_groups, groups)):
+        if len(sg["params"]) != len(g["params"]):
+            raise StateDictError(
+                f"param group {gi} of the state_dict has {len(sg['params'])} parameters but this "
+                f"{name} has {len(g['params'])}; the state_dict was saved for a different model"
+            )
+        missing = sorted(required - set(sg))
+        if missing:
+            raise StateDictError(
+                f"param group {gi} of the state_dict lacks the {name} hyper-parameters {missing}: "
+                f"it was probably saved from another optimizer; load it into that optimizer instead"
+            )
+        for pi, (pid, p) in enumerate(zip(sg["params"], g["params"])):
+            id_to_param[pid] = (gi, pi, p)
+    return id_to_param
+
+
+def validate_in_range(
+    name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
+    """Check that ``value`` is a real number in ``[lo, hi]`` (``(`` / ``)`` where open).
+
+    Raises:
+        ParameterError: "NAME must be a number in [lo, hi), got VALUE".
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ParameterError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
+
+
 def check_state_dict(
     optimizer: Optimizer,
     state_dict: Mapping[str, Any],
@@ -303,39 +379,7 @@ def check_state_dict(
         StateDictError: with a message saying what does not match and what to do.
     """
     name = type(optimizer).__name__
-    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-        raise StateDictError(
-            f"{name}.load_state_dict expects the dict returned by optimizer.state_dict() (keys "
-            f"'state' and 'param_groups'), got {type(state_dict).__name__}"
-            + (
-                f" with keys {sorted(map(str, state_dict))}"
-                if isinstance(state_dict, Mapping)
-                else ""
-            )
-        )
-    saved_groups = state_dict["param_groups"]
-    groups = optimizer.param_groups
-    if len(saved_groups) != len(groups):
-        raise StateDictError(
-            f"state_dict has {len(saved_groups)} param groups but this {name} has {len(groups)}; "
-            "build the optimizer with the same param groups as the one that was saved"
-        )
-    required = set(optimizer.defaults) if group_keys is None else set(group_keys)
-    id_to_param: dict[Any, tuple[int, int, Tensor]] = {}
-    for gi, (sg, g) in enumerate(zip(saved_groups, groups)):
-        if len(sg["params"]) != len(g["params"]):
-            raise StateDictError(
-                f"param group {gi} of the state_dict has {len(sg['params'])} parameters but this "
-                f"{name} has {len(g['params'])}; the state_dict was saved for a different model"
-            )
-        missing = sorted(required - set(sg))
-        if missing:
-            raise StateDictError(
-                f"param group {gi} of the state_dict lacks the {name} hyper-parameters {missing}: "
-                f"it was probably saved from another optimizer; load it into that optimizer instead"
-            )
-        for pi, (pid, p) in enumerate(zip(sg["params"], g["params"])):
-            id_to_param[pid] = (gi, pi, p)
+    id_to_param = match_param_groups(optimizer, state_dict, group_keys=group_keys)
     allowed = set(state_keys)
     shaped = set(param_shaped_keys)
     for pid, st in state_dict["state"].items():

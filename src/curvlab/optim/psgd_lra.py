@@ -20,6 +20,8 @@ from torch.optim import Optimizer
 from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._validation import (
     check_finite_grads,
+    match_param_groups,
+    validate_in_range,
     validate_lr,
     validate_nonnegative,
     validate_on_nonfinite,
@@ -482,13 +484,7 @@ def _coin(group: dict[str, Any], t: int) -> bool:
 
 def _validate_group(group: dict[str, Any], numel: int | None) -> None:
     def num(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-        v = group[name]
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-        if ok:
-            ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        if not ok:
-            lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-            raise ParameterError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {v!r}")
+        validate_in_range(name, group[name], lo, hi, lo_open=lo_open, hi_open=hi_open)
 
     validate_lr(group["lr"])
     validate_weight_decay(group["weight_decay"])
@@ -536,32 +532,11 @@ _KEYS = {"step", "U", "V", "d", "L_u", "L_v", "L_d", "momentum_buffer"}
 
 
 def _check_state_dict(opt: PSGDLRA, state_dict: dict[str, Any]) -> None:
-    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-        raise StateDictError(
-            "PSGDLRA.load_state_dict expects the dict returned by optimizer.state_dict() "
-            "(keys 'state' and 'param_groups')"
-        )
-    groups = state_dict["param_groups"]
-    if len(groups) != len(opt.param_groups):
-        raise StateDictError(
-            f"state_dict has {len(groups)} param groups but this PSGDLRA has "
-            f"{len(opt.param_groups)}; build the optimizer with the same param groups"
-        )
-    required = set(opt.defaults) - {"nonfinite_skips"}
-    id_to_param: dict[Any, tuple[Tensor, int]] = {}
-    for gi, (sg, g) in enumerate(zip(groups, opt.param_groups)):
-        if len(sg["params"]) != len(g["params"]):
-            raise StateDictError(
-                f"param group {gi} of the state_dict has {len(sg['params'])} parameters but this "
-                f"PSGDLRA has {len(g['params'])}; the state_dict was saved for a different model"
-            )
-        missing = sorted(required - set(sg))
-        if missing:
-            raise StateDictError(
-                f"param group {gi} of the state_dict lacks the PSGDLRA hyper-parameters "
-                f"{missing}: it was saved from another optimizer; load it into that optimizer"
-            )
-        id_to_param.update((pid, (p, int(sg["rank"]))) for pid, p in zip(sg["params"], g["params"]))
+    groups = state_dict["param_groups"] if isinstance(state_dict, dict) else []
+    id_to_param: dict[Any, tuple[Tensor, int]] = {
+        pid: (p, int(groups[gi]["rank"]))
+        for pid, (gi, _, p) in match_param_groups(opt, state_dict).items()
+    }
     for pid, st in state_dict["state"].items():
         if pid not in id_to_param:
             raise StateDictError(f"state_dict holds state for unknown parameter id {pid!r}")

@@ -28,13 +28,21 @@ G = cl.GGNOperator(model, loss_fn, batches)
 gen = torch.Generator().manual_seed(0)
 
 top = cl.eigsh(H, k=3, generator=gen)
-print("Hessian top-3:", top.values.tolist(), "residuals", top.residuals.tolist(), f"({top.num_matvecs} HVPs)")
+print(
+    "Hessian top-3:",
+    top.values.tolist(),
+    "residuals",
+    top.residuals.tolist(),
+    f"({top.num_matvecs} HVPs)",
+)
 bottom = cl.eigsh(H, k=1, which="SA", generator=gen)
 print("Hessian most negative eigenvalue:", float(bottom.values[0]))
 print("GGN top-3:    ", cl.eigsh(G, k=3, generator=gen).values.tolist())
 
 tr = cl.trace(H, num_matvecs=99, generator=gen)
-print(f"trace(H) = {float(tr.value):.4f} ± {float(tr.std_error):.4f}  ({tr.num_matvecs} HVPs, Hutch++)")
+print(
+    f"trace(H) = {float(tr.value):.4f} ± {float(tr.std_error):.4f}  ({tr.num_matvecs} HVPs, Hutch++)"
+)
 
 esd = cl.spectral_density(H, num_probes=2, lanczos_steps=40, generator=gen)
 print("tr(H)/n from the density's first moment:", float(esd.moment(1)))

@@ -67,7 +67,7 @@ def test_counts_matvecs_exactly():
 
 def test_budget_exhaustion_reports_not_converged():
     A, _ = spectrum_matrix()
-    res = eigsh(A, k=5, tol=1e-12, max_matvecs=6, generator=torch.Generator().manual_seed(0))
+    res = eigsh(A, k=5, tol=1e-12, max_iter=6, generator=torch.Generator().manual_seed(0))
     assert not res.converged
     assert res.num_matvecs == 6
 

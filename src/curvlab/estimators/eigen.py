@@ -64,6 +64,7 @@ def eigsh(
     *,
     tol: float = 1e-3,
     max_matvecs: int | None = None,
+    max_iter: int | None = None,
     max_basis: int | None = None,
     v0: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -88,6 +89,7 @@ def eigsh(
         which: ``"LA"`` largest algebraic (top), ``"SA"`` smallest algebraic (most negative),
             ``"LM"`` largest magnitude.
         tol: relative residual tolerance (above).
+        max_iter: alias of ``max_matvecs`` (each Lanczos iteration is one product).
         max_matvecs: product budget (default ``max(300, 30 k)``, at most ``10 n``); when it runs
             out the best pairs so far are returned with ``converged=False``.
         max_basis: Krylov basis size before a restart (default ``min(n, max(2k + 20, 30))``).
@@ -122,6 +124,9 @@ def eigsh(
         )
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if max_iter is not None and max_matvecs is not None and max_iter != max_matvecs:
+        raise ValueError("pass max_matvecs or its alias max_iter, not both")
+    max_matvecs = max_matvecs if max_matvecs is not None else max_iter
     budget = max_matvecs if max_matvecs is not None else min(max(300, 30 * k), 10 * n)
     m_max = min(n, max_basis if max_basis is not None else max(2 * k + 20, 30))
     if m_max < min(n, k + 2):

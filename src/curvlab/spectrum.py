@@ -53,6 +53,7 @@ class SpectrumSummary:
     seconds: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain Python data (what ``spectrum.json`` holds)."""
         return asdict(self)
 
     def table(self) -> str:

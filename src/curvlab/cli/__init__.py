@@ -10,6 +10,7 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``curvlab`` parser with every subcommand (``bench``, ``spectrum``, ``dynamics``)."""
     parser = argparse.ArgumentParser(
         prog="curvlab",
         description="curvlab: measure curvature, train with research optimizers, benchmark them.",
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

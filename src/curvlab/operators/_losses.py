@@ -37,6 +37,7 @@ class LossCurvature:
         return 1.0 / outputs.numel()
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
+        """Raise if ``outputs``/``targets`` do not fit this loss's closed-form curvature."""
         if self.kind in ("mse", "bce") and outputs.shape != targets.shape:
             raise ShapeMismatchError(
                 f"model output {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ in "

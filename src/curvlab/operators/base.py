@@ -192,6 +192,7 @@ class DenseOperator(LinearOperator):
         return self.matrix.T @ V
 
     def to_dense(self, chunk_size: int = 256) -> Tensor:
+        """A copy of the backing matrix (no products needed)."""
         return self.matrix.clone()
 
 
@@ -221,6 +222,7 @@ class _TransposedOperator(LinearOperator):
 
     @property
     def T(self) -> LinearOperator:
+        """The original operator."""
         return self.op
 
 

@@ -91,10 +91,12 @@ class ParamSpace:
 
     @cached_property
     def sizes(self) -> tuple[int, ...]:
+        """Number of elements of each parameter."""
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
+        """Start of each parameter in the flat vector, and the total ``n`` last."""
         out = [0]
         for s in self.sizes:
             out.append(out[-1] + s)

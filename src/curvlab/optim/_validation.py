@@ -50,6 +50,7 @@ __all__ = [
     "check_finite_grads",
     "check_state_dict",
     "match_param_groups",
+    "next_step_number",
     "grads_of",
     "load_state_dict_checked",
     "validate_betas",
@@ -175,6 +176,23 @@ def grads_of(param_groups: Iterable[Mapping[str, Any]]) -> list[tuple[int, int, 
                 )
             out.append((gi, pi, p))
     return out
+
+
+def next_step_number(optimizer: Optimizer) -> int:
+    """The 1-based number of the step about to be taken, from the ``"step"`` state entries.
+
+    The largest saved ``"step"`` among parameters that have a gradient, plus one (1 before any
+    state exists). It reads state tensors back to the host, so pass it to
+    :func:`check_finite_grads` as ``step=lambda: next_step_number(opt)``: it is then evaluated only
+    when an error message needs it, never on the hot path.
+    """
+    steps = [
+        int(st["step"])
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None and "step" in (st := optimizer.state.get(p, {}))
+    ]
+    return max(steps, default=0) + 1
 
 
 def check_finite_grads(

@@ -54,6 +54,7 @@ from torch.optim import Optimizer
 from curvlab.optim._validation import (
     check_finite_grads,
     load_state_dict_checked,
+    next_step_number,
     validate_betas,
     validate_eps,
     validate_lr,
@@ -337,14 +338,6 @@ class ADOPT(Optimizer):
         """Reusable temporaries: a cache outside ``state`` (state_dict/deepcopy/pickle drop it)."""
         return self.__dict__.setdefault("_scratch_buffers", {})
 
-    def _next_step_number(self) -> int:
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st:
-                    return int(st["step"]) + 1
-        return 1
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Take one ADOPT step; the optional ``closure`` zeroes grads, calls backward, returns loss.
@@ -356,7 +349,7 @@ class ADOPT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not check_finite_grads(self.param_groups, step=self._next_step_number):
+        if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
             return loss
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

@@ -48,6 +48,7 @@ from curvlab.optim._validation import (
     check_finite_grads,
     grads_of,
     load_state_dict_checked,
+    next_step_number,
     validate_lr,
     validate_on_nonfinite,
     validate_positive,
@@ -149,14 +150,6 @@ class DoG(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def _next_step_number(self) -> int:
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st:
-                    return int(st["step"]) + 1
-        return 1
-
     def last_eta(self, group_index: int = 0) -> Tensor | list[Tensor]:
         """η of the last step: a scalar tensor for DoG, one per parameter (with state) for L-DoG."""
         group = self.param_groups[group_index]
@@ -188,7 +181,9 @@ class DoG(Optimizer):
             sdtype = _scalar_dtype(grads)
             norms.append(list(torch._foreach_norm(grads, 2, dtype=sdtype)) if grads else [])
         flat = [n for ns in norms for n in ns]
-        if not check_finite_grads(self.param_groups, step=self._next_step_number, grad_norms=flat):
+        if not check_finite_grads(
+            self.param_groups, step=lambda: next_step_number(self), grad_norms=flat
+        ):
             return loss
         for group, raw_norms in zip(self.param_groups, norms):
             self._step_group(group, raw_norms)

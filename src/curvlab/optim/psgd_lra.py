@@ -21,6 +21,7 @@ from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._validation import (
     check_finite_grads,
     match_param_groups,
+    next_step_number,
     validate_in_range,
     validate_lr,
     validate_nonnegative,
@@ -275,13 +276,8 @@ class PSGDLRA(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        steps = [
-            int(self.state[p]["step"].item())
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None and "step" in self.state[p]
-        ]
-        if not check_finite_grads(self.param_groups, step=max(steps, default=0) + 1):
+        # the step number is read from the state only when an error message needs it
+        if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
             return loss
         for group in self.param_groups:
             self._group_step(group)

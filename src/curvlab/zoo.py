@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ZOO", "CurvatureProblem", "digits", "load_problem"]
+from curvlab.datasets import digits
+from curvlab.errors import InvalidArgumentError, ModelLoadError
+
+__all__ = ["ZOO", "CurvatureProblem", "load_problem"]
 
 
 @dataclass(frozen=True)
@@ -28,20 +31,24 @@ class CurvatureProblem:
     description: str
 
 
-def digits(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """scikit-learn's 1,797 8×8 digits as ``(X [1797, 64] in [0, 1], y [1797])`` (ships with sklearn)."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    return torch.as_tensor(X / 16.0, dtype=dtype), torch.as_tensor(y, dtype=torch.long)
-
-
-def _train(model: nn.Module, loss_fn: Any, X: Tensor, y: Tensor, steps: int, lr: float) -> None:
+def _trained(
+    name: str,
+    model: nn.Module,
+    loss_fn: Any,
+    data: tuple[Tensor, Tensor],
+    train: tuple[int, float],
+    measured_on: int,
+    description: str,
+) -> CurvatureProblem:
+    """Train ``model`` with full-batch Adam for ``train = (steps, lr)``; measure on ``measured_on``."""
+    X, y = data
+    steps, lr = train
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
         loss_fn(model(X), y).backward()
         opt.step()
+    return CurvatureProblem(name, model, loss_fn, (X[:measured_on], y[:measured_on]), description)
 
 
 def digits_mlp(
@@ -49,18 +56,16 @@ def digits_mlp(
 ) -> CurvatureProblem:
     """64-128-16-10 tanh MLP (10,554 parameters), 100 full-batch Adam steps; Hessian on 512 digits."""
     torch.manual_seed(seed)
-    X, y = digits(dtype)
     model = nn.Sequential(
         nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 16), nn.Tanh(), nn.Linear(16, 10)
     )
-    model = model.to(dtype)
-    loss_fn = nn.CrossEntropyLoss()
-    _train(model, loss_fn, X, y, train_steps, lr=1e-2)
-    return CurvatureProblem(
+    return _trained(
         "digits-mlp",
-        model,
-        loss_fn,
-        (X[:512], y[:512]),
+        model.to(dtype),
+        nn.CrossEntropyLoss(),
+        digits(dtype=dtype),
+        (train_steps, 1e-2),
+        512,
         "tanh MLP 64-128-16-10 on sklearn digits (10,554 params), Hessian on 512 digits",
     )
 
@@ -70,8 +75,7 @@ def digits_cnn(
 ) -> CurvatureProblem:
     """Two-conv ReLU CNN on digits as 1×8×8 images (52,522 parameters); Hessian on 256 digits."""
     torch.manual_seed(seed)
-    X, y = digits(dtype)
-    X = X.reshape(-1, 1, 8, 8)
+    X, y = digits(dtype=dtype)
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1),
         nn.ReLU(),
@@ -81,14 +85,14 @@ def digits_cnn(
         nn.Linear(256, 192),
         nn.ReLU(),
         nn.Linear(192, 10),
-    ).to(dtype)
-    loss_fn = nn.CrossEntropyLoss()
-    _train(model, loss_fn, X, y, train_steps, lr=1e-3)
-    return CurvatureProblem(
+    )
+    return _trained(
         "digits-cnn",
-        model,
-        loss_fn,
-        (X[:256], y[:256]),
+        model.to(dtype),
+        nn.CrossEntropyLoss(),
+        (X.reshape(-1, 1, 8, 8), y),
+        (train_steps, 1e-3),
+        256,
         "ReLU CNN conv8-conv16(stride 2)-fc192-fc10 on digits as 1x8x8 (52,522 params), 256 digits",
     )
 
@@ -103,14 +107,13 @@ def breast_cancer_logreg(
     Xn, yn = load_breast_cancer(return_X_y=True)
     X = torch.as_tensor((Xn - Xn.mean(0)) / Xn.std(0), dtype=dtype)
     y = torch.as_tensor(yn, dtype=dtype).unsqueeze(1)
-    model = nn.Linear(30, 1).to(dtype)
-    loss_fn = nn.BCEWithLogitsLoss()
-    _train(model, loss_fn, X, y, train_steps, lr=1e-2)
-    return CurvatureProblem(
+    return _trained(
         "breast-cancer-logreg",
-        model,
-        loss_fn,
+        nn.Linear(30, 1).to(dtype),
+        nn.BCEWithLogitsLoss(),
         (X, y),
+        (train_steps, 1e-2),
+        len(y),
         "logistic regression on sklearn breast_cancer (31 params, convex: PSD Hessian)",
     )
 
@@ -125,8 +128,12 @@ ZOO: dict[str, Callable[..., CurvatureProblem]] = {
 def load_problem(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> CurvatureProblem:
     """A zoo entry by name, or a user's ``module:function`` returning ``(model, loss_fn, data)``.
 
+    ``module`` is imported with the current directory on the import path, as ``python -m`` does.
+
     Raises:
-        ValueError: an unknown name (the message lists the known ones) or a bad ``module:function``.
+        InvalidArgumentError: an unknown name (the message lists the known ones).
+        ModelLoadError: ``module:function`` cannot be imported, raises, or does not return a
+            ``(model, loss_fn, data)`` triple with an ``nn.Module`` first.
     """
     if spec in ZOO:
         return ZOO[spec](seed=seed, dtype=dtype)
@@ -135,19 +142,49 @@ def load_problem(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
 
         close = difflib.get_close_matches(spec, list(ZOO), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown problem {spec!r}; known: {', '.join(ZOO)}, or module:function for your own "
             f"model returning (model, loss_fn, data).{hint}"
         )
-    import importlib
-
     module_name, func_name = spec.split(":", 1)
+    fn = _import_function(module_name, func_name)
     try:
-        fn = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load {spec!r}: {exc}") from exc
-    out = fn()
-    if not (isinstance(out, tuple) and len(out) == 3):
-        raise ValueError(f"{spec} must return (model, loss_fn, data), got {type(out).__name__}")
+        out = fn()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{spec}() raised {type(exc).__name__}: {exc}; fix the function so that it returns "
+            "(model, loss_fn, data)"
+        ) from exc
+    if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], nn.Module)):
+        raise ModelLoadError(
+            f"{spec}() must return a tuple (model, loss_fn, data) with an nn.Module first, got "
+            f"{type(out).__name__}"
+        )
     model, loss_fn, data = out
     return CurvatureProblem(spec, model, loss_fn, data, f"user model {spec}")
+
+
+def _import_function(module_name: str, func_name: str) -> Callable[[], Any]:
+    """``module_name.func_name``, imported with the current directory first on ``sys.path``."""
+    import importlib
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        fn = getattr(importlib.import_module(module_name), func_name)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own error
+        raise ModelLoadError(
+            f"cannot load {module_name}:{func_name}: {type(exc).__name__}: {exc}. Pass "
+            "module:function where module is importable from the current directory (a file "
+            "module.py here) and function takes no argument"
+        ) from exc
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if not callable(fn):
+        raise ModelLoadError(f"{module_name}:{func_name} is not a function; pass module:function")
+    return fn  # type: ignore[no-any-return]

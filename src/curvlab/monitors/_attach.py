@@ -31,14 +31,6 @@ from curvlab.errors import (
     ShapeMismatchError,
 )
 
-__all__ = [
-    "Monitor",
-    "MonitorFailure",
-    "MonitorHandle",
-    "MonitorWarning",
-    "attach",
-]
-
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.datasets import digits
 from curvlab.monitors import HistorySink, Sharpness, attach
 from curvlab.phenomena._common import PhenomenonResult, finish, progress, pyplot
 
@@ -42,16 +43,6 @@ class EoSConfig:
 def half_square_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """½‖outputs − targets‖² summed over outputs, averaged over examples (Cohen et al.'s MSE)."""
     return 0.5 * ((outputs - targets) ** 2).sum(dim=1).mean()
-
-
-def _digits(n: int) -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data[:n], dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = nn.functional.one_hot(torch.tensor(d.target[:n]), 10).to(torch.float32)
-    return x, y
 
 
 def _mlp(width: int, seed: int) -> nn.Sequential:
@@ -124,7 +115,8 @@ def edge_of_stability(
     Occurs at the Edge of Stability", ICLR 2021 (arXiv 2103.00065).
     """
     cfg = config or EoSConfig()
-    x, y = _digits(cfg.num_samples)
+    x, labels = digits(cfg.num_samples, standardize=True)
+    y = nn.functional.one_hot(labels, 10).to(torch.float32)
     etas = list(cfg.etas)
     runs = {}
     for eta in progress(etas, len(etas), "edge of stability", progress_bar):

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.datasets import digits
 from curvlab.monitors import HistorySink, NeuralCollapse, attach
 from curvlab.phenomena._common import PhenomenonResult, finish, progress, pyplot
-from curvlab.phenomena._data import load_digits_tensors
 
 __all__ = ["NeuralCollapseConfig", "neural_collapse"]
 
@@ -51,7 +51,7 @@ class NeuralCollapseConfig:
 
 
 def _balanced_digits(per_class: int) -> tuple[Tensor, Tensor]:
-    x, y = load_digits_tensors()
+    x, y = digits(standardize=True)
     idx = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(10)])
     return x[idx], y[idx]
 

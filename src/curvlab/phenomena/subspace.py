@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.datasets import digits, fashion_mnist
+from curvlab.errors import InvalidArgumentError
 from curvlab.estimators import eigsh
 from curvlab.monitors import HistorySink, SubspaceOverlap, attach, project_gradient_
 from curvlab.operators import HessianOperator
 from curvlab.phenomena._common import PhenomenonResult, finish, progress, pyplot
-from curvlab.phenomena._data import load_digits_tensors, load_fashion_mnist
 
 __all__ = ["SubspaceConfig", "tiny_subspace"]
 
@@ -56,12 +57,14 @@ class SubspaceConfig:
 
 def _data(cfg: SubspaceConfig) -> tuple[Tensor, Tensor, str]:
     if cfg.dataset == "fashion-mnist":
-        x, y = load_fashion_mnist(cfg.num_samples)
-        return x, y, "relu"
+        x, y = fashion_mnist("train", cfg.num_samples)
+        return x.reshape(-1, 784), y, "relu"
     if cfg.dataset == "digits":
-        x, y = load_digits_tensors(cfg.num_samples)
+        x, y = digits(cfg.num_samples, standardize=True)
         return x, y, "tanh"
-    raise ValueError(f"dataset must be 'fashion-mnist' or 'digits', got {cfg.dataset!r}")
+    raise InvalidArgumentError(
+        f"SubspaceConfig.dataset must be 'fashion-mnist' or 'digits', got {cfg.dataset!r}"
+    )
 
 
 def _mlp(d_in: int, width: int, activation: str, seed: int) -> nn.Sequential:

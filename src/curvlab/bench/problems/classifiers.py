@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from curvlab.bench.problems.fashion_mnist import find_fashion_mnist, load_fashion_mnist
+from curvlab.datasets import digits, fashion_mnist, fashion_mnist_arrays, fashion_mnist_available
 from curvlab.errors import DataNotFoundError
 
 __all__ = ["image_data"]
@@ -16,11 +16,9 @@ __all__ = ["image_data"]
 
 @lru_cache(maxsize=4)
 def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = np.asarray(d.images, dtype=np.float32) / 16.0
-    y = np.asarray(d.target, dtype=np.int64)
+    images, labels = digits()
+    x = images.numpy().reshape(-1, 8, 8)
+    y = labels.numpy()
     # Fixed split (seed 0, independent of the run seed): 1,297 train / 500 test.
     perm = np.random.default_rng(0).permutation(len(y))
     test, train = perm[:500], perm[500:]
@@ -32,21 +30,10 @@ def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 @lru_cache(maxsize=2)
 def _fashion(train_subset: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    arrays = load_fashion_mnist()
-    xtr = arrays["train-images-idx3-ubyte"].astype(np.float32) / 255.0
-    ytr = arrays["train-labels-idx1-ubyte"].astype(np.int64)
-    xte = arrays["t10k-images-idx3-ubyte"].astype(np.float32) / 255.0
-    yte = arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
-    if train_subset is not None:
-        xtr, ytr = xtr[:train_subset], ytr[:train_subset]
+    xtr, ytr = fashion_mnist("train", train_subset)
+    xte, yte = fashion_mnist("test")
     mean, std = 0.2860, 0.3530
-    t = torch.from_numpy
-    return (
-        t((xtr - mean) / std).unsqueeze(1),
-        t(ytr),
-        t((xte - mean) / std).unsqueeze(1),
-        t(yte),
-    )
+    return ((xtr - mean) / std).unsqueeze(1), ytr, ((xte - mean) / std).unsqueeze(1), yte
 
 
 def image_data(
@@ -62,8 +49,8 @@ def image_data(
 
 def check_image_data(dataset: str) -> None:
     """Raise DataNotFoundError (with how-to) if the data set's files are absent."""
-    if dataset == "fashion-mnist" and find_fashion_mnist() is None:
-        load_fashion_mnist()  # raises with the how-to message
+    if dataset == "fashion-mnist" and not fashion_mnist_available():
+        fashion_mnist_arrays()  # raises with the how-to message
 
 
 def accuracy_eval(

@@ -31,52 +31,14 @@ class CurvatureProblem:
     description: str
 
 
-def _trained(
-    name: str,
-    model: nn.Module,
-    loss_fn: Any,
-    data: tuple[Tensor, Tensor],
-    train: tuple[int, float],
-    measured_on: int,
-    description: str,
-) -> CurvatureProblem:
-    """Train ``model`` with full-batch Adam for ``train = (steps, lr)``; measure on ``measured_on``."""
-    X, y = data
-    steps, lr = train
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(model(X), y).backward()
-        opt.step()
-    return CurvatureProblem(name, model, loss_fn, (X[:measured_on], y[:measured_on]), description)
-
-
-def digits_mlp(
-    seed: int = 0, dtype: torch.dtype = torch.float32, train_steps: int = 100
-) -> CurvatureProblem:
-    """64-128-16-10 tanh MLP (10,554 parameters), 100 full-batch Adam steps; Hessian on 512 digits."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
+def _digits_mlp() -> nn.Module:
+    return nn.Sequential(
         nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 16), nn.Tanh(), nn.Linear(16, 10)
     )
-    return _trained(
-        "digits-mlp",
-        model.to(dtype),
-        nn.CrossEntropyLoss(),
-        digits(dtype=dtype),
-        (train_steps, 1e-2),
-        512,
-        "tanh MLP 64-128-16-10 on sklearn digits (10,554 params), Hessian on 512 digits",
-    )
 
 
-def digits_cnn(
-    seed: int = 0, dtype: torch.dtype = torch.float32, train_steps: int = 120
-) -> CurvatureProblem:
-    """Two-conv ReLU CNN on digits as 1×8×8 images (52,522 parameters); Hessian on 256 digits."""
-    torch.manual_seed(seed)
-    X, y = digits(dtype=dtype)
-    model = nn.Sequential(
+def _digits_cnn() -> nn.Module:
+    return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1),
@@ -86,43 +48,87 @@ def digits_cnn(
         nn.ReLU(),
         nn.Linear(192, 10),
     )
-    return _trained(
-        "digits-cnn",
-        model.to(dtype),
-        nn.CrossEntropyLoss(),
-        (X.reshape(-1, 1, 8, 8), y),
-        (train_steps, 1e-3),
-        256,
-        "ReLU CNN conv8-conv16(stride 2)-fc192-fc10 on digits as 1x8x8 (52,522 params), 256 digits",
-    )
 
 
-def breast_cancer_logreg(
-    seed: int = 0, dtype: torch.dtype = torch.float32, train_steps: int = 200
-) -> CurvatureProblem:
-    """Logistic regression on scikit-learn's standardised breast-cancer data (31 parameters)."""
+def _digit_images(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    X, y = digits(dtype=dtype)
+    return X.reshape(-1, 1, 8, 8), y
+
+
+def _breast_cancer(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_breast_cancer
 
-    torch.manual_seed(seed)
     Xn, yn = load_breast_cancer(return_X_y=True)
     X = torch.as_tensor((Xn - Xn.mean(0)) / Xn.std(0), dtype=dtype)
-    y = torch.as_tensor(yn, dtype=dtype).unsqueeze(1)
-    return _trained(
+    return X, torch.as_tensor(yn, dtype=dtype).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How one zoo entry is built: model, loss, data, full-batch Adam training, measured subset."""
+
+    name: str
+    model: Callable[[], nn.Module]
+    loss_fn: Callable[[], nn.Module]
+    data: Callable[[torch.dtype], tuple[Tensor, Tensor]]
+    lr: float
+    train_steps: int
+    measured_on: int | None
+    description: str
+
+    def __call__(
+        self, seed: int = 0, dtype: torch.dtype = torch.float32, train_steps: int | None = None
+    ) -> CurvatureProblem:
+        """Build the problem: seed the global RNG, train, keep the first ``measured_on`` examples."""
+        torch.manual_seed(seed)
+        X, y = self.data(dtype)
+        model, loss_fn = self.model().to(dtype), self.loss_fn()
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        for _ in range(self.train_steps if train_steps is None else train_steps):
+            opt.zero_grad()
+            loss_fn(model(X), y).backward()
+            opt.step()
+        data = (X[: self.measured_on], y[: self.measured_on])
+        return CurvatureProblem(self.name, model, loss_fn, data, self.description)
+
+
+_RECIPES = (
+    _Recipe(
+        "digits-mlp",
+        _digits_mlp,
+        nn.CrossEntropyLoss,
+        lambda dtype: digits(dtype=dtype),
+        lr=1e-2,
+        train_steps=100,
+        measured_on=512,
+        description="tanh MLP 64-128-16-10 on sklearn digits (10,554 params), Hessian on 512 "
+        "digits",
+    ),
+    _Recipe(
+        "digits-cnn",
+        _digits_cnn,
+        nn.CrossEntropyLoss,
+        _digit_images,
+        lr=1e-3,
+        train_steps=120,
+        measured_on=256,
+        description="ReLU CNN conv8-conv16(stride 2)-fc192-fc10 on digits as 1x8x8 (52,522 "
+        "params), 256 digits",
+    ),
+    _Recipe(
         "breast-cancer-logreg",
-        nn.Linear(30, 1).to(dtype),
-        nn.BCEWithLogitsLoss(),
-        (X, y),
-        (train_steps, 1e-2),
-        len(y),
-        "logistic regression on sklearn breast_cancer (31 params, convex: PSD Hessian)",
-    )
+        lambda: nn.Linear(30, 1),
+        nn.BCEWithLogitsLoss,
+        _breast_cancer,
+        lr=1e-2,
+        train_steps=200,
+        measured_on=None,
+        description="logistic regression on sklearn breast_cancer (31 params, convex: PSD Hessian)",
+    ),
+)
 
-
-ZOO: dict[str, Callable[..., CurvatureProblem]] = {
-    "digits-mlp": digits_mlp,
-    "digits-cnn": digits_cnn,
-    "breast-cancer-logreg": breast_cancer_logreg,
-}
+#: name -> ``fn(seed=0, dtype=torch.float32, train_steps=None) -> CurvatureProblem``.
+ZOO: dict[str, Callable[..., CurvatureProblem]] = {r.name: r for r in _RECIPES}
 
 
 def load_problem(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> CurvatureProblem:

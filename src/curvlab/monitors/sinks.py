@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from curvlab.errors import ArgumentTypeError
+
 __all__ = ["CSVSink", "CallbackSink", "HistorySink", "TensorBoardSink"]
 
 
@@ -161,7 +163,7 @@ class CallbackSink:
 
     def __init__(self, fn: Callable[[int, dict[str, float]], Any], prefix: str = "") -> None:
         if not callable(fn):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"CallbackSink needs a callable fn(step, values), got {type(fn).__name__}"
             )
         self.fn = fn

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.phenomena._common import PhenomenonResult, finish, pyplot
+from curvlab.errors import InvalidArgumentError
+from curvlab.phenomena._common import PhenomenonResult, check_positive, finish
 
 __all__ = ["DeepLinearConfig", "deep_linear", "saxe_mode_strength"]
 
@@ -40,6 +41,14 @@ class DeepLinearConfig:
     init_scale: float = 1e-3
     random_init_std: float = 1e-3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive(self, "dim", "num_samples", "eta", "steps", "init_scale", "random_init_std")
+        if not 0 < len(self.singular_values) <= self.dim:
+            raise InvalidArgumentError(
+                f"DeepLinearConfig.singular_values needs 1 to dim = {self.dim} values, got "
+                f"{self.singular_values!r}"
+            )
 
 
 def saxe_mode_strength(t: Tensor, s: float, u0: float, eta: float) -> Tensor:
@@ -184,9 +193,8 @@ def deep_linear(
         ),
     )
 
-    def figure(path: Any) -> None:
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(8, 5))
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
         xs = steps[::stride].numpy()
         for i in range(r):
             (line,) = ax.plot(xs, decoupled[::stride, i].numpy(), label=f"s={float(s[i]):g}")
@@ -198,8 +206,5 @@ def deep_linear(
             "Deep linear network: measured (solid), closed form (dashed), random init (dotted)"
         )
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
 
-    return finish(result, out_dir, figure)
+    return finish(result, out_dir, draw)

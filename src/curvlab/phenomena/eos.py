@@ -21,8 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.datasets import digits
+from curvlab.errors import InvalidArgumentError
 from curvlab.monitors import HistorySink, Sharpness, attach
-from curvlab.phenomena._common import PhenomenonResult, finish, progress, pyplot
+from curvlab.phenomena._common import (
+    PhenomenonResult,
+    check_positive,
+    finish,
+    progress,
+    seeded_mlp,
+)
 
 __all__ = ["EoSConfig", "edge_of_stability", "half_square_loss"]
 
@@ -39,28 +46,23 @@ class EoSConfig:
     every: int = 20
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_positive(self, "num_samples", "width", "steps", "every")
+        etas = (*self.etas, *([] if self.control_eta is None else [self.control_eta]))
+        if not self.etas or not all(eta > 0 for eta in etas):
+            raise InvalidArgumentError(
+                f"EoSConfig.etas (and control_eta) must be positive step sizes, at least one, got "
+                f"etas={self.etas!r}, control_eta={self.control_eta!r}"
+            )
+
 
 def half_square_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """½‖outputs − targets‖² summed over outputs, averaged over examples (Cohen et al.'s MSE)."""
     return 0.5 * ((outputs - targets) ** 2).sum(dim=1).mean()
 
 
-def _mlp(width: int, seed: int) -> nn.Sequential:
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)
-    )
-    with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, nn.Linear):  # torch's default init, drawn from our generator
-                bound = 1.0 / layer.in_features**0.5
-                layer.weight.uniform_(-bound, bound, generator=gen)
-                layer.bias.uniform_(-bound, bound, generator=gen)
-    return model
-
-
 def _run(eta: float, x: Tensor, y: Tensor, cfg: EoSConfig) -> dict[str, Any]:
-    model = _mlp(cfg.width, cfg.seed)
+    model = seeded_mlp((64, cfg.width, cfg.width, 10), nn.Tanh, cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=eta)
     monitor = Sharpness(model, half_square_loss, (x, y), every=cfg.every)
     handle = attach(opt, monitor, HistorySink())
@@ -166,9 +168,8 @@ def edge_of_stability(
         ),
     )
 
-    def figure(path: Any) -> None:
-        plt = pyplot()
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    def draw(fig: Any) -> None:
+        top, bottom = fig.subplots(2, 1, sharex=True)
         series = list(runs.values()) + ([control] if control is not None else [])
         for r in series:
             style = ":" if r is control else "-"
@@ -182,8 +183,5 @@ def edge_of_stability(
         top.legend()
         bottom.set_xlabel("GD step")
         bottom.set_ylabel("training loss")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
 
-    return finish(result, out_dir, figure)
+    return finish(result, out_dir, draw, figsize=(8, 7))

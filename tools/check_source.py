@@ -1,7 +1,8 @@
 """Reject control characters in source files, and tabs in Python (run by ``make lint``).
 
 Usage: ``python tools/check_source.py [PATH ...]``. Without paths it scans the files git tracks
-(``*.py``, ``*.md``, ``*.toml``, ``*.yaml``, ``*.yml``, ``Makefile``). It prints ``file:line: what``
+(``*.py``, ``*.md``, ``*.toml``, ``*.yaml``, ``*.yml``, ``Makefile``); a folder stands for the files
+of those kinds below it. It prints ``file:line: what``
 for every offending line and exits 1 if there is any, 0 otherwise. Allowed: newline, carriage
 return and, outside Python, tab (a Makefile needs them).
 """
@@ -26,6 +27,22 @@ def tracked_files() -> list[Path]:
     return [Path(name) for name in out.decode().split("\0") if name]
 
 
+def expand(paths: Sequence[str]) -> list[Path]:
+    """The files named, and the source files below the folders named."""
+    out: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            out += sorted(f for f in path.rglob("*") if f.is_file() and _is_source(f))
+        else:
+            out.append(path)
+    return out
+
+
+def _is_source(path: Path) -> bool:
+    return path.name == "Makefile" or path.suffix in {".py", ".md", ".toml", ".yaml", ".yml"}
+
+
 def problems(path: Path) -> Iterator[str]:
     """``file:line: what`` for every line of ``path`` with a control character (or a tab in .py)."""
     tabs_banned = path.suffix == ".py"
@@ -39,7 +56,7 @@ def problems(path: Path) -> Iterator[str]:
 
 def main(argv: Sequence[str]) -> int:
     """Check ``argv`` (or every tracked source file); print the problems; 1 if any."""
-    paths = [Path(a) for a in argv] if argv else tracked_files()
+    paths = expand(argv) if argv else [p for p in tracked_files() if p.is_file()]
     found = [line for path in paths for line in problems(path)]
     for line in found:
         print(line)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -48,10 +48,11 @@ class HessianMonitor(Monitor):
 
     The operator is built at attach time (which checks the probe batch) and reused: its gradient
     graph is cached until a parameter changes, so each check rebuilds it once. Products are
-    counted (``self.counter.num_matvecs``). A subclass sets :attr:`default_name`.
+    counted (``self.counter.num_matvecs``). A subclass sets :attr:`default_name`, the name used
+    when none is passed.
     """
 
-    default_name = "hessian"
+    default_name: ClassVar[str]
 
     def __init__(
         self,

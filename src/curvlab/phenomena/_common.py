@@ -53,6 +53,13 @@ class PhenomenonResult:
     json_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_checks(
+        cls, name: str, numbers: dict[str, Any], note: str, caption: tuple[str, str]
+    ) -> PhenomenonResult:
+        """A result that is ``reproduced`` when every entry of ``numbers["checks"]`` holds."""
+        return cls(name, numbers, all(numbers["checks"].values()), note, caption)
+
     def to_json(self) -> dict[str, Any]:
         """The JSON document written next to the figure."""
         return {

@@ -180,12 +180,11 @@ def deep_linear(
         f"{half_dec} (closed form {[round(h) for h in half_closed]}); random start: half steps "
         f"{half_rand}, s·t½·η = {[round(x, 2) if x is not None else None for x in st_rand]}."
     )
-    result = PhenomenonResult(
-        name="deep-linear",
-        numbers=numbers,
-        reproduced=all(checks.values()),
-        note=note,
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "deep-linear",
+        numbers,
+        note,
+        (
             "Mode strengths uᵢᵀW₂W₁vᵢ of a two-layer linear network under GD (solid: decoupled start; "
             "dotted: small random start) against Saxe et al.'s closed form (dashed).",
             "Saxe et al.: each mode follows a sigmoid u(t) = s e^{2sηt}/(e^{2sηt} − 1 + s/u₀); modes "

@@ -153,12 +153,11 @@ def edge_of_stability(
     )
     if control is not None:
         note += f"; control η={cfg.control_eta:g} peaks at {control['max_ratio']:.2f}"
-    result = PhenomenonResult(
-        name="eos",
-        numbers=numbers,
-        reproduced=all(checks.values()),
-        note=note + ".",
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "eos",
+        numbers,
+        note + ".",
+        (
             "Sharpness λ_max(H)·η/2 (top) and training loss (bottom) of full-batch GD on an MLP "
             f"(digits, {cfg.num_samples} examples, tanh, square loss) at η = "
             + ", ".join(f"{e:g}" for e in etas)

@@ -234,7 +234,6 @@ def matrix_sensing(
         "preconditioned_alpha_spread_below_2x": all(h is not None for h in pre_hits)
         and max(pre_hits) / min(pre_hits) < 2.0,  # type: ignore[type-var, operator]
     }
-    reproduced = all(checks.values())
     note = (
         f"k=r: error < {cfg.tol:g} at step {exact['first_below_tol']}; k={cfg.k_over}: error "
         f"{over['final_error']:.2e} after {cfg.steps} steps (log-log slope "
@@ -244,12 +243,11 @@ def matrix_sensing(
         + ", ".join(f"α={a:g}: {h}" for a, h in zip(cfg.alphas_precond, pre_hits))
         + ". The paper's one-step modification is not implemented (ScaledGD(λ) used instead)."
     )
-    result = PhenomenonResult(
-        name="matrix-sensing",
-        numbers={"config": asdict(cfg), "checks": checks, "runs": runs},
-        reproduced=reproduced,
-        note=note,
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "matrix-sensing",
+        {"config": asdict(cfg), "checks": checks, "runs": runs},
+        note,
+        (
             "Relative error ‖XXᵀ−M*‖_F/‖M*‖_F (log scale) of GD and ScaledGD(λ) on Gaussian matrix "
             f"sensing, n={cfg.n}, rank {cfg.r}, m={cfg.m}, over-parameterised width k={cfg.k_over}.",
             "Xiong–Ding–Du: symmetric k>r is sub-linear (Ω(1/T²)), k=r and asymmetric FGᵀ are linear "

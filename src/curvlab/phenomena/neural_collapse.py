@@ -138,7 +138,6 @@ def neural_collapse(
             checks["nc1_end_<=_0.02_x_initial"] = nc1[-1] <= 0.02 * nc1[0]
     else:
         checks = {"zero_training_error_reached": False}
-    reproduced = all(checks.values())
     tpt_step = steps[tpt] if tpt is not None else None
     note = (
         f"zero training error from step {tpt_step}; NC1 {nc1[0]:.3f} at init, "
@@ -160,12 +159,11 @@ def neural_collapse(
         "nc1_end": nc1[-1],
         "metrics": series,
     }
-    result = PhenomenonResult(
-        name="neural-collapse",
-        numbers=numbers,
-        reproduced=reproduced,
-        note=note,
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "neural-collapse",
+        numbers,
+        note,
+        (
             "NC1 (within-class variability, log scale), NC2 equiangularity, NC3 self-duality and NC4 "
             f"mismatch of penultimate features of an MLP on balanced digits ({cfg.per_class}/class) "
             f"under SGD with the {cfg.loss.upper()} loss; the shaded region is the terminal phase "

@@ -206,12 +206,11 @@ def tiny_subspace(
         "last_eigenvalues": monitor.eigenvalues.tolist() if monitor.eigenvalues is not None else [],
         "ablation": branches,
     }
-    result = PhenomenonResult(
-        name="subspace",
-        numbers=numbers,
-        reproduced=all(checks.values()),
-        note=note,
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "subspace",
+        numbers,
+        note,
+        (
             f"Left: overlap ‖P_top{cfg.k} g‖²/‖g‖² of the full-batch gradient under SGD ({cfg.dataset}, "
             f"{cfg.num_samples} examples) vs a random {cfg.k}-dim subspace; right: loss of SGD, "
             "Dom-SGD (top-subspace steps only) and Bulk-SGD (the rest) from the point after "

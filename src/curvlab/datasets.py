@@ -22,7 +22,6 @@ import hashlib
 import os
 import struct
 import tempfile
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -125,6 +124,8 @@ def fashion_mnist_available(root: str | os.PathLike[str] | None = None) -> bool:
 
 
 def _download(url: str, dest: Path, sha256: str) -> None:
+    import urllib.request
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
     try:

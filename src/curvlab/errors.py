@@ -85,3 +85,7 @@ class SuiteError(CurvlabError, ValueError):
 
 class StoreError(CurvlabError, RuntimeError):
     """A benchmark store cannot be used: unwritable path, newer schema, or not a curvlab store."""
+
+
+class ZeroCurvatureWarning(UserWarning):
+    """An optimizer steps with a curvature estimate that was never given (it is still zero)."""

@@ -14,7 +14,6 @@ from curvlab.optim import AdaHessian, Sophia
 from curvlab.optim._closure import closure_grads, resolve_estimator
 from curvlab.optim._validation import (
     check_finite_curvature,
-    load_state_dict_with_generator,
     probe_generator,
     steps_taken,
 )
@@ -104,4 +103,4 @@ def test_generator_entry_without_its_state_is_refused() -> None:
     sd = copy.deepcopy(opt.state_dict())
     sd["curvlab"] = {}
     with pytest.raises(StateDictError, match="lacks the 'generator_state' tensor"):
-        load_state_dict_with_generator(opt, sd, opt._generator, state_keys=("step",))
+        opt.load_state_dict(sd)

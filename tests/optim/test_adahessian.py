@@ -15,7 +15,7 @@ from torch import nn
 
 from curvlab.errors import ClosureRequiredError, NonFiniteError, ParameterError
 from curvlab.estimators.probes import rademacher_like
-from curvlab.optim.adahessian import AdaHessian, _multi_tensor_adahessian, _single_tensor_adahessian
+from curvlab.optim.adahessian import AdaHessian, adahessian
 
 DT = torch.float64
 
@@ -326,8 +326,8 @@ def test_foreach_equals_single_tensor_float64(
     ha, hb = [torch.tensor(2.0) for _ in shapes], [torch.tensor(2.0) for _ in shapes]
     holder = types.SimpleNamespace()
     for _ in range(3):
-        _single_tensor_adahessian(a[0], gs, a[1], a[2], ta, ha, **kw)
-        _multi_tensor_adahessian(b[0], gs, b[1], b[2], tb, hb, **kw, scratch=holder)
+        adahessian(a[0], gs, a[1], a[2], ta, ha, **kw, foreach=False)
+        adahessian(b[0], gs, b[1], b[2], tb, hb, **kw, foreach=True, scratch=holder)
     for x, z in zip(a[0] + a[1], b[0] + b[1]):
         assert torch.equal(x, z)
     assert bool(vars(holder).get("_workspace")) == (

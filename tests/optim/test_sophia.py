@@ -22,7 +22,7 @@ from curvlab.errors import (
     ZeroCurvatureWarning,
 )
 from curvlab.estimators.probes import rademacher_like
-from curvlab.optim.sophia import Sophia, _multi_tensor_sophia, _single_tensor_sophia
+from curvlab.optim.sophia import Sophia, sophia
 
 DT = torch.float64
 
@@ -433,8 +433,8 @@ def test_foreach_equals_single_tensor_float64(
     sb = [torch.tensor(0.0) for _ in shapes]
     holder = types.SimpleNamespace()
     for _ in range(3):
-        _single_tensor_sophia(a[0], gs, a[1], a[2], sa, **kw)
-        _multi_tensor_sophia(b[0], gs, b[1], b[2], sb, **kw, scratch=holder)
+        sophia(a[0], gs, a[1], a[2], sa, **kw, foreach=False)
+        sophia(b[0], gs, b[1], b[2], sb, **kw, foreach=True, scratch=holder)
     for x, z in zip(a[0] + a[1], b[0] + b[1]):
         assert torch.equal(x, z)
     # mixed buckets split across both routes

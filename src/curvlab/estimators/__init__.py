@@ -41,10 +41,10 @@ __all__ = [
     "rademacher_like",
     "sample_probes",
     # per-parameter curvature diagonals (the estimates of the curvature optimizers)
-    "CurvatureEstimator",
-    "GNBEstimator",
-    "HutchinsonEstimator",
-    "gnb_diagonal",
     "hutchinson_diagonal",
+    "gnb_diagonal",
     "spatial_average",
+    "CurvatureEstimator",
+    "HutchinsonEstimator",
+    "GNBEstimator",
 ]

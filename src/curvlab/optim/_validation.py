@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -548,16 +548,20 @@ def check_finite_curvature(
             for group in param_groups:
                 group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1
             return False
-        number = step() if callable(step) else step
-        at = "" if number is None else f" at step {int(number)}"
+        counts = f"{int(torch.isnan(d).sum())} NaN and {int(torch.isinf(d).sum())} inf entries"
+        where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
         raise NonFiniteError(
-            f"non-finite curvature estimate{at}: parameter {pi} of param group {gi} (shape "
-            f"{tuple(p.shape)}) has {int(torch.isnan(d).sum())} NaN and {int(torch.isinf(d).sum())} "
-            "inf entries while its gradient is finite; nothing was updated. Check the model for "
-            "overflow in second derivatives, lower the learning rate, or pass on_nonfinite='skip' "
-            "to skip such steps"
+            f"non-finite curvature estimate{_at_step(step)}: {where} has {counts} while its "
+            "gradient is finite; nothing was updated. Check the model for overflow in second "
+            "derivatives, lower the learning rate, or pass on_nonfinite='skip' to skip such steps"
         )
     return True
+
+
+def _at_step(step: int | Tensor | Callable[[], int | Tensor] | None) -> str:
+    """`` at step N`` for a message (calling ``step`` if it is a callable), or ``""``."""
+    number = step() if callable(step) else step
+    return "" if number is None else f" at step {int(number)}"
 
 
 def probe_generator(
@@ -602,48 +606,77 @@ def probe_generator(
 GENERATOR_KEY = "curvlab"
 
 
-def state_dict_with_generator(optimizer: Optimizer, generator: torch.Generator) -> dict[str, Any]:
-    """``optimizer``'s torch state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
-    sd = Optimizer.state_dict(optimizer)
-    sd[GENERATOR_KEY] = {"generator_state": generator.get_state()}
-    return sd
+class ProbeGeneratorState:
+    """Mixin for optimizers with an injected estimator and a probe generator: their persistence.
 
-
-def load_state_dict_with_generator(
-    optimizer: Optimizer,
-    state_dict: Mapping[str, Any],
-    generator: torch.Generator,
-    *,
-    state_keys: Collection[str],
-    param_shaped_keys: Collection[str] = (),
-    keep_dtype_keys: Collection[str] = (),
-) -> None:
-    """:func:`load_state_dict_checked`, then restore ``generator`` from the ``"curvlab"`` entry.
-
-    A state dict without that entry (e.g. built by hand in torch's format) leaves the generator as
-    it is.
-
-    Raises:
-        StateDictError: see :func:`check_state_dict`, or a ``"curvlab"`` entry without the
-            ``generator_state`` tensor.
+    ``copy.deepcopy`` and ``pickle`` keep ``_estimator`` and ``_generator`` (torch's
+    ``Optimizer.__getstate__`` keeps only defaults, state and param groups); ``state_dict()`` adds
+    ``"curvlab": {"generator_state": ByteTensor}``; ``load_state_dict`` checks the state dict
+    (:func:`load_state_dict_checked` with the class's ``_state_keys``, ``_shaped_keys`` and
+    ``_keep_dtype_keys``) and restores the generator, so a resumed run is bit-identical. A state
+    dict without the ``"curvlab"`` entry leaves the generator as it is.
+    Use it as ``class Sophia(ProbeGeneratorState, Optimizer)``.
     """
-    extra: Any = None
-    if isinstance(state_dict, Mapping):
-        extra = state_dict.get(GENERATOR_KEY)
-        state_dict = {k: v for k, v in state_dict.items() if k != GENERATOR_KEY}
-    load_state_dict_checked(
-        optimizer,
-        state_dict,
-        state_keys=state_keys,
-        param_shaped_keys=param_shaped_keys,
-        keep_dtype_keys=keep_dtype_keys,
-    )
-    if extra is None:
-        return
-    gen_state = extra.get("generator_state") if isinstance(extra, Mapping) else None
-    if not isinstance(gen_state, Tensor):
-        raise StateDictError(
-            f"state_dict['{GENERATOR_KEY}'] lacks the 'generator_state' tensor saved by "
-            f"{type(optimizer).__name__}.state_dict(); pass the dict state_dict() returned, unedited"
+
+    _estimator: Any
+    _generator: torch.Generator
+    _state_keys: tuple[str, ...]
+    _shaped_keys: tuple[str, ...]
+    _keep_dtype_keys: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state plus the estimator and the generator."""
+        state = Optimizer.__getstate__(cast(Optimizer, self))
+        return {**state, "_estimator": self._estimator, "_generator": self._generator}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
+        sd = Optimizer.state_dict(cast(Optimizer, self))
+        sd[GENERATOR_KEY] = {"generator_state": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict` (checked; restores the generator too).
+
+        Raises:
+            StateDictError: another optimizer's state, other parameter shapes or group counts, or
+                a ``"curvlab"`` entry without the ``generator_state`` tensor.
+        """
+        extra: Any = None
+        if isinstance(state_dict, Mapping):
+            extra = state_dict.get(GENERATOR_KEY)
+            state_dict = {k: v for k, v in state_dict.items() if k != GENERATOR_KEY}
+        load_state_dict_checked(
+            cast(Optimizer, self),
+            state_dict,
+            state_keys=self._state_keys,
+            param_shaped_keys=self._shaped_keys,
+            keep_dtype_keys=self._keep_dtype_keys,
         )
-    generator.set_state(gen_state.cpu())
+        if extra is None:
+            return
+        gen_state = extra.get("generator_state") if isinstance(extra, Mapping) else None
+        if not isinstance(gen_state, Tensor):
+            raise StateDictError(
+                f"state_dict['{GENERATOR_KEY}'] lacks the 'generator_state' tensor saved by "
+                f"{type(self).__name__}.state_dict(); pass the dict state_dict() returned, unedited"
+            )
+        self._generator.set_state(gen_state.cpu())
+
+
+def group_tensors(
+    group: Mapping[str, Any], state_of: Callable[[Tensor], dict[str, Any]], keys: Sequence[str]
+) -> list[list[Tensor]]:
+    """``[params, grads, *state lists]`` over the parameters of ``group`` that have a gradient.
+
+    ``state_of(p)`` returns ``p``'s state, creating it lazily; ``keys`` name the state entries
+    collected, in the order of the optimizer's functional API (e.g. ``("exp_avg", "step")``).
+    """
+    lists: list[list[Tensor]] = [[] for _ in range(2 + len(keys))]
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        state = state_of(p)
+        for lst, t in zip(lists, (p, p.grad, *(state[k] for k in keys))):
+            lst.append(t)
+    return lists

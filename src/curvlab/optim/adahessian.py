@@ -42,7 +42,6 @@ Optimizer for Machine Learning", AAAI 2021, arXiv:2006.00719; code: amirgholami/
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -60,9 +59,9 @@ from curvlab.estimators.param_diagonal import (
 from curvlab.optim._closure import closure_required, closure_step, resolve_estimator
 from curvlab.optim._scratch import block_ranges, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
-    load_state_dict_with_generator,
+    ProbeGeneratorState,
+    group_tensors,
     probe_generator,
-    state_dict_with_generator,
     steps_taken,
     validate_betas,
     validate_eps,
@@ -75,9 +74,11 @@ __all__ = ["AdaHessian", "adahessian"]
 
 _STATE_KEYS = ("step", "hessian_step", "exp_avg", "exp_hessian_diag_sq")
 _SHAPED_KEYS = ("exp_avg", "exp_hessian_diag_sq")
+#: the hyper-parameters of one update, in the order of the functional API: lr, beta1, beta2, eps, weight_decay, hessian_power, maximize
+_Hyper = tuple[float, float, float, float, float, float, bool]
 
 
-class AdaHessian(Optimizer):
+class AdaHessian(ProbeGeneratorState, Optimizer):
     r"""AdaHessian (Yao et al. 2021): Adam whose second moment is that of ``|diag H|`` estimates.
 
     **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
@@ -145,6 +146,9 @@ class AdaHessian(Optimizer):
     """
 
     closure_mode: ClassVar[str] = "loss"
+    _state_keys = _STATE_KEYS
+    _shaped_keys = _SHAPED_KEYS
+    _keep_dtype_keys = ("hessian_step",)
 
     def __init__(
         self,
@@ -196,42 +200,15 @@ class AdaHessian(Optimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "hessian_power": float(hessian_power),
-            "update_period": update_period,
-            "spatial_averaging": bool(spatial_averaging),
-            "estimator": estimator_name,
             "maximize": bool(maximize),
             "foreach": foreach,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
+            "update_period": update_period,
+            "spatial_averaging": bool(spatial_averaging),
+            "estimator": estimator_name,
         }
         super().__init__(params, defaults)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """torch's state plus the estimator and the generator (for ``copy.deepcopy``, ``pickle``)."""
-        return {
-            **super().__getstate__(),
-            "_estimator": self._estimator,
-            "_generator": self._generator,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
-        return state_dict_with_generator(self, self._generator)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by :meth:`state_dict` (checked; restores the generator too).
-
-        Raises:
-            StateDictError: another optimizer's state, other parameter shapes or group counts.
-        """
-        load_state_dict_with_generator(
-            self,
-            state_dict,
-            self._generator,
-            state_keys=_STATE_KEYS,
-            param_shaped_keys=_SHAPED_KEYS,
-            keep_dtype_keys=("hessian_step",),
-        )
 
     def _state(self, p: Tensor) -> dict[str, Any]:
         """``p``'s state, created lazily under ``_STATE_KEYS`` (the one place state is created)."""
@@ -243,27 +220,11 @@ class AdaHessian(Optimizer):
             state["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_hessian_diag_sqs: list[Tensor],
-        state_steps: list[Tensor],
-        hessian_steps: list[Tensor],
-    ) -> None:
-        """Append the tensors of every parameter of ``group`` that has a gradient."""
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self._state(p)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_hessian_diag_sqs.append(state["exp_hessian_diag_sq"])
-            state_steps.append(state["step"])
-            hessian_steps.append(state["hessian_step"])
+    def _init_group(self, group: dict[str, Any]) -> list[list[Tensor]]:
+        """``[params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps]`` of
+        ``group``'s parameters that have a gradient, their state created lazily."""
+        keys = ("exp_avg", "exp_hessian_diag_sq", "step", "hessian_step")
+        return group_tensors(group, self._state, keys)
 
     def _update_hessian(self, params: Sequence[Tensor], diag: Sequence[Tensor | None]) -> None:
         """``D = avg|ĥ|``, then ``v ← β2 v + (1 − β2) D²`` and ``n ← n + 1`` per parameter."""
@@ -301,25 +262,12 @@ class AdaHessian(Optimizer):
         if run.estimate is not None:
             self._update_hessian(run.params, run.estimate)
         for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_hessian_diag_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            hessian_steps: list[Tensor] = []
-            self._init_group(
-                group, params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps
-            )
-            if not params:
+            tensors = self._init_group(group)
+            if not tensors[0]:
                 continue
             beta1, beta2 = group["betas"]
             adahessian(
-                params,
-                grads,
-                exp_avgs,
-                exp_hessian_diag_sqs,
-                state_steps,
-                hessian_steps,
+                *tensors,
                 foreach=group["foreach"],
                 scratch=self,
                 lr=float(group["lr"]),
@@ -375,47 +323,20 @@ def adahessian(
         >>> [round(x, 4) for x in p.tolist()], float(t)
         ([-0.1, 0.1], 1.0)
     """
+    tensors = (params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps)
+    hp = (lr, beta1, beta2, eps, weight_decay, hessian_power, maximize)
     if foreach is False:
-        func: Callable[..., None] = _single_tensor_adahessian
-    else:
-        func = functools.partial(_multi_tensor_adahessian, scratch=scratch)
-    func(
-        params,
-        grads,
-        exp_avgs,
-        exp_hessian_diag_sqs,
-        state_steps,
-        hessian_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        hessian_power=hessian_power,
-        maximize=maximize,
-    )
+        return _single_tensor_adahessian(tensors, hp)
+    return _multi_tensor_adahessian(tensors, hp, scratch)
 
 
-def _single_tensor_adahessian(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_hessian_diag_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hessian_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hessian_power: float,
-    maximize: bool,
-) -> None:
-    """The AdaHessian update, one tensor at a time: the reference for the multi-tensor path."""
-    for param, grad, exp_avg, v, step_t, hstep_t in zip(
-        params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps
-    ):
+def _single_tensor_adahessian(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
+    """The AdaHessian update, one tensor at a time: the reference for the multi-tensor path.
+
+    ``tensors``: params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps.
+    """
+    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
+    for param, grad, exp_avg, v, step_t, hstep_t in zip(*tensors):
         if maximize:
             grad = -grad
         step_t += 1
@@ -433,21 +354,7 @@ def _single_tensor_adahessian(
 
 
 def _multi_tensor_adahessian(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_hessian_diag_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hessian_steps: list[Tensor],
-    *,
-    scratch: object | None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hessian_power: float,
-    maximize: bool,
+    tensors: Sequence[list[Tensor]], hp: _Hyper, scratch: object | None
 ) -> None:
     """The AdaHessian update, multi-tensor; bit-equal to :func:`_single_tensor_adahessian`.
 
@@ -457,12 +364,12 @@ def _multi_tensor_adahessian(
     cache, through a reusable scratch row; no full-size temporaries); everything else uses
     ``torch._foreach_*`` kernels.
     """
+    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
     buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
-    for tensors in zip(params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps):
-        p = tensors[0]
-        key = (p.device, p.dtype, float(tensors[4]), float(tensors[5]))
+    for row in zip(*tensors):
+        key = (row[0].device, row[0].dtype, float(row[4]), float(row[5]))
         bucket = buckets.setdefault(key, [[], [], [], [], [], []])
-        for lst, t in zip(bucket, tensors):
+        for lst, t in zip(bucket, row):
             lst.append(t)
     for (device, dtype, step, n), (ps, gs, ms, vs, ts, _) in buckets.items():
         torch._foreach_add_(ts, 1.0)
@@ -474,10 +381,10 @@ def _multi_tensor_adahessian(
         scale = math.sqrt(bias_correction2) ** hessian_power
         blocked, (ps, gs, ms, vs), size = cpu_blocks([ps, gs, ms, vs])
         if blocked:
-            row = workspace_rows(scratch, 1, size, dtype, device)[0]
+            scratch_row = workspace_rows(scratch, 1, size, dtype, device)[0]
         for pf, gf, mf, vf in blocked:
             for s, e in block_ranges(pf.numel(), size):
-                d, mb, pb = row[: e - s], mf[s:e], pf[s:e]
+                d, mb, pb = scratch_row[: e - s], mf[s:e], pf[s:e]
                 mb.lerp_(gf[s:e], 1 - beta1)
                 torch.sqrt(vf[s:e], out=d)
                 if hessian_power != 1:

@@ -56,7 +56,6 @@ Language Model Pre-training", ICLR 2024, arXiv:2305.14342; code: Liuhong99/Sophi
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -80,12 +79,12 @@ from curvlab.optim._closure import (
 )
 from curvlab.optim._scratch import block_ranges, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
+    ProbeGeneratorState,
     check_finite_curvature,
     check_finite_grads,
-    load_state_dict_with_generator,
+    group_tensors,
     next_step_number,
     probe_generator,
-    state_dict_with_generator,
     steps_taken,
     validate_betas,
     validate_eps,
@@ -99,6 +98,8 @@ __all__ = ["Sophia", "sophia"]
 
 _STATE_KEYS = ("step", "exp_avg", "hessian")
 _SHAPED_KEYS = ("exp_avg", "hessian")
+#: the hyper-parameters of one update, in the order of the functional API: lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian
+_Hyper = tuple[float, float, float, float, float, bool, bool]
 _ESTIMATOR_NAMES = "'gnb' (SophiaG), 'hutchinson' (SophiaH)"
 _MANUAL_LOOP_HINT = (
     "\n(or construct Sophia(..., update_period=None) to step from p.grad and call "
@@ -113,7 +114,7 @@ _ZERO_CURVATURE_MESSAGE = (
 )
 
 
-class Sophia(Optimizer):
+class Sophia(ProbeGeneratorState, Optimizer):
     r"""Sophia (Liu et al. 2023): SophiaG (Gauss-Newton-Bartlett, default) or SophiaH (Hutchinson).
 
     **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
@@ -207,6 +208,8 @@ class Sophia(Optimizer):
     """
 
     closure_mode: ClassVar[str] = "loss"
+    _state_keys = _STATE_KEYS
+    _shaped_keys = _SHAPED_KEYS
 
     def __init__(
         self,
@@ -254,42 +257,16 @@ class Sophia(Optimizer):
             "rho": rho,
             "weight_decay": weight_decay,
             "eps": eps,
-            "estimator": estimator_name,
-            "update_period": update_period,
-            "bs": bs,
-            "likelihood": likelihood,
             "maximize": bool(maximize),
             "foreach": foreach,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
+            "estimator": estimator_name,
+            "update_period": update_period,
+            "bs": bs,
+            "likelihood": likelihood,
         }
         super().__init__(params, defaults)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """torch's state plus the estimator and the generator (for ``copy.deepcopy``, ``pickle``)."""
-        return {
-            **super().__getstate__(),
-            "_estimator": self._estimator,
-            "_generator": self._generator,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
-        return state_dict_with_generator(self, self._generator)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by :meth:`state_dict` (checked; restores the generator too).
-
-        Raises:
-            StateDictError: another optimizer's state, other parameter shapes or group counts.
-        """
-        load_state_dict_with_generator(
-            self,
-            state_dict,
-            self._generator,
-            state_keys=_STATE_KEYS,
-            param_shaped_keys=_SHAPED_KEYS,
-        )
 
     def _state(self, p: Tensor) -> dict[str, Any]:
         """``p``'s state, created lazily under ``_STATE_KEYS`` (the one place state is created)."""
@@ -300,25 +277,10 @@ class Sophia(Optimizer):
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        hessians: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> None:
-        """Append the tensors of every parameter of ``group`` that has a gradient."""
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self._state(p)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            hessians.append(state["hessian"])
-            state_steps.append(state["step"])
+    def _init_group(self, group: dict[str, Any]) -> list[list[Tensor]]:
+        """``[params, grads, exp_avgs, hessians, state_steps]`` of ``group``'s parameters that have
+        a gradient, their state created lazily."""
+        return group_tensors(group, self._state, ("exp_avg", "hessian", "step"))
 
     def _update_hessian(self, params: Sequence[Tensor], diag: Sequence[Tensor | None]) -> None:
         """``h ← β2 h + (1 − β2) ĥ`` for every parameter with an estimate.
@@ -366,12 +328,7 @@ class Sophia(Optimizer):
             warnings.warn(_ZERO_CURVATURE_MESSAGE, ZeroCurvatureWarning, stacklevel=4)
         clamp = self.defaults["estimator"] != "gnb"
         for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            hessians: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, hessians, state_steps)
+            params, grads, exp_avgs, hessians, state_steps = self._init_group(group)
             if not params:
                 continue
             sophia(
@@ -522,46 +479,21 @@ def sophia(
         >>> p.tolist(), float(t)
         ([-0.010000000707805157, 0.010000000707805157], 1.0)
     """
+    tensors = (params, grads, exp_avgs, hessians, state_steps)
+    hp = (lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian)
     if foreach is False:
-        func: Callable[..., None] = _single_tensor_sophia
-    else:
-        func = functools.partial(_multi_tensor_sophia, scratch=scratch)
-    func(
-        params,
-        grads,
-        exp_avgs,
-        hessians,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        rho=rho,
-        weight_decay=weight_decay,
-        eps=eps,
-        maximize=maximize,
-        clamp_hessian=clamp_hessian,
-    )
+        return _single_tensor_sophia(tensors, hp)
+    return _multi_tensor_sophia(tensors, hp, scratch)
 
 
-def _single_tensor_sophia(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    hessians: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    rho: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    clamp_hessian: bool,
-) -> None:
+def _single_tensor_sophia(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
     """The Sophia update, one tensor at a time: the reference for :func:`_multi_tensor_sophia`.
 
-    ``clip(m/d, −1, 1)`` equals the official ``sign(m)·min(|m|/d, 1)`` for d > 0.
+    ``tensors``: params, grads, exp_avgs, hessians, state_steps. ``clip(m/d, −1, 1)`` equals the
+    official ``sign(m)·min(|m|/d, 1)`` for d > 0.
     """
-    for param, grad, exp_avg, hess, step_t in zip(params, grads, exp_avgs, hessians, state_steps):
+    lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
+    for param, grad, exp_avg, hess, step_t in zip(*tensors):
         if maximize:
             grad = -grad
         step_t += 1
@@ -574,20 +506,7 @@ def _single_tensor_sophia(
 
 
 def _multi_tensor_sophia(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    hessians: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    scratch: object | None,
-    lr: float,
-    beta1: float,
-    rho: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    clamp_hessian: bool,
+    tensors: Sequence[list[Tensor]], hp: _Hyper, scratch: object | None
 ) -> None:
     """The Sophia update, multi-tensor; bit-equal to :func:`_single_tensor_sophia`.
 
@@ -597,10 +516,11 @@ def _multi_tensor_sophia(
     ``clip(m/d, −1, 1) = m / max(d, |m|)`` for ``d > 0``. Everything else uses ``torch._foreach_*``
     kernels.
     """
+    lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
     buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
-    for tensors in zip(params, grads, exp_avgs, hessians, state_steps):
-        bucket = buckets.setdefault((tensors[0].device, tensors[0].dtype), [[], [], [], [], []])
-        for lst, t in zip(bucket, tensors):
+    for row in zip(*tensors):
+        bucket = buckets.setdefault((row[0].device, row[0].dtype), [[], [], [], [], []])
+        for lst, t in zip(bucket, row):
             lst.append(t)
     for (device, dtype), (ps, gs, ms, hs, ts) in buckets.items():
         torch._foreach_add_(ts, 1.0)

@@ -20,7 +20,12 @@ def _data():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(13, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (13,), generator=g)
+    y[[1, 2, 9]] = -100  # ignored targets, unevenly spread over the two shards
     return x, y
+
+
+def _loss():
+    return nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64))
 
 
 def _model():
@@ -33,9 +38,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         x, y = _data()
         shard = slice(0, 8) if rank == 0 else slice(8, 13)  # unequal shards: 8 and 5 examples
-        H = DistributedOperator(
-            HessianOperator(_model(), nn.CrossEntropyLoss(), (x[shard], y[shard]))
-        )
+        H = DistributedOperator(HessianOperator(_model(), _loss(), (x[shard], y[shard])))
         dense = H.to_dense()
         top = eigsh(H, k=2, tol=1e-10, generator=torch.Generator().manual_seed(0))
         loss, grad = H.loss_and_gradient()
@@ -54,7 +57,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_ranks_equal_the_union_of_their_shards(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     x, y = _data()
-    full = HessianOperator(_model(), nn.CrossEntropyLoss(), (x, y))
+    full = HessianOperator(_model(), _loss(), (x, y))
     ref = full.to_dense()
     ref_loss, ref_grad = full.loss_and_gradient()
     for rank in (0, 1):

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from curvlab.errors import CurvlabError
-from curvlab.operators._model import CurvatureOperator
 from curvlab.operators.base import LinearOperator
+from curvlab.operators.curvature import CurvatureOperator
 
 __all__ = ["DistributedOperator"]
 

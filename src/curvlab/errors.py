@@ -85,3 +85,22 @@ class SuiteError(CurvlabError, ValueError):
 
 class StoreError(CurvlabError, RuntimeError):
     """A benchmark store cannot be used: unwritable path, newer schema, or not a curvlab store."""
+
+
+class InvalidArgumentError(CurvlabError, ValueError, TypeError):
+    """A numeric argument (tolerance, budget, k, chunk size) is out of range or of the wrong type."""
+
+
+class UnknownOptionError(CurvlabError, ValueError):
+    """A method, probe, mode or other option name is not one of the accepted ones; the message lists them."""
+
+
+class DTypeError(CurvlabError, TypeError):
+    """A matrix or operator has a dtype curvlab cannot compute with (integers, booleans)."""
+
+
+class NoExactDiagonalError(CurvlabError, ValueError):
+    """The operator has no exact diagonal; the message names the stochastic alternative."""
+
+
+__all__ += ["DTypeError", "InvalidArgumentError", "NoExactDiagonalError", "UnknownOptionError"]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from curvlab.operators._model import Mode
+from curvlab.operators._checks import check_positive_int
+from curvlab.operators.curvature import OperatorOptions
 from curvlab.operators.ggn import OutputSpaceOperator, _OutputLinearisation
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator"]
 
@@ -55,29 +59,13 @@ class FisherOperator(OutputSpaceOperator):
         *,
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
-        mode: Mode = "eval",
-        reduction: str | None = None,
-        cache_graph: bool | None = None,
-        check_finite: bool = True,
-        vectorize: bool = False,
+        **options: Unpack[OperatorOptions],
     ) -> None:
-        if mc_samples < 1:
-            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-        self.mc_samples = int(mc_samples)
+        self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         seed_gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self._seed = int(torch.randint(0, 2**62, (1,), generator=seed_gen, device=seed_gen.device))
         self._batch_counter = 0
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params,
-            mode=mode,
-            reduction=reduction,
-            cache_graph=cache_graph,
-            check_finite=check_finite,
-            vectorize=vectorize,
-        )
+        super().__init__(model, loss_fn, data, params, **options)
 
     def _block_kwargs(self) -> dict[str, Any]:
         kw = super()._block_kwargs()
@@ -85,7 +73,7 @@ class FisherOperator(OutputSpaceOperator):
         kw["generator"] = torch.Generator().manual_seed(self._seed)
         return kw
 
-    def _linearisations(self):  # type: ignore[no-untyped-def]
+    def _linearisations(self) -> Iterator[Any]:
         self._batch_counter = 0  # batch b always draws its labels from seed + b
         yield from super()._linearisations()
 
@@ -93,10 +81,10 @@ class FisherOperator(OutputSpaceOperator):
         outputs = lin.outputs.detach()
         gen = torch.Generator(device=outputs.device).manual_seed(self._seed + self._batch_counter)
         self._batch_counter += 1
-        return self.curvature.sample_output_grads(outputs, self.mc_samples, gen)
+        return self.curvature.sample_output_grads(outputs, self.mc_samples, gen, lin.weights)
 
     def _output_matmul(self, lin: _OutputLinearisation, jv: Tensor) -> Tensor:
-        return (lin.scale / self.mc_samples) * _per_sample_outer(lin.extra, jv)
+        return (self._kappa / self.mc_samples) * _per_sample_outer(lin.extra, jv)
 
 
 class EmpiricalFisherOperator(OutputSpaceOperator):
@@ -113,7 +101,7 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     """
 
     def _batch_extra(self, lin: _OutputLinearisation, targets: Tensor) -> Tensor:
-        return self.curvature.output_grad(lin.outputs.detach(), targets).unsqueeze(0)
+        return self.curvature.output_grad(lin.outputs.detach(), targets, lin.weights).unsqueeze(0)
 
     def _output_matmul(self, lin: _OutputLinearisation, jv: Tensor) -> Tensor:
-        return lin.scale * _per_sample_outer(lin.extra, jv)
+        return self._kappa * _per_sample_outer(lin.extra, jv)

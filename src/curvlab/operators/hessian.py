@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.operators._model import CurvatureOperator
+from curvlab.operators.curvature import CurvatureOperator
 
 __all__ = ["HessianOperator"]
 

@@ -70,6 +70,12 @@ class DistributedOperator(LinearOperator):
         dist.all_reduce(out, group=self.group)
         return out
 
+    def exact_diagonal(self) -> Tensor:
+        """The exact diagonal over all ranks' data, when the local operator has one (the GGN)."""
+        out = self.local.exact_diagonal() * self.scale
+        dist.all_reduce(out, group=self.group)
+        return out
+
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """The loss and flat gradient over all ranks' data."""
         loss, grad = self.local.loss_and_gradient()

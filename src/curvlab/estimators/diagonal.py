@@ -16,25 +16,15 @@ __all__ = ["diagonal", "exact_diagonal"]
 
 
 def exact_diagonal(op: LinearOperator) -> Tensor:
-    """The exact diagonal of an operator that provides one (dense matrices, GGN operators).
+    """The exact diagonal of an operator that provides one (dense matrices, GGN operators, and
+    scaled, summed, transposed or counted wrappers of those), see
+    :meth:`LinearOperator.exact_diagonal <curvlab.operators.LinearOperator.exact_diagonal>`.
 
     Raises:
-        ValueError: the operator has no closed-form diagonal (the message names the alternatives).
+        NoExactDiagonalError: the operator has no exact diagonal (the message names the
+            alternatives).
     """
-    from curvlab.operators.base import DenseOperator
-
-    if isinstance(op, DenseOperator):
-        return op.matrix.diagonal().clone()
-    inner = getattr(op, "op", None)  # CountingOperator and friends
-    fn = getattr(op, "exact_diagonal", None)
-    if fn is None and inner is not None:
-        return exact_diagonal(inner)
-    if fn is None:
-        raise ValueError(
-            f"{type(op).__name__} has no exact diagonal; use method='hutchinson', or a "
-            "GGNOperator (whose diagonal equals the Hessian's for piecewise-linear networks)"
-        )
-    return fn()
+    return op.exact_diagonal()
 
 
 def diagonal(

@@ -14,7 +14,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from curvlab.errors import ShapeMismatchError
+from curvlab.errors import (
+    DTypeError,
+    InvalidArgumentError,
+    NoExactDiagonalError,
+    ShapeMismatchError,
+)
 
 __all__ = ["DenseOperator", "LinearOperator", "as_operator"]
 
@@ -44,6 +49,11 @@ class LinearOperator:
     is_psd: bool = False
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
+        if not (dtype.is_floating_point or dtype.is_complex):
+            raise DTypeError(
+                f"an operator computes in a floating-point dtype, got {dtype}; convert the matrix "
+                "or model first, e.g. A.double() or model.float()"
+            )
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
         self.device = torch.device(device)
@@ -58,6 +68,20 @@ class LinearOperator:
         if self.is_symmetric:
             return self._matmat(V)
         raise NotImplementedError(f"{type(self).__name__} does not implement transposed products")
+
+    def exact_diagonal(self) -> Tensor:
+        """The exact diagonal, for operators that know it without products (``[n]``).
+
+        Dense matrices, the GGN, and scaled, summed, transposed or counted wrappers of those
+        provide it; every other operator raises.
+
+        Raises:
+            NoExactDiagonalError: this operator has no exact diagonal.
+        """
+        raise NoExactDiagonalError(
+            f"{type(self).__name__} has no exact diagonal; use method='hutchinson', or a "
+            "GGNOperator (whose diagonal equals the Hessian's for piecewise-linear networks)"
+        )
 
     # -- products -------------------------------------------------------------------------------
     def _prepare(self, x: Tensor, rows: int) -> tuple[Tensor, bool]:
@@ -195,6 +219,10 @@ class DenseOperator(LinearOperator):
         """A copy of the backing matrix (no products needed)."""
         return self.matrix.clone()
 
+    def exact_diagonal(self) -> Tensor:
+        """The backing matrix's diagonal."""
+        return self.matrix.diagonal().clone()
+
 
 def as_operator(A: LinearOperator | Tensor) -> LinearOperator:
     """Return ``A`` itself if it is an operator, or a :class:`DenseOperator` wrapping a tensor."""
@@ -202,7 +230,7 @@ def as_operator(A: LinearOperator | Tensor) -> LinearOperator:
         return A
     if isinstance(A, Tensor):
         return DenseOperator(A)
-    raise TypeError(
+    raise InvalidArgumentError(
         f"expected a curvlab LinearOperator or a 2-D torch.Tensor, got {type(A).__name__}"
     )
 
@@ -225,6 +253,10 @@ class _TransposedOperator(LinearOperator):
         """The original operator."""
         return self.op
 
+    def exact_diagonal(self) -> Tensor:
+        """The diagonal of ``Aᵀ``: that of ``A``."""
+        return self.op.exact_diagonal()
+
 
 class _SumOperator(LinearOperator):
     def __init__(self, a: LinearOperator, b: LinearOperator) -> None:
@@ -241,6 +273,10 @@ class _SumOperator(LinearOperator):
     def _rmatmat(self, V: Tensor) -> Tensor:
         return self.a.rmatmat(V) + self.b.rmatmat(V)
 
+    def exact_diagonal(self) -> Tensor:
+        """``diag(A + B) = diag(A) + diag(B)``, when both are known."""
+        return self.a.exact_diagonal() + self.b.exact_diagonal()
+
 
 class _ScaledOperator(LinearOperator):
     def __init__(self, op: LinearOperator, scalar: float) -> None:
@@ -255,6 +291,10 @@ class _ScaledOperator(LinearOperator):
     def _rmatmat(self, V: Tensor) -> Tensor:
         return self.scalar * self.op.rmatmat(V)
 
+    def exact_diagonal(self) -> Tensor:
+        """``diag(cA) = c diag(A)``."""
+        return self.scalar * self.op.exact_diagonal()
+
 
 class _ProductOperator(LinearOperator):
     def __init__(self, a: LinearOperator, b: LinearOperator) -> None:
@@ -268,3 +308,10 @@ class _ProductOperator(LinearOperator):
 
     def _rmatmat(self, V: Tensor) -> Tensor:
         return self.b.rmatmat(self.a.rmatmat(V))
+
+    def exact_diagonal(self) -> Tensor:
+        """Refused: the diagonal of ``AB`` does not follow from those of ``A`` and ``B``."""
+        raise NoExactDiagonalError(
+            "the diagonal of a product A @ B does not follow from the diagonals of A and B; use "
+            "method='hutchinson' (curvlab.diagonal(op)), or op.to_dense().diagonal() when n is small"
+        )

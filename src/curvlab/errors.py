@@ -104,3 +104,10 @@ class NoExactDiagonalError(CurvlabError, ValueError):
 
 
 __all__ += ["DTypeError", "InvalidArgumentError", "NoExactDiagonalError", "UnknownOptionError"]
+
+
+class DistributedError(CurvlabError, RuntimeError):
+    """torch.distributed is not set up as the operation needs (no initialised process group)."""
+
+
+__all__ += ["DistributedError"]

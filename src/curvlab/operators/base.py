@@ -20,6 +20,7 @@ from curvlab.errors import (
     NoExactDiagonalError,
     ShapeMismatchError,
 )
+from curvlab.operators._checks import check_positive_int
 
 __all__ = ["DenseOperator", "LinearOperator", "as_operator"]
 
@@ -127,9 +128,14 @@ class LinearOperator:
         return self if self.is_symmetric else _TransposedOperator(self)
 
     def __add__(self, other: LinearOperator) -> LinearOperator:
-        return _SumOperator(self, other)
+        return _SumOperator(self, _operand(other, "+"))
 
     def __mul__(self, scalar: float) -> LinearOperator:
+        if isinstance(scalar, LinearOperator) or not isinstance(scalar, (int, float, Tensor)):
+            raise InvalidArgumentError(
+                f"an operator can be multiplied by a number, got {type(scalar).__name__}; "
+                "use A @ B for the product of two operators"
+            )
         return _ScaledOperator(self, float(scalar))
 
     __rmul__ = __mul__
@@ -138,11 +144,12 @@ class LinearOperator:
         return _ScaledOperator(self, -1.0)
 
     def __sub__(self, other: LinearOperator) -> LinearOperator:
-        return _SumOperator(self, -other)
+        return _SumOperator(self, -_operand(other, "-"))
 
     # -- conversions ----------------------------------------------------------------------------
     def to_dense(self, chunk_size: int = 256) -> Tensor:
         """Materialise the matrix with ``n`` products against the identity, ``chunk_size`` at a time."""
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
         n = self.shape[1]
         cols = []
         for start in range(0, n, chunk_size):
@@ -233,6 +240,15 @@ def as_operator(A: LinearOperator | Tensor) -> LinearOperator:
     raise InvalidArgumentError(
         f"expected a curvlab LinearOperator or a 2-D torch.Tensor, got {type(A).__name__}"
     )
+
+
+def _operand(other: Any, op: str) -> LinearOperator:
+    if not isinstance(other, LinearOperator):
+        raise InvalidArgumentError(
+            f"A {op} B needs two operators, got {type(other).__name__}; wrap a matrix with "
+            "as_operator(M)"
+        )
+    return other
 
 
 class _TransposedOperator(LinearOperator):

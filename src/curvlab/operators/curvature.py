@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import (
+    InvalidArgumentError,
     LossNotScalarError,
     NonDeterministicError,
     NonFiniteError,
@@ -103,6 +104,11 @@ class CurvatureOperator(LinearOperator):
         check_finite: bool = True,
         vectorize: bool = False,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function "
+                "of the parameters in an nn.Module"
+            )
         if loss_fn is None or not callable(loss_fn):
             raise UnsupportedLossError(
                 f"loss_fn must be a callable loss(outputs, targets) -> scalar, got {loss_fn!r}; "

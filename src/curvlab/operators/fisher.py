@@ -33,13 +33,15 @@ class FisherOperator(OutputSpaceOperator):
 
     .. math::
 
-        F = \sum_b \kappa_b \sum_{n \in b} J_n^\top \Big(\frac1M \sum_{m=1}^M s_{nm} s_{nm}^\top\Big) J_n,
+        F = \kappa \sum_b \sum_{n \in b} J_n^\top \Big(\frac1M \sum_{m=1}^M s_{nm} s_{nm}^\top\Big) J_n,
         \qquad s_{nm} = \nabla_{o_n} \ell(o_n, \hat y_{nm}),\ \hat y_{nm} \sim p(y \mid o_n)
 
     where ``p`` is the predictive distribution the loss is the negative log-likelihood of
     (categorical for cross-entropy, Bernoulli for BCE-with-logits, Gaussian N(o, ½) for MSE, for
     which :math:`(o-y)^2 = -\log p + \text{const}`), ``J_n`` the Jacobian of sample ``n``'s outputs
-    and ``κ`` as in :class:`GGNOperator`. Its expectation over the labels is the GGN; with
+    and ``κ`` as in :class:`GGNOperator`. A cross-entropy target of weight ``c`` (0 at
+    ``ignore_index``, else its class weight) scales its samples by ``√c``, so ignored targets
+    draw nothing. Its expectation over the labels is the GGN; with
     ``mc_samples → ∞`` it converges to it at rate ``1/√M``. The labels are drawn once, when the
     operator is built (from ``generator``), so ``F`` is a fixed PSD matrix. No per-sample gradient
     is formed: a product costs one Jacobian-vector and one vector-Jacobian product per batch.
@@ -92,10 +94,12 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
 
     .. math::
 
-        \tilde F = \sum_b \kappa_b \sum_{n \in b} g_n g_n^\top, \qquad
+        \tilde F = \kappa \sum_b \sum_{n \in b} g_n g_n^\top, \qquad
         g_n = J_n^\top \nabla_{o_n} \ell(o_n, y_n)
 
-    (``κ`` as in :class:`GGNOperator`: ``1/N`` for a mean cross-entropy over ``N`` examples). It is
+    (``κ`` as in :class:`GGNOperator`: ``1/N`` for a mean cross-entropy over ``N`` examples), with
+    ``g_n`` the gradient of example ``n``'s loss as the loss weights it: targets at
+    ``ignore_index`` contribute nothing, a class weight ``c`` scales the example's gradient. It is
     *not* the Fisher or the GGN in general (Kunstner et al. 2019, arXiv 1905.12558). Products use
     ``J`` and ``Jᵀ`` on cached graphs; no ``N × P`` per-sample gradient matrix is formed.
     """

@@ -228,9 +228,11 @@ class GGNOperator(OutputSpaceOperator):
     ``J_b`` is the Jacobian of the model outputs on batch ``b`` w.r.t. the chosen parameters and
     :math:`\nabla^2_o L_b` the Hessian of the (weighted) loss w.r.t. the outputs, in closed form:
     MSE :math:`2\kappa I`; cross-entropy :math:`\kappa(\operatorname{diag}p - pp^\top)` per position;
-    BCE-with-logits :math:`\kappa\,\sigma(1-\sigma)`. ``κ`` is the reduction's normalisation times the
-    batch weight, so :math:`G` is the GGN of the loss over the whole data set (mean or sum, as the
-    loss says). ``G`` is symmetric PSD and equals the Hessian when the model is linear in θ.
+    BCE-with-logits :math:`\kappa\,\sigma(1-\sigma)`. ``κ`` is one over the loss's denominator over
+    the whole data set (mean) or 1 (sum), so :math:`G` is the GGN of the loss over the whole data
+    set. Cross-entropy targets carry their weight ``c``: 0 at ``ignore_index`` (padding, masked
+    tokens), the class weight otherwise, multiplying that position's output Hessian. ``G`` is
+    symmetric PSD and equals the Hessian when the model is linear in θ.
 
     Arguments, mode and caching as :class:`~curvlab.operators.HessianOperator`.
 

@@ -130,7 +130,7 @@ class CurvatureOperator(LinearOperator):
         self.vectorize = bool(vectorize)
         self.cache_graph = self.data.single if cache_graph is None else bool(cache_graph)
         self._cache: list[Any] | None = None
-        self._cache_key: tuple[Any, ...] | None = None
+        self._cache_key: list[tuple[int, int]] | None = None
         self._init_args: OperatorOptions = {
             "mode": mode,
             "reduction": self.reduction,
@@ -285,26 +285,26 @@ class CurvatureOperator(LinearOperator):
         (it must keep its shape and dtype), and the cache key (version counter and storage of
         every parameter) catches in-place updates and ``p.data = new``.
         """
-        for i, (module, leaf) in enumerate(self._owners):
-            current = module._parameters.get(leaf)
-            if current is self.params[i]:
-                continue
-            name = self.param_space.names[i]
-            if (
-                not isinstance(current, Tensor)
-                or current.shape != self.params[i].shape
-                or (current.dtype != self.dtype)
-            ):
-                raise ShapeMismatchError(
-                    f"parameter {name!r} was replaced by "
-                    f"{'nothing' if current is None else tuple(current.shape)} since the "
-                    f"operator was built for {tuple(self.params[i].shape)}; build a new operator"
-                )
-            self.params[i] = current
-        key = tuple((p._version, p.data_ptr()) for p in self.params)
+        current = [module._parameters.get(leaf) for module, leaf in self._owners]
+        if any(c is not p for c, p in zip(current, self.params)):
+            self._follow_replaced(current)
+        key = [(p._version, p.data_ptr()) for p in self.params]
         if key != self._cache_key:
             self._cache = None
             self._cache_key = key
+
+    def _follow_replaced(self, current: Sequence[Tensor | None]) -> None:
+        """Adopt parameters replaced on their modules, if they keep their shape and dtype."""
+        for i, (new, old) in enumerate(zip(current, self.params)):
+            if new is old:
+                continue
+            if new is None or new.shape != old.shape or new.dtype != self.dtype:
+                raise ShapeMismatchError(
+                    f"parameter {self.param_space.names[i]!r} was replaced by "
+                    f"{'nothing' if new is None else (tuple(new.shape), new.dtype)} since the "
+                    f"operator was built for {(tuple(old.shape), old.dtype)}; build a new operator"
+                )
+            self.params[i] = new
 
     def _linearise(self, inputs: Any, targets: Tensor, weight: float) -> Any:
         raise NotImplementedError

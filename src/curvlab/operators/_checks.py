@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from collections.abc import Sequence
@@ -20,6 +19,8 @@ def check_choice(value: Any, options: Sequence[str], what: str) -> str:
     """
     if isinstance(value, str) and value in options:
         return value
+    import difflib  # only on the error path: not a module every import of curvlab pays for
+
     close = difflib.get_close_matches(str(value), options, n=1) if isinstance(value, str) else []
     hint = f" Did you mean {close[0]!r}?" if close else ""
     listed = ", ".join(repr(o) for o in options)

@@ -160,8 +160,9 @@ class CurvatureOperator(LinearOperator):
         take fails here with the shapes named.
         """
         shapes = self.data.feature_shapes
-        for i, (x, y) in enumerate(self.data._iter_raw()):
-            if i > 0 and shapes[i] != shapes[0]:
+        differ = any(s != shapes[0] for s in shapes)  # the data is read again only then
+        for i, (x, y) in enumerate(self.data._iter_raw() if differ else ()):
+            if shapes[i] != shapes[0]:
                 self._try_batch(
                     x, y, f"batch {i} has inputs of shapes {shapes[i]}, batch 0 {shapes[0]}"
                 )

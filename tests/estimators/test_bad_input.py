@@ -195,6 +195,7 @@ CASES = {
     ),
     "operator + number": (lambda: OP + 1.0, InvalidArgumentError, "wrap a matrix with"),
     "operator * operator": (lambda: OP * OP, InvalidArgumentError, "use A @ B"),
+    "operator * vector": (lambda: OP * torch.ones(3), InvalidArgumentError, "by a number"),
     "integer DenseOperator": (
         lambda: DenseOperator(torch.eye(3, dtype=torch.int32)),
         DTypeError,
@@ -215,3 +216,10 @@ def fragment_pattern(fragment: str) -> str:
     import re
 
     return re.escape(fragment)
+
+
+def test_operators_scale_by_any_real_scalar():
+    import numpy as np
+
+    for c in (2, 2.0, np.float32(2.0), np.int64(2), torch.tensor(2.0)):
+        torch.testing.assert_close((OP * c).to_dense(), 2.0 * A)

@@ -8,6 +8,7 @@ class gives everything else: ``A @ v`` and ``A @ V``, ``v @ A``, ``A.T``, ``to_d
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,9 @@ class LinearOperator:
         return _SumOperator(self, _operand(other, "+"))
 
     def __mul__(self, scalar: float) -> LinearOperator:
-        if isinstance(scalar, LinearOperator) or not isinstance(scalar, (int, float, Tensor)):
+        if not isinstance(scalar, (numbers.Real, Tensor)) or (
+            isinstance(scalar, Tensor) and scalar.numel() != 1
+        ):
             raise InvalidArgumentError(
                 f"an operator can be multiplied by a number, got {type(scalar).__name__}; "
                 "use A @ B for the product of two operators"

@@ -12,6 +12,9 @@ with the loss's own reduction:
   masks a different number of targets (averaging batch means with equal weights is not). A batch
   whose targets are all ignored (``D_b = 0``) contributes nothing and is skipped.
 * ``reduction="sum"``: every batch enters with weight 1.
+
+Other loss callables count every target element once: to mask targets, use the loss modules (or
+``F.cross_entropy``/``F.nll_loss`` with the default ``ignore_index=-100``), whose masks are read.
 """
 
 from __future__ import annotations

@@ -389,3 +389,15 @@ def test_a_target_that_only_broadcasts_is_refused(cls, loss_fn):
     x, y = batches[0]
     with pytest.raises(ShapeMismatchError, match=r"\(6, 3\) and targets \(6, 1\) differ.*reshape"):
         cls(model, loss_fn, (x, y[:, :1]))
+
+
+def test_writes_through_data_need_clear_cache():
+    """``p.data.copy_`` bypasses version counters (documented): clear_cache() rebuilds."""
+    model, batches = make("mlp", sizes=(9,))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), batches[0])
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0))
+    H @ v
+    model[0].weight.data.copy_(model[0].weight.detach() * 1.5)
+    H.clear_cache()
+    fresh = HessianOperator(model, nn.CrossEntropyLoss(), batches[0], cache_graph=False) @ v
+    torch.testing.assert_close(H @ v, fresh, rtol=1e-12, atol=1e-14)

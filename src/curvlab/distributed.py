@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from curvlab.errors import CurvlabError
-from curvlab.operators._model import CurvatureOperator
+from curvlab.errors import DistributedError, InvalidArgumentError
 from curvlab.operators.base import LinearOperator
+from curvlab.operators.curvature import CurvatureOperator
 
 __all__ = ["DistributedOperator"]
 
@@ -39,7 +39,8 @@ class DistributedOperator(LinearOperator):
         group: the process group (default: the world).
 
     Raises:
-        CurvlabError: ``torch.distributed`` is not initialised.
+        DistributedError: ``torch.distributed`` is not initialised.
+        InvalidArgumentError: ``local`` is not a curvature operator.
 
     Example (run under ``torchrun``)::
 
@@ -49,8 +50,13 @@ class DistributedOperator(LinearOperator):
     """
 
     def __init__(self, local: CurvatureOperator, group: Any = None) -> None:
+        if not isinstance(local, CurvatureOperator):
+            raise InvalidArgumentError(
+                f"DistributedOperator wraps a rank-local curvature operator (HessianOperator, "
+                f"GGNOperator, ...), got {type(local).__name__}; build one on this rank's shard"
+            )
         if not (dist.is_available() and dist.is_initialized()):
-            raise CurvlabError(
+            raise DistributedError(
                 "torch.distributed is not initialised; call torch.distributed.init_process_group "
                 "(or run under torchrun) before building a DistributedOperator"
             )
@@ -67,6 +73,12 @@ class DistributedOperator(LinearOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.local.matmat(V) * self.scale
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def exact_diagonal(self) -> Tensor:
+        """The exact diagonal over all ranks' data, when the local operator has one (the GGN)."""
+        out = self.local.exact_diagonal() * self.scale
         dist.all_reduce(out, group=self.group)
         return out
 

@@ -9,13 +9,20 @@ written against plain Python conventions keeps working.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentTypeError",
     "ClosureRequiredError",
     "CurvlabError",
+    "DTypeError",
     "DataNotFoundError",
+    "DistributedError",
     "EmptyDataError",
+    "InvalidArgumentError",
     "LossNotScalarError",
+    "ModelLoadError",
+    "NoExactDiagonalError",
     "NonDeterministicError",
     "NonFiniteError",
+    "NotAttachedError",
     "NotSymmetricError",
     "ParameterError",
     "ShapeMismatchError",
@@ -23,7 +30,9 @@ __all__ = [
     "StoreError",
     "SuiteError",
     "UnknownNameError",
+    "UnknownOptionError",
     "UnsupportedLossError",
+    "ZeroCurvatureWarning",
 ]
 
 
@@ -87,16 +96,24 @@ class StoreError(CurvlabError, RuntimeError):
     """A benchmark store cannot be used: unwritable path, newer schema, or not a curvlab store."""
 
 
-__all__ += ["ArgumentTypeError", "InvalidArgumentError", "ModelLoadError", "NotAttachedError"]
-__all__ += ["ZeroCurvatureWarning"]
-
-
-class InvalidArgumentError(CurvlabError, ValueError):
-    """An argument is out of range or not one of the accepted values; the message lists them."""
+class InvalidArgumentError(CurvlabError, ValueError, TypeError):
+    """An argument is out of range or of the wrong type (tolerance, budget, k, chunk size, count)."""
 
 
 class ArgumentTypeError(CurvlabError, TypeError):
     """An argument is of the wrong kind (not an optimizer, a monitor, a callable, a layer)."""
+
+
+class UnknownOptionError(CurvlabError, ValueError):
+    """A method, probe, mode or other option name is not one of the accepted ones; the message lists them."""
+
+
+class DTypeError(CurvlabError, TypeError):
+    """A matrix or operator has a dtype curvlab cannot compute with (integers, booleans)."""
+
+
+class NoExactDiagonalError(CurvlabError, ValueError):
+    """The operator has no exact diagonal; the message names the stochastic alternative."""
 
 
 class ModelLoadError(CurvlabError, ValueError):
@@ -105,6 +122,10 @@ class ModelLoadError(CurvlabError, ValueError):
 
 class NotAttachedError(CurvlabError, RuntimeError):
     """A monitor's attach-time state was read before :func:`curvlab.monitors.attach` ran."""
+
+
+class DistributedError(CurvlabError, RuntimeError):
+    """torch.distributed is not set up as the operation needs (no initialised process group)."""
 
 
 class ZeroCurvatureWarning(UserWarning):

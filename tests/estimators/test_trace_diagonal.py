@@ -217,3 +217,42 @@ def test_exact_ggn_diagonal_on_the_layerwise_and_generic_paths(arch):
     x, y = torch.randn(10, d_in, dtype=torch.float64), torch.randint(0, 3, (10,))
     G = GGNOperator(model, nn.CrossEntropyLoss(), [(x[:6], y[:6]), (x[6:], y[6:])])
     torch.testing.assert_close(G.exact_diagonal(), G.to_dense().diagonal(), rtol=1e-10, atol=1e-14)
+
+
+def test_exact_diagonal_of_wrapped_operators():
+    A = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+    M = random_psd(3)
+    B = DenseOperator(M)
+    cases = {
+        "scaled": (2.0 * A, 12.0),
+        "negated": (-A, -6.0),
+        "sum": (A + B, 6.0 + float(M.trace())),
+        "difference": (A - 2.0 * B, 6.0 - 2 * float(M.trace())),
+        "transposed": (B.T, float(M.trace())),
+        "counted": (CountingOperator(3.0 * A), 18.0),
+    }
+    for name, (op, want) in cases.items():
+        got = trace(op, method="exact")
+        assert abs(float(got.value) - want) < 1e-12, name
+        assert got.num_matvecs == 0
+        dense = op.to_dense().diagonal()
+        torch.testing.assert_close(diagonal(op, method="exact").value, dense)
+
+
+def test_exact_diagonal_of_a_scaled_ggn_and_refusals():
+    from curvlab import GGNOperator
+    from curvlab.errors import NoExactDiagonalError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    data = (torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,)))
+    G = GGNOperator(model, nn.CrossEntropyLoss(), data)
+    torch.testing.assert_close(
+        diagonal(0.5 * G, method="exact").value, 0.5 * G.to_dense().diagonal()
+    )
+    A = DenseOperator(torch.eye(3, dtype=torch.float64))
+    with pytest.raises(NoExactDiagonalError, match="product A @ B"):
+        (A @ A).exact_diagonal()
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data)
+    with pytest.raises(NoExactDiagonalError, match="HessianOperator has no exact diagonal"):
+        trace(2.0 * H, method="exact")

@@ -9,6 +9,7 @@ from torch import nn
 from curvlab import (
     CurvlabError,
     EmptyDataError,
+    FisherOperator,
     GGNOperator,
     HessianOperator,
     LossNotScalarError,
@@ -17,6 +18,14 @@ from curvlab import (
     ShapeMismatchError,
     UnsupportedLossError,
 )
+from curvlab.errors import (
+    DistributedError,
+    DTypeError,
+    InvalidArgumentError,
+    NoExactDiagonalError,
+    UnknownOptionError,
+)
+from curvlab.operators import DenseOperator
 
 
 @pytest.fixture
@@ -106,10 +115,8 @@ def test_unsupported_loss_names_the_supported_ones(setup):
         GGNOperator(model, nn.NLLLoss(), (x, y))
     with pytest.raises(UnsupportedLossError, match="label smoothing"):
         GGNOperator(model, nn.CrossEntropyLoss(label_smoothing=0.1), (x, y))
-    y_bad = y.clone()
-    y_bad[0] = -100
-    with pytest.raises(UnsupportedLossError, match="ignore_index"):
-        GGNOperator(model, nn.CrossEntropyLoss(), (x, y_bad))
+    with pytest.raises(UnsupportedLossError, match="non-negative class weights"):
+        GGNOperator(model, nn.CrossEntropyLoss(weight=torch.tensor([1.0, -1.0, 1.0])), (x, y))
 
 
 def test_wrong_vector_shape(setup):
@@ -141,3 +148,129 @@ def test_check_deterministic_catches_dropout_in_training_mode(setup):
         H = HessianOperator(model, nn.CrossEntropyLoss(), (x, y), mode="train", cache_graph=False)
     with pytest.raises(NonDeterministicError, match="not deterministic"):
         H.check_deterministic()
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+_X = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+_Y = torch.tensor([0, 1, 2, 0, 1, 2])
+_CE = nn.CrossEntropyLoss()
+
+
+def _distributed(local):
+    from curvlab.distributed import DistributedOperator
+
+    return DistributedOperator(local)
+
+
+def _exact_diagonal_in_train_mode():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        G = GGNOperator(_model(), _CE, (_X, _Y), mode="train")
+    return G.exact_diagonal()
+
+
+OPERATOR_CASES = {
+    "loss_fn=None": (
+        lambda: HessianOperator(_model(), None, (_X, _Y)),
+        UnsupportedLossError,
+        "loss_fn must be a callable",
+    ),
+    "reduction='none'": (
+        lambda: HessianOperator(_model(), nn.CrossEntropyLoss(reduction="none"), (_X, _Y)),
+        LossNotScalarError,
+        "use reduction='mean' or 'sum'",
+    ),
+    "reduction argument unknown": (
+        lambda: HessianOperator(_model(), _CE, (_X, _Y), reduction="avg"),
+        UnknownOptionError,
+        "unknown reduction 'avg'; use one of 'mean', 'sum'",
+    ),
+    "mode typo": (
+        lambda: HessianOperator(_model(), _CE, (_X, _Y), mode="evl"),
+        UnknownOptionError,
+        "Did you mean 'eval'?",
+    ),
+    "model is not a module": (
+        lambda: HessianOperator(lambda x: x, _CE, (_X, _Y)),
+        InvalidArgumentError,
+        "model must be a torch.nn.Module",
+    ),
+    "features of different shapes across batches": (
+        lambda: HessianOperator(
+            _model(), _CE, [(_X[:3], _Y[:3]), (torch.randn(3, 7, dtype=torch.float64), _Y[3:])]
+        ),
+        ShapeMismatchError,
+        "batch 1 has inputs of shapes ((7,),), batch 0 ((4,),)",
+    ),
+    "MSE target that only broadcasts": (
+        lambda: HessianOperator(_model(), nn.MSELoss(), (_X, torch.randn(6, 1))),
+        ShapeMismatchError,
+        "reshape the targets",
+    ),
+    "every target ignored": (
+        lambda: GGNOperator(_model(), _CE, (_X, torch.full((6,), -100))),
+        EmptyDataError,
+        "every target is ignored",
+    ),
+    "mc_samples=0": (
+        lambda: FisherOperator(_model(), _CE, (_X, _Y), mc_samples=0),
+        InvalidArgumentError,
+        "mc_samples must be >= 1",
+    ),
+    "mc_samples=1.5": (
+        lambda: FisherOperator(_model(), _CE, (_X, _Y), mc_samples=1.5),
+        InvalidArgumentError,
+        "mc_samples must be an integer",
+    ),
+    "exact_diagonal chunk_size=0": (
+        lambda: GGNOperator(_model(), _CE, (_X, _Y)).exact_diagonal(chunk_size=0),
+        InvalidArgumentError,
+        "chunk_size must be >= 1",
+    ),
+    "exact_diagonal in train mode": (
+        _exact_diagonal_in_train_mode,
+        NoExactDiagonalError,
+        "mode='eval'",
+    ),
+    "exact diagonal of the Hessian": (
+        lambda: HessianOperator(_model(), _CE, (_X, _Y)).exact_diagonal(),
+        NoExactDiagonalError,
+        "use method='hutchinson'",
+    ),
+    "blocks by an unknown grouping": (
+        lambda: HessianOperator(_model(), _CE, (_X, _Y)).blocks("layer"),
+        UnknownOptionError,
+        "unknown block grouping 'layer'",
+    ),
+    "DistributedOperator of a matrix": (
+        lambda: _distributed(DenseOperator(torch.eye(3))),
+        InvalidArgumentError,
+        "wraps a rank-local curvature operator",
+    ),
+    "DistributedOperator without a process group": (
+        lambda: _distributed(HessianOperator(_model(), _CE, (_X, _Y))),
+        DistributedError,
+        "init_process_group",
+    ),
+    "integer matrix": (
+        lambda: DenseOperator(torch.eye(3, dtype=torch.int64)),
+        DTypeError,
+        "floating-point dtype",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OPERATOR_CASES))
+def test_bad_operator_input_gets_a_specific_error_that_says_what_to_do(case):
+    import re
+
+    call, cls, fragment = OPERATOR_CASES[case]
+    with pytest.raises(cls, match=re.escape(fragment)) as info:
+        call()
+    assert isinstance(info.value, CurvlabError)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -300,3 +302,102 @@ def test_vectorized_products_equal_the_column_loop(cls):
     vec = cls(model, nn.CrossEntropyLoss(), batches, vectorize=True)
     V = torch.randn(loop.shape[0], 5, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(vec @ V, loop @ V, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("change", ["assign-data", "replace-parameter", "in-place"])
+@pytest.mark.parametrize("cache_graph", [True, False])
+def test_products_follow_a_changed_parameter(change, cache_graph):
+    model, batches = make("mlp", sizes=(9,))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), batches[0], cache_graph=cache_graph)
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0))
+    before = H @ v
+    new = model[0].weight.detach() * 1.5
+    if change == "assign-data":
+        model[0].weight.data = new
+    elif change == "replace-parameter":
+        model[0].weight = nn.Parameter(new)
+    else:
+        with torch.no_grad():
+            model[0].weight.copy_(new)
+    fresh = HessianOperator(model, nn.CrossEntropyLoss(), batches[0], cache_graph=False) @ v
+    torch.testing.assert_close(H @ v, fresh, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(before, fresh)
+
+
+def test_a_replaced_parameter_of_another_shape_is_refused():
+    from curvlab import ShapeMismatchError
+
+    model, batches = make("mlp", sizes=(9,))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), batches[0])
+    model[2].weight = nn.Parameter(torch.zeros(3, 7))
+    with pytest.raises(ShapeMismatchError, match="build a new operator"):
+        H @ torch.ones(H.shape[0])
+
+
+@pytest.mark.parametrize("mode", ["train", "as-is"])
+def test_train_mode_leaves_batchnorm_statistics_alone(mode):
+    import warnings
+
+    model, batches = make("batchnorm-eval")  # BatchNorm in training mode, non-trivial stats
+    bn = model[1]
+    stats = {k: v.clone() for k, v in bn.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ops = [
+            cls(model, nn.CrossEntropyLoss(), batches, mode=mode, cache_graph=cache)
+            for cls in (HessianOperator, GGNOperator)
+            for cache in (True, False)
+        ]
+    for op in ops:
+        op @ torch.ones(op.shape[0])
+        op.loss_and_gradient()
+    for key, value in bn.state_dict().items():
+        torch.testing.assert_close(value, stats[key], rtol=0, atol=0)
+    assert bn.training and bn.track_running_stats
+
+
+def test_train_mode_uses_batch_statistics():
+    """Still the training-mode matrix: batch statistics, as the model computes in training."""
+    import warnings
+
+    model, batches = make("batchnorm-eval", sizes=(9,))
+    names = [n for n, _ in model.named_parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        H = HessianOperator(model, nn.CrossEntropyLoss(), batches[0], mode="train")
+    untracked = copy.deepcopy(model)  # the same layers with no running statistics at all
+    untracked[1].track_running_stats = False
+    untracked[1].running_mean = untracked[1].running_var = None
+    ref = dense_hessian(untracked, nn.CrossEntropyLoss(), batches, names)  # training forward
+    torch.testing.assert_close(H.to_dense(), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("cls", "loss_fn"),
+    [
+        (HessianOperator, nn.MSELoss()),
+        (HessianOperator, nn.L1Loss()),
+        (HessianOperator, nn.functional.mse_loss),
+        (GGNOperator, nn.MSELoss()),
+        (GGNOperator, nn.functional.mse_loss),
+    ],
+)
+def test_a_target_that_only_broadcasts_is_refused(cls, loss_fn):
+    from curvlab import ShapeMismatchError
+
+    model, batches = make("mlp", sizes=(6,), classes=False)
+    x, y = batches[0]
+    with pytest.raises(ShapeMismatchError, match=r"\(6, 3\) and targets \(6, 1\) differ.*reshape"):
+        cls(model, loss_fn, (x, y[:, :1]))
+
+
+def test_writes_through_data_need_clear_cache():
+    """``p.data.copy_`` bypasses version counters (documented): clear_cache() rebuilds."""
+    model, batches = make("mlp", sizes=(9,))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), batches[0])
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0))
+    H @ v
+    model[0].weight.data.copy_(model[0].weight.detach() * 1.5)
+    H.clear_cache()
+    fresh = HessianOperator(model, nn.CrossEntropyLoss(), batches[0], cache_graph=False) @ v
+    torch.testing.assert_close(H @ v, fresh, rtol=1e-12, atol=1e-14)

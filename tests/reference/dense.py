@@ -91,3 +91,39 @@ def dense_empirical_fisher(model, loss_name, batches, names) -> Tensor:
         g = jacrev(per_sample)(flat)  # [N, P]
         E += g.T @ g / total
     return E
+
+
+def dense_ggn_of_loss(model, loss_fn, x, y, names) -> Tensor:
+    """GGN ``Jᵀ (∇²_o L) J`` of ``loss_fn(model(x), y)`` on one batch, the output Hessian by autograd.
+
+    Independent of curvlab's closed forms: any masking or class weighting the loss does is in
+    ``∇²_o L``.
+    """
+    flat = flat_params(model, names)
+    out = _call(model, names, flat, x).detach()
+    J = jacrev(lambda fl: _call(model, names, fl, x))(flat)  # [*out.shape, P]
+    H_o = jacrev(jacrev(lambda o: loss_fn(o, y)))(out)  # [*out.shape, *out.shape]
+    J2 = J.reshape(out.numel(), -1)
+    return J2.T @ H_o.reshape(out.numel(), out.numel()) @ J2
+
+
+def dense_empirical_fisher_of_loss(model, loss_fn, x, y, names) -> Tensor:
+    """``(1/D) Σ_n g_n g_nᵀ``: ``g_n`` the gradient of example ``n``'s (weighted, masked) loss.
+
+    ``loss_fn`` must be a ``reduction='mean'`` module; its ``reduction='none'`` copy gives the
+    per-target losses (summed over the positions of each example) and ``D`` = sum / mean.
+    """
+    import copy
+
+    flat = flat_params(model, names)
+    none, summed = copy.deepcopy(loss_fn), copy.deepcopy(loss_fn)
+    none.reduction, summed.reduction = "none", "sum"
+    out = _call(model, names, flat, x)
+    D = float(summed(out, y) / loss_fn(out, y))
+
+    def per_sample(fl: Tensor) -> Tensor:
+        losses = none(_call(model, names, fl, x), y)
+        return losses.reshape(losses.shape[0], -1).sum(dim=1)
+
+    g = jacrev(per_sample)(flat)  # [N, P]
+    return g.T @ g / D

@@ -8,10 +8,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.errors import NotSymmetricError
+from curvlab.errors import InvalidArgumentError, NotSymmetricError
+from curvlab.estimators.probes import PROBES
+from curvlab.operators._checks import check_choice, check_positive_int
 from curvlab.operators.base import LinearOperator, as_operator
 
-__all__ = ["BlockSpec", "progress_bar", "resolve_blocks", "symmetric_operator"]
+__all__ = [
+    "BlockSpec",
+    "check_probe_options",
+    "progress_bar",
+    "resolve_blocks",
+    "symmetric_operator",
+]
 
 BlockSpec = Mapping[str, Sequence[slice]]
 
@@ -34,7 +42,7 @@ def resolve_blocks(op: LinearOperator, blocks: str | BlockSpec | None) -> dict[s
     if isinstance(blocks, str):
         space = getattr(op, "param_space", None)
         if space is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"blocks={blocks!r} needs a curvature operator with a param_space; pass a mapping "
                 "of block name -> list of slices for other operators"
             )
@@ -43,6 +51,18 @@ def resolve_blocks(op: LinearOperator, blocks: str | BlockSpec | None) -> dict[s
             for name, members in space.groups(blocks).items()
         }
     return {name: list(slices) for name, slices in blocks.items()}
+
+
+def check_probe_options(num_matvecs: Any, probes: Any, chunk_size: Any) -> int:
+    """Validate a stochastic estimator's budget, probe kind and chunk size; return the budget.
+
+    Raises:
+        InvalidArgumentError: ``num_matvecs`` or ``chunk_size`` is not an integer ``>= 1``.
+        UnknownOptionError: ``probes`` is not a known probe kind.
+    """
+    check_choice(probes, PROBES, "probe kind")
+    check_positive_int(chunk_size, "chunk_size")
+    return check_positive_int(num_matvecs, "num_matvecs")
 
 
 def block_sum(x: Tensor, slices: Sequence[slice]) -> Tensor:

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from curvlab.estimators._common import progress_bar, symmetric_operator
-from curvlab.estimators.probes import sample_probes
+from curvlab.estimators.probes import PROBES, sample_probes
 from curvlab.estimators.results import SpectralDensity
+from curvlab.operators._checks import check_choice, check_positive_float, check_positive_int
 from curvlab.operators.base import LinearOperator
 
 __all__ = ["lanczos_tridiagonal", "spectral_density"]
@@ -114,8 +115,12 @@ def spectral_density(
         2.5
     """
     op = symmetric_operator(A, "spectral_density")
-    if num_probes < 1 or lanczos_steps < 1:
-        raise ValueError("num_probes and lanczos_steps must be >= 1")
+    check_choice(probes, PROBES, "probe kind")
+    num_probes = check_positive_int(num_probes, "num_probes")
+    lanczos_steps = check_positive_int(lanczos_steps, "lanczos_steps")
+    grid_size = check_positive_int(grid_size, "grid_size")
+    if sigma is not None:
+        check_positive_float(sigma, "sigma")
     n = op.shape[0]
     Z = sample_probes(n, num_probes, probes, generator=generator, dtype=op.dtype, device=op.device)
     m = min(lanczos_steps, n)

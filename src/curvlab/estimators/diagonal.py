@@ -7,34 +7,25 @@ import math
 import torch
 from torch import Tensor
 
-from curvlab.estimators._common import progress_bar, symmetric_operator
+from curvlab.estimators._common import check_probe_options, progress_bar, symmetric_operator
 from curvlab.estimators.probes import sample_probes
 from curvlab.estimators.results import Estimate
+from curvlab.operators._checks import check_choice
 from curvlab.operators.base import LinearOperator
 
 __all__ = ["diagonal", "exact_diagonal"]
 
 
 def exact_diagonal(op: LinearOperator) -> Tensor:
-    """The exact diagonal of an operator that provides one (dense matrices, GGN operators).
+    """The exact diagonal of an operator that provides one (dense matrices, GGN operators, and
+    scaled, summed, transposed or counted wrappers of those), see
+    :meth:`LinearOperator.exact_diagonal <curvlab.operators.LinearOperator.exact_diagonal>`.
 
     Raises:
-        ValueError: the operator has no closed-form diagonal (the message names the alternatives).
+        NoExactDiagonalError: the operator has no exact diagonal (the message names the
+            alternatives).
     """
-    from curvlab.operators.base import DenseOperator
-
-    if isinstance(op, DenseOperator):
-        return op.matrix.diagonal().clone()
-    inner = getattr(op, "op", None)  # CountingOperator and friends
-    fn = getattr(op, "exact_diagonal", None)
-    if fn is None and inner is not None:
-        return exact_diagonal(inner)
-    if fn is None:
-        raise ValueError(
-            f"{type(op).__name__} has no exact diagonal; use method='hutchinson', or a "
-            "GGNOperator (whose diagonal equals the Hessian's for piecewise-linear networks)"
-        )
-    return fn()
+    return op.exact_diagonal()
 
 
 def diagonal(
@@ -73,13 +64,10 @@ def diagonal(
         :class:`~curvlab.estimators.results.Estimate` with ``value`` and ``std_error`` of shape ``[n]``.
     """
     op = symmetric_operator(A, "diagonal")
-    if method == "exact":
+    if check_choice(method, ("hutchinson", "exact"), "diagonal method") == "exact":
         exact = exact_diagonal(op)
         return Estimate(exact, torch.zeros_like(exact), 0)
-    if method != "hutchinson":
-        raise ValueError(f"method must be 'hutchinson' or 'exact', got {method!r}")
-    if num_matvecs < 1:
-        raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
+    check_probe_options(num_matvecs, probes, chunk_size)
     n = op.shape[0]
     total = torch.zeros(n, dtype=op.dtype, device=op.device)
     total_sq = torch.zeros_like(total)

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from curvlab.errors import ShapeMismatchError
+from curvlab.errors import InvalidArgumentError, ShapeMismatchError
 from curvlab.estimators._common import symmetric_operator
 from curvlab.estimators.results import Eigenpairs
+from curvlab.operators._checks import check_choice, check_positive_float, check_positive_int
 from curvlab.operators.base import LinearOperator
 
 __all__ = ["eigsh", "power_iteration"]
@@ -40,6 +41,18 @@ def _start_vector(
         dev = generator.device if generator is not None else torch.device("cpu")
         v = torch.randn(n, generator=generator, dtype=op.dtype, device=dev).to(op.device)
     return v / v.norm()
+
+
+def _check_k_and_tol(k: int, n: int, tol: float, budget: int | None, name: str) -> None:
+    """Validate the number of eigenpairs, the tolerance and the product budget."""
+    check_positive_int(k, "k")
+    if k > n:
+        raise InvalidArgumentError(
+            f"k = {k} eigenpairs requested from an operator of dimension n = {n}; pass k <= n"
+        )
+    check_positive_float(tol, "tol")
+    if budget is not None:
+        check_positive_int(budget, name)
 
 
 def _orthogonalise(V: Tensor, w: Tensor) -> Tensor:
@@ -101,7 +114,10 @@ def eigsh(
 
     Raises:
         NotSymmetricError: the operator is not declared symmetric.
-        ShapeMismatchError: ``k`` is not in ``[1, n]`` or ``v0`` does not fit.
+        InvalidArgumentError: ``k`` is not an integer in ``[1, n]``; ``tol`` is not finite and
+            positive; ``max_matvecs``/``max_iter``/``max_basis`` is not a positive integer.
+        UnknownOptionError: ``which`` is not ``"LA"``, ``"SA"`` or ``"LM"``.
+        ShapeMismatchError: ``v0`` does not fit.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -116,21 +132,21 @@ def eigsh(
     """
     op = symmetric_operator(A, "eigsh")
     n = op.shape[0]
-    if which not in _WHICH:
-        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if not 1 <= k <= n:
-        raise ShapeMismatchError(
-            f"k = {k} eigenpairs requested from an operator of dimension n = {n}"
-        )
-    if tol <= 0:
-        raise ValueError(f"tol must be positive, got {tol}")
+    check_choice(which, _WHICH, "which")
     if max_iter is not None and max_matvecs is not None and max_iter != max_matvecs:
-        raise ValueError("pass max_matvecs or its alias max_iter, not both")
+        raise InvalidArgumentError(
+            f"max_matvecs = {max_matvecs} and its alias max_iter = {max_iter} disagree; pass one"
+        )
     max_matvecs = max_matvecs if max_matvecs is not None else max_iter
+    _check_k_and_tol(k, n, tol, max_matvecs, "max_matvecs")
     budget = max_matvecs if max_matvecs is not None else min(max(300, 30 * k), 10 * n)
+    if max_basis is not None:
+        check_positive_int(max_basis, "max_basis")
     m_max = min(n, max_basis if max_basis is not None else max(2 * k + 20, 30))
     if m_max < min(n, k + 2):
-        raise ValueError(f"max_basis = {m_max} is too small for k = {k}; use at least k + 2")
+        raise InvalidArgumentError(
+            f"max_basis = {m_max} is too small for k = {k}; use at least k + 2"
+        )
 
     dtype, device = op.dtype, op.device
     eps23 = float(torch.finfo(dtype).eps) ** (2.0 / 3.0)
@@ -218,11 +234,7 @@ def power_iteration(
         :class:`~curvlab.estimators.results.Eigenpairs` ordered by decreasing magnitude.
     """
     op = symmetric_operator(A, "power_iteration")
-    n = op.shape[0]
-    if not 1 <= k <= n:
-        raise ShapeMismatchError(
-            f"k = {k} eigenpairs requested from an operator of dimension n = {n}"
-        )
+    _check_k_and_tol(k, op.shape[0], tol, max_matvecs, "max_matvecs")
     budget = max_matvecs if max_matvecs is not None else 200 * k
     found: list[Tensor] = []
     values: list[float] = []

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from curvlab.estimators.eigen import eigsh
 from curvlab.estimators.results import LayerSensitivity
 from curvlab.estimators.trace import trace
-from curvlab.operators._model import CurvatureOperator
+from curvlab.operators.curvature import CurvatureOperator
 from curvlab.operators.hessian import HessianOperator
 
 __all__ = ["layer_sensitivity"]

@@ -15,7 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian", "rademacher", "rademacher_like", "sample_probes"]
+from curvlab.operators._checks import check_choice
+
+__all__ = ["PROBES", "gaussian", "rademacher", "rademacher_like", "sample_probes"]
+
+PROBES = ("rademacher", "gaussian")
 
 
 def _draw_device(
@@ -89,10 +93,8 @@ def sample_probes(
         dtype, device: of the returned matrix.
 
     Raises:
-        ValueError: for an unknown ``kind``.
+        UnknownOptionError: for an unknown ``kind``.
     """
-    if kind == "rademacher":
+    if check_choice(kind, PROBES, "probe kind") == "rademacher":
         return rademacher(n, k, generator=generator, dtype=dtype, device=device)
-    if kind == "gaussian":
-        return gaussian(n, k, generator=generator, dtype=dtype, device=device)
-    raise ValueError(f"unknown probe kind {kind!r}; use 'rademacher' or 'gaussian'")
+    return gaussian(n, k, generator=generator, dtype=dtype, device=device)

@@ -3,22 +3,41 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor
 
+from curvlab.errors import InvalidArgumentError
 from curvlab.estimators._common import (
     BlockSpec,
     block_sum,
+    check_probe_options,
     progress_bar,
     resolve_blocks,
     symmetric_operator,
 )
 from curvlab.estimators.probes import sample_probes
 from curvlab.estimators.results import Estimate
+from curvlab.operators._checks import check_choice, check_positive_float
 from curvlab.operators.base import LinearOperator
 
-__all__ = ["hutchinson_trace", "hutchpp_trace", "trace"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["ProbeOptions", "hutchinson_trace", "hutchpp_trace", "trace"]
+
+_METHODS = ("hutch++", "hutchpp", "hutchinson", "exact")
+
+
+class ProbeOptions(TypedDict, total=False):
+    """Keyword options of the stochastic trace estimators (see :func:`trace`)."""
+
+    probes: str
+    blocks: str | BlockSpec | None
+    chunk_size: int
+    generator: torch.Generator | None
+    progress: bool
 
 
 def _mean_and_error(samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,38 +98,38 @@ def trace(
         15.0
     """
     op = symmetric_operator(A, "trace")
-    if num_matvecs < 1:
-        raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
-    kw = dict(probes=probes, blocks=blocks, chunk_size=chunk_size, generator=generator)
+    method = check_choice(method, _METHODS, "trace method")
+    options: ProbeOptions = {
+        "probes": probes,
+        "blocks": blocks,
+        "chunk_size": chunk_size,
+        "generator": generator,
+        "progress": progress,
+    }
     if method == "hutchinson":
-        return hutchinson_trace(op, num_matvecs, rtol=rtol, progress=progress, **kw)  # type: ignore[arg-type]
+        return hutchinson_trace(op, num_matvecs, rtol=rtol, **options)
     if method == "exact":
-        from curvlab.estimators._common import block_sum as _bs
-        from curvlab.estimators.diagonal import exact_diagonal
-
-        d = exact_diagonal(op)
+        d = op.exact_diagonal()
         zero = torch.zeros((), dtype=d.dtype, device=d.device)
-        per = {b: Estimate(_bs(d, sl), zero, 0) for b, sl in resolve_blocks(op, blocks).items()}
+        per = {
+            b: Estimate(block_sum(d, sl), zero, 0) for b, sl in resolve_blocks(op, blocks).items()
+        }
         return Estimate(d.sum(), zero, 0, per)
-    if method in ("hutch++", "hutchpp"):
-        return hutchpp_trace(op, num_matvecs, progress=progress, **kw)  # type: ignore[arg-type]
-    raise ValueError(f"method must be 'hutch++', 'hutchinson' or 'exact', got {method!r}")
+    return hutchpp_trace(op, num_matvecs, **options)
 
 
 def hutchinson_trace(
     A: LinearOperator | Tensor,
     num_matvecs: int = 100,
     *,
-    probes: str = "rademacher",
-    blocks: str | BlockSpec | None = None,
     rtol: float | None = None,
-    chunk_size: int = 8,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
+    **options: Unpack[ProbeOptions],
 ) -> Estimate:
     """Hutchinson's trace estimator; see :func:`trace` for the rule and arguments."""
     op = symmetric_operator(A, "hutchinson_trace")
-    spec = resolve_blocks(op, blocks)
+    probes, spec, chunk_size, generator, progress = _resolve(op, num_matvecs, options)
+    if rtol is not None:
+        check_positive_float(rtol, "rtol")
     n = op.shape[0]
     samples: list[Tensor] = []
     block_samples: dict[str, list[Tensor]] = {b: [] for b in spec}
@@ -139,20 +158,16 @@ def hutchinson_trace(
 
 
 def hutchpp_trace(
-    A: LinearOperator | Tensor,
-    num_matvecs: int = 99,
-    *,
-    probes: str = "rademacher",
-    blocks: str | BlockSpec | None = None,
-    chunk_size: int = 8,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
+    A: LinearOperator | Tensor, num_matvecs: int = 99, **options: Unpack[ProbeOptions]
 ) -> Estimate:
     """Hutch++ trace estimator; see :func:`trace` for the rule and arguments."""
     op = symmetric_operator(A, "hutchpp_trace")
+    probes, spec, chunk_size, generator, progress = _resolve(op, num_matvecs, options)
     if num_matvecs < 3:
-        raise ValueError(f"Hutch++ needs num_matvecs >= 3, got {num_matvecs}")
-    spec = resolve_blocks(op, blocks)
+        raise InvalidArgumentError(
+            f"Hutch++ needs num_matvecs >= 3 (a sketch, its product and probes), got "
+            f"{num_matvecs}; pass more products or method='hutchinson'"
+        )
     n = op.shape[0]
     k_sketch = min(num_matvecs // 3, n)
     k_probe = num_matvecs - 2 * k_sketch
@@ -190,6 +205,17 @@ def hutchpp_trace(
             bm, bse = torch.zeros_like(part), torch.zeros_like(part)
         per_block[b] = Estimate(part + bm, bse, total)
     return Estimate(exact + mean, se, total, per_block)
+
+
+def _resolve(
+    op: LinearOperator, num_matvecs: int, options: ProbeOptions
+) -> tuple[str, dict[str, list[slice]], int, torch.Generator | None, bool]:
+    """Validate the budget and options; return probes, block slices, chunk size, generator, progress."""
+    probes = options.get("probes", "rademacher")
+    chunk_size = options.get("chunk_size", 8)
+    check_probe_options(num_matvecs, probes, chunk_size)
+    spec = resolve_blocks(op, options.get("blocks"))
+    return probes, spec, chunk_size, options.get("generator"), options.get("progress", False)
 
 
 def _chunked(op: LinearOperator, X: Tensor, chunk_size: int, bar: object) -> Tensor:

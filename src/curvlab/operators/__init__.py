@@ -3,9 +3,9 @@
 Every operator is a :class:`LinearOperator` over the flat vector of the chosen parameters.
 """
 
-from curvlab.operators._model import CurvatureOperator, NonDeterministicModelWarning
 from curvlab.operators.base import DenseOperator, LinearOperator, as_operator
 from curvlab.operators.counting import CountingOperator
+from curvlab.operators.curvature import CurvatureOperator, NonDeterministicModelWarning
 from curvlab.operators.fisher import EmpiricalFisherOperator, FisherOperator
 from curvlab.operators.ggn import GGNOperator
 from curvlab.operators.hessian import HessianOperator

@@ -8,13 +8,20 @@ class gives everything else: ``A @ v`` and ``A @ V``, ``v @ A``, ``A.T``, ``to_d
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from curvlab.errors import ShapeMismatchError
+from curvlab.errors import (
+    DTypeError,
+    InvalidArgumentError,
+    NoExactDiagonalError,
+    ShapeMismatchError,
+)
+from curvlab.operators._checks import check_positive_int
 
 __all__ = ["DenseOperator", "LinearOperator", "as_operator"]
 
@@ -44,6 +51,11 @@ class LinearOperator:
     is_psd: bool = False
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
+        if not (dtype.is_floating_point or dtype.is_complex):
+            raise DTypeError(
+                f"an operator computes in a floating-point dtype, got {dtype}; convert the matrix "
+                "or model first, e.g. A.double() or model.float()"
+            )
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
         self.device = torch.device(device)
@@ -58,6 +70,20 @@ class LinearOperator:
         if self.is_symmetric:
             return self._matmat(V)
         raise NotImplementedError(f"{type(self).__name__} does not implement transposed products")
+
+    def exact_diagonal(self) -> Tensor:
+        """The exact diagonal, for operators that know it without products (``[n]``).
+
+        Dense matrices, the GGN, and scaled, summed, transposed or counted wrappers of those
+        provide it; every other operator raises.
+
+        Raises:
+            NoExactDiagonalError: this operator has no exact diagonal.
+        """
+        raise NoExactDiagonalError(
+            f"{type(self).__name__} has no exact diagonal; use method='hutchinson', or a "
+            "GGNOperator (whose diagonal equals the Hessian's for piecewise-linear networks)"
+        )
 
     # -- products -------------------------------------------------------------------------------
     def _prepare(self, x: Tensor, rows: int) -> tuple[Tensor, bool]:
@@ -103,9 +129,16 @@ class LinearOperator:
         return self if self.is_symmetric else _TransposedOperator(self)
 
     def __add__(self, other: LinearOperator) -> LinearOperator:
-        return _SumOperator(self, other)
+        return _SumOperator(self, _operand(other, "+"))
 
     def __mul__(self, scalar: float) -> LinearOperator:
+        if not isinstance(scalar, (numbers.Real, Tensor)) or (
+            isinstance(scalar, Tensor) and scalar.numel() != 1
+        ):
+            raise InvalidArgumentError(
+                f"an operator can be multiplied by a number, got {type(scalar).__name__}; "
+                "use A @ B for the product of two operators"
+            )
         return _ScaledOperator(self, float(scalar))
 
     __rmul__ = __mul__
@@ -114,11 +147,12 @@ class LinearOperator:
         return _ScaledOperator(self, -1.0)
 
     def __sub__(self, other: LinearOperator) -> LinearOperator:
-        return _SumOperator(self, -other)
+        return _SumOperator(self, -_operand(other, "-"))
 
     # -- conversions ----------------------------------------------------------------------------
     def to_dense(self, chunk_size: int = 256) -> Tensor:
         """Materialise the matrix with ``n`` products against the identity, ``chunk_size`` at a time."""
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
         n = self.shape[1]
         cols = []
         for start in range(0, n, chunk_size):
@@ -195,6 +229,10 @@ class DenseOperator(LinearOperator):
         """A copy of the backing matrix (no products needed)."""
         return self.matrix.clone()
 
+    def exact_diagonal(self) -> Tensor:
+        """The backing matrix's diagonal."""
+        return self.matrix.diagonal().clone()
+
 
 def as_operator(A: LinearOperator | Tensor) -> LinearOperator:
     """Return ``A`` itself if it is an operator, or a :class:`DenseOperator` wrapping a tensor."""
@@ -202,9 +240,18 @@ def as_operator(A: LinearOperator | Tensor) -> LinearOperator:
         return A
     if isinstance(A, Tensor):
         return DenseOperator(A)
-    raise TypeError(
+    raise InvalidArgumentError(
         f"expected a curvlab LinearOperator or a 2-D torch.Tensor, got {type(A).__name__}"
     )
+
+
+def _operand(other: Any, op: str) -> LinearOperator:
+    if not isinstance(other, LinearOperator):
+        raise InvalidArgumentError(
+            f"A {op} B needs two operators, got {type(other).__name__}; wrap a matrix with "
+            "as_operator(M)"
+        )
+    return other
 
 
 class _TransposedOperator(LinearOperator):
@@ -225,6 +272,10 @@ class _TransposedOperator(LinearOperator):
         """The original operator."""
         return self.op
 
+    def exact_diagonal(self) -> Tensor:
+        """The diagonal of ``Aᵀ``: that of ``A``."""
+        return self.op.exact_diagonal()
+
 
 class _SumOperator(LinearOperator):
     def __init__(self, a: LinearOperator, b: LinearOperator) -> None:
@@ -241,6 +292,10 @@ class _SumOperator(LinearOperator):
     def _rmatmat(self, V: Tensor) -> Tensor:
         return self.a.rmatmat(V) + self.b.rmatmat(V)
 
+    def exact_diagonal(self) -> Tensor:
+        """``diag(A + B) = diag(A) + diag(B)``, when both are known."""
+        return self.a.exact_diagonal() + self.b.exact_diagonal()
+
 
 class _ScaledOperator(LinearOperator):
     def __init__(self, op: LinearOperator, scalar: float) -> None:
@@ -255,6 +310,10 @@ class _ScaledOperator(LinearOperator):
     def _rmatmat(self, V: Tensor) -> Tensor:
         return self.scalar * self.op.rmatmat(V)
 
+    def exact_diagonal(self) -> Tensor:
+        """``diag(cA) = c diag(A)``."""
+        return self.scalar * self.op.exact_diagonal()
+
 
 class _ProductOperator(LinearOperator):
     def __init__(self, a: LinearOperator, b: LinearOperator) -> None:
@@ -268,3 +327,10 @@ class _ProductOperator(LinearOperator):
 
     def _rmatmat(self, V: Tensor) -> Tensor:
         return self.b.rmatmat(self.a.rmatmat(V))
+
+    def exact_diagonal(self) -> Tensor:
+        """Refused: the diagonal of ``AB`` does not follow from those of ``A`` and ``B``."""
+        raise NoExactDiagonalError(
+            "the diagonal of a product A @ B does not follow from the diagonals of A and B; use "
+            "method='hutchinson' (curvlab.diagonal(op)), or op.to_dense().diagonal() when n is small"
+        )

@@ -39,6 +39,10 @@ class CountingOperator(LinearOperator):
         self.num_calls += 1
         return self.op.rmatmat(V)
 
+    def exact_diagonal(self) -> Tensor:
+        """The wrapped operator's exact diagonal (no product is counted)."""
+        return self.op.exact_diagonal()
+
     def reset(self) -> None:
         """Set the counters back to zero."""
         self.num_matvecs = 0

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from curvlab.errors import NoExactDiagonalError
+from curvlab.operators._checks import check_positive_int
 from curvlab.operators._losses import LossCurvature, loss_curvature
-from curvlab.operators._model import CurvatureOperator, Mode
+from curvlab.operators.curvature import CurvatureOperator
 
 __all__ = ["GGNOperator", "OutputSpaceOperator"]
 
@@ -47,7 +48,7 @@ def _layerwise_exact_diagonal(op: GGNOperator) -> Tensor | None:
         outputs[id(module)].append(out)
 
     diag = {name: torch.zeros_like(p) for name, p in zip(op.param_space.names, op.params)}
-    for x, y, w in op.data:
+    for x, y, _ in op.data:
         for lst in (*inputs.values(), *outputs.values()):
             lst.clear()
         handles = [m.register_forward_hook(hook) for m in layers.values()]
@@ -61,17 +62,15 @@ def _layerwise_exact_diagonal(op: GGNOperator) -> Tensor | None:
             o.requires_grad for v in outputs.values() for o in v
         ):
             return None
-        op.curvature.check(out, y.to(op.device))
         with torch.no_grad():
-            S = op.curvature.hessian_sqrt(out.detach())
-            scale = w * op.curvature.scale(out, op.reduction)
+            S = op._output_factor(out.detach(), y)
         keys = list(layers)
         for r in range(S.shape[2]):
             deltas = torch.autograd.grad(
                 out, [outputs[k][0] for k in keys], grad_outputs=S[:, :, r], retain_graph=True
             )
             for k, delta in zip(keys, deltas):
-                _accumulate(layers[k], inputs[k][0], delta.detach(), scale, owners, diag)
+                _accumulate(layers[k], inputs[k][0], delta.detach(), owners, diag)
     return op.param_space.flatten([diag[n] for n in op.param_space.names])
 
 
@@ -79,7 +78,6 @@ def _accumulate(
     module: nn.Module,
     a: Tensor,
     delta: Tensor,
-    scale: float,
     owners: dict[str, tuple[nn.Module, str]],
     diag: dict[str, Tensor],
 ) -> None:
@@ -109,24 +107,32 @@ def _accumulate(
         gb = d.sum(2)
         gb_sq = (gb * gb).sum(0)
     if "weight" in wanted:
-        diag[wanted["weight"]] += scale * gw_sq.reshape(diag[wanted["weight"]].shape)
+        diag[wanted["weight"]] += gw_sq.reshape(diag[wanted["weight"]].shape)
     if "bias" in wanted:
-        diag[wanted["bias"]] += scale * gb_sq
+        diag[wanted["bias"]] += gb_sq
 
 
 class _OutputLinearisation:
-    """Cached graphs of one batch: ``outputs = f(θ)`` and ``Jᵀu`` (linear in a dummy ``u``)."""
+    """Cached graphs of one batch: ``outputs = f(θ)`` and ``Jᵀu`` (linear in a dummy ``u``).
 
-    __slots__ = ("dummy", "extra", "idx", "jt_u", "outputs", "scale")
+    ``weights`` holds the target weights ``c`` (``None`` when every target counts once).
+    """
+
+    __slots__ = ("dummy", "extra", "idx", "jt_u", "outputs", "weights")
 
     def __init__(
-        self, outputs: Tensor, dummy: Tensor, jt_u: list[Tensor], idx: list[int], scale: float
+        self,
+        outputs: Tensor,
+        dummy: Tensor,
+        jt_u: list[Tensor],
+        idx: list[int],
+        weights: Tensor | None,
     ) -> None:
         self.outputs = outputs
         self.dummy = dummy
         self.jt_u = jt_u
         self.idx = idx
-        self.scale = scale
+        self.weights = weights
         self.extra: Any = None
 
 
@@ -141,32 +147,22 @@ class OutputSpaceOperator(CurvatureOperator):
 
     is_symmetric = True
     is_psd = True
+    curvature: LossCurvature
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Any,
-        data: Any,
-        params: Iterable[Tensor | str] | None = None,
-        *,
-        mode: Mode = "eval",
-        reduction: str | None = None,
-        cache_graph: bool | None = None,
-        check_finite: bool = True,
-        vectorize: bool = False,
-    ) -> None:
-        self.curvature: LossCurvature = loss_curvature(loss_fn)
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params,
-            mode=mode,
-            reduction=reduction,
-            cache_graph=cache_graph,
-            check_finite=check_finite,
-            vectorize=vectorize,
-        )
+    def _setup_loss(self) -> None:
+        self.curvature = loss_curvature(self.loss_fn)
+
+    @property
+    def _kappa(self) -> float:
+        """``κ``: one over the loss's denominator over all the data (mean), or 1 (sum)."""
+        return 1.0 / self.data.total if self.reduction == "mean" else 1.0
+
+    def _output_factor(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``√κ S_n`` per sample (``[N, d, R]``): its outer products sum to this batch's ``M_b``."""
+        targets = targets.to(self.device)
+        self.curvature.check(outputs, targets)
+        c = self.curvature.weights(outputs, targets)
+        return self._kappa**0.5 * self.curvature.hessian_sqrt(outputs, c)
 
     def _linearise(self, inputs: Any, targets: Tensor, weight: float) -> _OutputLinearisation:
         with torch.enable_grad():
@@ -178,8 +174,8 @@ class OutputSpaceOperator(CurvatureOperator):
             dummy = torch.zeros_like(outputs, requires_grad=True)
             jt_u = self._grad(outputs, dummy, create_graph=True)
         idx = [i for i, g in enumerate(jt_u) if g.requires_grad]
-        scale = weight * self.curvature.scale(outputs, self.reduction)
-        lin = _OutputLinearisation(outputs, dummy, jt_u, idx, scale)
+        c = self.curvature.weights(outputs.detach(), targets)
+        lin = _OutputLinearisation(outputs, dummy, jt_u, idx, c)
         lin.extra = self._batch_extra(lin, targets)
         return lin
 
@@ -232,9 +228,11 @@ class GGNOperator(OutputSpaceOperator):
     ``J_b`` is the Jacobian of the model outputs on batch ``b`` w.r.t. the chosen parameters and
     :math:`\nabla^2_o L_b` the Hessian of the (weighted) loss w.r.t. the outputs, in closed form:
     MSE :math:`2\kappa I`; cross-entropy :math:`\kappa(\operatorname{diag}p - pp^\top)` per position;
-    BCE-with-logits :math:`\kappa\,\sigma(1-\sigma)`. ``κ`` is the reduction's normalisation times the
-    batch weight, so :math:`G` is the GGN of the loss over the whole data set (mean or sum, as the
-    loss says). ``G`` is symmetric PSD and equals the Hessian when the model is linear in θ.
+    BCE-with-logits :math:`\kappa\,\sigma(1-\sigma)`. ``κ`` is one over the loss's denominator over
+    the whole data set (mean) or 1 (sum), so :math:`G` is the GGN of the loss over the whole data
+    set. Cross-entropy targets carry their weight ``c``: 0 at ``ignore_index`` (padding, masked
+    tokens), the class weight otherwise, multiplying that position's output Hessian. ``G`` is
+    symmetric PSD and equals the Hessian when the model is linear in θ.
 
     Arguments, mode and caching as :class:`~curvlab.operators.HessianOperator`.
 
@@ -252,30 +250,39 @@ class GGNOperator(OutputSpaceOperator):
     """
 
     def _output_matmul(self, lin: _OutputLinearisation, jv: Tensor) -> Tensor:
-        return lin.scale * self.curvature.hessian_matmul(lin.outputs.detach(), jv)
+        return self._kappa * self.curvature.hessian_matmul(lin.outputs.detach(), jv, lin.weights)
 
     def exact_diagonal(self, chunk_size: int = 256) -> Tensor:
         r"""The exact diagonal of ``G``, from per-sample gradients (no probes, no variance).
 
-                .. math::
+        .. math::
 
-                    \operatorname{diag}(G) = \sum_b \kappa_b \sum_{n \in b} \sum_{r}
-                        ig(J_n^	op S_n e_rig)^{\odot 2}, \qquad S_n S_n^	op =
-        abla^2_{o_n}\ell
+            \operatorname{diag}(G) = \kappa \sum_b \sum_{n \in b} \sum_{r}
+                \big(J_n^\top S_n e_r\big)^{\odot 2}, \qquad S_n S_n^\top =
+                c_n \nabla^2_{o_n}\ell
 
-                with ``S_n`` the closed-form square root of the output Hessian (``R`` = number of outputs
-                columns). Cost: ``R`` vmapped per-sample vector-Jacobian products per batch, in chunks of
-                ``chunk_size`` examples (memory ``chunk_size × n``). For networks that are piecewise
-                linear in each parameter (ReLU/max-pool/linear layers) every diagonal entry of the
-                Hessian's residual term vanishes, so this is also the exact **Hessian** diagonal, and its
-                sums per layer the exact per-layer Hessian traces (what BackPACK's ``DiagHessian`` gives).
+        with ``S_n`` the closed-form square root of the weighted output Hessian (``R`` = number of
+        its columns, ``c_n`` the target weight). Cost: ``R`` per-sample vector-Jacobian products per
+        batch, vmapped in chunks of ``chunk_size`` examples (memory ``chunk_size × n``), or one
+        backward per column with hooks for Linear/Conv layers. For networks that are piecewise
+        linear in each parameter (ReLU/max-pool/linear layers) every diagonal entry of the
+        Hessian's residual term vanishes, so this is also the exact **Hessian** diagonal, and its
+        sums per layer the exact per-layer Hessian traces (what BackPACK's ``DiagHessian`` gives).
 
-                Raises:
-                    UnsupportedLossError: outputs are not ``[N, d]``.
-                    ValueError: ``mode="train"`` (per-sample gradients need per-sample evaluation).
+        Raises:
+            UnsupportedLossError: outputs are not ``[N, d]``.
+            NoExactDiagonalError: ``mode="train"`` (per-sample gradients need per-sample
+                evaluation).
+            InvalidArgumentError: ``chunk_size`` is not a positive integer.
         """
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
         if self.mode == "train":
-            raise ValueError("exact_diagonal needs per-sample evaluation; use mode='eval'")
+            raise NoExactDiagonalError(
+                "exact_diagonal needs per-sample evaluation, which BatchNorm/dropout in training "
+                "mode do not allow; build the operator with mode='eval', or use "
+                "curvlab.diagonal(op, method='hutchinson')"
+            )
+        self._sync_params()
         fast = _layerwise_exact_diagonal(self)
         if fast is not None:
             return fast
@@ -298,18 +305,15 @@ class GGNOperator(OutputSpaceOperator):
 
         per_sample = vmap(grad(contract), in_dims=(None, 0, 0))
         params = {n: p.detach() for n, p in zip(names, self.params)}
-        for x, y, w in self.data:
+        for x, y, _ in self.data:
             with self._model_mode(), torch.no_grad():
                 x = x.to(self.device)
-                outputs = self._forward(x)
-                self.curvature.check(outputs, y.to(self.device))
-                S = self.curvature.hessian_sqrt(outputs)  # [N, d, R]
-                scale = w * self.curvature.scale(outputs, self.reduction)
+                S = self._output_factor(self._forward(x), y)  # [N, d, R]
             with self._model_mode():
                 for start in range(0, x.shape[0], chunk_size):
                     xs, Ss = x[start : start + chunk_size], S[start : start + chunk_size]
                     for r in range(Ss.shape[2]):
                         g = per_sample(params, xs, Ss[:, :, r])
                         for i, n in enumerate(names):
-                            diag[i] += scale * (g[n] ** 2).sum(dim=0)
+                            diag[i] += (g[n] ** 2).sum(dim=0)
         return self.param_space.flatten(diag)

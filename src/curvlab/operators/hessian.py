@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.operators._model import CurvatureOperator
+from curvlab.operators.curvature import CurvatureOperator
 
 __all__ = ["HessianOperator"]
 
@@ -29,11 +29,16 @@ class HessianOperator(CurvatureOperator):
         H v = \nabla_\theta \big\langle \nabla_\theta L(\theta), v \big\rangle
 
     with batch weights :math:`w_b` that reproduce the loss's own reduction over the whole data set
-    (``mean``: :math:`w_b = |y_b| / \sum_{b'} |y_{b'}|`, exact also when the last batch is smaller;
-    ``sum``: :math:`w_b = 1`). Products are reverse-over-reverse (double backward). The gradient
-    graph of each batch is built once per product call and shared by all the columns of ``V``;
-    with ``cache_graph=True`` (the default for a single batch) it is kept across calls, so each
-    further HVP costs one backward pass. The cache is rebuilt when a parameter changes in place.
+    (``mean``: :math:`w_b = D_b / \sum_{b'} D_{b'}` with :math:`D_b` what the loss divides by on
+    batch ``b``: the number of target elements, or for cross-entropy/NLL the summed class weights
+    of the targets that are not ``ignore_index``; exact also when the last batch is smaller or
+    masks more targets, and a batch with every target ignored is skipped; ``sum``:
+    :math:`w_b = 1`). Products are reverse-over-reverse (double backward). The gradient graph of
+    each batch is built once per product call and shared by all the columns of ``V``; with
+    ``cache_graph=True`` (the default for a single batch) it is kept across calls, so each further
+    HVP costs one backward pass. The cache is rebuilt when a parameter is updated in place, its
+    ``.data`` reassigned or the parameter replaced on its module (see
+    :class:`~curvlab.operators.CurvatureOperator`).
 
     Args:
         model: any ``nn.Module`` returning a tensor.
@@ -43,8 +48,9 @@ class HessianOperator(CurvatureOperator):
         params: parameters (tensors or names) to differentiate; ``None`` = all that require grad.
         mode: ``"eval"`` (default) evaluates the model in evaluation mode (dropout off, BatchNorm
             running statistics) and restores its flags afterwards, so the operator is a fixed
-            matrix; ``"train"`` or ``"as-is"`` use training behaviour and warn that the operator is
-            then not fixed.
+            matrix; ``"train"`` or ``"as-is"`` use training behaviour (BatchNorm normalises by
+            batch statistics, its running statistics are left unchanged) and warn that the
+            operator is then not fixed.
         reduction: ``"mean"``/``"sum"`` for a loss callable without a ``reduction`` attribute.
         cache_graph: keep the per-batch gradient graphs between products (memory for speed).
         check_finite: raise :class:`~curvlab.errors.NonFiniteError` on NaN/inf losses or products.
@@ -54,7 +60,13 @@ class HessianOperator(CurvatureOperator):
             it is off by default; on GPUs, where per-call overhead dominates, try it.
 
     Raises:
-        LossNotScalarError, NonFiniteError, EmptyDataError, ParameterError, ShapeMismatchError.
+        LossNotScalarError: the loss is not a scalar (e.g. ``reduction='none'``).
+        UnsupportedLossError: ``loss_fn`` is not callable.
+        UnknownOptionError: ``mode`` or ``reduction`` is not one of the accepted names.
+        EmptyDataError: no batch, an empty batch, or every target ignored.
+        ShapeMismatchError: the output does not fit the loss (an element-wise loss needs targets
+            of the output's shape), or a batch's inputs do not fit the model.
+        ParameterError, NonFiniteError, InvalidArgumentError.
 
     Example:
         >>> import torch

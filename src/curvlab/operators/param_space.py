@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import ParameterError, ShapeMismatchError
+from curvlab.operators._checks import check_choice
 
 __all__ = ["ParamSpace", "select_parameters"]
 
@@ -143,10 +144,8 @@ class ParamSpace:
             by: ``"module"`` groups parameters by the module that owns them (``fc1.weight`` and
                 ``fc1.bias`` form block ``fc1``); ``"param"`` makes one block per parameter.
         """
-        if by == "param":
+        if check_choice(by, ("module", "param"), "block grouping") == "param":
             return {n: [n] for n in self.names}
-        if by != "module":
-            raise ValueError(f"by must be 'module' or 'param', got {by!r}")
         out: dict[str, list[str]] = {}
         for n in self.names:
             owner = n.rsplit(".", 1)[0] if "." in n else "(root)"

@@ -1,4 +1,11 @@
-"""Shared machinery of the operators built from ``(model, loss_fn, data)``."""
+"""The public base of every curvature operator built from ``(model, loss_fn, data)``.
+
+:class:`CurvatureOperator` holds what the Hessian, GGN and Fisher operators share: the parameters
+they differentiate (and the check that those have not been replaced or changed since the cached
+graphs were built), the model mode and BatchNorm statistics around every forward, the loss and its
+weight per batch, and the graph cache. A subclass builds one *linearisation* per batch and applies
+it to the columns of a matrix.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +13,29 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from curvlab.errors import (
+    InvalidArgumentError,
     LossNotScalarError,
     NonDeterministicError,
     NonFiniteError,
     ShapeMismatchError,
+    UnsupportedLossError,
 )
+from curvlab.operators._checks import check_choice
+from curvlab.operators._losses import check_target_shape
 from curvlab.operators.base import LinearOperator
 from curvlab.operators.data import BatchSource, move_to
 from curvlab.operators.param_space import ParamSpace, select_parameters
 
-__all__ = ["CurvatureOperator", "NonDeterministicModelWarning"]
+__all__ = ["CurvatureOperator", "Mode", "NonDeterministicModelWarning", "OperatorOptions"]
 
 Mode = Literal["eval", "train", "as-is"]
+_MODES = ("eval", "train", "as-is")
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 
@@ -31,16 +43,31 @@ class NonDeterministicModelWarning(UserWarning):
     """The model has dropout or BatchNorm in training mode, so its curvature is not a fixed matrix."""
 
 
+class OperatorOptions(TypedDict, total=False):
+    """The keyword options every curvature operator takes (see :class:`HessianOperator`)."""
+
+    mode: Mode
+    reduction: str | None
+    cache_graph: bool | None
+    check_finite: bool
+    vectorize: bool
+
+
 def _loss_reduction(loss_fn: Any, reduction: str | None) -> str:
     if reduction is not None:
-        return reduction
+        return check_choice(reduction, ("mean", "sum"), "reduction")
     red = getattr(loss_fn, "reduction", "mean")
     if red not in ("mean", "sum"):
-        raise ValueError(
+        raise LossNotScalarError(
             f"the loss has reduction={red!r}; curvature operators need a scalar loss, so use "
             "reduction='mean' or 'sum'"
         )
     return str(red)
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, leaf = name.rpartition(".")
+    return (model.get_submodule(prefix) if prefix else model), leaf
 
 
 class CurvatureOperator(LinearOperator):
@@ -48,8 +75,18 @@ class CurvatureOperator(LinearOperator):
 
     Subclasses build, per batch, a *linearisation* (the autograd graph a product needs) and apply
     it to the columns of a matrix. When ``cache_graph`` is on, the linearisations are built once
-    and reused by every product until a parameter changes (tracked through tensor versions), so
-    each product costs one backward pass per column instead of a fresh forward and backward.
+    and reused by every product until a parameter changes, so each product costs one backward pass
+    per column instead of a fresh forward and backward. A change is detected from the parameters'
+    identity (a module attribute replaced), version counter (in-place updates, optimizer steps)
+    and storage (``p.data = new``), at the cost of one pass over the parameter list per product.
+    Writes through ``p.data`` (``p.data.copy_(...)``) bypass all three: call :meth:`clear_cache`
+    after them.
+
+    Every forward the operator runs leaves the model as it found it: the training flags are
+    restored and BatchNorm layers that run in training mode use batch statistics without updating
+    their running statistics or ``num_batches_tracked``.
+
+    Args and raises: as :class:`~curvlab.operators.HessianOperator`.
     """
 
     is_symmetric = True
@@ -67,22 +104,34 @@ class CurvatureOperator(LinearOperator):
         check_finite: bool = True,
         vectorize: bool = False,
     ) -> None:
-        if mode not in ("eval", "train", "as-is"):
-            raise ValueError(f"mode must be 'eval', 'train' or 'as-is', got {mode!r}")
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function "
+                "of the parameters in an nn.Module"
+            )
+        if loss_fn is None or not callable(loss_fn):
+            raise UnsupportedLossError(
+                f"loss_fn must be a callable loss(outputs, targets) -> scalar, got {loss_fn!r}; "
+                "pass e.g. nn.CrossEntropyLoss() or nn.MSELoss()"
+            )
+        self.mode: Mode = check_choice(mode, _MODES, "mode")  # type: ignore[assignment]
         names, tensors = select_parameters(model, params)
         self.model = model
         self.loss_fn = loss_fn
-        self.mode: Mode = mode
         self.reduction = _loss_reduction(loss_fn, reduction)
-        self.data = data if isinstance(data, BatchSource) else BatchSource(data, self.reduction)
+        self._setup_loss()
+        self.data = (
+            data if isinstance(data, BatchSource) else BatchSource(data, self.reduction, loss_fn)
+        )
         self.params: list[Tensor] = tensors
+        self._owners = [_owner(model, n) for n in names]
         self.param_space = ParamSpace(tuple(names), tuple(p.shape for p in tensors))
         self.check_finite = check_finite
         self.vectorize = bool(vectorize)
         self.cache_graph = self.data.single if cache_graph is None else bool(cache_graph)
         self._cache: list[Any] | None = None
-        self._cache_key: tuple[int, ...] | None = None
-        self._init_args = {
+        self._cache_key: list[tuple[int, int]] | None = None
+        self._init_args: OperatorOptions = {
             "mode": mode,
             "reduction": self.reduction,
             "cache_graph": cache_graph,
@@ -97,14 +146,26 @@ class CurvatureOperator(LinearOperator):
             )
         super().__init__((self.param_space.dim,) * 2, tensors[0].dtype, tensors[0].device)
         self._warn_if_stochastic()
-        self._validate_first_batch()
+        self._validate_batches()
 
-    def _validate_first_batch(self) -> None:
+    def _setup_loss(self) -> None:
+        """Hook run before the data is read (GGN/Fisher: identify the loss's curvature)."""
+
+    def _validate_batches(self) -> None:
         """Fail at construction, not mid-computation: evaluate the loss on the first batch.
 
         With ``cache_graph`` the cached graphs are built right here instead: the same checks
-        run inside ``_linearise`` and the forward pass is not spent twice.
+        run inside ``_linearise`` and the forward pass is not spent twice. Batches whose inputs
+        have other shapes than the first batch's are evaluated too, so that data the model cannot
+        take fails here with the shapes named.
         """
+        shapes = self.data.feature_shapes
+        differ = any(s != shapes[0] for s in shapes)  # the data is read again only then
+        for i, (x, y) in enumerate(self.data._iter_raw() if differ else ()):
+            if shapes[i] != shapes[0]:
+                self._try_batch(
+                    x, y, f"batch {i} has inputs of shapes {shapes[i]}, batch 0 {shapes[0]}"
+                )
         if self.cache_graph:
             for _ in self._linearisations():
                 pass
@@ -114,6 +175,19 @@ class CurvatureOperator(LinearOperator):
             outputs = self._forward(x)
             self._loss(outputs, y, w)
             self._check_outputs(outputs, y.to(self.device))
+
+    def _try_batch(self, x: Any, y: Tensor, what: str) -> None:
+        try:
+            with torch.no_grad(), self._model_mode():
+                outputs = self._forward(x)
+                targets = y.to(self.device)
+                check_target_shape(self.loss_fn, outputs, targets)
+                self.loss_fn(outputs, targets)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise ShapeMismatchError(
+                f"{what}, and the model or the loss rejects it ({exc}); give every batch inputs "
+                "of the shape the model takes"
+            ) from exc
 
     def _check_outputs(self, outputs: Tensor, targets: Tensor) -> None:
         """Hook for operators with requirements on the outputs (GGN/Fisher: the loss kind)."""
@@ -142,14 +216,29 @@ class CurvatureOperator(LinearOperator):
 
     @contextlib.contextmanager
     def _model_mode(self) -> Iterator[None]:
-        if self.mode == "as-is":
-            yield
-            return
-        flags = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.mode == "train")
+        """Run the model in the operator's mode; restore the flags and BatchNorm statistics after.
+
+        A BatchNorm layer in training mode with ``track_running_stats`` normalises by the batch
+        statistics and updates its running ones; with ``track_running_stats`` off for the forward
+        it computes the same output and updates nothing (no copy of the statistics is needed).
+        """
+        flags = [(m, m.training) for m in self.model.modules()] if self.mode != "as-is" else []
+        if self.mode != "as-is":
+            self.model.train(self.mode == "train")
+        frozen = [
+            bn
+            for bn in self.model.modules()
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            and bn.training
+            and bn.track_running_stats
+        ]
+        for bn in frozen:
+            bn.track_running_stats = False
         try:
             yield
         finally:
+            for bn in frozen:
+                bn.track_running_stats = True
             for m, flag in flags:
                 m.training = flag
 
@@ -166,6 +255,7 @@ class CurvatureOperator(LinearOperator):
 
     def _loss(self, outputs: Tensor, targets: Tensor, weight: float) -> Tensor:
         targets = move_to(targets, self.device)
+        check_target_shape(self.loss_fn, outputs, targets)
         try:
             loss = self.loss_fn(outputs, targets)
         except (RuntimeError, ValueError, IndexError) as exc:
@@ -189,8 +279,33 @@ class CurvatureOperator(LinearOperator):
         return loss * weight if weight != 1.0 else loss
 
     # -- linearisation cache ----------------------------------------------------------------
-    def _params_key(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.params)
+    def _sync_params(self) -> None:
+        """Follow replaced parameters and drop the cached graphs when a parameter changed.
+
+        One pass over the parameter list: a parameter object replaced on its module is picked up
+        (it must keep its shape and dtype), and the cache key (version counter and storage of
+        every parameter) catches in-place updates and ``p.data = new``.
+        """
+        current = [module._parameters.get(leaf) for module, leaf in self._owners]
+        if any(c is not p for c, p in zip(current, self.params)):
+            self._follow_replaced(current)
+        key = [(p._version, p.data_ptr()) for p in self.params]
+        if key != self._cache_key:
+            self._cache = None
+            self._cache_key = key
+
+    def _follow_replaced(self, current: Sequence[Tensor | None]) -> None:
+        """Adopt parameters replaced on their modules, if they keep their shape and dtype."""
+        for i, (new, old) in enumerate(zip(current, self.params)):
+            if new is old:
+                continue
+            if new is None or new.shape != old.shape or new.dtype != self.dtype:
+                raise ShapeMismatchError(
+                    f"parameter {self.param_space.names[i]!r} was replaced by "
+                    f"{'nothing' if new is None else (tuple(new.shape), new.dtype)} since the "
+                    f"operator was built for {(tuple(old.shape), old.dtype)}; build a new operator"
+                )
+            self.params[i] = new
 
     def _linearise(self, inputs: Any, targets: Tensor, weight: float) -> Any:
         raise NotImplementedError
@@ -200,13 +315,11 @@ class CurvatureOperator(LinearOperator):
         raise NotImplementedError
 
     def _linearisations(self) -> Iterator[Any]:
+        self._sync_params()
         if self.cache_graph:
-            key = self._params_key()
-            if self._cache is None or self._cache_key != key:
-                self._cache = None
+            if self._cache is None:
                 with self._model_mode():
-                    built = [self._linearise(x, y, w) for x, y, w in self.data]
-                self._cache, self._cache_key = built, key
+                    self._cache = [self._linearise(x, y, w) for x, y, w in self.data]
             yield from self._cache
             return
         for x, y, w in self.data:
@@ -281,6 +394,7 @@ class CurvatureOperator(LinearOperator):
     # -- public extras ----------------------------------------------------------------------
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """Return the full-data loss and its flat gradient ``[n]`` over the chosen parameters."""
+        self._sync_params()
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         for x, y, w in self.data:

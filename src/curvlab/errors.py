@@ -85,3 +85,15 @@ class SuiteError(CurvlabError, ValueError):
 
 class StoreError(CurvlabError, RuntimeError):
     """A benchmark store cannot be used: unwritable path, newer schema, or not a curvlab store."""
+
+
+class ValueRangeError(CurvlabError, ValueError):
+    """A count, size or tolerance outside its allowed range (e.g. workers < 1, seeds above the cap)."""
+
+
+class ImportNotAllowedError(SuiteError):
+    """A suite names an optimizer as ``module:Class`` (code to import) without the explicit permission."""
+
+
+class ModelSpecError(CurvlabError, ValueError):
+    """A ``--model MODULE:FUNCTION`` that cannot be imported, raises, or does not return (model, loss_fn, data)."""

@@ -97,3 +97,7 @@ class ImportNotAllowedError(SuiteError):
 
 class ModelSpecError(CurvlabError, ValueError):
     """A ``--model MODULE:FUNCTION`` that cannot be imported, raises, or does not return (model, loss_fn, data)."""
+
+
+class OutputPathError(CurvlabError, ValueError):
+    """An output folder that is a file, lies inside a file, or cannot be written."""

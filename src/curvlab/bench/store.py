@@ -261,6 +261,11 @@ class Store:
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._check_or_create(readonly)
         except sqlite3.DatabaseError as exc:
+            if "readonly" in str(exc) or "read-only" in str(exc):
+                raise StoreError(
+                    f"the store {self.path} is read-only ({exc}); make it writable or choose "
+                    "another --store path"
+                ) from exc
             raise StoreError(f"{self.path} is not a usable curvlab store: {exc}") from exc
 
     # -- schema ---------------------------------------------------------------------------------

@@ -19,28 +19,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from curvlab.cli import check_out_dir, positive_int
 from curvlab.errors import CurvlabError
 
 __all__ = ["register"]
 
 
-def _error(exc: Exception) -> int:
-    print(f"curvlab bench: error: {exc}", file=sys.stderr)
-    return 2
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
+def _run_suite(args: argparse.Namespace, store: str | Path) -> tuple[str, Any]:
+    """Load the suite and run it into ``store`` (the shared part of ``run`` and ``demo``)."""
     from curvlab.bench.runner import run_suite
     from curvlab.bench.suites import load_suite
 
-    try:
-        suite = load_suite(args.suite)
-        res = run_suite(suite, args.store, workers=args.workers, progress=not args.no_progress)
-    except CurvlabError as exc:
-        return _error(exc)
+    suite = load_suite(args.suite, allow_import=args.allow_import)
+    res = run_suite(
+        suite, store, workers=0 if args.in_process else args.workers, progress=not args.no_progress
+    )
+    return suite.name, res
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        check_out_dir(args.report, "--report")
+    name, res = _run_suite(args, args.store)
     print(
-        f"suite {suite.name}: {res.total} runs, {res.already_done} already in the store, "
-        f"{res.finished} finished, {res.diverged} diverged, {res.failed} failed "
+        f"suite {name}: {res.total} runs, {res.already_done} already in the store, "
+        f"{res.finished} finished, {res.diverged} diverged, {res.failed} failed"
+        f"{f', {res.taken} left to another runner' if res.taken else ''} "
         f"in {res.seconds:.1f} s -> {res.store}",
         file=sys.stderr,
     )
@@ -53,11 +57,7 @@ def _report(store: str, out: str | None) -> int:
     from curvlab.bench.report import write_report
 
     out_dir = out if out is not None else str(Path(store).resolve().parent / "report")
-    try:
-        path = write_report(store, out_dir)
-    except CurvlabError as exc:
-        return _error(exc)
-    print(path)
+    print(write_report(store, check_out_dir(out_dir)))
     return 0
 
 
@@ -66,20 +66,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from curvlab.bench.runner import run_suite
-    from curvlab.bench.suites import load_suite
-
-    out = Path(args.out)
+    out = check_out_dir(args.out)
     t0 = time.monotonic()
-    try:
-        res = run_suite(
-            load_suite(args.suite),
-            out / "store.sqlite",
-            workers=args.workers,
-            progress=not args.no_progress,
-        )
-    except CurvlabError as exc:
-        return _error(exc)
+    _, res = _run_suite(args, out / "store.sqlite")
     rc = _report(str(out / "store.sqlite"), str(out))
     print(
         f"demo: {res.total} runs ({res.finished} finished, {res.diverged} diverged, {res.failed} "
@@ -146,17 +135,35 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from curvlab.bench.store import Store
 
+    out = check_out_dir(args.out)
+    st = Store(args.store, readonly=True)
     try:
-        st = Store(args.store, readonly=True)
-        try:
-            paths = st.export(args.out, args.format)
-        finally:
-            st.close()
-    except CurvlabError as exc:
-        return _error(exc)
+        paths = st.export(out, args.format)
+    finally:
+        st.close()
     for p in paths:
         print(p)
     return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``run`` and ``demo`` share: workers, progress, permission to import code."""
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="parallel worker processes, >= 1 (default: number of cores)",
+    )
+    parser.add_argument(
+        "--in-process", action="store_true", help="run in this process, one run after another"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    parser.add_argument(
+        "--allow-import",
+        action="store_true",
+        help="let suite entries name optimizers as 'module:Class' outside torch.optim and "
+        "curvlab.optim (this imports and runs that code)",
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -182,13 +189,7 @@ def register(subparsers: Any) -> None:
         "--suite", default="quick", help="quick, standard, or a YAML suite file (default: quick)"
     )
     run.add_argument("--store", required=True, help="SQLite store path (created; must be writable)")
-    run.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="parallel worker processes (default: number of cores; 0: in this process)",
-    )
-    run.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    _add_run_options(run)
     run.add_argument("--report", metavar="DIR", default=None, help="also write the report into DIR")
     run.set_defaults(func=_cmd_run)
 
@@ -211,8 +212,7 @@ def register(subparsers: Any) -> None:
         "--out", default="curvlab-out/bench", help="output directory (default: curvlab-out/bench)"
     )
     demo.add_argument("--suite", default="quick", help=argparse.SUPPRESS)
-    demo.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    _add_run_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
     lst = sub.add_parser(

@@ -153,6 +153,15 @@ def _nan_to_none(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def _csv_safe(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` with every text cell that a spreadsheet would run as a formula (it starts with
+    ``= + - @``, a tab or a carriage return) prefixed with ``'``."""
+    return {
+        k: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+        for k, v in row.items()
+    }
+
+
 def new_owner() -> str:
     """A fresh runner identity, ``"host:pid:uuid"`` (the owner a runner writes into its runs)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
@@ -607,6 +616,8 @@ class Store:
     def export(self, out_dir: str | os.PathLike[str], fmt: str = "csv") -> list[Path]:
         """Write ``runs`` and ``evals`` (current attempts) as CSV files or one JSON file.
 
+        CSV text cells that a spreadsheet would evaluate as a formula get a leading ``'``.
+
         Args:
             out_dir: directory to write into (created).
             fmt: ``"csv"`` (``runs.csv``, ``evals.csv``; JSON columns stay JSON strings) or
@@ -639,11 +650,13 @@ class Store:
             w.writeheader()
             for r in runs:
                 w.writerow(
-                    {
-                        **r,
-                        "hparams": json.dumps(r["hparams"], sort_keys=True),
-                        "env": json.dumps(r["env"]) if r["env"] else "",
-                    }
+                    _csv_safe(
+                        {
+                            **r,
+                            "hparams": json.dumps(r["hparams"], sort_keys=True),
+                            "env": json.dumps(r["env"]) if r["env"] else "",
+                        }
+                    )
                 )
         metric_names = sorted({k for e in evals for k in e["metrics"]})
         with open(p_evals, "w", newline="") as fh:
@@ -662,5 +675,5 @@ class Store:
             for e in evals:
                 row = {k: e[k] for k in fields[:7]}
                 row.update({m: e["metrics"].get(m) for m in metric_names})
-                w.writerow(row)
+                w.writerow(_csv_safe(row))
         return [p_runs, p_evals]

@@ -111,14 +111,10 @@ def summarize_spectrum(
     """
     if operator not in OPERATORS:
         raise UnknownNameError(f"operator must be one of {sorted(OPERATORS)}, got {operator!r}")
-    counts = {
-        "top_k": top_k,
-        "trace_matvecs": trace_matvecs,
-        "layer_matvecs": layer_matvecs,
-        "num_probes": num_probes,
-        "lanczos_steps": lanczos_steps,
-    }
-    for name, n in counts.items():
+    for name, n in zip(
+        ("top_k", "trace_matvecs", "layer_matvecs", "num_probes", "lanczos_steps"),
+        (top_k, trace_matvecs, layer_matvecs, num_probes, lanczos_steps),
+    ):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueRangeError(f"{name} must be an integer >= 1, got {n!r}")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):

@@ -321,12 +321,12 @@ class SuiteResult:
     store: str
     total: int = 0
     already_done: int = 0
+    skipped_optimizers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
     finished: int = 0
     diverged: int = 0
     failed: int = 0
     taken: int = 0
-    skipped_optimizers: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict (for JSON output)."""

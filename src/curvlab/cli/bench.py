@@ -166,6 +166,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _command(sub: Any, name: str, func: Any, help: str, description: str) -> Any:
+    """Add the subcommand ``name`` running ``func``; returns its parser for the options."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def register(subparsers: Any) -> None:
     """Add ``bench`` (``run``, ``report``, ``demo``, ``list``, ``export``) to the curvlab CLI."""
     bench = subparsers.add_parser(
@@ -180,10 +187,13 @@ def register(subparsers: Any) -> None:
     )
     sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
 
-    run = sub.add_parser(
+    run = _command(
+        sub,
         "run",
-        help="run a suite into a store (rerun to resume)",
-        description="Run every unfinished run of a suite; finished runs in the store are skipped.",
+        _cmd_run,
+        "run a suite into a store (rerun to resume)",
+        "Run every unfinished run of a suite; finished runs in the store are skipped. Several "
+        "runners may share one store: each run is executed once.",
     )
     run.add_argument(
         "--suite", default="quick", help="quick, standard, or a YAML suite file (default: quick)"
@@ -191,47 +201,48 @@ def register(subparsers: Any) -> None:
     run.add_argument("--store", required=True, help="SQLite store path (created; must be writable)")
     _add_run_options(run)
     run.add_argument("--report", metavar="DIR", default=None, help="also write the report into DIR")
-    run.set_defaults(func=_cmd_run)
 
-    rep = sub.add_parser(
+    rep = _command(
+        sub,
         "report",
-        help="write report.html / report.md / figures from a store",
-        description="Write a self-contained HTML report (and Markdown) and print its path.",
+        _cmd_report,
+        "write report.html / report.md / figures from a store",
+        "Write a self-contained HTML report (and Markdown) and print its path.",
     )
     rep.add_argument("--store", required=True, help="the store to report on")
     rep.add_argument("--out", default=None, help="output directory (default: <store dir>/report)")
-    rep.set_defaults(func=_cmd_report)
 
-    demo = sub.add_parser(
+    demo = _command(
+        sub,
         "demo",
-        help="run the quick suite into DIR/store.sqlite and write DIR/report.html",
-        description="The main job end to end: quick suite, then the report; prints the report "
-        "path.",
+        _cmd_demo,
+        "run the quick suite into DIR/store.sqlite and write DIR/report.html",
+        "The main job end to end: quick suite, then the report; prints the report path.",
     )
     demo.add_argument(
         "--out", default="curvlab-out/bench", help="output directory (default: curvlab-out/bench)"
     )
     demo.add_argument("--suite", default="quick", help=argparse.SUPPRESS)
     _add_run_options(demo)
-    demo.set_defaults(func=_cmd_demo)
 
-    lst = sub.add_parser(
+    lst = _command(
+        sub,
         "list",
-        help="list problems, optimizers and suites",
-        description="List the registered problems (with data availability), optimizer entries and "
-        "suites.",
+        _cmd_list,
+        "list problems, optimizers and suites",
+        "List the registered problems (with data availability), optimizer entries and suites.",
     )
     lst.add_argument("--json", action="store_true", help="machine-readable output")
-    lst.set_defaults(func=_cmd_list)
 
-    exp = sub.add_parser(
+    exp = _command(
+        sub,
         "export",
-        help="export a store's runs and evaluations as CSV or JSON",
-        description="Write runs.csv + evals.csv, or store.json, for other tools.",
+        _cmd_export,
+        "export a store's runs and evaluations as CSV or JSON",
+        "Write runs.csv + evals.csv, or store.json, for other tools.",
     )
     exp.add_argument("--store", required=True, help="the store to export")
     exp.add_argument(
         "--format", choices=("csv", "json"), default="csv", help="csv (default) or json"
     )
     exp.add_argument("--out", required=True, help="output directory")
-    exp.set_defaults(func=_cmd_export)

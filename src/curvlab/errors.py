@@ -87,16 +87,35 @@ class StoreError(CurvlabError, RuntimeError):
     """A benchmark store cannot be used: unwritable path, newer schema, or not a curvlab store."""
 
 
-class ValueRangeError(CurvlabError, ValueError):
-    """A count, size or tolerance outside its allowed range (e.g. workers < 1, seeds above the cap)."""
+__all__ += ["ArgumentTypeError", "InvalidArgumentError", "ModelLoadError", "NotAttachedError"]
+__all__ += ["ZeroCurvatureWarning"]
+
+
+class InvalidArgumentError(CurvlabError, ValueError):
+    """An argument is out of range or not one of the accepted values; the message lists them."""
+
+
+class ArgumentTypeError(CurvlabError, TypeError):
+    """An argument is of the wrong kind (not an optimizer, a monitor, a callable, a layer)."""
+
+
+class ModelLoadError(CurvlabError, ValueError):
+    """A user's ``module:function`` model cannot be imported, raises, or returns the wrong thing."""
+
+
+class NotAttachedError(CurvlabError, RuntimeError):
+    """A monitor's attach-time state was read before :func:`curvlab.monitors.attach` ran."""
+
+
+class ZeroCurvatureWarning(UserWarning):
+    """An optimizer steps with a curvature estimate that was never given (it is still zero)."""
+
+
+__all__ += ["ImportNotAllowedError", "OutputPathError"]
 
 
 class ImportNotAllowedError(SuiteError):
     """A suite names an optimizer as ``module:Class`` (code to import) without the explicit permission."""
-
-
-class ModelSpecError(CurvlabError, ValueError):
-    """A ``--model MODULE:FUNCTION`` that cannot be imported, raises, or does not return (model, loss_fn, data)."""
 
 
 class OutputPathError(CurvlabError, ValueError):

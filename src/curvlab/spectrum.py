@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvlab.errors import UnknownNameError, ValueRangeError
+from curvlab.errors import InvalidArgumentError, UnknownNameError
 from curvlab.estimators import eigsh, layer_sensitivity, spectral_density, trace
 from curvlab.estimators.results import LayerSensitivity, SpectralDensity
 from curvlab.operators import (
@@ -107,7 +107,7 @@ def summarize_spectrum(
 
     Raises:
         UnknownNameError: an unknown ``operator``.
-        ValueRangeError: a count below 1 or a ``tol`` that is not a positive finite number.
+        InvalidArgumentError: a count below 1 or a ``tol`` that is not a positive finite number.
     """
     if operator not in OPERATORS:
         raise UnknownNameError(f"operator must be one of {sorted(OPERATORS)}, got {operator!r}")
@@ -116,9 +116,11 @@ def summarize_spectrum(
         (top_k, trace_matvecs, layer_matvecs, num_probes, lanczos_steps),
     ):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueRangeError(f"{name} must be an integer >= 1, got {n!r}")
+            raise InvalidArgumentError(f"{name} must be an integer >= 1, got {n!r}")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueRangeError(f"tol must be a positive finite number such as 1e-3, got {tol!r}")
+        raise InvalidArgumentError(
+            f"tol must be a positive finite number such as 1e-3, got {tol!r}"
+        )
     op = CountingOperator(OPERATORS[operator](model, loss_fn, data))
     base = op.op
     seconds: dict[str, float] = {}

@@ -61,7 +61,7 @@ from curvlab.bench.optimizers import CostModel, closure_mode_of, make_optimizer,
 from curvlab.bench.problems import get_problem
 from curvlab.bench.store import DONE_STATUSES, Store, check_store_path, new_owner
 from curvlab.bench.suites import BUILTIN_OPTIMIZERS, RunSpec, Suite, expand_runs
-from curvlab.errors import UnknownNameError, ValueRangeError
+from curvlab.errors import InvalidArgumentError, UnknownNameError
 
 __all__ = ["HEARTBEAT_S", "SuiteResult", "environment", "execute_run", "run_suite"]
 
@@ -438,11 +438,11 @@ def run_suite(
 
     Raises:
         StoreError, UnknownNameError, DataNotFoundError: before any run starts.
-        ValueRangeError: a negative ``workers``.
+        InvalidArgumentError: a negative ``workers``.
     """
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if workers is not None and (isinstance(workers, bool) or workers < 0):
-        raise ValueRangeError(
+        raise InvalidArgumentError(
             f"workers must be 0 (in this process) or a positive number of processes, got {workers}"
         )
     t0 = time.monotonic()

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from curvlab.cli import check_out_dir, positive_float, positive_int
 
-__all__ = ["load_model", "register", "run"]
+__all__ = ["register", "run"]
 
 DESCRIPTION = """\
 Measure the curvature of a model's loss, matrix-free: the top eigenvalues (Lanczos, with
@@ -119,47 +117,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
-def load_model(args: argparse.Namespace, dtype: torch.dtype) -> Any:
-    """The built-in ``--problem`` or the user's ``--model`` (current folder importable first).
-
-    Raises:
-        UnknownNameError: an unknown ``--problem``.
-        ModelSpecError: a ``--model`` that cannot be imported, raises, or does not return
-            ``(model, loss_fn, data)`` with an ``nn.Module`` and a callable loss.
-    """
-    from curvlab.errors import CurvlabError, ModelSpecError, UnknownNameError
-    from curvlab.zoo import load_problem
-
-    if args.model is not None and os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does
-    spec = args.model or args.problem
-    try:
-        problem = load_problem(spec, seed=args.seed, dtype=dtype)
-    except CurvlabError:
-        raise
-    except Exception as exc:
-        if args.model is None:
-            raise UnknownNameError(str(exc)) from exc
-        raise ModelSpecError(
-            f"--model {spec}: {type(exc).__name__}: {exc}; give MODULE:FUNCTION of a function "
-            "that returns (model, loss_fn, data)"
-        ) from exc
-    if not isinstance(problem.model, torch.nn.Module) or not callable(problem.loss_fn):
-        raise ModelSpecError(
-            f"--model {spec} returned ({type(problem.model).__name__}, "
-            f"{type(problem.loss_fn).__name__}, ...); expected (torch.nn.Module, a loss "
-            "function, data)"
-        )
-    return problem
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``curvlab spectrum`` with parsed arguments; returns the exit code."""
     from curvlab.spectrum import plot_density, summarize_spectrum, write_json
+    from curvlab.zoo import load_problem
 
     out = check_out_dir(args.out)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    problem = load_model(args, dtype)
+    problem = load_problem(args.model or args.problem, seed=args.seed, dtype=dtype)
     progress = not args.no_progress and sys.stderr.isatty()
     print(f"problem         {problem.description}")
     summary, density, _ = summarize_spectrum(

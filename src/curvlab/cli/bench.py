@@ -79,11 +79,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from curvlab.bench.optimizers import known_optimizers
+    from curvlab.bench.optimizers import resolve_optimizer
     from curvlab.bench.problems import PROBLEMS, get_problem
     from curvlab.bench.suites import BUILTIN_OPTIMIZERS, SUITES
 
-    registry = set(known_optimizers())
     doc: dict[str, Any] = {"problems": [], "optimizers": [], "suites": {}}
     for name in sorted(PROBLEMS):
         p = get_problem(name)
@@ -94,7 +93,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
             avail = False
         doc["problems"].append({**p.info(), "data_available": avail})
     for label, e in sorted(BUILTIN_OPTIMIZERS.items()):
-        ok = ":" in e.optimizer or e.optimizer in registry
+        try:
+            ok = resolve_optimizer(e.optimizer) is not None
+        except CurvlabError:
+            ok = False
         doc["optimizers"].append(
             {
                 "label": label,

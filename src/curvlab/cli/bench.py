@@ -137,10 +137,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from curvlab.bench.store import Store
 
-    out = check_out_dir(args.out)
     st = Store(args.store, readonly=True)
     try:
-        paths = st.export(out, args.format)
+        paths = st.export(check_out_dir(args.out), args.format)
     finally:
         st.close()
     for p in paths:

@@ -130,3 +130,14 @@ class DistributedError(CurvlabError, RuntimeError):
 
 class ZeroCurvatureWarning(UserWarning):
     """An optimizer steps with a curvature estimate that was never given (it is still zero)."""
+
+
+__all__ += ["ImportNotAllowedError", "OutputPathError"]
+
+
+class ImportNotAllowedError(SuiteError):
+    """A suite names an optimizer as ``module:Class`` (code to import) without the explicit permission."""
+
+
+class OutputPathError(CurvlabError, ValueError):
+    """An output folder that is a file, lies inside a file, or cannot be written."""

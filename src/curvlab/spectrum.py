@@ -7,6 +7,7 @@ and estimators, so a program can call it too.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab.errors import InvalidArgumentError, UnknownNameError
 from curvlab.estimators import eigsh, layer_sensitivity, spectral_density, trace
 from curvlab.estimators.results import LayerSensitivity, SpectralDensity
 from curvlab.operators import (
@@ -102,9 +104,23 @@ def summarize_spectrum(
 
     Returns:
         ``(summary, density, layers)``: the JSON-ready summary and the raw estimator results.
+
+    Raises:
+        UnknownNameError: an unknown ``operator``.
+        InvalidArgumentError: a count below 1 or a ``tol`` that is not a positive finite number.
     """
     if operator not in OPERATORS:
-        raise ValueError(f"operator must be one of {sorted(OPERATORS)}, got {operator!r}")
+        raise UnknownNameError(f"operator must be one of {sorted(OPERATORS)}, got {operator!r}")
+    for name, n in zip(
+        ("top_k", "trace_matvecs", "layer_matvecs", "num_probes", "lanczos_steps"),
+        (top_k, trace_matvecs, layer_matvecs, num_probes, lanczos_steps),
+    ):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgumentError(f"{name} must be an integer >= 1, got {n!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise InvalidArgumentError(
+            f"tol must be a positive finite number such as 1e-3, got {tol!r}"
+        )
     op = CountingOperator(OPERATORS[operator](model, loss_fn, data))
     base = op.op
     seconds: dict[str, float] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import re
 import shutil
 import subprocess
@@ -125,3 +126,27 @@ def test_headless_chromium_renders(report_dir: Path, tmp_path: Path) -> None:  #
         capture_output=True,
     )
     assert shot.read_bytes().startswith(PNG)
+
+
+def test_labels_are_escaped_in_reports_and_guarded_in_csv(tmp_path: Path) -> None:
+    evil = '=HYPERLINK("x")|<b>$y'
+    doc = {
+        "problems": {"quadratic-k1e2": {"budget_steps": 4, "eval_every": 2}},
+        "optimizers": [
+            {"label": evil, "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.1}},
+            {"label": "-1+1", "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.2}},
+        ],
+        "tracks": {"defaults": {"seeds": 1}},
+    }
+    store = tmp_path / "s.sqlite"
+    run_suite(parse_suite(doc), store, workers=0, progress=False)
+    write_report(store, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert '| =HYPERLINK("x")\\|&lt;b&gt;$y | defaults |' in md
+    assert "<b>" not in md and "|<b>" not in md
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<b>" not in page and "=HYPERLINK(&quot;x&quot;)|&lt;b&gt;$y" in page
+    st = Store(store)
+    (runs_csv, _) = st.export(tmp_path / "csv")
+    labels = {r["label"] for r in csv.DictReader(open(runs_csv))}
+    assert labels == {"'" + evil, "'-1+1"}

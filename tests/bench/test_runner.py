@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -156,8 +157,9 @@ def test_resume_skips_done_and_restarts_unfinished(tmp_path: Path, tiny) -> None
     assert res.total == 2 * 3 and res.finished + res.diverged == 6 and res.already_done == 0
     st = Store(path)
     victim = st.runs()[0]["run_id"]
+    dead = f"{socket.gethostname()}:{2**22 + 7}:0"  # a process id beyond Linux's pid_max
     with sqlite3.connect(path) as c:  # as if the process had died mid-run
-        c.execute("UPDATE runs SET status='running' WHERE run_id=?", (victim,))
+        c.execute("UPDATE runs SET status='running', owner=? WHERE run_id=?", (dead, victim))
     attempt_before = st.runs(run_id=victim)[0]["attempt"]
     res2 = run_suite(parse_suite(doc), path, workers=0, progress=False)
     assert res2.already_done == 5 and res2.finished + res2.diverged == 1
@@ -189,7 +191,8 @@ def test_refusals_happen_before_any_run(
                     optimizers=[
                         {"label": "z", "optimizer": "nosuch.mod:Opt", "search": {"lr": [0.1]}}
                     ]
-                )
+                ),
+                allow_import=True,
             ),
             tmp_path / "a.sqlite",
             workers=0,
@@ -197,10 +200,10 @@ def test_refusals_happen_before_any_run(
     # a built-in entry missing from the registry is skipped with a note, the others run
     notes: list[str] = []
     doc = tiny(optimizers=["psgdkron"])
-    if "psgdkron" not in __import__("curvlab.bench.optimizers", fromlist=["x"]).known_optimizers():
-        with pytest.raises(UnknownNameError, match="none of the suite's optimizers is available"):
-            run_suite(parse_suite(doc), tmp_path / "b.sqlite", workers=0, log=notes.append)
-        assert notes and "not in curvlab's registry" in notes[0]
+    monkeypatch.setattr("curvlab.bench.optimizers._registry", dict)  # as if not installed
+    with pytest.raises(UnknownNameError, match="none of the suite's optimizers is available"):
+        run_suite(parse_suite(doc), tmp_path / "b.sqlite", workers=0, log=notes.append)
+    assert notes and "not in curvlab's registry" in notes[0]
     # missing data: a clear error, before any run
     monkeypatch.setenv("CURVLAB_DATA", str(tmp_path / "nodata"))
     monkeypatch.setattr("curvlab.datasets.DEBIAN_FASHION_MNIST", tmp_path / "nodebian")
@@ -236,6 +239,6 @@ def test_bad_input_loses_nothing_from_an_existing_store(tmp_path: Path, tiny) ->
     evals_before = Store(path).evals()
     bad = tiny(optimizers=[{"label": "z", "optimizer": "no.such:Opt", "search": {"lr": [0.1]}}])
     with pytest.raises(UnknownNameError):
-        run_suite(parse_suite(bad), path, workers=0, progress=False)
+        run_suite(parse_suite(bad, allow_import=True), path, workers=0, progress=False)
     assert Store(path).runs() == before and Store(path).evals() == evals_before
     assert Store(path).integrity_check() == "ok"

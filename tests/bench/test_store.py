@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from curvlab.bench.store import SCHEMA_VERSION, Store, check_store_path
+from curvlab.bench.store import (
+    SCHEMA_VERSION,
+    STALE_AFTER_S,
+    Store,
+    check_store_path,
+    new_owner,
+)
 from curvlab.bench.suites import expand_runs, parse_suite
 from curvlab.errors import StoreError
+
+DEAD = f"{socket.gethostname()}:{2**22 + 7}:0"  # a process id beyond Linux's pid_max
 
 
 def _registered(tmp_path: Path, tiny) -> tuple[Store, list]:  # type: ignore[no-untyped-def]
@@ -43,7 +53,7 @@ def test_newer_schema_is_refused_and_untouched(tmp_path: Path) -> None:
     before = p.read_bytes()
     with pytest.raises(
         StoreError,
-        match=r"written by a newer curvlab \(store schema 99, this curvlab reads up to 1\)",
+        match=r"written by a newer curvlab \(store schema 99, this curvlab reads up to 2\)",
     ):
         Store(p)
     with pytest.raises(StoreError, match="newer curvlab"):
@@ -74,12 +84,12 @@ def test_foreign_database_and_bad_paths_are_refused(tmp_path: Path) -> None:
 def test_attempts_replace_older_evaluations(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     st, runs = _registered(tmp_path, tiny)
     rid = runs[0].run_id
-    a1 = st.start_run(rid, {"torch": "x"})
+    a1 = st.claim_run(rid, DEAD, {"torch": "x"})
     st.add_eval(rid, a1, 0, 0.0, 0, 0.0, float("nan"), {"loss": 1.0})
     st.add_eval(rid, a1, 5, 5.0, 0, 0.1, 0.5, {"loss": 0.5})
     assert [e["step"] for e in st.evals(rid)] == [0, 5]
     assert st.evals(rid)[0]["train_loss"] is None  # NaN stored as NULL
-    a2 = st.start_run(rid, {"torch": "x"})  # e.g. after a crash
+    a2 = st.claim_run(rid, new_owner(), {"torch": "x"})  # its owner's process is gone
     assert a2 == a1 + 1 and st.evals(rid) == []
     st.finish_run(rid, a1, "finished", {"steps": 99})  # stale attempt: ignored
     assert st.runs(run_id=rid)[0]["status"] == "running"
@@ -95,7 +105,7 @@ def test_attempts_replace_older_evaluations(tmp_path: Path, tiny) -> None:  # ty
 def test_register_is_idempotent(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     st, runs = _registered(tmp_path, tiny)
     rid = runs[0].run_id
-    st.finish_run(rid, st.start_run(rid, {}), "finished", {"steps": 1})
+    st.finish_run(rid, st.claim_run(rid, new_owner(), {}), "finished", {"steps": 1})
     st.register("tiny", "{}", {}, runs)
     assert st.status_of([rid]) == {rid: "finished"}
     assert len(st.runs()) == len(runs)
@@ -104,7 +114,7 @@ def test_register_is_idempotent(tmp_path: Path, tiny) -> None:  # type: ignore[n
 def test_export_csv_and_json(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     st, runs = _registered(tmp_path, tiny)
     rid = runs[0].run_id
-    a = st.start_run(rid, {})
+    a = st.claim_run(rid, new_owner(), {})
     st.add_eval(rid, a, 0, 0.0, 0, 0.0, 2.0, {"loss": 2.0, "acc": 0.5})
     st.finish_run(rid, a, "finished", {"steps": 0})
     p_runs, p_evals = st.export(tmp_path / "csv", "csv")
@@ -132,3 +142,43 @@ def test_export_csv_and_json(tmp_path: Path, tiny) -> None:  # type: ignore[no-u
     assert doc["evals"][0]["metrics"] == {"loss": 2.0, "acc": 0.5}
     with pytest.raises(StoreError, match="unknown export format 'xml'"):
         st.export(tmp_path, "xml")
+
+
+def test_claims_are_exclusive_while_the_owner_lives(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    st, runs = _registered(tmp_path, tiny)
+    rid = runs[0].run_id
+    me, other = new_owner(), new_owner()  # both this (live) process
+    assert st.claim_run(rid, me, {}) == 1
+    assert st.claim_run(rid, other, {}) is None  # held by a live runner
+    assert st.claim_run(rid, me, {}) == 2  # its own runner may restart it (a worker died)
+    with sqlite3.connect(st.path) as c:  # the owner stopped beating
+        c.execute("UPDATE runs SET heartbeat=? WHERE run_id=?", (time.time() - 1e4, rid))
+    assert st.claim_run(rid, other, {}) == 3
+    st.heartbeat(other)
+    assert st.runs(run_id=rid)[0]["heartbeat"] > time.time() - STALE_AFTER_S
+    st.finish_run(rid, 3, "finished", {"steps": 1})
+    assert st.claim_run(rid, me, {}) is None  # done
+    rid2 = runs[1].run_id
+    assert st.claim_run(rid2, DEAD, {}) == 1
+    assert st.claim_run(rid2, me, {}) == 2  # the owner's process is gone: reclaimed at once
+    st.release(me)
+    row = st.runs(run_id=rid2)[0]
+    assert (row["status"], row["owner"]) == ("pending", None)
+
+
+def test_schema_1_store_is_migrated(tmp_path: Path) -> None:
+    p = tmp_path / "old.sqlite"
+    Store(p).close()
+    with sqlite3.connect(p) as c:  # what curvlab with store schema 1 wrote
+        c.execute("ALTER TABLE runs DROP COLUMN owner")
+        c.execute("ALTER TABLE runs DROP COLUMN heartbeat")
+        c.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+        c.execute(
+            "INSERT INTO runs (run_id, problem, label, optimizer, hparams, seed, track, study, "
+            "trial, budget_steps, eval_every, status) "
+            "VALUES ('r', 'p', 'l', 'o', '{}', 0, 'defaults', 0, 0, 1, 1, 'running')"
+        )
+    assert Store(p, readonly=True).runs()[0]["status"] == "running"  # read as it is
+    st = Store(p)
+    assert st.schema_version() == SCHEMA_VERSION == 2
+    assert st.claim_run("r", new_owner(), {}) == 1  # no owner: free

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from curvlab.bench.suites import SUITES, expand_runs, load_suite, parse_suite
-from curvlab.errors import SuiteError, UnknownNameError
+from curvlab.errors import ImportNotAllowedError, SuiteError, UnknownNameError
 
 INFO = {
     "quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
@@ -91,6 +91,66 @@ def test_quick_suite_uses_only_shipped_data() -> None:
             {"problems": ["digits-mlp"], "optimizers": ["adamw"], "sed": 1},
             r"\(top level\)\.sed: unknown field\. Did you mean 'seed'\?",
         ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": [{"optimizer": "adamw", "fixed": {"lr": -1}}],
+            },
+            r"optimizers\[0\]\.fixed\.lr: adamw refuses \{'lr': -1\}: "
+            r"ValueError: Invalid learning rate",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": [
+                    {"label": "s", "optimizer": "sgd", "fixed": {"momentum": 0.9, "lr": -1}}
+                ],
+                "tracks": {"defaults": {}},
+            },
+            r"optimizers\[0\]\.fixed\.lr: sgd refuses .*Invalid learning rate",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": [{"label": "s", "optimizer": "sophia", "defaults": {"betas": 3}}],
+                "tracks": {"defaults": {}},
+            },
+            r"optimizers\[0\]\.defaults\.betas: sophia refuses",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": [{"optimizer": "adamw", "search": {"eps": [1e-8, -1.0]}}],
+            },
+            r"optimizers\[0\]\.search\.eps: adamw refuses",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": [{"optimizer": "adamw", "fixed": {"lr": 0.1}, "defaults": {"lr": 1}}],
+            },
+            r"optimizers\[0\]\.fixed\.lr: also given in defaults",
+        ),
+        (
+            {
+                "problems": ["digits-mlp"],
+                "optimizers": ["adamw"],
+                "tracks": {"defaults": {"seeds": 100000000}},
+            },
+            r"tracks\.defaults\.seeds: 100000000 is above the limit of 1000",
+        ),
+        (
+            {
+                "problems": ["digits-mlp", "digits-softmax"],
+                "optimizers": ["adamw", "sgd"],
+                "tracks": {"tuned": {"trials": 1000, "studies": 26}},
+            },
+            r"tracks: the suite expands to 104000 runs, above the limit of 100000",
+        ),
+        (
+            {"problems": {"digits-mlp": {"budget_steps": 10**12}}, "optimizers": ["adamw"]},
+            r"problems\.digits-mlp\.budget_steps: 1000000000000 is above the limit",
+        ),
     ],
 )
 def test_invalid_suites_name_the_field(doc: dict, match: str) -> None:
@@ -146,3 +206,36 @@ def test_expand_runs_counts_tracks_and_seeds(tiny) -> None:  # type: ignore[no-u
     ]
     assert [r.hparams["lr"] for r in t2] == lrs
     assert [r.run_id for r in expand_runs(s, INFO)] == [r.run_id for r in runs]
+
+
+def test_a_fixed_value_holds_in_every_run() -> None:
+    s = parse_suite(
+        {
+            "problems": ["digits-mlp"],
+            "optimizers": [{"optimizer": "sgd", "fixed": {"lr": 0.05}}],
+            "tracks": {"defaults": {"seeds": 1}},
+        }
+    )
+    (run,) = expand_runs(s, {"digits-mlp": {"budget_steps": 4, "eval_every": 2}})
+    assert run.hparams["lr"] == 0.05  # not the built-in default 0.01
+
+
+def test_importing_code_needs_the_explicit_flag(tmp_path: Path) -> None:
+    doc = {
+        "problems": ["digits-mlp"],
+        "optimizers": [{"label": "mine", "optimizer": "os:system", "search": {"lr": [0.1]}}],
+    }
+    with pytest.raises(
+        ImportNotAllowedError,
+        match=r"optimizers\[0\]\.optimizer: 'os:system' imports and runs Python code .*"
+        r"--allow-import \(allow_import=True\)",
+    ):
+        parse_suite(doc)
+    with pytest.raises(UnknownNameError, match=r"is not a torch\.optim\.Optimizer subclass"):
+        parse_suite(doc, allow_import=True)  # allowed: now checked as an optimizer
+    f = tmp_path / "s.yaml"
+    f.write_text("problems: [digits-mlp]\noptimizers: [{optimizer: 'os:system'}]\n")
+    with pytest.raises(ImportNotAllowedError, match=r"s\.yaml: optimizers\[0\]\.optimizer"):
+        load_suite(str(f))
+    # torch's and curvlab's own optimizers are installed code: no flag needed
+    parse_suite({"problems": ["digits-mlp"], "optimizers": ["torch-adamw"]})

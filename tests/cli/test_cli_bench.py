@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from curvlab.cli.bench import register
+from curvlab.cli import main
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="curvlab")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return main(argv)
 
 
 def test_list_shows_problems_optimizers_suites(capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,8 +47,7 @@ def test_run_report_export_roundtrip(tmp_path: Path, capsys: pytest.CaptureFixtu
                 str(suite),
                 "--store",
                 str(store),
-                "--workers",
-                "0",
+                "--in-process",
                 "--no-progress",
             ]
         )
@@ -111,8 +106,7 @@ def test_unwritable_store_refused_before_any_run(
                 "quick",
                 "--store",
                 str(blocker / "s.sqlite"),
-                "--workers",
-                "0",
+                "--in-process",
             ]
         )
         == 2

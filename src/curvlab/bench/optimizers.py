@@ -24,6 +24,7 @@ script (``"torch.optim:AdamW"`` benchmarks torch's own AdamW).
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +60,11 @@ def _registry() -> Mapping[str, Any]:
     return dict(getattr(registry, "OPTIMIZERS", {}))
 
 
+def _key(name: str) -> str:
+    """Registry lookup ignores case, ``-`` and ``_`` (as ``curvlab.optim.create`` does)."""
+    return name.lower().replace("-", "").replace("_", "")
+
+
 def known_optimizers() -> list[str]:
     """Sorted names in curvlab's optimizer registry (empty while it has none)."""
     return sorted(_registry())
@@ -86,29 +92,39 @@ def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
         if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
             raise UnknownNameError(f"{name!r} is not a torch.optim.Optimizer subclass")
         return cls
-    reg = _registry()
-    if name not in reg:
-        known = sorted(reg)
+    reg = {_key(k): v for k, v in _registry().items()}
+    if _key(name) not in reg:
+        known = known_optimizers()
         raise UnknownNameError(
             f"unknown optimizer {name!r}.{closest(name, known)} Known optimizers: "
             f"{', '.join(known) if known else '(the registry is empty)'}; any torch optimizer "
             "can be named as 'package.module:ClassName', e.g. 'torch.optim:AdamW'"
         )
-    return reg[name]  # type: ignore[no-any-return]
+    return reg[_key(name)]  # type: ignore[no-any-return]
 
 
-def make_optimizer(name: str, params: Any, hparams: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Construct ``name`` on ``params`` with ``hparams`` (registry names go through ``create``)."""
-    if ":" not in name:
-        create: Any = None
+def make_optimizer(
+    name: str, params: Any, hparams: Mapping[str, Any], *, seed: int | None = None
+) -> torch.optim.Optimizer:
+    """Construct ``name`` on ``params`` with ``hparams``.
+
+    Args:
+        name: a registry name or ``"module:Class"``.
+        params: the parameters (or parameter groups).
+        hparams: keyword arguments of the constructor.
+        seed: when given, an optimizer whose constructor takes ``generator`` (and ``hparams`` has
+            none) gets ``torch.Generator().manual_seed(seed)``, so its random probes repeat.
+    """
+    cls = resolve_optimizer(name)
+    kwargs = dict(hparams)
+    if seed is not None and "generator" not in kwargs:
         try:
-            from curvlab.optim import create
-        except ImportError:
-            pass
-        if create is not None:
-            resolve_optimizer(name)  # uniform unknown-name error
-            return create(name, params, **dict(hparams))  # type: ignore[no-any-return]
-    return resolve_optimizer(name)(params, **dict(hparams))
+            takes = "generator" in inspect.signature(cls).parameters
+        except (TypeError, ValueError):  # a signature Python cannot read
+            takes = False
+        if takes:
+            kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return cls(params, **kwargs)
 
 
 def closure_mode_of(optimizer: torch.optim.Optimizer) -> str:

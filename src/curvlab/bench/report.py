@@ -139,7 +139,9 @@ def _problem_figure(
         for j, clock in enumerate(CLOCKS):
             ax = axes[i][j]
             for label, cur in sorted(curves.items()):
-                ax.plot(cur[clock], cur["y_med"], label=label, color=colors[label], lw=1.5)
+                ax.plot(
+                    cur[clock], cur["y_med"], label=_plot_label(label), color=colors[label], lw=1.5
+                )
                 ax.fill_between(
                     cur[clock], cur["y_lo"], cur["y_hi"], color=colors[label], alpha=0.18, lw=0
                 )
@@ -153,7 +155,9 @@ def _problem_figure(
             ax.grid(alpha=0.3)
         if curves:
             axes[i][0].legend(fontsize=7)
-    fig.suptitle(f"{name}: {metric} (median, min–max band; dashed: target)", fontsize=10)
+    fig.suptitle(
+        _plot_label(f"{name}: {metric} (median, min–max band; dashed: target)"), fontsize=10
+    )
     # fixed margins: tight_layout costs seconds per figure on a loaded CPU
     fig.subplots_adjust(
         left=0.06, right=0.99, top=0.9, bottom=0.12 / len(tracks) + 0.02, wspace=0.28, hspace=0.45
@@ -179,7 +183,7 @@ def _lr_figure(
     for label, pts in sorted(data.items()):
         lr = [p[0] for p in pts]
         v = [p[1] for p in pts]
-        ax.plot(lr, v, "o-", label=label, color=colors[label], ms=4, lw=1)
+        ax.plot(lr, v, "o-", label=_plot_label(label), color=colors[label], ms=4, lw=1)
         bad = [x for x, y in pts if not math.isfinite(y)]
         if bad:
             ax.plot(bad, [ax.get_ylim()[1]] * len(bad), "x", color=colors[label], ms=7)
@@ -190,7 +194,9 @@ def _lr_figure(
     ax.axhline(float(info["target_threshold"]), color="k", ls="--", lw=0.8)
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final {info['final_metric']}")
-    ax.set_title(f"{name}: learning-rate sensitivity (tuned track; x: diverged)", fontsize=9)
+    ax.set_title(
+        _plot_label(f"{name}: learning-rate sensitivity (tuned track; x: diverged)"), fontsize=9
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.15)
@@ -215,7 +221,7 @@ def _profile_figure(
                 grid,
                 rho[label],
                 where="post",
-                label=f"{label} (B={score[label]:.2f})",
+                label=_plot_label(f"{label} (B={score[label]:.2f})"),
                 color=colors[label],
             )
         ax.set_xlabel("τ (ratio to the fastest)")
@@ -229,90 +235,111 @@ def _profile_figure(
     plt.close(fig)
 
 
-def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _md(text: Any) -> str:
+    """``text`` safe inside Markdown: HTML and Markdown syntax escaped, one line."""
+    out = html.escape(" ".join(str(text).split()), quote=False)
+    for c in "\\`*_[]|":
+        out = out.replace(c, "\\" + c)
+    return out
+
+
+def _plot_label(label: str) -> str:
+    """``label`` as matplotlib shows it literally (no mathtext, not hidden by a leading ``_``)."""
+    return (" " if label.startswith("_") else "") + label.replace("$", r"\$")
+
+
+_Block = tuple[str, str]  # (HTML, Markdown)
+
+
+def _heading(level: int, text: str, anchor: str | None = None) -> _Block:
+    attr = f' id="{anchor}"' if anchor else ""
+    return f"<h{level}{attr}>{html.escape(text)}</h{level}>", f"{'#' * level} {_md(text)}"
+
+
+def _para(text: str, note: bool = False) -> _Block:
+    html_text = f"<p{' class=note' if note else ''}>{html.escape(text)}</p>"
+    return html_text, (f"_{text}_" if note else _md(text))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> _Block:
     h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
     )
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+    lines = ["| " + " | ".join(_md(c) for c in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>", "\n".join(lines)
 
 
-def _table_md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+def _image(title: str, path: Path) -> _Block:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (
+        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(title)}</figcaption></figure>",
+        f"![{_md(title)}](figures/{path.name})",
+    )
 
 
-def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``report.html``, ``report.md`` and ``figures/*.png`` for the store into ``out_dir``.
+class _Doc:
+    """The report as it grows: HTML parts and their Markdown twins, side by side."""
 
-    Args:
-        store_path: a curvlab store (opened read-only).
-        out_dir: output directory (created).
+    def __init__(self) -> None:
+        self.html: list[str] = []
+        self.md: list[str] = []
 
-    Returns:
-        The path of ``report.html``.
+    def add(self, *blocks: _Block) -> None:
+        """Append ``blocks`` as one part (HTML run together, Markdown a blank line apart)."""
+        self.html.append("".join(b[0] for b in blocks))
+        self.md.append("\n\n".join(b[1] for b in blocks))
 
-    Raises:
-        StoreError: no store there, or it was written by a newer schema.
-    """
-    store = Store(store_path, readonly=True)
-    try:
-        runs = store.runs()
-        evals = store.evals()
-        problems = store.problems()
-        suites = store.suites()
-    finally:
-        store.close()
-    out = Path(out_dir)
-    figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
-    evals_by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for e in evals:
-        evals_by_run[e["run_id"]].append(e)
-    done = [r for r in runs if r["status"] in ("finished", "diverged")]
-    labels = sorted({r["label"] for r in runs})
-    tracks = [t for t in ("defaults", "tuned") if any(r["track"] == t for r in runs)]
-    import matplotlib
 
-    matplotlib.use("Agg")
-    cmap = matplotlib.colormaps["tab10"]
-    colors = {lab: cmap(i % 10) for i, lab in enumerate(labels)}
-    hib = {p: bool(i["higher_is_better"]) for p, i in problems.items()}
-    ttt = {c: time_to_target(done, c) for c in CLOCKS}
-    fq = final_quality(done, hib)
-    misses = miss_values(done)
-    lrs = lr_sensitivity(done)
+class _Data:
+    """What the report is made of: the store's records and the scores computed from them."""
 
-    html_parts: list[str] = []
-    md_parts: list[str] = []
-    images: list[tuple[str, Path]] = []
+    def __init__(self, store_path: str | os.PathLike[str], figs: Path) -> None:
+        store = Store(store_path, readonly=True)
+        try:
+            self.runs = store.runs()
+            evals = store.evals()
+            self.problems = store.problems()
+            self.suites = store.suites()
+        finally:
+            store.close()
+        self.store_path = os.fspath(store_path)
+        self.figs = figs
+        self.evals_by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for e in evals:
+            self.evals_by_run[e["run_id"]].append(e)
+        done = [r for r in self.runs if r["status"] in ("finished", "diverged")]
+        self.labels = sorted({r["label"] for r in self.runs})
+        self.tracks = [t for t in ("defaults", "tuned") if any(r["track"] == t for r in self.runs)]
+        import matplotlib
 
-    def add_img(title: str, path: Path) -> None:
-        data = base64.b64encode(path.read_bytes()).decode()
-        html_parts.append(
-            f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(title)}</figcaption></figure>"
-        )
-        md_parts.append(f"![{title}](figures/{path.name})")
-        images.append((title, path))
+        matplotlib.use("Agg")
+        cmap = matplotlib.colormaps["tab10"]
+        self.colors = {lab: cmap(i % 10) for i, lab in enumerate(self.labels)}
+        hib = {p: bool(i["higher_is_better"]) for p, i in self.problems.items()}
+        self.ttt = {c: time_to_target(done, c) for c in CLOCKS}
+        self.fq = final_quality(done, hib)
+        self.misses = miss_values(done)
+        self.lrs = lr_sensitivity(done)
 
+
+def _intro_section(doc: _Doc, d: _Data) -> None:
     status_count: dict[str, int] = defaultdict(int)
-    for r in runs:
+    for r in d.runs:
         status_count[r["status"]] += 1
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(status_count.items()))
-    html_parts.append("<h1>curvlab benchmark report</h1>")
-    md_parts.append("# curvlab benchmark report")
+    doc.add(_heading(1, "curvlab benchmark report"))
     intro = (
-        f"Store {os.fspath(store_path)}; suites: {', '.join(sorted(suites)) or '–'}; "
-        f"{len(runs)} runs ({summary}); optimizers: {', '.join(labels)}; problems: "
-        f"{', '.join(sorted(problems))}."
+        f"Store {d.store_path}; suites: {', '.join(sorted(d.suites)) or '–'}; "
+        f"{len(d.runs)} runs ({summary}); optimizers: {', '.join(d.labels)}; problems: "
+        f"{', '.join(sorted(d.problems))}."
     )
-    skipped = sorted({o for sd in suites.values() for o in sd.get("skipped_optimizers", [])})
+    skipped = sorted({o for sd in d.suites.values() for o in sd.get("skipped_optimizers", [])})
     if skipped:
         intro += f" Skipped (not in this installation's optimizer registry): {', '.join(skipped)}."
-    html_parts.append(f"<p>{html.escape(intro)}</p>")
-    md_parts.append(intro)
+    doc.add(_para(intro))
     rules = (
         "Time-to-target: per study the fastest trial reaching the target, median over studies "
         "(defaults track: each seed is a study); 'miss' = not reached within the budget. Clocks: "
@@ -320,17 +347,16 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
         "seconds of training (evaluation off the clock). Final quality: mean ± std over seeds "
         "(defaults) or over the studies' best trials (tuned)."
     )
-    html_parts.append(f"<p class=note>{html.escape(rules)}</p>")
-    md_parts.append(f"_{rules}_")
+    doc.add(_para(rules, note=True))
 
-    # ---- overall
-    html_parts.append("<h2>Overall</h2>")
-    md_parts.append("## Overall")
+
+def _overall_section(doc: _Doc, d: _Data) -> None:
+    doc.add(_heading(2, "Overall"))
     profiles = {}
-    for track in tracks:
+    for track in d.tracks:
         for clock in ("steps", "grad_evals"):
             per_problem: dict[str, dict[str, float]] = defaultdict(dict)
-            for (p, lab, tr), t in ttt[clock].items():
+            for (p, lab, tr), t in d.ttt[clock].items():
                 if tr == track:
                     per_problem[p][lab] = t
             if per_problem:
@@ -338,92 +364,87 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
                     per_problem
                 )
     if profiles:
-        pf = figs / "performance_profiles.png"
-        _profile_figure(pf, profiles, colors)
-        add_img(
+        pf = d.figs / "performance_profiles.png"
+        _profile_figure(pf, profiles, d.colors)
+        title = (
             "Performance profiles (ρ(τ): fraction of problems within τ× of the fastest; B = "
-            "normalised area)",
-            pf,
+            "normalised area)"
         )
-    ref_track = "tuned" if "tuned" in tracks else (tracks[0] if tracks else "tuned")
-    sp = {c: speedups(ttt[c], misses, c, "adamw", ref_track) for c in CLOCKS}
+        doc.add(_image(title, pf))
+    ref_track = "tuned" if "tuned" in d.tracks else (d.tracks[0] if d.tracks else "tuned")
+    sp = {c: speedups(d.ttt[c], d.misses, c, "adamw", ref_track) for c in CLOCKS}
     if any(sp.values()):
         header = ["optimizer", *[f"speed-up ({_CLOCK_LABEL[c]})" for c in CLOCKS]]
-        rows = [[lab, *[_fmt(sp[c].get(lab)) for c in CLOCKS]] for lab in labels]
+        rows = [[lab, *[_fmt(sp[c].get(lab)) for c in CLOCKS]] for lab in d.labels]
         title = (
             f"Geometric-mean speed-up over {ref_track} AdamW across problems (>1: faster; misses "
-            f"at "
-            "budget + 1)"
+            "at budget + 1)"
         )
     else:
         header, rows = ["note"], [["no AdamW runs in the store: no speed-up table"]]
         title = "Speed-up over tuned AdamW"
-    html_parts.append(f"<h3>{html.escape(title)}</h3>" + _table_html(header, rows))
-    md_parts.append(f"### {title}\n\n" + _table_md(header, rows))
+    doc.add(_heading(3, title), _table(header, rows))
 
-    # ---- per problem
-    for p in sorted(problems):
-        info = problems[p]
-        prun = [r for r in runs if r["problem"] == p]
-        if not prun:
-            continue
-        direction = "≥" if info["higher_is_better"] else "≤"
-        head = f"{p}"
-        desc = (
-            f"{info['description']}. Target: {info['target_metric']} {direction} "
-            f"{info['target_threshold']:g}; "
-            f"budget {info['budget_steps']} steps (tuned), evaluation every {info['eval_every']} "
-            f"steps; "
-            f"data: {info['data']}."
-        )
-        html_parts.append(f'<h2 id="{_slug(p)}">{html.escape(head)}</h2><p>{html.escape(desc)}</p>')
-        md_parts.append(f"## {head}\n\n{desc}")
-        header = [
-            "optimizer",
-            "track",
-            "runs",
-            "diverged",
-            "steps to target",
-            "grad-evals to target",
-            "seconds to target",
-            f"final {info['final_metric']} (mean ± std)",
-        ]
-        rows = []
-        for lab in labels:
-            for track in tracks:
-                rs = [r for r in prun if r["label"] == lab and r["track"] == track]
-                if not rs:
-                    continue
-                key = (p, lab, track)
-                q = fq.get(key, {"mean": math.nan, "std": math.nan, "diverged": 0})
-                rows.append(
-                    [
-                        lab,
-                        track,
-                        str(len(rs)),
-                        str(sum(r["status"] == "diverged" for r in rs)),
-                        *[_fmt(ttt[c].get(key, math.inf)) for c in CLOCKS],
-                        f"{_fmt(q['mean'])} ± {_fmt(q['std'])}",
-                    ]
-                )
-        html_parts.append(_table_html(header, rows))
-        md_parts.append(_table_md(header, rows))
-        f1 = figs / f"{_slug(p)}_curves.png"
-        _problem_figure(f1, p, info, prun, evals_by_run, tracks, colors)
-        add_img(f"{p}: {info['target_metric']} against each clock", f1)
-        if lrs.get(p):
-            f2 = figs / f"{_slug(p)}_lr.png"
-            _lr_figure(f2, p, info, lrs[p], colors)
-            add_img(f"{p}: learning-rate sensitivity", f2)
 
-    # ---- environment
-    envs = [r["env"] for r in runs if r.get("env")]
+def _problem_section(doc: _Doc, d: _Data, p: str) -> None:
+    info = d.problems[p]
+    prun = [r for r in d.runs if r["problem"] == p]
+    if not prun:
+        return
+    direction = "≥" if info["higher_is_better"] else "≤"
+    desc = (
+        f"{info['description']}. Target: {info['target_metric']} {direction} "
+        f"{info['target_threshold']:g}; "
+        f"budget {info['budget_steps']} steps (tuned), evaluation every {info['eval_every']} "
+        f"steps; "
+        f"data: {info['data']}."
+    )
+    doc.add(_heading(2, p, anchor=_slug(p)), _para(desc))
+    header = [
+        "optimizer",
+        "track",
+        "runs",
+        "diverged",
+        "steps to target",
+        "grad-evals to target",
+        "seconds to target",
+        f"final {info['final_metric']} (mean ± std)",
+    ]
+    rows = []
+    for lab in d.labels:
+        for track in d.tracks:
+            rs = [r for r in prun if r["label"] == lab and r["track"] == track]
+            if not rs:
+                continue
+            key = (p, lab, track)
+            q = d.fq.get(key, {"mean": math.nan, "std": math.nan, "diverged": 0})
+            rows.append(
+                [
+                    lab,
+                    track,
+                    str(len(rs)),
+                    str(sum(r["status"] == "diverged" for r in rs)),
+                    *[_fmt(d.ttt[c].get(key, math.inf)) for c in CLOCKS],
+                    f"{_fmt(q['mean'])} ± {_fmt(q['std'])}",
+                ]
+            )
+    doc.add(_table(header, rows))
+    f1 = d.figs / f"{_slug(p)}_curves.png"
+    _problem_figure(f1, p, info, prun, d.evals_by_run, d.tracks, d.colors)
+    doc.add(_image(f"{p}: {info['target_metric']} against each clock", f1))
+    if d.lrs.get(p):
+        f2 = d.figs / f"{_slug(p)}_lr.png"
+        _lr_figure(f2, p, info, d.lrs[p], d.colors)
+        doc.add(_image(f"{p}: learning-rate sensitivity", f2))
+
+
+def _environment_section(doc: _Doc, d: _Data) -> None:
+    envs = [r["env"] for r in d.runs if r.get("env")]
     loads = [
         x for e in envs for x in (e.get("loadavg") or [])[:1] + (e.get("loadavg_end") or [])[:1]
     ]
     env_rows = []
     if envs:
-        e0 = envs[0]
         for k in ("curvlab", "torch", "python", "platform", "threads", "cpu_count"):
             vals = sorted({str(e.get(k)) for e in envs})
             env_rows.append([k, ", ".join(vals)])
@@ -435,31 +456,58 @@ def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[
                     f"{max(loads):.2f}",
                 ]
             )
-        del e0
     env_rows.append(
         ["report written with", f"python {platform.python_version()} on {platform.node() or '?'}"]
     )
-    html_parts.append("<h2>Environment</h2>" + _table_html(["item", "value"], env_rows))
-    md_parts.append("## Environment\n\n" + _table_md(["item", "value"], env_rows))
-    md_parts.append(
+    doc.add(_heading(2, "Environment"), _table(["item", "value"], env_rows))
+    doc.md.append(
         "Wall-clock comparisons are only meaningful within one machine and load; steps and "
         "gradient-equivalents are the primary clocks."
     )
 
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 "
-        "1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
-        "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%}figure{margin:1em "
-        "0}figcaption{font-size:0.85em;color:#555}.note{color:#555;font-size:0.9em}"
-    )
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 "
+    "1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
+    "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+    "img{max-width:100%}figure{margin:1em "
+    "0}figcaption{font-size:0.85em;color:#555}.note{color:#555;font-size:0.9em}"
+)
+
+
+def write_report(store_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write ``report.html``, ``report.md`` and ``figures/*.png`` for the store into ``out_dir``.
+
+    Every label and name from the store is escaped (HTML in the page, HTML and Markdown syntax in
+    the Markdown twin).
+
+    Args:
+        store_path: a curvlab store (opened read-only).
+        out_dir: output directory (created).
+
+    Returns:
+        The path of ``report.html``.
+
+    Raises:
+        StoreError: no store there, or it was written by a newer schema.
+    """
+    out = Path(out_dir)
+    figs = out / "figures"
+    d = _Data(store_path, figs)
+    figs.mkdir(parents=True, exist_ok=True)
+    doc = _Doc()
+    _intro_section(doc, d)
+    _overall_section(doc, d)
+    for p in sorted(d.problems):
+        _problem_section(doc, d, p)
+    _environment_section(doc, d)
     page = (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>curvlab benchmark "
         "report</title>"
-        f"<style>{style}</style></head><body>" + "\n".join(html_parts) + "</body></html>\n"
+        f"<style>{_STYLE}</style></head><body>" + "\n".join(doc.html) + "</body></html>\n"
     )
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
-    (out / "report.md").write_text("\n\n".join(md_parts) + "\n", encoding="utf-8")
+    (out / "report.md").write_text("\n\n".join(doc.md) + "\n", encoding="utf-8")
     return path

@@ -19,19 +19,34 @@ every optimizer (AlgoPerf issues #719 and #858 are the failure modes avoided). T
 covers only batch drawing and ``optimizer.step`` (which includes the closure).
 
 Workers are spawned processes (default: one per core), each with ``torch.set_num_threads(1)``;
-each writes its own records to the store. A worker whose runner dies stops at its next evaluation,
-leaving its run ``running`` so that the next invocation restarts it.
+each writes its own records to the store. A worker dies with its runner in every phase: on Linux
+the kernel kills it (``PR_SET_PDEATHSIG``), and everywhere a watchdog thread exits it once its
+parent is gone; its run stays ``running`` and the next invocation restarts it.
+
+Several runners may share one store: each run is claimed atomically before it starts
+(:meth:`curvlab.bench.store.Store.claim_run`), a runner refreshes its runs' heartbeat every
+:data:`HEARTBEAT_S` seconds from a thread, and runs held by another live runner are left to it.
+
+Reproducibility: before a run builds its problem, the worker seeds ``torch``, ``numpy`` and
+``random`` from :attr:`RunSpec.rng_seed <curvlab.bench.suites.RunSpec.rng_seed>`, and optimizers
+that take a ``generator`` get one seeded from it, so a rerun gives bit-identical step-clock records
+whatever the worker and the order.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import json
 import math
 import multiprocessing
 import os
 import platform
+import random
+import signal
+import sqlite3
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -39,15 +54,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from curvlab.bench.optimizers import CostModel, closure_mode_of, make_optimizer, resolve_optimizer
 from curvlab.bench.problems import get_problem
-from curvlab.bench.store import DONE_STATUSES, Store, check_store_path
+from curvlab.bench.store import DONE_STATUSES, Store, check_store_path, new_owner
 from curvlab.bench.suites import BUILTIN_OPTIMIZERS, RunSpec, Suite, expand_runs
-from curvlab.errors import UnknownNameError
+from curvlab.errors import InvalidArgumentError, UnknownNameError
 
-__all__ = ["SuiteResult", "environment", "execute_run", "run_suite"]
+__all__ = ["HEARTBEAT_S", "SuiteResult", "environment", "execute_run", "run_suite"]
+
+#: Seconds between two heartbeats of a runner (far below the store's ``STALE_AFTER_S``).
+HEARTBEAT_S = 5.0
 
 
 def environment() -> dict[str, Any]:
@@ -84,26 +103,29 @@ def execute_run(
     spec: RunSpec,
     store_path: str | os.PathLike[str],
     *,
-    parent_pid: int | None = None,
+    owner: str | None = None,
     store: Store | None = None,
 ) -> dict[str, Any]:
-    """Run ``spec`` to its budget, committing each evaluation and the final summary to the store.
+    """Claim ``spec`` and run it to its budget, committing each evaluation and the summary.
 
     Args:
         spec: the run.
         store_path: the SQLite store (opened here unless ``store`` is given).
-        parent_pid: stop (without finishing the run) when the parent process is gone.
+        owner: the runner identity the run is claimed for (default: a fresh one).
         store: an already open store (in-process execution).
 
     Returns:
-        The summary written to the ``runs`` row, plus ``status``.
+        The summary written to the ``runs`` row, plus ``status``; ``{"status": "taken"}`` when the
+        run is done or held by another live runner (nothing was run).
     """
     own = store is None
     st = store if store is not None else Store(store_path)
     try:
-        attempt = st.start_run(spec.run_id, environment())
+        attempt = st.claim_run(spec.run_id, owner or new_owner(), environment())
+        if attempt is None:
+            return {"status": "taken"}
         try:
-            status, summary = _train(spec, st, attempt, parent_pid)
+            status, summary = _train(spec, st, attempt)
         except Exception as exc:  # recorded, the suite goes on
             status = "failed"
             summary = {
@@ -119,13 +141,19 @@ def execute_run(
             st.close()
 
 
-def _train(
-    spec: RunSpec, st: Store, attempt: int, parent_pid: int | None
-) -> tuple[str, dict[str, Any]]:
+def seed_everything(seed: int) -> None:
+    """Seed ``torch``, ``numpy`` and ``random`` (the global generators) from ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the legacy global generator is the one to seed
+    random.seed(seed)
+
+
+def _train(spec: RunSpec, st: Store, attempt: int) -> tuple[str, dict[str, Any]]:
+    seed_everything(spec.rng_seed)
     problem = get_problem(spec.problem)
     inst = problem.build(spec.seed)
     target = problem.target
-    opt = make_optimizer(spec.optimizer, inst.model.parameters(), spec.hparams)
+    opt = make_optimizer(spec.optimizer, inst.model.parameters(), spec.hparams, seed=spec.rng_seed)
     cost = CostModel(opt)
     loss_mode = closure_mode_of(opt) == "loss"
     logits = inst.outputs_are_logits
@@ -201,8 +229,6 @@ def _train(
                     "diverged_step": step,
                     "final_metric": None,
                 }
-            if parent_pid is not None and os.getppid() != parent_pid:
-                os._exit(3)  # orphaned: leave the run 'running' for the next invocation
     return "finished", summary(train_loss)
 
 
@@ -210,18 +236,72 @@ def _train(
 # the suite
 
 
-_WORKER_PPID: int | None = None
+_PR_SET_PDEATHSIG = 1
 
 
-def _worker_init() -> None:
-    global _WORKER_PPID
-    # The runner that spawned this worker: when it is gone, the worker stops at its next check.
-    _WORKER_PPID = os.getppid()
+def _die_with_parent(runner_pid: int) -> None:
+    """Make this process die with the runner ``runner_pid``, whatever it is doing.
+
+    On Linux the kernel sends SIGKILL when the parent exits (``prctl(PR_SET_PDEATHSIG)``); on every
+    platform a daemon thread exits the process within a second of the parent being gone (the
+    check also covers a parent that died before the ``prctl``).
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != runner_pid:
+        os._exit(3)
+
+    def watch() -> None:
+        while os.getppid() == runner_pid:
+            time.sleep(1.0)
+        os._exit(3)  # orphaned: leave the run 'running' for the next invocation
+
+    threading.Thread(target=watch, name="curvlab-parent-watch", daemon=True).start()
+
+
+def _worker_init(runner_pid: int, owner: str) -> None:
+    global _WORKER_OWNER
+    _die_with_parent(runner_pid)
+    # Ctrl-C in a terminal reaches the whole process group; the runner alone handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_OWNER = owner
     torch.set_num_threads(1)
 
 
+_WORKER_OWNER: str | None = None
+
+
 def _worker_run(spec_dict: dict[str, Any], store_path: str) -> dict[str, Any]:
-    return execute_run(RunSpec(**spec_dict), store_path, parent_pid=_WORKER_PPID)
+    return execute_run(RunSpec(**spec_dict), store_path, owner=_WORKER_OWNER)
+
+
+class _Heartbeat:
+    """A thread that refreshes the heartbeat of ``owner``'s runs every :data:`HEARTBEAT_S` s."""
+
+    def __init__(self, path: Path, owner: str) -> None:
+        self.path, self.owner = path, owner
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="curvlab-heartbeat", daemon=True)
+
+    def _loop(self) -> None:
+        st = Store(self.path)
+        try:
+            while not self.stop.wait(HEARTBEAT_S):
+                try:
+                    st.heartbeat(self.owner)
+                except sqlite3.Error:  # busy or full disk: the next beat tries again
+                    continue
+        finally:
+            st.close()
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def _mp_context() -> Any:
@@ -233,16 +313,20 @@ def _mp_context() -> Any:
 
 @dataclass
 class SuiteResult:
-    """What :func:`run_suite` did: counts by outcome, skipped optimizers and the wall time."""
+    """What :func:`run_suite` did: counts by outcome, skipped optimizers and the wall time.
+
+    ``taken`` counts the runs another runner on the same store finished or holds.
+    """
 
     store: str
     total: int = 0
     already_done: int = 0
+    skipped_optimizers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
     finished: int = 0
     diverged: int = 0
     failed: int = 0
-    skipped_optimizers: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    taken: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict (for JSON output)."""
@@ -354,51 +438,62 @@ def run_suite(
 
     Raises:
         StoreError, UnknownNameError, DataNotFoundError: before any run starts.
+        InvalidArgumentError: a negative ``workers``.
     """
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    if workers is not None and (isinstance(workers, bool) or workers < 0):
+        raise InvalidArgumentError(
+            f"workers must be 0 (in this process) or a positive number of processes, got {workers}"
+        )
     t0 = time.monotonic()
     path = check_store_path(store_path)
     store = Store(path)
-    suite, skipped = _usable_entries(suite, say)
-    specs = plan_runs(suite)
-    problem_infos = {p: get_problem(p).info() for p in suite.problems}
-    for p in suite.problems:
-        problem_infos[p].update(suite.problem_overrides.get(p, {}))
-    suite_doc = json.loads(suite.to_json())
-    suite_doc["skipped_optimizers"] = skipped
-    store.register(suite.name, json.dumps(suite_doc, sort_keys=True), problem_infos, specs)
-    status = store.status_of([s.run_id for s in specs])
-    todo = [s for s in specs if status.get(s.run_id) not in DONE_STATUSES]
-    result = SuiteResult(
-        store=str(path),
-        total=len(specs),
-        already_done=len(specs) - len(todo),
-        skipped_optimizers=skipped,
-    )
-    n_workers = (os.cpu_count() or 1) if workers is None else workers
-    prog = _Progress(len(todo), progress)
-
-    def count(out: Mapping[str, Any]) -> None:
-        s = out.get("status", "failed")
-        if s == "finished":
-            result.finished += 1
-        elif s == "diverged":
-            result.diverged += 1
-        else:
-            result.failed += 1
-            say(f"note: a run failed: {str(out.get('error', ''))[:300]}")
-
     try:
-        if n_workers <= 0:
-            for i, spec in enumerate(todo):
-                prog.update(i, 1)
-                count(execute_run(spec, path, store=store))
-            prog.update(len(todo), 0)
-        else:
-            _run_pool(todo, str(path), n_workers, prog, count, say)
+        suite, skipped = _usable_entries(suite, say)
+        specs = plan_runs(suite)
+        problem_infos = {p: get_problem(p).info() for p in suite.problems}
+        for p in suite.problems:
+            problem_infos[p].update(suite.problem_overrides.get(p, {}))
+        suite_doc = json.loads(suite.to_json())
+        suite_doc["skipped_optimizers"] = skipped
+        store.register(suite.name, json.dumps(suite_doc, sort_keys=True), problem_infos, specs)
+        status = store.status_of([s.run_id for s in specs])
+        todo = [s for s in specs if status.get(s.run_id) not in DONE_STATUSES]
+        result = SuiteResult(
+            store=str(path),
+            total=len(specs),
+            already_done=len(specs) - len(todo),
+            skipped_optimizers=skipped,
+        )
+        n_workers = (os.cpu_count() or 1) if workers is None else workers
+        owner = new_owner()
+        prog = _Progress(len(todo), progress)
+
+        def count(out: Mapping[str, Any]) -> None:
+            s = out.get("status", "failed")
+            if s in ("finished", "diverged", "taken"):
+                setattr(result, s, getattr(result, s) + 1)
+            else:
+                result.failed += 1
+                say(f"note: a run failed: {str(out.get('error', ''))[:300]}")
+
+        try:
+            with _Heartbeat(path, owner):
+                if n_workers == 0:
+                    for i, spec in enumerate(todo):
+                        prog.update(i, 1)
+                        count(execute_run(spec, path, owner=owner, store=store))
+                    prog.update(len(todo), 0)
+                else:
+                    _run_pool(todo, str(path), owner, n_workers, prog, count, say)
+        finally:
+            prog.close()
+            # Runs this runner still holds (Ctrl-C, an error) go back to the queue.
+            store.release(owner)
     finally:
-        prog.close()
         store.close()
+    if result.taken:
+        say(f"note: {result.taken} runs were done or in progress by another runner on this store")
     result.seconds = time.monotonic() - t0
     return result
 
@@ -406,6 +501,7 @@ def run_suite(
 def _run_pool(
     todo: list[RunSpec],
     path: str,
+    owner: str,
     n_workers: int,
     prog: _Progress,
     count: Callable[[Mapping[str, Any]], None],
@@ -418,7 +514,10 @@ def _run_pool(
     fruitless = 0
     while pending:
         done_before = done
-        with cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init) as pool:
+        pool = cf.ProcessPoolExecutor(
+            n_workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(), owner)
+        )
+        try:
             inflight: dict[cf.Future[dict[str, Any]], RunSpec] = {}
             broken = False
             while (pending or inflight) and not broken:
@@ -451,6 +550,11 @@ def _run_pool(
                     else:
                         pending.append(spec)
                 say("note: a worker process died; its run will be restarted in a fresh pool")
+        except BaseException:  # Ctrl-C or an error: stop the workers now, not after their runs
+            _kill_workers(pool)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         fruitless = fruitless + 1 if done == done_before else 0
         if fruitless >= 3:
             raise RuntimeError(
@@ -459,6 +563,15 @@ def _run_pool(
                 "(spawned workers re-import the main module), or use workers=0"
             )
     prog.update(done, 0)
+
+
+def _kill_workers(pool: cf.ProcessPoolExecutor) -> None:
+    # the executor has no public way to stop a running task; its process table is the handle
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.join()
 
 
 def _mark_failed(path: str, spec: RunSpec, why: str) -> None:

@@ -22,7 +22,9 @@ Schema (version :data:`SCHEMA_VERSION`; a store written by a newer curvlab is re
          steps INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,   -- clocks at the end
          final_metric REAL, final_loss REAL,        -- the problem's final metric and train loss
          ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,  -- time to target (NULL: miss)
-         diverged_step INTEGER, error TEXT, env TEXT (JSON: torch version, threads, load average))
+         diverged_step INTEGER, error TEXT, env TEXT (JSON: torch version, threads, load average),
+         owner TEXT, heartbeat REAL)  -- the runner that claimed the run ('host:pid:uuid'), and
+                                      -- when it last said it was alive (unix time)
     evals(run_id, attempt, step INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,
           train_loss REAL, metrics TEXT (JSON), PRIMARY KEY (run_id, attempt, step))
     monitors(key TEXT, step INTEGER, name TEXT, value REAL,  -- training-dynamics monitor values
@@ -32,6 +34,15 @@ Schema (version :data:`SCHEMA_VERSION`; a store written by a newer curvlab is re
 Only the evaluations of a run's current ``attempt`` count; starting an attempt deletes the older
 ones in the same transaction. Resume rule: runs with status ``finished`` or ``diverged`` are done;
 any other status (a run in flight when the process died, or one that failed) is restarted.
+
+Claim rule (:meth:`Store.claim_run`, one ``BEGIN IMMEDIATE`` transaction, so N runners on one store
+execute each run once): a ``pending`` or ``failed`` run is free; a ``running`` run is taken while
+its owner is alive, that is its heartbeat is younger than :data:`STALE_AFTER_S` seconds and, when
+the owner is on this host, its process exists. A runner refreshes the heartbeat of its runs every
+few seconds (:meth:`Store.heartbeat`), and every evaluation record refreshes it too.
+
+Migrations: a schema-1 store (no owner, no heartbeat) is upgraded in place when opened for writing;
+opened read-only, it is read as it is.
 """
 
 from __future__ import annotations
@@ -40,8 +51,10 @@ import csv
 import json
 import math
 import os
+import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,10 +62,20 @@ from typing import Any
 
 from curvlab.errors import StoreError
 
-__all__ = ["DONE_STATUSES", "SCHEMA_VERSION", "Store", "check_store_path"]
+__all__ = [
+    "DONE_STATUSES",
+    "SCHEMA_VERSION",
+    "STALE_AFTER_S",
+    "Store",
+    "check_store_path",
+    "new_owner",
+    "owner_alive",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DONE_STATUSES = ("finished", "diverged")
+#: A run whose owner has not refreshed its heartbeat for this long is taken over by another runner.
+STALE_AFTER_S = 120.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,7 +94,8 @@ CREATE TABLE IF NOT EXISTS runs (
     steps INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,
     final_metric REAL, final_loss REAL,
     ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,
-    diverged_step INTEGER, error TEXT, env TEXT
+    diverged_step INTEGER, error TEXT, env TEXT,
+    owner TEXT, heartbeat REAL
 );
 CREATE INDEX IF NOT EXISTS runs_problem ON runs (problem, label, track);
 CREATE TABLE IF NOT EXISTS monitors (
@@ -115,11 +139,60 @@ _RUN_COLUMNS = (
     "diverged_step",
     "error",
     "env",
+    "owner",
+    "heartbeat",
 )
+
+#: Statements that bring a store of schema ``version - 1`` to ``version``.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE runs ADD COLUMN owner TEXT", "ALTER TABLE runs ADD COLUMN heartbeat REAL"),
+}
 
 
 def _nan_to_none(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _csv_safe(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` with every text cell that a spreadsheet would run as a formula (it starts with
+    ``= + - @``, a tab or a carriage return) prefixed with ``'``."""
+    return {
+        k: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+        for k, v in row.items()
+    }
+
+
+def new_owner() -> str:
+    """A fresh runner identity, ``"host:pid:uuid"`` (the owner a runner writes into its runs)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def owner_alive(
+    owner: str | None, heartbeat: float | None, now: float, stale_after: float = STALE_AFTER_S
+) -> bool:
+    """Whether a run's owner still holds it: a fresh heartbeat and, on this host, a live process.
+
+    Example:
+        >>> owner_alive(new_owner(), 100.0, now=101.0)
+        True
+        >>> owner_alive(new_owner(), 100.0, now=100.0 + STALE_AFTER_S + 1)
+        False
+        >>> owner_alive(None, None, now=0.0)
+        False
+    """
+    if not owner or heartbeat is None or now - heartbeat > stale_after:
+        return False
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user: it exists
+        return True
+    return True
 
 
 def check_store_path(path: str | os.PathLike[str]) -> Path:
@@ -166,7 +239,7 @@ class Store:
         >>> import tempfile, os
         >>> s = Store(os.path.join(tempfile.mkdtemp(), "s.sqlite"))
         >>> s.schema_version()
-        1
+        2
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
@@ -178,8 +251,14 @@ class Store:
                 )
         else:
             check_store_path(self.path)
+        # A store that cannot be written (read-only file or folder) is read as an immutable file:
+        # SQLite would otherwise need to create its WAL index next to it.
+        frozen = readonly and not (
+            os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+        )
+        target = f"{self.path.resolve().as_uri()}?immutable=1" if frozen else str(self.path)
         try:
-            self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            self.conn = sqlite3.connect(target, timeout=60.0, isolation_level=None, uri=frozen)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA busy_timeout = 60000")
             if not readonly:
@@ -191,56 +270,75 @@ class Store:
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._check_or_create(readonly)
         except sqlite3.DatabaseError as exc:
+            if "readonly" in str(exc) or "read-only" in str(exc):
+                raise StoreError(
+                    f"the store {self.path} is read-only ({exc}); make it writable or choose "
+                    "another --store path"
+                ) from exc
             raise StoreError(f"{self.path} is not a usable curvlab store: {exc}") from exc
 
     # -- schema ---------------------------------------------------------------------------------
 
-    def _check_or_create(self, readonly: bool) -> None:
-        tables = {
+    def _tables(self) -> set[str]:
+        return {
             r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
         }
-        if "meta" in tables:
-            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                raise StoreError(
-                    f"{self.path} has a meta table but no schema_version: not a curvlab store"
-                )
-            version = int(row[0])
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} was written by a newer curvlab (store schema {version}, this "
-                    f"curvlab "
-                    f"reads up to {SCHEMA_VERSION}); upgrade curvlab or use another --store path. "
-                    "Nothing was changed."
-                )
-            return
-        if tables:
-            raise StoreError(
-                f"{self.path} is an SQLite database but not a curvlab store (tables: "
-                f"{sorted(tables)})"
-            )
-        if readonly:
-            raise StoreError(f"{self.path} is empty: not a curvlab store")
-        with self.transaction():
-            for stmt in _SCHEMA.strip().split(";"):
-                if stmt.strip():
-                    self.conn.execute(stmt)
-            from curvlab import __version__
 
-            self.conn.executemany(
-                "INSERT INTO meta VALUES (?, ?)",
-                [
-                    ("schema_version", str(SCHEMA_VERSION)),
-                    ("created_by", f"curvlab {__version__}"),
-                    ("created_at", repr(time.time())),
-                ],
+    def _check_or_create(self, readonly: bool) -> None:
+        if not readonly and not self._tables():
+            with self.transaction():
+                if not self._tables():  # not created by another runner meanwhile
+                    self._create()
+        tables = self._tables()
+        if "meta" not in tables:
+            if tables:
+                raise StoreError(
+                    f"{self.path} is an SQLite database but not a curvlab store (tables: "
+                    f"{sorted(tables)})"
+                )
+            raise StoreError(f"{self.path} is empty: not a curvlab store")
+        version = self._version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer curvlab (store schema {version}, this "
+                f"curvlab reads up to {SCHEMA_VERSION}); upgrade curvlab or use another --store "
+                "path. Nothing was changed."
             )
+        if version < SCHEMA_VERSION and not readonly:
+            with self.transaction() as c:
+                for v in range(self._version() + 1, SCHEMA_VERSION + 1):  # re-read: one migrates
+                    for stmt in _MIGRATIONS[v]:
+                        c.execute(stmt)
+                c.execute(
+                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+                )
+
+    def _version(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            raise StoreError(
+                f"{self.path} has a meta table but no schema_version: not a curvlab store"
+            )
+        return int(row[0])
+
+    def _create(self) -> None:
+        for stmt in _SCHEMA.strip().split(";"):
+            if stmt.strip():
+                self.conn.execute(stmt)
+        from curvlab import __version__
+
+        self.conn.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [
+                ("schema_version", str(SCHEMA_VERSION)),
+                ("created_by", f"curvlab {__version__}"),
+                ("created_at", repr(time.time())),
+            ],
+        )
 
     def schema_version(self) -> int:
         """The store's schema version."""
-        return int(
-            self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-        )
+        return self._version()
 
     @contextmanager
     def transaction(self) -> Any:
@@ -303,13 +401,41 @@ class Store:
                 ],
             )
 
-    def start_run(self, run_id: str, env: Mapping[str, Any]) -> int:
-        """Begin a new attempt of ``run_id`` (older evaluations deleted); returns its number."""
+    def claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        env: Mapping[str, Any],
+        *,
+        stale_after: float = STALE_AFTER_S,
+    ) -> int | None:
+        """Take ``run_id`` for ``owner`` and begin a new attempt, atomically (module docstring).
+
+        The run is taken when it is pending or failed, already ``owner``'s, or owned by a runner
+        that is gone (:func:`owner_alive`); the older evaluations are deleted in the same
+        transaction.
+
+        Returns:
+            The new attempt's number, or ``None`` when the run is done or a live runner holds it.
+
+        Raises:
+            StoreError: the run is not registered.
+        """
         with self.transaction() as c:
-            row = c.execute("SELECT attempt FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            row = c.execute(
+                "SELECT attempt, status, owner, heartbeat FROM runs WHERE run_id=?", (run_id,)
+            ).fetchone()
             if row is None:
                 raise StoreError(f"run {run_id} is not registered in {self.path}")
-            attempt = int(row[0]) + 1
+            attempt, status, holder, beat = row
+            now = time.time()
+            if status in DONE_STATUSES or (
+                status == "running"
+                and holder != owner
+                and owner_alive(holder, beat, now, stale_after)
+            ):
+                return None
+            attempt = int(attempt) + 1
             c.execute("DELETE FROM evals WHERE run_id=?", (run_id,))
             c.execute(
                 "UPDATE runs SET status='running', attempt=?, started_at=?, finished_at=NULL, "
@@ -318,10 +444,24 @@ class Store:
                 "final_loss=NULL, "
                 "ttt_steps=NULL, ttt_grad_evals=NULL, ttt_seconds=NULL, diverged_step=NULL, "
                 "error=NULL, "
-                "env=? WHERE run_id=?",
-                (attempt, time.time(), json.dumps(dict(env)), run_id),
+                "env=?, owner=?, heartbeat=? WHERE run_id=?",
+                (attempt, now, json.dumps(dict(env)), owner, now, run_id),
             )
         return attempt
+
+    def heartbeat(self, owner: str) -> None:
+        """Say that ``owner`` is alive: refresh the heartbeat of its running runs (one statement)."""
+        self.conn.execute(
+            "UPDATE runs SET heartbeat=? WHERE owner=? AND status='running'", (time.time(), owner)
+        )
+
+    def release(self, owner: str) -> None:
+        """Give back ``owner``'s unfinished runs (status ``pending``), e.g. after a Ctrl-C."""
+        self.conn.execute(
+            "UPDATE runs SET status='pending', owner=NULL, heartbeat=NULL "
+            "WHERE owner=? AND status='running'",
+            (owner,),
+        )
 
     def add_eval(
         self,
@@ -334,8 +474,12 @@ class Store:
         train_loss: float | None,
         metrics: Mapping[str, float],
     ) -> None:
-        """Append one evaluation record (its own transaction)."""
+        """Append one evaluation record and refresh the run's heartbeat (one transaction)."""
         with self.transaction() as c:
+            c.execute(
+                "UPDATE runs SET heartbeat=? WHERE run_id=? AND attempt=?",
+                (time.time(), run_id, attempt),
+            )
             c.execute(
                 "INSERT OR REPLACE INTO evals VALUES (?,?,?,?,?,?,?,?)",
                 (
@@ -472,6 +616,8 @@ class Store:
     def export(self, out_dir: str | os.PathLike[str], fmt: str = "csv") -> list[Path]:
         """Write ``runs`` and ``evals`` (current attempts) as CSV files or one JSON file.
 
+        CSV text cells that a spreadsheet would evaluate as a formula get a leading ``'``.
+
         Args:
             out_dir: directory to write into (created).
             fmt: ``"csv"`` (``runs.csv``, ``evals.csv``; JSON columns stay JSON strings) or
@@ -504,11 +650,13 @@ class Store:
             w.writeheader()
             for r in runs:
                 w.writerow(
-                    {
-                        **r,
-                        "hparams": json.dumps(r["hparams"], sort_keys=True),
-                        "env": json.dumps(r["env"]) if r["env"] else "",
-                    }
+                    _csv_safe(
+                        {
+                            **r,
+                            "hparams": json.dumps(r["hparams"], sort_keys=True),
+                            "env": json.dumps(r["env"]) if r["env"] else "",
+                        }
+                    )
                 )
         metric_names = sorted({k for e in evals for k in e["metrics"]})
         with open(p_evals, "w", newline="") as fh:
@@ -527,5 +675,5 @@ class Store:
             for e in evals:
                 row = {k: e[k] for k in fields[:7]}
                 row.update({m: e["metrics"].get(m) for m in metric_names})
-                w.writerow(row)
+                w.writerow(_csv_safe(row))
         return [p_runs, p_evals]

@@ -40,12 +40,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from curvlab.bench.optimizers import resolve_optimizer
 from curvlab.bench.problems import PROBLEMS, closest
-from curvlab.errors import SuiteError, UnknownNameError
+from curvlab.errors import CurvlabError, ImportNotAllowedError, SuiteError, UnknownNameError
 
 __all__ = [
     "BUILTIN_OPTIMIZERS",
+    "MAX_RUNS",
+    "MAX_SEEDS",
+    "MAX_STEPS",
     "SUITES",
+    "TRUSTED_IMPORTS",
     "OptimizerEntry",
     "RunSpec",
     "SearchDim",
@@ -54,6 +61,14 @@ __all__ = [
     "load_suite",
     "parse_suite",
 ]
+
+
+#: Caps on a suite's counts: seeds, trials and studies each; runs in all; steps of a problem.
+MAX_SEEDS = 1000
+MAX_RUNS = 100_000
+MAX_STEPS = 10_000_000
+#: ``module:Class`` optimizers from these packages need no ``allow_import`` (installed code).
+TRUSTED_IMPORTS = ("torch.optim:", "torch.optim.", "curvlab.optim:", "curvlab.optim.")
 
 
 @dataclass(frozen=True)
@@ -183,6 +198,26 @@ class RunSpec:
         )
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
+    @property
+    def rng_seed(self) -> int:
+        """The run's random seed (global generators, optimizer probes): a hash of its place.
+
+        It depends on the problem, the optimizer, the track, study, trial and seed, not on the
+        hyperparameters, so a tuned track's trials share their random numbers.
+        """
+        key = json.dumps(
+            [
+                self.problem,
+                self.label,
+                self.optimizer,
+                self.track,
+                self.study,
+                self.trial,
+                self.seed,
+            ]
+        )
+        return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
 
 # ----------------------------------------------------------------------------------------------
 # validation
@@ -192,9 +227,11 @@ def _fail(where: str, msg: str) -> SuiteError:
     return SuiteError(f"{where}: {msg}")
 
 
-def _int(where: str, v: Any, low: int = 0) -> int:
+def _int(where: str, v: Any, low: int = 0, high: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise _fail(where, f"expected an integer >= {low}, got {v!r}")
+    if high is not None and v > high:
+        raise _fail(where, f"{v} is above the limit of {high}; split the work into several suites")
     return v
 
 
@@ -250,7 +287,7 @@ def _search(where: str, v: Any) -> dict[str, SearchDim]:
     return out
 
 
-def _optimizer_entry(where: str, v: Any) -> OptimizerEntry:
+def _optimizer_entry(where: str, v: Any, allow_import: bool) -> OptimizerEntry:
     if isinstance(v, str):
         if v in BUILTIN_OPTIMIZERS:
             return BUILTIN_OPTIMIZERS[v]
@@ -271,26 +308,94 @@ def _optimizer_entry(where: str, v: Any) -> OptimizerEntry:
         raise _fail(f"{where}.optimizer", f"expected a name, got {opt!r}")
     if base is not None and opt == base.label:
         opt = base.optimizer
-    return OptimizerEntry(
-        label=label,
-        optimizer=opt,
-        fixed=dict(_mapping(f"{where}.fixed", m.get("fixed", base.fixed if base else {}))),
-        defaults=dict(
-            _mapping(f"{where}.defaults", m.get("defaults", base.defaults if base else {}))
-        ),
-        search=_search(f"{where}.search", m["search"])
+    if ":" in opt and not allow_import and not opt.startswith(TRUSTED_IMPORTS):
+        raise ImportNotAllowedError(
+            f"{where}.optimizer: {opt!r} imports and runs Python code from the suite; if you trust "
+            "it, pass --allow-import (allow_import=True), or name a registered optimizer"
+        )
+    fixed = dict(_mapping(f"{where}.fixed", m.get("fixed", base.fixed if base else {})))
+    defaults = dict(_mapping(f"{where}.defaults", m.get("defaults", base.defaults if base else {})))
+    search = (
+        _search(f"{where}.search", m["search"])
         if "search" in m
-        else dict(base.search if base else {}),
+        else dict(base.search if base else {})
     )
+    # a fixed value holds in every run: it replaces the inherited default and search dimension,
+    # and may not also be given as a default or a search dimension of the entry itself
+    for key in fixed:
+        for part, given in (("defaults", defaults), ("search", search)):
+            if key in given and part in m:
+                raise _fail(
+                    f"{where}.fixed.{key}",
+                    f"also given in {part}; a hyperparameter is either fixed or in {part}",
+                )
+            given.pop(key, None)
+    return OptimizerEntry(label=label, optimizer=opt, fixed=fixed, defaults=defaults, search=search)
 
 
-def parse_suite(data: Any, source: str = "suite") -> Suite:
+def _refusal(cls: type, fields: Mapping[str, Any]) -> Exception | None:
+    """The exception ``cls`` raises when built on a dummy parameter with ``fields`` (paths such as
+    ``fixed.lr`` -> value), if any."""
+    hparams = {f.split(".", 1)[1]: v for f, v in fields.items()}
+    try:
+        cls([torch.nn.Parameter(torch.zeros(16, 16))], **hparams)
+    except (CurvlabError, ValueError, TypeError) as exc:
+        return exc
+    return None
+
+
+def _check_hyperparameters(where: str, e: OptimizerEntry) -> None:
+    """Build the optimizer with every value the suite can give it; name the first it refuses.
+
+    A built-in entry whose optimizer is not installed here is left to the runner (skipped with a
+    note); any other unknown optimizer raises now.
+    """
+    try:
+        cls = resolve_optimizer(e.optimizer)
+    except UnknownNameError as exc:
+        if BUILTIN_OPTIMIZERS.get(e.label) == e:
+            return
+        raise UnknownNameError(f"{where}.optimizer: {exc}") from exc
+    # every value set a run can get: the defaults track's, and each search value with the fixed
+    fixed = {f"fixed.{k}": v for k, v in e.fixed.items()}
+    combos = [{**fixed, **{f"defaults.{k}": v for k, v in e.defaults.items()}}]
+    for name, dim in e.search.items():
+        combos += [{**fixed, f"search.{name}": v} for v in dim.choices or (dim.low, dim.high)]
+    for combo in combos:
+        refused = _refusal(cls, combo)
+        if refused is None:
+            continue
+        # blame the first field without which the rest is accepted
+        culprit = next((f for f in combo if _refusal(cls, _without(combo, f)) is None), None)
+        shown = {f.split(".", 1)[1]: v for f, v in combo.items()}
+        raise _fail(
+            f"{where}.{culprit}" if culprit else where,
+            f"{e.optimizer} refuses {shown}: {type(refused).__name__}: {refused}",
+        )
+
+
+def _without(combo: Mapping[str, Any], field: str) -> dict[str, Any]:
+    return {f: v for f, v in combo.items() if f != field}
+
+
+def parse_suite(data: Any, source: str = "suite", *, allow_import: bool = False) -> Suite:
     """Validate a suite given as plain data (the parsed YAML) and return a :class:`Suite`.
+
+    Every hyperparameter the suite can give an optimizer (fixed, defaults, the ends of each search
+    range, every choice) is tried on a dummy parameter, so a value the optimizer refuses is an
+    error here, before anything runs. Counts are bounded (:data:`MAX_SEEDS`, :data:`MAX_RUNS`).
+
+    Args:
+        data: the parsed YAML.
+        source: where it came from (the messages' prefix).
+        allow_import: allow entries ``optimizer: "module:Class"`` outside ``torch.optim`` and
+            ``curvlab.optim`` (they import and run code named by the suite).
 
     Raises:
         SuiteError: the message starts with the path of the bad field, e.g.
             ``"s.yaml: tracks.tuned.trials: expected an integer >= 1, got 0"``.
-        UnknownNameError: an unknown problem name (lists the known ones).
+        ImportNotAllowedError: a ``module:Class`` optimizer without ``allow_import``.
+        UnknownNameError: an unknown problem or optimizer name (lists the known ones).
 
     Example:
         >>> s = parse_suite({"problems": ["digits-mlp"], "optimizers": ["adamw"]})
@@ -319,7 +424,9 @@ def parse_suite(data: Any, source: str = "suite") -> Suite:
             for p, ov in probs.items():
                 ovm = _mapping(f"problems.{p}", ov)
                 _check_keys(f"problems.{p}", ovm, ("budget_steps", "eval_every"))
-                overrides[p] = {k: _int(f"problems.{p}.{k}", x, 1) for k, x in ovm.items()}
+                overrides[p] = {
+                    k: _int(f"problems.{p}.{k}", x, 1, MAX_STEPS) for k, x in ovm.items()
+                }
         elif isinstance(probs, list):
             names = probs
         else:
@@ -338,13 +445,17 @@ def parse_suite(data: Any, source: str = "suite") -> Suite:
         opts = top.get("optimizers")
         if not isinstance(opts, list) or not opts:
             raise _fail("optimizers", f"expected a non-empty list, got {opts!r}")
-        entries = tuple(_optimizer_entry(f"optimizers[{i}]", o) for i, o in enumerate(opts))
+        entries = tuple(
+            _optimizer_entry(f"optimizers[{i}]", o, allow_import) for i, o in enumerate(opts)
+        )
         labels = [e.label for e in entries]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise _fail(
                 "optimizers", f"duplicate labels {sorted(dup)}; give each entry a distinct 'label'"
             )
+        for i, e in enumerate(entries):
+            _check_hyperparameters(f"optimizers[{i}]", e)
         tracks = _mapping("tracks", top.get("tracks", {"defaults": {}, "tuned": {}}))
         _check_keys("tracks", tracks, ("defaults", "tuned"))
         d = _mapping("tracks.defaults", tracks.get("defaults"))
@@ -357,22 +468,33 @@ def parse_suite(data: Any, source: str = "suite") -> Suite:
                     f"optimizers[{e_i}].search",
                     f"{e.label!r} has no search space for the tuned track",
                 )
-        return Suite(
+        suite = Suite(
             name=name,
             problems=tuple(names),
             optimizers=entries,
             seed=seed,
-            default_seeds=_int("tracks.defaults.seeds", d.get("seeds", 3), 1),
+            default_seeds=_int("tracks.defaults.seeds", d.get("seeds", 3), 1, MAX_SEEDS),
             budget_factor=_num("tracks.defaults.budget_factor", d.get("budget_factor", 1.5), True),
-            trials=_int("tracks.tuned.trials", t.get("trials", 4), 1),
-            studies=_int("tracks.tuned.studies", t.get("studies", 2), 1),
+            trials=_int("tracks.tuned.trials", t.get("trials", 4), 1, MAX_SEEDS),
+            studies=_int("tracks.tuned.studies", t.get("studies", 2), 1, MAX_SEEDS),
             tracks=tuple(k for k in ("defaults", "tuned") if k in tracks),
             problem_overrides=overrides,
         )
-    except SuiteError as exc:
+        per_entry = ("defaults" in suite.tracks) * suite.default_seeds + (
+            "tuned" in suite.tracks
+        ) * suite.trials * suite.studies
+        total = len(names) * len(entries) * per_entry
+        if total > MAX_RUNS:
+            raise _fail(
+                "tracks",
+                f"the suite expands to {total} runs, above the limit of {MAX_RUNS}; use fewer "
+                "seeds, trials, studies, problems or optimizers",
+            )
+        return suite
+    except (SuiteError, UnknownNameError) as exc:
         if str(exc).startswith(f"{source}: "):
             raise
-        raise SuiteError(f"{source}: {exc}") from None
+        raise type(exc)(f"{source}: {exc}") from None
 
 
 QUICK: dict[str, Any] = {
@@ -429,10 +551,11 @@ STANDARD: dict[str, Any] = {
 SUITES: dict[str, dict[str, Any]] = {"quick": QUICK, "standard": STANDARD}
 
 
-def load_suite(name_or_path: str) -> Suite:
-    """A named suite (``quick``, ``standard``) or a YAML file, validated.
+def load_suite(name_or_path: str, *, allow_import: bool = False) -> Suite:
+    """A named suite (``quick``, ``standard``) or a YAML file, validated (:func:`parse_suite`).
 
     Raises:
+        ImportNotAllowedError: a ``module:Class`` optimizer without ``allow_import``.
         SuiteError: unreadable or invalid file (message points at the field).
         UnknownNameError: neither a known suite name nor an existing file.
     """
@@ -451,7 +574,7 @@ def load_suite(name_or_path: str) -> Suite:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise SuiteError(f"{path}: cannot read the suite file: {exc}") from exc
-    return parse_suite(data, str(path))
+    return parse_suite(data, str(path), allow_import=allow_import)
 
 
 def _unit_points(n: int, d: int, seed: int) -> list[list[float]]:

@@ -19,28 +19,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from curvlab.cli import check_out_dir, positive_int
 from curvlab.errors import CurvlabError
 
 __all__ = ["register"]
 
 
-def _error(exc: Exception) -> int:
-    print(f"curvlab bench: error: {exc}", file=sys.stderr)
-    return 2
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
+def _run_suite(args: argparse.Namespace, store: str | Path) -> tuple[str, Any]:
+    """Load the suite and run it into ``store`` (the shared part of ``run`` and ``demo``)."""
     from curvlab.bench.runner import run_suite
     from curvlab.bench.suites import load_suite
 
-    try:
-        suite = load_suite(args.suite)
-        res = run_suite(suite, args.store, workers=args.workers, progress=not args.no_progress)
-    except CurvlabError as exc:
-        return _error(exc)
+    suite = load_suite(args.suite, allow_import=args.allow_import)
+    res = run_suite(
+        suite, store, workers=0 if args.in_process else args.workers, progress=not args.no_progress
+    )
+    return suite.name, res
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        check_out_dir(args.report, "--report")
+    name, res = _run_suite(args, args.store)
     print(
-        f"suite {suite.name}: {res.total} runs, {res.already_done} already in the store, "
-        f"{res.finished} finished, {res.diverged} diverged, {res.failed} failed "
+        f"suite {name}: {res.total} runs, {res.already_done} already in the store, "
+        f"{res.finished} finished, {res.diverged} diverged, {res.failed} failed"
+        f"{f', {res.taken} left to another runner' if res.taken else ''} "
         f"in {res.seconds:.1f} s -> {res.store}",
         file=sys.stderr,
     )
@@ -53,11 +57,7 @@ def _report(store: str, out: str | None) -> int:
     from curvlab.bench.report import write_report
 
     out_dir = out if out is not None else str(Path(store).resolve().parent / "report")
-    try:
-        path = write_report(store, out_dir)
-    except CurvlabError as exc:
-        return _error(exc)
-    print(path)
+    print(write_report(store, check_out_dir(out_dir)))
     return 0
 
 
@@ -66,20 +66,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from curvlab.bench.runner import run_suite
-    from curvlab.bench.suites import load_suite
-
-    out = Path(args.out)
+    out = check_out_dir(args.out)
     t0 = time.monotonic()
-    try:
-        res = run_suite(
-            load_suite(args.suite),
-            out / "store.sqlite",
-            workers=args.workers,
-            progress=not args.no_progress,
-        )
-    except CurvlabError as exc:
-        return _error(exc)
+    _, res = _run_suite(args, out / "store.sqlite")
     rc = _report(str(out / "store.sqlite"), str(out))
     print(
         f"demo: {res.total} runs ({res.finished} finished, {res.diverged} diverged, {res.failed} "
@@ -90,11 +79,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from curvlab.bench.optimizers import known_optimizers
+    from curvlab.bench.optimizers import resolve_optimizer
     from curvlab.bench.problems import PROBLEMS, get_problem
     from curvlab.bench.suites import BUILTIN_OPTIMIZERS, SUITES
 
-    registry = set(known_optimizers())
     doc: dict[str, Any] = {"problems": [], "optimizers": [], "suites": {}}
     for name in sorted(PROBLEMS):
         p = get_problem(name)
@@ -105,7 +93,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
             avail = False
         doc["problems"].append({**p.info(), "data_available": avail})
     for label, e in sorted(BUILTIN_OPTIMIZERS.items()):
-        ok = ":" in e.optimizer or e.optimizer in registry
+        try:
+            ok = resolve_optimizer(e.optimizer) is not None
+        except CurvlabError:
+            ok = False
         doc["optimizers"].append(
             {
                 "label": label,
@@ -146,17 +137,41 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from curvlab.bench.store import Store
 
+    st = Store(args.store, readonly=True)
     try:
-        st = Store(args.store, readonly=True)
-        try:
-            paths = st.export(args.out, args.format)
-        finally:
-            st.close()
-    except CurvlabError as exc:
-        return _error(exc)
+        paths = st.export(check_out_dir(args.out), args.format)
+    finally:
+        st.close()
     for p in paths:
         print(p)
     return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``run`` and ``demo`` share: workers, progress, permission to import code."""
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="parallel worker processes, >= 1 (default: number of cores)",
+    )
+    parser.add_argument(
+        "--in-process", action="store_true", help="run in this process, one run after another"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    parser.add_argument(
+        "--allow-import",
+        action="store_true",
+        help="let suite entries name optimizers as 'module:Class' outside torch.optim and "
+        "curvlab.optim (this imports and runs that code)",
+    )
+
+
+def _command(sub: Any, name: str, func: Any, help: str, description: str) -> Any:
+    """Add the subcommand ``name`` running ``func``; returns its parser for the options."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def register(subparsers: Any) -> None:
@@ -173,65 +188,62 @@ def register(subparsers: Any) -> None:
     )
     sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
 
-    run = sub.add_parser(
+    run = _command(
+        sub,
         "run",
-        help="run a suite into a store (rerun to resume)",
-        description="Run every unfinished run of a suite; finished runs in the store are skipped.",
+        _cmd_run,
+        "run a suite into a store (rerun to resume)",
+        "Run every unfinished run of a suite; finished runs in the store are skipped. Several "
+        "runners may share one store: each run is executed once.",
     )
     run.add_argument(
         "--suite", default="quick", help="quick, standard, or a YAML suite file (default: quick)"
     )
     run.add_argument("--store", required=True, help="SQLite store path (created; must be writable)")
-    run.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="parallel worker processes (default: number of cores; 0: in this process)",
-    )
-    run.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    _add_run_options(run)
     run.add_argument("--report", metavar="DIR", default=None, help="also write the report into DIR")
-    run.set_defaults(func=_cmd_run)
 
-    rep = sub.add_parser(
+    rep = _command(
+        sub,
         "report",
-        help="write report.html / report.md / figures from a store",
-        description="Write a self-contained HTML report (and Markdown) and print its path.",
+        _cmd_report,
+        "write report.html / report.md / figures from a store",
+        "Write a self-contained HTML report (and Markdown) and print its path.",
     )
     rep.add_argument("--store", required=True, help="the store to report on")
     rep.add_argument("--out", default=None, help="output directory (default: <store dir>/report)")
-    rep.set_defaults(func=_cmd_report)
 
-    demo = sub.add_parser(
+    demo = _command(
+        sub,
         "demo",
-        help="run the quick suite into DIR/store.sqlite and write DIR/report.html",
-        description="The main job end to end: quick suite, then the report; prints the report "
-        "path.",
+        _cmd_demo,
+        "run the quick suite into DIR/store.sqlite and write DIR/report.html",
+        "The main job end to end: quick suite, then the report; prints the report path.",
     )
     demo.add_argument(
         "--out", default="curvlab-out/bench", help="output directory (default: curvlab-out/bench)"
     )
     demo.add_argument("--suite", default="quick", help=argparse.SUPPRESS)
-    demo.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
-    demo.set_defaults(func=_cmd_demo)
+    _add_run_options(demo)
 
-    lst = sub.add_parser(
+    lst = _command(
+        sub,
         "list",
-        help="list problems, optimizers and suites",
-        description="List the registered problems (with data availability), optimizer entries and "
-        "suites.",
+        _cmd_list,
+        "list problems, optimizers and suites",
+        "List the registered problems (with data availability), optimizer entries and suites.",
     )
     lst.add_argument("--json", action="store_true", help="machine-readable output")
-    lst.set_defaults(func=_cmd_list)
 
-    exp = sub.add_parser(
+    exp = _command(
+        sub,
         "export",
-        help="export a store's runs and evaluations as CSV or JSON",
-        description="Write runs.csv + evals.csv, or store.json, for other tools.",
+        _cmd_export,
+        "export a store's runs and evaluations as CSV or JSON",
+        "Write runs.csv + evals.csv, or store.json, for other tools.",
     )
     exp.add_argument("--store", required=True, help="the store to export")
     exp.add_argument(
         "--format", choices=("csv", "json"), default="csv", help="csv (default) or json"
     )
     exp.add_argument("--out", required=True, help="output directory")
-    exp.set_defaults(func=_cmd_export)

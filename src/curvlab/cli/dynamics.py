@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from curvlab.cli import check_out_dir
+
 __all__ = ["register"]
 
 _CHOICES = ("eos", "subspace", "matrix-sensing", "deep-linear", "neural-collapse")
@@ -50,6 +52,7 @@ def _print_eos_table(numbers: dict[str, Any]) -> None:
 def _run(args: argparse.Namespace) -> int:
     from curvlab.phenomena.index import run_all, run_phenomenon
 
+    check_out_dir(args.out)  # before minutes of computing
     progress = not args.no_progress
     if args.all:
         results, index = run_all(args.out, quick=args.quick, progress_bar=progress)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from curvlab.cli import check_out_dir, positive_float, positive_int
+
 __all__ = ["register", "run"]
 
 DESCRIPTION = """\
@@ -58,32 +60,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="curvature matrix (default: %(default)s)",
     )
     p.add_argument(
-        "--top-k", type=int, default=5, help="number of top eigenvalues (default: %(default)s)"
+        "--top-k",
+        type=positive_int,
+        default=5,
+        help="number of top eigenvalues (default: %(default)s)",
     )
     p.add_argument(
         "--tol",
-        type=float,
+        type=positive_float,
         default=1e-3,
         help="Lanczos relative residual tolerance (default: %(default)s)",
     )
     p.add_argument(
         "--trace-matvecs",
-        type=int,
+        type=positive_int,
         default=99,
         help="products for the trace (default: %(default)s)",
     )
     p.add_argument(
         "--layer-matvecs",
-        type=int,
+        type=positive_int,
         default=60,
         help="probes for the per-layer traces (default: %(default)s)",
     )
     p.add_argument(
-        "--probes", type=int, default=4, help="SLQ probes for the density (default: %(default)s)"
+        "--probes",
+        type=positive_int,
+        default=4,
+        help="SLQ probes for the density (default: %(default)s)",
     )
     p.add_argument(
         "--lanczos-steps",
-        type=int,
+        type=positive_int,
         default=64,
         help="Lanczos steps per SLQ probe (default: %(default)s)",
     )
@@ -111,40 +119,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     """Run ``curvlab spectrum`` with parsed arguments; returns the exit code."""
-    from curvlab.errors import CurvlabError
     from curvlab.spectrum import plot_density, summarize_spectrum, write_json
     from curvlab.zoo import load_problem
 
+    out = check_out_dir(args.out)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    try:
-        problem = load_problem(args.model or args.problem, seed=args.seed, dtype=dtype)
-    except ValueError as exc:
-        print(f"curvlab spectrum: {exc}", file=sys.stderr)
-        return 2
+    problem = load_problem(args.model or args.problem, seed=args.seed, dtype=dtype)
     progress = not args.no_progress and sys.stderr.isatty()
     print(f"problem         {problem.description}")
-    try:
-        summary, density, _ = summarize_spectrum(
-            problem.model,
-            problem.loss_fn,
-            problem.data,
-            operator=args.operator,
-            top_k=args.top_k,
-            tol=args.tol,
-            trace_matvecs=args.trace_matvecs,
-            layer_matvecs=args.layer_matvecs,
-            num_probes=args.probes,
-            lanczos_steps=args.lanczos_steps,
-            generator=torch.Generator().manual_seed(args.seed),
-            progress=progress,
-        )
-    except CurvlabError as exc:
-        print(f"curvlab spectrum: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    summary, density, _ = summarize_spectrum(
+        problem.model,
+        problem.loss_fn,
+        problem.data,
+        operator=args.operator,
+        top_k=args.top_k,
+        tol=args.tol,
+        trace_matvecs=args.trace_matvecs,
+        layer_matvecs=args.layer_matvecs,
+        num_probes=args.probes,
+        lanczos_steps=args.lanczos_steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        progress=progress,
+    )
     print(summary.table())
     png = plot_density(
         density,
-        args.out / "spectrum.png",
+        out / "spectrum.png",
         title=f"{problem.name}: {args.operator} spectral density",
         top=summary.top_eigenvalues,
     )
@@ -156,6 +156,6 @@ def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "seed": args.seed,
     }
-    js = write_json(summary, args.out / "spectrum.json", extra=env)
+    js = write_json(summary, out / "spectrum.json", extra=env)
     print(f"\nwrote {png}\nwrote {js}")
     return 0

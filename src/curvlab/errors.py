@@ -16,6 +16,7 @@ __all__ = [
     "DataNotFoundError",
     "DistributedError",
     "EmptyDataError",
+    "ImportNotAllowedError",
     "InvalidArgumentError",
     "LossNotScalarError",
     "ModelLoadError",
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteError",
     "NotAttachedError",
     "NotSymmetricError",
+    "OutputPathError",
     "ParameterError",
     "ShapeMismatchError",
     "StateDictError",
@@ -130,9 +132,6 @@ class DistributedError(CurvlabError, RuntimeError):
 
 class ZeroCurvatureWarning(UserWarning):
     """An optimizer steps with a curvature estimate that was never given (it is still zero)."""
-
-
-__all__ += ["ImportNotAllowedError", "OutputPathError"]
 
 
 class ImportNotAllowedError(SuiteError):

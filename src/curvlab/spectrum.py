@@ -144,7 +144,7 @@ def summarize_spectrum(
             loss_fn,
             data,
             num_matvecs=layer_matvecs,
-            operator=base if isinstance(base, HessianOperator) else None,
+            operator=base,  # the per-layer table is of the chosen operator, not the Hessian
             generator=generator,
             progress=progress,
         ),

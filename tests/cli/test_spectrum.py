@@ -90,3 +90,42 @@ def test_user_model_and_unknown_problem(tmp_path, capsys):
 
 def test_parser_lists_the_command():
     assert "spectrum" in build_parser().format_help()
+
+
+@pytest.mark.parametrize("operator", ["ggn", "fisher"])
+def test_the_per_layer_table_is_of_the_chosen_operator(operator):
+    # a tanh MLP: its GGN differs from its Hessian, so a Hessian table would be caught.
+    from torch import nn
+
+    from curvlab import GGNOperator
+    from curvlab.spectrum import summarize_spectrum
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    data, loss_fn = (X, y), nn.CrossEntropyLoss()
+    summary, _, layers = summarize_spectrum(
+        model,
+        loss_fn,
+        data,
+        operator=operator,
+        top_k=1,
+        layer_matvecs=400,
+        num_probes=1,
+        lanczos_steps=8,
+        generator=torch.Generator().manual_seed(1),
+    )
+    ggn = GGNOperator(model, loss_fn, data).to_dense()
+    hess = HessianOperator(model, loss_fn, data).to_dense()
+    offsets = [0, 24 + 6, 24 + 6 + 18 + 3]  # Linear(4, 6) then Linear(6, 3), weight and bias
+    for row, lo, hi in zip(summary.layers, offsets, offsets[1:]):
+        # the exact Fisher equals the GGN for cross-entropy; the MC Fisher is within its noise
+        want = float(ggn[lo:hi, lo:hi].trace())
+        other = float(hess[lo:hi, lo:hi].trace())
+        slack = 5 * row["trace_std_error"] + (0.15 * abs(want) if operator == "fisher" else 0)
+        assert abs(row["trace"] - want) <= slack + 1e-12
+        assert row["trace"] >= 0  # a GGN/Fisher block is PSD
+        if abs(other - want) > 0.1 * abs(want):  # the first layer (the last one's blocks agree)
+            assert abs(row["trace"] - other) > abs(row["trace"] - want)
+    first = float(hess[: offsets[1], : offsets[1]].trace())
+    assert abs(first - float(ggn[: offsets[1], : offsets[1]].trace())) > 0.1 * abs(first)

@@ -104,7 +104,7 @@ def test_the_per_layer_table_is_of_the_chosen_operator(operator):
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     X, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
     data, loss_fn = (X, y), nn.CrossEntropyLoss()
-    summary, _, layers = summarize_spectrum(
+    summary, _, _ = summarize_spectrum(
         model,
         loss_fn,
         data,

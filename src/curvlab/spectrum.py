@@ -121,8 +121,8 @@ def summarize_spectrum(
         raise InvalidArgumentError(
             f"tol must be a positive finite number such as 1e-3, got {tol!r}"
         )
-    op = CountingOperator(OPERATORS[operator](model, loss_fn, data))
-    base = op.op
+    base = OPERATORS[operator](model, loss_fn, data)
+    op = CountingOperator(base)
     seconds: dict[str, float] = {}
     matvecs: dict[str, int] = {}
 

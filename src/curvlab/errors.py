@@ -18,6 +18,7 @@ __all__ = [
     "EmptyDataError",
     "InvalidArgumentError",
     "LossNotScalarError",
+    "MissingLabelsError",
     "ModelLoadError",
     "NoExactDiagonalError",
     "NonDeterministicError",
@@ -130,3 +131,7 @@ class DistributedError(CurvlabError, RuntimeError):
 
 class ZeroCurvatureWarning(UserWarning):
     """An optimizer steps with a curvature estimate that was never given (it is still zero)."""
+
+
+class MissingLabelsError(CurvlabError, ValueError):
+    """A dict batch (Hugging Face style) has no ``labels`` entry for the loss's targets."""

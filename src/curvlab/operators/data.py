@@ -140,9 +140,10 @@ def split_batch(batch: Any, target_fn: TargetFn | None = None) -> Batch:
     if isinstance(batch, Mapping):
         if batch.get(LABELS) is None:
             raise MissingLabelsError(
-                f"a dict batch needs the targets under {LABELS!r}, got keys {sorted(map(str, batch))}; "
-                "add them (batch['labels'] = input_ids for a causal LM, with target_fn=shift_labels "
-                "and output_fn=shift_logits), or pass (inputs, targets) pairs"
+                f"a dict batch needs the targets under {LABELS!r}, got keys "
+                f"{sorted(map(str, batch))}; add them (batch['labels'] = input_ids for a causal "
+                "LM, with target_fn=shift_labels and output_fn=shift_logits), or pass "
+                "(inputs, targets) pairs"
             )
         inputs: Any = {k: v for k, v in batch.items() if k != LABELS}
         targets = batch[LABELS]

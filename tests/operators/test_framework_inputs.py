@@ -193,3 +193,15 @@ def test_warnings_are_not_raised_for_a_plain_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         HessianOperator(net, nn.CrossEntropyLoss(), data) @ torch.ones(43, dtype=torch.float64)
+
+
+def test_the_users_attention_kernel_choice_is_restored():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flags = torch.backends.cuda
+    net, data = classifier()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        HessianOperator(net, nn.CrossEntropyLoss(), data, cache_graph=False).to_dense()
+        assert flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled()
+        assert not flags.math_sdp_enabled()
+    assert flags.math_sdp_enabled()

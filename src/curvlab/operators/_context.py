@@ -115,6 +115,6 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, str]:
             f"wrapper does not support, so this operator uses the wrapped module (model.{key}, "
             "the same parameters) in eager mode",
             UnwrappedModelWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
         model, prefix = inner, prefix + key + "."

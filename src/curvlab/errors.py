@@ -19,6 +19,7 @@ __all__ = [
     "ImportNotAllowedError",
     "InvalidArgumentError",
     "LossNotScalarError",
+    "MissingLabelsError",
     "ModelLoadError",
     "NoExactDiagonalError",
     "NonDeterministicError",
@@ -140,3 +141,7 @@ class ImportNotAllowedError(SuiteError):
 
 class OutputPathError(CurvlabError, ValueError):
     """An output folder that is a file, lies inside a file, or cannot be written."""
+
+
+class MissingLabelsError(CurvlabError, ValueError):
+    """A dict batch (Hugging Face style) has no ``labels`` entry for the loss's targets."""

@@ -12,6 +12,7 @@ from curvlab.estimators._common import progress_bar, symmetric_operator
 from curvlab.estimators.probes import PROBES, sample_probes
 from curvlab.estimators.results import SpectralDensity
 from curvlab.operators._checks import check_choice, check_positive_float, check_positive_int
+from curvlab.operators._context import in_full_precision
 from curvlab.operators.base import LinearOperator
 
 __all__ = ["lanczos_tridiagonal", "spectral_density"]
@@ -71,6 +72,7 @@ def lanczos_tridiagonal(
     return alpha, beta
 
 
+@in_full_precision
 def spectral_density(
     A: LinearOperator | Tensor,
     num_probes: int = 4,

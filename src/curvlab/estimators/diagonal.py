@@ -11,6 +11,7 @@ from curvlab.estimators._common import check_probe_options, progress_bar, symmet
 from curvlab.estimators.probes import sample_probes
 from curvlab.estimators.results import Estimate
 from curvlab.operators._checks import check_choice
+from curvlab.operators._context import in_full_precision
 from curvlab.operators.base import LinearOperator
 
 __all__ = ["diagonal", "exact_diagonal"]
@@ -28,6 +29,7 @@ def exact_diagonal(op: LinearOperator) -> Tensor:
     return op.exact_diagonal()
 
 
+@in_full_precision
 def diagonal(
     A: LinearOperator | Tensor,
     num_matvecs: int = 100,

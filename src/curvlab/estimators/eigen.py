@@ -12,6 +12,7 @@ from curvlab.errors import InvalidArgumentError, ShapeMismatchError
 from curvlab.estimators._common import symmetric_operator
 from curvlab.estimators.results import Eigenpairs
 from curvlab.operators._checks import check_choice, check_positive_float, check_positive_int
+from curvlab.operators._context import in_full_precision
 from curvlab.operators.base import LinearOperator
 
 __all__ = ["eigsh", "power_iteration"]
@@ -70,6 +71,7 @@ def _orthogonalise_rows(B: Tensor, w: Tensor) -> Tensor:
     return torch.addmv(w, B.T, B @ w, alpha=-1.0)
 
 
+@in_full_precision
 def eigsh(
     A: LinearOperator | Tensor,
     k: int = 1,
@@ -210,6 +212,7 @@ def eigsh(
         j = p
 
 
+@in_full_precision
 def power_iteration(
     A: LinearOperator | Tensor,
     k: int = 1,

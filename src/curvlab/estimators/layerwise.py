@@ -11,12 +11,14 @@ from torch import Tensor, nn
 from curvlab.estimators.eigen import eigsh
 from curvlab.estimators.results import LayerSensitivity
 from curvlab.estimators.trace import trace
+from curvlab.operators._context import in_full_precision
 from curvlab.operators.curvature import CurvatureOperator
 from curvlab.operators.hessian import HessianOperator
 
 __all__ = ["layer_sensitivity"]
 
 
+@in_full_precision
 def layer_sensitivity(
     model: nn.Module,
     loss_fn: Any,

@@ -20,6 +20,7 @@ from curvlab.estimators._common import (
 from curvlab.estimators.probes import sample_probes
 from curvlab.estimators.results import Estimate
 from curvlab.operators._checks import check_choice, check_positive_float
+from curvlab.operators._context import in_full_precision
 from curvlab.operators.base import LinearOperator
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def _mean_and_error(samples: Tensor) -> tuple[Tensor, Tensor]:
     return mean, se
 
 
+@in_full_precision
 def trace(
     A: LinearOperator | Tensor,
     num_matvecs: int = 99,
@@ -118,6 +120,7 @@ def trace(
     return hutchpp_trace(op, num_matvecs, **options)
 
 
+@in_full_precision
 def hutchinson_trace(
     A: LinearOperator | Tensor,
     num_matvecs: int = 100,
@@ -157,6 +160,7 @@ def hutchinson_trace(
     return Estimate(mean, se, used, per_block)
 
 
+@in_full_precision
 def hutchpp_trace(
     A: LinearOperator | Tensor, num_matvecs: int = 99, **options: Unpack[ProbeOptions]
 ) -> Estimate:

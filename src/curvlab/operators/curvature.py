@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
 import torch
@@ -27,14 +27,21 @@ from curvlab.errors import (
     UnsupportedLossError,
 )
 from curvlab.operators._checks import check_choice
+from curvlab.operators._context import full_precision, model_context, unwrap_model
 from curvlab.operators._losses import check_target_shape
 from curvlab.operators.base import LinearOperator
-from curvlab.operators.data import BatchSource, move_to
+from curvlab.operators.data import BatchSource, TargetFn, move_to
 from curvlab.operators.param_space import ParamSpace, select_parameters
 
 __all__ = ["CurvatureOperator", "Mode", "NonDeterministicModelWarning", "OperatorOptions"]
 
 Mode = Literal["eval", "train", "as-is"]
+OutputFn = Callable[[Any], Tensor]
+_OUTPUT_FN_HINT = (
+    "pass output_fn= to map the model's output to the tensor the loss takes (e.g. "
+    "output_fn=curvlab.operators.shift_logits with target_fn=curvlab.operators.shift_labels for "
+    "a causal LM, or lambda out: out.logits.transpose(1, 2) for per-token cross-entropy)"
+)
 _MODES = ("eval", "train", "as-is")
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
@@ -51,6 +58,8 @@ class OperatorOptions(TypedDict, total=False):
     cache_graph: bool | None
     check_finite: bool
     vectorize: bool
+    output_fn: OutputFn | None
+    target_fn: TargetFn | None
 
 
 def _loss_reduction(loss_fn: Any, reduction: str | None) -> str:
@@ -103,6 +112,8 @@ class CurvatureOperator(LinearOperator):
         cache_graph: bool | None = None,
         check_finite: bool = True,
         vectorize: bool = False,
+        output_fn: OutputFn | None = None,
+        target_fn: TargetFn | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(
@@ -114,14 +125,25 @@ class CurvatureOperator(LinearOperator):
                 f"loss_fn must be a callable loss(outputs, targets) -> scalar, got {loss_fn!r}; "
                 "pass e.g. nn.CrossEntropyLoss() or nn.MSELoss()"
             )
+        for fn, what in ((output_fn, "output_fn"), (target_fn, "target_fn")):
+            if fn is not None and not callable(fn):
+                raise InvalidArgumentError(
+                    f"{what} must be a callable or None, got {type(fn).__name__}"
+                )
         self.mode: Mode = check_choice(mode, _MODES, "mode")  # type: ignore[assignment]
+        model, prefix = unwrap_model(model)
+        if prefix and params is not None:
+            params = [p.removeprefix(prefix) if isinstance(p, str) else p for p in params]
         names, tensors = select_parameters(model, params)
         self.model = model
         self.loss_fn = loss_fn
+        self.output_fn = output_fn
         self.reduction = _loss_reduction(loss_fn, reduction)
         self._setup_loss()
         self.data = (
-            data if isinstance(data, BatchSource) else BatchSource(data, self.reduction, loss_fn)
+            data
+            if isinstance(data, BatchSource)
+            else BatchSource(data, self.reduction, loss_fn, target_fn)
         )
         self.params: list[Tensor] = tensors
         self._owners = [_owner(model, n) for n in names]
@@ -137,6 +159,7 @@ class CurvatureOperator(LinearOperator):
             "cache_graph": cache_graph,
             "check_finite": check_finite,
             "vectorize": vectorize,
+            "output_fn": output_fn,
         }
         dtypes = {p.dtype for p in tensors}
         if len(dtypes) != 1:
@@ -244,14 +267,33 @@ class CurvatureOperator(LinearOperator):
 
     # -- forward ----------------------------------------------------------------------------
     def _forward(self, inputs: Any) -> Tensor:
+        """The model's output on ``inputs`` as the tensor the loss takes.
+
+        Dict inputs are passed as keywords (``model(**inputs)``), anything else as one argument;
+        the forward runs in :func:`~curvlab.operators._context.model_context` (no autocast, math
+        attention). The output goes through ``output_fn`` if given; otherwise a tensor is taken as
+        it is and a ``ModelOutput`` (or any dict/object with ``logits``) gives its logits.
+        """
         inputs = move_to(inputs, self.device)
-        out = self.model(inputs)
-        if not isinstance(out, Tensor):
+        with model_context():
+            out = self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
+            if self.output_fn is not None:
+                out = self.output_fn(out)
+                if not isinstance(out, Tensor):
+                    raise ShapeMismatchError(
+                        f"output_fn returned {type(out).__name__}; it must return the tensor "
+                        "the loss takes"
+                    )
+                return out
+        if isinstance(out, Tensor):
+            return out
+        logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+        if not isinstance(logits, Tensor):
             raise ShapeMismatchError(
-                f"the model returned {type(out).__name__}; curvature operators need a tensor output "
-                "(wrap the model to return the logits/predictions tensor)"
+                f"the model returned {type(out).__name__}, which is not a tensor and has no "
+                f"logits; {_OUTPUT_FN_HINT}"
             )
-        return out
+        return logits
 
     def _loss(self, outputs: Tensor, targets: Tensor, weight: float) -> Tensor:
         targets = move_to(targets, self.device)
@@ -262,7 +304,7 @@ class CurvatureOperator(LinearOperator):
             raise ShapeMismatchError(
                 f"the loss function rejected the model output of shape {tuple(outputs.shape)} "
                 f"with targets of shape {tuple(targets.shape)} ({exc}); check that the model's "
-                "output fits the loss"
+                f"output fits the loss, or {_OUTPUT_FN_HINT}"
             ) from exc
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
@@ -335,9 +377,10 @@ class CurvatureOperator(LinearOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         out: Tensor | None = None
-        for lin in self._linearisations():
-            part = self._apply(lin, V)  # a fresh tensor: accumulate in place
-            out = part if out is None else out.add_(part)
+        with full_precision():
+            for lin in self._linearisations():
+                part = self._apply(lin, V)  # a fresh tensor: accumulate in place
+                out = part if out is None else out.add_(part)
         if out is None:
             out = torch.zeros_like(V)
         # a finite sum implies finite entries; only a non-finite sum (NaN/inf, or an overflow

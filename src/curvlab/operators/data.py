@@ -1,7 +1,11 @@
 """Batches of data, and the weight each batch carries in the full-data loss.
 
-An operator's ``data`` is either one ``(inputs, targets)`` batch or any re-iterable of such batches
-(a list, a ``DataLoader``). The operator represents the curvature of the loss over *all* the data,
+An operator's ``data`` is either one batch or any re-iterable of batches (a list, a ``DataLoader``).
+A batch is an ``(inputs, targets)`` pair or, in the Hugging Face style, a dict whose ``"labels"``
+entry holds the targets and whose other entries are the model's keyword inputs (``model(**inputs)``;
+dict inputs inside a pair are passed the same way). A ``target_fn`` maps every batch's targets
+before the loss and the weights below see them (e.g. the causal shift, :func:`shift_labels`). The
+operator represents the curvature of the loss over *all* the data,
 with the loss's own reduction:
 
 * ``reduction="mean"``: the loss of the data set is the sum over all counted targets divided by the
@@ -19,18 +23,29 @@ Other loss callables count every target element once: to mask targets, use the l
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlab.errors import EmptyDataError, ShapeMismatchError
+from curvlab.errors import EmptyDataError, MissingLabelsError, ShapeMismatchError
 
-__all__ = ["BatchSource", "loss_denominator", "move_to", "target_weights"]
+__all__ = [
+    "LABELS",
+    "BatchSource",
+    "loss_denominator",
+    "move_to",
+    "shift_labels",
+    "shift_logits",
+    "split_batch",
+    "target_weights",
+]
 
 Batch = tuple[Any, Tensor]
+TargetFn = Callable[[Tensor], Tensor]
+LABELS = "labels"
 _CLASS_FUNCTIONS = (F.cross_entropy, F.nll_loss)
 
 
@@ -99,8 +114,59 @@ def loss_denominator(loss_fn: Any, targets: Tensor) -> float:
     return float(targets.numel())
 
 
+def shift_logits(outputs: Any) -> Tensor:
+    """Causal-LM ``output_fn``: the logits of every position but the last, as ``[B (T-1), C]``.
+
+    Position ``t`` predicts token ``t + 1``; pair with :func:`shift_labels` as ``target_fn`` (this
+    is the shift Hugging Face causal LMs apply to compute their own loss). Takes a ``ModelOutput``
+    (its ``.logits``) or a ``[B, T, C]`` tensor.
+    """
+    logits = outputs if isinstance(outputs, Tensor) else outputs.logits
+    return logits[:, :-1].reshape(-1, logits.shape[-1])
+
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """Causal-LM ``target_fn``: the labels of every position but the first, as ``[B (T-1)]``."""
+    return labels[:, 1:].reshape(-1)
+
+
+def split_batch(batch: Any, target_fn: TargetFn | None = None) -> Batch:
+    """``(inputs, targets)`` of a pair or of a dict with ``"labels"``; ``target_fn`` applied.
+
+    Raises:
+        MissingLabelsError: a dict batch has no ``"labels"``.
+        ShapeMismatchError: the batch is neither, or its targets are not a tensor.
+    """
+    if isinstance(batch, Mapping):
+        if batch.get(LABELS) is None:
+            raise MissingLabelsError(
+                f"a dict batch needs the targets under {LABELS!r}, got keys "
+                f"{sorted(map(str, batch))}; add them (batch['labels'] = input_ids for a causal "
+                "LM, with target_fn=shift_labels and output_fn=shift_logits), or pass "
+                "(inputs, targets) pairs"
+            )
+        inputs: Any = {k: v for k, v in batch.items() if k != LABELS}
+        targets = batch[LABELS]
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+    else:
+        raise ShapeMismatchError(
+            f"each batch must be a pair (inputs, targets) or a dict with {LABELS!r}, got "
+            f"{type(batch).__name__}"
+        )
+    if not isinstance(targets, Tensor):
+        raise ShapeMismatchError(f"targets must be a tensor, got {type(targets).__name__}")
+    if target_fn is not None:
+        targets = target_fn(targets)
+        if not isinstance(targets, Tensor):
+            raise ShapeMismatchError(
+                f"target_fn returned {type(targets).__name__}; it must return the targets tensor"
+            )
+    return inputs, targets
+
+
 def _is_single_batch(data: Any) -> bool:
-    return (
+    return isinstance(data, Mapping) or (
         isinstance(data, (tuple, list))
         and len(data) == 2
         and isinstance(data[1], Tensor)
@@ -112,9 +178,10 @@ class BatchSource:
     """Iterates the batches of ``data`` with their weights in the full-data loss.
 
     Args:
-        data: one ``(inputs, targets)`` batch or an iterable of them.
+        data: one batch (a pair or a dict with ``"labels"``) or an iterable of them.
         reduction: ``"mean"`` or ``"sum"``, the reduction of the loss over examples.
         loss_fn: the loss, whose denominator (``ignore_index``, class weights) sets the weights.
+        target_fn: maps every batch's targets before they are counted and used.
 
     Attributes:
         denominators: ``D_b`` of every batch (see the module docstring).
@@ -123,13 +190,21 @@ class BatchSource:
 
     Raises:
         EmptyDataError: no batch, a batch with no example, or every target ignored.
+        MissingLabelsError: a dict batch without ``"labels"``.
     """
 
-    def __init__(self, data: Any, reduction: str = "mean", loss_fn: Any = None) -> None:
+    def __init__(
+        self,
+        data: Any,
+        reduction: str = "mean",
+        loss_fn: Any = None,
+        target_fn: TargetFn | None = None,
+    ) -> None:
         self.reduction = reduction
         self.loss_fn = loss_fn
+        self.target_fn = target_fn
         self.single = _is_single_batch(data)
-        self._data: Iterable[Batch] = [tuple(data)] if self.single else data  # type: ignore[list-item]
+        self._data: Iterable[Any] = [data] if self.single else data
         if isinstance(self._data, Iterator):
             self._data = list(self._data)  # a one-shot iterator cannot be read more than once
         self.sizes: list[int] = []
@@ -151,20 +226,15 @@ class BatchSource:
             )
 
     @staticmethod
-    def _size(batch: Any) -> int:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ShapeMismatchError(
-                f"each batch must be a pair (inputs, targets), got {type(batch).__name__}"
-            )
-        targets = batch[1]
-        if not isinstance(targets, Tensor):
-            raise ShapeMismatchError(f"targets must be a tensor, got {type(targets).__name__}")
-        if targets.numel() == 0:
+    def _size(batch: Batch) -> int:
+        if batch[1].numel() == 0:
             raise EmptyDataError("a batch holds no example (its targets are empty); drop it")
-        return int(targets.numel())
+        return int(batch[1].numel())
 
     def _iter_raw(self) -> Iterator[Batch]:
-        yield from self._data  # type: ignore[misc]
+        """Every batch as ``(inputs, targets)``, with ``target_fn`` applied."""
+        for batch in self._data:
+            yield split_batch(batch, self.target_fn)
 
     def __len__(self) -> int:
         return len(self.sizes)

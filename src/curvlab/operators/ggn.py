@@ -272,7 +272,9 @@ class GGNOperator(OutputSpaceOperator):
         Raises:
             UnsupportedLossError: outputs are not ``[N, d]``.
             NoExactDiagonalError: ``mode="train"`` (per-sample gradients need per-sample
-                evaluation).
+                evaluation); an ``output_fn`` is given (its rows need not be examples, e.g. the
+                tokens of a causal LM); dict inputs on a model that is not made of Linear/Conv
+                layers.
             InvalidArgumentError: ``chunk_size`` is not a positive integer.
         """
         chunk_size = check_positive_int(chunk_size, "chunk_size")
@@ -281,6 +283,12 @@ class GGNOperator(OutputSpaceOperator):
                 "exact_diagonal needs per-sample evaluation, which BatchNorm/dropout in training "
                 "mode do not allow; build the operator with mode='eval', or use "
                 "curvlab.diagonal(op, method='hutchinson')"
+            )
+        if self.output_fn is not None:
+            raise NoExactDiagonalError(
+                "exact_diagonal needs one output row per example, which an output_fn= does not "
+                "guarantee (a causal LM's rows are tokens); use curvlab.diagonal(op, "
+                "method='hutchinson')"
             )
         self._sync_params()
         fast = _layerwise_exact_diagonal(self)
@@ -306,6 +314,11 @@ class GGNOperator(OutputSpaceOperator):
         per_sample = vmap(grad(contract), in_dims=(None, 0, 0))
         params = {n: p.detach() for n, p in zip(names, self.params)}
         for x, y, _ in self.data:
+            if not isinstance(x, Tensor):
+                raise NoExactDiagonalError(
+                    "the per-sample exact diagonal of this model needs tensor inputs, got "
+                    f"{type(x).__name__}; use curvlab.diagonal(op, method='hutchinson')"
+                )
             with self._model_mode(), torch.no_grad():
                 x = x.to(self.device)
                 S = self._output_factor(self._forward(x), y)  # [N, d, R]

@@ -40,11 +40,23 @@ class HessianOperator(CurvatureOperator):
     ``.data`` reassigned or the parameter replaced on its module (see
     :class:`~curvlab.operators.CurvatureOperator`).
 
+    The operator is the curvature of the model in full precision, in its parameters' dtype: its
+    forwards, products and the estimators built on it run with any active ``torch.autocast``
+    disabled (a bfloat16 autocast would otherwise give the curvature of a different, rounded
+    function, and break the estimators' linear algebra). Its forwards run scaled-dot-product
+    attention on SDPA's math kernel (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``, only
+    around the operator's own forwards): the fused kernels have no double backward, and the math
+    kernel computes what eager attention computes. A ``torch.compile``-d model (which cannot be
+    differentiated twice) or a (Distributed)DataParallel wrapper is unwrapped to the module it
+    holds, with an :class:`~curvlab.operators.UnwrappedModelWarning`.
+
     Args:
-        model: any ``nn.Module`` returning a tensor.
+        model: any ``nn.Module``; a compiled or DDP-wrapped one is unwrapped (see above).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; any differentiable loss.
-        data: one ``(inputs, targets)`` batch or an iterable of them (e.g. a ``DataLoader``
-            without shuffling).
+        data: one batch or an iterable of them (e.g. a ``DataLoader`` without shuffling). A
+            batch is an ``(inputs, targets)`` pair or a Hugging Face style dict: the model is
+            called as ``model(**inputs)`` with the dict less ``"labels"``, and ``"labels"`` are
+            the targets. Dict inputs in a pair are passed as keywords too.
         params: parameters (tensors or names) to differentiate; ``None`` = all that require grad.
         mode: ``"eval"`` (default) evaluates the model in evaluation mode (dropout off, BatchNorm
             running statistics) and restores its flags afterwards, so the operator is a fixed
@@ -58,6 +70,16 @@ class HessianOperator(CurvatureOperator):
             (``is_grads_batched``) instead of a loop of backward passes over the shared graph.
             On CPU the loop measured faster (digits MLP: 1.6 vs 1.8 ms per vector at k = 8), so
             it is off by default; on GPUs, where per-call overhead dominates, try it.
+        output_fn: ``output_fn(model_output) -> Tensor``, the tensor the loss takes. Default: a
+            tensor output as it is, a ``ModelOutput`` (or a dict/object with ``logits``) its
+            ``logits``. For per-token cross-entropy on ``[B, T, C]`` logits use
+            ``lambda out: out.logits.transpose(1, 2)`` (``[B, C, T]``, targets ``[B, T]``); for
+            a causal LM :func:`~curvlab.operators.shift_logits`.
+        target_fn: ``target_fn(targets) -> Tensor``, applied to every batch's targets before
+            the loss and the batch weights see them (masked targets, ``ignore_index``, are
+            counted after it); for a causal LM :func:`~curvlab.operators.shift_labels`. The
+            two functions are separate because the targets are counted when the operator is
+            built, without running the model.
 
     Raises:
         LossNotScalarError: the loss is not a scalar (e.g. ``reduction='none'``).
@@ -65,7 +87,9 @@ class HessianOperator(CurvatureOperator):
         UnknownOptionError: ``mode`` or ``reduction`` is not one of the accepted names.
         EmptyDataError: no batch, an empty batch, or every target ignored.
         ShapeMismatchError: the output does not fit the loss (an element-wise loss needs targets
-            of the output's shape), or a batch's inputs do not fit the model.
+            of the output's shape; the message names ``output_fn=``), a batch's inputs do not
+            fit the model, or a batch is neither a pair nor a dict.
+        MissingLabelsError: a dict batch has no ``"labels"``.
         ParameterError, NonFiniteError, InvalidArgumentError.
 
     Example:

@@ -43,7 +43,9 @@ data:
 test: $(EXTRAS) data
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --timeout 600 -q
 
+# tools/check_source.py: no control characters in source, no tabs in Python.
 lint: $(STAMP)
+	$(BIN)/python tools/check_source.py
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

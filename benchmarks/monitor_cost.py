@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvlab.datasets import digits, fashion_mnist, fashion_mnist_available
 from curvlab.monitors import (
     CurvatureLR,
     GradientNoiseScale,
@@ -31,12 +32,13 @@ from curvlab.monitors import (
     SubspaceOverlap,
     attach,
 )
-from curvlab.phenomena._data import fashion_mnist_available, load_fashion_mnist
-from curvlab.phenomena.eos import _digits, _mlp, half_square_loss
+from curvlab.phenomena._common import seeded_mlp
+from curvlab.phenomena.eos import half_square_loss
 
 
 def _fmnist_problem() -> tuple[nn.Module, Any, Any, Any, Callable[[], torch.optim.Optimizer]]:
-    x, y = load_fashion_mnist(1000)
+    images, y = fashion_mnist("train", 1000)
+    x = images.reshape(-1, 784)
     gen = torch.Generator().manual_seed(0)
     model = nn.Sequential(
         nn.Linear(784, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 10)
@@ -102,8 +104,9 @@ def main() -> None:
     e = args.every
 
     def eos_problem() -> Any:
-        x, y = _digits(200)
-        model = _mlp(32, 0)
+        x, labels = digits(200, standardize=True)
+        y = nn.functional.one_hot(labels, 10).float()
+        model = seeded_mlp((64, 32, 32, 10), nn.Tanh, 0)
         return model, x, y, half_square_loss, lambda: torch.optim.SGD(model.parameters(), lr=0.45)
 
     def eos_adam() -> Any:

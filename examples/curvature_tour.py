@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
-from curvlab.zoo import digits
+from curvlab.datasets import digits
 
 torch.manual_seed(0)
 X, y = digits()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import curvlab as cl
-from curvlab.zoo import digits
+from curvlab.datasets import digits
 
 X, y = digits()
 perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))

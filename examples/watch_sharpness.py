@@ -10,8 +10,8 @@ and reports λ_max·η/2 (1 = the edge). Run (about 20 s):
 import torch
 from torch import nn
 
+from curvlab.datasets import digits
 from curvlab.monitors import HistorySink, Sharpness, attach
-from curvlab.zoo import digits
 
 X, y = digits()
 X, y = X[:200], y[:200]

@@ -85,3 +85,22 @@ class SuiteError(CurvlabError, ValueError):
 
 class StoreError(CurvlabError, RuntimeError):
     """A benchmark store cannot be used: unwritable path, newer schema, or not a curvlab store."""
+
+
+__all__ += ["ArgumentTypeError", "InvalidArgumentError", "ModelLoadError", "NotAttachedError"]
+
+
+class InvalidArgumentError(CurvlabError, ValueError):
+    """An argument is out of range or not one of the accepted values; the message lists them."""
+
+
+class ArgumentTypeError(CurvlabError, TypeError):
+    """An argument is of the wrong kind (not an optimizer, a monitor, a callable, a layer)."""
+
+
+class ModelLoadError(CurvlabError, ValueError):
+    """A user's ``module:function`` model cannot be imported, raises, or returns the wrong thing."""
+
+
+class NotAttachedError(CurvlabError, RuntimeError):
+    """A monitor's attach-time state was read before :func:`curvlab.monitors.attach` ran."""

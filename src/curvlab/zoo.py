@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ZOO", "CurvatureProblem", "digits", "load_problem"]
+from curvlab.datasets import digits
+from curvlab.errors import InvalidArgumentError, ModelLoadError
+
+__all__ = ["ZOO", "CurvatureProblem", "load_problem"]
 
 
 @dataclass(frozen=True)
@@ -28,51 +31,14 @@ class CurvatureProblem:
     description: str
 
 
-def digits(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """scikit-learn's 1,797 8×8 digits as ``(X [1797, 64] in [0, 1], y [1797])`` (ships with sklearn)."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    return torch.as_tensor(X / 16.0, dtype=dtype), torch.as_tensor(y, dtype=torch.long)
-
-
-def _train(model: nn.Module, loss_fn: Any, X: Tensor, y: Tensor, steps: int, lr: float) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(model(X), y).backward()
-        opt.step()
-
-
-def digits_mlp(
-    seed: int = 0, dtype: torch.dtype = torch.float32, train_steps: int = 100
-) -> CurvatureProblem:
-    """64-128-16-10 tanh MLP (10,554 parameters), 100 full-batch Adam steps; Hessian on 512 digits."""
-    torch.manual_seed(seed)
-    X, y = digits(dtype)
-    model = nn.Sequential(
+def _digits_mlp() -> nn.Module:
+    return nn.Sequential(
         nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 16), nn.Tanh(), nn.Linear(16, 10)
     )
-    model = model.to(dtype)
-    loss_fn = nn.CrossEntropyLoss()
-    _train(model, loss_fn, X, y, train_steps, lr=1e-2)
-    return CurvatureProblem(
-        "digits-mlp",
-        model,
-        loss_fn,
-        (X[:512], y[:512]),
-        "tanh MLP 64-128-16-10 on sklearn digits (10,554 params), Hessian on 512 digits",
-    )
 
 
-def digits_cnn(
-    seed: int = 0, dtype: torch.dtype = torch.float32, train_steps: int = 120
-) -> CurvatureProblem:
-    """Two-conv ReLU CNN on digits as 1×8×8 images (52,522 parameters); Hessian on 256 digits."""
-    torch.manual_seed(seed)
-    X, y = digits(dtype)
-    X = X.reshape(-1, 1, 8, 8)
-    model = nn.Sequential(
+def _digits_cnn() -> nn.Module:
+    return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1),
@@ -81,52 +47,99 @@ def digits_cnn(
         nn.Linear(256, 192),
         nn.ReLU(),
         nn.Linear(192, 10),
-    ).to(dtype)
-    loss_fn = nn.CrossEntropyLoss()
-    _train(model, loss_fn, X, y, train_steps, lr=1e-3)
-    return CurvatureProblem(
-        "digits-cnn",
-        model,
-        loss_fn,
-        (X[:256], y[:256]),
-        "ReLU CNN conv8-conv16(stride 2)-fc192-fc10 on digits as 1x8x8 (52,522 params), 256 digits",
     )
 
 
-def breast_cancer_logreg(
-    seed: int = 0, dtype: torch.dtype = torch.float32, train_steps: int = 200
-) -> CurvatureProblem:
-    """Logistic regression on scikit-learn's standardised breast-cancer data (31 parameters)."""
+def _digit_images(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    X, y = digits(dtype=dtype)
+    return X.reshape(-1, 1, 8, 8), y
+
+
+def _breast_cancer(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_breast_cancer
 
-    torch.manual_seed(seed)
     Xn, yn = load_breast_cancer(return_X_y=True)
     X = torch.as_tensor((Xn - Xn.mean(0)) / Xn.std(0), dtype=dtype)
-    y = torch.as_tensor(yn, dtype=dtype).unsqueeze(1)
-    model = nn.Linear(30, 1).to(dtype)
-    loss_fn = nn.BCEWithLogitsLoss()
-    _train(model, loss_fn, X, y, train_steps, lr=1e-2)
-    return CurvatureProblem(
+    return X, torch.as_tensor(yn, dtype=dtype).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How one zoo entry is built: model, loss, data, full-batch Adam training, measured subset."""
+
+    name: str
+    model: Callable[[], nn.Module]
+    loss_fn: Callable[[], nn.Module]
+    data: Callable[[torch.dtype], tuple[Tensor, Tensor]]
+    lr: float
+    train_steps: int
+    measured_on: int | None
+    description: str
+
+    def __call__(
+        self, seed: int = 0, dtype: torch.dtype = torch.float32, train_steps: int | None = None
+    ) -> CurvatureProblem:
+        """Build the problem: seed the global RNG, train, keep the first ``measured_on`` examples."""
+        torch.manual_seed(seed)
+        X, y = self.data(dtype)
+        model, loss_fn = self.model().to(dtype), self.loss_fn()
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        for _ in range(self.train_steps if train_steps is None else train_steps):
+            opt.zero_grad()
+            loss_fn(model(X), y).backward()
+            opt.step()
+        data = (X[: self.measured_on], y[: self.measured_on])
+        return CurvatureProblem(self.name, model, loss_fn, data, self.description)
+
+
+_RECIPES = (
+    _Recipe(
+        "digits-mlp",
+        _digits_mlp,
+        nn.CrossEntropyLoss,
+        lambda dtype: digits(dtype=dtype),
+        lr=1e-2,
+        train_steps=100,
+        measured_on=512,
+        description="tanh MLP 64-128-16-10 on sklearn digits (10,554 params), Hessian on 512 "
+        "digits",
+    ),
+    _Recipe(
+        "digits-cnn",
+        _digits_cnn,
+        nn.CrossEntropyLoss,
+        _digit_images,
+        lr=1e-3,
+        train_steps=120,
+        measured_on=256,
+        description="ReLU CNN conv8-conv16(stride 2)-fc192-fc10 on digits as 1x8x8 (52,522 "
+        "params), 256 digits",
+    ),
+    _Recipe(
         "breast-cancer-logreg",
-        model,
-        loss_fn,
-        (X, y),
-        "logistic regression on sklearn breast_cancer (31 params, convex: PSD Hessian)",
-    )
+        lambda: nn.Linear(30, 1),
+        nn.BCEWithLogitsLoss,
+        _breast_cancer,
+        lr=1e-2,
+        train_steps=200,
+        measured_on=None,
+        description="logistic regression on sklearn breast_cancer (31 params, convex: PSD Hessian)",
+    ),
+)
 
-
-ZOO: dict[str, Callable[..., CurvatureProblem]] = {
-    "digits-mlp": digits_mlp,
-    "digits-cnn": digits_cnn,
-    "breast-cancer-logreg": breast_cancer_logreg,
-}
+#: name -> ``fn(seed=0, dtype=torch.float32, train_steps=None) -> CurvatureProblem``.
+ZOO: dict[str, Callable[..., CurvatureProblem]] = {r.name: r for r in _RECIPES}
 
 
 def load_problem(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> CurvatureProblem:
     """A zoo entry by name, or a user's ``module:function`` returning ``(model, loss_fn, data)``.
 
+    ``module`` is imported with the current directory on the import path, as ``python -m`` does.
+
     Raises:
-        ValueError: an unknown name (the message lists the known ones) or a bad ``module:function``.
+        InvalidArgumentError: an unknown name (the message lists the known ones).
+        ModelLoadError: ``module:function`` cannot be imported, raises, or does not return a
+            ``(model, loss_fn, data)`` triple with an ``nn.Module`` first.
     """
     if spec in ZOO:
         return ZOO[spec](seed=seed, dtype=dtype)
@@ -135,19 +148,49 @@ def load_problem(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
 
         close = difflib.get_close_matches(spec, list(ZOO), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown problem {spec!r}; known: {', '.join(ZOO)}, or module:function for your own "
             f"model returning (model, loss_fn, data).{hint}"
         )
-    import importlib
-
     module_name, func_name = spec.split(":", 1)
+    fn = _import_function(module_name, func_name)
     try:
-        fn = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load {spec!r}: {exc}") from exc
-    out = fn()
-    if not (isinstance(out, tuple) and len(out) == 3):
-        raise ValueError(f"{spec} must return (model, loss_fn, data), got {type(out).__name__}")
+        out = fn()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{spec}() raised {type(exc).__name__}: {exc}; fix the function so that it returns "
+            "(model, loss_fn, data)"
+        ) from exc
+    if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], nn.Module)):
+        raise ModelLoadError(
+            f"{spec}() must return a tuple (model, loss_fn, data) with an nn.Module first, got "
+            f"{type(out).__name__}"
+        )
     model, loss_fn, data = out
     return CurvatureProblem(spec, model, loss_fn, data, f"user model {spec}")
+
+
+def _import_function(module_name: str, func_name: str) -> Callable[[], Any]:
+    """``module_name.func_name``, imported with the current directory first on ``sys.path``."""
+    import importlib
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        fn = getattr(importlib.import_module(module_name), func_name)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own error
+        raise ModelLoadError(
+            f"cannot load {module_name}:{func_name}: {type(exc).__name__}: {exc}. Pass "
+            "module:function where module is importable from the current directory (a file "
+            "module.py here) and function takes no argument"
+        ) from exc
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if not callable(fn):
+        raise ModelLoadError(f"{module_name}:{func_name} is not a function; pass module:function")
+    return fn  # type: ignore[no-any-return]

@@ -203,7 +203,7 @@ def test_refusals_happen_before_any_run(
         assert notes and "not in curvlab's registry" in notes[0]
     # missing data: a clear error, before any run
     monkeypatch.setenv("CURVLAB_DATA", str(tmp_path / "nodata"))
-    monkeypatch.setattr("curvlab.bench.problems.fashion_mnist.DEBIAN_DIR", tmp_path / "nodebian")
+    monkeypatch.setattr("curvlab.datasets.DEBIAN_FASHION_MNIST", tmp_path / "nodebian")
     with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
         run_suite(parse_suite(tiny(problems=["fashion-mlp"])), tmp_path / "c.sqlite", workers=0)
     # nothing of this reached a store

@@ -236,8 +236,8 @@ def test_store_sink_records_checks_in_the_benchmark_store(tmp_path):
     import torch
     from torch import nn
 
-    from curvlab.bench import Store
-    from curvlab.monitors import CurvatureLR, StoreSink, attach
+    from curvlab.bench import Store, StoreSink
+    from curvlab.monitors import CurvatureLR, attach
 
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
@@ -258,3 +258,11 @@ def test_store_sink_records_checks_in_the_benchmark_store(tmp_path):
     assert all(r["name"].startswith("curvature_lr/") for r in rows)
     assert store.integrity_check() == "ok"
     store.close()
+
+
+def test_store_sink_moved_to_bench():
+    import curvlab.monitors
+
+    with pytest.raises(AttributeError, match=r"moved to curvlab\.bench\.StoreSink"):
+        curvlab.monitors.StoreSink
+    assert "StoreSink" not in curvlab.monitors.__all__

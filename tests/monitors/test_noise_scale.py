@@ -99,7 +99,7 @@ def test_errors(gen):
     model = nn.Linear(3, 1)
     X, y = torch.randn(20, 3, generator=gen), torch.randn(20, 1, generator=gen)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="num_batches must be >= 2"):
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 2"):
         GradientNoiseScale(model, nn.functional.mse_loss, (X, y), batch_size=4, num_batches=1)
     with pytest.raises(ValueError, match="data pool has 20 examples"):
         attach(opt, [GradientNoiseScale(model, nn.functional.mse_loss, (X, y), batch_size=8)])

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from curvlab.errors import DataNotFoundError
+from curvlab.datasets import fashion_mnist_available
+from curvlab.errors import InvalidArgumentError
 from curvlab.phenomena import SubspaceConfig, tiny_subspace
-from curvlab.phenomena._data import fashion_mnist_available, load_fashion_mnist
 
 needs_fmnist = pytest.mark.skipif(
     not fashion_mnist_available(),
@@ -52,16 +52,6 @@ def test_digits_say_not_reproduced(tmp_path):
     assert json.loads(res.json_path.read_text())["note"] == res.note
 
 
-def test_missing_fashion_mnist_says_how_to_install(tmp_path):
-    with pytest.raises(DataNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
-        load_fashion_mnist(10, root=tmp_path)
-    with pytest.raises(ValueError, match="'fashion-mnist' or 'digits'"):
+def test_unknown_dataset_is_refused():
+    with pytest.raises(InvalidArgumentError, match="'fashion-mnist' or 'digits'"):
         tiny_subspace(SubspaceConfig(dataset="cifar"))
-
-
-@needs_fmnist
-def test_fashion_mnist_loader():
-    x, y = load_fashion_mnist(100)
-    assert x.shape == (100, 784) and y.shape == (100,)
-    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
-    assert set(y.tolist()) <= set(range(10))

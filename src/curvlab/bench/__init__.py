@@ -17,6 +17,7 @@ from __future__ import annotations
 from curvlab.bench.problems import PROBLEMS, Problem, ProblemInstance, Target, get_problem
 from curvlab.bench.report import write_report
 from curvlab.bench.runner import SuiteResult, run_suite
+from curvlab.bench.sink import StoreSink
 from curvlab.bench.store import SCHEMA_VERSION, Store
 from curvlab.bench.suites import SUITES, RunSpec, Suite, load_suite, parse_suite
 
@@ -28,6 +29,7 @@ __all__ = [
     "ProblemInstance",
     "RunSpec",
     "Store",
+    "StoreSink",
     "Suite",
     "SuiteResult",
     "Target",

@@ -18,7 +18,7 @@ from curvlab.monitors.noise_scale import (
     scale_lr,
 )
 from curvlab.monitors.sharpness import Sharpness, adam_preconditioner, stability_threshold
-from curvlab.monitors.sinks import CallbackSink, CSVSink, HistorySink, StoreSink, TensorBoardSink
+from curvlab.monitors.sinks import CallbackSink, CSVSink, HistorySink, TensorBoardSink
 from curvlab.monitors.subspace import (
     SubspaceOverlap,
     gradient_overlap,
@@ -54,7 +54,15 @@ __all__ = [
     "CSVSink",
     "CallbackSink",
     "HistorySink",
-    "StoreSink",
     "TensorBoardSink",
     "lightning_callback",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "StoreSink":
+        raise AttributeError(
+            "curvlab.monitors.StoreSink moved to curvlab.bench.StoreSink (the benchmark store's "
+            "sink belongs to the benchmark): from curvlab.bench import StoreSink"
+        )
+    raise AttributeError(f"module 'curvlab.monitors' has no attribute {name!r}")

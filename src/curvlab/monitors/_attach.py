@@ -25,19 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import (
+    ArgumentTypeError,
     EmptyDataError,
+    InvalidArgumentError,
     LossNotScalarError,
     ParameterError,
     ShapeMismatchError,
 )
-
-__all__ = [
-    "Monitor",
-    "MonitorFailure",
-    "MonitorHandle",
-    "MonitorWarning",
-    "attach",
-]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -61,32 +55,41 @@ class Monitor:
     A subclass implements :meth:`compute` (named floats, no I/O) and, when it needs more than the
     default checks, :meth:`validate`. The default :meth:`validate` checks that every parameter in
     :attr:`params` is updated by the optimizer and, when the monitor has a ``model``, ``loss_fn`` and
-    ``data`` (a probe batch ``(inputs, targets)``), that the batch runs through the model and gives a
-    scalar loss.
+    ``data`` (a probe batch ``(inputs, targets)``), that the model has a trainable parameter and
+    that the batch runs through the model and gives a scalar loss.
 
     Args:
         every: check after every ``every``-th optimizer step (>= 1).
         name: prefix of the numbers written to the sink (``"<name>/<number>"``).
+        params: the parameters the monitor watches (default: the model's trainable ones).
 
     Raises:
-        ValueError: ``every`` < 1.
+        InvalidArgumentError: ``every`` < 1 or ``name`` empty or holding ``/``.
     """
 
     model: nn.Module | None = None
     loss_fn: LossFn | None = None
     data: tuple[Tensor, Tensor] | None = None
 
-    def __init__(self, *, every: int, name: str) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1 (checks every N steps), got {every!r}")
-        if not name or "/" in name:
-            raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
+    def __init__(self, *, every: int, name: str, params: Sequence[Tensor] | None = None) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise InvalidArgumentError(
+                f"every must be an integer >= 1 (checks every N steps), got {every!r}"
+            )
+        if not isinstance(name, str) or not name or "/" in name:
+            raise InvalidArgumentError(
+                f"name must be a non-empty string without '/', got {name!r}; it prefixes the "
+                "numbers as '<name>/<number>'"
+            )
         self.every = every
         self.name = name
+        self._params = list(params) if params is not None else None
 
     @property
     def params(self) -> list[Tensor]:
-        """The parameters the monitor reads (default: the model's parameters that require grad)."""
+        """The parameters the monitor reads: ``params=`` if given, else the model's trainable ones."""
+        if self._params is not None:
+            return self._params
         if self.model is None:
             return []
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -95,9 +98,14 @@ class Monitor:
         """Check, at attach time, that the monitor can run with ``optimizer``.
 
         Raises:
-            ParameterError: the optimizer does not update a parameter the monitor watches.
+            ParameterError: no parameter to watch, or the optimizer does not update one of them.
             ShapeMismatchError, LossNotScalarError, EmptyDataError: the probe batch does not fit.
         """
+        if self.model is not None and not self.params:
+            raise ParameterError(
+                f"monitor {self.name!r}: no parameter requires grad; pass params= with the "
+                "trained parameters"
+            )
         check_params_in_optimizer(self.params, optimizer, self.name)
         if self.model is not None and self.loss_fn is not None and self.data is not None:
             check_probe_batch(self.model, self.loss_fn, self.data, self.name)
@@ -115,7 +123,7 @@ def check_params_in_optimizer(
 ) -> None:
     """Raise :class:`ParameterError` unless every tensor in ``params`` is in the optimizer's groups."""
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}; "
             "pass the optimizer that trains the model"
         )
@@ -309,7 +317,8 @@ def attach(
     Raises:
         ParameterError: a monitor watches parameters the optimizer does not update.
         ShapeMismatchError / LossNotScalarError / EmptyDataError: a probe batch does not fit.
-        ValueError: no monitor, duplicate names, or a sink without ``write``.
+        InvalidArgumentError: no monitor, duplicate names, or a sink without ``write``.
+        ArgumentTypeError: ``optimizer`` is not an optimizer, or a monitor is not a Monitor.
 
     Example:
         >>> import torch
@@ -329,21 +338,23 @@ def attach(
 
     chosen = [monitors] if isinstance(monitors, Monitor) else list(monitors)
     if not chosen:
-        raise ValueError("attach() needs at least one monitor")
+        raise InvalidArgumentError(
+            "attach() needs at least one monitor; pass [Sharpness(...), ...]"
+        )
     for monitor in chosen:
         if not isinstance(monitor, Monitor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"attach() takes curvlab.monitors.Monitor objects, got {type(monitor).__name__}"
             )
     names = [m.name for m in chosen]
     if len(set(names)) != len(names):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"monitor names must be unique, got {names}; pass name=... to tell them apart"
         )
     if sink is None:
         sink = HistorySink()
     elif not callable(getattr(sink, "write", None)):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the sink must have a write(step, values) method, got {type(sink).__name__}; "
             "wrap a function in curvlab.monitors.CallbackSink"
         )

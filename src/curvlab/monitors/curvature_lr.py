@@ -9,12 +9,9 @@ gᵀHg ≤ 0 and the quadratic has no minimum along g: the monitor reports NaN t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
 
-from curvlab.monitors._attach import LossFn
 from curvlab.monitors._curvature import HessianMonitor, optimizer_group
 
 __all__ = ["CurvatureLR"]
@@ -48,17 +45,7 @@ class CurvatureLR(HessianMonitor):
     (arXiv 2006.09092).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn | Callable[..., Tensor],
-        data: tuple[Tensor, Tensor],
-        *,
-        params: Sequence[Tensor] | None = None,
-        every: int = 100,
-        name: str = "curvature_lr",
-    ) -> None:
-        super().__init__(model, loss_fn, data, params=params, every=every, name=name)
+    default_name = "curvature_lr"
 
     def compute(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """η* = gᵀg / gᵀHg and its ratio to the optimizer's learning rate."""

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from curvlab.errors import EmptyDataError, ParameterError, ShapeMismatchError
+from curvlab.errors import ArgumentTypeError, EmptyDataError, ParameterError, ShapeMismatchError
 from curvlab.monitors._attach import Monitor, check_params_in_optimizer
 
 __all__ = ["NCMetrics", "NeuralCollapse", "neural_collapse_metrics"]
@@ -193,7 +193,7 @@ class NeuralCollapse(Monitor):
     nc2_equiangular_w, nc3, nc4``.
 
     Raises (at construction or attach):
-        TypeError: ``features`` is not callable or ``classifier`` is not an ``nn.Linear``.
+        ArgumentTypeError: ``features`` is not callable or ``classifier`` is not an ``nn.Linear``.
         ShapeMismatchError: the features of the probe batch are not [N, D] with D = in_features.
         ParameterError: the optimizer does not update the classifier.
 
@@ -212,18 +212,16 @@ class NeuralCollapse(Monitor):
     ) -> None:
         super().__init__(every=every, name=name)
         if features is None or not callable(features):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "NeuralCollapse needs a feature-extractor callable inputs -> penultimate features "
                 "[N, D], e.g. features=lambda x: model[:-1](x) for an nn.Sequential"
             )
         if not isinstance(classifier, nn.Linear):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"NeuralCollapse needs the final nn.Linear classifier, got {type(classifier).__name__}"
             )
-        self.features = features
-        self.classifier = classifier
-        self.data = data
-        self.model = model
+        self.features, self.classifier = features, classifier
+        self.data, self.model = data, model
 
     @property
     def params(self) -> list[Tensor]:

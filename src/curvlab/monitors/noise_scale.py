@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from curvlab.errors import ParameterError
+from curvlab.errors import EmptyDataError, InvalidArgumentError, ShapeMismatchError
 from curvlab.monitors._attach import LossFn, Monitor
 
 __all__ = ["GradientNoiseScale", "lr_scaling_rule", "noise_scale_from_gradients", "scale_lr"]
@@ -51,11 +51,11 @@ def noise_scale_from_gradients(grads: Tensor, batch_size: int) -> dict[str, floa
     Training", 2018 (arXiv 1812.06162).
     """
     if grads.ndim != 2 or grads.shape[0] < 2:
-        raise ValueError(
-            f"need a [k, n] matrix of k >= 2 batch gradients, got {tuple(grads.shape)}"
+        raise ShapeMismatchError(
+            f"need a [k, n] matrix of k >= 2 batch gradients (one flattened gradient per row), "
+            f"got shape {tuple(grads.shape)}"
         )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size("batch_size", batch_size)
     g = grads.to(torch.float64)
     k = g.shape[0]
     mean = g.mean(dim=0)
@@ -68,6 +68,11 @@ def noise_scale_from_gradients(grads: Tensor, batch_size: int) -> dict[str, floa
         "b_simple": b_simple,
         "batch_efficiency": 1.0 / (1.0 + b_simple / batch_size),
     }
+
+
+def _check_batch_size(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgumentError(f"{name} must be an integer >= 1 (examples), got {value!r}")
 
 
 def lr_scaling_rule(optimizer: torch.optim.Optimizer | type) -> str:
@@ -104,14 +109,17 @@ def scale_lr(lr: float, batch_size: int, new_batch_size: int, rule: str = "linea
     Paper: Granziol, Zohren & Roberts, "Learning Rates as a Function of Batch Size: A Random Matrix
     Theory Approach to Neural Network Training", JMLR 2022 (arXiv 2006.09092).
     """
-    if batch_size < 1 or new_batch_size < 1:
-        raise ValueError("batch sizes must be >= 1")
+    _check_batch_size("batch_size", batch_size)
+    _check_batch_size("new_batch_size", new_batch_size)
     ratio = new_batch_size / batch_size
     if rule == "linear":
         return lr * ratio
     if rule == "sqrt":
         return lr * math.sqrt(ratio)
-    raise ValueError(f"rule must be 'linear' (SGD) or 'sqrt' (Adam-type), got {rule!r}")
+    raise InvalidArgumentError(
+        f"rule must be 'linear' (SGD) or 'sqrt' (Adam-type), got {rule!r}; "
+        "lr_scaling_rule(optimizer) picks one"
+    )
 
 
 class GradientNoiseScale(Monitor):
@@ -148,35 +156,23 @@ class GradientNoiseScale(Monitor):
         every: int = 100,
         name: str = "noise_scale",
     ) -> None:
-        super().__init__(every=every, name=name)
-        if num_batches < 2:
-            raise ValueError(f"num_batches must be >= 2 to estimate a variance, got {num_batches}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
-        self.loss_fn = loss_fn
-        self.data = data
-        self.batch_size = batch_size
-        self.num_batches = num_batches
-        self._params = list(params) if params is not None else None
+        super().__init__(every=every, name=name, params=params)
+        if not isinstance(num_batches, int) or num_batches < 2:
+            raise InvalidArgumentError(
+                f"num_batches must be an integer >= 2 to estimate a variance, got {num_batches!r}"
+            )
+        _check_batch_size("batch_size", batch_size)
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.batch_size, self.num_batches = batch_size, num_batches
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-
-    @property
-    def params(self) -> list[Tensor]:
-        """The chosen parameters (default: the model's trainable ones)."""
-        if self._params is not None:
-            return self._params
-        return super().params
 
     def validate(self, optimizer: torch.optim.Optimizer) -> None:
         """Default checks, plus: the pool holds num_batches * batch_size examples."""
-        if not self.params:
-            raise ParameterError(f"monitor {self.name!r}: no parameter requires grad")
         super().validate(optimizer)
         assert self.data is not None
         pool = self.data[0].shape[0]
         if pool < self.num_batches * self.batch_size:
-            raise ValueError(
+            raise EmptyDataError(
                 f"monitor {self.name!r}: the data pool has {pool} examples but num_batches * "
                 f"batch_size = {self.num_batches * self.batch_size}; pass more data or smaller batches"
             )

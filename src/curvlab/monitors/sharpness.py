@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.estimators import eigsh, trace
+from curvlab.errors import InvalidArgumentError
+from curvlab.estimators import trace
 from curvlab.monitors._attach import LossFn
-from curvlab.monitors._curvature import HessianMonitor, ScaledOperator, optimizer_group
+from curvlab.monitors._curvature import EigenMonitor, ScaledOperator, optimizer_group
 
 __all__ = ["Sharpness", "adam_preconditioner", "stability_threshold"]
 
@@ -51,8 +52,10 @@ def stability_threshold(
     Paper: Cohen, Kaur, Li, Kolter & Talwalkar, ICLR 2021 (arXiv 2103.00065); Cohen et al.,
     "Adaptive Gradient Methods at the Edge of Stability", 2022 (arXiv 2207.14484).
     """
-    if lr <= 0:
-        raise ValueError(f"the learning rate must be positive to define a threshold, got {lr}")
+    if not lr > 0:
+        raise InvalidArgumentError(
+            f"the learning rate must be positive to define a threshold, got {lr}"
+        )
     if adam_beta1 is not None:
         return (2 + 2 * adam_beta1) / ((1 - adam_beta1) * lr)
     eff = lr * (1 - dampening) if momentum > 0 else lr
@@ -87,7 +90,7 @@ def adam_preconditioner(
     return torch.cat(pieces), float(beta1), float(group["lr"])
 
 
-class Sharpness(HessianMonitor):
+class Sharpness(EigenMonitor):
     """Monitor λ_max of the Hessian on a probe batch and its ratio to the stability threshold.
 
     Each check runs warm-started Lanczos on the Hessian of ``loss_fn`` over ``data``. The
@@ -137,41 +140,45 @@ class Sharpness(HessianMonitor):
     Ma & E, "How SGD Selects the Global Minima in Over-parameterized Learning", NeurIPS 2018.
     """
 
+    default_name = "sharpness"
+
     def __init__(
         self,
         model: nn.Module,
         loss_fn: LossFn | Callable[..., Tensor],
         data: tuple[Tensor, Tensor],
         *,
+        preconditioned: bool | str = "auto",
+        lr: float | None = None,
+        trace: bool = False,
+        trace_matvecs: int = 30,
+        warm_start: bool = True,
         params: Sequence[Tensor] | None = None,
+        every: int = 10,
+        name: str | None = None,
         k: int = 1,
         tol: float = 1e-3,
         max_matvecs: int | None = None,
-        trace: bool = False,
-        trace_matvecs: int = 30,
-        preconditioned: bool | str = "auto",
-        lr: float | None = None,
-        warm_start: bool = True,
         generator: torch.Generator | None = None,
-        every: int = 10,
-        name: str = "sharpness",
     ) -> None:
-        super().__init__(model, loss_fn, data, params=params, every=every, name=name)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            k=k,
+            tol=tol,
+            max_matvecs=max_matvecs,
+            generator=generator,
+            params=params,
+            every=every,
+            name=name,
+        )
         if preconditioned not in ("auto", True, False):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"preconditioned must be 'auto', True or False, got {preconditioned!r}"
             )
-        self.k = k
-        self.tol = tol
-        self.max_matvecs = max_matvecs
-        self.with_trace = trace
-        self.trace_matvecs = trace_matvecs
-        self.preconditioned = preconditioned
-        self.lr = lr
-        self.warm_start = warm_start
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.with_trace, self.trace_matvecs = trace, trace_matvecs
+        self.preconditioned, self.lr, self.warm_start = preconditioned, lr, warm_start
         self._v0: Tensor | None = None
         self._pv0: Tensor | None = None
         self.last_eigenvalues: Tensor | None = None
@@ -181,28 +188,19 @@ class Sharpness(HessianMonitor):
         super().validate(optimizer)
         group = optimizer_group(optimizer, self.params)
         if self.lr is None and "lr" not in group:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"monitor {self.name!r}: the optimizer's param group has no 'lr'; pass lr=..."
             )
         if self.preconditioned is True and ("betas" not in group or "eps" not in group):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"monitor {self.name!r}: preconditioned=True needs an Adam-type optimizer (param "
-                f"group with 'betas' and 'eps'), got {type(optimizer).__name__}"
+                f"group with 'betas' and 'eps'), got {type(optimizer).__name__}; pass "
+                "preconditioned='auto' or False"
             )
 
     def _eig(self, op: Any, v0: Tensor | None) -> tuple[Tensor, Tensor, int, bool]:
-        assert self.counter is not None
-        start = self.counter.num_matvecs
-        res = eigsh(
-            op,
-            k=self.k,
-            which="LA",
-            tol=self.tol,
-            max_matvecs=self.max_matvecs,
-            v0=v0,
-            generator=self.generator,
-        )
-        return res.values, res.vectors[:, 0].detach(), self._matvecs_since(start), res.converged
+        res, used = self.top_eigenpairs(op, v0)
+        return res.values, res.vectors[:, 0].detach(), used, res.converged
 
     def compute(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """λ_max, threshold, ratio (and the preconditioned / trace figures when enabled)."""

@@ -1,8 +1,9 @@
-"""Where monitor numbers go: memory, a CSV file, TensorBoard, a callback (e.g. the benchmark store).
+"""Where monitor numbers go: memory, a CSV file, TensorBoard, a callback.
 
 A sink is any object with ``write(step: int, values: dict[str, float]) -> None``; ``flush()`` and
 ``close()`` are optional. :func:`curvlab.monitors.attach` calls ``write`` once per check with every
 due monitor's numbers keyed ``"<monitor>/<number>"``. The sinks do the I/O so monitors never do.
+The benchmark store's sink is :class:`curvlab.bench.StoreSink`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CSVSink", "CallbackSink", "HistorySink", "StoreSink", "TensorBoardSink"]
+from curvlab.errors import ArgumentTypeError
+
+__all__ = ["CSVSink", "CallbackSink", "HistorySink", "TensorBoardSink"]
 
 
 class HistorySink:
@@ -160,7 +163,7 @@ class CallbackSink:
 
     def __init__(self, fn: Callable[[int, dict[str, float]], Any], prefix: str = "") -> None:
         if not callable(fn):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"CallbackSink needs a callable fn(step, values), got {type(fn).__name__}"
             )
         self.fn = fn
@@ -169,44 +172,3 @@ class CallbackSink:
     def write(self, step: int, values: Mapping[str, float]) -> None:
         """Call ``fn(step, {prefix + name: value})``."""
         self.fn(int(step), {self.prefix + k: float(v) for k, v in values.items()})
-
-
-class StoreSink:
-    """Record every check into a :class:`curvlab.bench.Store` (its ``monitors`` table).
-
-    Each check is one SQLite transaction, so a crash loses at most the check being written; the
-    values sit beside the benchmark's runs and are exported with them.
-
-    Args:
-        store: a :class:`~curvlab.bench.Store` or the path of one (opened, created if needed).
-        key: the run the values belong to (a benchmark ``run_id`` or any label).
-        prefix: optional string prepended to every name.
-
-    Example:
-        >>> import tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "store.sqlite")
-        >>> sink = StoreSink(path, key="my-run")
-        >>> sink.write(10, {"sharpness/ratio": 0.97})
-        >>> sink.store.monitor_values("my-run")
-        [{'key': 'my-run', 'step': 10, 'name': 'sharpness/ratio', 'value': 0.97}]
-        >>> sink.close()
-    """
-
-    def __init__(self, store: Any, key: str, prefix: str = "") -> None:
-        from curvlab.bench.store import Store
-
-        self._owned = not isinstance(store, Store)
-        self.store = Store(store) if self._owned else store
-        self.key = str(key)
-        self.prefix = prefix
-
-    def write(self, step: int, values: Mapping[str, float]) -> None:
-        """Store ``{prefix + name: value}`` at ``step`` in one transaction."""
-        self.store.add_monitor_values(
-            self.key, step, {self.prefix + k: v for k, v in values.items()}
-        )
-
-    def close(self) -> None:
-        """Close the store if this sink opened it."""
-        if self._owned:
-            self.store.close()

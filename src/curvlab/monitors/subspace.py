@@ -14,15 +14,13 @@ unable to decrease the loss, while Bulk-SGD trains like SGD.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from curvlab.errors import ShapeMismatchError
-from curvlab.estimators import eigsh
-from curvlab.monitors._attach import LossFn
-from curvlab.monitors._curvature import HessianMonitor
+from curvlab.errors import InvalidArgumentError, ShapeMismatchError
+from curvlab.monitors._curvature import EigenMonitor
 
 __all__ = ["SubspaceOverlap", "gradient_overlap", "project_gradient_", "subspace_persistence"]
 
@@ -73,7 +71,9 @@ def project_gradient_(params: Sequence[Tensor], basis: Tensor, keep: str = "dom"
         [0.0, 2.0, 3.0]
     """
     if keep not in ("dom", "bulk"):
-        raise ValueError(f"keep must be 'dom' (Dom-SGD) or 'bulk' (Bulk-SGD), got {keep!r}")
+        raise InvalidArgumentError(
+            f"keep must be 'dom' (Dom-SGD) or 'bulk' (Bulk-SGD), got {keep!r}"
+        )
     flat = torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
     )
@@ -95,7 +95,7 @@ def project_gradient_(params: Sequence[Tensor], basis: Tensor, keep: str = "dom"
         offset += n
 
 
-class SubspaceOverlap(HessianMonitor):
+class SubspaceOverlap(EigenMonitor):
     """Monitor the gradient's overlap with the top-k Hessian eigenspace and that space's persistence.
 
     Each check computes the top-k eigenpairs of the probe-batch Hessian (Lanczos, warm-started from
@@ -121,29 +121,9 @@ class SubspaceOverlap(HessianMonitor):
     (arXiv 2405.16002).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn | Callable[..., Tensor],
-        data: tuple[Tensor, Tensor],
-        *,
-        k: int | None = None,
-        params: Sequence[Tensor] | None = None,
-        tol: float = 1e-2,
-        max_matvecs: int | None = None,
-        generator: torch.Generator | None = None,
-        every: int = 100,
-        name: str = "subspace",
-    ) -> None:
-        super().__init__(model, loss_fn, data, params=params, every=every, name=name)
-        if k is not None and k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k = k
-        self.tol = tol
-        self.max_matvecs = max_matvecs
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.basis: Tensor | None = None
-        self.eigenvalues: Tensor | None = None
+    default_name = "subspace"
+    basis: Tensor | None = None
+    eigenvalues: Tensor | None = None
 
     def validate(self, optimizer: torch.optim.Optimizer) -> None:
         """Default checks; k defaults to the model's output width and must be < n."""
@@ -155,22 +135,16 @@ class SubspaceOverlap(HessianMonitor):
             self.k = int(out.shape[-1]) if out.ndim > 1 else 1
         n = self.operator.shape[0]
         if self.k >= n:
-            raise ValueError(f"monitor {self.name!r}: k = {self.k} must be smaller than n = {n}")
+            raise InvalidArgumentError(
+                f"monitor {self.name!r}: k = {self.k} must be smaller than n = {n} parameters; "
+                "pass a smaller k"
+            )
 
     def compute(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Overlap of the probe gradient with the top-k eigenspace; persistence vs the last check."""
         assert self.counter is not None and self.k is not None
-        start = self.counter.num_matvecs
         v0 = self.basis[:, 0] if self.basis is not None else None
-        res = eigsh(
-            self.counter,
-            k=self.k,
-            which="LA",
-            tol=self.tol,
-            max_matvecs=self.max_matvecs,
-            v0=v0,
-            generator=self.generator,
-        )
+        res, used = self.top_eigenpairs(self.counter, v0)
         basis = res.vectors.detach()
         _, grad = self.operator.loss_and_gradient()
         previous = self.basis
@@ -184,5 +158,5 @@ class SubspaceOverlap(HessianMonitor):
             else math.nan,
             "top_eigenvalue": float(res.values[0]),
             "kth_eigenvalue": float(res.values[-1]),
-            "matvecs": float(self._matvecs_since(start)),
+            "matvecs": float(used),
         }

@@ -1,17 +1,31 @@
-"""Shared pieces of the phenomenon reproductions: the result record, JSON and figure writing."""
+"""Shared pieces of the phenomenon reproductions: the result record, JSON and figure writing,
+seeded models and configuration checks."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["PhenomenonResult", "progress", "write_json"]
+import torch
+from torch import nn
+
+from curvlab.errors import InvalidArgumentError
+
+__all__ = [
+    "PhenomenonResult",
+    "check_positive",
+    "finish",
+    "progress",
+    "seeded_mlp",
+    "write_json",
+]
 
 T = TypeVar("T")
 
@@ -38,6 +52,13 @@ class PhenomenonResult:
     figure: Path | None = None
     json_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_checks(
+        cls, name: str, numbers: dict[str, Any], note: str, caption: tuple[str, str]
+    ) -> PhenomenonResult:
+        """A result that is ``reproduced`` when every entry of ``numbers["checks"]`` holds."""
+        return cls(name, numbers, all(numbers["checks"].values()), note, caption)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document written next to the figure."""
@@ -69,28 +90,67 @@ def write_json(path: Path, document: dict[str, Any]) -> Path:
 
 
 def finish(
-    result: PhenomenonResult, out_dir: str | os.PathLike[str] | None, figure_fn: Any
+    result: PhenomenonResult,
+    out_dir: str | os.PathLike[str] | None,
+    draw: Callable[[Any], None],
+    figsize: tuple[float, float] = (8.0, 5.0),
 ) -> PhenomenonResult:
-    """Write the figure (via ``figure_fn(path)``) and the JSON into ``out_dir`` when given."""
+    """Write the figure and the JSON into ``out_dir`` when given; return ``result``.
+
+    ``draw(fig)`` fills a new matplotlib figure (Agg backend, imported only here); the figure is
+    then laid out, saved as ``<name>.png`` at 110 dpi and closed.
+    """
     if out_dir is None:
         return result
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = result.name.replace("-", "_")
-    result.figure = folder / f"{stem}.png"
-    figure_fn(result.figure)
-    result.json_path = write_json(folder / f"{stem}.json", result.to_json())
-    return result
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot with the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = result.name.replace("-", "_")
+    result.figure = folder / f"{stem}.png"
+    fig = plt.figure(figsize=figsize)
+    try:
+        draw(fig)
+        fig.tight_layout()
+        fig.savefig(result.figure, dpi=110)
+    finally:
+        plt.close(fig)
+    result.json_path = write_json(folder / f"{stem}.json", result.to_json())
+    return result
+
+
+def seeded_mlp(sizes: Sequence[int], activation: type[nn.Module], seed: int) -> nn.Sequential:
+    """An MLP ``sizes[0] - ... - sizes[-1]`` with ``activation`` between layers.
+
+    Weights and biases are drawn as torch's default initialisation (uniform in ±1/sqrt(fan_in)),
+    but from a generator seeded with ``seed``, so the model does not depend on the global RNG.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        if i > 0:
+            layers.append(activation())
+        layer = nn.Linear(fan_in, fan_out)
+        bound = 1.0 / fan_in**0.5
+        with torch.no_grad():
+            layer.weight.uniform_(-bound, bound, generator=gen)
+            layer.bias.uniform_(-bound, bound, generator=gen)
+        layers.append(layer)
+    return nn.Sequential(*layers)
+
+
+def check_positive(config: Any, *names: str) -> None:
+    """Raise :class:`~curvlab.errors.InvalidArgumentError` unless every named field is > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise InvalidArgumentError(
+                f"{type(config).__name__}.{name} must be > 0, got {value!r}; see the defaults of "
+                f"{type(config).__name__}()"
+            )
 
 
 def progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterator[T]:

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.phenomena._common import PhenomenonResult, finish, pyplot
+from curvlab.errors import InvalidArgumentError
+from curvlab.phenomena._common import PhenomenonResult, check_positive, finish
 
 __all__ = ["DeepLinearConfig", "deep_linear", "saxe_mode_strength"]
 
@@ -40,6 +41,14 @@ class DeepLinearConfig:
     init_scale: float = 1e-3
     random_init_std: float = 1e-3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive(self, "dim", "num_samples", "eta", "steps", "init_scale", "random_init_std")
+        if not 0 < len(self.singular_values) <= self.dim:
+            raise InvalidArgumentError(
+                f"DeepLinearConfig.singular_values needs 1 to dim = {self.dim} values, got "
+                f"{self.singular_values!r}"
+            )
 
 
 def saxe_mode_strength(t: Tensor, s: float, u0: float, eta: float) -> Tensor:
@@ -171,12 +180,11 @@ def deep_linear(
         f"{half_dec} (closed form {[round(h) for h in half_closed]}); random start: half steps "
         f"{half_rand}, s·t½·η = {[round(x, 2) if x is not None else None for x in st_rand]}."
     )
-    result = PhenomenonResult(
-        name="deep-linear",
-        numbers=numbers,
-        reproduced=all(checks.values()),
-        note=note,
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "deep-linear",
+        numbers,
+        note,
+        (
             "Mode strengths uᵢᵀW₂W₁vᵢ of a two-layer linear network under GD (solid: decoupled start; "
             "dotted: small random start) against Saxe et al.'s closed form (dashed).",
             "Saxe et al.: each mode follows a sigmoid u(t) = s e^{2sηt}/(e^{2sηt} − 1 + s/u₀); modes "
@@ -184,9 +192,8 @@ def deep_linear(
         ),
     )
 
-    def figure(path: Any) -> None:
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(8, 5))
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
         xs = steps[::stride].numpy()
         for i in range(r):
             (line,) = ax.plot(xs, decoupled[::stride, i].numpy(), label=f"s={float(s[i]):g}")
@@ -198,8 +205,5 @@ def deep_linear(
             "Deep linear network: measured (solid), closed form (dashed), random init (dotted)"
         )
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
 
-    return finish(result, out_dir, figure)
+    return finish(result, out_dir, draw)

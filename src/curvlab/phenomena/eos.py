@@ -20,8 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.datasets import digits
+from curvlab.errors import InvalidArgumentError
 from curvlab.monitors import HistorySink, Sharpness, attach
-from curvlab.phenomena._common import PhenomenonResult, finish, progress, pyplot
+from curvlab.phenomena._common import (
+    PhenomenonResult,
+    check_positive,
+    finish,
+    progress,
+    seeded_mlp,
+)
 
 __all__ = ["EoSConfig", "edge_of_stability", "half_square_loss"]
 
@@ -38,38 +46,23 @@ class EoSConfig:
     every: int = 20
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_positive(self, "num_samples", "width", "steps", "every")
+        etas = (*self.etas, *([] if self.control_eta is None else [self.control_eta]))
+        if not self.etas or not all(eta > 0 for eta in etas):
+            raise InvalidArgumentError(
+                f"EoSConfig.etas (and control_eta) must be positive step sizes, at least one, got "
+                f"etas={self.etas!r}, control_eta={self.control_eta!r}"
+            )
+
 
 def half_square_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """½‖outputs − targets‖² summed over outputs, averaged over examples (Cohen et al.'s MSE)."""
     return 0.5 * ((outputs - targets) ** 2).sum(dim=1).mean()
 
 
-def _digits(n: int) -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data[:n], dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    y = nn.functional.one_hot(torch.tensor(d.target[:n]), 10).to(torch.float32)
-    return x, y
-
-
-def _mlp(width: int, seed: int) -> nn.Sequential:
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)
-    )
-    with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, nn.Linear):  # torch's default init, drawn from our generator
-                bound = 1.0 / layer.in_features**0.5
-                layer.weight.uniform_(-bound, bound, generator=gen)
-                layer.bias.uniform_(-bound, bound, generator=gen)
-    return model
-
-
 def _run(eta: float, x: Tensor, y: Tensor, cfg: EoSConfig) -> dict[str, Any]:
-    model = _mlp(cfg.width, cfg.seed)
+    model = seeded_mlp((64, cfg.width, cfg.width, 10), nn.Tanh, cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=eta)
     monitor = Sharpness(model, half_square_loss, (x, y), every=cfg.every)
     handle = attach(opt, monitor, HistorySink())
@@ -124,7 +117,8 @@ def edge_of_stability(
     Occurs at the Edge of Stability", ICLR 2021 (arXiv 2103.00065).
     """
     cfg = config or EoSConfig()
-    x, y = _digits(cfg.num_samples)
+    x, labels = digits(cfg.num_samples, standardize=True)
+    y = nn.functional.one_hot(labels, 10).to(torch.float32)
     etas = list(cfg.etas)
     runs = {}
     for eta in progress(etas, len(etas), "edge of stability", progress_bar):
@@ -159,12 +153,11 @@ def edge_of_stability(
     )
     if control is not None:
         note += f"; control η={cfg.control_eta:g} peaks at {control['max_ratio']:.2f}"
-    result = PhenomenonResult(
-        name="eos",
-        numbers=numbers,
-        reproduced=all(checks.values()),
-        note=note + ".",
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "eos",
+        numbers,
+        note + ".",
+        (
             "Sharpness λ_max(H)·η/2 (top) and training loss (bottom) of full-batch GD on an MLP "
             f"(digits, {cfg.num_samples} examples, tanh, square loss) at η = "
             + ", ".join(f"{e:g}" for e in etas)
@@ -174,9 +167,8 @@ def edge_of_stability(
         ),
     )
 
-    def figure(path: Any) -> None:
-        plt = pyplot()
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    def draw(fig: Any) -> None:
+        top, bottom = fig.subplots(2, 1, sharex=True)
         series = list(runs.values()) + ([control] if control is not None else [])
         for r in series:
             style = ":" if r is control else "-"
@@ -190,8 +182,5 @@ def edge_of_stability(
         top.legend()
         bottom.set_xlabel("GD step")
         bottom.set_ylabel("training loss")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
 
-    return finish(result, out_dir, figure)
+    return finish(result, out_dir, draw, figsize=(8, 7))

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from curvlab.datasets import fashion_mnist_available
+from curvlab.errors import InvalidArgumentError
 from curvlab.phenomena._common import PhenomenonResult
-from curvlab.phenomena._data import fashion_mnist_available
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
@@ -27,6 +28,13 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "deep-linear": (deep_linear, DeepLinearConfig),
     "neural-collapse": (neural_collapse, NeuralCollapseConfig),
 }
+
+
+def _check_name(name: str) -> None:
+    if name not in PHENOMENA:
+        raise InvalidArgumentError(
+            f"unknown phenomenon {name!r}; choose one of {', '.join(PHENOMENA)}"
+        )
 
 
 def quick_config(name: str) -> Any:
@@ -51,9 +59,8 @@ def quick_config(name: str) -> Any:
         )
     if name == "deep-linear":
         return DeepLinearConfig()
-    if name == "neural-collapse":
-        return NeuralCollapseConfig(steps=1600, every=200)
-    raise ValueError(f"unknown phenomenon {name!r}; choose from {sorted(PHENOMENA)}")
+    _check_name(name)
+    return NeuralCollapseConfig(steps=1600, every=200)
 
 
 def run_phenomenon(
@@ -67,8 +74,7 @@ def run_phenomenon(
     The tiny-subspace run uses Fashion-MNIST when Debian's ``dataset-fashion-mnist`` is installed
     and otherwise the shipped digits, whose note then says that the claim is not reproduced there.
     """
-    if name not in PHENOMENA:
-        raise ValueError(f"unknown phenomenon {name!r}; choose from {sorted(PHENOMENA)}")
+    _check_name(name)
     fn, cls = PHENOMENA[name]
     config = quick_config(name) if quick else cls()
     if name == "subspace" and not fashion_mnist_available():

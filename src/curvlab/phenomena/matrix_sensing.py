@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.phenomena._common import PhenomenonResult, finish, progress, pyplot
+from curvlab.errors import InvalidArgumentError
+from curvlab.phenomena._common import PhenomenonResult, check_positive, finish, progress
 
 __all__ = ["MatrixSensingConfig", "matrix_sensing"]
 
@@ -55,6 +56,18 @@ class MatrixSensingConfig:
     tol: float = 1e-10
     symmetric_scaledgd: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive(self, "n", "r", "m", "eta", "steps", "eta_precond", "lam", "tol")
+        if not self.r <= self.k_over <= self.n or len(self.singular_values) < self.r:
+            raise InvalidArgumentError(
+                f"MatrixSensingConfig needs r <= k_over <= n and r singular values, got r={self.r}, "
+                f"k_over={self.k_over}, n={self.n}, singular_values={self.singular_values!r}"
+            )
+        if not self.alphas_gd or not self.alphas_precond:
+            raise InvalidArgumentError(
+                "MatrixSensingConfig.alphas_gd and alphas_precond need at least one scale each"
+            )
 
 
 class _Sensing:
@@ -221,7 +234,6 @@ def matrix_sensing(
         "preconditioned_alpha_spread_below_2x": all(h is not None for h in pre_hits)
         and max(pre_hits) / min(pre_hits) < 2.0,  # type: ignore[type-var, operator]
     }
-    reproduced = all(checks.values())
     note = (
         f"k=r: error < {cfg.tol:g} at step {exact['first_below_tol']}; k={cfg.k_over}: error "
         f"{over['final_error']:.2e} after {cfg.steps} steps (log-log slope "
@@ -231,12 +243,11 @@ def matrix_sensing(
         + ", ".join(f"α={a:g}: {h}" for a, h in zip(cfg.alphas_precond, pre_hits))
         + ". The paper's one-step modification is not implemented (ScaledGD(λ) used instead)."
     )
-    result = PhenomenonResult(
-        name="matrix-sensing",
-        numbers={"config": asdict(cfg), "checks": checks, "runs": runs},
-        reproduced=reproduced,
-        note=note,
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "matrix-sensing",
+        {"config": asdict(cfg), "checks": checks, "runs": runs},
+        note,
+        (
             "Relative error ‖XXᵀ−M*‖_F/‖M*‖_F (log scale) of GD and ScaledGD(λ) on Gaussian matrix "
             f"sensing, n={cfg.n}, rank {cfg.r}, m={cfg.m}, over-parameterised width k={cfg.k_over}.",
             "Xiong–Ding–Du: symmetric k>r is sub-linear (Ω(1/T²)), k=r and asymmetric FGᵀ are linear "
@@ -244,9 +255,8 @@ def matrix_sensing(
         ),
     )
 
-    def figure(path: Any) -> None:
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(8, 5))
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
         for label, run in runs.items():
             style = "--" if "ScaledGD" in label else "-"
             ax.semilogy(run["steps"], run["error"], style, label=label)
@@ -255,8 +265,5 @@ def matrix_sensing(
         ax.set_ylim(1e-16, 10)
         ax.set_title("Over-parameterised matrix sensing")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
 
-    return finish(result, out_dir, figure)
+    return finish(result, out_dir, draw)

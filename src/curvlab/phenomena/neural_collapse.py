@@ -27,9 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.datasets import digits
+from curvlab.errors import InvalidArgumentError
 from curvlab.monitors import HistorySink, NeuralCollapse, attach
-from curvlab.phenomena._common import PhenomenonResult, finish, progress, pyplot
-from curvlab.phenomena._data import load_digits_tensors
+from curvlab.phenomena._common import (
+    PhenomenonResult,
+    check_positive,
+    finish,
+    progress,
+    seeded_mlp,
+)
 
 __all__ = ["NeuralCollapseConfig", "neural_collapse"]
 
@@ -49,25 +56,18 @@ class NeuralCollapseConfig:
     seed: int = 0
     loss: str = "mse"
 
+    def __post_init__(self) -> None:
+        check_positive(self, "per_class", "width", "lr", "batch_size", "steps", "every")
+        if self.loss not in ("mse", "ce"):
+            raise InvalidArgumentError(
+                f"NeuralCollapseConfig.loss must be 'mse' or 'ce' (cross-entropy), got {self.loss!r}"
+            )
+
 
 def _balanced_digits(per_class: int) -> tuple[Tensor, Tensor]:
-    x, y = load_digits_tensors()
+    x, y = digits(standardize=True)
     idx = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(10)])
     return x[idx], y[idx]
-
-
-def _mlp(width: int, seed: int) -> nn.Sequential:
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
-    )
-    with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                bound = 1.0 / layer.in_features**0.5
-                layer.weight.uniform_(-bound, bound, generator=gen)
-                layer.bias.uniform_(-bound, bound, generator=gen)
-    return model
 
 
 def neural_collapse(
@@ -84,11 +84,9 @@ def neural_collapse(
     learning training", PNAS 2020 (arXiv 2008.08186).
     """
     cfg = config or NeuralCollapseConfig()
-    if cfg.loss not in ("mse", "ce"):
-        raise ValueError(f"loss must be 'mse' or 'ce', got {cfg.loss!r}")
     x, y = _balanced_digits(cfg.per_class)
     onehot = nn.functional.one_hot(y, 10).to(x.dtype)
-    model = _mlp(cfg.width, cfg.seed)
+    model = seeded_mlp((64, cfg.width, cfg.width, 10), nn.ReLU, cfg.seed)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -140,7 +138,6 @@ def neural_collapse(
             checks["nc1_end_<=_0.02_x_initial"] = nc1[-1] <= 0.02 * nc1[0]
     else:
         checks = {"zero_training_error_reached": False}
-    reproduced = all(checks.values())
     tpt_step = steps[tpt] if tpt is not None else None
     note = (
         f"zero training error from step {tpt_step}; NC1 {nc1[0]:.3f} at init, "
@@ -162,12 +159,11 @@ def neural_collapse(
         "nc1_end": nc1[-1],
         "metrics": series,
     }
-    result = PhenomenonResult(
-        name="neural-collapse",
-        numbers=numbers,
-        reproduced=reproduced,
-        note=note,
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "neural-collapse",
+        numbers,
+        note,
+        (
             "NC1 (within-class variability, log scale), NC2 equiangularity, NC3 self-duality and NC4 "
             f"mismatch of penultimate features of an MLP on balanced digits ({cfg.per_class}/class) "
             f"under SGD with the {cfg.loss.upper()} loss; the shaded region is the terminal phase "
@@ -177,9 +173,8 @@ def neural_collapse(
         ),
     )
 
-    def figure(path: Any) -> None:
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(8, 5))
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
         ax.semilogy(steps, nc1, "o-", label="NC1  Tr(Σ_W Σ_B⁺)/C")
         ax.semilogy(steps, series["nc2_equiangular"], "s-", label="NC2 equiangularity")
         ax.semilogy(steps, series["nc3"], "^-", label="NC3 ‖W/‖W‖ − Mᵀ/‖M‖‖")
@@ -189,8 +184,5 @@ def neural_collapse(
         ax.set_xlabel("SGD step")
         ax.set_title("Neural collapse on balanced digits")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
 
-    return finish(result, out_dir, figure)
+    return finish(result, out_dir, draw)

@@ -27,11 +27,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.datasets import digits, fashion_mnist
+from curvlab.errors import InvalidArgumentError
 from curvlab.estimators import eigsh
 from curvlab.monitors import HistorySink, SubspaceOverlap, attach, project_gradient_
 from curvlab.operators import HessianOperator
-from curvlab.phenomena._common import PhenomenonResult, finish, progress, pyplot
-from curvlab.phenomena._data import load_digits_tensors, load_fashion_mnist
+from curvlab.phenomena._common import (
+    PhenomenonResult,
+    check_positive,
+    finish,
+    progress,
+    seeded_mlp,
+)
 
 __all__ = ["SubspaceConfig", "tiny_subspace"]
 
@@ -53,30 +60,21 @@ class SubspaceConfig:
     ablation_refresh: int = 20
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.dataset not in ("fashion-mnist", "digits"):
+            raise InvalidArgumentError(
+                f"SubspaceConfig.dataset must be 'fashion-mnist' or 'digits', got {self.dataset!r}"
+            )
+        check_positive(self, "num_samples", "width", "lr", "batch_size", "steps", "every", "k")
+        check_positive(self, "ablation_steps", "ablation_refresh")
 
-def _data(cfg: SubspaceConfig) -> tuple[Tensor, Tensor, str]:
+
+def _data(cfg: SubspaceConfig) -> tuple[Tensor, Tensor, type[nn.Module]]:
     if cfg.dataset == "fashion-mnist":
-        x, y = load_fashion_mnist(cfg.num_samples)
-        return x, y, "relu"
-    if cfg.dataset == "digits":
-        x, y = load_digits_tensors(cfg.num_samples)
-        return x, y, "tanh"
-    raise ValueError(f"dataset must be 'fashion-mnist' or 'digits', got {cfg.dataset!r}")
-
-
-def _mlp(d_in: int, width: int, activation: str, seed: int) -> nn.Sequential:
-    act: type[nn.Module] = nn.ReLU if activation == "relu" else nn.Tanh
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(d_in, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 10)
-    )
-    with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                bound = 1.0 / layer.in_features**0.5
-                layer.weight.uniform_(-bound, bound, generator=gen)
-                layer.bias.uniform_(-bound, bound, generator=gen)
-    return model
+        x, y = fashion_mnist("train", cfg.num_samples)
+        return x.reshape(-1, 784), y, nn.ReLU
+    x, y = digits(cfg.num_samples, standardize=True)
+    return x, y, nn.Tanh
 
 
 def _full_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -136,7 +134,7 @@ def tiny_subspace(
     """
     cfg = config or SubspaceConfig()
     x, y, activation = _data(cfg)
-    model = _mlp(x.shape[1], cfg.width, activation, cfg.seed)
+    model = seeded_mlp((x.shape[1], cfg.width, cfg.width, 10), activation, cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     monitor = SubspaceOverlap(
         model,
@@ -208,12 +206,11 @@ def tiny_subspace(
         "last_eigenvalues": monitor.eigenvalues.tolist() if monitor.eigenvalues is not None else [],
         "ablation": branches,
     }
-    result = PhenomenonResult(
-        name="subspace",
-        numbers=numbers,
-        reproduced=all(checks.values()),
-        note=note,
-        caption=(
+    result = PhenomenonResult.from_checks(
+        "subspace",
+        numbers,
+        note,
+        (
             f"Left: overlap ‖P_top{cfg.k} g‖²/‖g‖² of the full-batch gradient under SGD ({cfg.dataset}, "
             f"{cfg.num_samples} examples) vs a random {cfg.k}-dim subspace; right: loss of SGD, "
             "Dom-SGD (top-subspace steps only) and Bulk-SGD (the rest) from the point after "
@@ -223,9 +220,8 @@ def tiny_subspace(
         ),
     )
 
-    def figure(path: Any) -> None:
-        plt = pyplot()
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    def draw(fig: Any) -> None:
+        left, right = fig.subplots(1, 2)
         left.plot(steps, overlap, "o-", label="gradient overlap")
         left.axhline(
             random_overlap, color="gray", ls="--", label=f"random (k/n = {random_overlap:.1e})"
@@ -242,8 +238,5 @@ def tiny_subspace(
         right.set_ylabel("full-batch training loss")
         right.legend()
         fig.suptitle("Tiny subspace" + ("" if tiny else " (not reproduced in this set-up)"))
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
 
-    return finish(result, out_dir, figure)
+    return finish(result, out_dir, draw, figsize=(11, 4.5))

@@ -1,26 +1,32 @@
-"""Shared data plumbing of the image classifiers (digits 8×8 and Fashion-MNIST 28×28)."""
+"""The image classifiers' shared part: data (digits 8×8, Fashion-MNIST 28×28), training, scoring.
+
+:class:`ImageClassifier` is the problem of the MLP and the CNN: minibatch cross-entropy on the
+training split, test accuracy on a fixed held-out split (digits: 500 images chosen with seed 0;
+Fashion-MNIST: the official 10,000-image test set). A subclass only builds its network.
+"""
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from curvlab.bench.problems.fashion_mnist import find_fashion_mnist, load_fashion_mnist
+from curvlab.bench.problems.base import Problem, ProblemInstance, epoch_sampler
+from curvlab.datasets import digits, fashion_mnist, fashion_mnist_arrays, fashion_mnist_available
 from curvlab.errors import DataNotFoundError
 
-__all__ = ["image_data"]
+__all__ = ["ImageClassifier", "accuracy_eval", "check_image_data", "image_data"]
 
 
 @lru_cache(maxsize=4)
 def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = np.asarray(d.images, dtype=np.float32) / 16.0
-    y = np.asarray(d.target, dtype=np.int64)
+    images, labels = digits()
+    x = images.numpy().reshape(-1, 8, 8)
+    y = labels.numpy()
     # Fixed split (seed 0, independent of the run seed): 1,297 train / 500 test.
     perm = np.random.default_rng(0).permutation(len(y))
     test, train = perm[:500], perm[500:]
@@ -32,21 +38,10 @@ def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 @lru_cache(maxsize=2)
 def _fashion(train_subset: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    arrays = load_fashion_mnist()
-    xtr = arrays["train-images-idx3-ubyte"].astype(np.float32) / 255.0
-    ytr = arrays["train-labels-idx1-ubyte"].astype(np.int64)
-    xte = arrays["t10k-images-idx3-ubyte"].astype(np.float32) / 255.0
-    yte = arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
-    if train_subset is not None:
-        xtr, ytr = xtr[:train_subset], ytr[:train_subset]
+    xtr, ytr = fashion_mnist("train", train_subset)
+    xte, yte = fashion_mnist("test")
     mean, std = 0.2860, 0.3530
-    t = torch.from_numpy
-    return (
-        t((xtr - mean) / std).unsqueeze(1),
-        t(ytr),
-        t((xte - mean) / std).unsqueeze(1),
-        t(yte),
-    )
+    return ((xtr - mean) / std).unsqueeze(1), ytr, ((xte - mean) / std).unsqueeze(1), yte
 
 
 def image_data(
@@ -62,8 +57,8 @@ def image_data(
 
 def check_image_data(dataset: str) -> None:
     """Raise DataNotFoundError (with how-to) if the data set's files are absent."""
-    if dataset == "fashion-mnist" and find_fashion_mnist() is None:
-        load_fashion_mnist()  # raises with the how-to message
+    if dataset == "fashion-mnist" and not fashion_mnist_available():
+        fashion_mnist_arrays()  # raises with the how-to message
 
 
 def accuracy_eval(
@@ -83,3 +78,42 @@ def accuracy_eval(
     model.train()
     n = x.shape[0]
     return {"accuracy": correct / n, "test_loss": loss / n}
+
+
+@dataclass
+class ImageClassifier(Problem):
+    """An image classifier on ``dataset`` trained by minibatch cross-entropy; metric: test accuracy.
+
+    Subclasses implement :meth:`network`; inputs are ``[n, 1, h, w]`` images, flattened to
+    ``[n, h*w]`` first when the subclass sets ``flatten_inputs = True``.
+    """
+
+    dataset: str = "digits"
+    batch_size: int = 64
+    train_subset: int | None = None
+    data: str = "scikit-learn"
+    budget_steps: int = 300
+    eval_every: int = 25
+
+    flatten_inputs = False
+
+    @abstractmethod
+    def network(self, input_shape: tuple[int, ...], generator: torch.Generator) -> torch.nn.Module:
+        """The network for inputs of ``input_shape`` (one example), initialised from ``generator``."""
+
+    def check_data(self) -> None:
+        check_image_data(self.dataset)
+
+    def build(self, seed: int) -> ProblemInstance:
+        xtr, ytr, xte, yte = image_data(self.dataset, self.train_subset)
+        if self.flatten_inputs:
+            xtr, xte = xtr.flatten(1), xte.flatten(1)
+        gen = torch.Generator().manual_seed(seed)
+        model = self.network(tuple(xtr.shape[1:]), gen)
+        return ProblemInstance(
+            model=model,
+            loss_fn=torch.nn.functional.cross_entropy,
+            next_batch=epoch_sampler(xtr, ytr, self.batch_size, gen),
+            evaluate=lambda: accuracy_eval(model, xte, yte),
+            outputs_are_logits=True,
+        )

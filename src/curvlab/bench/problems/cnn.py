@@ -1,8 +1,8 @@
 """A small CNN classifier (conv-pool-conv-pool-linear) on digits or Fashion-MNIST.
 
 DeepOBS's ``fmnist_2c2d`` in miniature (Schneider, Balles & Hennig 2019): two 3×3 convolutions with
-ReLU and 2×2 max-pooling, then a linear layer; minibatch cross-entropy; metric: test accuracy on
-the fixed held-out split.
+ReLU and 2×2 max-pooling, then a linear layer; trained and scored as every
+:class:`~curvlab.bench.problems.classifiers.ImageClassifier`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from curvlab.bench.problems.base import Problem, ProblemInstance, Target, epoch_sampler
-from curvlab.bench.problems.classifiers import accuracy_eval, check_image_data, image_data
+from curvlab.bench.problems.base import Target
+from curvlab.bench.problems.classifiers import ImageClassifier
 
 __all__ = ["CNNClassifier"]
 
 
 @dataclass
-class CNNClassifier(Problem):
+class CNNClassifier(ImageClassifier):
     """CNN ``conv(c1) - pool - conv(c2) - pool - linear(10)`` with ReLU, minibatch cross-entropy.
 
     Example:
@@ -28,27 +28,17 @@ class CNNClassifier(Problem):
         1898
     """
 
-    dataset: str = "digits"
     channels: tuple[int, int] = (8, 16)
-    batch_size: int = 64
-    train_subset: int | None = None
     name: str = "digits-cnn"
     description: str = (
         "CNN conv8-pool-conv16-pool-fc on scikit-learn digits, batch 64, test accuracy"
     )
     target: Target = field(default_factory=lambda: Target("accuracy", 0.95, higher_is_better=True))
-    budget_steps: int = 300
-    eval_every: int = 25
-    data: str = "scikit-learn"
 
-    def check_data(self) -> None:
-        check_image_data(self.dataset)
-
-    def build(self, seed: int) -> ProblemInstance:
-        xtr, ytr, xte, yte = image_data(self.dataset, self.train_subset)
-        side = xtr.shape[-1]
+    def network(self, input_shape: tuple[int, ...], generator: torch.Generator) -> nn.Module:
+        """The CNN with uniform(±1/sqrt(fan_in)) weights and biases drawn from ``generator``."""
+        side = input_shape[-1]
         c1, c2 = self.channels
-        gen = torch.Generator().manual_seed(seed)
         model = nn.Sequential(
             nn.Conv2d(1, c1, 3, padding=1),
             nn.ReLU(),
@@ -63,11 +53,5 @@ class CNNClassifier(Problem):
             for p in model.parameters():
                 fan_in = p[0].numel() if p.dim() > 1 else p.numel()
                 bound = 1.0 / max(fan_in, 1) ** 0.5
-                p.uniform_(-bound, bound, generator=gen)
-        return ProblemInstance(
-            model=model,
-            loss_fn=nn.functional.cross_entropy,
-            next_batch=epoch_sampler(xtr, ytr, self.batch_size, gen),
-            evaluate=lambda: accuracy_eval(model, xte, yte),
-            outputs_are_logits=True,
-        )
+                p.uniform_(-bound, bound, generator=generator)
+        return model

@@ -38,8 +38,6 @@ class DeepLinearNetwork(Problem):
     description: str = "deep linear network (Saxe), 2 layers 8x8, target modes s=(6,4,2,1)"
     target: Target = field(default_factory=lambda: Target("rel_error", 1e-3))
     budget_steps: int = 400
-    eval_every: int = 10
-    data: str = "synthetic"
 
     def build(self, seed: int) -> ProblemInstance:
         dt = torch.float64

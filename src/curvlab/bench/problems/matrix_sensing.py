@@ -56,12 +56,8 @@ class MatrixSensing(Problem):
     k: int = 6
     m: int = 600
     alpha: float = 1e-2
-    name: str = ""
-    description: str = ""
     target: Target = field(default_factory=lambda: Target("error", 1e-3))
     budget_steps: int = 500
-    eval_every: int = 10
-    data: str = "synthetic"
 
     def __post_init__(self) -> None:
         kind = "symmetric" if self.symmetric else "asymmetric"

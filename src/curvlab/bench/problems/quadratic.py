@@ -69,12 +69,8 @@ class IllConditionedQuadratic(Problem):
 
     kappa: float = 1e4
     dim: int = 100
-    name: str = ""
-    description: str = ""
     target: Target = field(default_factory=lambda: Target("rel_subopt", 1e-3))
     budget_steps: int = 300
-    eval_every: int = 10
-    data: str = "synthetic"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -131,8 +127,6 @@ class NoisyQuadratic(Problem):
     )
     target: Target = field(default_factory=lambda: Target("subopt", 3.0))
     budget_steps: int = 300
-    eval_every: int = 10
-    data: str = "synthetic"
 
     def build(self, seed: int) -> ProblemInstance:
         gen = torch.Generator().manual_seed(seed)

@@ -1,11 +1,16 @@
-"""Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv 1708.07747): find, verify, optionally download.
+"""The data sets curvlab ships with or finds on disk: scikit-learn's digits and Fashion-MNIST.
 
-The loader looks, in order, in ``root`` (if given), ``$CURVLAB_DATA/fashion-mnist`` and Debian's
-``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). Every file is checked
-against its SHA-256 before use. Downloads happen only when asked (``download=True``), from
-``base_url`` into ``$CURVLAB_DATA/fashion-mnist`` (default
-``~/.cache/curvlab/data/fashion-mnist``): the bytes go to a temporary file, are verified, then
-renamed into place, so an interrupted download never leaves a half file behind. The IDX format is
+Every loader of the library (the zoo, the phenomena, the benchmark problems) reads its data here.
+
+*Digits*: scikit-learn's 1,797 8×8 images, bundled with scikit-learn, so always available.
+
+*Fashion-MNIST* (Xiao, Rasul & Vollgraf 2017, arXiv 1708.07747): looked for, in order, in
+``root`` (when given), ``$CURVLAB_DATA/fashion-mnist`` and Debian's
+``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). ``$CURVLAB_DATA``
+(default ``~/.cache/curvlab/data``) is the one environment variable. Every file is checked against
+its SHA-256 before use. Downloads happen only when asked (``download=True``), from ``base_url``
+into ``$CURVLAB_DATA/fashion-mnist``: the bytes go to a temporary file, are verified, then renamed
+into place, so an interrupted download never leaves a half file behind. The IDX format is
 big-endian: magic ``0x00000803`` (uint8 images, 3 dims) or ``0x00000801`` (labels), then one uint32
 per dimension, then the data.
 """
@@ -17,25 +22,28 @@ import hashlib
 import os
 import struct
 import tempfile
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
-from curvlab.errors import DataNotFoundError
+from curvlab.errors import DataNotFoundError, InvalidArgumentError
 
 __all__ = [
-    "DEBIAN_DIR",
+    "DEBIAN_FASHION_MNIST",
     "FASHION_MNIST_FILES",
     "FASHION_MNIST_URL",
     "data_dir",
-    "find_fashion_mnist",
-    "load_fashion_mnist",
+    "digits",
+    "fashion_mnist",
+    "fashion_mnist_arrays",
+    "fashion_mnist_available",
     "read_idx",
 ]
 
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 #: SHA-256 of the four gzip files (identical in Debian's package and upstream).
 FASHION_MNIST_FILES: dict[str, str] = {
@@ -48,14 +56,40 @@ FASHION_MNIST_FILES: dict[str, str] = {
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
+_SPLITS = {"train": "train", "test": "t10k"}
 
 _HOW_TO_GET = (
-    "Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts the files "
-    "in "
+    "Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts the files in "
     "/usr/share/datasets/fashion-mnist), or put the four .gz files in $CURVLAB_DATA/fashion-mnist, "
-    "or "
-    "download them with `curvlab bench run ... --download` / load_fashion_mnist(download=True)."
+    "or download them with curvlab.datasets.fashion_mnist(download=True)."
 )
+
+
+def digits(
+    num: int | None = None, *, standardize: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """scikit-learn's 8×8 digits: ``(X [n, 64], y [n])``, the first ``num`` of the 1,797 images.
+
+    Pixels are scaled to [0, 1] (``value / 16``); with ``standardize=True`` each pixel column is
+    instead centred and divided by its standard deviation plus 1e-6 (on the raw 0–16 scale), over
+    the ``n`` rows returned.
+
+    Args:
+        num: how many images (default: all 1,797).
+        standardize: per-pixel zero mean and unit variance instead of [0, 1].
+        dtype: floating dtype of ``X``; ``y`` is int64.
+
+    Example:
+        >>> X, y = digits(10)
+        >>> tuple(X.shape), int(y[0]), float(X.max()) <= 1.0
+        ((10, 64), 0, True)
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data[:num], dtype=dtype)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6) if standardize else x / 16.0
+    return x, torch.tensor(bunch.target[:num], dtype=torch.int64)
 
 
 def data_dir() -> Path:
@@ -72,19 +106,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def find_fashion_mnist(
-    root: str | os.PathLike[str] | None = None, files: Mapping[str, str] = FASHION_MNIST_FILES
-) -> Path | None:
-    """The first candidate directory holding all ``files``, or None (checksums not verified)."""
-    candidates = [Path(root)] if root is not None else []
-    candidates += [data_dir() / "fashion-mnist", DEBIAN_DIR]
-    for c in candidates:
-        if all((c / name).is_file() for name in files):
-            return c
+def _candidates(root: str | os.PathLike[str] | None) -> list[Path]:
+    first = [Path(root)] if root is not None else []
+    return [*first, data_dir() / "fashion-mnist", DEBIAN_FASHION_MNIST]
+
+
+def _find(root: str | os.PathLike[str] | None, files: Mapping[str, str]) -> Path | None:
+    for folder in _candidates(root):
+        if all((folder / name).is_file() for name in files):
+            return folder
     return None
 
 
+def fashion_mnist_available(root: str | os.PathLike[str] | None = None) -> bool:
+    """Whether the four Fashion-MNIST files are present (not yet verified) in a searched folder."""
+    return _find(root, FASHION_MNIST_FILES) is not None
+
+
 def _download(url: str, dest: Path, sha256: str) -> None:
+    import urllib.request
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
     try:
@@ -124,14 +165,14 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_fashion_mnist(
+def fashion_mnist_arrays(
     root: str | os.PathLike[str] | None = None,
     *,
     download: bool = False,
     base_url: str = FASHION_MNIST_URL,
     files: Mapping[str, str] = FASHION_MNIST_FILES,
 ) -> dict[str, np.ndarray]:
-    """Fashion-MNIST as numpy arrays, every file verified by SHA-256.
+    """The Fashion-MNIST files as numpy arrays, every file verified by SHA-256.
 
     Args:
         root: a directory to look in first.
@@ -146,19 +187,17 @@ def load_fashion_mnist(
         DataNotFoundError: files missing (the message says how to get them) or a checksum mismatch.
 
     Example:
-        >>> load_fashion_mnist(root="/nonexistent", files={"x.gz": "0"})  # doctest: +ELLIPSIS
+        >>> fashion_mnist_arrays(root="/nonexistent", files={"x.gz": "0"})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         curvlab.errors.DataNotFoundError: Fashion-MNIST files not found...
     """
-    found = find_fashion_mnist(root, files)
+    found = _find(root, files)
     if found is None:
         if not download:
-            where = [
-                str(p) for p in [*([Path(root)] if root else []), data_dir() / "fashion-mnist"]
-            ]
             raise DataNotFoundError(
-                f"Fashion-MNIST files not found in {[*where, str(DEBIAN_DIR)]}. " + _HOW_TO_GET
+                f"Fashion-MNIST files not found in {[str(p) for p in _candidates(root)]}. "
+                + _HOW_TO_GET
             )
         found = data_dir() / "fashion-mnist"
         for name, sha in files.items():
@@ -175,3 +214,31 @@ def load_fashion_mnist(
             )
         out[name.removesuffix(".gz")] = read_idx(path)
     return out
+
+
+def fashion_mnist(
+    split: str = "train",
+    num: int | None = None,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST images as float32 ``[n, 28, 28]`` in [0, 1] and their int64 labels ``[n]``.
+
+    Args:
+        split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
+        num: keep the first ``num`` images (default: all).
+        root: a directory to look in first (see the module docstring for the search order).
+        download: fetch missing files (checksummed) into ``$CURVLAB_DATA/fashion-mnist``.
+
+    Raises:
+        InvalidArgumentError: ``split`` is neither ``"train"`` nor ``"test"``.
+        DataNotFoundError: the files are absent (the message says how to get them) or corrupt.
+    """
+    if split not in _SPLITS:
+        raise InvalidArgumentError(f"split must be 'train' or 'test', got {split!r}")
+    arrays = fashion_mnist_arrays(root, download=download)
+    stem = _SPLITS[split]
+    images = arrays[f"{stem}-images-idx3-ubyte"][:num].astype(np.float32) / 255.0
+    labels = arrays[f"{stem}-labels-idx1-ubyte"][:num].astype(np.int64)
+    return torch.from_numpy(images), torch.from_numpy(labels)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvlab.optim._curvature import hutchinson_diagonal
+from curvlab.estimators.param_diagonal import hutchinson_diagonal
 from curvlab.optim.adahessian import AdaHessian
 from curvlab.optim.sophia import Sophia
 

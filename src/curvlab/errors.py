@@ -88,6 +88,7 @@ class StoreError(CurvlabError, RuntimeError):
 
 
 __all__ += ["ArgumentTypeError", "InvalidArgumentError", "ModelLoadError", "NotAttachedError"]
+__all__ += ["ZeroCurvatureWarning"]
 
 
 class InvalidArgumentError(CurvlabError, ValueError):
@@ -104,3 +105,7 @@ class ModelLoadError(CurvlabError, ValueError):
 
 class NotAttachedError(CurvlabError, RuntimeError):
     """A monitor's attach-time state was read before :func:`curvlab.monitors.attach` ran."""
+
+
+class ZeroCurvatureWarning(UserWarning):
+    """An optimizer steps with a curvature estimate that was never given (it is still zero)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import types
 import weakref
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 
 from curvlab.errors import ClosureRequiredError, NonFiniteError, ParameterError
 from curvlab.estimators.probes import rademacher_like
-from curvlab.optim.adahessian import AdaHessian, adahessian_foreach, adahessian_single_tensor
+from curvlab.optim.adahessian import AdaHessian, adahessian
 
 DT = torch.float64
 
@@ -306,8 +307,8 @@ def test_foreach_equals_single_tensor_float64(
     """Bit-equal on the CPU blocked path (several blocks per tensor with block=7, a partial last
     block) and on the _foreach path (taken when a tensor is not contiguous)."""
     if block is not None:
-        monkeypatch.setattr("curvlab.optim.adahessian._BLOCK", block)
-        monkeypatch.setattr("curvlab.optim.adahessian._BLOCK_MIN", 6)
+        monkeypatch.setattr("curvlab.optim._scratch.BLOCK", block)
+        monkeypatch.setattr("curvlab.optim._scratch.BLOCK_MIN", 6)
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (5,), (2, 1, 3, 3)]
     mk = lambda: [torch.randn(s, generator=g, dtype=DT) for s in shapes]  # noqa: E731
@@ -323,13 +324,15 @@ def test_foreach_equals_single_tensor_float64(
     b = [copy.deepcopy(t) for t in (ps, ms, vs)]
     ta, tb = [torch.tensor(0.0) for _ in shapes], [torch.tensor(0.0) for _ in shapes]
     ha, hb = [torch.tensor(2.0) for _ in shapes], [torch.tensor(2.0) for _ in shapes]
-    workspace: dict = {}
+    holder = types.SimpleNamespace()
     for _ in range(3):
-        adahessian_single_tensor(a[0], gs, a[1], a[2], ta, ha, **kw)
-        adahessian_foreach(b[0], gs, b[1], b[2], tb, hb, **kw, workspace=workspace)
+        adahessian(a[0], gs, a[1], a[2], ta, ha, **kw, foreach=False)
+        adahessian(b[0], gs, b[1], b[2], tb, hb, **kw, foreach=True, scratch=holder)
     for x, z in zip(a[0] + a[1], b[0] + b[1]):
         assert torch.equal(x, z)
-    assert bool(workspace) == (block is not None)  # mixed buckets split across both routes
+    assert bool(vars(holder).get("_workspace")) == (
+        block is not None
+    )  # mixed buckets split across both routes
     assert [float(s) for s in tb] == [3.0, 3.0, 3.0]
 
 
@@ -441,3 +444,39 @@ def test_state_dict_round_trip_keeps_counters_and_probes() -> None:
         opt2.step(_loss_fn(twin, x, y))
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("period", [1, 2])
+def test_multi_tensor_path_equals_single_tensor_reference_float64(period: int) -> None:
+    """The whole optimizer, foreach=None (multi-tensor) vs foreach=False (single-tensor), float64:
+    parameters and state bit-equal, with refreshes every step and every other step."""
+    model, x, y = _convnet(4)
+    twin = copy.deepcopy(model)
+    kw = {"lr": 0.05, "weight_decay": 0.1, "hessian_power": 0.5, "update_period": period}
+    fast = AdaHessian(model.parameters(), **kw, seed=9)
+    ref = AdaHessian(twin.parameters(), **kw, seed=9, foreach=False)
+    for _ in range(4):
+        fast.step(lambda: F.cross_entropy(model(x), y))
+        ref.step(lambda: F.cross_entropy(twin(x), y))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_hessian_diag_sq", "step", "hessian_step"):
+            assert torch.equal(fast.state[p][key], ref.state[q][key])
+
+
+def test_seed_makes_runs_reproducible_without_the_global_rng() -> None:
+    def run(seed: int | None, global_seed: int) -> list[torch.Tensor]:
+        model, x, y = _convnet(3)
+        torch.manual_seed(global_seed)
+        opt = AdaHessian(model.parameters(), lr=0.05, seed=seed)
+        for _ in range(3):
+            torch.randn(5)  # global draws between steps must not matter
+            opt.step(lambda: F.cross_entropy(model(x), y))
+        return [p.detach().clone() for p in model.parameters()]
+
+    same = run(7, 0), run(7, 1)
+    assert all(torch.equal(a, b) for a, b in zip(*same))
+    again = run(None, 4), run(None, 4)
+    assert all(torch.equal(a, b) for a, b in zip(*again))
+    with pytest.raises(ParameterError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+        AdaHessian(_convnet()[0].parameters(), seed=-3)

@@ -294,6 +294,8 @@ CASES: list[Case] = [
             ({"rho": -0.1}, ParameterError, r"rho must be a finite number >= 0"),
             ({"estimator": "fisher"}, ParameterError, r"estimator must be 'gnb' \(SophiaG\)"),
             ({"update_period": 0}, ParameterError, r"update_period must be an int >= 1"),
+            ({"seed": -1}, ParameterError, r"seed must be an int in \[0, 2\*\*64\)"),
+            ({"seed": 1, "generator": torch.Generator()}, ParameterError, r"not both"),
         ),
         skip={
             "closure": "GNB needs (loss, logits); the loss-only closure contract is run by the "
@@ -346,6 +348,8 @@ CASES: list[Case] = [
             ({"betas": (0.9, 1.0)}, ParameterError, r"betas\[1\] must be in \[0, 1\)"),
             ({"hessian_power": 1.5}, ParameterError, r"hessian_power must be a number in \[0, 1\]"),
             ({"update_period": 0}, ParameterError, r"update_period must be an int >= 1"),
+            ({"seed": "0"}, ParameterError, r"seed must be an int in \[0, 2\*\*64\)"),
+            ({"generator": 0}, ParameterError, r"generator must be a torch\.Generator"),
         ),
         skip={
             "param_groups": "one Rademacher probe covers all groups (H z couples them), so two "

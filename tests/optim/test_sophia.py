@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import types
+import warnings
 import weakref
 
 import pytest
@@ -12,9 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvlab.errors import ClosureRequiredError, NonFiniteError, ParameterError, ShapeMismatchError
+from curvlab.errors import (
+    ClosureRequiredError,
+    NonFiniteError,
+    ParameterError,
+    ShapeMismatchError,
+    ZeroCurvatureWarning,
+)
 from curvlab.estimators.probes import rademacher_like
-from curvlab.optim.sophia import Sophia, sophia_foreach, sophia_single_tensor
+from curvlab.optim.sophia import Sophia, sophia
 
 DT = torch.float64
 
@@ -316,7 +324,11 @@ def test_manual_loop_reproduces_the_official_sophiag_and_its_batch_factor() -> N
     for it in range(9):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        opt.step()
+        if it == 0:  # the official loop's first k steps have zero curvature: said once
+            with pytest.warns(ZeroCurvatureWarning, match="first step with zero curvature"):
+                opt.step()
+        else:
+            opt.step()
         if it % 3 == 2:
             logits = model(x)
             probs = torch.softmax(logits.detach().float(), -1)
@@ -402,8 +414,8 @@ def test_foreach_equals_single_tensor_float64(
     """Bit-equal on the CPU blocked path (several blocks per tensor with block=7, a partial last
     block) and on the _foreach path (taken when a tensor is not contiguous)."""
     if block is not None:
-        monkeypatch.setattr("curvlab.optim.sophia._BLOCK", block)
-        monkeypatch.setattr("curvlab.optim.sophia._BLOCK_MIN", 6)
+        monkeypatch.setattr("curvlab.optim._scratch.BLOCK", block)
+        monkeypatch.setattr("curvlab.optim._scratch.BLOCK_MIN", 6)
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (5,), (2, 2, 3)]
     mk = lambda: [torch.randn(s, generator=g, dtype=DT) for s in shapes]  # noqa: E731
@@ -419,13 +431,14 @@ def test_foreach_equals_single_tensor_float64(
     b = [copy.deepcopy(t) for t in (ps, ms, hs)]
     sa = [torch.tensor(0.0) for _ in shapes]
     sb = [torch.tensor(0.0) for _ in shapes]
-    workspace: dict = {}
+    holder = types.SimpleNamespace()
     for _ in range(3):
-        sophia_single_tensor(a[0], gs, a[1], a[2], sa, **kw)
-        sophia_foreach(b[0], gs, b[1], b[2], sb, **kw, workspace=workspace)
+        sophia(a[0], gs, a[1], a[2], sa, **kw, foreach=False)
+        sophia(b[0], gs, b[1], b[2], sb, **kw, foreach=True, scratch=holder)
     for x, z in zip(a[0] + a[1], b[0] + b[1]):
         assert torch.equal(x, z)
-    assert bool(workspace) == (block is not None)  # mixed buckets split across both routes
+    # mixed buckets split across both routes
+    assert bool(vars(holder).get("_workspace")) == (block is not None)
     assert [float(s) for s in sb] == [3.0, 3.0, 3.0]
 
 
@@ -573,3 +586,60 @@ def test_state_dict_restores_the_generator() -> None:
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
     assert math.isfinite(float(opt.state[model[0].weight]["hessian"].sum()))
+
+
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_multi_tensor_path_equals_single_tensor_reference_float64(estimator: str) -> None:
+    """The whole optimizer, foreach=None (multi-tensor) vs foreach=False (single-tensor), float64:
+    parameters and state bit-equal over refresh and non-refresh steps."""
+    model, x, y = _mlp(4)
+    twin = copy.deepcopy(model)
+    kw = {"lr": 0.05, "weight_decay": 0.1, "estimator": estimator, "update_period": 2, "seed": 9}
+    fast = Sophia(model.parameters(), **kw)
+    ref = Sophia(twin.parameters(), **kw, foreach=False)
+    for _ in range(5):
+        fast.step(_closure(model, x, y))
+        ref.step(_closure(twin, x, y))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "hessian", "step"):
+            assert torch.equal(fast.state[p][key], ref.state[q][key])
+
+
+def test_seed_makes_runs_reproducible_without_the_global_rng() -> None:
+    """seed= fixes the probes/labels; seed=None draws one seed from the global RNG at
+    construction, so torch.manual_seed before construction reproduces the run."""
+
+    def run(seed: int | None, global_seed: int) -> list[torch.Tensor]:
+        model, x, y = _mlp(3)
+        torch.manual_seed(global_seed)
+        opt = Sophia(model.parameters(), lr=0.05, update_period=1, seed=seed)
+        for _ in range(3):
+            torch.randn(5)  # global draws between steps must not matter
+            opt.step(_closure(model, x, y))
+        return [p.detach().clone() for p in model.parameters()]
+
+    same = run(7, 0), run(7, 1)
+    assert all(torch.equal(a, b) for a, b in zip(*same))
+    again = run(None, 4), run(None, 4)
+    assert all(torch.equal(a, b) for a, b in zip(*again))
+    other = run(None, 5)
+    assert not all(torch.equal(a, b) for a, b in zip(again[0], other))
+    with pytest.raises(ParameterError, match="pass seed= or generator=, not both"):
+        Sophia(_mlp()[0].parameters(), seed=1, generator=torch.Generator())
+
+
+def test_manual_loop_without_curvature_warns_once() -> None:
+    """update_period=None and no update_curvature(): the curvature is zero; warned once, at the
+    first step, and not at all when the curvature was given before the first step."""
+    model, x, y = _mlp()
+    opt = Sophia(model.parameters(), update_period=None, seed=0)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(ZeroCurvatureWarning, match=r"update_curvature\(\.\.\.\) every k steps"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        given = Sophia(model.parameters(), update_period=None, seed=0)
+        given.update_curvature(_closure(model, x, y))
+        given.step()

@@ -8,6 +8,14 @@ from curvlab.estimators.density import spectral_density
 from curvlab.estimators.diagonal import diagonal
 from curvlab.estimators.eigen import eigsh, power_iteration
 from curvlab.estimators.layerwise import layer_sensitivity
+from curvlab.estimators.param_diagonal import (
+    CurvatureEstimator,
+    GNBEstimator,
+    HutchinsonEstimator,
+    gnb_diagonal,
+    hutchinson_diagonal,
+    spatial_average,
+)
 from curvlab.estimators.probes import gaussian, rademacher, rademacher_like, sample_probes
 from curvlab.estimators.results import Eigenpairs, Estimate, LayerSensitivity, SpectralDensity
 from curvlab.estimators.trace import hutchinson_trace, hutchpp_trace, trace
@@ -32,4 +40,11 @@ __all__ = [
     "rademacher",
     "rademacher_like",
     "sample_probes",
+    # per-parameter curvature diagonals (the estimates of the curvature optimizers)
+    "hutchinson_diagonal",
+    "gnb_diagonal",
+    "spatial_average",
+    "CurvatureEstimator",
+    "HutchinsonEstimator",
+    "GNBEstimator",
 ]

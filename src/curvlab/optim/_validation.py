@@ -36,8 +36,9 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -468,3 +469,214 @@ def load_state_dict_checked(
             saved = st.get(key)
             if isinstance(saved, Tensor):
                 optimizer.state[p][key] = saved.to(device=p.device, copy=True)
+
+
+def steps_taken(optimizer: Optimizer) -> int:
+    """The number of completed steps: the largest ``state["step"]`` of any parameter (0 at first).
+
+    The one way an optimizer reads its step count for its own schedule (e.g. a curvature refresh
+    every k steps). The ``"step"`` entries are CPU scalars, so this reads no device memory.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> steps_taken(opt)
+        0
+    """
+    return max((int(st["step"]) for st in optimizer.state.values() if "step" in st), default=0)
+
+
+def _norms_finite(tensors: Sequence[Tensor]) -> bool:
+    """One host read per (device, dtype): is the sum of the tensors' 2-norms finite?"""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    return all(
+        math.isfinite(float(torch.stack(torch._foreach_norm(ts, 2)).sum()))
+        for ts in by_kind.values()
+    )
+
+
+def check_finite_curvature(
+    param_groups: Sequence[dict[str, Any]],
+    params: Sequence[Tensor],
+    estimates: Sequence[Tensor | None],
+    *,
+    step: int | Tensor | Callable[[], int | Tensor] | None = None,
+) -> bool:
+    """The ``on_nonfinite`` policy of :func:`check_finite_grads`, applied to a curvature estimate.
+
+    Same policies, same cheap check (one 2-norm reduction per dtype/device, an exact scan only
+    when it is not finite), same message shape; call it after :func:`check_finite_grads` and
+    before the estimate touches any state.
+
+    Args:
+        param_groups: the optimizer's ``param_groups`` (each group's ``"on_nonfinite"``).
+        params: the parameters the estimate is for, each in one of ``param_groups``.
+        estimates: one curvature estimate (or ``None``) per parameter.
+        step: the step number for the message (a callable is called only for the message).
+
+    Returns:
+        ``True`` if the step may proceed; ``False`` if it must be skipped (policy ``"skip"``;
+        ``"nonfinite_skips"`` has been incremented in every group).
+
+    Raises:
+        NonFiniteError: policy ``"raise"`` and an estimate holds NaN or inf.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> groups = [{"params": [p], "on_nonfinite": "skip"}]
+        >>> check_finite_curvature(groups, [p], [torch.tensor([1.0, float("inf")])])
+        False
+    """
+    policy_of = {
+        id(p): (gi, pi, group.get("on_nonfinite", "raise"))
+        for gi, group in enumerate(param_groups)
+        for pi, p in enumerate(group["params"])
+    }
+    checked = [
+        (p, d)
+        for p, d in zip(params, estimates)
+        if d is not None and policy_of[id(p)][2] != "ignore"
+    ]
+    if not checked or _norms_finite([d for _, d in checked]):
+        return True
+    for p, d in checked:
+        if bool(torch.isfinite(d).all()):
+            continue
+        gi, pi, policy = policy_of[id(p)]
+        if policy == "skip":
+            for group in param_groups:
+                group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1
+            return False
+        counts = f"{int(torch.isnan(d).sum())} NaN and {int(torch.isinf(d).sum())} inf entries"
+        where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+        raise NonFiniteError(
+            f"non-finite curvature estimate{_at_step(step)}: {where} has {counts} while its "
+            "gradient is finite; nothing was updated. Check the model for overflow in second "
+            "derivatives, lower the learning rate, or pass on_nonfinite='skip' to skip such steps"
+        )
+    return True
+
+
+def _at_step(step: int | Tensor | Callable[[], int | Tensor] | None) -> str:
+    """`` at step N`` for a message (calling ``step`` if it is a callable), or ``""``."""
+    number = step() if callable(step) else step
+    return "" if number is None else f" at step {int(number)}"
+
+
+def probe_generator(
+    seed: int | None = None, generator: torch.Generator | None = None
+) -> torch.Generator:
+    """The random source of an optimizer's probes: ``generator``, or a CPU generator from ``seed``.
+
+    With neither, the seed is one draw from torch's global generator at construction (the global
+    generator is never reseeded), so ``torch.manual_seed(s)`` before building the optimizer
+    reproduces a run; pass ``seed=`` to be independent of the global generator.
+
+    Raises:
+        ParameterError: both given, ``seed`` not an int in ``[0, 2**64)``, or ``generator`` not a
+            ``torch.Generator``.
+
+    Example:
+        >>> probe_generator(seed=3).initial_seed()
+        3
+    """
+    if generator is not None:
+        if seed is not None:
+            raise ParameterError(
+                "pass seed= or generator=, not both: the generator already fixes the random stream"
+            )
+        if not isinstance(generator, torch.Generator):
+            raise ParameterError(
+                f"generator must be a torch.Generator, got {type(generator).__name__}; or pass "
+                "seed=<int>"
+            )
+        return generator
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ParameterError(
+            f"seed must be an int in [0, 2**64) or None (then drawn from torch's global "
+            f"generator at construction), got {seed!r}"
+        )
+    return torch.Generator().manual_seed(int(seed))
+
+
+#: key of the extra entry (the probe generator's state) in a curvlab optimizer's state dict
+GENERATOR_KEY = "curvlab"
+
+
+class ProbeGeneratorState:
+    """Mixin for optimizers with an injected estimator and a probe generator: their persistence.
+
+    ``copy.deepcopy`` and ``pickle`` keep ``_estimator`` and ``_generator`` (torch's
+    ``Optimizer.__getstate__`` keeps only defaults, state and param groups); ``state_dict()`` adds
+    ``"curvlab": {"generator_state": ByteTensor}``; ``load_state_dict`` checks the state dict
+    (:func:`load_state_dict_checked` with the class's ``_state_keys``, ``_shaped_keys`` and
+    ``_keep_dtype_keys``) and restores the generator, so a resumed run is bit-identical. A state
+    dict without the ``"curvlab"`` entry leaves the generator as it is.
+    Use it as ``class Sophia(ProbeGeneratorState, Optimizer)``.
+    """
+
+    _estimator: Any
+    _generator: torch.Generator
+    _state_keys: tuple[str, ...]
+    _shaped_keys: tuple[str, ...]
+    _keep_dtype_keys: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state plus the estimator and the generator."""
+        state = Optimizer.__getstate__(cast(Optimizer, self))
+        return {**state, "_estimator": self._estimator, "_generator": self._generator}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
+        sd = Optimizer.state_dict(cast(Optimizer, self))
+        sd[GENERATOR_KEY] = {"generator_state": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict` (checked; restores the generator too).
+
+        Raises:
+            StateDictError: another optimizer's state, other parameter shapes or group counts, or
+                a ``"curvlab"`` entry without the ``generator_state`` tensor.
+        """
+        extra: Any = None
+        if isinstance(state_dict, Mapping):
+            extra = state_dict.get(GENERATOR_KEY)
+            state_dict = {k: v for k, v in state_dict.items() if k != GENERATOR_KEY}
+        load_state_dict_checked(
+            cast(Optimizer, self),
+            state_dict,
+            state_keys=self._state_keys,
+            param_shaped_keys=self._shaped_keys,
+            keep_dtype_keys=self._keep_dtype_keys,
+        )
+        if extra is None:
+            return
+        gen_state = extra.get("generator_state") if isinstance(extra, Mapping) else None
+        if not isinstance(gen_state, Tensor):
+            raise StateDictError(
+                f"state_dict['{GENERATOR_KEY}'] lacks the 'generator_state' tensor saved by "
+                f"{type(self).__name__}.state_dict(); pass the dict state_dict() returned, unedited"
+            )
+        self._generator.set_state(gen_state.cpu())
+
+
+def group_tensors(
+    group: Mapping[str, Any], state_of: Callable[[Tensor], dict[str, Any]], keys: Sequence[str]
+) -> list[list[Tensor]]:
+    """``[params, grads, *state lists]`` over the parameters of ``group`` that have a gradient.
+
+    ``state_of(p)`` returns ``p``'s state, creating it lazily; ``keys`` name the state entries
+    collected, in the order of the optimizer's functional API (e.g. ``("exp_avg", "step")``).
+    """
+    lists: list[list[Tensor]] = [[] for _ in range(2 + len(keys))]
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        state = state_of(p)
+        for lst, t in zip(lists, (p, p.grad, *(state[k] for k in keys))):
+            lst.append(t)
+    return lists

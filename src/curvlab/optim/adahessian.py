@@ -32,8 +32,9 @@ updates ``v`` only on those steps, with its bias correction counting refreshes (
 τ = 1 (default) this is exactly the official rule; davda54/ada-hessian's ``update_each`` instead
 re-uses the stale estimate in ``v`` every step, which needs a third buffer. Conv1d/Conv3d kernels
 (3-D / 5-D) are averaged over their spatial dims too (the official code has no branch for them);
-``spatial_averaging=False`` turns averaging off. The probe comes from an explicit generator, and
-non-finite gradients follow curvlab's ``on_nonfinite`` policy.
+``spatial_averaging=False`` turns averaging off. The probe comes from an explicit generator
+(``seed=`` or ``generator=``, saved in ``state_dict()``), and non-finite gradients and estimates
+follow curvlab's ``on_nonfinite`` policy.
 
 Paper: Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney, "ADAHESSIAN: An Adaptive Second Order
 Optimizer for Machine Learning", AAAI 2021, arXiv:2006.00719; code: amirgholami/adahessian.
@@ -49,26 +50,19 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from curvlab.errors import ClosureRequiredError, ParameterError
-from curvlab.optim._curvature import (
-    _BLOCK,
-    _BLOCK_MIN,
-    _EXTRA_KEY,
+from curvlab.errors import ParameterError
+from curvlab.estimators.param_diagonal import (
     CurvatureEstimator,
-    _check_finite_diagonal,
-    _closure_example,
-    _closure_grads,
-    _cpu_blockable,
-    _grads_ok,
-    _new_generator,
-    _restore_generator,
-    _split_state_dict,
-    _workspace,
-    hutchinson_estimator,
+    HutchinsonEstimator,
     spatial_average,
 )
+from curvlab.optim._closure import closure_required, closure_step, resolve_estimator
+from curvlab.optim._scratch import block_ranges, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
-    load_state_dict_checked,
+    ProbeGeneratorState,
+    group_tensors,
+    probe_generator,
+    steps_taken,
     validate_betas,
     validate_eps,
     validate_lr,
@@ -76,132 +70,15 @@ from curvlab.optim._validation import (
     validate_weight_decay,
 )
 
-__all__ = ["AdaHessian", "adahessian_foreach", "adahessian_single_tensor"]
+__all__ = ["AdaHessian", "adahessian"]
 
 _STATE_KEYS = ("step", "hessian_step", "exp_avg", "exp_hessian_diag_sq")
 _SHAPED_KEYS = ("exp_avg", "exp_hessian_diag_sq")
+#: the hyper-parameters of one update, in the order of the functional API: lr, beta1, beta2, eps, weight_decay, hessian_power, maximize
+_Hyper = tuple[float, float, float, float, float, float, bool]
 
 
-def adahessian_single_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_hessian_diag_sqs: list[Tensor],
-    steps: list[Tensor],
-    hessian_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hessian_power: float,
-    maximize: bool,
-) -> None:
-    """The AdaHessian parameter update, one tensor at a time (the reference for the foreach path).
-
-    ``v`` (``exp_hessian_diag_sqs``) has already been refreshed when due; in place:
-    ``step += 1``; ``m ← β1 m + (1 − β1) g``;
-    ``θ ← θ(1 − lr·wd) − lr/(1 − β1^t) · m / ((√v)^k / (√(1 − β2^n))^k + eps)``.
-    """
-    for param, grad, exp_avg, v, step_t, hstep_t in zip(
-        params, grads, exp_avgs, exp_hessian_diag_sqs, steps, hessian_steps
-    ):
-        if maximize:
-            grad = -grad
-        step_t += 1
-        step, n = float(step_t), float(hstep_t)
-        exp_avg.lerp_(grad, 1 - beta1)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
-        denom = v.sqrt()
-        if hessian_power != 1:
-            denom.pow_(hessian_power)
-        denom.div_(math.sqrt(bias_correction2) ** hessian_power).add_(eps)
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-
-
-def adahessian_foreach(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_hessian_diag_sqs: list[Tensor],
-    steps: list[Tensor],
-    hessian_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hessian_power: float,
-    maximize: bool,
-    workspace: dict[Any, Tensor] | None = None,
-) -> None:
-    """The AdaHessian update, multi-tensor; bit-equal to :func:`adahessian_single_tensor`.
-
-    Tensors are bucketed by (device, dtype, step, Hessian step) so each bucket shares its bias
-    corrections. Large contiguous CPU tensors are processed in cache-sized blocks (EMA,
-    denominator and update while the block is in cache, through a reusable ``workspace``; no
-    full-size temporaries); everything else uses ``torch._foreach_*`` kernels.
-    """
-    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
-    for tensors in zip(params, grads, exp_avgs, exp_hessian_diag_sqs, steps, hessian_steps):
-        p = tensors[0]
-        key = (p.device, p.dtype, float(tensors[4]), float(tensors[5]))
-        bucket = buckets.setdefault(key, [[], [], [], [], [], []])
-        for lst, t in zip(bucket, tensors):
-            lst.append(t)
-    for (device, dtype, step, n), (ps, gs, ms, vs, ts, _) in buckets.items():
-        torch._foreach_add_(ts, 1.0)
-        step += 1
-        if maximize:
-            gs = list(torch._foreach_neg(gs))
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
-        scale = math.sqrt(bias_correction2) ** hessian_power
-        blocked = [
-            i
-            for i, p in enumerate(ps)
-            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, gs[i], ms[i], vs[i])
-        ]
-        if blocked:
-            # per block: EMA, denominator and update while the block is in cache
-            size = min(_BLOCK, max(ps[i].numel() for i in blocked))
-            d_all = _workspace(workspace, 1, size, dtype, device)[0]
-            for i in blocked:
-                pf, gf, mf, vf = ps[i].view(-1), gs[i].view(-1), ms[i].view(-1), vs[i].view(-1)
-                numel = pf.numel()
-                for s in range(0, numel, size):
-                    e = min(numel, s + size)
-                    d, mb, pb = d_all[: e - s], mf[s:e], pf[s:e]
-                    mb.lerp_(gf[s:e], 1 - beta1)
-                    torch.sqrt(vf[s:e], out=d)
-                    if hessian_power != 1:
-                        d.pow_(hessian_power)
-                    d.div_(scale).add_(eps)
-                    if weight_decay != 0:
-                        pb.mul_(1 - lr * weight_decay)
-                    pb.addcdiv_(mb, d, value=-lr / bias_correction1)
-            rest = sorted(set(range(len(ps))) - set(blocked))
-            if not rest:
-                continue
-            ps, gs = [ps[i] for i in rest], [gs[i] for i in rest]
-            ms, vs = [ms[i] for i in rest], [vs[i] for i in rest]
-        torch._foreach_lerp_(ms, gs, 1 - beta1)
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        denom = torch._foreach_sqrt(vs)
-        if hessian_power != 1:
-            torch._foreach_pow_(denom, hessian_power)
-        torch._foreach_div_(denom, scale)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(ps, ms, denom, value=-lr / bias_correction1)
-
-
-class AdaHessian(Optimizer):
+class AdaHessian(ProbeGeneratorState, Optimizer):
     r"""AdaHessian (Yao et al. 2021): Adam whose second moment is that of ``|diag H|`` estimates.
 
     **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
@@ -229,23 +106,27 @@ class AdaHessian(Optimizer):
             authors; the bias correction of ``v`` counts refreshes). Optimizer-wide.
         spatial_averaging: average ``|D|`` over the spatial dims of conv kernels (≥ 3-D tensors;
             default ``True``). Optimizer-wide.
-        estimator: ``"hutchinson"`` (default) or a
-            :class:`~curvlab.optim._curvature.CurvatureEstimator` callable; its output goes
+        estimator: ``"hutchinson"`` (default, :class:`~curvlab.estimators.HutchinsonEstimator`)
+            or any :class:`~curvlab.estimators.CurvatureEstimator` callable; its output goes
             through ``|·|`` and spatial averaging. Optimizer-wide.
         maximize: maximise the objective instead.
         foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
             kernels, and cache-sized blocks through a small reusable scratch buffer for large
             CPU tensors; bit-equal to the single-tensor reference (``False``).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``.
-        generator: random source of the probes; default a private CPU generator seeded from
-            torch's global generator at construction. Saved in ``state_dict()`` (key
-            ``"curvlab"``) so a resumed run is bit-identical.
+        seed: seed of a private CPU generator for the probes. ``None`` (default, and no
+            ``generator``): the seed is one draw from torch's global generator at construction,
+            so ``torch.manual_seed(s)`` before building the optimizer reproduces a run; pass
+            ``seed=`` to be independent of it.
+        generator: the random source itself (instead of ``seed``). Saved in ``state_dict()``
+            (key ``"curvlab"``) so a resumed run is bit-identical.
 
     State (per parameter): ``"step"``, ``"hessian_step"`` (float32 scalars), ``"exp_avg"`` (m),
     ``"exp_hessian_diag_sq"`` (v): 8 bytes per float32 parameter, as the official code.
 
     Raises:
-        ParameterError: invalid hyper-parameters or a sparse gradient.
+        ParameterError: invalid hyper-parameters, ``seed`` or ``generator``, or a sparse
+            gradient.
         ClosureRequiredError: no closure, a closure that called ``backward()`` or returned no
             loss tensor.
         NonFiniteError: NaN/inf gradient or curvature under ``on_nonfinite="raise"``.
@@ -255,7 +136,7 @@ class AdaHessian(Optimizer):
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
-        >>> opt = AdaHessian(model.parameters(), lr=0.1)
+        >>> opt = AdaHessian(model.parameters(), lr=0.1, seed=0)
         >>> loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
         >>> sorted(opt.state[model[0].weight])
         ['exp_avg', 'exp_hessian_diag_sq', 'hessian_step', 'step']
@@ -265,6 +146,9 @@ class AdaHessian(Optimizer):
     """
 
     closure_mode: ClassVar[str] = "loss"
+    _state_keys = _STATE_KEYS
+    _shaped_keys = _SHAPED_KEYS
+    _keep_dtype_keys = ("hessian_step",)
 
     def __init__(
         self,
@@ -281,6 +165,7 @@ class AdaHessian(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         on_nonfinite: str = "raise",
+        seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         validate_lr(lr)
@@ -306,83 +191,27 @@ class AdaHessian(Optimizer):
                 f"update_period must be an int >= 1 (1 = a Hessian estimate every step, as the "
                 f"authors), got {update_period!r}"
             )
-        if isinstance(estimator, str):
-            if estimator != "hutchinson":
-                raise ParameterError(
-                    f"estimator must be 'hutchinson' or a callable, got {estimator!r}"
-                )
-            estimator_name, estimator_fn = estimator, None
-        elif callable(estimator):
-            estimator_name, estimator_fn = "custom", estimator
-        else:
-            raise ParameterError(f"estimator must be a string or a callable, got {estimator!r}")
+        builtin = {"hutchinson": HutchinsonEstimator()}
+        estimator_name, self._estimator = resolve_estimator(estimator, builtin, "'hutchinson'")
+        self._generator = probe_generator(seed, generator)
         defaults = {
             "lr": lr,
             "betas": betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "hessian_power": float(hessian_power),
-            "update_period": update_period,
-            "spatial_averaging": bool(spatial_averaging),
-            "estimator": estimator_name,
             "maximize": bool(maximize),
             "foreach": foreach,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
+            "update_period": update_period,
+            "spatial_averaging": bool(spatial_averaging),
+            "estimator": estimator_name,
         }
         super().__init__(params, defaults)
-        self._estimator_fn: CurvatureEstimator | None = estimator_fn
-        self._generator: torch.Generator = generator if generator is not None else _new_generator()
-        self._workspace: dict[Any, Tensor] = {}  # scratch of the CPU fast path (not state)
 
-    # ------------------------------------------------------------------ persistence
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_estimator_fn"] = self._estimator_fn
-        state["_generator"] = self._generator
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_workspace", {})
-
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
-        sd = super().state_dict()
-        sd[_EXTRA_KEY] = {"generator_state": self._generator.get_state()}
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by :meth:`state_dict` (checked; restores the generator too).
-
-        Raises:
-            StateDictError: another optimizer's state, other parameter shapes or group counts.
-        """
-        base, extra = _split_state_dict(state_dict)
-        load_state_dict_checked(
-            self,
-            base,
-            state_keys=_STATE_KEYS,
-            param_shaped_keys=_SHAPED_KEYS,
-            keep_dtype_keys=("hessian_step",),
-        )
-        _restore_generator(extra, self._generator, "AdaHessian")
-
-    # ------------------------------------------------------------------ helpers
-    def _next_step_number(self) -> int:
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st and "step" in st:
-                    return int(st["step"]) + 1
-        return 1
-
-    def _estimator(self) -> CurvatureEstimator:
-        if self._estimator_fn is not None:
-            return self._estimator_fn
-        return hutchinson_estimator  # type: ignore[return-value]
-
-    def _init_state(self, p: Tensor) -> dict[str, Any]:
+    def _state(self, p: Tensor) -> dict[str, Any]:
+        """``p``'s state, created lazily under ``_STATE_KEYS`` (the one place state is created)."""
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -391,31 +220,29 @@ class AdaHessian(Optimizer):
             state["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _refresh(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor | None], outputs: Any, n: int
-    ) -> bool:
-        """``D = avg|ĥ|``, then ``v ← β2 v + (1 − β2) D²`` and ``n ← n + 1``; False if skipped."""
-        estimator = self._estimator()
-        with torch.enable_grad():
-            diag = estimator(params, grads, outputs, self._generator)
-        if not _check_finite_diagonal(self.param_groups, params, diag, step=n):
-            return False
+    def _init_group(self, group: dict[str, Any]) -> list[list[Tensor]]:
+        """``[params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps]`` of
+        ``group``'s parameters that have a gradient, their state created lazily."""
+        keys = ("exp_avg", "exp_hessian_diag_sq", "step", "hessian_step")
+        return group_tensors(group, self._state, keys)
+
+    def _update_hessian(self, params: Sequence[Tensor], diag: Sequence[Tensor | None]) -> None:
+        """``D = avg|ĥ|``, then ``v ← β2 v + (1 − β2) D²`` and ``n ← n + 1`` per parameter."""
         average = self.defaults["spatial_averaging"]
+        own = self.defaults["estimator"] == "hutchinson"  # its output is ours to overwrite
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for p, d in zip(params, diag):
             if d is None:
                 continue
             if average and d.dim() >= 3:
                 dd = spatial_average(d)
-            else:  # the built-in estimator's output is ours to overwrite
-                dd = d.abs() if self._estimator_fn is not None else d.abs_()
-            state = self._init_state(p)
+            else:
+                dd = d.abs_() if own else d.abs()
+            state = self._state(p)
             beta2 = group_of[id(p)]["betas"][1]
             state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(dd, dd, value=1 - beta2)
             state["hessian_step"] += 1
-        return True
 
-    # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """Take one AdaHessian step (with a Hessian-diagonal refresh when due).
@@ -427,41 +254,22 @@ class AdaHessian(Optimizer):
             The closure's loss, detached.
         """
         if closure is None:
-            raise ClosureRequiredError(_closure_example("AdaHessian"))
-        n = self._next_step_number()
-        refresh = (n - 1) % self.defaults["update_period"] == 0
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        estimator = self._estimator() if refresh else None
-        loss, outputs, grads = _closure_grads(closure, params, "AdaHessian", estimator)
-        if not _grads_ok(self.param_groups, n):
-            return loss
-        if refresh and not self._refresh(params, grads, outputs, n):
-            return loss
-        del grads, outputs
+            raise closure_required("AdaHessian")
+        refresh = steps_taken(self) % self.defaults["update_period"] == 0
+        run = closure_step(self, closure, self._estimator if refresh else None, self._generator)
+        if not run.proceed:
+            return run.loss
+        if run.estimate is not None:
+            self._update_hessian(run.params, run.estimate)
         for group in self.param_groups:
-            ps, gs, ms, vs, ts, hts = [], [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._init_state(p)
-                ps.append(p)
-                gs.append(p.grad)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_hessian_diag_sq"])
-                ts.append(state["step"])
-                hts.append(state["hessian_step"])
-            if not ps:
+            tensors = self._init_group(group)
+            if not tensors[0]:
                 continue
-            fn = adahessian_single_tensor if group["foreach"] is False else adahessian_foreach
-            extra = {} if group["foreach"] is False else {"workspace": self._workspace}
             beta1, beta2 = group["betas"]
-            fn(
-                ps,
-                gs,
-                ms,
-                vs,
-                ts,
-                hts,
+            adahessian(
+                *tensors,
+                foreach=group["foreach"],
+                scratch=self,
                 lr=float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
@@ -469,6 +277,130 @@ class AdaHessian(Optimizer):
                 weight_decay=group["weight_decay"],
                 hessian_power=group["hessian_power"],
                 maximize=group["maximize"],
-                **extra,
             )
-        return loss
+        return run.loss
+
+
+def adahessian(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_hessian_diag_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    hessian_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    scratch: object | None = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+    maximize: bool,
+) -> None:
+    """Functional API that performs the AdaHessian computation; see :class:`AdaHessian`.
+
+    ``v`` (``exp_hessian_diag_sqs``) and its refresh count ``n`` (``hessian_steps``) have been
+    refreshed by the caller when due; in place, for each parameter: ``step += 1``;
+    ``m ← β1 m + (1 − β1) g``;
+    ``θ ← θ(1 − lr·wd) − lr/(1 − β1^t) · m / ((√v)^k / (√(1 − β2^n))^k + eps)``.
+
+    Args:
+        params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps: equally long
+            lists, one entry per parameter (the steps: float32 scalar tensors).
+        foreach: ``False``: the single-tensor reference; ``None``/``True``: the multi-tensor path
+            (bit-equal to the reference).
+        scratch: the object whose scratch buffers the multi-tensor path reuses across calls (the
+            optimizer); ``None`` allocates them per call.
+        lr, beta1, beta2, eps, weight_decay, hessian_power, maximize: see :class:`AdaHessian`.
+
+    Example:
+        >>> p, g, m, v = torch.zeros(2), torch.tensor([1.0, -1.0]), torch.zeros(2), torch.ones(2)
+        >>> t, n = torch.tensor(0.0), torch.tensor(1.0)
+        >>> adahessian([p], [g], [m], [v], [t], [n], lr=0.1, beta1=0.9, beta2=0.0, eps=1e-4,
+        ...            weight_decay=0.0, hessian_power=1.0, maximize=False)
+        >>> [round(x, 4) for x in p.tolist()], float(t)
+        ([-0.1, 0.1], 1.0)
+    """
+    tensors = (params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps)
+    hp = (lr, beta1, beta2, eps, weight_decay, hessian_power, maximize)
+    if foreach is False:
+        return _single_tensor_adahessian(tensors, hp)
+    return _multi_tensor_adahessian(tensors, hp, scratch)
+
+
+def _single_tensor_adahessian(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
+    """The AdaHessian update, one tensor at a time: the reference for the multi-tensor path.
+
+    ``tensors``: params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps.
+    """
+    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
+    for param, grad, exp_avg, v, step_t, hstep_t in zip(*tensors):
+        if maximize:
+            grad = -grad
+        step_t += 1
+        step, n = float(step_t), float(hstep_t)
+        exp_avg.lerp_(grad, 1 - beta1)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
+        denom = v.sqrt()
+        if hessian_power != 1:
+            denom.pow_(hessian_power)
+        denom.div_(math.sqrt(bias_correction2) ** hessian_power).add_(eps)
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def _multi_tensor_adahessian(
+    tensors: Sequence[list[Tensor]], hp: _Hyper, scratch: object | None
+) -> None:
+    """The AdaHessian update, multi-tensor; bit-equal to :func:`_single_tensor_adahessian`.
+
+    Tensors are bucketed by (device, dtype, step, Hessian step) so each bucket shares its bias
+    corrections. Large contiguous CPU tensors are processed in cache-sized blocks
+    (:func:`~curvlab.optim._scratch.cpu_blocks`: EMA, denominator and update while the block is in
+    cache, through a reusable scratch row; no full-size temporaries); everything else uses
+    ``torch._foreach_*`` kernels.
+    """
+    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
+    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+    for row in zip(*tensors):
+        key = (row[0].device, row[0].dtype, float(row[4]), float(row[5]))
+        bucket = buckets.setdefault(key, [[], [], [], [], [], []])
+        for lst, t in zip(bucket, row):
+            lst.append(t)
+    for (device, dtype, step, n), (ps, gs, ms, vs, ts, _) in buckets.items():
+        torch._foreach_add_(ts, 1.0)
+        step += 1
+        if maximize:
+            gs = list(torch._foreach_neg(gs))
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
+        scale = math.sqrt(bias_correction2) ** hessian_power
+        blocked, (ps, gs, ms, vs), size = cpu_blocks([ps, gs, ms, vs])
+        if blocked:
+            scratch_row = workspace_rows(scratch, 1, size, dtype, device)[0]
+        for pf, gf, mf, vf in blocked:
+            for s, e in block_ranges(pf.numel(), size):
+                d, mb, pb = scratch_row[: e - s], mf[s:e], pf[s:e]
+                mb.lerp_(gf[s:e], 1 - beta1)
+                torch.sqrt(vf[s:e], out=d)
+                if hessian_power != 1:
+                    d.pow_(hessian_power)
+                d.div_(scale).add_(eps)
+                if weight_decay != 0:
+                    pb.mul_(1 - lr * weight_decay)
+                pb.addcdiv_(mb, d, value=-lr / bias_correction1)
+        if not ps:
+            continue
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        denom = torch._foreach_sqrt(vs)
+        if hessian_power != 1:
+            torch._foreach_pow_(denom, hessian_power)
+        torch._foreach_div_(denom, scale)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, value=-lr / bias_correction1)

@@ -18,7 +18,7 @@ r"""Sophia: a clipped diagonal-Newton step with a curvature estimate refreshed e
        \mathrm{clip}\!\big(m_t / (\rho \max(h_t, 0) + \epsilon),\ -1,\ 1\big)
    \end{aligned}
 
-Estimators (:mod:`curvlab.optim._curvature`):
+Estimators (:mod:`curvlab.estimators.param_diagonal`, passed as ``estimator=``):
 
 * ``"gnb"`` (SophiaG, default): Gauss-Newton-Bartlett, ``ĥ = B · ĝ ⊙ ĝ`` with ``ĝ`` the gradient
   of the mean cross-entropy on labels sampled from the model's own logits, ``B`` the number of
@@ -47,7 +47,8 @@ Rademacher rather than Gaussian probes and no bias correction (as SophiaG and th
 ``maximize=True`` negates the gradient and, for estimates of the loss's own curvature
 (Hutchinson, custom), the estimate too, so maximising f is minimising −f (the GNB estimate, a
 Gauss-Newton matrix of the model's likelihood, keeps its sign); non-finite gradients and
-estimates follow curvlab's ``on_nonfinite`` policy.
+estimates follow curvlab's ``on_nonfinite`` policy; the random source is an explicit generator
+(``seed=`` or ``generator=``), saved in ``state_dict()``.
 
 Paper: Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
 Language Model Pre-training", ICLR 2024, arXiv:2305.14342; code: Liuhong99/Sophia.
@@ -55,7 +56,7 @@ Language Model Pre-training", ICLR 2024, arXiv:2305.14342; code: Liuhong99/Sophi
 
 from __future__ import annotations
 
-import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -63,32 +64,28 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from curvlab.errors import (
-    ClosureRequiredError,
-    ParameterError,
-    ShapeMismatchError,
-)
-from curvlab.optim._curvature import (
-    _BLOCK,
-    _BLOCK_MIN,
-    _EXTRA_KEY,
+from curvlab.errors import ParameterError, ShapeMismatchError, ZeroCurvatureWarning
+from curvlab.estimators.param_diagonal import (
     CurvatureEstimator,
-    _call_closure,
-    _check_finite_diagonal,
-    _closure_example,
-    _closure_grads,
-    _cpu_blockable,
-    _grads_ok,
-    _loss_grads,
-    _new_generator,
-    _restore_generator,
-    _split_state_dict,
-    _workspace,
-    gnb_estimator,
-    hutchinson_estimator,
+    GNBEstimator,
+    HutchinsonEstimator,
 )
+from curvlab.optim._closure import (
+    closure_grads,
+    closure_required,
+    closure_step,
+    estimate_curvature,
+    resolve_estimator,
+)
+from curvlab.optim._scratch import block_ranges, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
-    load_state_dict_checked,
+    ProbeGeneratorState,
+    check_finite_curvature,
+    check_finite_grads,
+    group_tensors,
+    next_step_number,
+    probe_generator,
+    steps_taken,
     validate_betas,
     validate_eps,
     validate_lr,
@@ -97,130 +94,27 @@ from curvlab.optim._validation import (
     validate_weight_decay,
 )
 
-__all__ = ["Sophia", "sophia_foreach", "sophia_single_tensor"]
+__all__ = ["Sophia", "sophia"]
 
 _STATE_KEYS = ("step", "exp_avg", "hessian")
 _SHAPED_KEYS = ("exp_avg", "hessian")
-_ESTIMATORS = ("gnb", "hutchinson")
+#: the hyper-parameters of one update, in the order of the functional API: lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian
+_Hyper = tuple[float, float, float, float, float, bool, bool]
+_ESTIMATOR_NAMES = "'gnb' (SophiaG), 'hutchinson' (SophiaH)"
+_MANUAL_LOOP_HINT = (
+    "\n(or construct Sophia(..., update_period=None) to step from p.grad and call "
+    "update_curvature() yourself)"
+)
+_ZERO_CURVATURE_MESSAGE = (
+    "Sophia(update_period=None) takes its first step with zero curvature: no update_curvature() "
+    "call has given it an estimate, so every coordinate moves by a clipped sign step "
+    "lr·sign(m) until one does. Call update_curvature(...) every k steps (before the first step "
+    "to avoid this warning; the official SophiaG loop calls it after steps k, 2k, ...), or "
+    "construct Sophia with update_period=k to refresh it from the step's closure"
+)
 
 
-def sophia_single_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    hessians: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    rho: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    clamp_hessian: bool,
-) -> None:
-    """The Sophia update, one tensor at a time (the reference for the foreach path).
-
-    In place: ``step += 1``; ``θ ← θ(1 − lr·wd)``; ``m ← β1 m + (1 − β1) g``;
-    ``θ ← θ − lr · clip(m / (ρ·h + ε), −1, 1)`` with ``h`` replaced by ``max(h, 0)`` when
-    ``clamp_hessian``. ``clip(m/d, −1, 1)`` equals the official ``sign(m)·min(|m|/d, 1)`` for d > 0.
-    """
-    for param, grad, exp_avg, hess, step_t in zip(params, grads, exp_avgs, hessians, steps):
-        if maximize:
-            grad = -grad
-        step_t += 1
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        h = hess.clamp(min=0) if clamp_hessian else hess
-        ratio = exp_avg / (h * rho + eps)
-        param.add_(ratio.clamp_(-1, 1), alpha=-lr)
-
-
-def sophia_foreach(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    hessians: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    rho: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    clamp_hessian: bool,
-    workspace: dict[Any, Tensor] | None = None,
-) -> None:
-    """The Sophia update, multi-tensor; bit-equal to :func:`sophia_single_tensor`.
-
-    Tensors are grouped by (device, dtype). Large contiguous CPU tensors are processed in
-    cache-sized blocks — EMA, clipped ratio and update while the block is in cache, through a
-    small reusable ``workspace`` and ``clip(m/d, −1, 1) = m / max(d, |m|)`` for ``d > 0`` — because
-    on CPU allocating and first-touching full-size temporaries, and every extra pass over memory,
-    cost more than the arithmetic. Everything else uses ``torch._foreach_*`` kernels.
-    """
-    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
-    for tensors in zip(params, grads, exp_avgs, hessians, steps):
-        bucket = buckets.setdefault((tensors[0].device, tensors[0].dtype), [[], [], [], [], []])
-        for lst, t in zip(bucket, tensors):
-            lst.append(t)
-    for (device, dtype), (ps, gs, ms, hs, ts) in buckets.items():
-        torch._foreach_add_(ts, 1.0)
-        if maximize:
-            gs = list(torch._foreach_neg(gs))
-        blocked = [
-            i
-            for i, p in enumerate(ps)
-            if p.numel() >= _BLOCK_MIN and _cpu_blockable(p, gs[i], ms[i], hs[i])
-        ]
-        if blocked:
-            # per block: EMA, ratio and update while the block is in cache (one pass over memory)
-            size = min(_BLOCK, max(ps[i].numel() for i in blocked))
-            ws = _workspace(workspace, 2, size, dtype, device)
-            for i in blocked:
-                pf, gf, mf, hf = ps[i].view(-1), gs[i].view(-1), ms[i].view(-1), hs[i].view(-1)
-                n = pf.numel()
-                for s in range(0, n, size):
-                    e = min(n, s + size)
-                    d, a = ws[0, : e - s], ws[1, : e - s]
-                    mb, pb = mf[s:e], pf[s:e]
-                    mb.lerp_(gf[s:e], 1 - beta1)
-                    if clamp_hessian:
-                        torch.clamp(hf[s:e], min=0.0, out=d)
-                        d.mul_(rho)
-                    else:
-                        torch.mul(hf[s:e], rho, out=d)
-                    d.add_(eps)
-                    torch.abs(mb, out=a)
-                    torch.maximum(d, a, out=d)
-                    torch.div(mb, d, out=d)
-                    if weight_decay != 0:
-                        pb.mul_(1 - lr * weight_decay)
-                    pb.add_(d, alpha=-lr)
-            rest = sorted(set(range(len(ps))) - set(blocked))
-            if not rest:
-                continue
-            ps, gs = [ps[i] for i in rest], [gs[i] for i in rest]
-            ms, hs = [ms[i] for i in rest], [hs[i] for i in rest]
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        torch._foreach_lerp_(ms, gs, 1 - beta1)
-        if clamp_hessian:
-            denom = torch._foreach_clamp_min(hs, 0.0)
-            torch._foreach_mul_(denom, rho)
-        else:
-            denom = torch._foreach_mul(hs, rho)
-        torch._foreach_add_(denom, eps)
-        ratio = torch._foreach_div(ms, denom)
-        del denom
-        torch._foreach_clamp_min_(ratio, -1.0)
-        torch._foreach_clamp_max_(ratio, 1.0)
-        torch._foreach_add_(ps, ratio, alpha=-lr)
-
-
-class Sophia(Optimizer):
+class Sophia(ProbeGeneratorState, Optimizer):
     r"""Sophia (Liu et al. 2023): SophiaG (Gauss-Newton-Bartlett, default) or SophiaH (Hutchinson).
 
     **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
@@ -237,7 +131,9 @@ class Sophia(Optimizer):
     closure uses the gradients in ``p.grad`` (torch style: call ``loss.backward()`` first) and
     never refreshes the curvature; call :meth:`update_curvature` yourself (with a closure, with
     an explicit diagonal, or — as in the official SophiaG loop — after back-propagating the
-    sampled-label loss, with ``bs=``).
+    sampled-label loss, with ``bs=``). Until the first such call the curvature is zero and every
+    coordinate takes a clipped sign step; the first step taken so warns once
+    (:class:`~curvlab.errors.ZeroCurvatureWarning`).
 
     Rule (the module docstring has the full algorithm box):
     :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta\,\mathrm{clip}(m/(\rho\max(h,0)+\epsilon),
@@ -256,8 +152,10 @@ class Sophia(Optimizer):
         rho: ρ, the clipping scale (default 0.04; official GPT-2 configs 0.03 to 0.08). Larger ρ:
             more coordinates clipped to a sign step.
         weight_decay: decoupled weight decay λ (default 0.1).
-        estimator: ``"gnb"`` (SophiaG), ``"hutchinson"`` (SophiaH), or a
-            :class:`~curvlab.optim._curvature.CurvatureEstimator` callable (kept on the instance,
+        estimator: ``"gnb"`` (SophiaG, :class:`~curvlab.estimators.GNBEstimator` built from
+            ``likelihood`` and ``bs``), ``"hutchinson"`` (SophiaH,
+            :class:`~curvlab.estimators.HutchinsonEstimator`), or any
+            :class:`~curvlab.estimators.CurvatureEstimator` callable (kept on the instance,
             included in ``copy.deepcopy``/``pickle``, not in ``state_dict``).
         update_period: k, refresh the curvature every k steps (default 10); ``None`` for manual
             refreshes through :meth:`update_curvature` (``step()`` then accepts no closure).
@@ -272,10 +170,12 @@ class Sophia(Optimizer):
             CPU tensors; bit-equal to the single-tensor reference (``False``).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` for NaN/inf gradients or
             curvature estimates; see :mod:`curvlab.optim._validation`.
-        generator: random source of the probes / sampled labels; default a private CPU generator
-            seeded from torch's global generator at construction (one draw, no reseeding). Its
-            state is saved in ``state_dict()`` (key ``"curvlab"``) so a resumed run is
-            bit-identical.
+        seed: seed of a private CPU generator for the probes / sampled labels. ``None``
+            (default, and no ``generator``): the seed is one draw from torch's global generator
+            at construction, so ``torch.manual_seed(s)`` before building the optimizer reproduces
+            a run; pass ``seed=`` to be independent of it.
+        generator: the random source itself (instead of ``seed``). Its state is saved in
+            ``state_dict()`` (key ``"curvlab"``) so a resumed run is bit-identical.
 
     ``estimator``, ``update_period``, ``bs`` and ``likelihood`` are optimizer-wide (the
     constructor's values are used for all param groups).
@@ -284,7 +184,8 @@ class Sophia(Optimizer):
     ``"exp_avg"`` (m), ``"hessian"`` (h): 8 bytes per float32 parameter, as the official code.
 
     Raises:
-        ParameterError: invalid hyper-parameters (at construction) or a sparse gradient.
+        ParameterError: invalid hyper-parameters, ``seed`` or ``generator`` (at construction), or
+            a sparse gradient.
         ClosureRequiredError: no closure, a closure that called ``backward()``, or one that
             returned no loss tensor (or no logits for the GNB estimator).
         NonFiniteError: NaN/inf gradient or curvature under ``on_nonfinite="raise"`` (nothing is
@@ -294,7 +195,7 @@ class Sophia(Optimizer):
     Example:
         >>> model = torch.nn.Linear(4, 3)
         >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-        >>> opt = Sophia(model.parameters(), lr=1e-3)
+        >>> opt = Sophia(model.parameters(), lr=1e-3, seed=0)
         >>> def closure():
         ...     logits = model(x)
         ...     return torch.nn.functional.cross_entropy(logits, y), logits
@@ -307,6 +208,8 @@ class Sophia(Optimizer):
     """
 
     closure_mode: ClassVar[str] = "loss"
+    _state_keys = _STATE_KEYS
+    _shaped_keys = _SHAPED_KEYS
 
     def __init__(
         self,
@@ -324,6 +227,7 @@ class Sophia(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         on_nonfinite: str = "raise",
+        seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         validate_lr(lr)
@@ -332,17 +236,11 @@ class Sophia(Optimizer):
         validate_weight_decay(weight_decay)
         validate_eps(eps)
         validate_on_nonfinite(on_nonfinite)
-        if isinstance(estimator, str):
-            if estimator not in _ESTIMATORS:
-                raise ParameterError(
-                    f"estimator must be 'gnb' (SophiaG), 'hutchinson' (SophiaH) or a callable, "
-                    f"got {estimator!r}"
-                )
-            estimator_name, estimator_fn = estimator, None
-        elif callable(estimator):
-            estimator_name, estimator_fn = "custom", estimator
-        else:
-            raise ParameterError(f"estimator must be a string or a callable, got {estimator!r}")
+        builtin: dict[str, CurvatureEstimator] = {
+            "gnb": GNBEstimator(likelihood=likelihood, batch_size=bs),  # checks both
+            "hutchinson": HutchinsonEstimator(),
+        }
+        estimator_name, self._estimator = resolve_estimator(estimator, builtin, _ESTIMATOR_NAMES)
         if update_period is not None and (
             isinstance(update_period, bool)
             or not isinstance(update_period, int)
@@ -352,94 +250,37 @@ class Sophia(Optimizer):
                 f"update_period must be an int >= 1 (the paper's k, default 10) or None for "
                 f"manual refreshes, got {update_period!r}"
             )
-        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
-            raise ParameterError(
-                "bs must be a positive int (predictions per batch, e.g. tokens) or None, "
-                f"got {bs!r}"
-            )
-        if likelihood not in ("categorical", "gaussian"):
-            raise ParameterError(
-                f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}"
-            )
+        self._generator = probe_generator(seed, generator)
         defaults = {
             "lr": lr,
             "betas": betas,
             "rho": rho,
             "weight_decay": weight_decay,
             "eps": eps,
-            "estimator": estimator_name,
-            "update_period": update_period,
-            "bs": bs,
-            "likelihood": likelihood,
             "maximize": bool(maximize),
             "foreach": foreach,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
+            "estimator": estimator_name,
+            "update_period": update_period,
+            "bs": bs,
+            "likelihood": likelihood,
         }
         super().__init__(params, defaults)
-        self._estimator_fn: CurvatureEstimator | None = estimator_fn
-        self._generator: torch.Generator = generator if generator is not None else _new_generator()
-        self._workspace: dict[Any, Tensor] = {}  # scratch of the CPU fast path (not state)
 
-    # ------------------------------------------------------------------ persistence
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_estimator_fn"] = self._estimator_fn
-        state["_generator"] = self._generator
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_workspace", {})
-
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state dict plus ``"curvlab": {"generator_state": ByteTensor}``."""
-        sd = super().state_dict()
-        sd[_EXTRA_KEY] = {"generator_state": self._generator.get_state()}
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by :meth:`state_dict` (checked; restores the generator too).
-
-        Raises:
-            StateDictError: another optimizer's state, other parameter shapes or group counts.
-        """
-        base, extra = _split_state_dict(state_dict)
-        load_state_dict_checked(self, base, state_keys=_STATE_KEYS, param_shaped_keys=_SHAPED_KEYS)
-        _restore_generator(extra, self._generator, "Sophia")
-
-    # ------------------------------------------------------------------ helpers
-    def _estimator(self) -> CurvatureEstimator:
-        if self._estimator_fn is not None:
-            return self._estimator_fn
-        if self.defaults["estimator"] == "hutchinson":
-            return hutchinson_estimator  # type: ignore[return-value]
-        est: Any = functools.partial(
-            gnb_estimator,
-            likelihood=self.defaults["likelihood"],
-            batch_size=self.defaults["bs"],
-        )
-        est.create_graph = False
-        return est  # type: ignore[no-any-return]
-
-    def _trainable(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-
-    def _next_step_number(self) -> int:
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st and "step" in st:
-                    return int(st["step"]) + 1
-        return 1
-
-    def _init_state(self, p: Tensor) -> dict[str, Any]:
+    def _state(self, p: Tensor) -> dict[str, Any]:
+        """``p``'s state, created lazily under ``_STATE_KEYS`` (the one place state is created)."""
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+    def _init_group(self, group: dict[str, Any]) -> list[list[Tensor]]:
+        """``[params, grads, exp_avgs, hessians, state_steps]`` of ``group``'s parameters that have
+        a gradient, their state created lazily."""
+        return group_tensors(group, self._state, ("exp_avg", "hessian", "step"))
 
     def _update_hessian(self, params: Sequence[Tensor], diag: Sequence[Tensor | None]) -> None:
         """``h ← β2 h + (1 − β2) ĥ`` for every parameter with an estimate.
@@ -453,28 +294,11 @@ class Sophia(Optimizer):
         for p, d in zip(params, diag):
             if d is None:
                 continue
-            state = self._init_state(p)
             group = group_of[id(p)]
             beta2 = group["betas"][1]
             scale = -(1 - beta2) if flip and group["maximize"] else 1 - beta2
-            state["hessian"].mul_(beta2).add_(d.to(p.dtype), alpha=scale)
+            self._state(p)["hessian"].mul_(beta2).add_(d.to(p.dtype), alpha=scale)
 
-    def _refresh(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor | None],
-        outputs: Tensor | None,
-        estimator: CurvatureEstimator,
-        step: int,
-    ) -> bool:
-        with torch.enable_grad():
-            diag = estimator(params, grads, outputs, self._generator)
-        if not _check_finite_diagonal(self.param_groups, params, diag, step=step):
-            return False
-        self._update_hessian(params, diag)
-        return True
-
-    # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]
         """Take one Sophia step (refreshing the curvature first on steps 1, k+1, 2k+1, …).
@@ -486,52 +310,35 @@ class Sophia(Optimizer):
         Returns:
             The closure's loss (detached), or ``None`` without a closure.
         """
-        n = self._next_step_number()
         period = self.defaults["update_period"]
         loss: Tensor | None = None
-        refresh = False
-        if closure is None and period is None:
-            params: list[Tensor] = []
-            grads: list[Tensor | None] = []
-            outputs = None
-        else:
-            if closure is None:
-                raise ClosureRequiredError(
-                    _closure_example("Sophia")
-                    + "\n(or construct Sophia(..., update_period=None) to step from p.grad and "
-                    "call update_curvature() yourself)"
-                )
-            params = self._trainable()
-            refresh = period is not None and (n - 1) % period == 0
-            estimator = self._estimator() if refresh else None
-            loss, outputs, grads = _closure_grads(closure, params, "Sophia", estimator)
-        if not _grads_ok(self.param_groups, n):
-            return loss
-        if refresh and not self._refresh(params, grads, outputs, estimator, n):  # type: ignore[arg-type]
-            return loss
-        del grads, outputs
+        if closure is not None:
+            refresh = period is not None and steps_taken(self) % period == 0
+            run = closure_step(self, closure, self._estimator if refresh else None, self._generator)
+            loss = run.loss
+            if not run.proceed:
+                return loss
+            if run.estimate is not None:
+                self._update_hessian(run.params, run.estimate)
+        elif period is not None:
+            raise closure_required("Sophia", _MANUAL_LOOP_HINT)
+        elif not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
+            return None
+        if period is None and not self.state:
+            warnings.warn(_ZERO_CURVATURE_MESSAGE, ZeroCurvatureWarning, stacklevel=4)
         clamp = self.defaults["estimator"] != "gnb"
         for group in self.param_groups:
-            ps, gs, ms, hs, ts = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._init_state(p)
-                ps.append(p)
-                gs.append(p.grad)
-                ms.append(state["exp_avg"])
-                hs.append(state["hessian"])
-                ts.append(state["step"])
-            if not ps:
+            params, grads, exp_avgs, hessians, state_steps = self._init_group(group)
+            if not params:
                 continue
-            extra = {} if group["foreach"] is False else {"workspace": self._workspace}
-            fn = sophia_single_tensor if group["foreach"] is False else sophia_foreach
-            fn(
-                ps,
-                gs,
-                ms,
-                hs,
-                ts,
+            sophia(
+                params,
+                grads,
+                exp_avgs,
+                hessians,
+                state_steps,
+                foreach=group["foreach"],
+                scratch=self,
                 lr=float(group["lr"]),
                 beta1=group["betas"][0],
                 rho=group["rho"],
@@ -539,7 +346,6 @@ class Sophia(Optimizer):
                 eps=group["eps"],
                 maximize=group["maximize"],
                 clamp_hessian=clamp,
-                **extra,
             )
         return loss
 
@@ -589,47 +395,170 @@ class Sophia(Optimizer):
             raise ParameterError(
                 "update_curvature takes one source: a closure, or diagonal=, or neither (p.grad)"
             )
-        step = self._next_step_number()
         loss: Tensor | None = None
         if closure is not None:
-            params = self._trainable()
+            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             saved = [p.grad for p in params]
             try:
-                loss, outputs = _call_closure(closure, params, "Sophia")
-                estimator = self._estimator()
-                with torch.enable_grad():
-                    grads = _loss_grads(
-                        loss,
-                        params,
-                        create_graph=bool(getattr(estimator, "create_graph", False)),
-                        retain_graph=True,
-                    )
-                    diag = estimator(params, grads, outputs, self._generator)
+                loss, outputs, grads = closure_grads(closure, params, "Sophia", self._estimator)
+                diag = estimate_curvature(self._estimator, params, grads, outputs, self._generator)
                 del grads, outputs
             finally:
                 for p, g in zip(params, saved):
                     p.grad = g
-            loss = loss.detach()
         else:
             params = [p for g in self.param_groups for p in g["params"]]
-            if diagonal is not None:
-                diag = list(diagonal)
-                if len(diag) != len(params) or any(
-                    d is not None and d.shape != p.shape for d, p in zip(diag, params)
-                ):
-                    raise ShapeMismatchError(
-                        f"diagonal must hold one tensor (or None) per parameter of param_groups "
-                        f"({len(params)}), each shaped like its parameter"
-                    )
-            else:
-                factor = bs if bs is not None else self.defaults["bs"]
-                if factor is None:
-                    raise ParameterError(
-                        "update_curvature() without a closure or diagonal reads ĝ from p.grad and "
-                        "needs bs=, the number of predictions (e.g. tokens) the sampled-label loss "
-                        "averaged over, so that ĥ = bs · ĝ ⊙ ĝ"
-                    )
-                diag = [None if p.grad is None else p.grad * p.grad * factor for p in params]
-        if _check_finite_diagonal(self.param_groups, params, diag, step=step):
+            diag = self._given_diagonal(params, diagonal, bs)
+        step = lambda: next_step_number(self)  # noqa: E731
+        if check_finite_curvature(self.param_groups, params, diag, step=step):
             self._update_hessian(params, diag)
         return loss
+
+    def _given_diagonal(
+        self, params: list[Tensor], diagonal: Sequence[Tensor | None] | None, bs: int | None
+    ) -> list[Tensor | None]:
+        """The estimate passed as ``diagonal=``, checked, or ``bs · p.grad ⊙ p.grad``."""
+        if diagonal is not None:
+            diag = list(diagonal)
+            if len(diag) != len(params) or any(
+                d is not None and d.shape != p.shape for d, p in zip(diag, params)
+            ):
+                raise ShapeMismatchError(
+                    f"diagonal must hold one tensor (or None) per parameter of param_groups "
+                    f"({len(params)}), each shaped like its parameter"
+                )
+            return diag
+        factor = bs if bs is not None else self.defaults["bs"]
+        if factor is None:
+            raise ParameterError(
+                "update_curvature() without a closure or diagonal reads ĝ from p.grad and needs "
+                "bs=, the number of predictions (e.g. tokens) the sampled-label loss averaged "
+                "over, so that ĥ = bs · ĝ ⊙ ĝ"
+            )
+        return [None if p.grad is None else p.grad * p.grad * factor for p in params]
+
+
+def sophia(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    scratch: object | None = None,
+    lr: float,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    clamp_hessian: bool,
+) -> None:
+    """Functional API that performs the Sophia computation; see :class:`Sophia`.
+
+    In place, for each parameter: ``step += 1``; ``θ ← θ(1 − lr·wd)``; ``m ← β1 m + (1 − β1) g``;
+    ``θ ← θ − lr · clip(m / (ρ·h + ε), −1, 1)``, ``h`` replaced by ``max(h, 0)`` when
+    ``clamp_hessian``. The curvature ``h`` is refreshed by the caller (:class:`Sophia`).
+
+    Args:
+        params, grads, exp_avgs, hessians, state_steps: equally long lists, one entry per
+            parameter (``state_steps``: float32 scalar tensors of completed steps).
+        foreach: ``False``: the single-tensor reference; ``None``/``True``: the multi-tensor path
+            (bit-equal to the reference).
+        scratch: the object whose scratch buffers the multi-tensor path reuses across calls (the
+            optimizer); ``None`` allocates them per call.
+        lr, beta1, rho, weight_decay, eps, maximize: see :class:`Sophia`.
+        clamp_hessian: use ``max(h, 0)`` (estimates that may be negative: Hutchinson, custom).
+
+    Example:
+        >>> p, g = torch.zeros(2), torch.tensor([1.0, -1.0])
+        >>> m, h, t = torch.zeros(2), torch.ones(2), torch.tensor(0.0)
+        >>> sophia([p], [g], [m], [h], [t], lr=0.1, beta1=0.9, rho=1.0, weight_decay=0.0,
+        ...        eps=1e-15, maximize=False, clamp_hessian=True)
+        >>> p.tolist(), float(t)
+        ([-0.010000000707805157, 0.010000000707805157], 1.0)
+    """
+    tensors = (params, grads, exp_avgs, hessians, state_steps)
+    hp = (lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian)
+    if foreach is False:
+        return _single_tensor_sophia(tensors, hp)
+    return _multi_tensor_sophia(tensors, hp, scratch)
+
+
+def _single_tensor_sophia(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
+    """The Sophia update, one tensor at a time: the reference for :func:`_multi_tensor_sophia`.
+
+    ``tensors``: params, grads, exp_avgs, hessians, state_steps. ``clip(m/d, −1, 1)`` equals the
+    official ``sign(m)·min(|m|/d, 1)`` for d > 0.
+    """
+    lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
+    for param, grad, exp_avg, hess, step_t in zip(*tensors):
+        if maximize:
+            grad = -grad
+        step_t += 1
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        h = hess.clamp(min=0) if clamp_hessian else hess
+        ratio = exp_avg / (h * rho + eps)
+        param.add_(ratio.clamp_(-1, 1), alpha=-lr)
+
+
+def _multi_tensor_sophia(
+    tensors: Sequence[list[Tensor]], hp: _Hyper, scratch: object | None
+) -> None:
+    """The Sophia update, multi-tensor; bit-equal to :func:`_single_tensor_sophia`.
+
+    Tensors are grouped by (device, dtype). Large contiguous CPU tensors are processed in
+    cache-sized blocks (:func:`~curvlab.optim._scratch.cpu_blocks`) — EMA, clipped ratio and
+    update while the block is in cache, through two reusable scratch rows and
+    ``clip(m/d, −1, 1) = m / max(d, |m|)`` for ``d > 0``. Everything else uses ``torch._foreach_*``
+    kernels.
+    """
+    lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
+    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+    for row in zip(*tensors):
+        bucket = buckets.setdefault((row[0].device, row[0].dtype), [[], [], [], [], []])
+        for lst, t in zip(bucket, row):
+            lst.append(t)
+    for (device, dtype), (ps, gs, ms, hs, ts) in buckets.items():
+        torch._foreach_add_(ts, 1.0)
+        if maximize:
+            gs = list(torch._foreach_neg(gs))
+        blocked, (ps, gs, ms, hs), size = cpu_blocks([ps, gs, ms, hs])
+        if blocked:
+            rows = workspace_rows(scratch, 2, size, dtype, device)
+        for pf, gf, mf, hf in blocked:
+            for s, e in block_ranges(pf.numel(), size):
+                d, a = rows[0, : e - s], rows[1, : e - s]
+                mb, pb = mf[s:e], pf[s:e]
+                mb.lerp_(gf[s:e], 1 - beta1)
+                if clamp_hessian:
+                    torch.clamp(hf[s:e], min=0.0, out=d)
+                    d.mul_(rho)
+                else:
+                    torch.mul(hf[s:e], rho, out=d)
+                d.add_(eps)
+                torch.abs(mb, out=a)
+                torch.maximum(d, a, out=d)
+                torch.div(mb, d, out=d)
+                if weight_decay != 0:
+                    pb.mul_(1 - lr * weight_decay)
+                pb.add_(d, alpha=-lr)
+        if not ps:
+            continue
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        if clamp_hessian:
+            denom = torch._foreach_clamp_min(hs, 0.0)
+            torch._foreach_mul_(denom, rho)
+        else:
+            denom = torch._foreach_mul(hs, rho)
+        torch._foreach_add_(denom, eps)
+        ratio = torch._foreach_div(ms, denom)
+        del denom
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        torch._foreach_add_(ps, ratio, alpha=-lr)

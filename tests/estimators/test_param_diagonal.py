@@ -1,4 +1,4 @@
-"""Tests of the per-parameter curvature estimators (Hutchinson, GNB, spatial averaging)."""
+"""Tests of curvlab.estimators.param_diagonal (Hutchinson, GNB, spatial averaging)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curvlab.errors import ClosureRequiredError, NonFiniteError, ShapeMismatchError
-from curvlab.estimators.probes import rademacher_like
-from curvlab.optim._curvature import (
-    _all_finite,
-    _grads_ok,
-    _loss_grads,
+from curvlab.errors import ClosureRequiredError, ParameterError, ShapeMismatchError
+from curvlab.estimators import (
+    GNBEstimator,
+    HutchinsonEstimator,
     gnb_diagonal,
-    gnb_estimator,
     hutchinson_diagonal,
-    hutchinson_estimator,
     spatial_average,
 )
+from curvlab.estimators.probes import rademacher_like
 
 DT = torch.float64
 
@@ -170,23 +167,14 @@ def test_probe_moments_direct() -> None:
 
 
 def test_hutchinson_estimator_protocol() -> None:
-    """hutchinson_estimator declares create_graph=True and returns z ⊙ (H z) without graph."""
+    """HutchinsonEstimator declares create_graph=True and returns z ⊙ (H z) without graph."""
+    hutchinson_estimator = HutchinsonEstimator()
     assert hutchinson_estimator.create_graph is True
     x = torch.tensor([1.0, -2.0, 0.5], dtype=DT, requires_grad=True)
     d = torch.tensor([2.0, 3.0, 4.0], dtype=DT)
     grads = list(torch.autograd.grad(0.5 * (d * x * x).sum(), [x], create_graph=True))
     (diag,) = hutchinson_estimator([x], grads, None, torch.Generator().manual_seed(0))
     assert torch.equal(diag, d) and diag.grad_fn is None
-
-
-def test_loss_grads_rejects_freed_graph_and_graphless_loss() -> None:
-    x = torch.ones(2, requires_grad=True)
-    loss = (x**2).sum()
-    loss.backward()
-    with pytest.raises(ClosureRequiredError, match=r"WITHOUT calling loss\.backward"):
-        _loss_grads(loss, [x])
-    with pytest.raises(ClosureRequiredError, match="no autograd graph"):
-        _loss_grads(torch.tensor(1.0), [x])
 
 
 # --- Gauss-Newton-Bartlett --------------------------------------------------------------------
@@ -270,21 +258,26 @@ def test_gnb_gaussian_likelihood_unbiased() -> None:
 def test_gnb_errors() -> None:
     w = torch.zeros(2, 3, requires_grad=True)
     logits = torch.ones(4, 2) @ w
-    with pytest.raises(ValueError, match="unknown likelihood"):
+    with pytest.raises(ParameterError, match="unknown likelihood 'poisson'; use 'categorical'"):
         gnb_diagonal([w], logits, likelihood="poisson")
     with pytest.raises(ClosureRequiredError, match=r"return \(loss, logits\)"):
-        gnb_estimator([w], [None], None, None)
+        GNBEstimator()([w], [None], None, None)
     with pytest.raises(ClosureRequiredError, match="with their autograd graph"):
-        gnb_estimator([w], [None], logits.detach(), None)
+        GNBEstimator()([w], [None], logits.detach(), None)
+    with pytest.raises(ParameterError, match="likelihood must be 'categorical' or 'gaussian'"):
+        GNBEstimator(likelihood="poisson")
+    with pytest.raises(ParameterError, match="bs must be a positive int"):
+        GNBEstimator(batch_size=0)
 
 
 def test_gnb_estimator_shares_the_forward_pass_of_the_gradient() -> None:
     """The optimizer takes the loss gradient with retain_graph; the estimator reuses the graph."""
+    gnb_estimator = GNBEstimator()
     assert gnb_estimator.create_graph is False
     x, w, b = _softmax_regression(1)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
     logits = x @ w + b
-    grads = _loss_grads(F.cross_entropy(logits, y), [w, b], retain_graph=True)
+    grads = list(torch.autograd.grad(F.cross_entropy(logits, y), [w, b], retain_graph=True))
     diag = gnb_estimator([w, b], grads, logits, torch.Generator().manual_seed(3))
     gw, _ = torch.autograd.grad(F.cross_entropy(x @ w + b, y), [w, b])
     torch.testing.assert_close(grads[0], gw, rtol=1e-14, atol=0)
@@ -310,18 +303,3 @@ def test_spatial_average_conv_kernel_as_official() -> None:
     assert torch.equal(spatial_average(torch.tensor(-2.0)), torch.tensor(2.0))
     k1 = torch.randn(2, 3, 5, generator=g)
     torch.testing.assert_close(spatial_average(k1), k1.abs().mean(-1, keepdim=True))
-
-
-def test_fast_finite_check_false_alarm_is_cleared_by_the_exact_scan() -> None:
-    """A sum that overflows to inf on finite values is a false alarm: the exact per-parameter
-    scan clears it (no error); a real NaN is named."""
-    p = torch.nn.Parameter(torch.zeros(4))
-    p.grad = torch.full((4,), 3e38)
-    groups = [{"params": [p], "on_nonfinite": "raise"}]
-    assert not _all_finite([p.grad])
-    assert _grads_ok(groups, 1)
-    p.grad[1] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"at step 7: parameter 0 of param group 0"):
-        _grads_ok(groups, 7)
-    groups[0]["on_nonfinite"] = "ignore"
-    assert _grads_ok(groups, 7)

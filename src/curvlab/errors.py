@@ -109,3 +109,18 @@ class NotAttachedError(CurvlabError, RuntimeError):
 
 class ZeroCurvatureWarning(UserWarning):
     """An optimizer steps with a curvature estimate that was never given (it is still zero)."""
+
+
+__all__ += ["CurvatureInputError", "CurvatureNotSuppliedError", "DoubleBackwardError"]
+
+
+class CurvatureNotSuppliedError(ClosureRequiredError):
+    """A curvature optimizer's refresh step came and nothing supplied the estimate; add the callback named."""
+
+
+class CurvatureInputError(CurvlabError, ValueError):
+    """A training loop hands the curvature estimate no loss or logits it can use; the message says what to return."""
+
+
+class DoubleBackwardError(CurvlabError, RuntimeError):
+    """The model's graph cannot be differentiated twice (torch.compile, a kernel without double backward)."""

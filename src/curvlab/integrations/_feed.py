@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from curvlab.errors import ArgumentTypeError, CurvatureInputError
 from curvlab.optim._closure import CurvatureFeed
 
-__all__ = ["CurvatureHandle", "attach_curvature", "curvature_optimizer", "feed"]
+__all__ = ["CurvatureHandle", "PendingSink", "attach_curvature", "curvature_optimizer", "feed"]
 
 _ACCELERATE_SOURCE = "curvlab.integrations.attach_curvature(model, optimizer)"
 
@@ -187,3 +187,26 @@ def attach_curvature(
             f"curvature, got {type(model).__name__}"
         )
     return CurvatureHandle(model, curvature_optimizer(optimizer, source), source)
+
+
+class PendingSink:
+    """A monitor sink that keeps the latest value of every name until a callback reports it.
+
+    Example:
+        >>> sink = PendingSink()
+        >>> sink.write(2, {"a/b": 1.0})
+        >>> sink.take(), sink.take()
+        ({'a/b': 1.0}, {})
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        """Keep ``values`` (later values of a name replace earlier ones)."""
+        self.values.update(values)
+
+    def take(self) -> dict[str, float]:
+        """The values kept since the last call, now forgotten."""
+        out, self.values = self.values, {}
+        return out

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from curvlab.integrations._feed import curvature_optimizer, feed
+from curvlab.integrations._feed import PendingSink, curvature_optimizer, feed
 from curvlab.monitors._attach import Monitor, MonitorHandle, attach
 from curvlab.optim._closure import CurvatureFeed
 
@@ -113,20 +113,6 @@ class CurvatureCallback(Callback):  # type: ignore[misc]
         self._restore()
 
 
-class _Pending:
-    """A sink that keeps the latest value of every name until the callback logs it."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, float] = {}
-
-    def write(self, step: int, values: Mapping[str, float]) -> None:
-        self.values.update(values)
-
-    def take(self) -> dict[str, float]:
-        out, self.values = self.values, {}
-        return out
-
-
 class MonitorCallback(Callback):  # type: ignore[misc]
     """Attach curvlab monitors while fitting; log every value through ``pl_module.log``.
 
@@ -156,7 +142,7 @@ class MonitorCallback(Callback):  # type: ignore[misc]
         self.monitors = monitors
         self.optimizer_index = optimizer_index
         self.handle: MonitorHandle | None = None
-        self._pending = _Pending()
+        self._pending = PendingSink()
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Attach the monitors to the trainer's optimizer."""

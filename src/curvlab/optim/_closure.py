@@ -306,7 +306,12 @@ def _graph_kept() -> Iterator[None]:
 
 
 #: fragments of torch's messages when a graph cannot be differentiated twice
-_NO_DOUBLE_BACKWARD = ("double backward", "is not implemented", "does not support")
+_NO_DOUBLE_BACKWARD = (
+    "double backward",
+    "is not implemented",
+    "does not support",
+    "differentiate twice",
+)
 
 
 def _double_backward_error(name: str, exc: RuntimeError) -> DoubleBackwardError:

@@ -5,19 +5,26 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+EXTRAS  := $(VENV)/.installed-extras
 TORCH   ?= torch==2.13.0
 OUTDIR  ?= curvlab-out
 
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint bench install clean data
+.PHONY: demo test lint bench docs install clean data
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt $(TORCH)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# The optional frameworks the integration tests exercise, and the documentation tools: torch held
+# at the pinned version by constraints.txt so that no dependency can replace it.
+$(EXTRAS): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,lightning,transformers,tensorboard,docs]'
+	touch $(EXTRAS)
 
 install: $(STAMP)
 
@@ -33,7 +40,7 @@ data:
 		|| echo "note: could not install dataset-fashion-mnist; its tests will skip"; \
 	fi
 
-test: $(STAMP) data
+test: $(EXTRAS) data
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --timeout 600 -q
 
 # tools/check_source.py: no control characters in source, no tabs in Python.
@@ -43,8 +50,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The documentation site (Sphinx + MyST, from the docstrings): a warning fails the build.
+docs: $(EXTRAS)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/curvature_peers.py
 
 clean:
-	rm -rf $(VENV) $(OUTDIR) .pytest_cache .ruff_cache .mypy_cache build src/*.egg-info
+	rm -rf $(VENV) $(OUTDIR) docs/_build .pytest_cache .ruff_cache .mypy_cache build src/*.egg-info

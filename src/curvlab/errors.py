@@ -11,10 +11,13 @@ from __future__ import annotations
 __all__ = [
     "ArgumentTypeError",
     "ClosureRequiredError",
+    "CurvatureInputError",
+    "CurvatureNotSuppliedError",
     "CurvlabError",
     "DTypeError",
     "DataNotFoundError",
     "DistributedError",
+    "DoubleBackwardError",
     "EmptyDataError",
     "ImportNotAllowedError",
     "InvalidArgumentError",
@@ -145,3 +148,15 @@ class OutputPathError(CurvlabError, ValueError):
 
 class MissingLabelsError(CurvlabError, ValueError):
     """A dict batch (Hugging Face style) has no ``labels`` entry for the loss's targets."""
+
+
+class CurvatureNotSuppliedError(ClosureRequiredError):
+    """A curvature optimizer's refresh step came and nothing supplied the estimate; add the callback named."""
+
+
+class CurvatureInputError(CurvlabError, ValueError):
+    """A training loop hands the curvature estimate no loss or logits it can use; the message says what to return."""
+
+
+class DoubleBackwardError(CurvlabError, RuntimeError):
+    """The model's graph cannot be differentiated twice (torch.compile, a kernel without double backward)."""

@@ -193,44 +193,6 @@ def test_tensorboard_sink(tmp_path):
     assert any(tmp_path.iterdir())
 
 
-def test_lightning_callback(gen):
-    pl = pytest.importorskip("lightning.pytorch", reason="lightning is an optional dependency")
-    from curvlab.monitors import lightning_callback
-
-    model, X, y = _problem(gen)
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = model
-
-        def training_step(self, batch, idx):
-            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    sink = HistorySink()
-    cb = lightning_callback([StepNorm(model, every=2)], sink)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=8)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False)
-    trainer.fit(Module(), loader)
-    assert sink.steps("norm/value") == [2, 4]
-    assert not cb.handle.attached
-
-
-def test_lightning_callback_missing_dependency_message():
-    try:
-        import lightning  # noqa: F401
-    except ImportError:
-        from curvlab.monitors import lightning_callback
-
-        with pytest.raises(ImportError, match="pip install lightning"):
-            lightning_callback([])
-    else:
-        pytest.skip("lightning is installed")
-
-
 def test_store_sink_records_checks_in_the_benchmark_store(tmp_path):
     """Monitor values land in the benchmark store's monitors table and survive reopening."""
     import torch

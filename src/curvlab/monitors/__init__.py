@@ -9,7 +9,6 @@ Monitors do no I/O; sinks (:mod:`curvlab.monitors.sinks`) do. See :func:`attach`
 
 from curvlab.monitors._attach import Monitor, MonitorFailure, MonitorHandle, MonitorWarning, attach
 from curvlab.monitors.curvature_lr import CurvatureLR
-from curvlab.monitors.lightning import lightning_callback
 from curvlab.monitors.neural_collapse import NCMetrics, NeuralCollapse, neural_collapse_metrics
 from curvlab.monitors.noise_scale import (
     GradientNoiseScale,
@@ -55,11 +54,16 @@ __all__ = [
     "CallbackSink",
     "HistorySink",
     "TensorBoardSink",
-    "lightning_callback",
 ]
 
 
 def __getattr__(name: str) -> object:
+    if name == "lightning_callback":
+        raise AttributeError(
+            "curvlab.monitors.lightning_callback moved to "
+            "curvlab.integrations.lightning.MonitorCallback, which logs through pl_module.log: "
+            "from curvlab.integrations.lightning import MonitorCallback"
+        )
     if name == "StoreSink":
         raise AttributeError(
             "curvlab.monitors.StoreSink moved to curvlab.bench.StoreSink (the benchmark store's "

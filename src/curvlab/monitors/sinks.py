@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from curvlab.errors import ArgumentTypeError
+from curvlab.errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = ["CSVSink", "CallbackSink", "HistorySink", "TensorBoardSink"]
 
@@ -110,16 +110,44 @@ class CSVSink:
 class TensorBoardSink:
     """Write numbers as TensorBoard scalars (``SummaryWriter.add_scalar(name, value, step)``).
 
-    Needs the optional ``tensorboard`` package (``pip install tensorboard``).
+    Either opens a writer on ``log_dir`` (and closes it in :meth:`close`), or writes to an existing
+    ``writer`` — the one your training loop or framework already uses (e.g. Lightning's
+    ``trainer.logger.experiment``) — which it then never closes.
+
+    Needs the optional ``tensorboard`` package (``pip install curvlab[tensorboard]``).
 
     Args:
-        log_dir: the TensorBoard run folder.
+        log_dir: the TensorBoard run folder (a new writer).
+        writer: an existing ``SummaryWriter`` (or anything with ``add_scalar``) instead.
 
     Raises:
+        InvalidArgumentError: both or neither of ``log_dir`` and ``writer``.
+        ArgumentTypeError: ``writer`` has no ``add_scalar`` method.
         ImportError: tensorboard is not installed (the message says how to install it).
+
+    Example:
+        >>> class Writer:
+        ...     def add_scalar(self, name, value, step): print(name, value, step)
+        >>> TensorBoardSink(writer=Writer()).write(3, {"sharpness/value": 2.0})
+        sharpness/value 2.0 3
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None
+    ) -> None:
+        if (log_dir is None) == (writer is None):
+            raise InvalidArgumentError(
+                "TensorBoardSink takes log_dir= (a new SummaryWriter) or writer= (an existing "
+                "one), exactly one of them"
+            )
+        self._owns = writer is None
+        if writer is not None:
+            if not callable(getattr(writer, "add_scalar", None)):
+                raise ArgumentTypeError(
+                    f"writer must be a SummaryWriter (with add_scalar), got {type(writer).__name__}"
+                )
+            self.writer = writer
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -136,11 +164,16 @@ class TensorBoardSink:
 
     def flush(self) -> None:
         """Flush pending events to disk."""
-        self.writer.flush()
+        flush = getattr(self.writer, "flush", None)
+        if callable(flush):
+            flush()
 
     def close(self) -> None:
-        """Close the writer."""
-        self.writer.close()
+        """Close the writer if this sink opened it; a writer passed in is only flushed."""
+        if self._owns:
+            self.writer.close()
+        else:
+            self.flush()
 
 
 class CallbackSink:

@@ -13,29 +13,71 @@ detached loss::
     optimizer.step(closure)
 
 A missing or broken closure raises :class:`~curvlab.errors.ClosureRequiredError` with that example.
+
+**Curvature from the training loop** (:class:`CurvatureFeed`, used by the framework callbacks of
+:mod:`curvlab.integrations`): after ``optimizer.expect_external_curvature(source)``, ``step()``
+follows the torch contract instead — the gradients are read from ``p.grad`` (the closure, if any,
+calls ``backward()`` itself, as Lightning's does) — and the curvature of a refresh step comes from
+:meth:`CurvatureFeed.estimate_curvature`, called on the live graph of that step's forward pass
+before the loop's own ``backward()``::
+
+    optimizer.expect_external_curvature("my loop")
+    for x, y in data:
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        if optimizer.curvature_due():
+            optimizer.estimate_curvature(loss, logits)   # keeps the graph, leaves p.grad alone
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from curvlab.errors import ClosureRequiredError, LossNotScalarError, ParameterError
-from curvlab.estimators.param_diagonal import CurvatureEstimator
-from curvlab.optim._validation import check_finite_curvature, check_finite_grads, next_step_number
+from curvlab.errors import (
+    ArgumentTypeError,
+    ClosureRequiredError,
+    CurvatureInputError,
+    CurvatureNotSuppliedError,
+    DoubleBackwardError,
+    LossNotScalarError,
+    ParameterError,
+)
+from curvlab.estimators.param_diagonal import CurvatureEstimator, GNBEstimator
+from curvlab.optim._validation import (
+    check_finite_curvature,
+    check_finite_grads,
+    next_step_number,
+    steps_taken,
+)
 
 __all__ = [
+    "FRAMEWORK_SETUP",
+    "CurvatureFeed",
     "StepInputs",
     "closure_grads",
     "closure_required",
     "closure_step",
     "estimate_curvature",
+    "fed_step",
     "resolve_estimator",
 ]
+
+#: the one-line set-up that feeds a curvature optimizer in each kind of training loop
+FRAMEWORK_SETUP = (
+    "callbacks=[curvlab.integrations.lightning.CurvatureCallback()] in the Lightning Trainer, "
+    "callbacks=[curvlab.integrations.transformers.CurvatureCallback()] in the Hugging Face "
+    "Trainer, or curvlab.integrations.attach_curvature(model, optimizer) once before an "
+    "accelerate (or any torch-style) loop"
+)
 
 
 def closure_required(name: str, hint: str = "") -> ClosureRequiredError:
@@ -46,7 +88,8 @@ def closure_required(name: str, hint: str = "") -> ClosureRequiredError:
         "    def closure():\n"
         "        logits = model(x)\n"
         "        return loss_fn(logits, y), logits   # or just the loss\n"
-        "    optimizer.step(closure)" + hint
+        "    optimizer.step(closure)" + hint + "\nIn a framework loop (no closure, or one that "
+        "calls backward()), add its curvature set-up instead: " + FRAMEWORK_SETUP
     )
 
 
@@ -68,7 +111,8 @@ def _call_closure(
         raise ClosureRequiredError(
             f"{where} called backward(): it must return the loss WITHOUT calling backward() — the "
             "optimizer computes the gradients itself (with create_graph=True only on the steps "
-            "that refresh the curvature)"
+            "that refresh the curvature). In Lightning's automatic optimization add "
+            "callbacks=[curvlab.integrations.lightning.CurvatureCallback()] to the Trainer"
         )
     loss, outputs = out, None
     if isinstance(out, (tuple, list)):
@@ -170,7 +214,7 @@ def estimate_curvature(
 class StepInputs(NamedTuple):
     """What :func:`closure_step` hands to ``step``: the loss, and whether and with what to go on."""
 
-    loss: Tensor
+    loss: Tensor | None
     proceed: bool
     params: list[Tensor]
     estimate: list[Tensor | None] | None
@@ -234,3 +278,208 @@ def resolve_estimator(
         if type(estimator) is type(known):
             return name, estimator  # type: ignore[return-value]
     return "custom", estimator  # type: ignore[return-value]
+
+
+@contextmanager
+def _graph_kept() -> Iterator[None]:
+    """Inside, every ``torch.autograd.grad`` call keeps the graph it differentiates.
+
+    An estimator releases the graph with its last ``autograd.grad`` call (in the closure contract
+    nothing else needs it); on a training loop's live graph the loop's own ``backward()`` comes
+    afterwards, so the estimator's calls get ``retain_graph=True`` here. The estimators call
+    ``torch.autograd.grad`` through the module attribute, which this swaps for the duration.
+    """
+    grad = torch.autograd.grad
+
+    def keeping(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > 3:  # retain_graph given positionally
+            args = (*args[:3], True, *args[4:])
+        else:
+            kwargs["retain_graph"] = True
+        return grad(*args, **kwargs)
+
+    torch.autograd.grad = keeping
+    try:
+        yield
+    finally:
+        torch.autograd.grad = grad
+
+
+#: fragments of torch's messages when a graph cannot be differentiated twice
+_NO_DOUBLE_BACKWARD = (
+    "double backward",
+    "is not implemented",
+    "does not support",
+    "differentiate twice",
+)
+
+
+def _double_backward_error(name: str, exc: RuntimeError) -> DoubleBackwardError:
+    """The error for a model whose graph has no second derivative (compiled, some kernels)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DoubleBackwardError(
+        f"{name}'s curvature estimate differentiates the model's graph twice, and this graph does "
+        f"not allow it ({first}). For a torch.compile'd model, train the eager module "
+        "(model._orig_mod) on the curvature steps or compile with backend='eager'; for attention "
+        "kernels without a double backward, load the model with attn_implementation='eager' (or "
+        "run under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)); or use Sophia's default "
+        "estimator='gnb' (SophiaG), which needs first derivatives only"
+    )
+
+
+class CurvatureFeed:
+    """Mixin of Sophia and AdaHessian: their curvature supplied by the training loop.
+
+    A framework loop (Lightning automatic optimization, the Hugging Face ``Trainer``, an
+    accelerate loop) calls ``backward()`` itself and then ``optimizer.step()`` with no closure (or
+    a closure that back-propagates). The integrations of :mod:`curvlab.integrations` switch the
+    optimizer to that contract with :meth:`expect_external_curvature` and, on the forward pass of
+    every step that refreshes the curvature (:meth:`curvature_due`), call
+    :meth:`estimate_curvature` on the live graph before the loop's ``backward()``. The next
+    ``step()`` takes the gradients from ``p.grad`` and applies that estimate; the update is the
+    same as in the closure contract, with the same random draws.
+    """
+
+    _estimator: Any
+    _generator: torch.Generator
+    _curvature_source: str | None = None
+    _pending_curvature: tuple[list[Tensor], list[Tensor | None]] | None = None
+
+    @property
+    def curvature_source(self) -> str | None:
+        """What supplies the curvature (set by :meth:`expect_external_curvature`), or ``None``."""
+        return self._curvature_source
+
+    @property
+    def has_pending_curvature(self) -> bool:
+        """Whether an estimate is waiting for the next ``step()``."""
+        return self._pending_curvature is not None
+
+    @property
+    def needs_loss(self) -> bool:
+        """Whether the estimator differentiates the loss (Hutchinson, custom; not GNB)."""
+        return not isinstance(self._estimator, GNBEstimator)
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the estimator samples labels from the model's logits (GNB, SophiaG's default)."""
+        return isinstance(self._estimator, GNBEstimator)
+
+    def expect_external_curvature(self, source: str | None) -> None:
+        """Take the gradients from ``p.grad`` and the curvature from :meth:`estimate_curvature`.
+
+        From now on ``step()`` accepts no closure or a torch-style one (it calls ``backward()``);
+        a step that refreshes the curvature without an estimate raises
+        :class:`~curvlab.errors.CurvatureNotSuppliedError` naming ``source``. ``None`` restores
+        the closure contract. Any pending estimate is dropped.
+
+        Args:
+            source: what supplies the estimates, as the user would write it (e.g.
+                ``"curvlab.integrations.lightning.CurvatureCallback()"``), or ``None``.
+
+        Raises:
+            ArgumentTypeError: ``source`` is neither a string nor ``None``.
+        """
+        if source is not None and not isinstance(source, str):
+            raise ArgumentTypeError(
+                f"source must name what supplies the curvature (a string) or be None, got "
+                f"{type(source).__name__}"
+            )
+        self._curvature_source = source
+        self._pending_curvature = None
+
+    def curvature_due(self) -> bool:
+        """Whether the next ``step()`` refreshes the curvature (steps 1, k+1, 2k+1, …)."""
+        opt = cast(Optimizer, self)
+        period = opt.defaults["update_period"]
+        return period is not None and steps_taken(opt) % period == 0
+
+    def estimate_curvature(self, loss: Tensor | None, outputs: Tensor | None = None) -> None:
+        """Estimate the curvature from a live forward graph; the next ``step()`` applies it.
+
+        Call it after the forward pass and before the loop's ``backward()``: the graph is kept
+        for that backward and ``p.grad`` is not touched. The estimate is the one the closure
+        contract would make from the same forward pass (same estimator, same random draws).
+
+        Args:
+            loss: the scalar training loss, with its graph (not needed by the GNB estimator).
+            outputs: the model outputs the loss was computed from (logits; needed by GNB).
+
+        Raises:
+            CurvatureInputError: no logits with a graph for GNB, or no scalar loss with a graph
+                for the other estimators.
+            DoubleBackwardError: the graph cannot be differentiated twice (a compiled model).
+        """
+        opt = cast(Optimizer, self)
+        name = type(self).__name__
+        if self.needs_logits and not (isinstance(outputs, Tensor) and outputs.grad_fn is not None):
+            raise CurvatureInputError(
+                f"{name}'s Gauss-Newton-Bartlett estimate (SophiaG) samples labels from the "
+                "model's logits: pass the logits, with their graph, as outputs (or use "
+                "estimator='hutchinson', which needs only the loss)"
+            )
+        if self.needs_loss and not (
+            isinstance(loss, Tensor) and loss.numel() == 1 and loss.grad_fn is not None
+        ):
+            raise CurvatureInputError(
+                f"{name}'s curvature estimate differentiates the loss: pass the scalar training "
+                "loss with its graph (computed with grad enabled, before backward())"
+            )
+        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        grads: list[Tensor | None] = [None] * len(params)
+        try:
+            with torch.enable_grad(), _graph_kept():
+                if self.needs_loss:
+                    grads = _loss_grads(
+                        cast(Tensor, loss).reshape(()),
+                        params,
+                        create_graph=bool(getattr(self._estimator, "create_graph", False)),
+                        retain_graph=True,
+                    )
+                diag = self._estimator(params, grads, outputs, self._generator)
+        except RuntimeError as exc:
+            if any(s in str(exc) for s in _NO_DOUBLE_BACKWARD):
+                raise _double_backward_error(name, exc) from exc
+            raise
+        del grads
+        self._pending_curvature = (params, [None if d is None else d.detach() for d in diag])
+
+
+def fed_step(optimizer: Optimizer, closure: Callable[[], Any] | None) -> StepInputs:
+    """The start of ``step`` under :meth:`CurvatureFeed.expect_external_curvature`.
+
+    Runs the torch-style closure if given (it calls ``backward()``), takes the pending estimate,
+    applies the ``on_nonfinite`` policy to ``p.grad`` and to the estimate.
+
+    Returns:
+        ``StepInputs(loss, proceed, params, estimate)`` as :func:`closure_step`; ``estimate`` is
+        ``None`` when no estimate was pending (a step that does not refresh).
+
+    Raises:
+        CurvatureNotSuppliedError: the step refreshes the curvature and nothing supplied it.
+        NonFiniteError: a NaN/inf gradient or estimate under ``on_nonfinite="raise"``.
+    """
+    feed = cast(CurvatureFeed, optimizer)
+    loss: Tensor | None = None
+    if closure is not None:
+        with torch.enable_grad():
+            out = closure()
+        loss = out.detach() if isinstance(out, Tensor) else None
+    pending, feed._pending_curvature = feed._pending_curvature, None
+    step = lambda: next_step_number(optimizer)  # noqa: E731
+    if pending is None and feed.curvature_due():
+        raise CurvatureNotSuppliedError(
+            f"{type(optimizer).__name__} step {step()} refreshes its curvature (every "
+            f"{optimizer.defaults['update_period']} steps), but {feed.curvature_source} supplied "
+            "no estimate: the estimate is taken on the step's training forward pass (model in "
+            "training mode, grad enabled) before backward(). Set the loop up with one of: "
+            + FRAMEWORK_SETUP
+        )
+    groups: list[dict[str, Any]] = optimizer.param_groups
+    params = [p for g in groups for p in g["params"] if p.requires_grad]
+    if not check_finite_grads(groups, step=step):
+        return StepInputs(loss, False, params, None)
+    if pending is None:
+        return StepInputs(loss, True, params, None)
+    params, diag = pending
+    return StepInputs(loss, check_finite_curvature(groups, params, diag, step=step), params, diag)

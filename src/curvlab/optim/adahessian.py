@@ -56,7 +56,13 @@ from curvlab.estimators.param_diagonal import (
     HutchinsonEstimator,
     spatial_average,
 )
-from curvlab.optim._closure import closure_required, closure_step, resolve_estimator
+from curvlab.optim._closure import (
+    CurvatureFeed,
+    closure_required,
+    closure_step,
+    fed_step,
+    resolve_estimator,
+)
 from curvlab.optim._scratch import block_ranges, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
     ProbeGeneratorState,
@@ -78,7 +84,7 @@ _SHAPED_KEYS = ("exp_avg", "exp_hessian_diag_sq")
 _Hyper = tuple[float, float, float, float, float, float, bool]
 
 
-class AdaHessian(ProbeGeneratorState, Optimizer):
+class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
     r"""AdaHessian (Yao et al. 2021): Adam whose second moment is that of ``|diag H|`` estimates.
 
     **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
@@ -89,6 +95,11 @@ class AdaHessian(ProbeGeneratorState, Optimizer):
     detached gradient into ``p.grad`` and returns the detached loss. Nothing of the graph
     outlives the step (no ``loss.backward(create_graph=True)``, so no param↔grad reference cycle).
     A missing closure raises :class:`~curvlab.errors.ClosureRequiredError`.
+
+    **In a framework loop** (Lightning, the Hugging Face ``Trainer``, accelerate), add the
+    framework's one-line set-up from :mod:`curvlab.integrations`: it estimates the curvature on
+    the forward pass of the refresh steps and switches ``step()`` to read ``p.grad``
+    (:meth:`expect_external_curvature`); the trajectory is that of the closure contract.
 
     Rule (full box in the module docstring): ``D = |z ⊙ H z|`` (spatially averaged over conv
     kernels), ``v ← β2 v + (1−β2) D²``, ``m ← β1 m + (1−β1) g``,
@@ -244,19 +255,25 @@ class AdaHessian(ProbeGeneratorState, Optimizer):
             state["hessian_step"] += 1
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]
         """Take one AdaHessian step (with a Hessian-diagonal refresh when due).
 
         Args:
             closure: returns the loss, or ``(loss, outputs)``, WITHOUT calling ``backward()``.
+                After :meth:`expect_external_curvature`: optional, and torch style (it calls
+                ``backward()``).
 
         Returns:
-            The closure's loss, detached.
+            The closure's loss, detached (``None`` without a closure).
         """
-        if closure is None:
+        if self.curvature_source is not None:
+            run = fed_step(self, closure)
+        elif closure is None:
             raise closure_required("AdaHessian")
-        refresh = steps_taken(self) % self.defaults["update_period"] == 0
-        run = closure_step(self, closure, self._estimator if refresh else None, self._generator)
+        else:
+            refresh = steps_taken(self) % self.defaults["update_period"] == 0
+            estimator = self._estimator if refresh else None
+            run = closure_step(self, closure, estimator, self._generator)
         if not run.proceed:
             return run.loss
         if run.estimate is not None:

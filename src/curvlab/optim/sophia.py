@@ -71,10 +71,12 @@ from curvlab.estimators.param_diagonal import (
     HutchinsonEstimator,
 )
 from curvlab.optim._closure import (
+    CurvatureFeed,
     closure_grads,
     closure_required,
     closure_step,
     estimate_curvature,
+    fed_step,
     resolve_estimator,
 )
 from curvlab.optim._scratch import block_ranges, cpu_blocks, workspace_rows
@@ -114,7 +116,7 @@ _ZERO_CURVATURE_MESSAGE = (
 )
 
 
-class Sophia(ProbeGeneratorState, Optimizer):
+class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
     r"""Sophia (Liu et al. 2023): SophiaG (Gauss-Newton-Bartlett, default) or SophiaH (Hutchinson).
 
     **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
@@ -134,6 +136,13 @@ class Sophia(ProbeGeneratorState, Optimizer):
     sampled-label loss, with ``bs=``). Until the first such call the curvature is zero and every
     coordinate takes a clipped sign step; the first step taken so warns once
     (:class:`~curvlab.errors.ZeroCurvatureWarning`).
+
+    **In a framework loop** (Lightning, the Hugging Face ``Trainer``, accelerate), the loop calls
+    ``backward()`` and ``step()`` itself: add the framework's one-line set-up from
+    :mod:`curvlab.integrations`, which estimates the curvature on the forward pass of steps 1,
+    k+1, … (:meth:`curvature_due`, :meth:`estimate_curvature`) and switches ``step()`` to read
+    ``p.grad`` (:meth:`expect_external_curvature`). The trajectory is that of the closure
+    contract on the same batches.
 
     Rule (the module docstring has the full algorithm box):
     :math:`\theta \leftarrow \theta(1-\eta\lambda) - \eta\,\mathrm{clip}(m/(\rho\max(h,0)+\epsilon),
@@ -305,16 +314,22 @@ class Sophia(ProbeGeneratorState, Optimizer):
 
         Args:
             closure: returns the loss, or ``(loss, logits)``, WITHOUT calling ``backward()``.
-                Optional only with ``update_period=None`` (then ``p.grad`` is used).
+                Optional with ``update_period=None`` (then ``p.grad`` is used) and after
+                :meth:`expect_external_curvature` (then a closure, if given, calls
+                ``backward()`` itself, torch style).
 
         Returns:
             The closure's loss (detached), or ``None`` without a closure.
         """
         period = self.defaults["update_period"]
         loss: Tensor | None = None
-        if closure is not None:
-            refresh = period is not None and steps_taken(self) % period == 0
-            run = closure_step(self, closure, self._estimator if refresh else None, self._generator)
+        if closure is not None or self.curvature_source is not None:
+            if self.curvature_source is not None:
+                run = fed_step(self, closure)
+            else:
+                refresh = period is not None and steps_taken(self) % period == 0
+                estimator = self._estimator if refresh else None
+                run = closure_step(self, closure, estimator, self._generator)
             loss = run.loss
             if not run.proceed:
                 return loss

@@ -72,6 +72,17 @@ def _sdpa_without_double_backward():
     opt.estimate_curvature(out.loss, out.logits)
 
 
+def _custom_estimator_without_retain_graph():
+    def my_estimator(params, grads, outputs, generator):
+        return [torch.ones_like(p) for p in params]
+
+    my_estimator.create_graph = False
+    model = nn.Linear(4, 3)
+    opt = Sophia(model.parameters(), estimator=my_estimator, seed=0)
+    logits = model(torch.randn(5, 4))
+    opt.estimate_curvature(logits.sum(), logits)
+
+
 def _closure_contract_without_closure():
     Sophia([nn.Parameter(torch.zeros(2))]).step()
 
@@ -87,6 +98,7 @@ CASES = [
     ("sdpa-no-double-backward", _sdpa_without_double_backward, DoubleBackwardError, "attn_implementation='eager'"),
     ("framework-loop-without-set-up", _closure_contract_without_closure, ClosureRequiredError, r"transformers\.CurvatureCallback\(\)"),
     ("estimate-without-logits", lambda: Sophia(nn.Linear(4, 3).parameters()).estimate_curvature(None), CurvatureInputError, "pass the logits"),
+    ("custom-estimator-without-retain-graph", _custom_estimator_without_retain_graph, CurvatureInputError, "must accept retain_graph=True"),
     ("external-source-not-a-string", lambda: Sophia(nn.Linear(4, 3).parameters()).expect_external_curvature(3), ArgumentTypeError, "a string"),
 ]  # fmt: skip
 

@@ -68,7 +68,8 @@ class CurvatureEstimator(Protocol):
     back-propagates another loss through the same forward pass); ``outputs`` the model outputs
     the loss was computed from (``None`` if the closure returned only the loss); ``generator``
     the optimizer's random source. It returns one detached diagonal estimate per parameter
-    (``None`` where the gradient is ``None``).
+    (``None`` where the gradient is ``None``). With ``retain_graph=True`` it keeps the graph it
+    differentiates (a framework loop back-propagates the same forward pass afterwards).
 
     A plain function works too: without a ``create_graph`` attribute it is called with
     ``create_graph=False`` gradients; set ``my_estimator.create_graph = True`` if it takes
@@ -83,6 +84,8 @@ class CurvatureEstimator(Protocol):
         grads: Sequence[Tensor | None],
         outputs: Tensor | None,
         generator: torch.Generator | None,
+        *,
+        retain_graph: bool = False,
     ) -> list[Tensor | None]: ...
 
 
@@ -92,13 +95,14 @@ def hutchinson_diagonal(
     *,
     generator: torch.Generator | None = None,
     probes: Sequence[Tensor] | None = None,
+    retain_graph: bool = False,
 ) -> list[Tensor | None]:
     """Hutchinson estimate ``z ⊙ (H z)`` of the Hessian diagonal, one probe, one backward call.
 
     ``grads`` must be the gradient of the loss with respect to ``params`` built with
     ``create_graph=True``. One ``torch.autograd.grad`` call over all parameters gives the Hessian-
     vector product ``H z`` (gradient entries that carry no graph, e.g. of a parameter the loss is
-    linear in, contribute zero rows); the graph is released afterwards. Probes are Rademacher,
+    linear in, contribute zero rows); the graph is released afterwards unless ``retain_graph``. Probes are Rademacher,
     drawn with :func:`curvlab.estimators.probes.rademacher_like` from ``generator`` in the order of
     ``params`` (skipping parameters whose gradient is ``None``), unless given as ``probes``.
 
@@ -110,6 +114,7 @@ def hutchinson_diagonal(
         grads: their gradients with graph (``None`` for parameters the loss does not use).
         generator: random source of the probes.
         probes: optional explicit probes, one per non-``None`` gradient (shapes as the params).
+        retain_graph: keep the graph for a later backward through the same forward pass.
 
     Returns:
         One tensor per parameter (``None`` where the gradient was ``None``), detached.
@@ -153,6 +158,7 @@ def hutchinson_diagonal(
             used_params,
             grad_outputs=[zs[k] for k in with_graph],
             allow_unused=True,
+            retain_graph=retain_graph,
         )
         hz = list(products)
     out: list[Tensor | None] = [None] * len(params)
@@ -170,6 +176,7 @@ def gnb_diagonal(
     generator: torch.Generator | None = None,
     likelihood: str = "categorical",
     batch_size: int | None = None,
+    retain_graph: bool = False,
 ) -> list[Tensor | None]:
     """Gauss-Newton-Bartlett estimate ``B · ĝ ⊙ ĝ`` of the Gauss-Newton diagonal (SophiaG).
 
@@ -189,10 +196,10 @@ def gnb_diagonal(
         likelihood: ``"categorical"`` or ``"gaussian"``.
         batch_size: ``B``; default the number of predictions in ``outputs``. Override it when the
             loss is a mean over a different count (e.g. padding excluded).
+        retain_graph: keep the graph of ``outputs`` for a later backward (default: released).
 
     Returns:
         One detached tensor per parameter (``None`` for parameters ``outputs`` does not use).
-        The graph of ``outputs`` is released.
 
     Raises:
         ParameterError: for an unknown ``likelihood``.
@@ -233,7 +240,7 @@ def gnb_diagonal(
             "(regression outputs)"
         )
     scale = float(n if batch_size is None else batch_size)
-    g_hat = torch.autograd.grad(sampled, list(params), allow_unused=True)
+    g_hat = torch.autograd.grad(sampled, list(params), allow_unused=True, retain_graph=retain_graph)
     return [None if g is None else (g * g).mul_(scale) for g in g_hat]
 
 
@@ -282,9 +289,11 @@ class HutchinsonEstimator:
         grads: Sequence[Tensor | None],
         outputs: Tensor | None = None,
         generator: torch.Generator | None = None,
+        *,
+        retain_graph: bool = False,
     ) -> list[Tensor | None]:
         """``z ⊙ (H z)`` per parameter from the gradients with graph (see the class)."""
-        return hutchinson_diagonal(params, grads, generator=generator)
+        return hutchinson_diagonal(params, grads, generator=generator, retain_graph=retain_graph)
 
 
 @dataclass(frozen=True)
@@ -337,6 +346,8 @@ class GNBEstimator:
         grads: Sequence[Tensor | None],
         outputs: Tensor | None,
         generator: torch.Generator | None = None,
+        *,
+        retain_graph: bool = False,
     ) -> list[Tensor | None]:
         """``B · ĝ ⊙ ĝ`` per parameter from the closure's outputs (see the class)."""
         if outputs is None:
@@ -359,4 +370,5 @@ class GNBEstimator:
             generator=generator,
             likelihood=self.likelihood,
             batch_size=self.batch_size,
+            retain_graph=retain_graph,
         )

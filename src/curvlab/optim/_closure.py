@@ -34,8 +34,8 @@ before the loop's own ``backward()``::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -280,29 +280,27 @@ def resolve_estimator(
     return "custom", estimator  # type: ignore[return-value]
 
 
-@contextmanager
-def _graph_kept() -> Iterator[None]:
-    """Inside, every ``torch.autograd.grad`` call keeps the graph it differentiates.
-
-    An estimator releases the graph with its last ``autograd.grad`` call (in the closure contract
-    nothing else needs it); on a training loop's live graph the loop's own ``backward()`` comes
-    afterwards, so the estimator's calls get ``retain_graph=True`` here. The estimators call
-    ``torch.autograd.grad`` through the module attribute, which this swaps for the duration.
-    """
-    grad = torch.autograd.grad
-
-    def keeping(*args: Any, **kwargs: Any) -> Any:
-        if len(args) > 3:  # retain_graph given positionally
-            args = (*args[:3], True, *args[4:])
-        else:
-            kwargs["retain_graph"] = True
-        return grad(*args, **kwargs)
-
-    torch.autograd.grad = keeping
+def _estimate_keeping_graph(
+    estimator: Any,
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    outputs: Tensor | None,
+    generator: torch.Generator | None,
+    name: str,
+) -> list[Tensor | None]:
+    """Call ``estimator`` with ``retain_graph=True``: the loop back-propagates the graph later."""
     try:
-        yield
-    finally:
-        torch.autograd.grad = grad
+        accepts = "retain_graph" in inspect.signature(estimator).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if not accepts:
+        raise CurvatureInputError(
+            f"{name}'s custom estimator {estimator!r} takes no retain_graph= argument; in a "
+            "framework loop the training loop back-propagates the same forward pass after the "
+            "estimate, so the estimator must accept retain_graph=True and pass it to its "
+            "torch.autograd.grad calls (see curvlab.estimators.param_diagonal.CurvatureEstimator)"
+        )
+    return list(estimator(params, grads, outputs, generator, retain_graph=True))
 
 
 #: fragments of torch's messages when a graph cannot be differentiated twice
@@ -428,7 +426,7 @@ class CurvatureFeed:
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
         try:
-            with torch.enable_grad(), _graph_kept():
+            with torch.enable_grad():
                 if self.needs_loss:
                     grads = _loss_grads(
                         cast(Tensor, loss).reshape(()),
@@ -436,7 +434,9 @@ class CurvatureFeed:
                         create_graph=bool(getattr(self._estimator, "create_graph", False)),
                         retain_graph=True,
                     )
-                diag = self._estimator(params, grads, outputs, self._generator)
+                diag = _estimate_keeping_graph(
+                    self._estimator, params, grads, outputs, self._generator, name
+                )
         except RuntimeError as exc:
             if any(s in str(exc) for s in _NO_DOUBLE_BACKWARD):
                 raise _double_backward_error(name, exc) from exc

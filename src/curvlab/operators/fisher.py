@@ -46,10 +46,11 @@ class FisherOperator(OutputSpaceOperator):
     operator is built (from ``generator``), so ``F`` is a fixed PSD matrix. No per-sample gradient
     is formed: a product costs one Jacobian-vector and one vector-Jacobian product per batch.
 
+    The other arguments are as for :class:`~curvlab.operators.HessianOperator`.
+
     Args:
         mc_samples: ``M``, labels drawn per example.
         generator: source of the sampled labels.
-        (others as :class:`~curvlab.operators.HessianOperator`.)
     """
 
     def __init__(

@@ -83,8 +83,6 @@ class ParamSpace:
     Attributes:
         names: parameter names, in order.
         shapes: their shapes.
-        sizes: their numbers of elements.
-        offsets: start of each parameter in the flat vector (``len(names) + 1`` entries).
     """
 
     names: tuple[str, ...]

@@ -22,18 +22,26 @@ from typing import Any
 
 import numpy as np
 
+from curvlab.bench.conclusion import (
+    conclusion,
+    high_load,
+    statements,
+    tuned_worse_than_defaults,
+)
 from curvlab.bench.scoring import (
     CLOCKS,
+    RESAMPLES,
+    Comparison,
+    compare,
     final_quality,
+    geomean_speedups,
     lr_sensitivity,
-    miss_values,
-    performance_profiles,
-    speedups,
+    profile_band,
     time_to_target,
 )
 from curvlab.bench.store import Store
 
-__all__ = ["write_report"]
+__all__ = ["conclusion", "write_report"]
 
 _CLOCK_LABEL = {"steps": "steps", "grad_evals": "gradient-equivalents", "seconds": "seconds"}
 
@@ -213,26 +221,28 @@ def _profile_figure(
     import matplotlib.pyplot as plt
 
     keys = list(profiles)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys) + 1.8, 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        grid, rho, score = profiles[key]
+        grid, rho, band = profiles[key]
         for label in sorted(rho):
-            ax.step(
-                grid,
-                rho[label],
-                where="post",
-                label=_plot_label(f"{label} (B={score[label]:.2f})"),
-                color=colors[label],
-            )
+            ax.step(grid, rho[label], where="post", label=_plot_label(label), color=colors[label])
+            lo, hi = band[label]
+            ax.fill_between(grid, lo, hi, step="post", color=colors[label], alpha=0.15, lw=0)
         ax.set_xlabel("τ (ratio to the fastest)")
         ax.set_ylabel("fraction of problems")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(key, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.15)
-    fig.savefig(path, dpi=80)
+    _legend_outside(fig, axes[0][0])
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
+
+
+def _legend_outside(fig: Any, ax: Any) -> None:
+    """One legend for the figure, right of the axes (never over the data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
 
 
 def _md(text: Any) -> str:
@@ -321,8 +331,12 @@ class _Data:
         hib = {p: bool(i["higher_is_better"]) for p, i in self.problems.items()}
         self.ttt = {c: time_to_target(done, c) for c in CLOCKS}
         self.fq = final_quality(done, hib)
-        self.misses = miss_values(done)
+        self.cmp = {c: compare(done, c) for c in CLOCKS}
         self.lrs = lr_sensitivity(done)
+        self.done = done
+        self.conclusion = statements(self.runs, self.problems)
+        self.worse = {(p, lab) for p, lab, _, _ in tuned_worse_than_defaults(done, self.problems)}
+        self.high_load = high_load(self.runs)
 
 
 def _intro_section(doc: _Doc, d: _Data) -> None:
@@ -331,6 +345,8 @@ def _intro_section(doc: _Doc, d: _Data) -> None:
         status_count[r["status"]] += 1
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(status_count.items()))
     doc.add(_heading(1, "curvlab benchmark report"))
+    _conclusion_section(doc, d)
+    doc.add(_heading(2, "Run"))
     intro = (
         f"Store {d.store_path}; suites: {', '.join(sorted(d.suites)) or '–'}; "
         f"{len(d.runs)} runs ({summary}); optimizers: {', '.join(d.labels)}; problems: "
@@ -350,39 +366,89 @@ def _intro_section(doc: _Doc, d: _Data) -> None:
     doc.add(_para(rules, note=True))
 
 
+def _conclusion_section(doc: _Doc, d: _Data) -> None:
+    doc.add(_heading(2, "Conclusion"))
+    doc.add(*[_para(line) for line in d.conclusion.supports])
+    if d.conclusion.does_not_support:
+        doc.add(_heading(3, "What this run does not support"))
+        doc.add(*[_para(line) for line in d.conclusion.does_not_support])
+
+
+def _ratio(c: Comparison) -> str:
+    mark = {"at_most": "≤ ", "at_least": "≥ "}.get(c.kind, "")
+    return "neither reached" if c.kind == "undefined" else mark + _fmt(c.speedup)
+
+
+def _interval(c: Comparison) -> str:
+    return f"[{_fmt(c.ci_low)}, {'∞' if math.isinf(c.ci_high) else _fmt(c.ci_high)}]"
+
+
 def _overall_section(doc: _Doc, d: _Data) -> None:
     doc.add(_heading(2, "Overall"))
     profiles = {}
     for track in d.tracks:
         for clock in ("steps", "grad_evals"):
-            per_problem: dict[str, dict[str, float]] = defaultdict(dict)
-            for (p, lab, tr), t in d.ttt[clock].items():
-                if tr == track:
-                    per_problem[p][lab] = t
-            if per_problem:
-                profiles[f"{track} track, {_CLOCK_LABEL[clock]}"] = performance_profiles(
-                    per_problem
-                )
+            grid, rho, band = profile_band(d.done, clock, track)
+            if rho:
+                profiles[f"{track} track, {_CLOCK_LABEL[clock]}"] = (grid, rho, band)
     if profiles:
         pf = d.figs / "performance_profiles.png"
         _profile_figure(pf, profiles, d.colors)
         title = (
-            "Performance profiles (ρ(τ): fraction of problems within τ× of the fastest; B = "
-            "normalised area)"
+            "Performance profiles (ρ(τ): fraction of problems within τ× of the fastest median; "
+            "band: 95% pointwise bootstrap range over studies)"
         )
         doc.add(_image(title, pf))
-    ref_track = "tuned" if "tuned" in d.tracks else (d.tracks[0] if d.tracks else "tuned")
-    sp = {c: speedups(d.ttt[c], d.misses, c, "adamw", ref_track) for c in CLOCKS}
-    if any(sp.values()):
-        header = ["optimizer", *[f"speed-up ({_CLOCK_LABEL[c]})" for c in CLOCKS]]
-        rows = [[lab, *[_fmt(sp[c].get(lab)) for c in CLOCKS]] for lab in d.labels]
-        title = (
-            f"Geometric-mean speed-up over {ref_track} AdamW across problems (>1: faster; misses "
-            "at budget + 1)"
+    cmp = d.cmp["grad_evals"]
+    if not cmp:
+        doc.add(
+            _heading(3, "Speed-up over AdamW"),
+            _table(["note"], [["no AdamW runs to compare with in the store: no speed-up table"]]),
         )
-    else:
-        header, rows = ["note"], [["no AdamW runs in the store: no speed-up table"]]
-        title = "Speed-up over tuned AdamW"
+        return
+    unreliable = " (unreliable: high load)" if d.high_load[0] else ""
+    header = ["problem", "optimizer", "track"]
+    for clock in CLOCKS:
+        note = unreliable if clock == "seconds" else ""
+        header += [f"speed-up ({_CLOCK_LABEL[clock]}{note})", "95% CI"]
+    header += ["verdict (gradient-equivalents)", "studies (wins/losses/ties)", "sign test p"]
+    rows = []
+    for key, c in cmp.items():
+        cells = [d.cmp[k][key] for k in CLOCKS]
+        rows.append(
+            [
+                *key,
+                *[x for cc in cells for x in (_ratio(cc), _interval(cc))],
+                c.verdict,
+                f"{c.n} ({c.wins}/{c.losses}/{c.ties})" if c.paired else f"{c.n} vs {c.n_ref}",
+                _fmt(c.sign_p),
+            ]
+        )
+    title = (
+        "Speed-up over AdamW of the same track, per problem (median over studies of AdamW's "
+        "time / the optimizer's; >1: faster; ≤/≥: a bound where a median missed the target; "
+        f"percentile bootstrap over studies, {RESAMPLES} resamples, paired where the studies "
+        "share seeds; exact two-sided sign test on the paired studies)"
+    )
+    doc.add(_heading(3, title), _table(header, rows))
+    geo = {c: geomean_speedups(d.cmp[c]) for c in CLOCKS}
+    header = ["optimizer", "track", *[f"geometric mean ({_CLOCK_LABEL[c]})" for c in CLOCKS]]
+    rows = [
+        [
+            lab,
+            track,
+            *[
+                f"{_fmt(geo[c][(lab, track)].value)} over {geo[c][(lab, track)].used} of "
+                f"{geo[c][(lab, track)].problems}"
+                for c in CLOCKS
+            ],
+        ]
+        for (lab, track) in sorted(geo["grad_evals"])
+    ]
+    title = (
+        "Geometric-mean speed-up over AdamW, only over the problems where both medians reached "
+        "the target (count stated; misses are never imputed)"
+    )
     doc.add(_heading(3, title), _table(header, rows))
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "InvalidArgumentError",
     "LossNotScalarError",
     "ModelLoadError",
+    "MonitorMismatchError",
     "NoExactDiagonalError",
     "NonDeterministicError",
     "NonFiniteError",
@@ -140,3 +141,7 @@ class ImportNotAllowedError(SuiteError):
 
 class OutputPathError(CurvlabError, ValueError):
     """An output folder that is a file, lies inside a file, or cannot be written."""
+
+
+class MonitorMismatchError(SuiteError):
+    """A suite attaches a monitor that does not fit one of its optimizers or problems."""

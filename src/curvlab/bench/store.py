@@ -417,7 +417,7 @@ class Store:
 
         The run is taken when it is pending or failed, already ``owner``'s, or owned by a runner
         that is gone (:func:`owner_alive`); the older evaluations are deleted in the same
-        transaction.
+        transaction (with the monitor values recorded under the run's id).
 
         Returns:
             The new attempt's number, or ``None`` when the run is done or a live runner holds it.
@@ -441,6 +441,7 @@ class Store:
                 return None
             attempt = int(attempt) + 1
             c.execute("DELETE FROM evals WHERE run_id=?", (run_id,))
+            c.execute("DELETE FROM monitors WHERE key=?", (run_id,))
             c.execute(
                 "UPDATE runs SET status='running', attempt=?, started_at=?, finished_at=NULL, "
                 "steps=NULL, "

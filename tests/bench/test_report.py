@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import math
 import re
 import shutil
 import subprocess
@@ -170,18 +171,20 @@ def synthetic_store(
     cells: dict[tuple[str, str, str], list[float | None]],
     *,
     load: float = 0.5,
-    finals: dict[tuple[str, str, str], float] | None = None,
+    finals: dict[tuple[str, str, str], float | list[float]] | None = None,
 ) -> Path:
     """A store whose runs have the given times to target (``None``: a miss) on every clock.
 
     ``cells``: ``(problem, label, track) -> [time of study 0, 1, ...]``; one run per study, budget
-    1000 on every clock; ``finals`` sets the final metric of a cell (default 0.05).
+    1000 on every clock, lr 10^-(study + 1); ``finals`` sets the final metric of a cell (one
+    value, or one per study; default 0.05).
     """
     st = Store(path)
     specs = []
     for (p, lab, track), times in cells.items():
         for s, t in enumerate(times):
-            specs.append((RunSpec(p, lab, lab, {"lr": 0.1}, s, track, s, 0, 1000, 100), t))
+            lr = 10.0 ** -(s + 1)
+            specs.append((RunSpec(p, lab, lab, {"lr": lr}, s, track, s, 0, 1000, 100), t))
     problems = {p: {**_INFO, "name": p} for p, _, _ in cells}
     st.register("synthetic", "{}", problems, [sp for sp, _ in specs])
     for sp, t in specs:
@@ -189,6 +192,7 @@ def synthetic_store(
         attempt = st.claim_run(sp.run_id, "me", env)
         assert attempt is not None
         final = (finals or {}).get((sp.problem, sp.label, sp.track), 0.05)
+        final = final[sp.study] if isinstance(final, list) else final
         ttt = {} if t is None else {"ttt_steps": t, "ttt_grad_evals": t, "ttt_seconds": t / 100}
         summary = {"steps": 1000, "grad_evals": 1000.0, "seconds": 10.0, "final_metric": final}
         st.finish_run(sp.run_id, attempt, "finished", {**summary, **ttt}, {"loadavg": [load] * 3})
@@ -279,3 +283,44 @@ def test_report_opens_with_the_conclusion(tmp_path: Path) -> None:
     assert md.index("## Conclusion") < md.index("## Run") < md.index("## Overall")
     assert "On p, tuned x reaches the target 2x faster than tuned adamw" in md
     assert "| p | x | tuned | 2 | \\[" in md  # the speed-up table with its interval
+
+
+def test_report_clips_runaway_values_and_flags_tuned_worse_and_load(tmp_path: Path) -> None:
+    cells: dict[tuple[str, str, str], list[float | None]] = {
+        ("p", "adamw", "tuned"): [100.0, 110.0, 120.0, 130.0],
+        ("p", "dog", "tuned"): [None] * 4,
+        ("p", "dog", "defaults"): [90.0, 95.0, 99.0, 97.0],
+        ("p", "adamw", "defaults"): [100.0, 110.0, 120.0, 130.0],
+    }
+    finals = {("p", "dog", "tuned"): [0.2, 0.3, 0.25, 1e172], ("p", "adamw", "tuned"): 0.04}
+    store = synthetic_store(tmp_path / "s.sqlite", cells, load=9.0, finals=finals)
+    write_report(store, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Clipped to the axis (outside the robust range): dog at lr 0.0001: 1e+172." in md
+    assert "⚠ tuned worse than defaults" in md
+    assert "seconds to target (unreliable: high load)" in md
+    assert "Wall-clock is unreliable" in md
+
+
+def test_robust_limits_ignore_a_runaway_value() -> None:
+    from curvlab.bench.report import _robust_limits
+
+    lo, hi = _robust_limits([0.2, 0.3, 0.25, 0.22, 1e172], log=True)  # type: ignore[misc]
+    assert lo == pytest.approx(0.2) and hi < 10.0
+    assert _robust_limits([math.nan, -1.0], log=True) is None
+
+
+def test_report_plots_recorded_monitors(tmp_path: Path) -> None:
+    doc = {
+        "problems": {"quadratic-k1e2": {"budget_steps": 10, "eval_every": 5}},
+        "optimizers": [{"label": "sgd", "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.005}}],
+        "tracks": {"defaults": {"seeds": 2}},
+        "monitors": [{"name": "sharpness", "every": 5}],
+    }
+    run_suite(parse_suite(doc), tmp_path / "s.sqlite", workers=0, progress=False)
+    write_report(tmp_path / "s.sqlite", tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "(figures/quadratic-k1e2_monitors.png)" in md
+    assert (
+        (tmp_path / "out" / "figures" / "quadratic-k1e2_monitors.png").read_bytes().startswith(PNG)
+    )

@@ -161,8 +161,11 @@ def _problem_figure(
             ax.set_ylabel(metric)
             ax.set_title(f"{track} track", fontsize=9)
             ax.grid(alpha=0.3)
-        if curves:
-            axes[i][0].legend(fontsize=7)
+            _clip_axis(
+                ax,
+                [y for c in curves.values() for k in ("y_lo", "y_med", "y_hi") for y in c[k]],
+                ax.get_yscale() == "log",
+            )
     fig.suptitle(
         _plot_label(f"{name}: {metric} (median, min–max band; dashed: target)"), fontsize=10
     )
@@ -170,8 +173,110 @@ def _problem_figure(
     fig.subplots_adjust(
         left=0.06, right=0.99, top=0.9, bottom=0.12 / len(tracks) + 0.02, wspace=0.28, hspace=0.45
     )
-    fig.savefig(path, dpi=80)
+    _legend_outside(fig, axes[0][0])
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
+
+
+#: Monitor numbers plotted next to the loss curves, with their axis labels.
+_MONITOR_PLOTS = {
+    "sharpness/ratio": "λ_max·η/2 (GD stability: 1)",
+    "sharpness/value": "λ_max(H)",
+    "adam_sharpness/preconditioned_ratio": "λ_max(P⁻¹H)/threshold (1: edge)",
+    "noise_scale/b_simple": "B_simple (critical batch)",
+}
+
+
+def _monitor_figure(
+    path: Path,
+    name: str,
+    runs: Sequence[Mapping[str, Any]],
+    monitors: Mapping[str, list[dict[str, Any]]],
+    colors: Mapping[str, Any],
+) -> bool:
+    """Median over a label's runs (defaults track first) of each recorded monitor number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    track = (
+        "defaults"
+        if any(r["track"] == "defaults" and monitors.get(r["run_id"]) for r in runs)
+        else "tuned"
+    )
+    for r in runs:
+        if r["track"] != track:
+            continue
+        for m in monitors.get(r["run_id"], []):
+            if m["name"] in _MONITOR_PLOTS and m["value"] is not None:
+                series[m["name"]][r["label"]][int(m["step"])].append(float(m["value"]))
+    names = [n for n in _MONITOR_PLOTS if n in series]
+    if not names:
+        return False
+    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names) + 1.8, 3.2), squeeze=False)
+    for ax, n in zip(axes[0], names):
+        values = []
+        for label, by_step in sorted(series[n].items()):
+            steps = sorted(by_step)
+            med = [float(np.median(by_step[st])) for st in steps]
+            values += med
+            ax.plot(steps, med, "o-", ms=3, lw=1.2, color=colors[label], label=_plot_label(label))
+        log = bool(values) and min(values) > 0
+        if log:
+            ax.set_yscale("log")
+        _clip_axis(ax, values, log)
+        if n.endswith("ratio"):
+            ax.axhline(1.0, color="k", ls="--", lw=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(_MONITOR_PLOTS[n], fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(_plot_label(f"{name}: monitors, {track} track (median over runs)"), fontsize=10)
+    _legend_outside(fig, axes[0][0])
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def _robust_limits(values: Sequence[float], log: bool) -> tuple[float, float] | None:
+    """Axis limits that hold the bulk of ``values`` and not a runaway one.
+
+    The rule: within the data's range, at most 3 interquartile ranges beyond the quartiles (in
+    log10 when ``log``); a DoG run that ends at 1e172 no longer sets the axis. ``None`` when no
+    finite (positive, for ``log``) value exists.
+
+    Example:
+        >>> _robust_limits([1.0, 1.5, 2.0, 2.5, 3.0, 1e172], log=False)
+        (1.0, 3.0)
+        >>> _robust_limits([1.0, 2.0], log=False)
+        (1.0, 2.0)
+    """
+    v = np.asarray([x for x in values if math.isfinite(x) and (x > 0 or not log)], dtype=float)
+    if v.size == 0:
+        return None
+    t = np.log10(v) if log else v
+    q1, q3 = np.percentile(t, [25, 75])
+    span = q3 - q1
+    inside = v[(t >= q1 - 3 * span) & (t <= q3 + 3 * span)]
+    return float(inside.min()), float(inside.max())
+
+
+def _clip_axis(ax: Any, values: Sequence[float], log: bool) -> tuple[float, float] | None:
+    """Set ``ax``'s y-limits to the robust range (a 5% margin); returns the limits, if any."""
+    lim = _robust_limits(values, log)
+    if lim is None:
+        return None
+    lo, hi = lim
+    if log:
+        pad = (hi / lo) ** 0.05 if hi > lo else 2.0
+        ax.set_ylim(lo / pad, hi * pad)
+    else:
+        pad = 0.05 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.05
+        ax.set_ylim(lo - pad, hi + pad)
+    return lim
 
 
 def _lr_figure(
@@ -180,36 +285,50 @@ def _lr_figure(
     info: Mapping[str, Any],
     data: Mapping[str, list[tuple[float, float]]],
     colors: Mapping[str, Any],
-) -> None:
+) -> list[str]:
+    """Draw the LR-sensitivity plot; returns the points clipped to the axis (``label at lr``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(6.6, 3.4))
     hib = bool(info["higher_is_better"])
+    vals = [y for pts in data.values() for _, y in pts if math.isfinite(y)]
+    log = not hib and bool(vals) and min(vals) > 0
+    if log:
+        ax.set_yscale("log")
+    lim = _clip_axis(ax, vals, log)
+    top = ax.get_ylim()[1]
+    clipped = []
     for label, pts in sorted(data.items()):
-        lr = [p[0] for p in pts]
-        v = [p[1] for p in pts]
-        ax.plot(lr, v, "o-", label=_plot_label(label), color=colors[label], ms=4, lw=1)
+        lo, hi = lim if lim is not None else (-math.inf, math.inf)
+        shown = [(x, min(max(y, lo), hi)) for x, y in pts if math.isfinite(y)]
+        color = colors[label]
+        if shown:
+            ax.plot(*zip(*shown), "o-", label=_plot_label(label), color=color, ms=4, lw=1)
+        for x, y in pts:
+            if math.isfinite(y) and not lo <= y <= hi:
+                clipped.append(f"{label} at lr {x:.3g}: {y:.3g}")
+                ax.plot([x], [hi if y > hi else lo], "^" if y > hi else "v", color=color, ms=8)
         bad = [x for x, y in pts if not math.isfinite(y)]
         if bad:
-            ax.plot(bad, [ax.get_ylim()[1]] * len(bad), "x", color=colors[label], ms=7)
+            ax.plot(bad, [top] * len(bad), "x", color=color, ms=7)
     ax.set_xscale("log")
-    vals = [y for pts in data.values() for _, y in pts if math.isfinite(y)]
-    if not hib and vals and min(vals) > 0:
-        ax.set_yscale("log")
     ax.axhline(float(info["target_threshold"]), color="k", ls="--", lw=0.8)
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final {info['final_metric']}")
     ax.set_title(
-        _plot_label(f"{name}: learning-rate sensitivity (tuned track; x: diverged)"), fontsize=9
+        _plot_label(
+            f"{name}: learning-rate sensitivity (tuned; x: diverged; ▲▼: clipped to the axis)"
+        ),
+        fontsize=9,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.15)
-    fig.savefig(path, dpi=80)
+    _legend_outside(fig, ax)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
+    return clipped
 
 
 def _profile_figure(
@@ -311,6 +430,9 @@ class _Data:
         try:
             self.runs = store.runs()
             evals = store.evals()
+            self.monitors: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for m in store.monitor_values():
+                self.monitors[m["key"]].append(m)
             self.problems = store.problems()
             self.suites = store.suites()
         finally:
@@ -473,7 +595,7 @@ def _problem_section(doc: _Doc, d: _Data, p: str) -> None:
         "diverged",
         "steps to target",
         "grad-evals to target",
-        "seconds to target",
+        "seconds to target" + (" (unreliable: high load)" if d.high_load[0] else ""),
         f"final {info['final_metric']} (mean ± std)",
     ]
     rows = []
@@ -491,17 +613,27 @@ def _problem_section(doc: _Doc, d: _Data, p: str) -> None:
                     str(len(rs)),
                     str(sum(r["status"] == "diverged" for r in rs)),
                     *[_fmt(d.ttt[c].get(key, math.inf)) for c in CLOCKS],
-                    f"{_fmt(q['mean'])} ± {_fmt(q['std'])}",
+                    f"{_fmt(q['mean'])} ± {_fmt(q['std']) if math.isfinite(q['std']) else '∞'}"
+                    + (
+                        " ⚠ tuned worse than defaults"
+                        if (p, lab) in d.worse and track == "tuned"
+                        else ""
+                    ),
                 ]
             )
     doc.add(_table(header, rows))
     f1 = d.figs / f"{_slug(p)}_curves.png"
     _problem_figure(f1, p, info, prun, d.evals_by_run, d.tracks, d.colors)
     doc.add(_image(f"{p}: {info['target_metric']} against each clock", f1))
+    f3 = d.figs / f"{_slug(p)}_monitors.png"
+    if _monitor_figure(f3, p, prun, d.monitors, d.colors):
+        doc.add(_image(f"{p}: curvature and noise recorded in the runs (off the clock)", f3))
     if d.lrs.get(p):
         f2 = d.figs / f"{_slug(p)}_lr.png"
-        _lr_figure(f2, p, info, d.lrs[p], d.colors)
+        clipped = _lr_figure(f2, p, info, d.lrs[p], d.colors)
         doc.add(_image(f"{p}: learning-rate sensitivity", f2))
+        if clipped:
+            doc.add(_para(f"Clipped to the axis (outside the robust range): {'; '.join(clipped)}."))
 
 
 def _environment_section(doc: _Doc, d: _Data) -> None:

@@ -122,9 +122,11 @@ def final_quality(
             if finite:
                 vals.append(max(finite) if hib else min(finite))
         arr = np.asarray(vals, dtype=float)
+        with np.errstate(over="ignore"):  # a runaway final value: its std is inf, said so
+            std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0 if arr.size else math.nan
         out[key] = {
             "mean": float(arr.mean()) if arr.size else math.nan,
-            "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0 if arr.size else math.nan,
+            "std": std,
             "n": int(arr.size),
             "diverged": diverged,
         }

@@ -24,6 +24,7 @@ __all__ = [
     "LossNotScalarError",
     "MissingLabelsError",
     "ModelLoadError",
+    "MonitorMismatchError",
     "NoExactDiagonalError",
     "NonDeterministicError",
     "NonFiniteError",
@@ -160,3 +161,7 @@ class CurvatureInputError(CurvlabError, ValueError):
 
 class DoubleBackwardError(CurvlabError, RuntimeError):
     """The model's graph cannot be differentiated twice (torch.compile, a kernel without double backward)."""
+
+
+class MonitorMismatchError(SuiteError):
+    """A suite attaches a monitor that does not fit one of its optimizers or problems."""

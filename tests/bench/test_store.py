@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from curvlab.bench.runner import plan_runs
 from curvlab.bench.store import (
     SCHEMA_VERSION,
     STALE_AFTER_S,
@@ -53,7 +54,7 @@ def test_newer_schema_is_refused_and_untouched(tmp_path: Path) -> None:
     before = p.read_bytes()
     with pytest.raises(
         StoreError,
-        match=r"written by a newer curvlab \(store schema 99, this curvlab reads up to 2\)",
+        match=r"written by a newer curvlab \(store schema 99, this curvlab reads up to 3\)",
     ):
         Store(p)
     with pytest.raises(StoreError, match="newer curvlab"):
@@ -180,5 +181,30 @@ def test_schema_1_store_is_migrated(tmp_path: Path) -> None:
         )
     assert Store(p, readonly=True).runs()[0]["status"] == "running"  # read as it is
     st = Store(p)
-    assert st.schema_version() == SCHEMA_VERSION == 2
+    assert st.schema_version() == SCHEMA_VERSION == 3
     assert st.claim_run("r", new_owner(), {}) == 1  # no owner: free
+
+
+def test_schema_2_store_gains_load1_and_migration_is_idempotent(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "v2.sqlite"
+    suite = parse_suite(tiny())
+    spec = plan_runs(suite)[0]
+    st = Store(p)
+    st.register("tiny", suite.to_json(), {}, [spec])
+    st.close()
+    with sqlite3.connect(p) as c:  # what curvlab with store schema 2 wrote
+        c.execute("ALTER TABLE runs DROP COLUMN load1")
+        c.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    assert "load1" not in Store(p, readonly=True).runs()[0]  # read as it is
+    st = Store(p)
+    assert st.schema_version() == 3 and st.runs()[0]["load1"] is None
+    attempt = st.claim_run(spec.run_id, new_owner(), {"loadavg": [0.5, 0.4, 0.3]})
+    assert attempt is not None
+    st.finish_run(spec.run_id, attempt, "finished", {"steps": 1}, {"loadavg": [3.5, 1.0, 1.0]})
+    assert st.runs()[0]["load1"] == 3.5  # the larger of start and end
+    st.close()
+    with sqlite3.connect(p) as c:  # a branch that migrated the columns but not the version
+        c.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    st = Store(p)
+    assert st.schema_version() == 3 and st.runs()[0]["load1"] == 3.5
+    st.close()

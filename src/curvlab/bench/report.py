@@ -22,18 +22,26 @@ from typing import Any
 
 import numpy as np
 
+from curvlab.bench.conclusion import (
+    conclusion,
+    high_load,
+    statements,
+    tuned_worse_than_defaults,
+)
 from curvlab.bench.scoring import (
     CLOCKS,
+    RESAMPLES,
+    Comparison,
+    compare,
     final_quality,
+    geomean_speedups,
     lr_sensitivity,
-    miss_values,
-    performance_profiles,
-    speedups,
+    profile_band,
     time_to_target,
 )
 from curvlab.bench.store import Store
 
-__all__ = ["write_report"]
+__all__ = ["conclusion", "write_report"]
 
 _CLOCK_LABEL = {"steps": "steps", "grad_evals": "gradient-equivalents", "seconds": "seconds"}
 
@@ -153,8 +161,11 @@ def _problem_figure(
             ax.set_ylabel(metric)
             ax.set_title(f"{track} track", fontsize=9)
             ax.grid(alpha=0.3)
-        if curves:
-            axes[i][0].legend(fontsize=7)
+            _clip_axis(
+                ax,
+                [y for c in curves.values() for k in ("y_lo", "y_med", "y_hi") for y in c[k]],
+                ax.get_yscale() == "log",
+            )
     fig.suptitle(
         _plot_label(f"{name}: {metric} (median, min–max band; dashed: target)"), fontsize=10
     )
@@ -162,8 +173,110 @@ def _problem_figure(
     fig.subplots_adjust(
         left=0.06, right=0.99, top=0.9, bottom=0.12 / len(tracks) + 0.02, wspace=0.28, hspace=0.45
     )
-    fig.savefig(path, dpi=80)
+    _legend_outside(fig, axes[0][0])
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
+
+
+#: Monitor numbers plotted next to the loss curves, with their axis labels.
+_MONITOR_PLOTS = {
+    "sharpness/ratio": "λ_max·η/2 (GD stability: 1)",
+    "sharpness/value": "λ_max(H)",
+    "adam_sharpness/preconditioned_ratio": "λ_max(P⁻¹H)/threshold (1: edge)",
+    "noise_scale/b_simple": "B_simple (critical batch)",
+}
+
+
+def _monitor_figure(
+    path: Path,
+    name: str,
+    runs: Sequence[Mapping[str, Any]],
+    monitors: Mapping[str, list[dict[str, Any]]],
+    colors: Mapping[str, Any],
+) -> bool:
+    """Median over a label's runs (defaults track first) of each recorded monitor number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    track = (
+        "defaults"
+        if any(r["track"] == "defaults" and monitors.get(r["run_id"]) for r in runs)
+        else "tuned"
+    )
+    for r in runs:
+        if r["track"] != track:
+            continue
+        for m in monitors.get(r["run_id"], []):
+            if m["name"] in _MONITOR_PLOTS and m["value"] is not None:
+                series[m["name"]][r["label"]][int(m["step"])].append(float(m["value"]))
+    names = [n for n in _MONITOR_PLOTS if n in series]
+    if not names:
+        return False
+    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names) + 1.8, 3.2), squeeze=False)
+    for ax, n in zip(axes[0], names):
+        values = []
+        for label, by_step in sorted(series[n].items()):
+            steps = sorted(by_step)
+            med = [float(np.median(by_step[st])) for st in steps]
+            values += med
+            ax.plot(steps, med, "o-", ms=3, lw=1.2, color=colors[label], label=_plot_label(label))
+        log = bool(values) and min(values) > 0
+        if log:
+            ax.set_yscale("log")
+        _clip_axis(ax, values, log)
+        if n.endswith("ratio"):
+            ax.axhline(1.0, color="k", ls="--", lw=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(_MONITOR_PLOTS[n], fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(_plot_label(f"{name}: monitors, {track} track (median over runs)"), fontsize=10)
+    _legend_outside(fig, axes[0][0])
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def _robust_limits(values: Sequence[float], log: bool) -> tuple[float, float] | None:
+    """Axis limits that hold the bulk of ``values`` and not a runaway one.
+
+    The rule: within the data's range, at most 3 interquartile ranges beyond the quartiles (in
+    log10 when ``log``); a DoG run that ends at 1e172 no longer sets the axis. ``None`` when no
+    finite (positive, for ``log``) value exists.
+
+    Example:
+        >>> _robust_limits([1.0, 1.5, 2.0, 2.5, 3.0, 1e172], log=False)
+        (1.0, 3.0)
+        >>> _robust_limits([1.0, 2.0], log=False)
+        (1.0, 2.0)
+    """
+    v = np.asarray([x for x in values if math.isfinite(x) and (x > 0 or not log)], dtype=float)
+    if v.size == 0:
+        return None
+    t = np.log10(v) if log else v
+    q1, q3 = np.percentile(t, [25, 75])
+    span = q3 - q1
+    inside = v[(t >= q1 - 3 * span) & (t <= q3 + 3 * span)]
+    return float(inside.min()), float(inside.max())
+
+
+def _clip_axis(ax: Any, values: Sequence[float], log: bool) -> tuple[float, float] | None:
+    """Set ``ax``'s y-limits to the robust range (a 5% margin); returns the limits, if any."""
+    lim = _robust_limits(values, log)
+    if lim is None:
+        return None
+    lo, hi = lim
+    if log:
+        pad = (hi / lo) ** 0.05 if hi > lo else 2.0
+        ax.set_ylim(lo / pad, hi * pad)
+    else:
+        pad = 0.05 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.05
+        ax.set_ylim(lo - pad, hi + pad)
+    return lim
 
 
 def _lr_figure(
@@ -172,36 +285,50 @@ def _lr_figure(
     info: Mapping[str, Any],
     data: Mapping[str, list[tuple[float, float]]],
     colors: Mapping[str, Any],
-) -> None:
+) -> list[str]:
+    """Draw the LR-sensitivity plot; returns the points clipped to the axis (``label at lr``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(6.6, 3.4))
     hib = bool(info["higher_is_better"])
+    vals = [y for pts in data.values() for _, y in pts if math.isfinite(y)]
+    log = not hib and bool(vals) and min(vals) > 0
+    if log:
+        ax.set_yscale("log")
+    lim = _clip_axis(ax, vals, log)
+    top = ax.get_ylim()[1]
+    clipped = []
     for label, pts in sorted(data.items()):
-        lr = [p[0] for p in pts]
-        v = [p[1] for p in pts]
-        ax.plot(lr, v, "o-", label=_plot_label(label), color=colors[label], ms=4, lw=1)
+        lo, hi = lim if lim is not None else (-math.inf, math.inf)
+        shown = [(x, min(max(y, lo), hi)) for x, y in pts if math.isfinite(y)]
+        color = colors[label]
+        if shown:
+            ax.plot(*zip(*shown), "o-", label=_plot_label(label), color=color, ms=4, lw=1)
+        for x, y in pts:
+            if math.isfinite(y) and not lo <= y <= hi:
+                clipped.append(f"{label} at lr {x:.3g}: {y:.3g}")
+                ax.plot([x], [hi if y > hi else lo], "^" if y > hi else "v", color=color, ms=8)
         bad = [x for x, y in pts if not math.isfinite(y)]
         if bad:
-            ax.plot(bad, [ax.get_ylim()[1]] * len(bad), "x", color=colors[label], ms=7)
+            ax.plot(bad, [top] * len(bad), "x", color=color, ms=7)
     ax.set_xscale("log")
-    vals = [y for pts in data.values() for _, y in pts if math.isfinite(y)]
-    if not hib and vals and min(vals) > 0:
-        ax.set_yscale("log")
     ax.axhline(float(info["target_threshold"]), color="k", ls="--", lw=0.8)
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final {info['final_metric']}")
     ax.set_title(
-        _plot_label(f"{name}: learning-rate sensitivity (tuned track; x: diverged)"), fontsize=9
+        _plot_label(
+            f"{name}: learning-rate sensitivity (tuned; x: diverged; ▲▼: clipped to the axis)"
+        ),
+        fontsize=9,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.15)
-    fig.savefig(path, dpi=80)
+    _legend_outside(fig, ax)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
+    return clipped
 
 
 def _profile_figure(
@@ -213,26 +340,28 @@ def _profile_figure(
     import matplotlib.pyplot as plt
 
     keys = list(profiles)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys) + 1.8, 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        grid, rho, score = profiles[key]
+        grid, rho, band = profiles[key]
         for label in sorted(rho):
-            ax.step(
-                grid,
-                rho[label],
-                where="post",
-                label=_plot_label(f"{label} (B={score[label]:.2f})"),
-                color=colors[label],
-            )
+            ax.step(grid, rho[label], where="post", label=_plot_label(label), color=colors[label])
+            lo, hi = band[label]
+            ax.fill_between(grid, lo, hi, step="post", color=colors[label], alpha=0.15, lw=0)
         ax.set_xlabel("τ (ratio to the fastest)")
         ax.set_ylabel("fraction of problems")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(key, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.15)
-    fig.savefig(path, dpi=80)
+    _legend_outside(fig, axes[0][0])
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
+
+
+def _legend_outside(fig: Any, ax: Any) -> None:
+    """One legend for the figure, right of the axes (never over the data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
 
 
 def _md(text: Any) -> str:
@@ -301,6 +430,9 @@ class _Data:
         try:
             self.runs = store.runs()
             evals = store.evals()
+            self.monitors: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for m in store.monitor_values():
+                self.monitors[m["key"]].append(m)
             self.problems = store.problems()
             self.suites = store.suites()
         finally:
@@ -321,8 +453,12 @@ class _Data:
         hib = {p: bool(i["higher_is_better"]) for p, i in self.problems.items()}
         self.ttt = {c: time_to_target(done, c) for c in CLOCKS}
         self.fq = final_quality(done, hib)
-        self.misses = miss_values(done)
+        self.cmp = {c: compare(done, c) for c in CLOCKS}
         self.lrs = lr_sensitivity(done)
+        self.done = done
+        self.conclusion = statements(self.runs, self.problems)
+        self.worse = {(p, lab) for p, lab, _, _ in tuned_worse_than_defaults(done, self.problems)}
+        self.high_load = high_load(self.runs)
 
 
 def _intro_section(doc: _Doc, d: _Data) -> None:
@@ -331,6 +467,8 @@ def _intro_section(doc: _Doc, d: _Data) -> None:
         status_count[r["status"]] += 1
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(status_count.items()))
     doc.add(_heading(1, "curvlab benchmark report"))
+    _conclusion_section(doc, d)
+    doc.add(_heading(2, "Run"))
     intro = (
         f"Store {d.store_path}; suites: {', '.join(sorted(d.suites)) or '–'}; "
         f"{len(d.runs)} runs ({summary}); optimizers: {', '.join(d.labels)}; problems: "
@@ -350,39 +488,89 @@ def _intro_section(doc: _Doc, d: _Data) -> None:
     doc.add(_para(rules, note=True))
 
 
+def _conclusion_section(doc: _Doc, d: _Data) -> None:
+    doc.add(_heading(2, "Conclusion"))
+    doc.add(*[_para(line) for line in d.conclusion.supports])
+    if d.conclusion.does_not_support:
+        doc.add(_heading(3, "What this run does not support"))
+        doc.add(*[_para(line) for line in d.conclusion.does_not_support])
+
+
+def _ratio(c: Comparison) -> str:
+    mark = {"at_most": "≤ ", "at_least": "≥ "}.get(c.kind, "")
+    return "neither reached" if c.kind == "undefined" else mark + _fmt(c.speedup)
+
+
+def _interval(c: Comparison) -> str:
+    return f"[{_fmt(c.ci_low)}, {'∞' if math.isinf(c.ci_high) else _fmt(c.ci_high)}]"
+
+
 def _overall_section(doc: _Doc, d: _Data) -> None:
     doc.add(_heading(2, "Overall"))
     profiles = {}
     for track in d.tracks:
         for clock in ("steps", "grad_evals"):
-            per_problem: dict[str, dict[str, float]] = defaultdict(dict)
-            for (p, lab, tr), t in d.ttt[clock].items():
-                if tr == track:
-                    per_problem[p][lab] = t
-            if per_problem:
-                profiles[f"{track} track, {_CLOCK_LABEL[clock]}"] = performance_profiles(
-                    per_problem
-                )
+            grid, rho, band = profile_band(d.done, clock, track)
+            if rho:
+                profiles[f"{track} track, {_CLOCK_LABEL[clock]}"] = (grid, rho, band)
     if profiles:
         pf = d.figs / "performance_profiles.png"
         _profile_figure(pf, profiles, d.colors)
         title = (
-            "Performance profiles (ρ(τ): fraction of problems within τ× of the fastest; B = "
-            "normalised area)"
+            "Performance profiles (ρ(τ): fraction of problems within τ× of the fastest median; "
+            "band: 95% pointwise bootstrap range over studies)"
         )
         doc.add(_image(title, pf))
-    ref_track = "tuned" if "tuned" in d.tracks else (d.tracks[0] if d.tracks else "tuned")
-    sp = {c: speedups(d.ttt[c], d.misses, c, "adamw", ref_track) for c in CLOCKS}
-    if any(sp.values()):
-        header = ["optimizer", *[f"speed-up ({_CLOCK_LABEL[c]})" for c in CLOCKS]]
-        rows = [[lab, *[_fmt(sp[c].get(lab)) for c in CLOCKS]] for lab in d.labels]
-        title = (
-            f"Geometric-mean speed-up over {ref_track} AdamW across problems (>1: faster; misses "
-            "at budget + 1)"
+    cmp = d.cmp["grad_evals"]
+    if not cmp:
+        doc.add(
+            _heading(3, "Speed-up over AdamW"),
+            _table(["note"], [["no AdamW runs to compare with in the store: no speed-up table"]]),
         )
-    else:
-        header, rows = ["note"], [["no AdamW runs in the store: no speed-up table"]]
-        title = "Speed-up over tuned AdamW"
+        return
+    unreliable = " (unreliable: high load)" if d.high_load[0] else ""
+    header = ["problem", "optimizer", "track"]
+    for clock in CLOCKS:
+        note = unreliable if clock == "seconds" else ""
+        header += [f"speed-up ({_CLOCK_LABEL[clock]}{note})", "95% CI"]
+    header += ["verdict (gradient-equivalents)", "studies (wins/losses/ties)", "sign test p"]
+    rows = []
+    for key, c in cmp.items():
+        cells = [d.cmp[k][key] for k in CLOCKS]
+        rows.append(
+            [
+                *key,
+                *[x for cc in cells for x in (_ratio(cc), _interval(cc))],
+                c.verdict,
+                f"{c.n} ({c.wins}/{c.losses}/{c.ties})" if c.paired else f"{c.n} vs {c.n_ref}",
+                _fmt(c.sign_p),
+            ]
+        )
+    title = (
+        "Speed-up over AdamW of the same track, per problem (median over studies of AdamW's "
+        "time / the optimizer's; >1: faster; ≤/≥: a bound where a median missed the target; "
+        f"percentile bootstrap over studies, {RESAMPLES} resamples, paired where the studies "
+        "share seeds; exact two-sided sign test on the paired studies)"
+    )
+    doc.add(_heading(3, title), _table(header, rows))
+    geo = {c: geomean_speedups(d.cmp[c]) for c in CLOCKS}
+    header = ["optimizer", "track", *[f"geometric mean ({_CLOCK_LABEL[c]})" for c in CLOCKS]]
+    rows = [
+        [
+            lab,
+            track,
+            *[
+                f"{_fmt(geo[c][(lab, track)].value)} over {geo[c][(lab, track)].used} of "
+                f"{geo[c][(lab, track)].problems}"
+                for c in CLOCKS
+            ],
+        ]
+        for (lab, track) in sorted(geo["grad_evals"])
+    ]
+    title = (
+        "Geometric-mean speed-up over AdamW, only over the problems where both medians reached "
+        "the target (count stated; misses are never imputed)"
+    )
     doc.add(_heading(3, title), _table(header, rows))
 
 
@@ -407,7 +595,7 @@ def _problem_section(doc: _Doc, d: _Data, p: str) -> None:
         "diverged",
         "steps to target",
         "grad-evals to target",
-        "seconds to target",
+        "seconds to target" + (" (unreliable: high load)" if d.high_load[0] else ""),
         f"final {info['final_metric']} (mean ± std)",
     ]
     rows = []
@@ -425,17 +613,27 @@ def _problem_section(doc: _Doc, d: _Data, p: str) -> None:
                     str(len(rs)),
                     str(sum(r["status"] == "diverged" for r in rs)),
                     *[_fmt(d.ttt[c].get(key, math.inf)) for c in CLOCKS],
-                    f"{_fmt(q['mean'])} ± {_fmt(q['std'])}",
+                    f"{_fmt(q['mean'])} ± {_fmt(q['std']) if math.isfinite(q['std']) else '∞'}"
+                    + (
+                        " ⚠ tuned worse than defaults"
+                        if (p, lab) in d.worse and track == "tuned"
+                        else ""
+                    ),
                 ]
             )
     doc.add(_table(header, rows))
     f1 = d.figs / f"{_slug(p)}_curves.png"
     _problem_figure(f1, p, info, prun, d.evals_by_run, d.tracks, d.colors)
     doc.add(_image(f"{p}: {info['target_metric']} against each clock", f1))
+    f3 = d.figs / f"{_slug(p)}_monitors.png"
+    if _monitor_figure(f3, p, prun, d.monitors, d.colors):
+        doc.add(_image(f"{p}: curvature and noise recorded in the runs (off the clock)", f3))
     if d.lrs.get(p):
         f2 = d.figs / f"{_slug(p)}_lr.png"
-        _lr_figure(f2, p, info, d.lrs[p], d.colors)
+        clipped = _lr_figure(f2, p, info, d.lrs[p], d.colors)
         doc.add(_image(f"{p}: learning-rate sensitivity", f2))
+        if clipped:
+            doc.add(_para(f"Clipped to the axis (outside the robust range): {'; '.join(clipped)}."))
 
 
 def _environment_section(doc: _Doc, d: _Data) -> None:

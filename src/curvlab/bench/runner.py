@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvlab.bench.monitoring import MonitorSpec, RunMonitors, check_problem_fit
 from curvlab.bench.optimizers import CostModel, closure_mode_of, make_optimizer, resolve_optimizer
 from curvlab.bench.problems import get_problem
 from curvlab.bench.store import DONE_STATUSES, Store, check_store_path, new_owner
@@ -105,6 +106,7 @@ def execute_run(
     *,
     owner: str | None = None,
     store: Store | None = None,
+    monitors: Sequence[MonitorSpec] = (),
 ) -> dict[str, Any]:
     """Claim ``spec`` and run it to its budget, committing each evaluation and the summary.
 
@@ -113,6 +115,8 @@ def execute_run(
         store_path: the SQLite store (opened here unless ``store`` is given).
         owner: the runner identity the run is claimed for (default: a fresh one).
         store: an already open store (in-process execution).
+        monitors: the suite's monitors; those that apply to the run are checked off the clock
+            (:mod:`curvlab.bench.monitoring`).
 
     Returns:
         The summary written to the ``runs`` row, plus ``status``; ``{"status": "taken"}`` when the
@@ -125,7 +129,7 @@ def execute_run(
         if attempt is None:
             return {"status": "taken"}
         try:
-            status, summary = _train(spec, st, attempt)
+            status, summary = _train(spec, st, attempt, monitors)
         except Exception as exc:  # recorded, the suite goes on
             status = "failed"
             summary = {
@@ -148,13 +152,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _train(spec: RunSpec, st: Store, attempt: int) -> tuple[str, dict[str, Any]]:
+def _train(
+    spec: RunSpec, st: Store, attempt: int, monitors: Sequence[MonitorSpec] = ()
+) -> tuple[str, dict[str, Any]]:
     seed_everything(spec.rng_seed)
     problem = get_problem(spec.problem)
     inst = problem.build(spec.seed)
     target = problem.target
     opt = make_optimizer(spec.optimizer, inst.model.parameters(), spec.hparams, seed=spec.rng_seed)
     cost = CostModel(opt)
+    checks = RunMonitors(monitors, spec, problem, inst, opt, st)
     loss_mode = closure_mode_of(opt) == "loss"
     logits = inst.outputs_are_logits
     loss_and_outputs = inst.loss_and_outputs
@@ -222,6 +229,7 @@ def _train(spec: RunSpec, st: Store, attempt: int) -> tuple[str, dict[str, Any]]
         hvps += dh
         if not math.isfinite(train_loss):
             return "diverged", {**summary(train_loss), "diverged_step": step, "final_metric": None}
+        checks.after_step(step)
         if step % every == 0 or step == budget:
             if not record(train_loss):
                 return "diverged", {
@@ -272,8 +280,10 @@ def _worker_init(runner_pid: int, owner: str) -> None:
 _WORKER_OWNER: str | None = None
 
 
-def _worker_run(spec_dict: dict[str, Any], store_path: str) -> dict[str, Any]:
-    return execute_run(RunSpec(**spec_dict), store_path, owner=_WORKER_OWNER)
+def _worker_run(
+    spec_dict: dict[str, Any], store_path: str, monitors: Sequence[MonitorSpec]
+) -> dict[str, Any]:
+    return execute_run(RunSpec(**spec_dict), store_path, owner=_WORKER_OWNER, monitors=monitors)
 
 
 class _Heartbeat:
@@ -438,6 +448,7 @@ def run_suite(
 
     Raises:
         StoreError, UnknownNameError, DataNotFoundError: before any run starts.
+        MonitorMismatchError: a monitor of the suite cannot run on one of its problems.
         InvalidArgumentError: a negative ``workers``.
     """
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -451,6 +462,7 @@ def run_suite(
     try:
         suite, skipped = _usable_entries(suite, say)
         specs = plan_runs(suite)
+        check_problem_fit(suite.monitors, suite.problems)
         problem_infos = {p: get_problem(p).info() for p in suite.problems}
         for p in suite.problems:
             problem_infos[p].update(suite.problem_overrides.get(p, {}))
@@ -482,10 +494,14 @@ def run_suite(
                 if n_workers == 0:
                     for i, spec in enumerate(todo):
                         prog.update(i, 1)
-                        count(execute_run(spec, path, owner=owner, store=store))
+                        count(
+                            execute_run(
+                                spec, path, owner=owner, store=store, monitors=suite.monitors
+                            )
+                        )
                     prog.update(len(todo), 0)
                 else:
-                    _run_pool(todo, str(path), owner, n_workers, prog, count, say)
+                    _run_pool(todo, str(path), owner, n_workers, prog, count, say, suite.monitors)
         finally:
             prog.close()
             # Runs this runner still holds (Ctrl-C, an error) go back to the queue.
@@ -506,6 +522,7 @@ def _run_pool(
     prog: _Progress,
     count: Callable[[Mapping[str, Any]], None],
     say: Callable[[str], None],
+    monitors: Sequence[MonitorSpec] = (),
 ) -> None:
     ctx = _mp_context()
     pending = list(reversed(todo))
@@ -523,7 +540,7 @@ def _run_pool(
             while (pending or inflight) and not broken:
                 while pending and len(inflight) < n_workers:
                     spec = pending.pop()
-                    inflight[pool.submit(_worker_run, asdict(spec), path)] = spec
+                    inflight[pool.submit(_worker_run, asdict(spec), path, monitors)] = spec
                 prog.update(done, len(inflight))
                 finished, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:

@@ -23,8 +23,10 @@ Schema (version :data:`SCHEMA_VERSION`; a store written by a newer curvlab is re
          final_metric REAL, final_loss REAL,        -- the problem's final metric and train loss
          ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,  -- time to target (NULL: miss)
          diverged_step INTEGER, error TEXT, env TEXT (JSON: torch version, threads, load average),
-         owner TEXT, heartbeat REAL)  -- the runner that claimed the run ('host:pid:uuid'), and
+         owner TEXT, heartbeat REAL,  -- the runner that claimed the run ('host:pid:uuid'), and
                                       -- when it last said it was alive (unix time)
+         load1 REAL)  -- the larger 1-minute load average of the run's start and end (the report
+                      -- marks wall-clock unreliable when it exceeds the core count)
     evals(run_id, attempt, step INTEGER, grad_evals REAL, hvp_evals INTEGER, seconds REAL,
           train_loss REAL, metrics TEXT (JSON), PRIMARY KEY (run_id, attempt, step))
     monitors(key TEXT, step INTEGER, name TEXT, value REAL,  -- training-dynamics monitor values
@@ -41,7 +43,8 @@ its owner is alive, that is its heartbeat is younger than :data:`STALE_AFTER_S` 
 the owner is on this host, its process exists. A runner refreshes the heartbeat of its runs every
 few seconds (:meth:`Store.heartbeat`), and every evaluation record refreshes it too.
 
-Migrations: a schema-1 store (no owner, no heartbeat) is upgraded in place when opened for writing;
+Migrations: an older store (schema 1: no owner, no heartbeat; schema 2: no load1) is upgraded in
+place when opened for writing, by adding the ``runs`` columns it lacks (additive and idempotent);
 opened read-only, it is read as it is.
 """
 
@@ -72,7 +75,7 @@ __all__ = [
     "owner_alive",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DONE_STATUSES = ("finished", "diverged")
 #: A run whose owner has not refreshed its heartbeat for this long is taken over by another runner.
 STALE_AFTER_S = 120.0
@@ -95,7 +98,7 @@ CREATE TABLE IF NOT EXISTS runs (
     final_metric REAL, final_loss REAL,
     ttt_steps INTEGER, ttt_grad_evals REAL, ttt_seconds REAL,
     diverged_step INTEGER, error TEXT, env TEXT,
-    owner TEXT, heartbeat REAL
+    owner TEXT, heartbeat REAL, load1 REAL
 );
 CREATE INDEX IF NOT EXISTS runs_problem ON runs (problem, label, track);
 CREATE TABLE IF NOT EXISTS monitors (
@@ -141,12 +144,12 @@ _RUN_COLUMNS = (
     "env",
     "owner",
     "heartbeat",
+    "load1",
 )
 
-#: Statements that bring a store of schema ``version - 1`` to ``version``.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    2: ("ALTER TABLE runs ADD COLUMN owner TEXT", "ALTER TABLE runs ADD COLUMN heartbeat REAL"),
-}
+#: Columns of ``runs`` added after schema 1, with their types: migrating an older store adds the
+#: ones it lacks (additive and idempotent, so migrations of parallel branches merge as a union).
+_ADDED_RUN_COLUMNS: dict[str, str] = {"owner": "TEXT", "heartbeat": "REAL", "load1": "REAL"}
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -239,7 +242,7 @@ class Store:
         >>> import tempfile, os
         >>> s = Store(os.path.join(tempfile.mkdtemp(), "s.sqlite"))
         >>> s.schema_version()
-        2
+        3
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
@@ -306,9 +309,10 @@ class Store:
             )
         if version < SCHEMA_VERSION and not readonly:
             with self.transaction() as c:
-                for v in range(self._version() + 1, SCHEMA_VERSION + 1):  # re-read: one migrates
-                    for stmt in _MIGRATIONS[v]:
-                        c.execute(stmt)
+                have = {r[1] for r in c.execute("PRAGMA table_info(runs)")}  # re-read: one migrates
+                for col, kind in _ADDED_RUN_COLUMNS.items():
+                    if col not in have:
+                        c.execute(f"ALTER TABLE runs ADD COLUMN {col} {kind}")
                 c.execute(
                     "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
                 )
@@ -413,7 +417,7 @@ class Store:
 
         The run is taken when it is pending or failed, already ``owner``'s, or owned by a runner
         that is gone (:func:`owner_alive`); the older evaluations are deleted in the same
-        transaction.
+        transaction (with the monitor values recorded under the run's id).
 
         Returns:
             The new attempt's number, or ``None`` when the run is done or a live runner holds it.
@@ -437,6 +441,7 @@ class Store:
                 return None
             attempt = int(attempt) + 1
             c.execute("DELETE FROM evals WHERE run_id=?", (run_id,))
+            c.execute("DELETE FROM monitors WHERE key=?", (run_id,))
             c.execute(
                 "UPDATE runs SET status='running', attempt=?, started_at=?, finished_at=NULL, "
                 "steps=NULL, "
@@ -528,10 +533,11 @@ class Store:
     ) -> None:
         """Mark attempt ``attempt`` of ``run_id`` as ``status`` with its summary (one transaction).
 
-        ``env_end`` (load average and time at the end) is merged into the run's ``env`` JSON. A
-        stale attempt (the run was restarted elsewhere) is ignored.
+        ``env_end`` (load average and time at the end) is merged into the run's ``env`` JSON, and
+        ``load1`` set to the larger 1-minute load average of start and end. A stale attempt (the
+        run was restarted elsewhere) is ignored.
         """
-        cols = [k for k in summary if k in _RUN_COLUMNS and k != "env"]
+        cols = [k for k in summary if k in _RUN_COLUMNS and k not in ("env", "load1")]
         sets = "".join(f", {k}=?" for k in cols)
         with self.transaction() as c:
             row = c.execute(
@@ -542,13 +548,15 @@ class Store:
             env = json.loads(row[0]) if row[0] else {}
             for k, v in (env_end or {}).items():
                 env[f"{k}_end"] = v
+            loads = (env.get("loadavg") or [])[:1] + (env.get("loadavg_end") or [])[:1]
             c.execute(
-                f"UPDATE runs SET status=?, finished_at=?, env=?{sets} WHERE run_id=? AND "
+                f"UPDATE runs SET status=?, finished_at=?, env=?, load1=?{sets} WHERE run_id=? AND "
                 f"attempt=?",
                 (
                     status,
                     time.time(),
                     json.dumps(env),
+                    max(loads) if loads else None,
                     *[_nan_to_none(summary[k]) for k in cols],
                     run_id,
                     attempt,

@@ -156,6 +156,7 @@ class Suite:
     studies: int = 2
     tracks: tuple[str, ...] = ("defaults", "tuned")
     problem_overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    monitors: tuple[Any, ...] = ()  # curvlab.bench.monitoring.MonitorSpec
 
     def to_json(self) -> str:
         """A canonical JSON form (stored with the runs)."""
@@ -410,7 +411,9 @@ def parse_suite(data: Any, source: str = "suite", *, allow_import: bool = False)
     """
     try:
         top = _mapping("(top level)", data)
-        _check_keys("(top level)", top, ("name", "seed", "problems", "optimizers", "tracks"))
+        _check_keys(
+            "(top level)", top, ("name", "seed", "problems", "optimizers", "tracks", "monitors")
+        )
         name = top.get("name", Path(source).stem)
         if not isinstance(name, str):
             raise _fail("name", f"expected a string, got {name!r}")
@@ -479,6 +482,7 @@ def parse_suite(data: Any, source: str = "suite", *, allow_import: bool = False)
             studies=_int("tracks.tuned.studies", t.get("studies", 2), 1, MAX_SEEDS),
             tracks=tuple(k for k in ("defaults", "tuned") if k in tracks),
             problem_overrides=overrides,
+            monitors=_monitors(top.get("monitors"), entries, names),
         )
         per_entry = ("defaults" in suite.tracks) * suite.default_seeds + (
             "tuned" in suite.tracks
@@ -497,6 +501,15 @@ def parse_suite(data: Any, source: str = "suite", *, allow_import: bool = False)
         raise type(exc)(f"{source}: {exc}") from None
 
 
+def _monitors(
+    value: Any, entries: Sequence[OptimizerEntry], problems: Sequence[str]
+) -> tuple[Any, ...]:
+    """The suite's ``monitors`` list, validated (:func:`curvlab.bench.monitoring.parse_monitors`)."""
+    from curvlab.bench.monitoring import parse_monitors
+
+    return parse_monitors(value, entries, problems)
+
+
 QUICK: dict[str, Any] = {
     "name": "quick",
     "seed": 0,
@@ -507,6 +520,7 @@ QUICK: dict[str, Any] = {
         "defaults": {"seeds": 3, "budget_factor": 1.5},
         "tuned": {"trials": 3, "studies": 3},
     },
+    "monitors": [{"name": "sharpness", "every": 50}],
 }
 
 STANDARD: dict[str, Any] = {

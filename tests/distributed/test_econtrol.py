@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -126,6 +127,13 @@ def test_top_k_bytes_are_k_values_and_indices():
     init, _, compressed = run_ranks(sim, worker)[0]
     assert init == d * 4  # ring all-reduce of fp32 over 2 ranks sends the tensor once
     assert compressed == 50 * (4 + 4)  # 50 fp32 values and 50 int32 indices
+
+
+def test_hook_annotations_are_the_objects_ddp_checks():
+    """DDP's register_comm_hook rejects a hook whose annotations are strings (postponed)."""
+    sig = inspect.signature(econtrol_hook)
+    assert sig.parameters["bucket"].annotation is dist.GradBucket
+    assert sig.return_annotation == torch.futures.Future[torch.Tensor]
 
 
 @pytest.mark.parametrize(

@@ -25,14 +25,16 @@ before ``start_iter`` (default 2) because DDP rebuilds its gradient buckets afte
 iteration (torch's PowerSGD hook waits for the same reason); the compressor acts on each DDP
 bucket (a flat concatenation of gradients), not on the whole model; ``eta`` has no default in the
 paper (its theory sets it from the compressor's :math:`\delta`; tune it).
-"""
 
-from __future__ import annotations
+(No ``from __future__ import annotations`` here: DDP's ``register_comm_hook`` compares the hook's
+annotations with ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]`` as objects.)
+"""
 
 import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from curvlab.distributed._comm import resolve_comm
@@ -134,7 +136,7 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
-def econtrol_hook(state: EControlState, bucket: Any) -> torch.futures.Future[Tensor]:
+def econtrol_hook(state: EControlState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP communication hook running EControl on each gradient bucket.
 
     Register with ``ddp_model.register_comm_hook(state, econtrol_hook)``; the optimizer then

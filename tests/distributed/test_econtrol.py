@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from curvlab.distributed import EControlState, econtrol_hook
 from curvlab.distributed._comm import SimulatedWorld, run_ranks
 from curvlab.errors import DistributedError, InvalidArgumentError, UnknownOptionError
+from tests.distributed._gloo import needs_gloo, run_two_ranks
 
 
 class _Bucket:
@@ -186,13 +185,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo"
-)
+@needs_gloo
 def test_ddp_on_two_gloo_processes_equals_the_simulated_workers(tmp_path):
-    mp.start_processes(
-        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
-    )
+    run_two_ranks(_ddp_worker, tmp_path)
     runs = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
     for p, q in zip(runs[0]["params"], runs[1]["params"]):
         torch.testing.assert_close(p, q, rtol=0, atol=0)  # the ranks stay in lockstep

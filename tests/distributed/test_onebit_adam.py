@@ -5,18 +5,17 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from curvlab.distributed import OneBitAdam
 from curvlab.distributed._comm import SimulatedWorld, run_ranks
 from curvlab.distributed._compress import onebit_allreduce, onebit_sizes
 from curvlab.errors import DistributedError, ParameterError
+from tests.distributed._gloo import needs_gloo, run_two_ranks
 
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 
@@ -267,13 +266,9 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo"
-)
+@needs_gloo
 def test_two_gloo_processes_equal_the_simulated_workers(tmp_path):
-    mp.start_processes(
-        _gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
-    )
+    run_two_ranks(_gloo_worker, tmp_path)
     sim = _simulated(2, steps=7, freeze=3)[0]
     for rank in (0, 1):
         for p, q in zip(torch.load(tmp_path / f"{rank}.pt"), sim):

@@ -125,8 +125,8 @@ def _hook_runs(rank: int, steps: int) -> dict[str, Any]:
             ),
             powerSGD_hook.powerSGD_hook,
         ),
-        "SGD + EControl top-1% eta=0.5": lambda: (
-            EControlState("topk", ratio=0.01, eta=0.5),
+        "SGD + EControl top-1% (eta = 0.01)": lambda: (
+            EControlState("topk", ratio=0.01),
             econtrol_hook,
         ),
         "SGD + EControl sign eta=0.5": lambda: (EControlState("sign", eta=0.5), econtrol_hook),

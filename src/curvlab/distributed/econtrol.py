@@ -52,9 +52,10 @@ class EControlState:
             every rank) or ``"sign"`` (:math:`\frac{\|x\|_1}{n}\operatorname{sign}(x)`).
         ratio: fraction of coordinates kept by ``"topk"``/``"randk"``, in (0, 1] (unused by
             ``"sign"``, which sends 1 bit per coordinate).
-        eta: feedback strength :math:`\eta \ge 0` (``0`` is EF21). Keep it of the order of the
-            compressor's :math:`\delta` (``ratio`` for top-k/random-k): on the benchmark's MLP,
-            top-1% converged like all-reduce with eta <= 0.01, degraded at 0.1, diverged at 0.5.
+        eta: feedback strength :math:`\eta \ge 0` (``0`` is EF21). Default ``None``: the
+            compressor's :math:`\delta` for top-k/random-k (``ratio``), 0.5 for sign. Keep it of
+            the order of :math:`\delta`: on the benchmark's MLP, top-1% converged like all-reduce
+            with eta <= 0.01, degraded at 0.1 and diverged at 0.5; sign converged at 0.5.
         process_group: the DDP process group (default ``None``: the world), or a simulated rank of
             :class:`curvlab.distributed._comm.SimulatedWorld` (tests).
         start_iter: iterations before which every call re-initialises from a full all-reduce
@@ -68,7 +69,7 @@ class EControlState:
 
     Example::
 
-        state = EControlState(compressor="topk", ratio=0.01, eta=0.1)
+        state = EControlState(compressor="topk", ratio=0.01)  # eta = 0.01
         ddp_model.register_comm_hook(state, econtrol_hook)
     """
 
@@ -76,7 +77,7 @@ class EControlState:
         self,
         compressor: str = "topk",
         ratio: float = 0.01,
-        eta: float = 0.1,
+        eta: float | None = None,
         process_group: Any = None,
         *,
         start_iter: int = 2,
@@ -91,6 +92,8 @@ class EControlState:
                 f"the compression ratio must be in (0, 1] (the fraction of coordinates sent), "
                 f"got {ratio!r}"
             )
+        if eta is None:  # the compressor's delta for top-k/random-k; sign: measured on the benchmark
+            eta = float(ratio) if compressor in ("topk", "randk") else 0.5
         if not _is_number(eta) or not math.isfinite(eta) or eta < 0:
             raise InvalidArgumentError(f"eta must be a finite number >= 0, got {eta!r}")
         if not isinstance(start_iter, int) or isinstance(start_iter, bool) or start_iter < 1:

@@ -145,3 +145,27 @@ class OutputPathError(CurvlabError, ValueError):
 
 class MissingLabelsError(CurvlabError, ValueError):
     """A dict batch (Hugging Face style) has no ``labels`` entry for the loss's targets."""
+
+
+class IndefiniteSystemError(CurvlabError, ValueError):
+    """CG met a direction of non-positive curvature: the system is indefinite or singular."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        direction: object = None,
+        curvature: float = 0.0,
+        num_matvecs: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.direction = direction
+        self.curvature = curvature
+        self.num_matvecs = num_matvecs
+
+
+class NotConvergedError(CurvlabError, RuntimeError):
+    """An iterative solve stopped before reaching its tolerance within its product budget."""
+
+
+__all__ += ["IndefiniteSystemError", "NotConvergedError"]

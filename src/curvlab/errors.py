@@ -20,6 +20,7 @@ __all__ = [
     "DoubleBackwardError",
     "EmptyDataError",
     "ImportNotAllowedError",
+    "IndefiniteSystemError",
     "InvalidArgumentError",
     "LossNotScalarError",
     "MissingLabelsError",
@@ -29,6 +30,7 @@ __all__ = [
     "NonDeterministicError",
     "NonFiniteError",
     "NotAttachedError",
+    "NotConvergedError",
     "NotSymmetricError",
     "OutputPathError",
     "ParameterError",
@@ -165,3 +167,24 @@ class DoubleBackwardError(CurvlabError, RuntimeError):
 
 class MonitorMismatchError(SuiteError):
     """A suite attaches a monitor that does not fit one of its optimizers or problems."""
+
+
+class IndefiniteSystemError(CurvlabError, ValueError):
+    """CG met a direction of non-positive curvature: the system is indefinite or singular."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        direction: object = None,
+        curvature: float = 0.0,
+        num_matvecs: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.direction = direction
+        self.curvature = curvature
+        self.num_matvecs = num_matvecs
+
+
+class NotConvergedError(CurvlabError, RuntimeError):
+    """An iterative solve stopped before reaching its tolerance within its product budget."""

@@ -18,6 +18,7 @@ from curvlab.estimators.param_diagonal import (
 )
 from curvlab.estimators.probes import gaussian, rademacher, rademacher_like, sample_probes
 from curvlab.estimators.results import Eigenpairs, Estimate, LayerSensitivity, SpectralDensity
+from curvlab.estimators.solve import InverseOperator, Solution, solve
 from curvlab.estimators.trace import hutchinson_trace, hutchpp_trace, trace
 
 __all__ = [
@@ -47,4 +48,8 @@ __all__ = [
     "CurvatureEstimator",
     "HutchinsonEstimator",
     "GNBEstimator",
+    # linear solves with an operator
+    "solve",
+    "Solution",
+    "InverseOperator",
 ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
+
+from curvlab.errors import InvalidArgumentError, UnknownOptionError
 
 __all__ = ["Eigenpairs", "Estimate", "LayerSensitivity", "SpectralDensity"]
 
@@ -100,6 +103,77 @@ class LayerSensitivity:
     def sensitivity(self) -> tuple[float, ...]:
         """HAWQ-V2's sensitivity ``tr(H_i) / n_i`` (the mean eigenvalue of block ``i``)."""
         return tuple(t / n for t, n in zip(self.trace, self.num_params))
+
+    def allocate_bits(
+        self,
+        budget: float,
+        choices: Sequence[int] = (2, 4, 8),
+        *,
+        perturbation: Mapping[str, Mapping[int, float]],
+        by: str = "trace",
+    ) -> dict[str, int]:
+        r"""HAWQ-V2's bit allocation: the Pareto-optimal bits per block under a model-size budget.
+
+        Rule: block ``i`` quantised to ``b`` bits costs :math:`\Omega_i(b) = s_i\,\|Q_b(W_i) -
+        W_i\|^2` with the sensitivity :math:`s_i = \operatorname{tr}(H_i)/n_i` (``by="trace"``,
+        HAWQ-V2) or :math:`s_i = \lambda_{\max}(H_i)` (``by="top_eigenvalue"``, HAWQ v1's
+        measure); the model costs :math:`\sum_i \Omega_i(b_i)` and weighs :math:`\sum_i n_i b_i`
+        bits. The Pareto frontier of (size, cost) over all configurations is built block by
+        block (a configuration dominated in both is dropped, which keeps the search exact), and the
+        cheapest configuration with ``Σ n_i b_i <= budget · Σ n_i`` is returned.
+
+        Args:
+            budget: the average bits per parameter allowed (e.g. ``4.0``).
+            choices: the bit widths a block may take.
+            perturbation: block name -> {bits: ``‖Q_b(W) − W‖²``}, e.g. from
+                :func:`curvlab.compress.quantization_perturbation`.
+            by: ``"trace"`` or ``"top_eigenvalue"``.
+
+        Returns:
+            block name -> bits.
+
+        Raises:
+            InvalidArgumentError: a budget below the smallest choice, an empty or non-positive
+                ``choices``, a block missing from ``perturbation``, or NaN top eigenvalues with
+                ``by="top_eigenvalue"``.
+            UnknownOptionError: an unknown ``by``.
+
+        Paper: Dong et al., "HAWQ-V2: Hessian Aware trace-Weighted Quantization of Neural
+        Networks", NeurIPS 2020, arXiv 1911.03852 (Section 3.2).
+        """
+        if by not in ("trace", "top_eigenvalue"):
+            raise UnknownOptionError(f"by must be 'trace' or 'top_eigenvalue', got {by!r}")
+        bits = sorted({int(b) for b in choices})
+        if not bits or bits[0] < 1:
+            raise InvalidArgumentError(f"choices must be positive bit widths, got {choices!r}")
+        if not budget >= bits[0]:
+            raise InvalidArgumentError(
+                f"the bit budget {budget} bits per parameter is below the smallest choice "
+                f"{bits[0]}: no allocation fits; raise the budget or add a smaller choice"
+            )
+        sens = self.sensitivity if by == "trace" else self.top_eigenvalue
+        if any(s != s for s in sens):
+            raise InvalidArgumentError(
+                "top eigenvalues were not computed; call layer_sensitivity(..., "
+                "top_eigenvalue=True) or use by='trace'"
+            )
+        missing = [n for n in self.names if n not in perturbation]
+        if missing:
+            raise InvalidArgumentError(f"perturbation has no entry for blocks {missing}")
+        frontier: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+        for name, n, s in zip(self.names, self.num_params, sens):
+            merged = sorted(
+                (size + n * b, cost + s * float(perturbation[name][b]), (*cfg, b))
+                for size, cost, cfg in frontier
+                for b in bits
+            )
+            frontier = []
+            for entry in merged:  # keep the points no smaller configuration beats in cost
+                if not frontier or entry[1] < frontier[-1][1]:
+                    frontier.append(entry)
+        limit = budget * sum(self.num_params)
+        best = min((e for e in frontier if e[0] <= limit + 1e-9), key=lambda e: e[1])
+        return dict(zip(self.names, best[2]))
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per block, for programs (JSON, pandas)."""

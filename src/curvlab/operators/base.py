@@ -187,6 +187,17 @@ class LinearOperator:
             rmatmat=rmatmat,
         )
 
+    def inverse(self, damping: float = 0.0, **solve_options: Any) -> LinearOperator:
+        """``(A + damping·I)⁻¹`` as an operator whose products are :func:`curvlab.solve` calls.
+
+        ``solve_options``: ``method`` (``"cg"`` default, ``"minres"``, ``"neumann"``), ``tol``
+        (default 1e-10), ``max_matvecs``. A product raises ``NotConvergedError`` when a solve
+        misses ``tol``. (Built in :mod:`curvlab.estimators.solve`, imported on first use.)
+        """
+        from curvlab.estimators.solve import InverseOperator
+
+        return InverseOperator(self, damping, **solve_options)
+
     def __repr__(self) -> str:
         flags = [f for f, on in (("symmetric", self.is_symmetric), ("psd", self.is_psd)) if on]
         return (

@@ -9,6 +9,7 @@ from curvlab.optim.adopt import ADOPT
 from curvlab.optim.dog import DoG, LDoG, PolynomialDecayAverager
 from curvlab.optim.frugal import FRUGAL
 from curvlab.optim.mfac import MFAC
+from curvlab.optim.newton import Newton
 from curvlab.optim.psgd_kron import PSGDKron
 from curvlab.optim.psgd_lra import PSGDLRA
 from curvlab.optim.registry import OPTIMIZERS, available, create
@@ -19,6 +20,7 @@ __all__ = [
     "AdaHessian",
     "FRUGAL",
     "MFAC",
+    "Newton",
     "OPTIMIZERS",
     "DoG",
     "LDoG",

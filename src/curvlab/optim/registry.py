@@ -28,6 +28,7 @@ from curvlab.optim.adopt import ADOPT
 from curvlab.optim.dog import DoG, LDoG
 from curvlab.optim.frugal import FRUGAL
 from curvlab.optim.mfac import MFAC
+from curvlab.optim.newton import Newton
 from curvlab.optim.psgd_kron import PSGDKron
 from curvlab.optim.psgd_lra import PSGDLRA
 from curvlab.optim.sophia import Sophia
@@ -48,6 +49,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adahessian": AdaHessian,
     "psgd_kron": PSGDKron,
     "psgd_lra": PSGDLRA,
+    "newton": Newton,
 }
 
 

@@ -52,7 +52,9 @@ __all__ = [
     "match_param_groups",
     "next_step_number",
     "grads_of",
+    "group_step",
     "load_state_dict_checked",
+    "run_closure",
     "validate_betas",
     "validate_eps",
     "validate_in_range",
@@ -193,6 +195,34 @@ def next_step_number(optimizer: Optimizer) -> int:
         if p.grad is not None and "step" in (st := optimizer.state.get(p, {}))
     ]
     return max(steps, default=0) + 1
+
+
+def group_step(optimizer: Optimizer, group: Mapping[str, Any]) -> int:
+    """Completed steps of a param group, for algorithms with a per-group clock (refresh schedules).
+
+    The largest ``state["step"]`` (completed steps, per parameter) among the group's parameters;
+    0 before any state exists. Reads one number per parameter with state back to the host.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([p], lr=0.1)
+        >>> group_step(opt, opt.param_groups[0])
+        0
+    """
+    steps = [st["step"] for p in group["params"] if "step" in (st := optimizer.state.get(p, {}))]
+    return int(max(float(s) for s in steps)) if steps else 0
+
+
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """Call a first-order (``"backward"``) closure with gradients enabled; ``None`` without one.
+
+    ``step`` runs under ``torch.no_grad()``; the closure must still build a graph and call
+    ``backward``, as torch.optim's closures do.
+    """
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def check_finite_grads(

@@ -119,10 +119,18 @@ def test_foreach_equals_single_tensor_with_mixed_steps_dtypes_and_complex(gen):
     for it in range(4):
         g = torch.Generator().manual_seed(10 + it)
         grads = [torch.randn(s, generator=g, dtype=d) for s, d in zip(shapes, dtypes)]
-        _single_tensor_adopt(ps_a, grads, *states[0], clip_exponent=0.25, maximize=it % 2 == 1, **kw)
+        _single_tensor_adopt(
+            ps_a, grads, *states[0], clip_exponent=0.25, maximize=it % 2 == 1, **kw
+        )
         _multi_tensor_adopt(ps_b, grads, *states[1], clip_exponent=0.25, maximize=it % 2 == 1, **kw)
         _multi_tensor_adopt(  # the CPU path through reusable scratch buffers
-            ps_c, grads, *states[2], clip_exponent=0.25, maximize=it % 2 == 1, scratch=SimpleNamespace(), **kw
+            ps_c,
+            grads,
+            *states[2],
+            clip_exponent=0.25,
+            maximize=it % 2 == 1,
+            scratch=SimpleNamespace(),
+            **kw,
         )
     flat = [[*ps, *m, *v, *t] for ps, (m, v, t) in zip((ps_a, ps_b, ps_c), states)]
     for x, y, z in zip(*flat):

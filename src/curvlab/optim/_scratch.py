@@ -94,6 +94,8 @@ def workspace(optimizer: object, like: Tensor) -> Tensor:
     view = views.get(key)
     if view is not None:
         return view
-    view = _buffer(optimizer, like.device, like.dtype, like.numel())[: like.numel()].view(like.shape)
+    view = _buffer(optimizer, like.device, like.dtype, like.numel())[: like.numel()].view(
+        like.shape
+    )
     views[key] = view
     return view

@@ -56,8 +56,10 @@ __all__ = [
     "load_state_dict_checked",
     "run_closure",
     "validate_betas",
+    "validate_choice",
     "validate_eps",
     "validate_in_range",
+    "validate_int",
     "validate_lr",
     "validate_nonnegative",
     "validate_on_nonfinite",
@@ -385,19 +387,49 @@ def match_param_groups(
 
 
 def validate_in_range(
-    name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+    name: str,
+    value: Any,
+    lo: float,
+    hi: float,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    hint: str = "",
 ) -> None:
     """Check that ``value`` is a real number in ``[lo, hi]`` (``(`` / ``)`` where open).
 
     Raises:
-        ParameterError: "NAME must be a number in [lo, hi), got VALUE".
+        ParameterError: "NAME must be a number in [lo, hi), got VALUE" plus ``hint``.
     """
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ParameterError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
+        raise ParameterError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}{hint}")
+
+
+def validate_int(name: str, value: Any, lo: int, hint: str = "") -> int:
+    """Check that ``value`` is an ``int`` (not a bool) ``>= lo`` and return it.
+
+    Raises:
+        ParameterError: "NAME must be an int >= LO, got VALUE" plus ``hint``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ParameterError(f"{name} must be an int >= {lo}, got {value!r}{hint}")
+    return value
+
+
+def validate_choice(name: str, value: Any, allowed: Sequence[Any], hint: str = "") -> Any:
+    """Check that ``value`` is one of ``allowed`` (compared with ``is`` for ``None``/bools).
+
+    Raises:
+        ParameterError: "NAME must be one of 'a', 'b', got VALUE" plus ``hint``.
+    """
+    if not any(value is a if a is None or isinstance(a, bool) else value == a for a in allowed):
+        choices = ", ".join(map(repr, allowed))
+        raise ParameterError(f"{name} must be one of {choices}, got {value!r}{hint}")
+    return value
 
 
 def check_state_dict(
@@ -407,6 +439,7 @@ def check_state_dict(
     state_keys: Collection[str],
     param_shaped_keys: Collection[str] = (),
     group_keys: Collection[str] | None = None,
+    free_shape_keys: Collection[str] = (),
 ) -> None:
     """Check that ``state_dict`` comes from this kind of optimizer on parameters of these shapes.
 
@@ -422,6 +455,8 @@ def check_state_dict(
         state_keys: the per-parameter state keys this optimizer creates.
         param_shaped_keys: the state keys whose tensors have the shape of their parameter.
         group_keys: hyper-parameter keys every saved group must carry.
+        free_shape_keys: state keys of other shapes (M-FAC windows, PSGD factors), which the
+            optimizer checks itself.
 
     Raises:
         StateDictError: with a message saying what does not match and what to do.
@@ -454,7 +489,7 @@ def check_state_dict(
                     f"parameter has shape {tuple(p.shape)}; the state_dict was saved for a model "
                     "with different parameter shapes (or a different parameter order)"
                 )
-            if key not in shaped and len(shp) != 0:
+            if key not in shaped and key not in free_shape_keys and len(shp) != 0:
                 raise StateDictError(
                     f"state {key!r} of parameter {pi} in param group {gi} should be a scalar "
                     f"tensor but has shape {shp}; the state_dict was saved from another optimizer"
@@ -468,6 +503,8 @@ def load_state_dict_checked(
     state_keys: Collection[str],
     param_shaped_keys: Collection[str] = (),
     keep_dtype_keys: Collection[str] = (),
+    free_shape_keys: Collection[str] = (),
+    check_shapes: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> None:
     """Validate ``state_dict`` (:func:`check_state_dict`), load it, then restore scalar dtypes.
 
@@ -478,14 +515,22 @@ def load_state_dict_checked(
     trip is bit-identical.
 
     Call it from an overriding ``load_state_dict`` (an override survives ``copy.deepcopy`` and
-    pickling, unlike a hook registered on the instance).
+    pickling, unlike a hook registered on the instance). Keys in ``free_shape_keys`` are not
+    shape-checked here: ``check_shapes(state_dict)`` (run after the generic checks, before
+    anything is loaded) checks them.
 
     Raises:
         StateDictError: see :func:`check_state_dict`.
     """
     check_state_dict(
-        optimizer, state_dict, state_keys=state_keys, param_shaped_keys=param_shaped_keys
+        optimizer,
+        state_dict,
+        state_keys=state_keys,
+        param_shaped_keys=param_shaped_keys,
+        free_shape_keys=free_shape_keys,
     )
+    if check_shapes is not None:
+        check_shapes(state_dict)
     Optimizer.load_state_dict(optimizer, dict(state_dict))  # type: ignore[arg-type]
     if not keep_dtype_keys:
         return

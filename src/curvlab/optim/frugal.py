@@ -22,17 +22,29 @@ from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     check_finite_grads,
-    check_state_dict,
-    grads_of,
+    group_step,
+    load_state_dict_checked,
+    next_step_number,
+    run_closure,
     validate_betas,
+    validate_choice,
     validate_eps,
+    validate_in_range,
+    validate_int,
     validate_lr,
     validate_nonnegative,
     validate_on_nonfinite,
     validate_weight_decay,
 )
 
-__all__ = ["BLOCK_ORDERS", "FRUGAL", "INACTIVE_UPDATE_RULES", "PROJECTIONS", "block_selection"]
+__all__ = [
+    "BLOCK_ORDERS",
+    "FRUGAL",
+    "INACTIVE_UPDATE_RULES",
+    "PROJECTIONS",
+    "block_selection",
+    "frugal",
+]
 
 #: ``"blocks"``: whole tensors (BAdam-like; the paper's main pre-training runs, ``--optimizer
 #: frugal``); ``"columns"`` / ``"rows"``: a random ``density`` fraction of the columns / rows of
@@ -43,7 +55,8 @@ BLOCK_ORDERS: tuple[str, ...] = ("random", "ascending", "descending", "mirror")
 #: Update of the state-free part (official ``inactive_update_rule``).
 INACTIVE_UPDATE_RULES: tuple[str, ...] = ("sign_sgd", "sgd", "no")
 
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "group_step")
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 #: (target tensor, gradient, exp_avg, exp_avg_sq, step size, sqrt of bias correction 2)
 _AdamEntry = tuple[Tensor, Tensor, Tensor, Tensor, float, float]
 _MIX = 0x9E3779B97F4A7C15
@@ -63,6 +76,11 @@ def _matrix_shape(p: Tensor) -> tuple[int, int]:
     if p.dim() == 1:
         return 1, p.shape[0]
     return p.shape[0], p.numel() // p.shape[0]
+
+
+def _gather(t: Tensor, idx: Tensor, axis: int) -> Tensor:
+    """The chosen columns (``axis=1``) or rows (``axis=0``) of ``t``'s matrix view."""
+    return t.reshape(_matrix_shape(t)).index_select(axis, idx)
 
 
 def _num_active_blocks(n: int, density: float) -> int:
@@ -138,7 +156,7 @@ class FRUGAL(Optimizer):
     seeded from them), so the state holds only moments and integer counters and a resumed run is
     bit-identical. Deviations from the official code: that seeding (official: the global
     generator); the refresh clock is one per group (official: the first parameter's own step
-    counter); the chosen columns/rows are sorted; moments are created lazily, only for parameters
+    counter; here the largest step count of the group's parameters); the chosen columns/rows are sorted; moments are created lazily, only for parameters
     that receive a gradient.
 
     Args:
@@ -160,12 +178,20 @@ class FRUGAL(Optimizer):
         reset_statistics: reset moments at refresh for column/row projections (default ``True``).
         split: default of the per-group ``split`` (default ``None``).
         seed: seed of the subspace choices (default ``0``).
-        foreach: use the ``torch._foreach_*`` path (default ``None``: on non-CPU devices, as
-            torch.optim; the CPU loop reuses one scratch buffer); bitwise equal to the loop.
+        foreach: use the ``torch._foreach_*`` path (default ``None``: on CPU, tensors of at least
+            2**18 entries take the loop through one reusable scratch buffer, the others the
+            foreach kernels); bitwise equal to the loop.
         on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"``, see ``curvlab.optim._validation``.
+
+    State (per parameter with a gradient): ``"step"`` (float32 scalar, completed steps); for the
+    state-full part ``"exp_avg"`` and ``"exp_avg_sq"`` (the parameter's shape, or its chosen
+    columns/rows). The group's refresh clock is the largest ``"step"`` of its parameters; Adam's
+    bias correction restarts with the moments: it counts ``min(step, steps since the refresh) + 1``.
 
     Raises:
         ParameterError: an invalid hyper-parameter (the message names it and the valid values).
+        NonFiniteError: a NaN/inf gradient under ``on_nonfinite="raise"``; nothing is changed.
+        StateDictError: ``load_state_dict`` with another optimizer's state or other shapes.
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -220,18 +246,22 @@ class FRUGAL(Optimizer):
             "foreach": foreach,
             "on_nonfinite": on_nonfinite,
         }
-        _validate(defaults)
+        _validate_group(defaults)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _validate(group)
-            if group["projection"] == "blocks" and group["block_order"] == "mirror":
-                n = len(self._split_params(group))
-                if _num_active_blocks(n, group["density"]) % 2:
-                    raise ParameterError(
-                        f"block_order='mirror' activates tensors in pairs, but round({n} * "
-                        f"{group['density']}) is odd; choose a density giving an even count or "
-                        "another block_order"
-                    )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its hyper-parameters are validated like the constructor's."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        if group["projection"] == "blocks" and group["block_order"] == "mirror":
+            n = len(self._split_params(group))
+            if _num_active_blocks(n, group["density"]) % 2:
+                raise ParameterError(
+                    f"block_order='mirror' activates tensors in pairs, but round({n} * "
+                    f"{group['density']}) is odd; choose a density giving an even count or "
+                    "another block_order"
+                )
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -241,13 +271,6 @@ class FRUGAL(Optimizer):
 
     def _split_params(self, group: Mapping[str, Any]) -> list[Tensor]:
         return [p for p in group["params"] if self._is_split(group, p)]
-
-    def _anchor(self, group: Mapping[str, Any]) -> Tensor | None:
-        for p in group["params"]:
-            st = self.state.get(p)
-            if st is not None and "group_step" in st:
-                return p
-        return None
 
     def _selection(
         self, gi: int, group: Mapping[str, Any], refresh: int
@@ -283,202 +306,318 @@ class FRUGAL(Optimizer):
         cache[gi] = (key, sel)
         return sel
 
+    def _init_group(
+        self,
+        gi: int,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor | None],
+        exp_avg_sqs: list[Tensor | None],
+        state_steps: list[Tensor],
+        indices: list[Tensor | None],
+        splits: list[bool],
+    ) -> int:
+        """Create, reset (at a refresh) and list the state; return the steps since the refresh.
+
+        For every parameter with a gradient: its ``exp_avg``/``exp_avg_sq`` (``None`` for a
+        state-free split tensor) and the chosen column/row ``indices`` (``None``: whole tensor).
+        """
+        t = group_step(self, group)
+        gap = int(group["update_gap"])
+        if t % gap == 0 and _resets(group):
+            for p in self._split_params(group):
+                st = self.state.get(p)
+                if st:
+                    st.pop("exp_avg", None)
+                    st.pop("exp_avg_sq", None)
+        sel = self._selection(gi, group, t // gap)
+        axis = 1 if group["projection"] == "columns" else 0
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            is_split = self._is_split(group, p)
+            idx = sel.get(id(p)) if is_split else None
+            if is_split and id(p) not in sel:
+                m = v = None
+            else:
+                if "exp_avg" not in st:
+                    like = p if idx is None else _gather(p, idx, axis)
+                    st["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(m)
+            exp_avg_sqs.append(v)
+            state_steps.append(st["step"])
+            indices.append(idx)
+            splits.append(is_split)
+        return t % gap
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state_dict saved by :class:`FRUGAL` on parameters of the same shapes.
 
         Raises:
             StateDictError: the state_dict comes from another optimizer or another model.
         """
-        if (
-            isinstance(state_dict, Mapping)
-            and "state" in state_dict
-            and "param_groups" in state_dict
-        ):
-            for pid, st in state_dict["state"].items():
-                extra = sorted(set(st) - set(_STATE_KEYS))
-                if extra:
-                    raise StateDictError(
-                        f"state of parameter id {pid!r} has keys {extra} that FRUGAL does not use "
-                        f"(it uses {sorted(_STATE_KEYS)}): the state_dict was saved from another "
-                        "optimizer; load it into that optimizer instead"
-                    )
-            plain = {
-                "param_groups": state_dict["param_groups"],
-                "state": {
-                    pid: {k: v for k, v in st.items() if k not in ("exp_avg", "exp_avg_sq")}
-                    for pid, st in state_dict["state"].items()
-                },
-            }
-            check_state_dict(self, plain, state_keys=_STATE_KEYS)
-            for sg, g in zip(state_dict["param_groups"], self.param_groups):
-                for pid, p in zip(sg["params"], g["params"]):
-                    st = state_dict["state"].get(pid, {})
-                    allowed = {tuple(p.shape)}
-                    if self._is_split(sg, p) and sg["projection"] != "blocks":
-                        r, c = _matrix_shape(p)
-                        if sg["projection"] == "columns":
-                            allowed.add((r, int(c * sg["density"])))
-                        else:
-                            allowed.add((int(r * sg["density"]), c))
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        v = st.get(key)
-                        if isinstance(v, Tensor) and tuple(v.shape) not in allowed:
-                            raise StateDictError(
-                                f"state {key!r} of a parameter of shape {tuple(p.shape)} has shape "
-                                f"{tuple(v.shape)}; the state_dict was saved for a model with "
-                                "different parameter shapes (or another projection/density)"
-                            )
-        else:
-            check_state_dict(self, state_dict, state_keys=_STATE_KEYS)
-        super().load_state_dict(dict(state_dict))  # type: ignore[arg-type]
+        load_state_dict_checked(
+            self,
+            state_dict,
+            state_keys=_STATE_KEYS,
+            free_shape_keys=_MOMENT_KEYS,
+            check_shapes=self._check_moment_shapes,
+        )
+
+    def _check_moment_shapes(self, state_dict: Mapping[str, Any]) -> None:
+        """The moments have the parameter's shape, or that of its chosen columns/rows."""
+        for sg, g in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(sg["params"], g["params"]):
+                st = state_dict["state"].get(pid, {})
+                allowed = {tuple(p.shape)}
+                if self._is_split(sg, p) and sg["projection"] != "blocks":
+                    r, c = _matrix_shape(p)
+                    if sg["projection"] == "columns":
+                        allowed.add((r, int(c * sg["density"])))
+                    else:
+                        allowed.add((int(r * sg["density"]), c))
+                for key in _MOMENT_KEYS:
+                    v = st.get(key)
+                    if isinstance(v, Tensor) and tuple(v.shape) not in allowed:
+                        raise StateDictError(
+                            f"state {key!r} of a parameter of shape {tuple(p.shape)} has shape "
+                            f"{tuple(v.shape)}; the state_dict was saved for a model with "
+                            "different parameter shapes (or another projection/density)"
+                        )
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One FRUGAL step; ``closure`` (optional) zeroes grads, calls backward, returns loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads_of(self.param_groups)  # raises on sparse gradients
-        step_no = 1
-        for group in self.param_groups:
-            anchor = self._anchor(group)
-            if anchor is not None:
-                step_no = int(self.state[anchor]["group_step"]) + 1
-                break
-        if not check_finite_grads(self.param_groups, step=step_no):
+        loss = run_closure(closure)
+        if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
             return loss
         for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group)
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor | None] = []
+            exp_avg_sqs: list[Tensor | None] = []
+            state_steps: list[Tensor] = []
+            indices: list[Tensor | None] = []
+            splits: list[bool] = []
+            since = self._init_group(
+                gi, group, params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits
+            )
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            frugal(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                indices,
+                foreach=group["foreach"],
+                splits=splits,
+                steps_since_refresh=since,
+                reset_moments=_resets(group),
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                proj_params_lr_scale=float(group["proj_params_lr_scale"]),
+                inactive_lr_scale=float(group["inactive_lr_scale"]),
+                inactive_update_rule=group["inactive_update_rule"],
+                axis=1 if group["projection"] == "columns" else 0,
+                scratch=self,
+            )
         return loss
 
-    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
-        params = group["params"]
-        if not any(p.grad is not None for p in params):
-            return
-        anchor = self._anchor(group)
-        if anchor is None:
-            anchor = next(p for p in params if p.grad is not None)
-            self.state[anchor]["group_step"] = 0
-        t = int(self.state[anchor]["group_step"])
-        gap = int(group["update_gap"])
-        refresh = t // gap
-        reset = group["projection"] == "blocks" or bool(group["reset_statistics"])
-        if t % gap == 0 and reset:
-            for p in self._split_params(group):
-                st = self.state.get(p)
-                if st:
-                    st.pop("exp_avg", None)
-                    st.pop("exp_avg_sq", None)
-                    st["step"] = 0
-        sel = self._selection(gi, group, refresh)
 
-        lr = float(group["lr"])
-        beta1, beta2 = group["betas"]
-        eps = float(group["eps"])
-        wd = float(group["weight_decay"])
-        lr_split = lr * float(group["proj_params_lr_scale"])
-        lr_free = lr_split * float(group["inactive_lr_scale"])
-        rule = group["inactive_update_rule"]
-        axis = 1 if group["projection"] == "columns" else 0
+def frugal(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    state_steps: list[Tensor],
+    indices: list[Tensor | None],
+    *,
+    foreach: bool | None = None,
+    splits: list[bool],
+    steps_since_refresh: int,
+    reset_moments: bool,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    proj_params_lr_scale: float,
+    inactive_lr_scale: float,
+    inactive_update_rule: str,
+    axis: int,
+    scratch: object | None = None,
+) -> None:
+    """Functional API that performs the FRUGAL computation; see :class:`FRUGAL`.
 
-        with_grad: list[Tensor] = []
-        adam: list[_AdamEntry] = []
-        # (param, grad, indices, exp_avg, exp_avg_sq, step size, bc2) of column/row projections
-        coord: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float, float]] = []
-        free: list[tuple[Tensor, Tensor]] = []
-        for p in params:
-            if p.grad is None:
-                continue
-            g = p.grad
-            st = self.state[p]
-            st["step"] = int(st.get("step", 0)) + 1
-            with_grad.append(p)
-            is_split = self._is_split(group, p)
-            if is_split and id(p) not in sel:
-                free.append((p, g))
-                continue
-            idx = sel.get(id(p)) if is_split else None
-            gd = g if idx is None else g.reshape(_matrix_shape(p)).index_select(axis, idx)
-            if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(gd, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(gd, memory_format=torch.preserve_format)
-            n = st["step"]
-            step_size = (lr_split if is_split else lr) / (1.0 - beta1**n)
-            bc2_sqrt = math.sqrt(1.0 - beta2**n)
-            if idx is None:
-                adam.append((p, gd, st["exp_avg"], st["exp_avg_sq"], step_size, bc2_sqrt))
-            else:
-                coord.append((p, gd, idx, st["exp_avg"], st["exp_avg_sq"], step_size, bc2_sqrt))
-        self.state[anchor]["group_step"] = t + 1
+    Per parameter: ``exp_avgs[i]``/``exp_avg_sqs[i]`` are ``None`` for a state-free split tensor;
+    ``indices[i]`` are the chosen columns (``axis=1``) or rows (``axis=0``) of a split tensor, or
+    ``None`` for the whole tensor; ``splits[i]`` says whether it is split. Adam's step count is
+    ``min(step, steps_since_refresh) + 1`` for split tensors whose moments restart at refreshes
+    (``reset_moments``), else ``step + 1``. ``foreach=False`` selects
+    :func:`_single_tensor_frugal`, else :func:`_multi_tensor_frugal` (``None``: large CPU tensors
+    take the loop with a reusable buffer from ``scratch``, the owner of :mod:`._scratch` buffers).
+    """
+    func = _single_tensor_frugal if foreach is False else _multi_tensor_frugal
+    func(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        indices,
+        loop_large_cpu_tensors=foreach is None,
+        splits=splits,
+        steps_since_refresh=steps_since_refresh,
+        reset_moments=reset_moments,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        proj_params_lr_scale=proj_params_lr_scale,
+        inactive_lr_scale=inactive_lr_scale,
+        inactive_update_rule=inactive_update_rule,
+        axis=axis,
+        scratch=scratch,
+    )
 
-        foreach = group["foreach"]
-        if foreach is None:
-            # torch.optim's rule (foreach on accelerators) refined for CPU: tensors below
-            # _SCRATCH_NUMEL go through the foreach kernels (few dispatches); larger ones through
-            # the loop with a reused scratch buffer (a fresh multi-MB temporary per tensor and
-            # step costs page faults). Both paths run the same operations: bitwise equal.
-            on_cpu = any(p.device.type == "cpu" for p in with_grad)
-            big = (lambda t: t.numel() >= _SCRATCH_NUMEL) if on_cpu else (lambda t: False)
+
+def _single_tensor_frugal(*args: Any, **kwargs: Any) -> None:
+    """The FRUGAL rule one tensor at a time (the reference): every tensor takes the loop."""
+    kwargs.pop("loop_large_cpu_tensors", None)
+    _frugal_update(*args, **kwargs, big=lambda t: True)
+
+
+def _multi_tensor_frugal(*args: Any, loop_large_cpu_tensors: bool, **kwargs: Any) -> None:
+    """The FRUGAL rule with ``torch._foreach_*`` kernels; bitwise equal to the loop.
+
+    With ``loop_large_cpu_tensors`` (``foreach=None``), CPU tensors of at least ``2**18`` entries
+    take the loop through the scratch buffer instead (a fresh multi-MB temporary per tensor and
+    step costs page faults); both run the same operations.
+    """
+    params: list[Tensor] = args[0]
+    on_cpu = any(p.device.type == "cpu" for p in params)
+    if loop_large_cpu_tensors and on_cpu:
+        _frugal_update(*args, **kwargs, big=lambda t: t.numel() >= _SCRATCH_NUMEL)
+    else:
+        _frugal_update(*args, **kwargs, big=lambda t: False)
+
+
+def _frugal_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    state_steps: list[Tensor],
+    indices: list[Tensor | None],
+    *,
+    splits: list[bool],
+    steps_since_refresh: int,
+    reset_moments: bool,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    proj_params_lr_scale: float,
+    inactive_lr_scale: float,
+    inactive_update_rule: str,
+    axis: int,
+    scratch: object | None,
+    big: Callable[[Tensor], bool],
+) -> None:
+    """The FRUGAL update; tensors with ``big(t)`` take the per-tensor loop, the others foreach."""
+    lr_split = lr * proj_params_lr_scale
+    lr_free = lr_split * inactive_lr_scale
+    adam: list[_AdamEntry] = []
+    # (param, grad, indices, exp_avg, exp_avg_sq, step size, bc2) of column/row projections
+    coord: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float, float]] = []
+    free: list[tuple[Tensor, Tensor]] = []
+    for p, g, m, v, step_t, idx, is_split in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits
+    ):
+        if m is None or v is None:
+            free.append((p, g))
+            continue
+        step = int(step_t)
+        n = (min(step, steps_since_refresh) if is_split and reset_moments else step) + 1
+        step_size = (lr_split if is_split else lr) / (1.0 - beta1**n)
+        bc2_sqrt = math.sqrt(1.0 - beta2**n)
+        if idx is None:
+            adam.append((p, g, m, v, step_size, bc2_sqrt))
         else:
-            big = (lambda t: False) if foreach else (lambda t: True)
-        scratch = functools.partial(workspace, self)
-        if wd != 0.0:
-            if foreach is not False:
-                torch._foreach_mul_(with_grad, 1.0 - lr * wd)
-            else:
-                for p in with_grad:
-                    p.mul_(1.0 - lr * wd)
-        # whole tensors (non-split and state-full blocks): AdamW in place.
-        _adam_update([e for e in adam if not big(e[0])], beta1, beta2, eps, True)
-        _adam_update([e for e in adam if big(e[0])], beta1, beta2, eps, False, scratch)
-        # column/row projections: θ_S is gathered (after weight decay) and updated by Adam; the
-        # state-free rule is applied to the whole tensor, then θ_S is written back, so the chosen
-        # part gets exactly θ_S + Adam update (its residual g − P(Pᵀg) is 0) and the rest the rule.
-        views, gathered, entries = [], [], []
-        for p, gd, idx, m, v, step_size, bc2_sqrt in coord:
-            shape = _matrix_shape(p)
-            pm = p.view(shape) if p.is_contiguous() else p.reshape(shape).clone()
-            pd = pm.index_select(axis, idx)
-            views.append(pm)
-            gathered.append(pd)
-            entries.append((pd, gd, m, v, step_size, bc2_sqrt))
-        _adam_update([e for e in entries if not big(e[1])], beta1, beta2, eps, True)
-        _adam_update([e for e in entries if big(e[1])], beta1, beta2, eps, False, scratch)
-        for (p, _gd, idx, *_), pm, pd in zip(coord, views, gathered):
-            if rule != "no":
-                assert p.grad is not None
-                gm = p.grad.reshape(pm.shape)
-                d = scratch(gm)
-                if rule == "sign_sgd":
-                    torch.sign(gm, out=d)
-                else:
-                    d.copy_(gm)
-                pm.add_(d, alpha=-lr_free)
-            pm.index_copy_(axis, idx, pd)
-            if not p.is_contiguous():
-                p.copy_(pm.view_as(p))
-        # whole state-free tensors: signSGD (or SGD).
-        if rule == "no" or not free:
-            return
-        if rule == "sgd":
-            ps, gs = [p for p, _ in free], [g for _, g in free]
-            if foreach is not False:
-                torch._foreach_add_(ps, gs, alpha=-lr_free)
-            else:
-                for p, g in free:
-                    p.add_(g, alpha=-lr_free)
-            return
-        small = [(p, g) for p, g in free if not big(g)]
+            gd = _gather(g, idx, axis)
+            coord.append((p, gd, idx, m, v, step_size, bc2_sqrt))
+    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+    ws = functools.partial(workspace, scratch) if scratch is not None else torch.empty_like
+    if weight_decay != 0.0:
+        small = [p for p in params if not big(p)]
         if small:
-            signs = torch._foreach_sign([g for _, g in small])
-            torch._foreach_add_([p for p, _ in small], signs, alpha=-lr_free)
-        for p, g in free:
-            if big(g):
-                d = scratch(g)
+            torch._foreach_mul_(small, 1.0 - lr * weight_decay)
+        for p in params:
+            if big(p):
+                p.mul_(1.0 - lr * weight_decay)
+    # whole tensors (non-split and state-full blocks): AdamW in place.
+    _adam_update([e for e in adam if not big(e[0])], beta1, beta2, eps, True)
+    _adam_update([e for e in adam if big(e[0])], beta1, beta2, eps, False, ws)
+    # column/row projections: θ_S is gathered (after weight decay) and updated by Adam; the
+    # state-free rule is applied to the whole tensor, then θ_S is written back, so the chosen
+    # part gets exactly θ_S + Adam update (its residual g − P(Pᵀg) is 0) and the rest the rule.
+    views, gathered, entries = [], [], []
+    for p, gd, idx, m, v, step_size, bc2_sqrt in coord:
+        shape = _matrix_shape(p)
+        pm = p.view(shape) if p.is_contiguous() else p.reshape(shape).clone()
+        pd = pm.index_select(axis, idx)
+        views.append(pm)
+        gathered.append(pd)
+        entries.append((pd, gd, m, v, step_size, bc2_sqrt))
+    _adam_update([e for e in entries if not big(e[1])], beta1, beta2, eps, True)
+    _adam_update([e for e in entries if big(e[1])], beta1, beta2, eps, False, ws)
+    for (p, _gd, idx, *_), pm, pd in zip(coord, views, gathered):
+        if inactive_update_rule != "no":
+            assert p.grad is not None
+            gm = p.grad.reshape(pm.shape)
+            d = ws(gm)
+            if inactive_update_rule == "sign_sgd":
+                torch.sign(gm, out=d)
+            else:
+                d.copy_(gm)
+            pm.add_(d, alpha=-lr_free)
+        pm.index_copy_(axis, idx, pd)
+        if not p.is_contiguous():
+            p.copy_(pm.view_as(p))
+    # whole state-free tensors: signSGD (or SGD).
+    if inactive_update_rule == "no" or not free:
+        return
+    small_free = [(p, g) for p, g in free if not big(g)]
+    if small_free:
+        ps, gs = [p for p, _ in small_free], [g for _, g in small_free]
+        if inactive_update_rule == "sign_sgd":
+            gs = list(torch._foreach_sign(gs))
+        torch._foreach_add_(ps, gs, alpha=-lr_free)
+    for p, g in free:
+        if big(g):
+            d = ws(g)
+            if inactive_update_rule == "sign_sgd":
                 torch.sign(g, out=d)
-                p.add_(d, alpha=-lr_free)
+            else:
+                d.copy_(g)
+            p.add_(d, alpha=-lr_free)
 
 
 def _adam_update(
@@ -519,45 +658,35 @@ def _adam_update(
     torch._foreach_addcdiv_(targets, ms, denoms, [-e[4] for e in entries])
 
 
-def _validate(group: Mapping[str, Any]) -> None:
+def _resets(group: Mapping[str, Any]) -> bool:
+    """Whether the moments of split tensors restart at each refresh (always for blocks)."""
+    return group["projection"] == "blocks" or bool(group["reset_statistics"])
+
+
+def _validate_group(group: Mapping[str, Any]) -> None:
     validate_lr(group["lr"])
     validate_betas(group["betas"])
     validate_eps(group["eps"])
     validate_weight_decay(group["weight_decay"])
     validate_on_nonfinite(group["on_nonfinite"])
-    rho = group["density"]
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
-        raise ParameterError(
-            f"density must be a number in [0, 1] (the state-full fraction ρ), got {rho!r}; "
-            "the paper uses 0.25"
-        )
-    gap = group["update_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ParameterError(
-            f"update_gap must be an int >= 1 (steps between subspace refreshes), got {gap!r}; "
-            "the paper uses 200"
-        )
-    for key, allowed in (
-        ("projection", PROJECTIONS),
-        ("block_order", BLOCK_ORDERS),
-        ("inactive_update_rule", INACTIVE_UPDATE_RULES),
-    ):
-        if group[key] not in allowed:
-            raise ParameterError(
-                f"{key} must be one of {', '.join(map(repr, allowed))}, got {group[key]!r}"
-            )
+    validate_in_range(
+        "density",
+        group["density"],
+        0,
+        1,
+        hint="; it is the state-full fraction, the paper uses 0.25",
+    )
+    validate_int(
+        "update_gap", group["update_gap"], 1, " (steps between refreshes); the paper uses 200"
+    )
+    validate_choice("projection", group["projection"], PROJECTIONS)
+    validate_choice("block_order", group["block_order"], BLOCK_ORDERS)
+    validate_choice("inactive_update_rule", group["inactive_update_rule"], INACTIVE_UPDATE_RULES)
     validate_nonnegative("inactive_lr_scale", group["inactive_lr_scale"])
     validate_nonnegative("proj_params_lr_scale", group["proj_params_lr_scale"])
-    if group["split"] not in (None, True, False):
-        raise ParameterError(
-            f"split must be None (tensors with dim >= 2), True or False, got {group['split']!r}"
-        )
-    seed = group["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ParameterError(f"seed must be an int >= 0, got {seed!r}")
-    if not isinstance(group["reset_statistics"], bool):
-        raise ParameterError(
-            f"reset_statistics must be True or False, got {group['reset_statistics']!r}"
-        )
-    if group["foreach"] not in (None, True, False):
-        raise ParameterError(f"foreach must be None, True or False, got {group['foreach']!r}")
+    validate_choice(
+        "split", group["split"], (None, True, False), "; None splits the tensors with dim >= 2"
+    )
+    validate_int("seed", group["seed"], 0)
+    validate_choice("reset_statistics", group["reset_statistics"], (True, False))
+    validate_choice("foreach", group["foreach"], (None, True, False))

@@ -115,7 +115,7 @@ def test_foreach_equals_single_tensor_with_mixed_steps_dtypes_and_complex(gen):
         vs = [torch.zeros_like(p) for p in ps]
         ts = [torch.tensor(float(k % 2)) for k in range(len(ps))]  # steps 0 and 1 mixed
         states.append((ms, vs, ts))
-    kw = dict(lr=0.03, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, decouple=False)
+    kw = dict(lr=0.03, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, decouple=False)
     for it in range(4):
         g = torch.Generator().manual_seed(10 + it)
         grads = [torch.randn(s, generator=g, dtype=d) for s, d in zip(shapes, dtypes)]
@@ -164,9 +164,7 @@ def test_foreach_equals_single_tensor_on_large_cpu_tensors():
     st_b = [[torch.zeros_like(p) for p in ps_b] for _ in range(2)] + [
         [torch.tensor(0.0) for _ in ps_b]
     ]
-    kw = dict(
-        lr=0.1, beta1=0.5, beta2=0.5, eps=1e-6, weight_decay=0.0, decouple=False, maximize=False
-    )
+    kw = dict(lr=0.1, betas=(0.5, 0.5), eps=1e-6, weight_decay=0.0, decouple=False, maximize=False)
     for _ in range(4):
         grads = [torch.randn(s, generator=g, dtype=torch.float64) * 10 for s in shapes]
         _single_tensor_adopt(ps_a, grads, *st_a, clip_exponent=0.25, **kw)
@@ -180,7 +178,7 @@ def test_functional_entry_point_dispatches_to_the_reference_or_the_fast_path(for
     g = torch.Generator().manual_seed(3)
     ps = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(2)]
     ref = [p.clone() for p in ps]
-    kw = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0, decouple=False)
+    kw = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.0, decouple=False)
     kw |= dict(clip_exponent=0.25, maximize=False)
     st = [[torch.zeros_like(p) for p in ps] for _ in range(2)] + [[torch.tensor(0.0) for _ in ps]]
     st_ref = [[t.clone() for t in lst] for lst in st]

@@ -52,6 +52,7 @@ __all__ = [
     "match_param_groups",
     "next_step_number",
     "grads_of",
+    "group_options",
     "group_step",
     "load_state_dict_checked",
     "run_closure",
@@ -213,6 +214,22 @@ def group_step(optimizer: Optimizer, group: Mapping[str, Any]) -> int:
     """
     steps = [st["step"] for p in group["params"] if "step" in (st := optimizer.state.get(p, {}))]
     return int(max(float(s) for s in steps)) if steps else 0
+
+
+def group_options(group: Mapping[str, Any], spec: Any) -> Any:
+    """The entries of a param group named by the keys of the TypedDict ``spec``.
+
+    The functional entry points take the hyper-parameters of one step as ``**hyper`` typed by a
+    TypedDict whose keys are the param-group keys; this picks them out of a group.
+
+    Example:
+        >>> from typing import TypedDict
+        >>> class Hyper(TypedDict):
+        ...     lr: float
+        >>> group_options({"lr": 0.1, "params": []}, Hyper)
+        {'lr': 0.1}
+    """
+    return {k: group[k] for k in spec.__required_keys__}
 
 
 def run_closure(closure: Callable[[], Any] | None) -> Any:

@@ -50,7 +50,7 @@ arXiv 2411.02853.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
@@ -59,6 +59,7 @@ from torch.optim import Optimizer
 from curvlab.optim._scratch import chunks, workspace_views
 from curvlab.optim._validation import (
     check_finite_grads,
+    group_options,
     load_state_dict_checked,
     next_step_number,
     run_closure,
@@ -70,10 +71,25 @@ from curvlab.optim._validation import (
     validate_weight_decay,
 )
 
-__all__ = ["ADOPT", "adopt"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["ADOPT", "ADOPTHyper", "adopt"]
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 _SHAPED_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class ADOPTHyper(TypedDict):
+    """The hyper-parameters of one ADOPT step, as in the param groups (see :class:`ADOPT`)."""
+
+    lr: float | Tensor
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    decouple: bool
+    clip_exponent: float | None
+    maximize: bool
 
 
 class ADOPT(Optimizer):
@@ -196,35 +212,13 @@ class ADOPT(Optimizer):
             The closure's loss, or ``None``.
         """
         loss = run_closure(closure)
-        if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
-            return loss
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            adopt(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                state_steps,
-                foreach=group["foreach"],
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decouple=group["decouple"],
-                clip_exponent=group["clip_exponent"],
-                maximize=group["maximize"],
-                scratch=self,
-            )
+        if check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
+            for group in self.param_groups:
+                lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
+                self._init_group(group, *lists)
+                if lists[0]:
+                    hyper: ADOPTHyper = group_options(group, ADOPTHyper)
+                    adopt(*lists, foreach=group["foreach"], scratch=self, **hyper)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -242,15 +236,8 @@ def adopt(
     state_steps: list[Tensor],
     *,
     foreach: bool | None = None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decouple: bool,
-    clip_exponent: float | None,
-    maximize: bool,
     scratch: object | None = None,
+    **hyper: Unpack[ADOPTHyper],
 ) -> None:
     """Functional API that performs the ADOPT computation; see :class:`ADOPT`.
 
@@ -258,49 +245,24 @@ def adopt(
     a float32 scalar tensor per parameter) in place. ``foreach`` (default ``None`` = ``True``)
     selects :func:`_multi_tensor_adopt`, else :func:`_single_tensor_adopt`. ``scratch``: an object
     (the optimizer) whose reusable buffers the CPU fast path may use (:mod:`._scratch`); ``None``
-    allocates fresh temporaries.
+    allocates fresh temporaries. ``hyper``: see :class:`ADOPTHyper`.
     """
-    func = _single_tensor_adopt if foreach is False else _multi_tensor_adopt
-    func(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decouple=decouple,
-        clip_exponent=clip_exponent,
-        maximize=maximize,
-        scratch=scratch,
-    )
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if foreach is False:
+        _single_tensor_adopt(*lists, **hyper)
+    else:
+        _multi_tensor_adopt(*lists, scratch=scratch, **hyper)
 
 
-def _single_tensor_adopt(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decouple: bool,
-    clip_exponent: float | None,
-    maximize: bool,
-    scratch: object | None = None,
-) -> None:
-    """The ADOPT rule as in the paper, one tensor at a time: the reference (``scratch`` unused)."""
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps
-    ):
-        if maximize:
+def _single_tensor_adopt(*lists: list[Tensor], **hyper: Unpack[ADOPTHyper]) -> None:
+    """The ADOPT rule as in the paper, one tensor at a time: the reference.
+
+    ``lists``: the tensor lists of :func:`adopt`, in its order.
+    """
+    lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], hyper["eps"]
+    weight_decay, decouple = hyper["weight_decay"], hyper["decouple"]
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(*lists):
+        if hyper["maximize"]:
             grad = -grad
         if torch.is_complex(param):
             param, grad = torch.view_as_real(param), torch.view_as_real(grad)
@@ -315,8 +277,8 @@ def _single_tensor_adopt(
         if weight_decay != 0 and decouple:
             param.mul_(1 - lr * weight_decay)
         normed = grad / exp_avg_sq.sqrt().clamp_(min=eps)
-        if clip_exponent is not None:
-            clip = step**clip_exponent
+        if hyper["clip_exponent"] is not None:
+            clip = step ** hyper["clip_exponent"]
             normed.clamp_(-clip, clip)
         exp_avg.lerp_(normed, 1 - beta1)
         param.add_(exp_avg, alpha=-lr)
@@ -325,21 +287,7 @@ def _single_tensor_adopt(
 
 
 def _multi_tensor_adopt(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decouple: bool,
-    clip_exponent: float | None,
-    maximize: bool,
-    scratch: object | None = None,
+    *lists: list[Tensor], scratch: object | None = None, **hyper: Unpack[ADOPTHyper]
 ) -> None:
     """The ADOPT rule with ``torch._foreach_*`` kernels; equal to :func:`_single_tensor_adopt`.
 
@@ -347,10 +295,11 @@ def _multi_tensor_adopt(
     at different times still get their own clip value and initialisation step. ``scratch``: the
     owner of reusable temporary buffers (used on CPU), see :func:`adopt`.
     """
+    lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], hyper["eps"]
+    weight_decay, decouple, maximize = hyper["weight_decay"], hyper["decouple"], hyper["maximize"]
+    clip_exponent = hyper["clip_exponent"]
     buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps
-    ):
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(*lists):
         if torch.is_complex(param):
             param, grad = torch.view_as_real(param), torch.view_as_real(grad)
             exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)

@@ -36,6 +36,7 @@ from curvlab.optim._validation import (
 
 __all__ = [
     "PSGDOptions",
+    "PSGDBase",
     "PSGDStepOptions",
     "clip_update",
     "coin_seed",
@@ -50,27 +51,6 @@ __all__ = [
 ]
 
 _MASK64 = (1 << 64) - 1
-
-
-class PSGDStepOptions(TypedDict):
-    """Hyper-parameters of one PSGD step (see :class:`~curvlab.optim.psgd_kron.PSGDKron`)."""
-
-    lr: float
-    preconditioner_lr: float
-    beta_lipschitz: float
-    damping: float
-    momentum: float
-    weight_decay: float
-    decoupled_weight_decay: bool
-    grad_clip_max_amps: tuple[float, float]
-    preconditioner_update_probability: float | None
-    prob_max: float
-    prob_min: float
-    prob_decay: float
-    prob_flat_start: int
-    update_preconditioner_first: bool
-    whiten_grad: bool
-    seed: int
 
 
 class PSGDOptions(TypedDict, total=False):
@@ -93,6 +73,12 @@ class PSGDOptions(TypedDict, total=False):
     whiten_grad: bool
     seed: int
     on_nonfinite: str
+
+
+class PSGDStepOptions(PSGDOptions):
+    """The hyper-parameters of one PSGD step: the options and the learning rate."""
+
+    lr: float
 
 
 #: The official ``KronWhiten``/``LRAWhiten`` defaults, except the annealed update probability.
@@ -245,12 +231,6 @@ class PSGDBase(Optimizer):
             free_shape_keys=free,
             check_shapes=self._check_shapes,
         )
-
-
-def step_options(group: Mapping[str, Any]) -> PSGDStepOptions:
-    """The step hyper-parameters of a param group."""
-    keys = PSGDStepOptions.__required_keys__
-    return {k: group[k] for k in keys}  # type: ignore[return-value]
 
 
 def lift(x: Tensor) -> Tensor:

@@ -229,7 +229,7 @@ def group_options(group: Mapping[str, Any], spec: Any) -> Any:
         >>> group_options({"lr": 0.1, "params": []}, Hyper)
         {'lr': 0.1}
     """
-    return {k: group[k] for k in spec.__required_keys__}
+    return {k: group[k] for k in spec.__required_keys__ | spec.__optional_keys__}
 
 
 def run_closure(closure: Callable[[], Any] | None) -> Any:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,7 @@ from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     check_finite_grads,
     grads_of,
+    group_options,
     load_state_dict_checked,
     next_step_number,
     run_closure,
@@ -65,7 +66,10 @@ from curvlab.optim._validation import (
     validate_weight_decay,
 )
 
-__all__ = ["DoG", "LDoG", "PolynomialDecayAverager", "dog"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["DoG", "DoGHyper", "LDoG", "PolynomialDecayAverager", "dog"]
 
 _STATE_KEYS = ("step", "x0", "x_float32", "rbar", "G")
 _SHAPED_KEYS = ("x0", "x_float32")
@@ -74,6 +78,14 @@ _KEEP_DTYPE_KEYS = ("rbar", "G", "x_float32")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: CPU: tensors with at least this many entries take ``x - x0`` through the scratch buffer.
 _SCRATCH_NUMEL = 65536
+
+
+class DoGHyper(TypedDict):
+    """The hyper-parameters of one DoG step, as in the param groups (see :class:`DoG`)."""
+
+    lr: float | Tensor
+    weight_decay: float
+    init_eta: float | None
 
 
 class DoG(Optimizer):
@@ -247,32 +259,12 @@ class DoG(Optimizer):
         ):
             return loss
         for group, raw_norms in zip(self.param_groups, norms):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            x0s: list[Tensor] = []
-            iterates: list[Tensor] = []
-            rbars: list[Tensor] = []
-            Gs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            self._init_group(group, params, grads, x0s, iterates, rbars, Gs, state_steps)
-            if not params:
-                continue
-            dog(
-                params,
-                grads,
-                x0s,
-                iterates,
-                rbars,
-                Gs,
-                state_steps,
-                foreach=group["foreach"],
-                grad_norms=raw_norms,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                init_eta=group["init_eta"],
-                layerwise=self.layerwise,
-                scratch=self,
-            )
+            lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [], [])
+            self._init_group(group, *lists)
+            if lists[0]:
+                hyper: DoGHyper = group_options(group, DoGHyper)
+                dog(*lists, foreach=group["foreach"], grad_norms=raw_norms, scratch=self,
+                    layerwise=self.layerwise, **hyper)  # fmt: skip
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -330,11 +322,9 @@ def dog(
     *,
     foreach: bool | None = None,
     grad_norms: list[Tensor] | None = None,
-    lr: float | Tensor,
-    weight_decay: float,
-    init_eta: float | None,
     layerwise: bool,
     scratch: object | None = None,
+    **hyper: Unpack[DoGHyper],
 ) -> None:
     """Functional API that performs the DoG (``layerwise=False``) or L-DoG computation; see
     :class:`DoG`.
@@ -345,44 +335,21 @@ def dog(
     of the previous step (r_ε and ε before the first). ``grad_norms``: the 2-norms of ``grads`` if
     already computed (used when ``weight_decay == 0``). ``foreach`` (default ``None`` = ``True``)
     selects :func:`_multi_tensor_dog`, else :func:`_single_tensor_dog`. ``scratch``: the owner of
-    reusable buffers (:mod:`._scratch`) for the fast path.
+    reusable buffers (:mod:`._scratch`) for the fast path. ``hyper``: see :class:`DoGHyper`.
     """
-    func = _single_tensor_dog if foreach is False else _multi_tensor_dog
-    func(
-        params,
-        grads,
-        x0s,
-        iterates,
-        rbars,
-        Gs,
-        state_steps,
-        grad_norms=grad_norms,
-        lr=lr,
-        weight_decay=weight_decay,
-        init_eta=init_eta,
-        layerwise=layerwise,
-        scratch=scratch,
-    )
+    lists = (params, grads, x0s, iterates, rbars, Gs, state_steps)
+    if foreach is False:
+        _single_tensor_dog(*lists, layerwise=layerwise, **hyper)
+    else:
+        _multi_tensor_dog(
+            *lists, grad_norms=grad_norms, layerwise=layerwise, scratch=scratch, **hyper
+        )
 
 
-def _single_tensor_dog(
-    params: list[Tensor],
-    grads: list[Tensor],
-    x0s: list[Tensor],
-    iterates: list[Tensor],
-    rbars: list[Tensor],
-    Gs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    grad_norms: list[Tensor] | None = None,
-    lr: float | Tensor,
-    weight_decay: float,
-    init_eta: float | None,
-    layerwise: bool,
-    scratch: object | None = None,
-) -> None:
-    """The DoG rule as in the paper, one tensor at a time: the reference (``grad_norms`` and
-    ``scratch`` unused)."""
+def _single_tensor_dog(*lists: list[Tensor], layerwise: bool, **hyper: Unpack[DoGHyper]) -> None:
+    """The DoG rule as in the paper, one tensor at a time: the reference (lists as in :func:`dog`)."""
+    params, grads, x0s, iterates, rbars, Gs, state_steps = lists
+    lr, weight_decay, init_eta = hyper["lr"], hyper["weight_decay"], hyper["init_eta"]
     sdtype = rbars[0].dtype
     gs = [g.to(x.dtype) for g, x in zip(grads, iterates)]
     if weight_decay != 0:
@@ -412,25 +379,18 @@ def _single_tensor_dog(
 
 
 def _multi_tensor_dog(
-    params: list[Tensor],
-    grads: list[Tensor],
-    x0s: list[Tensor],
-    iterates: list[Tensor],
-    rbars: list[Tensor],
-    Gs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    grad_norms: list[Tensor] | None = None,
-    lr: float | Tensor,
-    weight_decay: float,
-    init_eta: float | None,
+    *lists: list[Tensor],
+    grad_norms: list[Tensor] | None,
     layerwise: bool,
-    scratch: object | None = None,
+    scratch: object | None,
+    **hyper: Unpack[DoGHyper],
 ) -> None:
     """The DoG rule with ``torch._foreach_*`` kernels; equal to :func:`_single_tensor_dog`.
 
     No device-to-host synchronisation: r̄, G and η stay tensors on the parameters' device.
     """
+    params, grads, x0s, iterates, rbars, Gs, state_steps = lists
+    lr, weight_decay, init_eta = hyper["lr"], hyper["weight_decay"], hyper["init_eta"]
     sdtype = rbars[0].dtype
     device = rbars[0].device
     gs = [g.to(x.dtype) for g, x in zip(grads, iterates)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     check_finite_grads,
+    group_options,
     group_step,
     load_state_dict_checked,
     next_step_number,
@@ -37,9 +38,13 @@ from curvlab.optim._validation import (
     validate_weight_decay,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = [
     "BLOCK_ORDERS",
     "FRUGAL",
+    "FRUGALHyper",
     "INACTIVE_UPDATE_RULES",
     "PROJECTIONS",
     "block_selection",
@@ -120,6 +125,20 @@ def block_selection(n: int, density: float, order: str, seed: int, refresh: int)
     for i in range(start, start + k // 2):
         out += [i % half, n - 1 - i % half]
     return out
+
+
+class FRUGALHyper(TypedDict):
+    """The hyper-parameters of one FRUGAL step, as in the param groups (see :class:`FRUGAL`)."""
+
+    lr: float | Tensor
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    projection: str
+    reset_statistics: bool
+    inactive_update_rule: str
+    inactive_lr_scale: float
+    proj_params_lr_scale: float
 
 
 class FRUGAL(Optimizer):
@@ -401,41 +420,12 @@ class FRUGAL(Optimizer):
         if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
             return loss
         for gi, group in enumerate(self.param_groups):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor | None] = []
-            exp_avg_sqs: list[Tensor | None] = []
-            state_steps: list[Tensor] = []
-            indices: list[Tensor | None] = []
-            splits: list[bool] = []
-            since = self._init_group(
-                gi, group, params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits
-            )
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            frugal(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                state_steps,
-                indices,
-                foreach=group["foreach"],
-                splits=splits,
-                steps_since_refresh=since,
-                reset_moments=_resets(group),
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
-                proj_params_lr_scale=float(group["proj_params_lr_scale"]),
-                inactive_lr_scale=float(group["inactive_lr_scale"]),
-                inactive_update_rule=group["inactive_update_rule"],
-                axis=1 if group["projection"] == "columns" else 0,
-                scratch=self,
-            )
+            lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+            since = self._init_group(gi, group, *lists)
+            if lists[0]:
+                hyper: FRUGALHyper = group_options(group, FRUGALHyper)
+                frugal(*lists, foreach=group["foreach"], steps_since_refresh=since, scratch=self,
+                       **hyper)  # fmt: skip
         return loss
 
 
@@ -446,104 +436,74 @@ def frugal(
     exp_avg_sqs: list[Tensor | None],
     state_steps: list[Tensor],
     indices: list[Tensor | None],
+    splits: list[bool],
     *,
     foreach: bool | None = None,
-    splits: list[bool],
     steps_since_refresh: int,
-    reset_moments: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    proj_params_lr_scale: float,
-    inactive_lr_scale: float,
-    inactive_update_rule: str,
-    axis: int,
     scratch: object | None = None,
+    **hyper: Unpack[FRUGALHyper],
 ) -> None:
     """Functional API that performs the FRUGAL computation; see :class:`FRUGAL`.
 
     Per parameter: ``exp_avgs[i]``/``exp_avg_sqs[i]`` are ``None`` for a state-free split tensor;
-    ``indices[i]`` are the chosen columns (``axis=1``) or rows (``axis=0``) of a split tensor, or
-    ``None`` for the whole tensor; ``splits[i]`` says whether it is split. Adam's step count is
-    ``min(step, steps_since_refresh) + 1`` for split tensors whose moments restart at refreshes
-    (``reset_moments``), else ``step + 1``. ``foreach=False`` selects
-    :func:`_single_tensor_frugal`, else :func:`_multi_tensor_frugal` (``None``: large CPU tensors
-    take the loop with a reusable buffer from ``scratch``, the owner of :mod:`._scratch` buffers).
+    ``indices[i]`` are its chosen columns or rows (``projection``), or ``None`` for the whole
+    tensor; ``splits[i]`` says whether it is split. Adam's step count is
+    ``min(step, steps_since_refresh) + 1`` for split tensors whose moments restart at refreshes,
+    else ``step + 1``. ``foreach=False`` selects :func:`_single_tensor_frugal`, else
+    :func:`_multi_tensor_frugal` (``None``: large CPU tensors take the loop with a reusable
+    buffer from ``scratch``, the owner of :mod:`._scratch` buffers). ``hyper``: see
+    :class:`FRUGALHyper`.
     """
-    func = _single_tensor_frugal if foreach is False else _multi_tensor_frugal
-    func(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        indices,
-        loop_large_cpu_tensors=foreach is None,
-        splits=splits,
-        steps_since_refresh=steps_since_refresh,
-        reset_moments=reset_moments,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        proj_params_lr_scale=proj_params_lr_scale,
-        inactive_lr_scale=inactive_lr_scale,
-        inactive_update_rule=inactive_update_rule,
-        axis=axis,
-        scratch=scratch,
-    )
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits)
+    on_cpu = any(p.device.type == "cpu" for p in params)
+    if foreach is False:
+        _single_tensor_frugal(*lists, since=steps_since_refresh, scratch=scratch, **hyper)
+    else:
+        loop_large = foreach is None and on_cpu
+        _multi_tensor_frugal(
+            *lists, since=steps_since_refresh, scratch=scratch, loop_large=loop_large, **hyper
+        )
 
 
-def _single_tensor_frugal(*args: Any, **kwargs: Any) -> None:
+def _single_tensor_frugal(
+    *lists: list[Any], since: int, scratch: object | None, **hyper: Unpack[FRUGALHyper]
+) -> None:
     """The FRUGAL rule one tensor at a time (the reference): every tensor takes the loop."""
-    kwargs.pop("loop_large_cpu_tensors", None)
-    _frugal_update(*args, **kwargs, big=lambda t: True)
+    _frugal_update(*lists, since=since, scratch=scratch, big=lambda t: True, **hyper)
 
 
-def _multi_tensor_frugal(*args: Any, loop_large_cpu_tensors: bool, **kwargs: Any) -> None:
+def _multi_tensor_frugal(
+    *lists: list[Any],
+    since: int,
+    scratch: object | None,
+    loop_large: bool,
+    **hyper: Unpack[FRUGALHyper],
+) -> None:
     """The FRUGAL rule with ``torch._foreach_*`` kernels; bitwise equal to the loop.
 
-    With ``loop_large_cpu_tensors`` (``foreach=None``), CPU tensors of at least ``2**18`` entries
-    take the loop through the scratch buffer instead (a fresh multi-MB temporary per tensor and
-    step costs page faults); both run the same operations.
+    With ``loop_large`` (CPU, ``foreach=None``), tensors of at least ``2**18`` entries take the
+    loop through the scratch buffer instead (a fresh multi-MB temporary per tensor and step costs
+    page faults); both run the same operations.
     """
-    params: list[Tensor] = args[0]
-    on_cpu = any(p.device.type == "cpu" for p in params)
-    if loop_large_cpu_tensors and on_cpu:
-        _frugal_update(*args, **kwargs, big=lambda t: t.numel() >= _SCRATCH_NUMEL)
-    else:
-        _frugal_update(*args, **kwargs, big=lambda t: False)
+    big = (lambda t: t.numel() >= _SCRATCH_NUMEL) if loop_large else (lambda t: False)
+    _frugal_update(*lists, since=since, scratch=scratch, big=big, **hyper)
 
 
 def _frugal_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor | None],
-    exp_avg_sqs: list[Tensor | None],
-    state_steps: list[Tensor],
-    indices: list[Tensor | None],
-    *,
-    splits: list[bool],
-    steps_since_refresh: int,
-    reset_moments: bool,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    proj_params_lr_scale: float,
-    inactive_lr_scale: float,
-    inactive_update_rule: str,
-    axis: int,
+    *lists: list[Any],
+    since: int,
     scratch: object | None,
     big: Callable[[Tensor], bool],
+    **hyper: Unpack[FRUGALHyper],
 ) -> None:
     """The FRUGAL update; tensors with ``big(t)`` take the per-tensor loop, the others foreach."""
-    lr_split = lr * proj_params_lr_scale
-    lr_free = lr_split * inactive_lr_scale
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits = lists
+    lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], float(hyper["eps"])
+    weight_decay, rule = float(hyper["weight_decay"]), hyper["inactive_update_rule"]
+    reset_moments = _resets(hyper)
+    axis = 1 if hyper["projection"] == "columns" else 0
+    lr_split = lr * float(hyper["proj_params_lr_scale"])
+    lr_free = lr_split * float(hyper["inactive_lr_scale"])
     adam: list[_AdamEntry] = []
     # (param, grad, indices, exp_avg, exp_avg_sq, step size, bc2) of column/row projections
     coord: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float, float]] = []
@@ -555,7 +515,7 @@ def _frugal_update(
             free.append((p, g))
             continue
         step = int(step_t)
-        n = (min(step, steps_since_refresh) if is_split and reset_moments else step) + 1
+        n = (min(step, since) if is_split and reset_moments else step) + 1
         step_size = (lr_split if is_split else lr) / (1.0 - beta1**n)
         bc2_sqrt = math.sqrt(1.0 - beta2**n)
         if idx is None:
@@ -589,11 +549,11 @@ def _frugal_update(
     _adam_update([e for e in entries if not big(e[1])], beta1, beta2, eps, True)
     _adam_update([e for e in entries if big(e[1])], beta1, beta2, eps, False, ws)
     for (p, _gd, idx, *_), pm, pd in zip(coord, views, gathered):
-        if inactive_update_rule != "no":
+        if rule != "no":
             assert p.grad is not None
             gm = p.grad.reshape(pm.shape)
             d = ws(gm)
-            if inactive_update_rule == "sign_sgd":
+            if rule == "sign_sgd":
                 torch.sign(gm, out=d)
             else:
                 d.copy_(gm)
@@ -602,18 +562,18 @@ def _frugal_update(
         if not p.is_contiguous():
             p.copy_(pm.view_as(p))
     # whole state-free tensors: signSGD (or SGD).
-    if inactive_update_rule == "no" or not free:
+    if rule == "no" or not free:
         return
     small_free = [(p, g) for p, g in free if not big(g)]
     if small_free:
         ps, gs = [p for p, _ in small_free], [g for _, g in small_free]
-        if inactive_update_rule == "sign_sgd":
+        if rule == "sign_sgd":
             gs = list(torch._foreach_sign(gs))
         torch._foreach_add_(ps, gs, alpha=-lr_free)
     for p, g in free:
         if big(g):
             d = ws(g)
-            if inactive_update_rule == "sign_sgd":
+            if rule == "sign_sgd":
                 torch.sign(g, out=d)
             else:
                 d.copy_(g)

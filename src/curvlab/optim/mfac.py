@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     check_finite_grads,
+    group_options,
     group_step,
     load_state_dict_checked,
     next_step_number,
@@ -31,7 +32,10 @@ from curvlab.optim._validation import (
     validate_weight_decay,
 )
 
-__all__ = ["MFAC", "mfac", "mfac_coefficients"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["MFAC", "MFACHyper", "mfac", "mfac_coefficients"]
 
 #: Per-parameter state keys (``"dots"`` lives only in each group's anchor parameter).
 _STATE_KEYS = ("step", "grad_window", "momentum_buffer", "dots")
@@ -76,6 +80,15 @@ def mfac_coefficients(dots: Tensor, gx: Tensor, damp: float, num_grads: int) -> 
     chol, _ = torch.linalg.cholesky_ex(k)
     sol = torch.cholesky_solve(gx.to(wide).unsqueeze(1), chol).squeeze(1)
     return sol.mul_(lam_inv * lam_inv)
+
+
+class MFACHyper(TypedDict):
+    """The hyper-parameters of one M-FAC step, as in the param groups (see :class:`MFAC`)."""
+
+    lr: float | Tensor
+    momentum: float
+    weight_decay: float
+    damp: float
 
 
 class MFAC(Optimizer):
@@ -243,28 +256,12 @@ class MFAC(Optimizer):
         if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
             return loss
         for group in self.param_groups:
-            if not any(p.grad is not None for p in group["params"]):
-                continue
-            params: list[Tensor] = []
-            grads: list[Tensor | None] = []
-            windows: list[Tensor] = []
-            momentum_buffers: list[Tensor | None] = []
-            state_steps: list[Tensor] = []
-            dots = self._init_group(group, params, grads, windows, momentum_buffers, state_steps)
-            mfac(
-                params,
-                grads,
-                windows,
-                momentum_buffers,
-                dots,
-                state_steps,
-                row=group_step(self, group) % int(group["num_grads"]),
-                lr=group["lr"],
-                momentum=float(group["momentum"]),
-                weight_decay=float(group["weight_decay"]),
-                damp=float(group["damp"]),
-                scratch=self,
-            )
+            if any(p.grad is not None for p in group["params"]):
+                lists: tuple[list[Any], ...] = ([], [], [], [], [])
+                dots = self._init_group(group, *lists)
+                row = group_step(self, group) % int(group["num_grads"])
+                hyper: MFACHyper = group_options(group, MFACHyper)
+                mfac(*lists, dots=dots, row=row, scratch=self, **hyper)
         return loss
 
 
@@ -273,15 +270,12 @@ def mfac(
     grads: list[Tensor | None],
     windows: list[Tensor],
     momentum_buffers: list[Tensor | None],
-    dots: Tensor,
     state_steps: list[Tensor],
     *,
+    dots: Tensor,
     row: int,
-    lr: float | Tensor,
-    momentum: float,
-    weight_decay: float,
-    damp: float,
     scratch: object | None = None,
+    **hyper: Unpack[MFACHyper],
 ) -> None:
     """Functional API that performs the M-FAC computation; see :class:`MFAC`.
 
@@ -290,39 +284,19 @@ def mfac(
     gradient, their ``momentum_buffers`` and every ``state_steps`` entry in place. There is no
     multi-tensor path: the window products are already one matrix-vector product per tensor.
     ``scratch``: the owner of a reusable buffer for the d-sized IHVP (:mod:`._scratch`).
+    ``hyper``: see :class:`MFACHyper`.
     """
-    _single_tensor_mfac(
-        params,
-        grads,
-        windows,
-        momentum_buffers,
-        dots,
-        state_steps,
-        row=row,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        damp=damp,
-        scratch=scratch,
-    )
+    lists = (params, grads, windows, momentum_buffers, state_steps)
+    _single_tensor_mfac(*lists, dots=dots, row=row, scratch=scratch, **hyper)
 
 
 def _single_tensor_mfac(
-    params: list[Tensor],
-    grads: list[Tensor | None],
-    windows: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    dots: Tensor,
-    state_steps: list[Tensor],
-    *,
-    row: int,
-    lr: float | Tensor,
-    momentum: float,
-    weight_decay: float,
-    damp: float,
-    scratch: object | None = None,
+    *lists: list[Any], dots: Tensor, row: int, scratch: object | None, **hyper: Unpack[MFACHyper]
 ) -> None:
     """The M-FAC rule of the class docstring, one tensor at a time (the reference)."""
+    params, grads, windows, momentum_buffers, state_steps = lists
+    lr, momentum, damp = hyper["lr"], float(hyper["momentum"]), float(hyper["damp"])
+    weight_decay = float(hyper["weight_decay"])
     m = dots.shape[0]
     low = dots.dtype in (torch.float16, torch.bfloat16)
     acc_dtype = torch.float32 if low else dots.dtype

@@ -34,12 +34,11 @@ from curvlab.optim._psgd import (
     precond_update_prob_schedule,
     probe_seed,
     seeded_generator,
-    step_options,
     update_coin,
     update_lipschitz,
     whitening_probe,
 )
-from curvlab.optim._validation import validate_choice, validate_in_range
+from curvlab.optim._validation import group_options, validate_choice, validate_in_range
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -214,7 +213,7 @@ class PSGDKron(PSGDBase):
     def _step_group(self, group: dict[str, Any]) -> None:
         lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
         self._init_group(group, *lists)
-        psgd_kron(*lists, geometry=group["geometry"], **step_options(group))
+        psgd_kron(*lists, geometry=group["geometry"], **group_options(group, PSGDStepOptions))
 
     def _state_layout(self) -> tuple[list[str], list[str], list[str]]:
         k = max((_num_factors(p.shape) for g in self.param_groups for p in g["params"]), default=1)

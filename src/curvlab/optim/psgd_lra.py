@@ -17,23 +17,9 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._psgd import (
-    PSGDBase,
-    PSGDOptions,
-    PSGDStepOptions,
-    clip_update,
-    init_grad,
-    init_scale,
-    lift,
-    lipschitz_dtype,
-    mix_seed,
-    seeded_generator,
-    step_options,
-    update_coin,
-    update_lipschitz,
-    whitening_probe,
-)
-from curvlab.optim._validation import validate_int
+from curvlab.optim import _psgd
+from curvlab.optim._psgd import PSGDBase, PSGDOptions, PSGDStepOptions
+from curvlab.optim._validation import group_options, validate_int
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -112,16 +98,16 @@ def update_precond_lra(
     IpVtU = V.mT @ U
     IpVtU.diagonal().add_(1)
     inv_qt_v = v / d
-    LU, piv = torch.linalg.lu_factor(lift(IpVtU))
-    rhs = lift(U.mT @ inv_qt_v)
+    LU, piv = torch.linalg.lu_factor(_psgd.lift(IpVtU))
+    rhs = _psgd.lift(U.mT @ inv_qt_v)
     inv_qt_v = inv_qt_v - V @ torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).to(V.dtype)
-    rhs = lift(V.mT @ inv_qt_v)
+    rhs = _psgd.lift(V.mT @ inv_qt_v)
     inv_pv = inv_qt_v - U @ torch.linalg.lu_solve(LU, piv, rhs).to(U.dtype)
     inv_pv = inv_pv / d
 
     phh, vipv = Ph * h, v * inv_pv
     ell = torch.max(torch.abs(phh)) + torch.max(torch.abs(vipv))
-    ld = update_lipschitz(Ld, ell, beta_lipschitz)
+    ld = _psgd.update_lipschitz(Ld, ell, beta_lipschitz)
     d.sub_((lr / ld).to(d.dtype) * (phh - vipv) * d)
 
     a, b = Qh, inv_qt_v
@@ -130,14 +116,14 @@ def update_precond_lra(
         ell = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(
             atV @ V.mT
         ) + torch.linalg.vector_norm(b) * torch.linalg.vector_norm(btV @ V.mT)
-        lu = update_lipschitz(Lu, ell, beta_lipschitz)
+        lu = _psgd.update_lipschitz(Lu, ell, beta_lipschitz)
         U.sub_((lr / lu).to(U.dtype) * (a @ (atV @ IpVtU) - b @ (btV @ IpVtU)))
     else:
         atU, btU = a.mT @ U, b.mT @ U
         ell = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(
             U @ atU.mT
         ) + torch.linalg.vector_norm(b) * torch.linalg.vector_norm(U @ btU.mT)
-        lv = update_lipschitz(Lv, ell, beta_lipschitz)
+        lv = _psgd.update_lipschitz(Lv, ell, beta_lipschitz)
         V.sub_((lr / lv).to(V.dtype) * ((a + V @ atU.mT) @ atU - (b + V @ btU.mT) @ btU))
 
 
@@ -154,7 +140,7 @@ def update_precond_lra_whiten(
 ) -> None:
     """Whitening fit: ``v ~ N(0, I)`` (first draw), ``h = g + (damping + ε|g|) ⊙ v``, then
     :func:`update_precond_lra` (official ``update_precond_lra_whiten``); in place."""
-    v, h = whitening_probe(g, damping, generator)
+    v, h = _psgd.whitening_probe(g, damping, generator)
     update_precond_lra(U, V, d, L, v, h, lr, beta_lipschitz, generator)
 
 
@@ -256,7 +242,7 @@ class PSGDLRA(PSGDBase):
             params, grads, momentum_buffers, lipschitz, state_steps = lists
             psgd_lra(
                 params, grads, U, V, d, momentum_buffers, lipschitz, state_steps,
-                **step_options(group),
+                **group_options(group, PSGDStepOptions),
             )  # fmt: skip
 
     def _flat(self, ps: list[Tensor], key: str) -> Tensor:
@@ -300,15 +286,17 @@ class PSGDLRA(PSGDBase):
                 f"got rank={rank}; pass a smaller rank"
             )
         ref = new[0]
-        gen = seeded_generator(mix_seed(int(group["seed"]), -1, 0), ref.device)
+        gen = _psgd.seeded_generator(_psgd.mix_seed(int(group["seed"]), -1, 0), ref.device)
         U = torch.randn(total, rank, dtype=ref.dtype, device=ref.device, generator=gen)
         U *= 0.1**0.5 / torch.linalg.vector_norm(U)
         V = torch.randn(total, rank, dtype=ref.dtype, device=ref.device, generator=gen)
         V *= 0.1**0.5 / torch.linalg.vector_norm(V)
         scale = group["init_scale"]
         if scale is None:
-            gn = torch.cat([init_grad(p, group).reshape(-1) for p in new])
-            scale = init_scale(torch.mean(lift(gn) ** 4).item(), float(group["damping"]))
+            gn = torch.cat([_psgd.init_grad(p, group).reshape(-1) for p in new])
+            scale = _psgd.init_scale(
+                torch.mean(_psgd.lift(gn) ** 4).item(), float(group["damping"])
+            )
         d = torch.full((total,), float(scale), dtype=ref.dtype, device=ref.device)
         start = 0
         for p, n in zip(new, sizes):
@@ -318,7 +306,7 @@ class PSGDLRA(PSGDBase):
             st["V"] = V[start : start + n]
             st["d"] = d[start : start + n]
             for key in _LIPSCHITZ_KEYS:
-                st[key] = torch.zeros([], dtype=lipschitz_dtype(p.dtype), device=p.device)
+                st[key] = torch.zeros([], dtype=_psgd.lipschitz_dtype(p.dtype), device=p.device)
             if group["momentum"] > 0.0:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             start += n
@@ -391,7 +379,7 @@ def _single_tensor_psgd_lra(
                 g = g.add(p, alpha=wd)
         gs.append(g.reshape(-1, 1))
     t = int(state_steps[0].item())
-    if update_coin(options, t):
+    if _psgd.update_coin(options, t):
         _refit_step(params, gs, U, V, d.view(-1, 1), momentum_buffers, lipschitz, t, options)
     else:
         _blockwise_step(params, gs, U, V, d, momentum_buffers, t, options)
@@ -419,7 +407,7 @@ def _refit_step(
         m.mul_(beta).add_(g, alpha=1.0 - beta)
     else:
         m = g
-    gen = seeded_generator(mix_seed(int(options["seed"]), t, 1), g.device)
+    gen = _psgd.seeded_generator(_psgd.mix_seed(int(options["seed"]), t, 1), g.device)
     target = g if options["whiten_grad"] else m
     fit = (options["preconditioner_lr"], options["beta_lipschitz"], options["damping"], gen)
     if options["update_preconditioner_first"]:
@@ -427,7 +415,7 @@ def _refit_step(
     u = precond_grad_lra(U, V, d, m)
     if not options["update_preconditioner_first"]:
         update_precond_lra_whiten(U, V, d, L, target, *fit)
-    u = clip_update(u, options["grad_clip_max_amps"])
+    u = _psgd.clip_update(u, options["grad_clip_max_amps"])
     start = 0
     for p, buf, lip in zip(ps, momentum_buffers, lipschitz):
         n = p.numel()
@@ -474,6 +462,6 @@ def _blockwise_step(
     rms = torch.linalg.vector_norm(sq) / math.sqrt(sum(sizes))
     for p, u in zip(ps, us):
         p.sub_(
-            clip_update(u, options["grad_clip_max_amps"], rms).reshape(p.shape),
+            _psgd.clip_update(u, options["grad_clip_max_amps"], rms).reshape(p.shape),
             alpha=float(options["lr"]),
         )

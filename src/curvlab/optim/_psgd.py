@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError
 from curvlab.optim._validation import (
+    add_param_group_checked,
     check_finite_grads,
     load_state_dict_checked,
     next_step_number,
@@ -40,6 +41,7 @@ __all__ = [
     "PSGDStepOptions",
     "clip_update",
     "coin_seed",
+    "fit_options",
     "init_scale",
     "lift",
     "mix_seed",
@@ -123,14 +125,11 @@ class PSGDBase(Optimizer):
         amps = defaults["grad_clip_max_amps"]
         if isinstance(amps, list):
             defaults["grad_clip_max_amps"] = tuple(amps)
-        self._validate_group(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (hyper-parameters validated like the constructor's)."""
-        super().add_param_group(param_group)
-        if hasattr(self, "defaults"):
-            self._validate_group(self.param_groups[-1])
+        add_param_group_checked(self, param_group, self._validate_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -231,6 +230,23 @@ class PSGDBase(Optimizer):
             free_shape_keys=free,
             check_shapes=self._check_shapes,
         )
+
+
+class FitOptions(TypedDict):
+    """The keyword arguments of a preconditioner fit."""
+
+    lr: float
+    beta_lipschitz: float
+    damping: float
+
+
+def fit_options(options: PSGDStepOptions) -> FitOptions:
+    """The keyword arguments of a preconditioner fit: its step, Lipschitz EMA and damping."""
+    return {
+        "lr": options["preconditioner_lr"],
+        "beta_lipschitz": options["beta_lipschitz"],
+        "damping": options["damping"],
+    }
 
 
 def lift(x: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ from curvlab.errors import NonFiniteError, ParameterError, StateDictError
 
 __all__ = [
     "ON_NONFINITE",
+    "add_param_group_checked",
     "check_finite_grads",
     "check_state_dict",
     "match_param_groups",
@@ -447,6 +448,18 @@ def validate_choice(name: str, value: Any, allowed: Sequence[Any], hint: str = "
         choices = ", ".join(map(repr, allowed))
         raise ParameterError(f"{name} must be one of {choices}, got {value!r}{hint}")
     return value
+
+
+def add_param_group_checked(
+    optimizer: Optimizer, param_group: dict[str, Any], check: Callable[[dict[str, Any]], None]
+) -> None:
+    """``Optimizer.add_param_group``, then ``check`` the completed group (defaults filled in).
+
+    Optimizers whose hyper-parameters may differ per group call it from their
+    ``add_param_group``, which ``Optimizer.__init__`` also calls for every initial group.
+    """
+    Optimizer.add_param_group(optimizer, param_group)
+    check(optimizer.param_groups[-1])
 
 
 def check_state_dict(

@@ -49,7 +49,7 @@ arXiv 2411.02853.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
@@ -145,7 +145,7 @@ class ADOPT(Optimizer):
 
     def __init__(
         self,
-        params: Any,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.9999),
         eps: float = 1e-6,
@@ -180,16 +180,11 @@ class ADOPT(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> None:
-        """Create the state of new parameters; append every parameter with a gradient."""
+    def _init_group(self, group: dict[str, Any], *lists: list[Tensor]) -> None:
+        """Create the state of new parameters; append every parameter with a gradient to
+        ``lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)``.
+        """
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
         for p in group["params"]:
             if p.grad is None:
                 continue

@@ -142,7 +142,7 @@ class DoG(Optimizer):
 
     def __init__(
         self,
-        params: Any,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
         reps_rel: float = 1e-6,
         lr: float | Tensor = 1.0,
         weight_decay: float = 0.0,
@@ -189,21 +189,13 @@ class DoG(Optimizer):
             raise ParameterError(f"param group {group_index} has taken no step yet")
         return etas if self.layerwise else etas[0]
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        x0s: list[Tensor],
-        iterates: list[Tensor],
-        rbars: list[Tensor],
-        Gs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> None:
-        """Create the state of new parameters (r̄ = r_ε, G = ε); append every one with a gradient.
+    def _init_group(self, group: dict[str, Any], *lists: list[Tensor]) -> None:
+        """Create the state of new parameters (r̄ = r_ε, G = ε); append every one with a gradient
+        to ``lists = (params, grads, x0s, iterates, rbars, Gs, state_steps)``.
 
         A parameter joining a DoG group later takes the group's current r̄ and G.
         """
+        params, grads, x0s, iterates, rbars, Gs, state_steps = lists
         new = [p for p in group["params"] if p.grad is not None and not self.state.get(p)]
         if new:
             with_grad = [p for p in group["params"] if p.grad is not None]

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
+    add_param_group_checked,
     check_finite_grads,
     group_options,
     group_step,
@@ -181,7 +182,7 @@ class FRUGAL(Optimizer):
     Args:
         params: parameters or param groups; a group may set ``split`` (``None``: tensors with
             ``dim ≥ 2``; ``True``: all; ``False``: none) and any hyper-parameter below.
-        lr: learning rate (default ``1e-3``).
+        lr: learning rate (default ``1e-3``); the others are keyword-only.
         betas: AdamW ``(β1, β2)`` (default ``(0.9, 0.999)``).
         eps: AdamW denominator guard (default ``1e-8``).
         weight_decay: decoupled weight decay, applied to all parameters (default ``0.01``, the
@@ -231,6 +232,7 @@ class FRUGAL(Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float | Tensor = 1e-3,
+        *,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
@@ -265,39 +267,20 @@ class FRUGAL(Optimizer):
             "foreach": foreach,
             "on_nonfinite": on_nonfinite,
         }
-        _validate_group(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its hyper-parameters are validated like the constructor's."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _validate_group(group)
-        if group["projection"] == "blocks" and group["block_order"] == "mirror":
-            n = len(self._split_params(group))
-            if _num_active_blocks(n, group["density"]) % 2:
-                raise ParameterError(
-                    f"block_order='mirror' activates tensors in pairs, but round({n} * "
-                    f"{group['density']}) is odd; choose a density giving an even count or "
-                    "another block_order"
-                )
+        add_param_group_checked(self, param_group, _validate_group)
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _is_split(group: Mapping[str, Any], p: Tensor) -> bool:
-        split = group["split"]
-        return p.dim() >= 2 if split is None else bool(split)
-
-    def _split_params(self, group: Mapping[str, Any]) -> list[Tensor]:
-        return [p for p in group["params"] if self._is_split(group, p)]
-
     def _selection(
         self, gi: int, group: Mapping[str, Any], refresh: int
     ) -> dict[int, Tensor | None]:
         """Map ``id(p)`` of each state-full split tensor to its column/row indices (None: whole)."""
         cache: dict[int, tuple[tuple[Any, ...], dict[int, Tensor | None]]]
         cache = self.__dict__.setdefault("_subspace_cache", {})
-        split = self._split_params(group)
+        split = _split_params(group)
         key = (
             refresh,
             group["projection"],
@@ -325,27 +308,19 @@ class FRUGAL(Optimizer):
         cache[gi] = (key, sel)
         return sel
 
-    def _init_group(
-        self,
-        gi: int,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor | None],
-        exp_avg_sqs: list[Tensor | None],
-        state_steps: list[Tensor],
-        indices: list[Tensor | None],
-        splits: list[bool],
-    ) -> int:
+    def _init_group(self, gi: int, group: dict[str, Any], *lists: list[Any]) -> int:
         """Create, reset (at a refresh) and list the state; return the steps since the refresh.
 
-        For every parameter with a gradient: its ``exp_avg``/``exp_avg_sq`` (``None`` for a
-        state-free split tensor) and the chosen column/row ``indices`` (``None``: whole tensor).
+        Appends every parameter with a gradient to ``lists = (params, grads, exp_avgs,
+        exp_avg_sqs, state_steps, indices, splits)``: its ``exp_avg``/``exp_avg_sq`` (``None`` for a
+        state-free split tensor), the chosen column/row ``indices`` (``None``: whole tensor) and
+        whether it is split.
         """
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits = lists
         t = group_step(self, group)
         gap = int(group["update_gap"])
         if t % gap == 0 and _resets(group):
-            for p in self._split_params(group):
+            for p in _split_params(group):
                 st = self.state.get(p)
                 if st:
                     st.pop("exp_avg", None)
@@ -358,7 +333,7 @@ class FRUGAL(Optimizer):
             st = self.state[p]
             if "step" not in st:
                 st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            is_split = self._is_split(group, p)
+            is_split = _is_split(group, p)
             idx = sel.get(id(p)) if is_split else None
             if is_split and id(p) not in sel:
                 m = v = None
@@ -397,7 +372,7 @@ class FRUGAL(Optimizer):
             for pid, p in zip(sg["params"], g["params"]):
                 st = state_dict["state"].get(pid, {})
                 allowed = {tuple(p.shape)}
-                if self._is_split(sg, p) and sg["projection"] != "blocks":
+                if _is_split(sg, p) and sg["projection"] != "blocks":
                     r, c = _matrix_shape(p)
                     if sg["projection"] == "columns":
                         allowed.add((r, int(c * sg["density"])))
@@ -551,13 +526,7 @@ def _frugal_update(
     for (p, _gd, idx, *_), pm, pd in zip(coord, views, gathered):
         if rule != "no":
             assert p.grad is not None
-            gm = p.grad.reshape(pm.shape)
-            d = ws(gm)
-            if rule == "sign_sgd":
-                torch.sign(gm, out=d)
-            else:
-                d.copy_(gm)
-            pm.add_(d, alpha=-lr_free)
+            pm.add_(_free_direction(p.grad.reshape(pm.shape), rule, ws), alpha=-lr_free)
         pm.index_copy_(axis, idx, pd)
         if not p.is_contiguous():
             p.copy_(pm.view_as(p))
@@ -572,12 +541,13 @@ def _frugal_update(
         torch._foreach_add_(ps, gs, alpha=-lr_free)
     for p, g in free:
         if big(g):
-            d = ws(g)
-            if rule == "sign_sgd":
-                torch.sign(g, out=d)
-            else:
-                d.copy_(g)
-            p.add_(d, alpha=-lr_free)
+            p.add_(_free_direction(g, rule, ws), alpha=-lr_free)
+
+
+def _free_direction(g: Tensor, rule: str, ws: Callable[[Tensor], Tensor]) -> Tensor:
+    """``sign(g)`` (``"sign_sgd"``) or ``g`` (``"sgd"``), written into the buffer ``ws(g)``."""
+    d = ws(g)
+    return torch.sign(g, out=d) if rule == "sign_sgd" else d.copy_(g)
 
 
 def _adam_update(
@@ -618,6 +588,16 @@ def _adam_update(
     torch._foreach_addcdiv_(targets, ms, denoms, [-e[4] for e in entries])
 
 
+def _is_split(group: Mapping[str, Any], p: Tensor) -> bool:
+    """Whether ``p`` is split (subspace + state-free rest) under the group's ``split``."""
+    split = group["split"]
+    return p.dim() >= 2 if split is None else bool(split)
+
+
+def _split_params(group: Mapping[str, Any]) -> list[Tensor]:
+    return [p for p in group["params"] if _is_split(group, p)]
+
+
 def _resets(group: Mapping[str, Any]) -> bool:
     """Whether the moments of split tensors restart at each refresh (always for blocks)."""
     return group["projection"] == "blocks" or bool(group["reset_statistics"])
@@ -650,3 +630,11 @@ def _validate_group(group: Mapping[str, Any]) -> None:
     validate_int("seed", group["seed"], 0)
     validate_choice("reset_statistics", group["reset_statistics"], (True, False))
     validate_choice("foreach", group["foreach"], (None, True, False))
+    if group["projection"] == "blocks" and group["block_order"] == "mirror":
+        n = len(_split_params(group))
+        if _num_active_blocks(n, group["density"]) % 2:
+            raise ParameterError(
+                f"block_order='mirror' activates tensors in pairs, but round({n} * "
+                f"{group['density']}) is odd; choose a density giving an even count or "
+                "another block_order"
+            )

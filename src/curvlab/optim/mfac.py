@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
+    add_param_group_checked,
     check_finite_grads,
     group_options,
     group_step,
@@ -173,43 +174,27 @@ class MFAC(Optimizer):
         damp: float = 1e-5,
         on_nonfinite: str = "raise",
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "num_grads": num_grads,
-            "damp": damp,
-            "on_nonfinite": on_nonfinite,
-        }
-        _validate_group(defaults)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            num_grads=num_grads,
+            damp=damp,
+            on_nonfinite=on_nonfinite,
+            nonfinite_skips=0,
+        )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group: one window, so one dtype and device; hyper-parameters validated."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _validate_group(group)
-        ps = group["params"]
-        if any(p.dtype != ps[0].dtype or p.device != ps[0].device for p in ps):
-            raise ParameterError(
-                "MFAC keeps one gradient window per param group, so all parameters of a group "
-                "must share one dtype and device; put parameters of other dtypes/devices into "
-                "their own param group"
-            )
-        if not all(p.is_floating_point() for p in ps):
-            raise ParameterError("MFAC optimizes floating-point parameters only")
+        add_param_group_checked(self, param_group, _validate_group)
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor | None],
-        windows: list[Tensor],
-        momentum_buffers: list[Tensor | None],
-        state_steps: list[Tensor],
-    ) -> Tensor:
-        """Create the state lazily; list every parameter that takes part (a gradient, or a window
-        whose row is zeroed); return the group's ``G Gᵀ``."""
+    def _init_group(self, group: dict[str, Any], *lists: list[Any]) -> Tensor:
+        """Create the state lazily; append every parameter that takes part (a gradient, or a window
+        whose row is zeroed) to ``lists = (params, grads, windows, momentum_buffers, state_steps)``;
+        return the group's ``G Gᵀ``.
+        """
+        params, grads, windows, momentum_buffers, state_steps = lists
         m = int(group["num_grads"])
         dots = next(
             (st["dots"] for p in group["params"] if "dots" in (st := self.state.get(p, {}))), None
@@ -365,6 +350,15 @@ def _check_window_shapes(opt: MFAC, state_dict: Mapping[str, Any]) -> None:
 
 
 def _validate_group(group: Mapping[str, Any]) -> None:
+    ps = group["params"]
+    if any(p.dtype != ps[0].dtype or p.device != ps[0].device for p in ps):
+        raise ParameterError(
+            "MFAC keeps one gradient window per param group, so all parameters of a group "
+            "must share one dtype and device; put parameters of other dtypes/devices into "
+            "their own param group"
+        )
+    if not all(p.is_floating_point() for p in ps):
+        raise ParameterError("MFAC optimizes floating-point parameters only")
     validate_lr(group["lr"])
     validate_weight_decay(group["weight_decay"])
     validate_on_nonfinite(group["on_nonfinite"])

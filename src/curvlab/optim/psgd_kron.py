@@ -13,8 +13,9 @@ were re-written from reading.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,7 @@ from curvlab.optim._psgd import (
     PSGDStepOptions,
     clip_update,
     coin_seed,
+    fit_options,
     init_grad,
     init_scale,
     lift,
@@ -57,8 +59,7 @@ __all__ = [
     "procrustes_step",
     "psgd_kron",
     "update_precond_kron_eq",
-    "update_precond_kron_whiten_eq",
-    "update_precond_kron_whiten_q0p5eq1p5",
+    "update_precond_kron_whiten",
 ]
 
 _STATE_KEYS = ("step", "momentum_buffer")  # plus Q_i and L_i, i < number of squeezed dims
@@ -77,7 +78,7 @@ class PSGDKron(PSGDBase):
     (:func:`factor_kinds`). ``Q`` is fitted by gradient whitening, with no Hessian-vector product:
     with ``v ~ N(0, I)`` and ``h = g + (damping + ε|g|) v`` it minimises ``E[hᵀPh + vᵀP⁻¹v]``,
     whose minimiser is ``P = E[hhᵀ]^{-1/2}``, by normalised steps on the group
-    (:func:`update_precond_kron_whiten_eq`). Per step (:func:`psgd_kron`)::
+    (:func:`update_precond_kron_whiten`). Per step (:func:`psgd_kron`)::
 
         p_t = preconditioner_update_probability, or precond_update_prob_schedule(t) if None
         with probability p_t (a coin seeded by (seed, t)):  fit Q on g (or on m)
@@ -161,20 +162,13 @@ class PSGDKron(PSGDBase):
         validate_in_range("max_skew", group["max_skew"], 0.0, math.inf)
         validate_choice("geometry", group["geometry"], GEOMETRIES)
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        factors: list[list[Tensor]],
-        lipschitz: list[list[Tensor]],
-        momentum_buffers: list[Tensor | None],
-        state_steps: list[Tensor],
-        generators: list[torch.Generator],
-    ) -> None:
-        """Create the state of new parameters (one initial scale for all of them, official), and
-        list every parameter with a gradient with its probe generator, seeded by
-        ``(seed, step, index in the group)``."""
+    def _init_group(self, group: dict[str, Any], *lists: list[Any]) -> None:
+        """Create the state of new parameters (one initial scale for all of them, official); append
+        every parameter with a gradient to ``lists = (params, grads, factors, lipschitz,
+        momentum_buffers, state_steps, generators)``, its probe generator seeded by
+        ``(seed, step, index in the group)``.
+        """
+        params, grads, factors, lipschitz, momentum_buffers, state_steps, generators = lists
         new = [p for p in group["params"] if p.grad is not None and len(self.state[p]) == 0]
         if new:
             scale = group["init_scale"]
@@ -280,8 +274,7 @@ def _single_tensor_psgd_kron(
     The gradient is squeezed (size-1 dims dropped) before the preconditioner sees it.
     """
     lr, wd, momentum = options["lr"], options["weight_decay"], options["momentum"]
-    fit = _UPDATES[geometry]
-    hyper = (options["preconditioner_lr"], options["beta_lipschitz"], options["damping"])
+    fit = functools.partial(update_precond_kron_whiten, geometry=geometry, **fit_options(options))
     for param, grad, Q, L, buf, step_t, gen in zip(*lists):
         step = int(step_t.item())
         coin = update_coin(options, step)
@@ -299,10 +292,10 @@ def _single_tensor_psgd_kron(
             m = g
         target = g if options["whiten_grad"] else m
         if coin and options["update_preconditioner_first"]:
-            fit(Q, L, target, *hyper, gen)
+            fit(Q, L, target, generator=gen)
         u = kron_precondition(Q, m, triangular=geometry == "EQ")
         if coin and not options["update_preconditioner_first"]:
-            fit(Q, L, target, *hyper, gen)
+            fit(Q, L, target, generator=gen)
         u = clip_update(u, options["grad_clip_max_amps"])
         param.sub_(u.reshape(param.shape), alpha=lr)
         step_t += 1
@@ -663,38 +656,26 @@ def update_precond_kron_eq(
     _maybe_balance(Q, generator)
 
 
-def update_precond_kron_whiten_eq(
+def update_precond_kron_whiten(
     Q: Sequence[Tensor],
     L: Sequence[Tensor],
     g: Tensor,
+    *,
+    geometry: str = "EQ",
     lr: float = 0.1,
     beta_lipschitz: float = 0.9,
     damping: float = 1e-9,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Whitening fit of a triangular Kron ``Q`` (official ``update_precond_kron_whiten_eq``).
+    """Whitening fit of the Kron factors ``Q`` on the gradient ``g``, in place.
 
-    In place. Draws ``v ~ N(0, I)`` (first draw from ``generator``), sets
-    ``h = g + (damping + ε|g|) ⊙ v`` with ``ε`` the dtype's machine epsilon, and calls
-    :func:`update_precond_kron_eq` with ``(v, h)``; the fixed point is ``P = QᵀQ ≈ E[h hᵀ]^{-1/2}``
+    Draws ``v ~ N(0, I)`` (first draw from ``generator``) and sets ``h = g + (damping + ε|g|) ⊙ v``
+    with ``ε`` the dtype's machine epsilon; the fixed point is ``P = QᵀQ ≈ E[h hᵀ]^{-1/2}``
     (Kronecker-structured), which whitens the gradient.
-    """
-    v, h = whitening_probe(g, damping, generator)
-    update_precond_kron_eq(Q, L, v, h, lr, beta_lipschitz, generator)
 
-
-def update_precond_kron_whiten_q0p5eq1p5(
-    Q: Sequence[Tensor],
-    L: Sequence[Tensor],
-    g: Tensor,
-    lr: float = 0.1,
-    beta_lipschitz: float = 0.9,
-    damping: float = 1e-9,
-    generator: torch.Generator | None = None,
-) -> None:
-    """Whitening fit with ``dQ = Q^0.5 E Q^1.5`` (official default geometry), in place.
-
-    ``Pg = P (g + (damping + ε|g|) ⊙ v)``, ``v ~ N(0, I)``; per factor, with ``c_i = numel / d_i``:
+    ``geometry="EQ"`` (official ``update_precond_kron_whiten_eq``): :func:`update_precond_kron_eq`
+    with ``(v, h)``. ``geometry="Q0.5EQ1.5"`` (official ``update_precond_kron_whiten_q0p5eq1p5``,
+    the official default): with ``Pg = P h`` and, per factor, ``c_i = numel / d_i``::
 
         T_i = Pg_(i) Pg_(i)ᵀ (diagonal: row sums of squares);  ℓ_i = ‖T_i‖₂-lower-bound + c_i
         L_i ← max(β L_i + (1-β) ℓ_i, ℓ_i)
@@ -704,7 +685,10 @@ def update_precond_kron_whiten_q0p5eq1p5(
     then the 0.01 balancing coin. Draws: ``v``; per dense factor 32 probes (norm bound) and 32
     (rotation).
     """
-    _, h = whitening_probe(g, damping, generator)
+    v, h = whitening_probe(g, damping, generator)
+    if geometry == "EQ":
+        update_precond_kron_eq(Q, L, v, h, lr, beta_lipschitz, generator)
+        return
     pg = kron_precondition(Q, h)
     numel = g.numel()
     k = g.dim()
@@ -722,12 +706,6 @@ def update_precond_kron_whiten_q0p5eq1p5(
             Li = update_lipschitz(L[i], ell, beta_lipschitz)
             q.mul_(1 - (lr / Li).to(q.dtype) * (t1 - c))
     _maybe_balance(Q, generator)
-
-
-_UPDATES: dict[str, Callable[..., None]] = {
-    "EQ": update_precond_kron_whiten_eq,
-    "Q0.5EQ1.5": update_precond_kron_whiten_q0p5eq1p5,
-}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ re-written from reading; nothing was copied.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -61,9 +62,10 @@ def update_precond_lra(
     L: Sequence[Tensor],
     v: Tensor,
     h: Tensor,
+    *,
+    generator: torch.Generator | None = None,
     lr: float = 0.1,
     beta_lipschitz: float = 0.9,
-    generator: torch.Generator | None = None,
 ) -> None:
     """Fit ``Q = (I + U Vᵀ) diag(d)`` on the pair ``(v, h)``, in place (``update_precond_lra``).
 
@@ -133,15 +135,16 @@ def update_precond_lra_whiten(
     d: Tensor,
     L: Sequence[Tensor],
     g: Tensor,
+    *,
+    generator: torch.Generator | None = None,
     lr: float = 0.1,
     beta_lipschitz: float = 0.9,
     damping: float = 1e-9,
-    generator: torch.Generator | None = None,
 ) -> None:
     """Whitening fit: ``v ~ N(0, I)`` (first draw), ``h = g + (damping + ε|g|) ⊙ v``, then
     :func:`update_precond_lra` (official ``update_precond_lra_whiten``); in place."""
     v, h = _psgd.whitening_probe(g, damping, generator)
-    update_precond_lra(U, V, d, L, v, h, lr, beta_lipschitz, generator)
+    update_precond_lra(U, V, d, L, v, h, generator=generator, lr=lr, beta_lipschitz=beta_lipschitz)
 
 
 class PSGDLRA(PSGDBase):
@@ -202,25 +205,22 @@ class PSGDLRA(PSGDBase):
 
     def _validate_extra(self, group: dict[str, Any]) -> None:
         rank = validate_int("rank", group["rank"], 0)
-        numel = sum(p.numel() for p in group.get("params", []))
-        if "params" in group and rank >= numel:
+        numel = sum(p.numel() for p in group["params"])
+        if rank >= numel:
             raise ParameterError(
                 f"rank must be smaller than the number of entries of the param group ({numel}), "
                 f"got rank={rank}; pass a smaller rank"
             )
 
     def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        momentum_buffers: list[Tensor | None],
-        lipschitz: list[list[Tensor]],
-        state_steps: list[Tensor],
+        self, group: dict[str, Any], *lists: list[Any]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Create the state of new parameters (official initialisation over them), list every
-        parameter with a gradient, and return the group's ``U``, ``V``, ``d`` over those, as one
-        tensor each whose row blocks are the parameters' state entries."""
+        """Create the state of new parameters (official initialisation over them); append every
+        parameter with a gradient to ``lists = (params, grads, momentum_buffers, lipschitz,
+        state_steps)``; return the group's ``U``, ``V``, ``d`` over those, as one tensor each
+        whose row blocks are the parameters' state entries.
+        """
+        params, grads, momentum_buffers, lipschitz, state_steps = lists
         ps = [p for p in group["params"] if p.grad is not None]
         new = [p for p in ps if len(self.state[p]) == 0]
         if new:
@@ -380,24 +380,23 @@ def _single_tensor_psgd_lra(
         gs.append(g.reshape(-1, 1))
     t = int(state_steps[0].item())
     if _psgd.update_coin(options, t):
-        _refit_step(params, gs, U, V, d.view(-1, 1), momentum_buffers, lipschitz, t, options)
+        _refit_step(params, gs, (U, V, d.view(-1, 1)), momentum_buffers, lipschitz, t, options)
     else:
-        _blockwise_step(params, gs, U, V, d, momentum_buffers, t, options)
+        _blockwise_step(params, gs, (U, V, d), momentum_buffers, t, options)
     torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
 
 
 def _refit_step(
     ps: list[Tensor],
     grads: list[Tensor],
-    U: Tensor,
-    V: Tensor,
-    d: Tensor,
+    precond: tuple[Tensor, Tensor, Tensor],
     momentum_buffers: list[Tensor | None],
     lipschitz: list[list[Tensor]],
     t: int,
     options: PSGDStepOptions,
 ) -> None:
-    """A step that refits ``(U, V, d)``, on the group's concatenated vectors."""
+    """A step that refits ``precond = (U, V, d)``, on the group's concatenated vectors."""
+    U, V, d = precond
     g = torch.cat(grads)
     L = [x.clone() for x in lipschitz[0]]
     momentum = float(options["momentum"])
@@ -409,12 +408,12 @@ def _refit_step(
         m = g
     gen = _psgd.seeded_generator(_psgd.mix_seed(int(options["seed"]), t, 1), g.device)
     target = g if options["whiten_grad"] else m
-    fit = (options["preconditioner_lr"], options["beta_lipschitz"], options["damping"], gen)
+    fit = functools.partial(update_precond_lra_whiten, generator=gen, **_psgd.fit_options(options))
     if options["update_preconditioner_first"]:
-        update_precond_lra_whiten(U, V, d, L, target, *fit)
+        fit(U, V, d, L, target)
     u = precond_grad_lra(U, V, d, m)
     if not options["update_preconditioner_first"]:
-        update_precond_lra_whiten(U, V, d, L, target, *fit)
+        fit(U, V, d, L, target)
     u = _psgd.clip_update(u, options["grad_clip_max_amps"])
     start = 0
     for p, buf, lip in zip(ps, momentum_buffers, lipschitz):
@@ -429,9 +428,7 @@ def _refit_step(
 def _blockwise_step(
     ps: list[Tensor],
     grads: list[Tensor],
-    U: Tensor,
-    V: Tensor,
-    d: Tensor,
+    precond: tuple[Tensor, Tensor, Tensor],
     momentum_buffers: list[Tensor | None],
     t: int,
     options: PSGDStepOptions,
@@ -443,7 +440,7 @@ def _blockwise_step(
     """
     momentum = float(options["momentum"])
     sizes = [p.numel() for p in ps]
-    Us, Vs, ds = U.split(sizes), V.split(sizes), d.split(sizes)
+    Us, Vs, ds = (x.split(sizes) for x in precond)
     ms = []
     for buf, g in zip(momentum_buffers, grads):
         if momentum > 0.0:

@@ -250,3 +250,11 @@ def test_multi_tensor_path_equals_the_single_tensor_reference(cls, wd, init_eta,
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
         for key in ("rbar", "G", "step"):
             torch.testing.assert_close(opt_a.state[a][key], opt_b.state[b][key], rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("gamma", [-1.0, float("nan"), "8"])
+def test_averager_rejects_a_bad_gamma(gamma):
+    from curvlab.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="gamma must be a finite number >= 0"):
+        PolynomialDecayAverager([torch.zeros(2)], gamma=gamma)

@@ -61,6 +61,7 @@ from curvlab.optim._validation import (
     next_step_number,
     run_closure,
     validate_lr,
+    validate_nonnegative,
     validate_on_nonfinite,
     validate_positive,
     validate_weight_decay,
@@ -482,8 +483,7 @@ class PolynomialDecayAverager:
     """
 
     def __init__(self, params: Iterable[Tensor] | nn.Module, gamma: float = 8.0) -> None:
-        if not isinstance(gamma, (int, float)) or gamma < 0:
-            raise ParameterError(f"gamma must be a number >= 0, got {gamma!r}; the authors use 8")
+        validate_nonnegative("gamma", gamma, "; the authors use 8")
         if isinstance(params, nn.Module):
             tensors = [
                 *params.parameters(),

@@ -172,6 +172,7 @@ class MFAC(Optimizer):
         weight_decay: float = 0.0,
         num_grads: int = 1024,
         damp: float = 1e-5,
+        *,
         on_nonfinite: str = "raise",
     ) -> None:
         defaults = dict(

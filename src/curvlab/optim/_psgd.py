@@ -23,10 +23,8 @@ from torch.optim import Optimizer
 from curvlab.errors import ParameterError
 from curvlab.optim._validation import (
     add_param_group_checked,
-    check_finite_grads,
     load_state_dict_checked,
-    next_step_number,
-    run_closure,
+    start_step,
     validate_choice,
     validate_in_range,
     validate_lr,
@@ -204,9 +202,8 @@ class PSGDBase(Optimizer):
         Returns:
             the closure's loss, or ``None`` without a closure.
         """
-        loss = run_closure(closure)
-        # the step number is read from the state only when an error message needs it
-        if check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
+        loss, proceed = start_step(self, closure)
+        if proceed:
             for group in self.param_groups:
                 self._step_group(group)
         return loss

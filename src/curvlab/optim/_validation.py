@@ -57,6 +57,7 @@ __all__ = [
     "group_step",
     "load_state_dict_checked",
     "run_closure",
+    "start_step",
     "validate_betas",
     "validate_choice",
     "validate_eps",
@@ -460,6 +461,18 @@ def add_param_group_checked(
     """
     Optimizer.add_param_group(optimizer, param_group)
     check(optimizer.param_groups[-1])
+
+
+def start_step(optimizer: Optimizer, closure: Callable[[], Any] | None) -> tuple[Any, bool]:
+    """The start of every first-order ``step``: run the closure (:func:`run_closure`), then the
+    non-finite policy (:func:`check_finite_grads`, the step number read only for a message).
+
+    Returns:
+        ``(loss, proceed)``: the closure's loss (or ``None``) and whether the step may proceed.
+    """
+    loss = run_closure(closure)
+    proceed = check_finite_grads(optimizer.param_groups, step=lambda: next_step_number(optimizer))
+    return loss, proceed
 
 
 def check_state_dict(

@@ -58,11 +58,9 @@ from torch.optim import Optimizer
 
 from curvlab.optim._scratch import chunks, workspace_views
 from curvlab.optim._validation import (
-    check_finite_grads,
     group_options,
     load_state_dict_checked,
-    next_step_number,
-    run_closure,
+    start_step,
     validate_betas,
     validate_eps,
     validate_lr,
@@ -184,7 +182,6 @@ class ADOPT(Optimizer):
         """Create the state of new parameters; append every parameter with a gradient to
         ``lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)``.
         """
-        params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -193,11 +190,9 @@ class ADOPT(Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
+            entries = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -206,8 +201,8 @@ class ADOPT(Optimizer):
         Returns:
             The closure's loss, or ``None``.
         """
-        loss = run_closure(closure)
-        if check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
+        loss, proceed = start_step(self, closure)
+        if proceed:
             for group in self.param_groups:
                 lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
                 self._init_group(group, *lists)

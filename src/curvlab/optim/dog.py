@@ -196,7 +196,6 @@ class DoG(Optimizer):
 
         A parameter joining a DoG group later takes the group's current r̄ and G.
         """
-        params, grads, x0s, iterates, rbars, Gs, state_steps = lists
         new = [p for p in group["params"] if p.grad is not None and not self.state.get(p)]
         if new:
             with_grad = [p for p in group["params"] if p.grad is not None]
@@ -226,21 +225,14 @@ class DoG(Optimizer):
             if p.grad is None:
                 continue
             st = self.state[p]
-            params.append(p)
-            grads.append(p.grad)
-            x0s.append(st["x0"])
-            iterates.append(st.get("x_float32", p))
-            rbars.append(st["rbar"])
-            Gs.append(st["G"])
-            state_steps.append(st["step"])
+            iterate = st.get("x_float32", p)
+            entries = (p, p.grad, st["x0"], iterate, st["rbar"], st["G"], st["step"])
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Take one DoG step; the optional ``closure`` zeroes grads, calls backward, returns loss.
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """Take one DoG step; ``closure`` (optional) zeroes grads, calls backward, returns the loss."""
         loss = run_closure(closure)
         grads_of(self.param_groups)  # sparse gradients raise before any norm is taken
         # the 2-norms of the raw gradients serve the finite check and (without weight decay) G

@@ -22,12 +22,10 @@ from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     add_param_group_checked,
-    check_finite_grads,
     group_options,
     group_step,
     load_state_dict_checked,
-    next_step_number,
-    run_closure,
+    start_step,
     validate_betas,
     validate_choice,
     validate_eps,
@@ -316,7 +314,6 @@ class FRUGAL(Optimizer):
         state-free split tensor), the chosen column/row ``indices`` (``None``: whole tensor) and
         whether it is split.
         """
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits = lists
         t = group_step(self, group)
         gap = int(group["update_gap"])
         if t % gap == 0 and _resets(group):
@@ -343,13 +340,8 @@ class FRUGAL(Optimizer):
                     st["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
                 m, v = st["exp_avg"], st["exp_avg_sq"]
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(m)
-            exp_avg_sqs.append(v)
-            state_steps.append(st["step"])
-            indices.append(idx)
-            splits.append(is_split)
+            for lst, entry in zip(lists, (p, p.grad, m, v, st["step"], idx, is_split)):
+                lst.append(entry)
         return t % gap
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -391,8 +383,8 @@ class FRUGAL(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One FRUGAL step; ``closure`` (optional) zeroes grads, calls backward, returns loss."""
-        loss = run_closure(closure)
-        if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
+        loss, proceed = start_step(self, closure)
+        if not proceed:
             return loss
         for gi, group in enumerate(self.param_groups):
             lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])

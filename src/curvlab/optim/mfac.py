@@ -19,12 +19,10 @@ from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     add_param_group_checked,
-    check_finite_grads,
     group_options,
     group_step,
     load_state_dict_checked,
-    next_step_number,
-    run_closure,
+    start_step,
     validate_in_range,
     validate_int,
     validate_lr,
@@ -175,15 +173,15 @@ class MFAC(Optimizer):
         *,
         on_nonfinite: str = "raise",
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            num_grads=num_grads,
-            damp=damp,
-            on_nonfinite=on_nonfinite,
-            nonfinite_skips=0,
-        )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "num_grads": num_grads,
+            "damp": damp,
+            "on_nonfinite": on_nonfinite,
+            "nonfinite_skips": 0,
+        }
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -195,7 +193,6 @@ class MFAC(Optimizer):
         whose row is zeroed) to ``lists = (params, grads, windows, momentum_buffers, state_steps)``;
         return the group's ``G Gᵀ``.
         """
-        params, grads, windows, momentum_buffers, state_steps = lists
         m = int(group["num_grads"])
         dots = next(
             (st["dots"] for p in group["params"] if "dots" in (st := self.state.get(p, {}))), None
@@ -211,11 +208,9 @@ class MFAC(Optimizer):
                 dots = st["dots"] = torch.zeros((m, m), dtype=p.dtype, device=p.device)
             if group["momentum"] > 0.0 and p.grad is not None and "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            windows.append(st["grad_window"])
-            momentum_buffers.append(st.get("momentum_buffer"))
-            state_steps.append(st["step"])
+            entries = (p, p.grad, st["grad_window"], st.get("momentum_buffer"), st["step"])
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
         assert dots is not None
         return dots
 
@@ -238,8 +233,8 @@ class MFAC(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One M-FAC step; ``closure`` (optional) zeroes grads, calls backward, returns the loss."""
-        loss = run_closure(closure)
-        if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
+        loss, proceed = start_step(self, closure)
+        if not proceed:
             return loss
         for group in self.param_groups:
             if any(p.grad is not None for p in group["params"]):

@@ -168,7 +168,6 @@ class PSGDKron(PSGDBase):
         momentum_buffers, state_steps, generators)``, its probe generator seeded by
         ``(seed, step, index in the group)``.
         """
-        params, grads, factors, lipschitz, momentum_buffers, state_steps, generators = lists
         new = [p for p in group["params"] if p.grad is not None and len(self.state[p]) == 0]
         if new:
             scale = group["init_scale"]
@@ -195,14 +194,14 @@ class PSGDKron(PSGDBase):
                 continue
             state = self.state[p]
             k = _num_factors(p.shape)
-            params.append(p)
-            grads.append(p.grad)
-            factors.append([state[f"Q_{i}"] for i in range(k)])
-            lipschitz.append([state[f"L_{i}"] for i in range(k)])
-            momentum_buffers.append(state.get("momentum_buffer"))
-            state_steps.append(state["step"])
             t = int(state["step"].item())
-            generators.append(seeded_generator(probe_seed(int(group["seed"]), t, index), p.device))
+            gen = seeded_generator(probe_seed(int(group["seed"]), t, index), p.device)
+            factors = [state[f"Q_{i}"] for i in range(k)]
+            lipschitz = [state[f"L_{i}"] for i in range(k)]
+            buf = state.get("momentum_buffer")
+            entries = (p, p.grad, factors, lipschitz, buf, state["step"], gen)
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
 
     def _step_group(self, group: dict[str, Any]) -> None:
         lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])

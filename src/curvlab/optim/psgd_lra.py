@@ -220,18 +220,16 @@ class PSGDLRA(PSGDBase):
         state_steps)``; return the group's ``U``, ``V``, ``d`` over those, as one tensor each
         whose row blocks are the parameters' state entries.
         """
-        params, grads, momentum_buffers, lipschitz, state_steps = lists
         ps = [p for p in group["params"] if p.grad is not None]
         new = [p for p in ps if len(self.state[p]) == 0]
         if new:
             self._init_states(group, new)
         for p in ps:
             st = self.state[p]
-            params.append(p)
-            grads.append(p.grad)  # type: ignore[arg-type]
-            momentum_buffers.append(st.get("momentum_buffer"))
-            lipschitz.append([st[k] for k in _LIPSCHITZ_KEYS])
-            state_steps.append(st["step"])
+            lipschitz = [st[k] for k in _LIPSCHITZ_KEYS]
+            entries = (p, p.grad, st.get("momentum_buffer"), lipschitz, st["step"])
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
         U, V, d = (self._flat(ps, key) for key in ("U", "V", "d"))
         return U, V, d
 

@@ -27,10 +27,8 @@ from curvlab.optim._validation import (
     start_step,
     validate_choice,
     validate_in_range,
-    validate_lr,
     validate_nonnegative,
-    validate_on_nonfinite,
-    validate_weight_decay,
+    validate_standard,
 )
 
 __all__ = [
@@ -141,10 +139,8 @@ class PSGDBase(Optimizer):
         def num(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
             validate_in_range(name, group[name], lo, hi, lo_open=lo_open, hi_open=hi_open)
 
-        validate_lr(group["lr"])
-        validate_weight_decay(group["weight_decay"])
+        validate_standard(group, "lr", "weight_decay", "on_nonfinite")
         validate_nonnegative("damping", group["damping"], "; the official default is 1e-9")
-        validate_on_nonfinite(group["on_nonfinite"])
         num("preconditioner_lr", 0.0, 1.0, lo_open=True, hi_open=True)
         num("beta_lipschitz", 0.0, 1.0)
         num("momentum", 0.0, 1.0, hi_open=True)

@@ -67,6 +67,7 @@ __all__ = [
     "validate_nonnegative",
     "validate_on_nonfinite",
     "validate_positive",
+    "validate_standard",
     "validate_weight_decay",
 ]
 
@@ -473,6 +474,27 @@ def start_step(optimizer: Optimizer, closure: Callable[[], Any] | None) -> tuple
     loss = run_closure(closure)
     proceed = check_finite_grads(optimizer.param_groups, step=lambda: next_step_number(optimizer))
     return loss, proceed
+
+
+#: The validators of the hyper-parameters many optimizers share, by param-group key.
+_STANDARD: dict[str, Callable[[Any], Any]] = {
+    "lr": validate_lr,
+    "betas": validate_betas,
+    "eps": validate_eps,
+    "weight_decay": validate_weight_decay,
+    "on_nonfinite": validate_on_nonfinite,
+}
+
+
+def validate_standard(group: Mapping[str, Any], *keys: str) -> None:
+    """Check the shared hyper-parameters ``keys`` (``lr``, ``betas``, ``eps``, ``weight_decay``,
+    ``on_nonfinite``) of a param group or defaults dict, each with its validator.
+
+    Raises:
+        ParameterError: the message of that validator (e.g. "lr must be a finite number >= 0").
+    """
+    for key in keys:
+        _STANDARD[key](group[key])
 
 
 def check_state_dict(

@@ -61,12 +61,8 @@ from curvlab.optim._validation import (
     group_options,
     load_state_dict_checked,
     start_step,
-    validate_betas,
-    validate_eps,
-    validate_lr,
     validate_nonnegative,
-    validate_on_nonfinite,
-    validate_weight_decay,
+    validate_standard,
 )
 
 if TYPE_CHECKING:
@@ -155,16 +151,11 @@ class ADOPT(Optimizer):
         foreach: bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
-        validate_lr(lr)
-        betas = validate_betas(betas)  # type: ignore[assignment]
-        validate_eps(eps)
-        validate_weight_decay(weight_decay)
         if clip_exponent is not None:
             validate_nonnegative(
                 "clip_exponent", clip_exponent, "; the authors use 0.25, None disables clipping"
             )
-        validate_on_nonfinite(on_nonfinite)
-        defaults = {
+        defaults: dict[str, Any] = {
             "lr": lr,
             "betas": betas,
             "eps": eps,
@@ -176,6 +167,8 @@ class ADOPT(Optimizer):
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
         }
+        validate_standard(defaults, "lr", "betas", "eps", "weight_decay", "on_nonfinite")
+        defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
 
     def _init_group(self, group: dict[str, Any], *lists: list[Tensor]) -> None:

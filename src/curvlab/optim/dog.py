@@ -60,11 +60,9 @@ from curvlab.optim._validation import (
     load_state_dict_checked,
     next_step_number,
     run_closure,
-    validate_lr,
     validate_nonnegative,
-    validate_on_nonfinite,
     validate_positive,
-    validate_weight_decay,
+    validate_standard,
 )
 
 if TYPE_CHECKING:
@@ -153,7 +151,6 @@ class DoG(Optimizer):
         foreach: bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
-        validate_lr(lr)
         if init_eta is not None:
             validate_positive("init_eta", init_eta, "; it is the first step size, or None")
             reps_rel = 0.0
@@ -163,9 +160,7 @@ class DoG(Optimizer):
                 reps_rel,
                 "; the authors suggest 1e-6 (1e-4 for batch-norm nets, 1e-8 if training diverges)",
             )
-        validate_weight_decay(weight_decay)
         validate_positive("eps", eps, "; it keeps G > 0 at the first step, e.g. 1e-8")
-        validate_on_nonfinite(on_nonfinite)
         defaults = {
             "reps_rel": reps_rel,
             "lr": lr,
@@ -176,6 +171,7 @@ class DoG(Optimizer):
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
         }
+        validate_standard(defaults, "lr", "weight_decay", "on_nonfinite")
         super().__init__(params, defaults)
 
     def last_eta(self, group_index: int = 0) -> Tensor | list[Tensor]:

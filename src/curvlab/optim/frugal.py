@@ -26,15 +26,11 @@ from curvlab.optim._validation import (
     group_step,
     load_state_dict_checked,
     start_step,
-    validate_betas,
     validate_choice,
-    validate_eps,
     validate_in_range,
     validate_int,
-    validate_lr,
     validate_nonnegative,
-    validate_on_nonfinite,
-    validate_weight_decay,
+    validate_standard,
 )
 
 if TYPE_CHECKING:
@@ -596,11 +592,7 @@ def _resets(group: Mapping[str, Any]) -> bool:
 
 
 def _validate_group(group: Mapping[str, Any]) -> None:
-    validate_lr(group["lr"])
-    validate_betas(group["betas"])
-    validate_eps(group["eps"])
-    validate_weight_decay(group["weight_decay"])
-    validate_on_nonfinite(group["on_nonfinite"])
+    validate_standard(group, "lr", "betas", "eps", "weight_decay", "on_nonfinite")
     validate_in_range(
         "density",
         group["density"],

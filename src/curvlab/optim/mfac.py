@@ -25,10 +25,8 @@ from curvlab.optim._validation import (
     start_step,
     validate_in_range,
     validate_int,
-    validate_lr,
-    validate_on_nonfinite,
     validate_positive,
-    validate_weight_decay,
+    validate_standard,
 )
 
 if TYPE_CHECKING:
@@ -355,9 +353,7 @@ def _validate_group(group: Mapping[str, Any]) -> None:
         )
     if not all(p.is_floating_point() for p in ps):
         raise ParameterError("MFAC optimizes floating-point parameters only")
-    validate_lr(group["lr"])
-    validate_weight_decay(group["weight_decay"])
-    validate_on_nonfinite(group["on_nonfinite"])
+    validate_standard(group, "lr", "weight_decay", "on_nonfinite")
     validate_in_range(
         "momentum", group["momentum"], 0, 1, hi_open=True, hint="; use 0 to disable momentum"
     )

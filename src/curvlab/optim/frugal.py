@@ -177,10 +177,6 @@ class FRUGAL(Optimizer):
         params: parameters or param groups; a group may set ``split`` (``None``: tensors with
             ``dim ≥ 2``; ``True``: all; ``False``: none) and any hyper-parameter below.
         lr: learning rate (default ``1e-3``); the others are keyword-only.
-        betas: AdamW ``(β1, β2)`` (default ``(0.9, 0.999)``).
-        eps: AdamW denominator guard (default ``1e-8``).
-        weight_decay: decoupled weight decay, applied to all parameters (default ``0.01``, the
-            authors' AdamW default).
         density: ρ, the state-full fraction (default ``0.25``).
         update_gap: T, steps between subspace refreshes (default ``200``).
         projection: ``"blocks"`` | ``"columns"`` | ``"rows"`` (default ``"blocks"``).
@@ -192,6 +188,10 @@ class FRUGAL(Optimizer):
         reset_statistics: reset moments at refresh for column/row projections (default ``True``).
         split: default of the per-group ``split`` (default ``None``).
         seed: seed of the subspace choices (default ``0``).
+        betas: AdamW ``(β1, β2)`` (default ``(0.9, 0.999)``).
+        eps: AdamW denominator guard (default ``1e-8``).
+        weight_decay: decoupled weight decay, applied to all parameters (default ``0.01``, the
+            authors' AdamW default).
         foreach: use the ``torch._foreach_*`` path (default ``None``: on CPU, tensors of at least
             2**18 entries take the loop through one reusable scratch buffer, the others the
             foreach kernels); bitwise equal to the loop.
@@ -227,9 +227,6 @@ class FRUGAL(Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float | Tensor = 1e-3,
         *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
         density: float = 0.25,
         update_gap: int = 200,
         projection: str = "blocks",
@@ -240,6 +237,9 @@ class FRUGAL(Optimizer):
         reset_statistics: bool = True,
         split: bool | None = None,
         seed: int = 0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
         foreach: bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:

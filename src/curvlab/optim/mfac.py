@@ -172,11 +172,11 @@ class MFAC(Optimizer):
         on_nonfinite: str = "raise",
     ) -> None:
         defaults = {
+            "num_grads": num_grads,
+            "damp": damp,
             "lr": lr,
             "momentum": momentum,
             "weight_decay": weight_decay,
-            "num_grads": num_grads,
-            "damp": damp,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
         }

@@ -34,7 +34,9 @@ resolution of a bfloat16 number (:math:`2^{-8}` relative), so an update applied 
 away, the distance stays 0 and the parameters never move (official code included). curvlab keeps a
 float32 copy ``"x_float32"`` of each half-precision parameter (4 bytes per parameter): the update
 is applied to it and the parameter is its rounding; distances, gradient-norm sums and η are float32
-scalars. The iterates then track a float32 run within bfloat16 rounding.
+scalars. The iterates then track a float32 run within bfloat16 rounding. (The parameter is set
+from that copy at every step: an in-place change of a half-precision parameter made outside the
+optimizer is overwritten.)
 
 Paper: Ivgi, Hinder, Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
 Schedule", ICML 2023, arXiv 2302.12022. Averaging: Shamir & Zhang, ICML 2013 (polynomial-decay
@@ -232,8 +234,10 @@ class DoG(Optimizer):
         loss = run_closure(closure)
         grads_of(self.param_groups)  # sparse gradients raise before any norm is taken
         # the 2-norms of the raw gradients serve the finite check and (without weight decay) G
-        norms = [_grad_norms([p.grad for p in g["params"] if p.grad is not None])
-                 for g in self.param_groups]  # fmt: skip
+        norms = [
+            _grad_norms([p.grad for p in g["params"] if p.grad is not None])
+            for g in self.param_groups
+        ]
         flat = [n for ns in norms for n in ns]
         if not check_finite_grads(
             self.param_groups, step=lambda: next_step_number(self), grad_norms=flat
@@ -425,8 +429,11 @@ def _distances(
     of one dtype (< 65536 elements) take two multi-tensor calls instead (fewer Python calls).
     """
     out: list[Tensor | None] = [None] * len(xs)
-    small = [i for i, (x, x0) in enumerate(zip(xs, x0s))
-             if x.numel() < _SCRATCH_NUMEL and x.dtype == x0.dtype]  # fmt: skip
+    small = [
+        i
+        for i, (x, x0) in enumerate(zip(xs, x0s))
+        if x.numel() < _SCRATCH_NUMEL and x.dtype == x0.dtype
+    ]
     if small:
         diffs = torch._foreach_sub([xs[i] for i in small], [x0s[i] for i in small])
         for i, n in zip(small, torch._foreach_norm(diffs, 2, dtype=dtype)):

@@ -236,12 +236,8 @@ class PSGDLRA(PSGDBase):
     def _step_group(self, group: dict[str, Any]) -> None:
         lists: tuple[list[Any], ...] = ([], [], [], [], [])
         if any(p.grad is not None for p in group["params"]):
-            U, V, d = self._init_group(group, *lists)
-            params, grads, momentum_buffers, lipschitz, state_steps = lists
-            psgd_lra(
-                params, grads, U, V, d, momentum_buffers, lipschitz, state_steps,
-                **group_options(group, PSGDStepOptions),
-            )  # fmt: skip
+            precond = self._init_group(group, *lists)
+            psgd_lra(*lists, precond=precond, **group_options(group, PSGDStepOptions))
 
     def _flat(self, ps: list[Tensor], key: str) -> Tensor:
         """The group's ``U``, ``V`` or ``d`` as one tensor whose row blocks are the state entries.
@@ -334,39 +330,32 @@ class PSGDLRA(PSGDBase):
 def psgd_lra(
     params: list[Tensor],
     grads: list[Tensor],
-    U: Tensor,
-    V: Tensor,
-    d: Tensor,
     momentum_buffers: list[Tensor | None],
     lipschitz: list[list[Tensor]],
     state_steps: list[Tensor],
+    *,
+    precond: tuple[Tensor, Tensor, Tensor],
     **options: Unpack[PSGDStepOptions],
 ) -> None:
     """Functional API that performs the PSGD-LRA computation; see :class:`PSGDLRA`.
 
-    ``U``, ``V`` (``[N, r]``) and ``d`` (``[N]``) are the group's preconditioner over the
-    parameters concatenated (updated in place); ``lipschitz[j]`` holds ``(L_u, L_v, L_d)`` of
-    parameter ``j`` (the group's values, written back into every entry). Updates ``params``,
-    ``momentum_buffers`` and ``state_steps`` in place. There is no multi-tensor path: it calls
-    :func:`_single_tensor_psgd_lra`.
+    ``precond = (U, V, d)``: the group's preconditioner over the parameters concatenated
+    (``U``, ``V``: ``[N, r]``; ``d``: ``[N]``; updated in place); ``lipschitz[j]`` holds
+    ``(L_u, L_v, L_d)`` of parameter ``j`` (the group's values, written back into every entry).
+    Updates ``params``, ``momentum_buffers`` and ``state_steps`` in place. There is no
+    multi-tensor path: it calls :func:`_single_tensor_psgd_lra`.
     """
-    _single_tensor_psgd_lra(
-        params, grads, U, V, d, momentum_buffers, lipschitz, state_steps, **options
-    )
+    lists = (params, grads, momentum_buffers, lipschitz, state_steps)
+    _single_tensor_psgd_lra(*lists, precond=precond, **options)
 
 
 def _single_tensor_psgd_lra(
-    params: list[Tensor],
-    grads: list[Tensor],
-    U: Tensor,
-    V: Tensor,
-    d: Tensor,
-    *lists: list[Any],
-    **options: Unpack[PSGDStepOptions],
+    *lists: list[Any], precond: tuple[Tensor, Tensor, Tensor], **options: Unpack[PSGDStepOptions]
 ) -> None:
     """The PSGD-LRA step of the class docstring (the reference): a refit step works on the
     concatenation; a step without refit applies ``P`` block by block, nothing concatenated."""
-    momentum_buffers, lipschitz, state_steps = lists
+    params, grads, momentum_buffers, lipschitz, state_steps = lists
+    U, V, d = precond
     lr, wd = float(options["lr"]), float(options["weight_decay"])
     gs = []
     for p, g in zip(params, grads):

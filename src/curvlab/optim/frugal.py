@@ -64,64 +64,6 @@ _MIX = 0x9E3779B97F4A7C15
 _SCRATCH_NUMEL = 1 << 18
 
 
-def _subspace_generator(seed: int, refresh: int) -> torch.Generator:
-    """A CPU generator determined by ``(seed, refresh)``: subspaces reproducible from numbers."""
-    return torch.Generator().manual_seed((seed * _MIX + refresh) % (2**63 - 1))
-
-
-def _matrix_shape(p: Tensor) -> tuple[int, int]:
-    """The ``(rows, columns)`` view of a parameter used by the column/row projections."""
-    if p.dim() == 0:
-        return 1, 1
-    if p.dim() == 1:
-        return 1, p.shape[0]
-    return p.shape[0], p.numel() // p.shape[0]
-
-
-def _gather(t: Tensor, idx: Tensor, axis: int) -> Tensor:
-    """The chosen columns (``axis=1``) or rows (``axis=0``) of ``t``'s matrix view."""
-    return t.reshape(_matrix_shape(t)).index_select(axis, idx)
-
-
-def _num_active_blocks(n: int, density: float) -> int:
-    # Python's round (half to even), as the official BlockOptimizer: round(0.5) == 0.
-    return round(n * density)
-
-
-def block_selection(n: int, density: float, order: str, seed: int, refresh: int) -> list[int]:
-    """Indices of the state-full tensors among a group's ``n`` split tensors in subspace k.
-
-    ``round(n · density)`` whole tensors (official ``num_active_blocks``). ``"random"``: the first
-    entries of a permutation drawn from a generator seeded by ``(seed, refresh)`` (the official
-    code draws ``torch.randperm`` from the global generator); ``"ascending"`` / ``"descending"``:
-    consecutive tensors, moving by that many each refresh; ``"mirror"``: pairs from both ends.
-
-    Example:
-        >>> block_selection(8, 0.25, "ascending", seed=0, refresh=1)
-        [2, 3]
-        >>> block_selection(8, 0.25, "descending", seed=0, refresh=0)
-        [7, 6]
-    """
-    k = _num_active_blocks(n, density)
-    if n == 0 or k == 0:
-        return []
-    if order == "random":
-        perm = torch.randperm(n, generator=_subspace_generator(seed, refresh))
-        return [int(i) for i in perm[:k]]
-    if order == "ascending":
-        start = (refresh * k) % n
-        return [(start + i) % n for i in range(k)]
-    if order == "descending":
-        start = (n - 1 - refresh * k) % n
-        return [(start - i) % n for i in range(k)]
-    half = n // 2  # mirror
-    start = (refresh * (k // 2)) % half
-    out: list[int] = []
-    for i in range(start, start + k // 2):
-        out += [i % half, n - 1 - i % half]
-    return out
-
-
 class FRUGALHyper(TypedDict):
     """The hyper-parameters of one FRUGAL step, as in the param groups (see :class:`FRUGAL`)."""
 
@@ -622,3 +564,61 @@ def _validate_group(group: Mapping[str, Any]) -> None:
                 f"{group['density']}) is odd; choose a density giving an even count or "
                 "another block_order"
             )
+
+
+def _subspace_generator(seed: int, refresh: int) -> torch.Generator:
+    """A CPU generator determined by ``(seed, refresh)``: subspaces reproducible from numbers."""
+    return torch.Generator().manual_seed((seed * _MIX + refresh) % (2**63 - 1))
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    """The ``(rows, columns)`` view of a parameter used by the column/row projections."""
+    if p.dim() == 0:
+        return 1, 1
+    if p.dim() == 1:
+        return 1, p.shape[0]
+    return p.shape[0], p.numel() // p.shape[0]
+
+
+def _gather(t: Tensor, idx: Tensor, axis: int) -> Tensor:
+    """The chosen columns (``axis=1``) or rows (``axis=0``) of ``t``'s matrix view."""
+    return t.reshape(_matrix_shape(t)).index_select(axis, idx)
+
+
+def _num_active_blocks(n: int, density: float) -> int:
+    # Python's round (half to even), as the official BlockOptimizer: round(0.5) == 0.
+    return round(n * density)
+
+
+def block_selection(n: int, density: float, order: str, seed: int, refresh: int) -> list[int]:
+    """Indices of the state-full tensors among a group's ``n`` split tensors in subspace k.
+
+    ``round(n · density)`` whole tensors (official ``num_active_blocks``). ``"random"``: the first
+    entries of a permutation drawn from a generator seeded by ``(seed, refresh)`` (the official
+    code draws ``torch.randperm`` from the global generator); ``"ascending"`` / ``"descending"``:
+    consecutive tensors, moving by that many each refresh; ``"mirror"``: pairs from both ends.
+
+    Example:
+        >>> block_selection(8, 0.25, "ascending", seed=0, refresh=1)
+        [2, 3]
+        >>> block_selection(8, 0.25, "descending", seed=0, refresh=0)
+        [7, 6]
+    """
+    k = _num_active_blocks(n, density)
+    if n == 0 or k == 0:
+        return []
+    if order == "random":
+        perm = torch.randperm(n, generator=_subspace_generator(seed, refresh))
+        return [int(i) for i in perm[:k]]
+    if order == "ascending":
+        start = (refresh * k) % n
+        return [(start + i) % n for i in range(k)]
+    if order == "descending":
+        start = (n - 1 - refresh * k) % n
+        return [(start - i) % n for i in range(k)]
+    half = n // 2  # mirror
+    start = (refresh * (k // 2)) % half
+    out: list[int] = []
+    for i in range(start, start + k // 2):
+        out += [i % half, n - 1 - i % half]
+    return out

@@ -38,47 +38,6 @@ __all__ = ["MFAC", "MFACHyper", "mfac", "mfac_coefficients"]
 _STATE_KEYS = ("step", "grad_window", "momentum_buffer", "dots")
 
 
-def mfac_coefficients(dots: Tensor, gx: Tensor, damp: float, num_grads: int) -> Tensor:
-    """Coefficients ``c`` with ``F̂⁻¹ x = x / λ − Gᵀ c`` for the damped empirical Fisher of a window.
-
-    With the window ``G = [g_1 … g_m]ᵀ`` (``m × d``) and ``F̂ = λ I + (1/m) Gᵀ G``, the Woodbury
-    identity gives ``F̂⁻¹ = λ⁻¹ I − λ⁻² Gᵀ K⁻¹ G`` with the ``m × m`` matrix ``K = λ⁻¹ G Gᵀ + m I``.
-    The official dynamic algorithm factors ``K`` by LU without pivoting (its ``U`` minus ``m I`` is
-    the paper's matrix ``D``, its unit lower factor gives the coefficient matrix ``B = λ⁻¹ L⁻¹``),
-    then ``F̂⁻¹ x = λ⁻¹ x − Gᵀ Bᵀ diag(1/(m + D_ii)) B G x``. ``K`` is symmetric positive definite,
-    so that factorization equals ``LDLᵀ``, obtained here from a Cholesky factor
-    (``torch.linalg.cholesky``, CPU and CUDA; LU without pivoting exists in torch only on CUDA).
-    ``K`` is factored in float64. Cost: ``O(m³)`` for the factorization and ``O(m²)`` for the
-    solve; the caller pays ``O(d m)`` for ``G x`` and ``Gᵀ c``.
-
-    Args:
-        dots: ``G Gᵀ``, shape ``[m, m]``.
-        gx: ``G x``, shape ``[m]``.
-        damp: the damping ``λ > 0``.
-        num_grads: ``m``, the window length (the ``1/m`` of the Fisher; zero rows count).
-
-    Returns:
-        ``c = λ⁻² K⁻¹ G x``, shape ``[m]``, dtype float64 (float32 on MPS).
-
-    Example:
-        >>> G = torch.eye(2, 3, dtype=torch.float64)   # two gradients e_1, e_2 in R^3
-        >>> x = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-        >>> c = mfac_coefficients(G @ G.T, G @ x, damp=0.5, num_grads=2)
-        >>> x / 0.5 - G.T @ c       # F = 0.5 I + 0.5 diag(1, 1, 0) -> F⁻¹ x = (1, 1, 2)
-        tensor([1., 1., 2.], dtype=torch.float64)
-
-    Paper: Frantar, Kurtic, Alistarh 2021, arXiv 2107.03356 (Section 3.3, dynamic algorithm).
-    """
-    m = num_grads
-    lam_inv = 1.0 / damp
-    wide = torch.float32 if dots.device.type == "mps" else torch.float64  # MPS has no float64
-    k = dots.to(wide) * lam_inv
-    k.diagonal().add_(float(m))
-    chol, _ = torch.linalg.cholesky_ex(k)
-    sol = torch.cholesky_solve(gx.to(wide).unsqueeze(1), chol).squeeze(1)
-    return sol.mul_(lam_inv * lam_inv)
-
-
 class MFACHyper(TypedDict):
     """The hyper-parameters of one M-FAC step, as in the param groups (see :class:`MFAC`)."""
 
@@ -361,3 +320,44 @@ def _validate_group(group: Mapping[str, Any]) -> None:
         "num_grads", group["num_grads"], 1, " (the gradient window length); e.g. num_grads=32"
     )
     validate_positive("damp", group["damp"], "; it is the λ of F = λI + (1/m) Σ g gᵀ, e.g. 1e-5")
+
+
+def mfac_coefficients(dots: Tensor, gx: Tensor, damp: float, num_grads: int) -> Tensor:
+    """Coefficients ``c`` with ``F̂⁻¹ x = x / λ − Gᵀ c`` for the damped empirical Fisher of a window.
+
+    With the window ``G = [g_1 … g_m]ᵀ`` (``m × d``) and ``F̂ = λ I + (1/m) Gᵀ G``, the Woodbury
+    identity gives ``F̂⁻¹ = λ⁻¹ I − λ⁻² Gᵀ K⁻¹ G`` with the ``m × m`` matrix ``K = λ⁻¹ G Gᵀ + m I``.
+    The official dynamic algorithm factors ``K`` by LU without pivoting (its ``U`` minus ``m I`` is
+    the paper's matrix ``D``, its unit lower factor gives the coefficient matrix ``B = λ⁻¹ L⁻¹``),
+    then ``F̂⁻¹ x = λ⁻¹ x − Gᵀ Bᵀ diag(1/(m + D_ii)) B G x``. ``K`` is symmetric positive definite,
+    so that factorization equals ``LDLᵀ``, obtained here from a Cholesky factor
+    (``torch.linalg.cholesky``, CPU and CUDA; LU without pivoting exists in torch only on CUDA).
+    ``K`` is factored in float64. Cost: ``O(m³)`` for the factorization and ``O(m²)`` for the
+    solve; the caller pays ``O(d m)`` for ``G x`` and ``Gᵀ c``.
+
+    Args:
+        dots: ``G Gᵀ``, shape ``[m, m]``.
+        gx: ``G x``, shape ``[m]``.
+        damp: the damping ``λ > 0``.
+        num_grads: ``m``, the window length (the ``1/m`` of the Fisher; zero rows count).
+
+    Returns:
+        ``c = λ⁻² K⁻¹ G x``, shape ``[m]``, dtype float64 (float32 on MPS).
+
+    Example:
+        >>> G = torch.eye(2, 3, dtype=torch.float64)   # two gradients e_1, e_2 in R^3
+        >>> x = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+        >>> c = mfac_coefficients(G @ G.T, G @ x, damp=0.5, num_grads=2)
+        >>> x / 0.5 - G.T @ c       # F = 0.5 I + 0.5 diag(1, 1, 0) -> F⁻¹ x = (1, 1, 2)
+        tensor([1., 1., 2.], dtype=torch.float64)
+
+    Paper: Frantar, Kurtic, Alistarh 2021, arXiv 2107.03356 (Section 3.3, dynamic algorithm).
+    """
+    m = num_grads
+    lam_inv = 1.0 / damp
+    wide = torch.float32 if dots.device.type == "mps" else torch.float64  # MPS has no float64
+    k = dots.to(wide) * lam_inv
+    k.diagonal().add_(float(m))
+    chol, _ = torch.linalg.cholesky_ex(k)
+    sol = torch.cholesky_solve(gx.to(wide).unsqueeze(1), chol).squeeze(1)
+    return sol.mul_(lam_inv * lam_inv)

@@ -37,116 +37,6 @@ _STATE_KEYS = ("step", "U", "V", "d", "L_u", "L_v", "L_d", "momentum_buffer")
 _LIPSCHITZ_KEYS = ("L_u", "L_v", "L_d")
 
 
-def _ipuvt(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
-    """``(I + U Vᵀ) x`` for a column ``x``."""
-    return x + U @ (V.mT @ x)
-
-
-def precond_grad_lra(U: Tensor, V: Tensor, d: Tensor, g: Tensor) -> Tensor:
-    """``P g`` with ``P = QᵀQ``, ``Q = (I + U Vᵀ) diag(d)``: ``d ⊙ (I + V Uᵀ)(I + U Vᵀ)(d ⊙ g)``.
-
-    ``U, V``: ``[N, r]``; ``d, g``: ``[N, 1]`` columns.
-
-    Example:
-        >>> U, V = torch.zeros(3, 1), torch.zeros(3, 1)
-        >>> precond_grad_lra(U, V, torch.full((3, 1), 2.0), torch.ones(3, 1)).flatten()
-        tensor([4., 4., 4.])
-    """
-    return d * _ipuvt(V, U, _ipuvt(U, V, d * g))
-
-
-def update_precond_lra(
-    U: Tensor,
-    V: Tensor,
-    d: Tensor,
-    L: Sequence[Tensor],
-    v: Tensor,
-    h: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    lr: float = 0.1,
-    beta_lipschitz: float = 0.9,
-) -> None:
-    """Fit ``Q = (I + U Vᵀ) diag(d)`` on the pair ``(v, h)``, in place (``update_precond_lra``).
-
-    Criterion ``E[hᵀPh + vᵀP⁻¹v]`` as for Kron. Steps, with ``L = (L_u, L_v, L_d)`` Lipschitz EMAs
-    ``L ← max(β L + (1-β) ℓ, ℓ)``:
-
-        balance: ρ = (tr UᵀU / tr VᵀV)^{1/4}; U ← U/ρ, V ← Vρ; E = 0.1 (UᵀU/ρ² - VᵀVρ²)/(…);
-                 U ← U - U(E - E²/2), V ← V + V(E + E²/2)
-        a = Qh, Ph = QᵀQh, b = Q^{-T} v (Woodbury with one r x r LU), P⁻¹v = b-solve / d
-        d ← d - (lr/L_d)(Ph ⊙ h - v ⊙ P⁻¹v) ⊙ d,  ℓ_d = max|Ph ⊙ h| + max|v ⊙ P⁻¹v|
-        with probability 1/2 (a draw from ``generator``) update U, else V, by a normalised step
-        along ``a aᵀ - b bᵀ`` projected on the group of ``(I + U Vᵀ)``.
-
-    Args:
-        U, V: ``[N, r]``; d, v, h: ``[N, 1]``; L: three 0-d tensors; lr: preconditioner step;
-        beta_lipschitz: EMA factor; generator: source of the U-or-V coin.
-    """
-    Lu, Lv, Ld = L
-    UtU, VtV = U.mT @ U, V.mT @ V
-    tr_u, tr_v = UtU.diagonal().sum(), VtV.diagonal().sum()
-    rho = (tr_u / tr_v) ** 0.25
-    rho2 = rho * rho
-    E = 0.1 * (UtU / rho2 - VtV * rho2) / (tr_u / rho2 + tr_v * rho2)
-    E2 = 0.5 * E @ E
-    U.div_(rho)
-    V.mul_(rho)
-    U.sub_(U @ (E - E2))
-    V.add_(V @ (E + E2))
-
-    Qh = _ipuvt(U, V, d * h)
-    Ph = d * _ipuvt(V, U, Qh)
-    IpVtU = V.mT @ U
-    IpVtU.diagonal().add_(1)
-    inv_qt_v = v / d
-    LU, piv = torch.linalg.lu_factor(_psgd.lift(IpVtU))
-    rhs = _psgd.lift(U.mT @ inv_qt_v)
-    inv_qt_v = inv_qt_v - V @ torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).to(V.dtype)
-    rhs = _psgd.lift(V.mT @ inv_qt_v)
-    inv_pv = inv_qt_v - U @ torch.linalg.lu_solve(LU, piv, rhs).to(U.dtype)
-    inv_pv = inv_pv / d
-
-    phh, vipv = Ph * h, v * inv_pv
-    ell = torch.max(torch.abs(phh)) + torch.max(torch.abs(vipv))
-    ld = _psgd.update_lipschitz(Ld, ell, beta_lipschitz)
-    d.sub_((lr / ld).to(d.dtype) * (phh - vipv) * d)
-
-    a, b = Qh, inv_qt_v
-    if torch.rand([], generator=generator, device=U.device).item() < 0.5:
-        atV, btV = a.mT @ V, b.mT @ V
-        ell = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(
-            atV @ V.mT
-        ) + torch.linalg.vector_norm(b) * torch.linalg.vector_norm(btV @ V.mT)
-        lu = _psgd.update_lipschitz(Lu, ell, beta_lipschitz)
-        U.sub_((lr / lu).to(U.dtype) * (a @ (atV @ IpVtU) - b @ (btV @ IpVtU)))
-    else:
-        atU, btU = a.mT @ U, b.mT @ U
-        ell = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(
-            U @ atU.mT
-        ) + torch.linalg.vector_norm(b) * torch.linalg.vector_norm(U @ btU.mT)
-        lv = _psgd.update_lipschitz(Lv, ell, beta_lipschitz)
-        V.sub_((lr / lv).to(V.dtype) * ((a + V @ atU.mT) @ atU - (b + V @ btU.mT) @ btU))
-
-
-def update_precond_lra_whiten(
-    U: Tensor,
-    V: Tensor,
-    d: Tensor,
-    L: Sequence[Tensor],
-    g: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    lr: float = 0.1,
-    beta_lipschitz: float = 0.9,
-    damping: float = 1e-9,
-) -> None:
-    """Whitening fit: ``v ~ N(0, I)`` (first draw), ``h = g + (damping + ε|g|) ⊙ v``, then
-    :func:`update_precond_lra` (official ``update_precond_lra_whiten``); in place."""
-    v, h = _psgd.whitening_probe(g, damping, generator)
-    update_precond_lra(U, V, d, L, v, h, generator=generator, lr=lr, beta_lipschitz=beta_lipschitz)
-
-
 class PSGDLRA(PSGDBase):
     r"""PSGD with a low-rank-approximation whitening preconditioner ``Q = (I + U Vᵀ) diag(d)``.
 
@@ -449,3 +339,113 @@ def _blockwise_step(
             _psgd.clip_update(u, options["grad_clip_max_amps"], rms).reshape(p.shape),
             alpha=float(options["lr"]),
         )
+
+
+def _ipuvt(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
+    """``(I + U Vᵀ) x`` for a column ``x``."""
+    return x + U @ (V.mT @ x)
+
+
+def precond_grad_lra(U: Tensor, V: Tensor, d: Tensor, g: Tensor) -> Tensor:
+    """``P g`` with ``P = QᵀQ``, ``Q = (I + U Vᵀ) diag(d)``: ``d ⊙ (I + V Uᵀ)(I + U Vᵀ)(d ⊙ g)``.
+
+    ``U, V``: ``[N, r]``; ``d, g``: ``[N, 1]`` columns.
+
+    Example:
+        >>> U, V = torch.zeros(3, 1), torch.zeros(3, 1)
+        >>> precond_grad_lra(U, V, torch.full((3, 1), 2.0), torch.ones(3, 1)).flatten()
+        tensor([4., 4., 4.])
+    """
+    return d * _ipuvt(V, U, _ipuvt(U, V, d * g))
+
+
+def update_precond_lra(
+    U: Tensor,
+    V: Tensor,
+    d: Tensor,
+    L: Sequence[Tensor],
+    v: Tensor,
+    h: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    lr: float = 0.1,
+    beta_lipschitz: float = 0.9,
+) -> None:
+    """Fit ``Q = (I + U Vᵀ) diag(d)`` on the pair ``(v, h)``, in place (``update_precond_lra``).
+
+    Criterion ``E[hᵀPh + vᵀP⁻¹v]`` as for Kron. Steps, with ``L = (L_u, L_v, L_d)`` Lipschitz EMAs
+    ``L ← max(β L + (1-β) ℓ, ℓ)``:
+
+        balance: ρ = (tr UᵀU / tr VᵀV)^{1/4}; U ← U/ρ, V ← Vρ; E = 0.1 (UᵀU/ρ² - VᵀVρ²)/(…);
+                 U ← U - U(E - E²/2), V ← V + V(E + E²/2)
+        a = Qh, Ph = QᵀQh, b = Q^{-T} v (Woodbury with one r x r LU), P⁻¹v = b-solve / d
+        d ← d - (lr/L_d)(Ph ⊙ h - v ⊙ P⁻¹v) ⊙ d,  ℓ_d = max|Ph ⊙ h| + max|v ⊙ P⁻¹v|
+        with probability 1/2 (a draw from ``generator``) update U, else V, by a normalised step
+        along ``a aᵀ - b bᵀ`` projected on the group of ``(I + U Vᵀ)``.
+
+    Args:
+        U, V: ``[N, r]``; d, v, h: ``[N, 1]``; L: three 0-d tensors; lr: preconditioner step;
+        beta_lipschitz: EMA factor; generator: source of the U-or-V coin.
+    """
+    Lu, Lv, Ld = L
+    UtU, VtV = U.mT @ U, V.mT @ V
+    tr_u, tr_v = UtU.diagonal().sum(), VtV.diagonal().sum()
+    rho = (tr_u / tr_v) ** 0.25
+    rho2 = rho * rho
+    E = 0.1 * (UtU / rho2 - VtV * rho2) / (tr_u / rho2 + tr_v * rho2)
+    E2 = 0.5 * E @ E
+    U.div_(rho)
+    V.mul_(rho)
+    U.sub_(U @ (E - E2))
+    V.add_(V @ (E + E2))
+
+    Qh = _ipuvt(U, V, d * h)
+    Ph = d * _ipuvt(V, U, Qh)
+    IpVtU = V.mT @ U
+    IpVtU.diagonal().add_(1)
+    inv_qt_v = v / d
+    LU, piv = torch.linalg.lu_factor(_psgd.lift(IpVtU))
+    rhs = _psgd.lift(U.mT @ inv_qt_v)
+    inv_qt_v = inv_qt_v - V @ torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).to(V.dtype)
+    rhs = _psgd.lift(V.mT @ inv_qt_v)
+    inv_pv = inv_qt_v - U @ torch.linalg.lu_solve(LU, piv, rhs).to(U.dtype)
+    inv_pv = inv_pv / d
+
+    phh, vipv = Ph * h, v * inv_pv
+    ell = torch.max(torch.abs(phh)) + torch.max(torch.abs(vipv))
+    ld = _psgd.update_lipschitz(Ld, ell, beta_lipschitz)
+    d.sub_((lr / ld).to(d.dtype) * (phh - vipv) * d)
+
+    a, b = Qh, inv_qt_v
+    if torch.rand([], generator=generator, device=U.device).item() < 0.5:
+        atV, btV = a.mT @ V, b.mT @ V
+        ell = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(
+            atV @ V.mT
+        ) + torch.linalg.vector_norm(b) * torch.linalg.vector_norm(btV @ V.mT)
+        lu = _psgd.update_lipschitz(Lu, ell, beta_lipschitz)
+        U.sub_((lr / lu).to(U.dtype) * (a @ (atV @ IpVtU) - b @ (btV @ IpVtU)))
+    else:
+        atU, btU = a.mT @ U, b.mT @ U
+        ell = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(
+            U @ atU.mT
+        ) + torch.linalg.vector_norm(b) * torch.linalg.vector_norm(U @ btU.mT)
+        lv = _psgd.update_lipschitz(Lv, ell, beta_lipschitz)
+        V.sub_((lr / lv).to(V.dtype) * ((a + V @ atU.mT) @ atU - (b + V @ btU.mT) @ btU))
+
+
+def update_precond_lra_whiten(
+    U: Tensor,
+    V: Tensor,
+    d: Tensor,
+    L: Sequence[Tensor],
+    g: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    lr: float = 0.1,
+    beta_lipschitz: float = 0.9,
+    damping: float = 1e-9,
+) -> None:
+    """Whitening fit: ``v ~ N(0, I)`` (first draw), ``h = g + (damping + ε|g|) ⊙ v``, then
+    :func:`update_precond_lra` (official ``update_precond_lra_whiten``); in place."""
+    v, h = _psgd.whitening_probe(g, damping, generator)
+    update_precond_lra(U, V, d, L, v, h, generator=generator, lr=lr, beta_lipschitz=beta_lipschitz)

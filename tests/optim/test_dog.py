@@ -258,3 +258,24 @@ def test_averager_rejects_a_bad_gamma(gamma):
 
     with pytest.raises(ParameterError, match="gamma must be a finite number >= 0"):
         PolynomialDecayAverager([torch.zeros(2)], gamma=gamma)
+
+
+def test_dog_group_scalars_are_one_shared_tensor_also_after_load_state_dict():
+    ps = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    opt = DoG(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    a, b = (opt.state[p] for p in ps)
+    assert a["rbar"] is b["rbar"] and a["G"] is b["G"]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt2 = DoG(qs)
+    opt2.load_state_dict(opt.state_dict())
+    a2, b2 = (opt2.state[q] for q in qs)
+    assert a2["rbar"] is b2["rbar"] and a2["G"] is b2["G"]
+    for o, xs in ((opt, ps), (opt2, qs)):
+        for x in xs:
+            x.grad = torch.full_like(x, 0.5)
+        o.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)

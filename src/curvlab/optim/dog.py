@@ -113,8 +113,8 @@ class DoG(Optimizer):
 
     State (per parameter): ``"x0"`` (copy of the parameter at its first gradient: 4 bytes per
     float32 parameter), ``"step"`` (float32 scalar, completed steps), ``"rbar"`` and ``"G"``
-    (scalar tensors in float32, or float64 for float64 groups; for DoG the group's values,
-    repeated in every parameter's state) and, for bfloat16/float16 parameters only,
+    (scalar tensors in float32, or float64 for float64 groups; for DoG the group's values, one
+    tensor shared by every parameter's state) and, for bfloat16/float16 parameters only,
     ``"x_float32"`` (the float32 iterate, see the module docstring). The step size of the last
     step is ``optimizer.last_eta(group_index)``.
 
@@ -211,14 +211,15 @@ class DoG(Optimizer):
                 if self.layerwise:
                     st["rbar"] = reps_rel * (1 + x_norm)
                     st["G"] = torch.tensor(eps, dtype=sdtype, device=p.device)
-                elif tracked is not None:
-                    st["rbar"] = self.state[tracked]["rbar"].clone()
-                    st["G"] = self.state[tracked]["G"].clone()
+                elif tracked is not None:  # the group's scalars, shared
+                    st["rbar"] = self.state[tracked]["rbar"]
+                    st["G"] = self.state[tracked]["G"]
             if not self.layerwise and tracked is None:
                 rbar = reps_rel * (1 + torch.stack(x_norms).to(device).norm())
-                for p in new:
-                    self.state[p]["rbar"] = rbar.clone()
-                    self.state[p]["G"] = torch.tensor(eps, dtype=sdtype, device=device)
+                G = torch.tensor(eps, dtype=sdtype, device=device)
+                for p in new:  # one r̄ and one G tensor for the whole group
+                    self.state[p]["rbar"] = rbar
+                    self.state[p]["G"] = G
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -262,14 +263,17 @@ class DoG(Optimizer):
             keep_dtype_keys=_KEEP_DTYPE_KEYS,
         )
         if not self.layerwise:
-            # DoG's group scalars must agree across a group's parameters
+            # DoG's group scalars must agree across a group's parameters; they are shared again
             for gi, group in enumerate(self.param_groups):
-                vals = [self.state[p]["rbar"] for p in group["params"] if self.state.get(p)]
-                if any(not torch.equal(v, vals[0]) for v in vals[1:]):
-                    raise StateDictError(
-                        f"param group {gi}: the parameters carry different 'rbar' values, so the "
-                        "state_dict was saved from LDoG (layer-wise); load it into LDoG"
-                    )
+                states = [self.state[p] for p in group["params"] if self.state.get(p)]
+                for key in ("rbar", "G"):
+                    if any(not torch.equal(st[key], states[0][key]) for st in states[1:]):
+                        raise StateDictError(
+                            f"param group {gi}: the parameters carry different {key!r} values, "
+                            "so the state_dict was saved from LDoG (layer-wise); load it into LDoG"
+                        )
+                    for st in states[1:]:
+                        st[key] = states[0][key]
 
 
 class LDoG(DoG):
@@ -378,7 +382,8 @@ def _multi_tensor_dog(
     lr, weight_decay, init_eta = hyper["lr"], hyper["weight_decay"], hyper["init_eta"]
     sdtype = rbars[0].dtype
     device = rbars[0].device
-    gs = [g.to(x.dtype) for g, x in zip(grads, iterates)]
+    low = [(p, x) for p, x in zip(params, iterates) if x is not p]
+    gs = [g.to(x.dtype) for g, x in zip(grads, iterates)] if low else grads
     if weight_decay != 0:
         gs = list(torch._foreach_add(gs, iterates, alpha=weight_decay))
         grad_norms = None
@@ -397,18 +402,26 @@ def _multi_tensor_dog(
     else:
         rbar = torch.maximum(rbars[0], torch.stack(dists).to(device).norm())
         G = Gs[0] + torch.stack(grad_norms).to(device).square().sum()
-        torch._foreach_copy_(rbars, [rbar] * len(rbars))
-        torch._foreach_copy_(Gs, [G] * len(Gs))
+        _fill(rbars, rbar)
+        _fill(Gs, G)
         eta = lr * rbar / G.sqrt()
         if init_eta is not None:
             first = torch.stack(state_steps).amax().to(device) == 0
             eta = torch.where(first, init_eta, eta)
         neg_etas = [-eta] * len(params)
     torch._foreach_addcmul_(iterates, gs, neg_etas)
-    low = [(p, x) for p, x in zip(params, iterates) if x is not p]
     if low:
         torch._foreach_copy_([p for p, _ in low], [x for _, x in low])
     torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+
+
+def _fill(targets: list[Tensor], value: Tensor) -> None:
+    """Write a group scalar into every entry: one copy when they share one tensor (as DoG's
+    state does, see ``DoG._init_group``)."""
+    if all(t is targets[0] for t in targets):
+        targets[0].copy_(value)
+    else:
+        torch._foreach_copy_(targets, [value] * len(targets))
 
 
 def _scalar_dtype(tensors: Iterable[Tensor]) -> torch.dtype:

@@ -390,6 +390,7 @@ CASES: list[Case] = [
                 ParameterError,
                 "preconditioner_update_probability must be",
             ),
+            ({"momentumm": 0.9}, ParameterError, r"PSGDKron got unknown options \['momentumm'\]"),
         ),
     ),
     Case(
@@ -419,6 +420,7 @@ CASES: list[Case] = [
             _WD_ERR,
             _POLICY_ERR,
             ({"rank": 100}, ParameterError, r"rank must be smaller than the number of entries"),
+            ({"rank": -1}, ParameterError, r"rank must be an int >= 0, got -1"),
         ),
     ),
 ]

@@ -1,9 +1,11 @@
 """ADOPT against a hand-written reference loop (paper Alg. 1 + the authors' clip), float64."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from curvlab.optim.adopt import ADOPT, adopt_foreach, adopt_single_tensor
+from curvlab.optim.adopt import ADOPT, _multi_tensor_adopt, _single_tensor_adopt, adopt
 
 
 def reference_adopt(theta0, grad_fn, steps, lr, b1, b2, eps, wd, decouple, kappa):
@@ -113,14 +115,22 @@ def test_foreach_equals_single_tensor_with_mixed_steps_dtypes_and_complex(gen):
         vs = [torch.zeros_like(p) for p in ps]
         ts = [torch.tensor(float(k % 2)) for k in range(len(ps))]  # steps 0 and 1 mixed
         states.append((ms, vs, ts))
-    kw = dict(lr=0.03, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, decouple=False)
+    kw = dict(lr=0.03, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, decouple=False)
     for it in range(4):
         g = torch.Generator().manual_seed(10 + it)
         grads = [torch.randn(s, generator=g, dtype=d) for s, d in zip(shapes, dtypes)]
-        adopt_single_tensor(ps_a, grads, *states[0], clip_exponent=0.25, maximize=it % 2 == 1, **kw)
-        adopt_foreach(ps_b, grads, *states[1], clip_exponent=0.25, maximize=it % 2 == 1, **kw)
-        adopt_foreach(  # the CPU path through reusable scratch buffers
-            ps_c, grads, *states[2], clip_exponent=0.25, maximize=it % 2 == 1, scratch={}, **kw
+        _single_tensor_adopt(
+            ps_a, grads, *states[0], clip_exponent=0.25, maximize=it % 2 == 1, **kw
+        )
+        _multi_tensor_adopt(ps_b, grads, *states[1], clip_exponent=0.25, maximize=it % 2 == 1, **kw)
+        _multi_tensor_adopt(  # the CPU path through reusable scratch buffers
+            ps_c,
+            grads,
+            *states[2],
+            clip_exponent=0.25,
+            maximize=it % 2 == 1,
+            scratch=SimpleNamespace(),
+            **kw,
         )
     flat = [[*ps, *m, *v, *t] for ps, (m, v, t) in zip((ps_a, ps_b, ps_c), states)]
     for x, y, z in zip(*flat):
@@ -154,12 +164,27 @@ def test_foreach_equals_single_tensor_on_large_cpu_tensors():
     st_b = [[torch.zeros_like(p) for p in ps_b] for _ in range(2)] + [
         [torch.tensor(0.0) for _ in ps_b]
     ]
-    kw = dict(
-        lr=0.1, beta1=0.5, beta2=0.5, eps=1e-6, weight_decay=0.0, decouple=False, maximize=False
-    )
+    kw = dict(lr=0.1, betas=(0.5, 0.5), eps=1e-6, weight_decay=0.0, decouple=False, maximize=False)
     for _ in range(4):
         grads = [torch.randn(s, generator=g, dtype=torch.float64) * 10 for s in shapes]
-        adopt_single_tensor(ps_a, grads, *st_a, clip_exponent=0.25, **kw)
-        adopt_foreach(ps_b, grads, *st_b, clip_exponent=0.25, scratch={}, **kw)
+        _single_tensor_adopt(ps_a, grads, *st_a, clip_exponent=0.25, **kw)
+        _multi_tensor_adopt(ps_b, grads, *st_b, clip_exponent=0.25, scratch=SimpleNamespace(), **kw)
     for x, y in zip([*ps_a, *st_a[0], *st_a[1]], [*ps_b, *st_b[0], *st_b[1]]):
+        torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_functional_entry_point_dispatches_to_the_reference_or_the_fast_path(foreach):
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    ref = [p.clone() for p in ps]
+    kw = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.0, decouple=False)
+    kw |= dict(clip_exponent=0.25, maximize=False)
+    st = [[torch.zeros_like(p) for p in ps] for _ in range(2)] + [[torch.tensor(0.0) for _ in ps]]
+    st_ref = [[t.clone() for t in lst] for lst in st]
+    for _ in range(3):
+        grads = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in ps]
+        adopt(ps, grads, *st, foreach=foreach, **kw)
+        _single_tensor_adopt(ref, grads, *st_ref, **kw)
+    for x, y in zip([*ps, *st[0], *st[1], *st[2]], [*ref, *st_ref[0], *st_ref[1], *st_ref[2]]):
         torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-15)

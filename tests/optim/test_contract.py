@@ -22,6 +22,7 @@ Fields of a row (all but ``name`` and ``factory`` optional):
   the ``closure_mode`` class attribute).
 * ``group_kwargs``: hyper-parameters of the second param group in the multi-group test.
 * ``skip``: ``{test name: reason}`` for a test that does not apply (say why).
+* ``float32_state``: state keys kept in float32 next to half-precision parameters (DoG's iterate).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class Case:
     group_kwargs: Mapping[str, Any] | None = None
     skip: Mapping[str, str] = field(default_factory=dict)
     schedule: bool = True
+    float32_state: tuple[str, ...] = ()
 
     def make(self, params: Any, **overrides: Any) -> Optimizer:
         return self.factory(params, **{**self.kwargs, **overrides})
@@ -213,6 +215,7 @@ CASES: list[Case] = [
         rosenbrock={"reps_rel": 1e-6},
         steps=(300, 12000),
         schedule=False,
+        float32_state=("x_float32",),
         errors=(
             *_LR_ERR,
             _WD_ERR,
@@ -228,6 +231,7 @@ CASES: list[Case] = [
         quadratic={"reps_rel": 1e-2, "weight_decay": 0.0},
         steps=(300, 12000),
         schedule=False,
+        float32_state=("x_float32",),
         errors=(*_LR_ERR, _POLICY_ERR),
         skip={"rosenbrock": "one parameter tensor: LDoG is DoG, covered by the dog row"},
     ),
@@ -390,6 +394,7 @@ CASES: list[Case] = [
                 ParameterError,
                 "preconditioner_update_probability must be",
             ),
+            ({"momentumm": 0.9}, ParameterError, r"PSGDKron got unknown options \['momentumm'\]"),
         ),
     ),
     Case(
@@ -419,6 +424,7 @@ CASES: list[Case] = [
             _WD_ERR,
             _POLICY_ERR,
             ({"rank": 100}, ParameterError, r"rank must be smaller than the number of entries"),
+            ({"rank": -1}, ParameterError, r"rank must be an int >= 0, got -1"),
         ),
     ),
 ]
@@ -541,7 +547,8 @@ def test_dtype_is_kept(case: Case, dtype: torch.dtype) -> None:
     assert any(not torch.equal(p, b) for p, b in zip(prob.params(), before))
     for _, key, t in _state_tensors(opt):
         if t.is_floating_point() and t.dim() > 0:
-            assert t.dtype == dtype, (key, t.dtype)
+            wide = key in case.float32_state and dtype in (torch.bfloat16, torch.float16)
+            assert t.dtype == (torch.float32 if wide else dtype), (key, t.dtype)
 
 
 @parametrize

@@ -193,3 +193,89 @@ def test_large_tensors_take_the_scratch_path_and_match_the_reference(cls, gen):
         opt.step()
     for p, ref in zip(ps, hist[-1]):
         torch.testing.assert_close(p.detach(), ref, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+def test_bfloat16_params_move_and_track_a_float32_run(cls):
+    # default reps_rel = 1e-6: the first steps are far below bfloat16 resolution; before the
+    # float32 iterate the parameters never moved
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 10), torch.randn(64, 1)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = torch.nn.Linear(10, 1)
+        torch.manual_seed(1)
+        model.reset_parameters()
+        model = model.to(dtype)
+        w0 = model.weight.detach().clone()
+        opt = cls(model.parameters())
+        for _ in range(50):
+            opt.zero_grad()
+            ((model(X.to(dtype)) - y.to(dtype)) ** 2).mean().backward()
+            opt.step()
+        assert model.weight.dtype == dtype
+        runs[dtype] = (model.weight.detach().float(), (model.weight.detach() - w0).float())
+    w32, moved32 = runs[torch.float32]
+    w16, moved16 = runs[torch.bfloat16]
+    assert moved16.norm() > 0.5 * moved32.norm() > 0
+    torch.testing.assert_close(w16, w32, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("init_eta", [None, 0.05])
+def test_multi_tensor_path_equals_the_single_tensor_reference(cls, wd, init_eta, gen):
+    xs0 = [
+        torch.randn(70_000, generator=gen, dtype=torch.float64),
+        torch.randn(3, 4, generator=gen, dtype=torch.float64),
+        torch.randn(5, generator=gen, dtype=torch.float64),
+    ]
+
+    def grad_fn(xs, t):
+        return [torch.cos(x + t) + 0.5 * x for x in xs]
+
+    runs = []
+    for foreach in (False, True):
+        ps = [torch.nn.Parameter(x.clone()) for x in xs0]
+        opt = cls(ps[:2], reps_rel=1e-3, weight_decay=wd, init_eta=init_eta, foreach=foreach)
+        for t in range(5):
+            if t == 2:  # a parameter joining late
+                opt.add_param_group({"params": [ps[2]]})
+            for p, g in zip(ps, grad_fn([p.detach() for p in ps], t)):
+                p.grad = g
+            opt.step()
+        runs.append((ps, opt))
+    (ps_a, opt_a), (ps_b, opt_b) = runs
+    for a, b in zip(ps_a, ps_b):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
+        for key in ("rbar", "G", "step"):
+            torch.testing.assert_close(opt_a.state[a][key], opt_b.state[b][key], rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("gamma", [-1.0, float("nan"), "8"])
+def test_averager_rejects_a_bad_gamma(gamma):
+    from curvlab.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="gamma must be a finite number >= 0"):
+        PolynomialDecayAverager([torch.zeros(2)], gamma=gamma)
+
+
+def test_dog_group_scalars_are_one_shared_tensor_also_after_load_state_dict():
+    ps = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    opt = DoG(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    a, b = (opt.state[p] for p in ps)
+    assert a["rbar"] is b["rbar"] and a["G"] is b["G"]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt2 = DoG(qs)
+    opt2.load_state_dict(opt.state_dict())
+    a2, b2 = (opt2.state[q] for q in qs)
+    assert a2["rbar"] is b2["rbar"] and a2["G"] is b2["G"]
+    for o, xs in ((opt, ps), (opt2, qs)):
+        for x in xs:
+            x.grad = torch.full_like(x, 0.5)
+        o.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)

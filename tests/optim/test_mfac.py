@@ -209,7 +209,7 @@ def test_state_dict_round_trip_mid_window_is_bit_identical() -> None:
 
 
 def test_state_memory_is_m_times_d_floats() -> None:
-    """Window m·d + G Gᵀ m² + step; + d for momentum."""
+    """Window m·d + G Gᵀ m² + one float32 step per parameter; + d for momentum."""
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
     d = sum(p.numel() for p in model.parameters())
     for mu, extra in ((0.0, 0), (0.9, d)):
@@ -223,7 +223,8 @@ def test_state_memory_is_m_times_d_floats() -> None:
             for v in st.values()
             if isinstance(v, Tensor)
         )
-        assert nbytes == 4 * (16 * d + 16 * 16 + extra) + 4  # float32; "step" is one float32
+        n_params = len(list(model.parameters()))
+        assert nbytes == 4 * (16 * d + 16 * 16 + extra + n_params)  # float32
 
 
 def test_parameter_without_grad_gets_a_zero_row_and_is_not_updated() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim.psgd_kron import _mix_seed
+from curvlab.optim._psgd import mix_seed as _mix_seed
 from curvlab.optim.psgd_lra import PSGDLRA, update_precond_lra_whiten
 
 DT = torch.float64

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from curvlab.errors import UnknownNameError
+from curvlab.errors import ParameterError, UnknownNameError
 from curvlab.optim import ADOPT, OPTIMIZERS, LDoG, available, create
 
 
@@ -44,3 +44,11 @@ def test_unknown_name_lists_known_and_suggests_closest():
         UnknownNameError, match=r"unknown optimizer 'zzz'\. Known: adahessian, adam, "
     ):
         create("zzz", [])
+
+
+def test_unknown_argument_is_a_parameter_error_listing_what_the_optimizer_takes():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ParameterError, match=r"ADOPT \('adopt'\) does not take .*lrr.*it takes lr"):
+        create("adopt", [p], lrr=0.1)
+    with pytest.raises(ParameterError, match=r"PSGDKron got unknown options \['momentumm'\]"):
+        create("psgd_kron", [p], momentumm=0.9)

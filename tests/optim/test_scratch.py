@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from curvlab.optim._scratch import workspace
+from curvlab.optim._scratch import chunks, workspace, workspace_views
 from curvlab.optim.frugal import FRUGAL
 
 
@@ -21,3 +21,15 @@ def test_workspace_is_reused_grown_and_not_pickled() -> None:
     assert workspace(opt, torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
     clone = copy.deepcopy(opt)
     assert "_workspace" not in clone.__dict__ and "_workspace_views" not in clone.__dict__
+
+
+def test_views_share_the_buffer_of_workspace_and_chunks_bound_it() -> None:
+    class Holder: ...
+
+    h = Holder()
+    views = workspace_views(h, [torch.zeros(2, 2), torch.zeros(3)])
+    assert [v.shape for v in views] == [(2, 2), (3,)]
+    assert views[1].data_ptr() == views[0].data_ptr() + 4 * 4  # consecutive
+    assert workspace(h, torch.zeros(7)).data_ptr() == views[0].data_ptr()  # one buffer
+    assert chunks([5, 5, 5], cap=10) == [[0, 1], [2]]
+    assert chunks([20, 1], cap=10) == [[0], [1]]  # a tensor larger than the cap stands alone

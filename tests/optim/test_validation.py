@@ -6,11 +6,17 @@ from torch import nn
 
 from curvlab.errors import NonFiniteError, ParameterError, StateDictError
 from curvlab.optim._validation import (
+    add_param_group_checked,
     check_finite_grads,
     check_state_dict,
+    group_options,
+    group_step,
     load_state_dict_checked,
+    run_closure,
     validate_betas,
+    validate_choice,
     validate_eps,
+    validate_int,
     validate_lr,
     validate_on_nonfinite,
     validate_weight_decay,
@@ -124,3 +130,55 @@ def test_load_state_dict_checked_keeps_scalar_dtypes():
     load_state_dict_checked(opt2, sd, state_keys={"g_sum"}, keep_dtype_keys={"g_sum"})
     (st,) = opt2.state.values()
     assert st["g_sum"].dtype == torch.float32 and st["g_sum"].item() == 1.0 + 2**-20
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: validate_int("update_gap", 0, 1), r"update_gap must be an int >= 1, got 0"),
+        (lambda: validate_int("update_gap", 2.0, 1), r"update_gap must be an int >= 1, got 2\.0"),
+        (lambda: validate_int("seed", True, 0), r"seed must be an int >= 0, got True"),
+        (lambda: validate_choice("split", 1, (None, True, False)), r"split must be one of None"),
+        (lambda: validate_choice("projection", "svd", ("blocks",)), r"one of 'blocks', got 'svd'"),
+    ],
+)
+def test_int_and_choice_validators_raise_parameter_error(call, match):
+    with pytest.raises(ParameterError, match=match):
+        call()
+
+
+def test_int_and_choice_validators_return_valid_values():
+    assert validate_int("n", 3, 1) == 3
+    assert validate_choice("split", None, (None, True, False)) is None
+    assert validate_choice("split", False, (None, True, False)) is False
+
+
+def test_group_step_is_the_largest_completed_step_of_the_group():
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([a, b], lr=0.1)
+    assert group_step(opt, opt.param_groups[0]) == 0
+    opt.state[a]["step"] = torch.tensor(3.0)
+    opt.state[b]["step"] = torch.tensor(5.0)
+    assert group_step(opt, opt.param_groups[0]) == 5
+
+
+def test_group_options_picks_the_typed_keys_of_a_group():
+    from curvlab.optim.adopt import ADOPT, ADOPTHyper
+
+    opt = ADOPT([nn.Parameter(torch.zeros(1))], lr=0.5)
+    hyper = group_options(opt.param_groups[0], ADOPTHyper)
+    assert set(hyper) == set(ADOPTHyper.__required_keys__) and hyper["lr"] == 0.5
+
+
+def test_add_param_group_checked_validates_the_completed_group():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    seen = []
+    add_param_group_checked(opt, {"params": [nn.Parameter(torch.zeros(1))]}, seen.append)
+    assert seen[0]["lr"] == 0.1 and len(opt.param_groups) == 2
+
+
+def test_run_closure_enables_grad_inside_no_grad():
+    x = torch.ones(1, requires_grad=True)
+    with torch.no_grad():
+        loss = run_closure(lambda: (x * 2).sum())
+    assert loss.requires_grad and run_closure(None) is None

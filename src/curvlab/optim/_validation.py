@@ -48,19 +48,27 @@ from curvlab.errors import NonFiniteError, ParameterError, StateDictError
 
 __all__ = [
     "ON_NONFINITE",
+    "add_param_group_checked",
     "check_finite_grads",
     "check_state_dict",
     "match_param_groups",
     "next_step_number",
     "grads_of",
+    "group_options",
+    "group_step",
     "load_state_dict_checked",
+    "run_closure",
+    "start_step",
     "validate_betas",
+    "validate_choice",
     "validate_eps",
     "validate_in_range",
+    "validate_int",
     "validate_lr",
     "validate_nonnegative",
     "validate_on_nonfinite",
     "validate_positive",
+    "validate_standard",
     "validate_weight_decay",
 ]
 
@@ -194,6 +202,50 @@ def next_step_number(optimizer: Optimizer) -> int:
         if p.grad is not None and "step" in (st := optimizer.state.get(p, {}))
     ]
     return max(steps, default=0) + 1
+
+
+def group_step(optimizer: Optimizer, group: Mapping[str, Any]) -> int:
+    """Completed steps of a param group, for algorithms with a per-group clock (refresh schedules).
+
+    The largest ``state["step"]`` (completed steps, per parameter) among the group's parameters;
+    0 before any state exists. Reads one number per parameter with state back to the host.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([p], lr=0.1)
+        >>> group_step(opt, opt.param_groups[0])
+        0
+    """
+    steps = [st["step"] for p in group["params"] if "step" in (st := optimizer.state.get(p, {}))]
+    return int(max(float(s) for s in steps)) if steps else 0
+
+
+def group_options(group: Mapping[str, Any], spec: Any) -> Any:
+    """The entries of a param group named by the keys of the TypedDict ``spec``.
+
+    The functional entry points take the hyper-parameters of one step as ``**hyper`` typed by a
+    TypedDict whose keys are the param-group keys; this picks them out of a group.
+
+    Example:
+        >>> from typing import TypedDict
+        >>> class Hyper(TypedDict):
+        ...     lr: float
+        >>> group_options({"lr": 0.1, "params": []}, Hyper)
+        {'lr': 0.1}
+    """
+    return {k: group[k] for k in spec.__required_keys__ | spec.__optional_keys__}
+
+
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """Call a first-order (``"backward"``) closure with gradients enabled; ``None`` without one.
+
+    ``step`` runs under ``torch.no_grad()``; the closure must still build a graph and call
+    ``backward``, as torch.optim's closures do.
+    """
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def check_finite_grads(
@@ -356,19 +408,94 @@ def match_param_groups(
 
 
 def validate_in_range(
-    name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+    name: str,
+    value: Any,
+    lo: float,
+    hi: float,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    hint: str = "",
 ) -> None:
     """Check that ``value`` is a real number in ``[lo, hi]`` (``(`` / ``)`` where open).
 
     Raises:
-        ParameterError: "NAME must be a number in [lo, hi), got VALUE".
+        ParameterError: "NAME must be a number in [lo, hi), got VALUE" plus ``hint``.
     """
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ParameterError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
+        raise ParameterError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}{hint}")
+
+
+def validate_int(name: str, value: Any, lo: int, hint: str = "") -> int:
+    """Check that ``value`` is an ``int`` (not a bool) ``>= lo`` and return it.
+
+    Raises:
+        ParameterError: "NAME must be an int >= LO, got VALUE" plus ``hint``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ParameterError(f"{name} must be an int >= {lo}, got {value!r}{hint}")
+    return value
+
+
+def validate_choice(name: str, value: Any, allowed: Sequence[Any], hint: str = "") -> Any:
+    """Check that ``value`` is one of ``allowed`` (compared with ``is`` for ``None``/bools).
+
+    Raises:
+        ParameterError: "NAME must be one of 'a', 'b', got VALUE" plus ``hint``.
+    """
+    if not any(value is a if a is None or isinstance(a, bool) else value == a for a in allowed):
+        choices = ", ".join(map(repr, allowed))
+        raise ParameterError(f"{name} must be one of {choices}, got {value!r}{hint}")
+    return value
+
+
+def add_param_group_checked(
+    optimizer: Optimizer, param_group: dict[str, Any], check: Callable[[dict[str, Any]], None]
+) -> None:
+    """``Optimizer.add_param_group``, then ``check`` the completed group (defaults filled in).
+
+    Optimizers whose hyper-parameters may differ per group call it from their
+    ``add_param_group``, which ``Optimizer.__init__`` also calls for every initial group.
+    """
+    Optimizer.add_param_group(optimizer, param_group)
+    check(optimizer.param_groups[-1])
+
+
+def start_step(optimizer: Optimizer, closure: Callable[[], Any] | None) -> tuple[Any, bool]:
+    """The start of every first-order ``step``: run the closure (:func:`run_closure`), then the
+    non-finite policy (:func:`check_finite_grads`, the step number read only for a message).
+
+    Returns:
+        ``(loss, proceed)``: the closure's loss (or ``None``) and whether the step may proceed.
+    """
+    loss = run_closure(closure)
+    proceed = check_finite_grads(optimizer.param_groups, step=lambda: next_step_number(optimizer))
+    return loss, proceed
+
+
+#: The validators of the hyper-parameters many optimizers share, by param-group key.
+_STANDARD: dict[str, Callable[[Any], Any]] = {
+    "lr": validate_lr,
+    "betas": validate_betas,
+    "eps": validate_eps,
+    "weight_decay": validate_weight_decay,
+    "on_nonfinite": validate_on_nonfinite,
+}
+
+
+def validate_standard(group: Mapping[str, Any], *keys: str) -> None:
+    """Check the shared hyper-parameters ``keys`` (``lr``, ``betas``, ``eps``, ``weight_decay``,
+    ``on_nonfinite``) of a param group or defaults dict, each with its validator.
+
+    Raises:
+        ParameterError: the message of that validator (e.g. "lr must be a finite number >= 0").
+    """
+    for key in keys:
+        _STANDARD[key](group[key])
 
 
 def check_state_dict(
@@ -378,6 +505,7 @@ def check_state_dict(
     state_keys: Collection[str],
     param_shaped_keys: Collection[str] = (),
     group_keys: Collection[str] | None = None,
+    free_shape_keys: Collection[str] = (),
 ) -> None:
     """Check that ``state_dict`` comes from this kind of optimizer on parameters of these shapes.
 
@@ -393,6 +521,8 @@ def check_state_dict(
         state_keys: the per-parameter state keys this optimizer creates.
         param_shaped_keys: the state keys whose tensors have the shape of their parameter.
         group_keys: hyper-parameter keys every saved group must carry.
+        free_shape_keys: state keys of other shapes (M-FAC windows, PSGD factors), which the
+            optimizer checks itself.
 
     Raises:
         StateDictError: with a message saying what does not match and what to do.
@@ -425,7 +555,7 @@ def check_state_dict(
                     f"parameter has shape {tuple(p.shape)}; the state_dict was saved for a model "
                     "with different parameter shapes (or a different parameter order)"
                 )
-            if key not in shaped and len(shp) != 0:
+            if key not in shaped and key not in free_shape_keys and len(shp) != 0:
                 raise StateDictError(
                     f"state {key!r} of parameter {pi} in param group {gi} should be a scalar "
                     f"tensor but has shape {shp}; the state_dict was saved from another optimizer"
@@ -439,6 +569,8 @@ def load_state_dict_checked(
     state_keys: Collection[str],
     param_shaped_keys: Collection[str] = (),
     keep_dtype_keys: Collection[str] = (),
+    free_shape_keys: Collection[str] = (),
+    check_shapes: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> None:
     """Validate ``state_dict`` (:func:`check_state_dict`), load it, then restore scalar dtypes.
 
@@ -449,14 +581,22 @@ def load_state_dict_checked(
     trip is bit-identical.
 
     Call it from an overriding ``load_state_dict`` (an override survives ``copy.deepcopy`` and
-    pickling, unlike a hook registered on the instance).
+    pickling, unlike a hook registered on the instance). Keys in ``free_shape_keys`` are not
+    shape-checked here: ``check_shapes(state_dict)`` (run after the generic checks, before
+    anything is loaded) checks them.
 
     Raises:
         StateDictError: see :func:`check_state_dict`.
     """
     check_state_dict(
-        optimizer, state_dict, state_keys=state_keys, param_shaped_keys=param_shaped_keys
+        optimizer,
+        state_dict,
+        state_keys=state_keys,
+        param_shaped_keys=param_shaped_keys,
+        free_shape_keys=free_shape_keys,
     )
+    if check_shapes is not None:
+        check_shapes(state_dict)
     Optimizer.load_state_dict(optimizer, dict(state_dict))  # type: ignore[arg-type]
     if not keep_dtype_keys:
         return

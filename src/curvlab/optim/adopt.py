@@ -37,6 +37,11 @@ tensors by step count (the official one reads the step of the first tensor for t
 there is no ``fused``/``capturable``/``differentiable`` path; non-finite gradients follow curvlab's
 ``on_nonfinite`` policy.
 
+This file is the template of curvlab's optimizer layout (see :mod:`curvlab.optim`): the class
+validates and creates state (``_init_group``), ``step`` holds no math and calls the functional
+:func:`adopt`, which dispatches to :func:`_single_tensor_adopt` (the reference, the rule as in the
+paper) or :func:`_multi_tensor_adopt` (the foreach fast path, equal to it).
+
 Paper: Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa, Matsuo,
 "ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate", NeurIPS 2024,
 arXiv 2411.02853.
@@ -44,206 +49,41 @@ arXiv 2411.02853.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from curvlab.optim._scratch import chunks, workspace_views
 from curvlab.optim._validation import (
-    check_finite_grads,
+    group_options,
     load_state_dict_checked,
-    next_step_number,
-    validate_betas,
-    validate_eps,
-    validate_lr,
+    start_step,
     validate_nonnegative,
-    validate_on_nonfinite,
-    validate_weight_decay,
+    validate_standard,
 )
 
-__all__ = ["ADOPT", "adopt_foreach", "adopt_single_tensor"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["ADOPT", "ADOPTHyper", "adopt"]
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 _SHAPED_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def adopt_single_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decouple: bool,
-    clip_exponent: float | None,
-    maximize: bool,
-) -> None:
-    """The ADOPT update, one tensor at a time (the reference for every faster path).
+class ADOPTHyper(TypedDict):
+    """The hyper-parameters of one ADOPT step, as in the param groups (see :class:`ADOPT`)."""
 
-    Updates ``params``, ``exp_avgs`` (m), ``exp_avg_sqs`` (v) and ``steps`` (number of completed
-    steps, a float32 scalar tensor per parameter) in place, following the rule in the module
-    docstring.
-    """
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, steps
-    ):
-        if maximize:
-            grad = -grad
-        if torch.is_complex(param):
-            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
-            exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
-        if weight_decay != 0 and not decouple:
-            grad = grad.add(param, alpha=weight_decay)
-        step = float(step_t)
-        if step == 0:
-            exp_avg_sq.addcmul_(grad, grad)
-            step_t += 1
-            continue
-        if weight_decay != 0 and decouple:
-            param.mul_(1 - lr * weight_decay)
-        normed = grad / exp_avg_sq.sqrt().clamp_(min=eps)
-        if clip_exponent is not None:
-            clip = step**clip_exponent
-            normed.clamp_(-clip, clip)
-        exp_avg.lerp_(normed, 1 - beta1)
-        param.add_(exp_avg, alpha=-lr)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_t += 1
-
-
-def adopt_foreach(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decouple: bool,
-    clip_exponent: float | None,
-    maximize: bool,
-    scratch: dict[tuple[torch.device, torch.dtype], Tensor] | None = None,
-) -> None:
-    """The ADOPT update with ``torch._foreach_*`` kernels; equal to :func:`adopt_single_tensor`.
-
-    Tensors are bucketed by (device, dtype, completed steps), so parameters whose gradients appeared
-    at different times still get their own clip value and initialisation step. ``scratch``: an
-    optional cache of reusable temporary buffers (used on CPU).
-    """
-    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, steps
-    ):
-        if torch.is_complex(param):
-            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
-            exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
-        key = (param.device, param.dtype, float(step_t))
-        bucket = buckets.setdefault(key, [[], [], [], [], []])
-        for lst, t in zip(bucket, (param, grad, exp_avg, exp_avg_sq, step_t)):
-            lst.append(t)
-    one = torch.tensor(1.0)
-    for (_, _, step), (ps, gs, ms, vs, ts) in buckets.items():
-        if maximize:
-            gs = list(torch._foreach_neg(gs))
-        if weight_decay != 0 and not decouple:
-            if maximize:
-                torch._foreach_add_(gs, ps, alpha=weight_decay)
-            else:
-                gs = list(torch._foreach_add(gs, ps, alpha=weight_decay))
-        if step == 0:
-            torch._foreach_addcmul_(vs, gs, gs)
-            torch._foreach_add_(ts, one, alpha=1.0)
-            continue
-        if weight_decay != 0 and decouple:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        # normed = g / max(sqrt(v), eps), computed as g * rsqrt(max(v, eps^2)) (equal up to
-        # rounding; float16 cannot hold eps^2 and takes sqrt-then-reciprocal). On CPU the
-        # temporary lives in a reusable scratch buffer (as large as the largest tensor): fresh
-        # allocations cost page faults that dominate the step there.
-        use_scratch = scratch is not None and ps[0].device.type == "cpu"
-        for idx in _chunks([v.numel() for v in vs]) if use_scratch else [range(len(ps))]:
-            g_, m_, v_ = [gs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx]
-            if use_scratch:
-                assert scratch is not None
-                normed = _scratch_views(scratch, v_)
-                torch._foreach_copy_(normed, v_)
-                if ps[0].dtype == torch.float16:
-                    torch._foreach_sqrt_(normed)
-                    torch._foreach_clamp_min_(normed, eps)
-                    torch._foreach_reciprocal_(normed)
-                else:
-                    torch._foreach_clamp_min_(normed, eps * eps)
-                    torch._foreach_rsqrt_(normed)
-            elif ps[0].dtype == torch.float16:
-                normed = list(torch._foreach_sqrt(v_))
-                torch._foreach_clamp_min_(normed, eps)
-                torch._foreach_reciprocal_(normed)
-            else:
-                normed = list(torch._foreach_maximum(v_, eps * eps))
-                torch._foreach_rsqrt_(normed)
-            torch._foreach_mul_(normed, g_)
-            if clip_exponent is not None:
-                clip = step**clip_exponent
-                # on CPU, large tensors: one clamp_ pass each beats two foreach passes; small ones
-                # are dominated by per-call overhead, where the two foreach calls win
-                large = sum(t.numel() for t in normed) >= 65536 * len(normed)
-                if ps[0].device.type == "cpu" and large:
-                    for t in normed:
-                        t.clamp_(-clip, clip)
-                else:  # multi-tensor kernels: fewer launches
-                    torch._foreach_clamp_min_(normed, -clip)
-                    torch._foreach_clamp_max_(normed, clip)
-            torch._foreach_lerp_(m_, normed, 1 - beta1)
-            del normed
-        torch._foreach_add_(ps, ms, alpha=-lr)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
-        torch._foreach_add_(ts, one, alpha=1.0)
-
-
-def _chunks(numels: list[int], cap: int = 1 << 22) -> list[list[int]]:
-    """Consecutive index groups, each fitting a scratch of max(largest tensor, min(total, cap)).
-
-    Small models run in one group (fewest calls); large ones need a scratch no bigger than
-    ``cap`` elements or their largest tensor.
-    """
-    limit = max(max(numels), min(sum(numels), cap))
-    groups: list[list[int]] = [[]]
-    total = 0
-    for i, n in enumerate(numels):
-        if groups[-1] and total + n > limit:
-            groups.append([])
-            total = 0
-        groups[-1].append(i)
-        total += n
-    return groups
-
-
-def _scratch_views(
-    scratch: dict[tuple[torch.device, torch.dtype], Tensor], like: list[Tensor]
-) -> list[Tensor]:
-    """Views into one cached buffer per (device, dtype), shaped like ``like``."""
-    need = sum(t.numel() for t in like)
-    key = (like[0].device, like[0].dtype)
-    buf = scratch.get(key)
-    if buf is None or buf.numel() < need:
-        buf = scratch[key] = torch.empty(need, device=like[0].device, dtype=like[0].dtype)
-    views, off = [], 0
-    for t in like:
-        views.append(buf[off : off + t.numel()].view(t.shape))
-        off += t.numel()
-    return views
+    lr: float | Tensor
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    decouple: bool
+    clip_exponent: float | None
+    maximize: bool
 
 
 class ADOPT(Optimizer):
@@ -299,7 +139,7 @@ class ADOPT(Optimizer):
 
     def __init__(
         self,
-        params: Any,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.9999),
         eps: float = 1e-6,
@@ -311,16 +151,11 @@ class ADOPT(Optimizer):
         foreach: bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
-        validate_lr(lr)
-        betas = validate_betas(betas)  # type: ignore[assignment]
-        validate_eps(eps)
-        validate_weight_decay(weight_decay)
         if clip_exponent is not None:
             validate_nonnegative(
                 "clip_exponent", clip_exponent, "; the authors use 0.25, None disables clipping"
             )
-        validate_on_nonfinite(on_nonfinite)
-        defaults = {
+        defaults: dict[str, Any] = {
             "lr": lr,
             "betas": betas,
             "eps": eps,
@@ -332,11 +167,25 @@ class ADOPT(Optimizer):
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
         }
+        validate_standard(defaults, "lr", "betas", "eps", "weight_decay", "on_nonfinite")
+        defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
 
-    def _scratch(self) -> dict[tuple[torch.device, torch.dtype], Tensor]:
-        """Reusable temporaries: a cache outside ``state`` (state_dict/deepcopy/pickle drop it)."""
-        return self.__dict__.setdefault("_scratch_buffers", {})
+    def _init_group(self, group: dict[str, Any], *lists: list[Tensor]) -> None:
+        """Create the state of new parameters; append every parameter with a gradient to
+        ``lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)``.
+        """
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            entries = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -345,48 +194,14 @@ class ADOPT(Optimizer):
         Returns:
             The closure's loss, or ``None``.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
-            return loss
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if not params:
-                continue
-            lr = group["lr"]
-            beta1, beta2 = group["betas"]
-            fn = adopt_single_tensor if group["foreach"] is False else adopt_foreach
-            fn(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                lr=float(lr),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decouple=group["decouple"],
-                clip_exponent=group["clip_exponent"],
-                maximize=group["maximize"],
-                **({} if fn is adopt_single_tensor else {"scratch": self._scratch()}),
-            )
+        loss, proceed = start_step(self, closure)
+        if proceed:
+            for group in self.param_groups:
+                lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
+                self._init_group(group, *lists)
+                if lists[0]:
+                    hyper: ADOPTHyper = group_options(group, ADOPTHyper)
+                    adopt(*lists, foreach=group["foreach"], scratch=self, **hyper)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -394,3 +209,141 @@ class ADOPT(Optimizer):
         load_state_dict_checked(
             self, state_dict, state_keys=_STATE_KEYS, param_shaped_keys=_SHAPED_KEYS
         )
+
+
+def adopt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    scratch: object | None = None,
+    **hyper: Unpack[ADOPTHyper],
+) -> None:
+    """Functional API that performs the ADOPT computation; see :class:`ADOPT`.
+
+    Updates ``params``, ``exp_avgs`` (m), ``exp_avg_sqs`` (v) and ``state_steps`` (completed steps,
+    a float32 scalar tensor per parameter) in place. ``foreach`` (default ``None`` = ``True``)
+    selects :func:`_multi_tensor_adopt`, else :func:`_single_tensor_adopt`. ``scratch``: an object
+    (the optimizer) whose reusable buffers the CPU fast path may use (:mod:`._scratch`); ``None``
+    allocates fresh temporaries. ``hyper``: see :class:`ADOPTHyper`.
+    """
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if foreach is False:
+        _single_tensor_adopt(*lists, **hyper)
+    else:
+        _multi_tensor_adopt(*lists, scratch=scratch, **hyper)
+
+
+def _single_tensor_adopt(*lists: list[Tensor], **hyper: Unpack[ADOPTHyper]) -> None:
+    """The ADOPT rule as in the paper, one tensor at a time: the reference.
+
+    ``lists``: the tensor lists of :func:`adopt`, in its order.
+    """
+    lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], hyper["eps"]
+    weight_decay, decouple = hyper["weight_decay"], hyper["decouple"]
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(*lists):
+        if hyper["maximize"]:
+            grad = -grad
+        if torch.is_complex(param):
+            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
+            exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
+        if weight_decay != 0 and not decouple:
+            grad = grad.add(param, alpha=weight_decay)
+        step = float(step_t)
+        if step == 0:
+            exp_avg_sq.addcmul_(grad, grad)
+            step_t += 1
+            continue
+        if weight_decay != 0 and decouple:
+            param.mul_(1 - lr * weight_decay)
+        normed = grad / exp_avg_sq.sqrt().clamp_(min=eps)
+        if hyper["clip_exponent"] is not None:
+            clip = step ** hyper["clip_exponent"]
+            normed.clamp_(-clip, clip)
+        exp_avg.lerp_(normed, 1 - beta1)
+        param.add_(exp_avg, alpha=-lr)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_t += 1
+
+
+def _multi_tensor_adopt(
+    *lists: list[Tensor], scratch: object | None = None, **hyper: Unpack[ADOPTHyper]
+) -> None:
+    """The ADOPT rule with ``torch._foreach_*`` kernels; equal to :func:`_single_tensor_adopt`.
+
+    Tensors are bucketed by (device, dtype, completed steps), so parameters whose gradients appeared
+    at different times still get their own clip value and initialisation step. ``scratch``: the
+    owner of reusable temporary buffers (used on CPU), see :func:`adopt`.
+    """
+    lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], hyper["eps"]
+    weight_decay, decouple, maximize = hyper["weight_decay"], hyper["decouple"], hyper["maximize"]
+    clip_exponent = hyper["clip_exponent"]
+    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(*lists):
+        if torch.is_complex(param):
+            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
+            exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
+        key = (param.device, param.dtype, float(step_t))
+        bucket = buckets.setdefault(key, [[], [], [], [], []])
+        for lst, t in zip(bucket, (param, grad, exp_avg, exp_avg_sq, step_t)):
+            lst.append(t)
+    one = torch.tensor(1.0)
+    for (_, _, step), (ps, gs, ms, vs, ts) in buckets.items():
+        if maximize:
+            gs = list(torch._foreach_neg(gs))
+        if weight_decay != 0 and not decouple:
+            if maximize:
+                torch._foreach_add_(gs, ps, alpha=weight_decay)
+            else:
+                gs = list(torch._foreach_add(gs, ps, alpha=weight_decay))
+        if step == 0:
+            torch._foreach_addcmul_(vs, gs, gs)
+            torch._foreach_add_(ts, one, alpha=1.0)
+            continue
+        if weight_decay != 0 and decouple:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        # normed = g / max(sqrt(v), eps), computed as g * rsqrt(max(v, eps^2)) (equal up to
+        # rounding; float16 cannot hold eps^2 and takes sqrt-then-reciprocal). On CPU the
+        # temporary lives in a reusable scratch buffer (as large as the largest tensor): fresh
+        # allocations cost page faults that dominate the step there.
+        use_scratch = scratch is not None and ps[0].device.type == "cpu"
+        for idx in chunks([v.numel() for v in vs]) if use_scratch else [range(len(ps))]:
+            g_, m_, v_ = [gs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx]
+            if scratch is not None and use_scratch:
+                normed = workspace_views(scratch, v_)
+                torch._foreach_copy_(normed, v_)
+                if ps[0].dtype == torch.float16:
+                    torch._foreach_sqrt_(normed)
+                    torch._foreach_clamp_min_(normed, eps)
+                    torch._foreach_reciprocal_(normed)
+                else:
+                    torch._foreach_clamp_min_(normed, eps * eps)
+                    torch._foreach_rsqrt_(normed)
+            elif ps[0].dtype == torch.float16:
+                normed = list(torch._foreach_sqrt(v_))
+                torch._foreach_clamp_min_(normed, eps)
+                torch._foreach_reciprocal_(normed)
+            else:
+                normed = list(torch._foreach_maximum(v_, eps * eps))
+                torch._foreach_rsqrt_(normed)
+            torch._foreach_mul_(normed, g_)
+            if clip_exponent is not None:
+                clip = step**clip_exponent
+                # on CPU, large tensors: one clamp_ pass each beats two foreach passes; small ones
+                # are dominated by per-call overhead, where the two foreach calls win
+                large = sum(t.numel() for t in normed) >= 65536 * len(normed)
+                if ps[0].device.type == "cpu" and large:
+                    for t in normed:
+                        t.clamp_(-clip, clip)
+                else:  # multi-tensor kernels: fewer launches
+                    torch._foreach_clamp_min_(normed, -clip)
+                    torch._foreach_clamp_max_(normed, clip)
+            torch._foreach_lerp_(m_, normed, 1 - beta1)
+            del normed
+        torch._foreach_add_(ps, ms, alpha=-lr)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        torch._foreach_add_(ts, one, alpha=1.0)

@@ -28,6 +28,16 @@ on the parameters' device; the distance and the norms cover the parameters that 
 r̄, G per parameter; DoG writes the same group scalars into every parameter's state), so
 ``state_dict``, ``copy.deepcopy`` and ``pickle`` keep everything.
 
+Low precision (bfloat16/float16 parameters): DoG's first steps are tiny by design (the first step
+moves the parameters by :math:`r_\epsilon \approx 10^{-6}(1 + \lVert x_0 \rVert)`), far below the
+resolution of a bfloat16 number (:math:`2^{-8}` relative), so an update applied in bfloat16 rounds
+away, the distance stays 0 and the parameters never move (official code included). curvlab keeps a
+float32 copy ``"x_float32"`` of each half-precision parameter (4 bytes per parameter): the update
+is applied to it and the parameter is its rounding; distances, gradient-norm sums and η are float32
+scalars. The iterates then track a float32 run within bfloat16 rounding. (The parameter is set
+from that copy at every step: an in-place change of a half-precision parameter made outside the
+optimizer is overwritten.)
+
 Paper: Ivgi, Hinder, Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
 Schedule", ICML 2023, arXiv 2302.12022. Averaging: Shamir & Zhang, ICML 2013 (polynomial-decay
 averaging).
@@ -37,33 +47,46 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
+from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     check_finite_grads,
     grads_of,
+    group_options,
     load_state_dict_checked,
     next_step_number,
-    validate_lr,
-    validate_on_nonfinite,
+    run_closure,
+    validate_nonnegative,
     validate_positive,
-    validate_weight_decay,
+    validate_standard,
 )
 
-__all__ = ["DoG", "LDoG", "PolynomialDecayAverager"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-_STATE_KEYS = ("step", "x0", "rbar", "G")
-_SHAPED_KEYS = ("x0",)
-_SCALAR_KEYS = ("rbar", "G")
+__all__ = ["DoG", "DoGHyper", "LDoG", "PolynomialDecayAverager", "dog"]
+
+_STATE_KEYS = ("step", "x0", "x_float32", "rbar", "G")
+_SHAPED_KEYS = ("x0", "x_float32")
+#: saved in their own dtype (float32 scalars and copies next to half-precision parameters)
+_KEEP_DTYPE_KEYS = ("rbar", "G", "x_float32")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: CPU: tensors with at least this many entries take ``x - x0`` through the scratch buffer.
+_SCRATCH_NUMEL = 65536
 
 
-def _scalar_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+class DoGHyper(TypedDict):
+    """The hyper-parameters of one DoG step, as in the param groups (see :class:`DoG`)."""
+
+    lr: float | Tensor
+    weight_decay: float
+    init_eta: float | None
 
 
 class DoG(Optimizer):
@@ -84,13 +107,16 @@ class DoG(Optimizer):
         weight_decay: λ, added to the gradient (L2) before the norms (default 0).
         eps: added once to G at the first step (default 1e-8).
         init_eta: if given, the first step size η_0 (then r̄_0 = 0 and ``reps_rel`` is ignored).
+        foreach: use the multi-tensor path (default ``None`` = ``True``).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` (the only policy with no
             device-to-host synchronisation at all); see :mod:`curvlab.optim._validation`.
 
     State (per parameter): ``"x0"`` (copy of the parameter at its first gradient: 4 bytes per
-    float32 parameter), ``"step"`` (float32 scalar), ``"rbar"`` and ``"G"`` (scalar tensors in
-    float32, or float64 for float64 groups; for DoG the group's values, repeated in every
-    parameter's state). The step size of the last step is ``optimizer.last_eta(group_index)``.
+    float32 parameter), ``"step"`` (float32 scalar, completed steps), ``"rbar"`` and ``"G"``
+    (scalar tensors in float32, or float64 for float64 groups; for DoG the group's values, one
+    tensor shared by every parameter's state) and, for bfloat16/float16 parameters only,
+    ``"x_float32"`` (the float32 iterate, see the module docstring). The step size of the last
+    step is ``optimizer.last_eta(group_index)``.
 
     Raises:
         ParameterError: invalid hyper-parameters, or a sparse gradient.
@@ -117,16 +143,16 @@ class DoG(Optimizer):
 
     def __init__(
         self,
-        params: Any,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
         reps_rel: float = 1e-6,
         lr: float | Tensor = 1.0,
         weight_decay: float = 0.0,
         eps: float = 1e-8,
         init_eta: float | None = None,
         *,
+        foreach: bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
-        validate_lr(lr)
         if init_eta is not None:
             validate_positive("init_eta", init_eta, "; it is the first step size, or None")
             reps_rel = 0.0
@@ -136,18 +162,18 @@ class DoG(Optimizer):
                 reps_rel,
                 "; the authors suggest 1e-6 (1e-4 for batch-norm nets, 1e-8 if training diverges)",
             )
-        validate_weight_decay(weight_decay)
         validate_positive("eps", eps, "; it keeps G > 0 at the first step, e.g. 1e-8")
-        validate_on_nonfinite(on_nonfinite)
         defaults = {
             "reps_rel": reps_rel,
             "lr": lr,
             "weight_decay": weight_decay,
             "eps": eps,
             "init_eta": init_eta,
+            "foreach": foreach,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
         }
+        validate_standard(defaults, "lr", "weight_decay", "on_nonfinite")
         super().__init__(params, defaults)
 
     def last_eta(self, group_index: int = 0) -> Tensor | list[Tensor]:
@@ -162,124 +188,70 @@ class DoG(Optimizer):
             raise ParameterError(f"param group {group_index} has taken no step yet")
         return etas if self.layerwise else etas[0]
 
+    def _init_group(self, group: dict[str, Any], *lists: list[Tensor]) -> None:
+        """Create the state of new parameters (r̄ = r_ε, G = ε); append every one with a gradient
+        to ``lists = (params, grads, x0s, iterates, rbars, Gs, state_steps)``.
+
+        A parameter joining a DoG group later takes the group's current r̄ and G.
+        """
+        new = [p for p in group["params"] if p.grad is not None and not self.state.get(p)]
+        if new:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            sdtype = _scalar_dtype(with_grad)
+            device = with_grad[0].device
+            eps, reps_rel = group["eps"], group["reps_rel"]
+            x_norms = list(torch._foreach_norm(new, 2, dtype=sdtype))
+            tracked = next((p for p in group["params"] if self.state.get(p)), None)
+            for p, x_norm in zip(new, x_norms):
+                st = self.state[p]
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["x0"] = p.detach().clone(memory_format=torch.preserve_format)
+                if p.dtype in _LOW_PRECISION:
+                    st["x_float32"] = p.detach().float()
+                if self.layerwise:
+                    st["rbar"] = reps_rel * (1 + x_norm)
+                    st["G"] = torch.tensor(eps, dtype=sdtype, device=p.device)
+                elif tracked is not None:  # the group's scalars, shared
+                    st["rbar"] = self.state[tracked]["rbar"]
+                    st["G"] = self.state[tracked]["G"]
+            if not self.layerwise and tracked is None:
+                rbar = reps_rel * (1 + torch.stack(x_norms).to(device).norm())
+                G = torch.tensor(eps, dtype=sdtype, device=device)
+                for p in new:  # one r̄ and one G tensor for the whole group
+                    self.state[p]["rbar"] = rbar
+                    self.state[p]["G"] = G
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            iterate = st.get("x_float32", p)
+            entries = (p, p.grad, st["x0"], iterate, st["rbar"], st["G"], st["step"])
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Take one DoG step; the optional ``closure`` zeroes grads, calls backward, returns loss.
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """Take one DoG step; ``closure`` (optional) zeroes grads, calls backward, returns the loss."""
+        loss = run_closure(closure)
         grads_of(self.param_groups)  # sparse gradients raise before any norm is taken
         # the 2-norms of the raw gradients serve the finite check and (without weight decay) G
-        norms: list[list[Tensor]] = []
-        for group in self.param_groups:
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            sdtype = _scalar_dtype(grads)
-            norms.append(list(torch._foreach_norm(grads, 2, dtype=sdtype)) if grads else [])
+        norms = [
+            _grad_norms([p.grad for p in g["params"] if p.grad is not None])
+            for g in self.param_groups
+        ]
         flat = [n for ns in norms for n in ns]
         if not check_finite_grads(
             self.param_groups, step=lambda: next_step_number(self), grad_norms=flat
         ):
             return loss
         for group, raw_norms in zip(self.param_groups, norms):
-            self._step_group(group, raw_norms)
+            lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [], [])
+            self._init_group(group, *lists)
+            if lists[0]:
+                hyper: DoGHyper = group_options(group, DoGHyper)
+                dog(*lists, foreach=group["foreach"], grad_norms=raw_norms, scratch=self,
+                    layerwise=self.layerwise, **hyper)  # fmt: skip
         return loss
-
-    def _step_group(self, group: dict[str, Any], raw_norms: list[Tensor]) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads: list[Tensor] = [p.grad for p in params]
-        sdtype = _scalar_dtype(params)
-        if group["weight_decay"] != 0:
-            grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
-            g_norms = list(torch._foreach_norm(grads, 2, dtype=sdtype))
-        else:
-            g_norms = raw_norms
-        state = self.state
-        tracked, new = [], []  # tracked: had a gradient before; new: first gradient now
-        for p in group["params"]:
-            if state.get(p):
-                tracked.append(p)
-            elif p.grad is not None:
-                new.append(p)
-        first = not tracked
-        device = params[0].device
-        for p in new:
-            st = self.state[p]
-            st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            st["x0"] = p.detach().clone(memory_format=torch.preserve_format)
-        if tracked:
-            x0s = [self.state[p]["x0"] for p in tracked]
-            d_norms = self._distances(tracked, x0s, sdtype)
-        eps = group["eps"]
-        if self.layerwise:
-            self._layerwise_scalars(
-                group, params, new, g_norms, tracked, d_norms if tracked else []
-            )
-            neg_etas = [
-                -(group["lr"] * self.state[p]["rbar"] / self.state[p]["G"].sqrt()) for p in params
-            ]
-            if first and group["init_eta"] is not None:
-                neg_etas = [torch.full_like(e, -group["init_eta"]) for e in neg_etas]
-        else:
-            g_sq = torch.stack(g_norms).to(device).square().sum()
-            if first:
-                x_norm = torch.stack(torch._foreach_norm(params, 2, dtype=sdtype)).to(device).norm()
-                rbar = group["reps_rel"] * (1 + x_norm)
-                G = g_sq + eps
-            else:
-                st0 = self.state[tracked[0]]
-                dist = torch.stack(d_norms).to(device).norm()
-                rbar = torch.maximum(st0["rbar"], dist)
-                G = st0["G"] + g_sq
-            for p in tracked + new:
-                st = state[p]
-                st["rbar"] = rbar  # new tensors each step, never modified in place
-                st["G"] = G
-            eta = group["lr"] * rbar / G.sqrt()
-            if first and group["init_eta"] is not None:
-                eta = torch.full_like(eta, group["init_eta"])
-            neg_etas = [-eta] * len(params)
-        torch._foreach_addcmul_(params, grads, neg_etas)
-        torch._foreach_add_([self.state[p]["step"] for p in params], torch.tensor(1.0), alpha=1.0)
-
-    def _distances(
-        self, params: list[Tensor], x0s: list[Tensor], dtype: torch.dtype
-    ) -> list[Tensor]:
-        """‖x - x0‖ per tensor; large tensors go through one reusable scratch buffer.
-
-        A fresh x - x0 of a large tensor costs page faults that dominate the step on CPU; the
-        scratch (as large as the largest such parameter) is a cache outside ``state``:
-        ``state_dict``, deepcopy and pickling drop it and it is rebuilt on the next step. Small
-        tensors (< 65536 elements) take two multi-tensor calls instead (fewer Python calls).
-        """
-        cache: dict[tuple[torch.device, torch.dtype], Tensor] = self.__dict__.setdefault(
-            "_scratch_buffers", {}
-        )
-        out: list[Tensor | None] = [None] * len(params)
-        small = [i for i, p in enumerate(params) if p.numel() < 65536]
-        if small:
-            diffs = torch._foreach_sub([params[i] for i in small], [x0s[i] for i in small])
-            for i, n in zip(small, torch._foreach_norm(diffs, 2, dtype=dtype)):
-                out[i] = n
-        for i, (p, x0) in enumerate(zip(params, x0s)):
-            if out[i] is not None:
-                continue
-            key = (p.device, p.dtype)
-            buf = cache.get(key)
-            if buf is None or buf.numel() < p.numel():
-                buf = cache[key] = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
-            diff = torch.sub(p, x0, out=buf[: p.numel()].view(p.shape))
-            out[i] = torch.linalg.vector_norm(diff, dtype=dtype)
-        return out  # type: ignore[return-value]
-
-    def _layerwise_scalars(self, group, params, new, g_norms, tracked, d_norms) -> None:
-        raise NotImplementedError  # only LDoG
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict saved by this class; raises StateDictError for any other."""
@@ -288,17 +260,20 @@ class DoG(Optimizer):
             state_dict,
             state_keys=_STATE_KEYS,
             param_shaped_keys=_SHAPED_KEYS,
-            keep_dtype_keys=_SCALAR_KEYS,
+            keep_dtype_keys=_KEEP_DTYPE_KEYS,
         )
         if not self.layerwise:
-            # DoG's group scalars must agree across a group's parameters
+            # DoG's group scalars must agree across a group's parameters; they are shared again
             for gi, group in enumerate(self.param_groups):
-                vals = [self.state[p]["rbar"] for p in group["params"] if self.state.get(p)]
-                if any(not torch.equal(v, vals[0]) for v in vals[1:]):
-                    raise StateDictError(
-                        f"param group {gi}: the parameters carry different 'rbar' values, so the "
-                        "state_dict was saved from LDoG (layer-wise); load it into LDoG"
-                    )
+                states = [self.state[p] for p in group["params"] if self.state.get(p)]
+                for key in ("rbar", "G"):
+                    if any(not torch.equal(st[key], states[0][key]) for st in states[1:]):
+                        raise StateDictError(
+                            f"param group {gi}: the parameters carry different {key!r} values, "
+                            "so the state_dict was saved from LDoG (layer-wise); load it into LDoG"
+                        )
+                    for st in states[1:]:
+                        st[key] = states[0][key]
 
 
 class LDoG(DoG):
@@ -309,7 +284,8 @@ class LDoG(DoG):
     :math:`\bar r^{(k)}_t = \max(\bar r^{(k)}_{t-1}, \lVert x^{(k)}_t - x^{(k)}_0\rVert)`,
     :math:`G^{(k)}_t = \epsilon + \sum_{i\le t}\lVert g^{(k)}_i\rVert^2`,
     :math:`x^{(k)}_{t+1} = x^{(k)}_t - c\,\bar r^{(k)}_t/\sqrt{G^{(k)}_t}\; g^{(k)}_t`.
-    Arguments, state and errors as :class:`DoG` (``rbar`` and ``G`` are per tensor).
+    Arguments, state and errors as :class:`DoG` (``rbar`` and ``G`` are per tensor; ``init_eta``
+    is the first step size of each tensor).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -323,19 +299,167 @@ class LDoG(DoG):
 
     layerwise: ClassVar[bool] = True
 
-    def _layerwise_scalars(self, group, params, new, g_norms, tracked, d_norms) -> None:
-        eps, reps_rel = group["eps"], group["reps_rel"]
-        new_set = set(new)
-        dist = dict(zip(tracked, d_norms))
-        x_norms = dict(zip(new, torch._foreach_norm(new, 2, dtype=g_norms[0].dtype))) if new else {}
-        for p, gn in zip(params, g_norms):
-            st = self.state[p]
-            if p in new_set:
-                st["rbar"] = reps_rel * (1 + x_norms[p])
-                st["G"] = gn.square() + eps
-            else:
-                st["rbar"] = torch.maximum(st["rbar"], dist[p])
-                st["G"] = st["G"] + gn.square()
+
+def dog(
+    params: list[Tensor],
+    grads: list[Tensor],
+    x0s: list[Tensor],
+    iterates: list[Tensor],
+    rbars: list[Tensor],
+    Gs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    grad_norms: list[Tensor] | None = None,
+    layerwise: bool,
+    scratch: object | None = None,
+    **hyper: Unpack[DoGHyper],
+) -> None:
+    """Functional API that performs the DoG (``layerwise=False``) or L-DoG computation; see
+    :class:`DoG`.
+
+    Updates ``iterates`` (each parameter, or its float32 copy for half precision; the parameter is
+    then set to its rounding), ``rbars``, ``Gs`` (r̄ and G, updated in place: for DoG every entry
+    holds the group's value) and ``state_steps`` in place. ``rbars``/``Gs`` enter with the values
+    of the previous step (r_ε and ε before the first). ``grad_norms``: the 2-norms of ``grads`` if
+    already computed (used when ``weight_decay == 0``). ``foreach`` (default ``None`` = ``True``)
+    selects :func:`_multi_tensor_dog`, else :func:`_single_tensor_dog`. ``scratch``: the owner of
+    reusable buffers (:mod:`._scratch`) for the fast path. ``hyper``: see :class:`DoGHyper`.
+    """
+    lists = (params, grads, x0s, iterates, rbars, Gs, state_steps)
+    if foreach is False:
+        _single_tensor_dog(*lists, layerwise=layerwise, **hyper)
+    else:
+        _multi_tensor_dog(
+            *lists, grad_norms=grad_norms, layerwise=layerwise, scratch=scratch, **hyper
+        )
+
+
+def _single_tensor_dog(*lists: list[Tensor], layerwise: bool, **hyper: Unpack[DoGHyper]) -> None:
+    """The DoG rule as in the paper, one tensor at a time: the reference (lists as in :func:`dog`)."""
+    params, grads, x0s, iterates, rbars, Gs, state_steps = lists
+    lr, weight_decay, init_eta = hyper["lr"], hyper["weight_decay"], hyper["init_eta"]
+    sdtype = rbars[0].dtype
+    gs = [g.to(x.dtype) for g, x in zip(grads, iterates)]
+    if weight_decay != 0:
+        gs = [g.add(x, alpha=weight_decay) for g, x in zip(gs, iterates)]
+    g_sq = [torch.linalg.vector_norm(g, dtype=sdtype).square() for g in gs]
+    dists = [torch.linalg.vector_norm(x - x0, dtype=sdtype) for x, x0 in zip(iterates, x0s)]
+    if layerwise:
+        for rbar, G, dist, gsq in zip(rbars, Gs, dists, g_sq):
+            rbar.copy_(torch.maximum(rbar, dist))
+            G.add_(gsq)
+    else:
+        rbar = torch.maximum(rbars[0], torch.stack(dists).square().sum().sqrt())
+        G = Gs[0] + torch.stack(g_sq).sum()
+        for r, g_acc in zip(rbars, Gs):
+            r.copy_(rbar)
+            g_acc.copy_(G)
+    group_first = torch.stack(state_steps).amax() == 0
+    for param, g, x, rbar, G, step_t in zip(params, gs, iterates, rbars, Gs, state_steps):
+        eta = lr * rbar / G.sqrt()
+        if init_eta is not None:  # the first step size: per tensor (L-DoG) or per group (DoG)
+            first = step_t == 0 if layerwise else group_first
+            eta = torch.where(first.to(eta.device), init_eta, eta)
+        x.sub_(eta * g)
+        if x is not param:
+            param.copy_(x)
+        step_t += 1
+
+
+def _multi_tensor_dog(
+    *lists: list[Tensor],
+    grad_norms: list[Tensor] | None,
+    layerwise: bool,
+    scratch: object | None,
+    **hyper: Unpack[DoGHyper],
+) -> None:
+    """The DoG rule with ``torch._foreach_*`` kernels; equal to :func:`_single_tensor_dog`.
+
+    No device-to-host synchronisation: r̄, G and η stay tensors on the parameters' device.
+    """
+    params, grads, x0s, iterates, rbars, Gs, state_steps = lists
+    lr, weight_decay, init_eta = hyper["lr"], hyper["weight_decay"], hyper["init_eta"]
+    sdtype = rbars[0].dtype
+    device = rbars[0].device
+    low = [(p, x) for p, x in zip(params, iterates) if x is not p]
+    gs = [g.to(x.dtype) for g, x in zip(grads, iterates)] if low else grads
+    if weight_decay != 0:
+        gs = list(torch._foreach_add(gs, iterates, alpha=weight_decay))
+        grad_norms = None
+    if grad_norms is None:
+        grad_norms = list(torch._foreach_norm(gs, 2, dtype=sdtype))
+    dists = _distances(iterates, x0s, sdtype, scratch)
+    if layerwise:
+        torch._foreach_maximum_(rbars, dists)
+        torch._foreach_add_(Gs, torch._foreach_mul(grad_norms, grad_norms))
+        neg_etas = [-(lr * rbar / G.sqrt()) for rbar, G in zip(rbars, Gs)]
+        if init_eta is not None:
+            neg_etas = [
+                torch.where(step_t.to(device) == 0, -init_eta, e)
+                for e, step_t in zip(neg_etas, state_steps)
+            ]
+    else:
+        rbar = torch.maximum(rbars[0], torch.stack(dists).to(device).norm())
+        G = Gs[0] + torch.stack(grad_norms).to(device).square().sum()
+        _fill(rbars, rbar)
+        _fill(Gs, G)
+        eta = lr * rbar / G.sqrt()
+        if init_eta is not None:
+            first = torch.stack(state_steps).amax().to(device) == 0
+            eta = torch.where(first, init_eta, eta)
+        neg_etas = [-eta] * len(params)
+    torch._foreach_addcmul_(iterates, gs, neg_etas)
+    if low:
+        torch._foreach_copy_([p for p, _ in low], [x for _, x in low])
+    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+
+
+def _fill(targets: list[Tensor], value: Tensor) -> None:
+    """Write a group scalar into every entry: one copy when they share one tensor (as DoG's
+    state does, see ``DoG._init_group``)."""
+    if all(t is targets[0] for t in targets):
+        targets[0].copy_(value)
+    else:
+        torch._foreach_copy_(targets, [value] * len(targets))
+
+
+def _scalar_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _grad_norms(grads: list[Tensor]) -> list[Tensor]:
+    """2-norms of the gradients, in the scalar dtype of DoG (float32, float64 for float64)."""
+    return list(torch._foreach_norm(grads, 2, dtype=_scalar_dtype(grads))) if grads else []
+
+
+def _distances(
+    xs: list[Tensor], x0s: list[Tensor], dtype: torch.dtype, scratch: object | None
+) -> list[Tensor]:
+    """‖x - x0‖ per tensor; large CPU tensors go through the reusable scratch buffer.
+
+    A fresh x - x0 of a large tensor costs page faults that dominate the step on CPU. Small tensors
+    of one dtype (< 65536 elements) take two multi-tensor calls instead (fewer Python calls).
+    """
+    out: list[Tensor | None] = [None] * len(xs)
+    small = [
+        i
+        for i, (x, x0) in enumerate(zip(xs, x0s))
+        if x.numel() < _SCRATCH_NUMEL and x.dtype == x0.dtype
+    ]
+    if small:
+        diffs = torch._foreach_sub([xs[i] for i in small], [x0s[i] for i in small])
+        for i, n in zip(small, torch._foreach_norm(diffs, 2, dtype=dtype)):
+            out[i] = n
+    for i, (x, x0) in enumerate(zip(xs, x0s)):
+        if out[i] is not None:
+            continue
+        if scratch is not None and x.dtype == x0.dtype:
+            diff = torch.sub(x, x0, out=workspace(scratch, x))
+        else:
+            diff = x - x0
+        out[i] = torch.linalg.vector_norm(diff, dtype=dtype)
+    return out  # type: ignore[return-value]
 
 
 class PolynomialDecayAverager:
@@ -367,8 +491,7 @@ class PolynomialDecayAverager:
     """
 
     def __init__(self, params: Iterable[Tensor] | nn.Module, gamma: float = 8.0) -> None:
-        if not isinstance(gamma, (int, float)) or gamma < 0:
-            raise ParameterError(f"gamma must be a number >= 0, got {gamma!r}; the authors use 8")
+        validate_nonnegative("gamma", gamma, "; the authors use 8")
         if isinstance(params, nn.Module):
             tensors = [
                 *params.parameters(),

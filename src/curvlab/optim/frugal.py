@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
@@ -21,18 +21,30 @@ from torch.optim import Optimizer
 from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
-    check_finite_grads,
-    check_state_dict,
-    grads_of,
-    validate_betas,
-    validate_eps,
-    validate_lr,
+    add_param_group_checked,
+    group_options,
+    group_step,
+    load_state_dict_checked,
+    start_step,
+    validate_choice,
+    validate_in_range,
+    validate_int,
     validate_nonnegative,
-    validate_on_nonfinite,
-    validate_weight_decay,
+    validate_standard,
 )
 
-__all__ = ["BLOCK_ORDERS", "FRUGAL", "INACTIVE_UPDATE_RULES", "PROJECTIONS", "block_selection"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = [
+    "BLOCK_ORDERS",
+    "FRUGAL",
+    "FRUGALHyper",
+    "INACTIVE_UPDATE_RULES",
+    "PROJECTIONS",
+    "block_selection",
+    "frugal",
+]
 
 #: ``"blocks"``: whole tensors (BAdam-like; the paper's main pre-training runs, ``--optimizer
 #: frugal``); ``"columns"`` / ``"rows"``: a random ``density`` fraction of the columns / rows of
@@ -43,7 +55,8 @@ BLOCK_ORDERS: tuple[str, ...] = ("random", "ascending", "descending", "mirror")
 #: Update of the state-free part (official ``inactive_update_rule``).
 INACTIVE_UPDATE_RULES: tuple[str, ...] = ("sign_sgd", "sgd", "no")
 
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "group_step")
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 #: (target tensor, gradient, exp_avg, exp_avg_sq, step size, sqrt of bias correction 2)
 _AdamEntry = tuple[Tensor, Tensor, Tensor, Tensor, float, float]
 _MIX = 0x9E3779B97F4A7C15
@@ -51,57 +64,18 @@ _MIX = 0x9E3779B97F4A7C15
 _SCRATCH_NUMEL = 1 << 18
 
 
-def _subspace_generator(seed: int, refresh: int) -> torch.Generator:
-    """A CPU generator determined by ``(seed, refresh)``: subspaces reproducible from numbers."""
-    return torch.Generator().manual_seed((seed * _MIX + refresh) % (2**63 - 1))
+class FRUGALHyper(TypedDict):
+    """The hyper-parameters of one FRUGAL step, as in the param groups (see :class:`FRUGAL`)."""
 
-
-def _matrix_shape(p: Tensor) -> tuple[int, int]:
-    """The ``(rows, columns)`` view of a parameter used by the column/row projections."""
-    if p.dim() == 0:
-        return 1, 1
-    if p.dim() == 1:
-        return 1, p.shape[0]
-    return p.shape[0], p.numel() // p.shape[0]
-
-
-def _num_active_blocks(n: int, density: float) -> int:
-    # Python's round (half to even), as the official BlockOptimizer: round(0.5) == 0.
-    return round(n * density)
-
-
-def block_selection(n: int, density: float, order: str, seed: int, refresh: int) -> list[int]:
-    """Indices of the state-full tensors among a group's ``n`` split tensors in subspace k.
-
-    ``round(n · density)`` whole tensors (official ``num_active_blocks``). ``"random"``: the first
-    entries of a permutation drawn from a generator seeded by ``(seed, refresh)`` (the official
-    code draws ``torch.randperm`` from the global generator); ``"ascending"`` / ``"descending"``:
-    consecutive tensors, moving by that many each refresh; ``"mirror"``: pairs from both ends.
-
-    Example:
-        >>> block_selection(8, 0.25, "ascending", seed=0, refresh=1)
-        [2, 3]
-        >>> block_selection(8, 0.25, "descending", seed=0, refresh=0)
-        [7, 6]
-    """
-    k = _num_active_blocks(n, density)
-    if n == 0 or k == 0:
-        return []
-    if order == "random":
-        perm = torch.randperm(n, generator=_subspace_generator(seed, refresh))
-        return [int(i) for i in perm[:k]]
-    if order == "ascending":
-        start = (refresh * k) % n
-        return [(start + i) % n for i in range(k)]
-    if order == "descending":
-        start = (n - 1 - refresh * k) % n
-        return [(start - i) % n for i in range(k)]
-    half = n // 2  # mirror
-    start = (refresh * (k // 2)) % half
-    out: list[int] = []
-    for i in range(start, start + k // 2):
-        out += [i % half, n - 1 - i % half]
-    return out
+    lr: float | Tensor
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    projection: str
+    reset_statistics: bool
+    inactive_update_rule: str
+    inactive_lr_scale: float
+    proj_params_lr_scale: float
 
 
 class FRUGAL(Optimizer):
@@ -138,17 +112,13 @@ class FRUGAL(Optimizer):
     seeded from them), so the state holds only moments and integer counters and a resumed run is
     bit-identical. Deviations from the official code: that seeding (official: the global
     generator); the refresh clock is one per group (official: the first parameter's own step
-    counter); the chosen columns/rows are sorted; moments are created lazily, only for parameters
+    counter; here the largest step count of the group's parameters); the chosen columns/rows are sorted; moments are created lazily, only for parameters
     that receive a gradient.
 
     Args:
         params: parameters or param groups; a group may set ``split`` (``None``: tensors with
             ``dim ≥ 2``; ``True``: all; ``False``: none) and any hyper-parameter below.
-        lr: learning rate (default ``1e-3``).
-        betas: AdamW ``(β1, β2)`` (default ``(0.9, 0.999)``).
-        eps: AdamW denominator guard (default ``1e-8``).
-        weight_decay: decoupled weight decay, applied to all parameters (default ``0.01``, the
-            authors' AdamW default).
+        lr: learning rate (default ``1e-3``); the others are keyword-only.
         density: ρ, the state-full fraction (default ``0.25``).
         update_gap: T, steps between subspace refreshes (default ``200``).
         projection: ``"blocks"`` | ``"columns"`` | ``"rows"`` (default ``"blocks"``).
@@ -160,12 +130,24 @@ class FRUGAL(Optimizer):
         reset_statistics: reset moments at refresh for column/row projections (default ``True``).
         split: default of the per-group ``split`` (default ``None``).
         seed: seed of the subspace choices (default ``0``).
-        foreach: use the ``torch._foreach_*`` path (default ``None``: on non-CPU devices, as
-            torch.optim; the CPU loop reuses one scratch buffer); bitwise equal to the loop.
+        betas: AdamW ``(β1, β2)`` (default ``(0.9, 0.999)``).
+        eps: AdamW denominator guard (default ``1e-8``).
+        weight_decay: decoupled weight decay, applied to all parameters (default ``0.01``, the
+            authors' AdamW default).
+        foreach: use the ``torch._foreach_*`` path (default ``None``: on CPU, tensors of at least
+            2**18 entries take the loop through one reusable scratch buffer, the others the
+            foreach kernels); bitwise equal to the loop.
         on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"``, see ``curvlab.optim._validation``.
+
+    State (per parameter with a gradient): ``"step"`` (float32 scalar, completed steps); for the
+    state-full part ``"exp_avg"`` and ``"exp_avg_sq"`` (the parameter's shape, or its chosen
+    columns/rows). The group's refresh clock is the largest ``"step"`` of its parameters; Adam's
+    bias correction restarts with the moments: it counts ``min(step, steps since the refresh) + 1``.
 
     Raises:
         ParameterError: an invalid hyper-parameter (the message names it and the valid values).
+        NonFiniteError: a NaN/inf gradient under ``on_nonfinite="raise"``; nothing is changed.
+        StateDictError: ``load_state_dict`` with another optimizer's state or other shapes.
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -186,9 +168,7 @@ class FRUGAL(Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
+        *,
         density: float = 0.25,
         update_gap: int = 200,
         projection: str = "blocks",
@@ -199,6 +179,9 @@ class FRUGAL(Optimizer):
         reset_statistics: bool = True,
         split: bool | None = None,
         seed: int = 0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
         foreach: bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
@@ -220,42 +203,20 @@ class FRUGAL(Optimizer):
             "foreach": foreach,
             "on_nonfinite": on_nonfinite,
         }
-        _validate(defaults)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _validate(group)
-            if group["projection"] == "blocks" and group["block_order"] == "mirror":
-                n = len(self._split_params(group))
-                if _num_active_blocks(n, group["density"]) % 2:
-                    raise ParameterError(
-                        f"block_order='mirror' activates tensors in pairs, but round({n} * "
-                        f"{group['density']}) is odd; choose a density giving an even count or "
-                        "another block_order"
-                    )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its hyper-parameters are validated like the constructor's."""
+        add_param_group_checked(self, param_group, _validate_group)
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _is_split(group: Mapping[str, Any], p: Tensor) -> bool:
-        split = group["split"]
-        return p.dim() >= 2 if split is None else bool(split)
-
-    def _split_params(self, group: Mapping[str, Any]) -> list[Tensor]:
-        return [p for p in group["params"] if self._is_split(group, p)]
-
-    def _anchor(self, group: Mapping[str, Any]) -> Tensor | None:
-        for p in group["params"]:
-            st = self.state.get(p)
-            if st is not None and "group_step" in st:
-                return p
-        return None
-
     def _selection(
         self, gi: int, group: Mapping[str, Any], refresh: int
     ) -> dict[int, Tensor | None]:
         """Map ``id(p)`` of each state-full split tensor to its column/row indices (None: whole)."""
         cache: dict[int, tuple[tuple[Any, ...], dict[int, Tensor | None]]]
         cache = self.__dict__.setdefault("_subspace_cache", {})
-        split = self._split_params(group)
+        split = _split_params(group)
         key = (
             refresh,
             group["projection"],
@@ -283,202 +244,240 @@ class FRUGAL(Optimizer):
         cache[gi] = (key, sel)
         return sel
 
+    def _init_group(self, gi: int, group: dict[str, Any], *lists: list[Any]) -> int:
+        """Create, reset (at a refresh) and list the state; return the steps since the refresh.
+
+        Appends every parameter with a gradient to ``lists = (params, grads, exp_avgs,
+        exp_avg_sqs, state_steps, indices, splits)``: its ``exp_avg``/``exp_avg_sq`` (``None`` for a
+        state-free split tensor), the chosen column/row ``indices`` (``None``: whole tensor) and
+        whether it is split.
+        """
+        t = group_step(self, group)
+        gap = int(group["update_gap"])
+        if t % gap == 0 and _resets(group):
+            for p in _split_params(group):
+                st = self.state.get(p)
+                if st:
+                    st.pop("exp_avg", None)
+                    st.pop("exp_avg_sq", None)
+        sel = self._selection(gi, group, t // gap)
+        axis = 1 if group["projection"] == "columns" else 0
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            is_split = _is_split(group, p)
+            idx = sel.get(id(p)) if is_split else None
+            if is_split and id(p) not in sel:
+                m = v = None
+            else:
+                if "exp_avg" not in st:
+                    like = p if idx is None else _gather(p, idx, axis)
+                    st["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+            for lst, entry in zip(lists, (p, p.grad, m, v, st["step"], idx, is_split)):
+                lst.append(entry)
+        return t % gap
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state_dict saved by :class:`FRUGAL` on parameters of the same shapes.
 
         Raises:
             StateDictError: the state_dict comes from another optimizer or another model.
         """
-        if (
-            isinstance(state_dict, Mapping)
-            and "state" in state_dict
-            and "param_groups" in state_dict
-        ):
-            for pid, st in state_dict["state"].items():
-                extra = sorted(set(st) - set(_STATE_KEYS))
-                if extra:
-                    raise StateDictError(
-                        f"state of parameter id {pid!r} has keys {extra} that FRUGAL does not use "
-                        f"(it uses {sorted(_STATE_KEYS)}): the state_dict was saved from another "
-                        "optimizer; load it into that optimizer instead"
-                    )
-            plain = {
-                "param_groups": state_dict["param_groups"],
-                "state": {
-                    pid: {k: v for k, v in st.items() if k not in ("exp_avg", "exp_avg_sq")}
-                    for pid, st in state_dict["state"].items()
-                },
-            }
-            check_state_dict(self, plain, state_keys=_STATE_KEYS)
-            for sg, g in zip(state_dict["param_groups"], self.param_groups):
-                for pid, p in zip(sg["params"], g["params"]):
-                    st = state_dict["state"].get(pid, {})
-                    allowed = {tuple(p.shape)}
-                    if self._is_split(sg, p) and sg["projection"] != "blocks":
-                        r, c = _matrix_shape(p)
-                        if sg["projection"] == "columns":
-                            allowed.add((r, int(c * sg["density"])))
-                        else:
-                            allowed.add((int(r * sg["density"]), c))
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        v = st.get(key)
-                        if isinstance(v, Tensor) and tuple(v.shape) not in allowed:
-                            raise StateDictError(
-                                f"state {key!r} of a parameter of shape {tuple(p.shape)} has shape "
-                                f"{tuple(v.shape)}; the state_dict was saved for a model with "
-                                "different parameter shapes (or another projection/density)"
-                            )
-        else:
-            check_state_dict(self, state_dict, state_keys=_STATE_KEYS)
-        super().load_state_dict(dict(state_dict))  # type: ignore[arg-type]
+        load_state_dict_checked(
+            self,
+            state_dict,
+            state_keys=_STATE_KEYS,
+            free_shape_keys=_MOMENT_KEYS,
+            check_shapes=self._check_moment_shapes,
+        )
+
+    def _check_moment_shapes(self, state_dict: Mapping[str, Any]) -> None:
+        """The moments have the parameter's shape, or that of its chosen columns/rows."""
+        for sg, g in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(sg["params"], g["params"]):
+                st = state_dict["state"].get(pid, {})
+                allowed = {tuple(p.shape)}
+                if _is_split(sg, p) and sg["projection"] != "blocks":
+                    r, c = _matrix_shape(p)
+                    if sg["projection"] == "columns":
+                        allowed.add((r, int(c * sg["density"])))
+                    else:
+                        allowed.add((int(r * sg["density"]), c))
+                for key in _MOMENT_KEYS:
+                    v = st.get(key)
+                    if isinstance(v, Tensor) and tuple(v.shape) not in allowed:
+                        raise StateDictError(
+                            f"state {key!r} of a parameter of shape {tuple(p.shape)} has shape "
+                            f"{tuple(v.shape)}; the state_dict was saved for a model with "
+                            "different parameter shapes (or another projection/density)"
+                        )
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One FRUGAL step; ``closure`` (optional) zeroes grads, calls backward, returns loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads_of(self.param_groups)  # raises on sparse gradients
-        step_no = 1
-        for group in self.param_groups:
-            anchor = self._anchor(group)
-            if anchor is not None:
-                step_no = int(self.state[anchor]["group_step"]) + 1
-                break
-        if not check_finite_grads(self.param_groups, step=step_no):
+        loss, proceed = start_step(self, closure)
+        if not proceed:
             return loss
         for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group)
+            lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+            since = self._init_group(gi, group, *lists)
+            if lists[0]:
+                hyper: FRUGALHyper = group_options(group, FRUGALHyper)
+                frugal(*lists, foreach=group["foreach"], steps_since_refresh=since, scratch=self,
+                       **hyper)  # fmt: skip
         return loss
 
-    def _step_group(self, gi: int, group: dict[str, Any]) -> None:
-        params = group["params"]
-        if not any(p.grad is not None for p in params):
-            return
-        anchor = self._anchor(group)
-        if anchor is None:
-            anchor = next(p for p in params if p.grad is not None)
-            self.state[anchor]["group_step"] = 0
-        t = int(self.state[anchor]["group_step"])
-        gap = int(group["update_gap"])
-        refresh = t // gap
-        reset = group["projection"] == "blocks" or bool(group["reset_statistics"])
-        if t % gap == 0 and reset:
-            for p in self._split_params(group):
-                st = self.state.get(p)
-                if st:
-                    st.pop("exp_avg", None)
-                    st.pop("exp_avg_sq", None)
-                    st["step"] = 0
-        sel = self._selection(gi, group, refresh)
 
-        lr = float(group["lr"])
-        beta1, beta2 = group["betas"]
-        eps = float(group["eps"])
-        wd = float(group["weight_decay"])
-        lr_split = lr * float(group["proj_params_lr_scale"])
-        lr_free = lr_split * float(group["inactive_lr_scale"])
-        rule = group["inactive_update_rule"]
-        axis = 1 if group["projection"] == "columns" else 0
+def frugal(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    state_steps: list[Tensor],
+    indices: list[Tensor | None],
+    splits: list[bool],
+    *,
+    foreach: bool | None = None,
+    steps_since_refresh: int,
+    scratch: object | None = None,
+    **hyper: Unpack[FRUGALHyper],
+) -> None:
+    """Functional API that performs the FRUGAL computation; see :class:`FRUGAL`.
 
-        with_grad: list[Tensor] = []
-        adam: list[_AdamEntry] = []
-        # (param, grad, indices, exp_avg, exp_avg_sq, step size, bc2) of column/row projections
-        coord: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float, float]] = []
-        free: list[tuple[Tensor, Tensor]] = []
-        for p in params:
-            if p.grad is None:
-                continue
-            g = p.grad
-            st = self.state[p]
-            st["step"] = int(st.get("step", 0)) + 1
-            with_grad.append(p)
-            is_split = self._is_split(group, p)
-            if is_split and id(p) not in sel:
-                free.append((p, g))
-                continue
-            idx = sel.get(id(p)) if is_split else None
-            gd = g if idx is None else g.reshape(_matrix_shape(p)).index_select(axis, idx)
-            if "exp_avg" not in st:
-                st["exp_avg"] = torch.zeros_like(gd, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(gd, memory_format=torch.preserve_format)
-            n = st["step"]
-            step_size = (lr_split if is_split else lr) / (1.0 - beta1**n)
-            bc2_sqrt = math.sqrt(1.0 - beta2**n)
-            if idx is None:
-                adam.append((p, gd, st["exp_avg"], st["exp_avg_sq"], step_size, bc2_sqrt))
-            else:
-                coord.append((p, gd, idx, st["exp_avg"], st["exp_avg_sq"], step_size, bc2_sqrt))
-        self.state[anchor]["group_step"] = t + 1
+    Per parameter: ``exp_avgs[i]``/``exp_avg_sqs[i]`` are ``None`` for a state-free split tensor;
+    ``indices[i]`` are its chosen columns or rows (``projection``), or ``None`` for the whole
+    tensor; ``splits[i]`` says whether it is split. Adam's step count is
+    ``min(step, steps_since_refresh) + 1`` for split tensors whose moments restart at refreshes,
+    else ``step + 1``. ``foreach=False`` selects :func:`_single_tensor_frugal`, else
+    :func:`_multi_tensor_frugal` (``None``: large CPU tensors take the loop with a reusable
+    buffer from ``scratch``, the owner of :mod:`._scratch` buffers). ``hyper``: see
+    :class:`FRUGALHyper`.
+    """
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits)
+    on_cpu = any(p.device.type == "cpu" for p in params)
+    if foreach is False:
+        _single_tensor_frugal(*lists, since=steps_since_refresh, scratch=scratch, **hyper)
+    else:
+        loop_large = foreach is None and on_cpu
+        _multi_tensor_frugal(
+            *lists, since=steps_since_refresh, scratch=scratch, loop_large=loop_large, **hyper
+        )
 
-        foreach = group["foreach"]
-        if foreach is None:
-            # torch.optim's rule (foreach on accelerators) refined for CPU: tensors below
-            # _SCRATCH_NUMEL go through the foreach kernels (few dispatches); larger ones through
-            # the loop with a reused scratch buffer (a fresh multi-MB temporary per tensor and
-            # step costs page faults). Both paths run the same operations: bitwise equal.
-            on_cpu = any(p.device.type == "cpu" for p in with_grad)
-            big = (lambda t: t.numel() >= _SCRATCH_NUMEL) if on_cpu else (lambda t: False)
+
+def _single_tensor_frugal(
+    *lists: list[Any], since: int, scratch: object | None, **hyper: Unpack[FRUGALHyper]
+) -> None:
+    """The FRUGAL rule one tensor at a time (the reference): every tensor takes the loop."""
+    _frugal_update(*lists, since=since, scratch=scratch, big=lambda t: True, **hyper)
+
+
+def _multi_tensor_frugal(
+    *lists: list[Any],
+    since: int,
+    scratch: object | None,
+    loop_large: bool,
+    **hyper: Unpack[FRUGALHyper],
+) -> None:
+    """The FRUGAL rule with ``torch._foreach_*`` kernels; bitwise equal to the loop.
+
+    With ``loop_large`` (CPU, ``foreach=None``), tensors of at least ``2**18`` entries take the
+    loop through the scratch buffer instead (a fresh multi-MB temporary per tensor and step costs
+    page faults); both run the same operations.
+    """
+    big = (lambda t: t.numel() >= _SCRATCH_NUMEL) if loop_large else (lambda t: False)
+    _frugal_update(*lists, since=since, scratch=scratch, big=big, **hyper)
+
+
+def _frugal_update(
+    *lists: list[Any],
+    since: int,
+    scratch: object | None,
+    big: Callable[[Tensor], bool],
+    **hyper: Unpack[FRUGALHyper],
+) -> None:
+    """The FRUGAL update; tensors with ``big(t)`` take the per-tensor loop, the others foreach."""
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits = lists
+    lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], float(hyper["eps"])
+    weight_decay, rule = float(hyper["weight_decay"]), hyper["inactive_update_rule"]
+    reset_moments = _resets(hyper)
+    axis = 1 if hyper["projection"] == "columns" else 0
+    lr_split = lr * float(hyper["proj_params_lr_scale"])
+    lr_free = lr_split * float(hyper["inactive_lr_scale"])
+    adam: list[_AdamEntry] = []
+    # (param, grad, indices, exp_avg, exp_avg_sq, step size, bc2) of column/row projections
+    coord: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float, float]] = []
+    free: list[tuple[Tensor, Tensor]] = []
+    for p, g, m, v, step_t, idx, is_split in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits
+    ):
+        if m is None or v is None:
+            free.append((p, g))
+            continue
+        step = int(step_t)
+        n = (min(step, since) if is_split and reset_moments else step) + 1
+        step_size = (lr_split if is_split else lr) / (1.0 - beta1**n)
+        bc2_sqrt = math.sqrt(1.0 - beta2**n)
+        if idx is None:
+            adam.append((p, g, m, v, step_size, bc2_sqrt))
         else:
-            big = (lambda t: False) if foreach else (lambda t: True)
-        scratch = functools.partial(workspace, self)
-        if wd != 0.0:
-            if foreach is not False:
-                torch._foreach_mul_(with_grad, 1.0 - lr * wd)
-            else:
-                for p in with_grad:
-                    p.mul_(1.0 - lr * wd)
-        # whole tensors (non-split and state-full blocks): AdamW in place.
-        _adam_update([e for e in adam if not big(e[0])], beta1, beta2, eps, True)
-        _adam_update([e for e in adam if big(e[0])], beta1, beta2, eps, False, scratch)
-        # column/row projections: θ_S is gathered (after weight decay) and updated by Adam; the
-        # state-free rule is applied to the whole tensor, then θ_S is written back, so the chosen
-        # part gets exactly θ_S + Adam update (its residual g − P(Pᵀg) is 0) and the rest the rule.
-        views, gathered, entries = [], [], []
-        for p, gd, idx, m, v, step_size, bc2_sqrt in coord:
-            shape = _matrix_shape(p)
-            pm = p.view(shape) if p.is_contiguous() else p.reshape(shape).clone()
-            pd = pm.index_select(axis, idx)
-            views.append(pm)
-            gathered.append(pd)
-            entries.append((pd, gd, m, v, step_size, bc2_sqrt))
-        _adam_update([e for e in entries if not big(e[1])], beta1, beta2, eps, True)
-        _adam_update([e for e in entries if big(e[1])], beta1, beta2, eps, False, scratch)
-        for (p, _gd, idx, *_), pm, pd in zip(coord, views, gathered):
-            if rule != "no":
-                assert p.grad is not None
-                gm = p.grad.reshape(pm.shape)
-                d = scratch(gm)
-                if rule == "sign_sgd":
-                    torch.sign(gm, out=d)
-                else:
-                    d.copy_(gm)
-                pm.add_(d, alpha=-lr_free)
-            pm.index_copy_(axis, idx, pd)
-            if not p.is_contiguous():
-                p.copy_(pm.view_as(p))
-        # whole state-free tensors: signSGD (or SGD).
-        if rule == "no" or not free:
-            return
-        if rule == "sgd":
-            ps, gs = [p for p, _ in free], [g for _, g in free]
-            if foreach is not False:
-                torch._foreach_add_(ps, gs, alpha=-lr_free)
-            else:
-                for p, g in free:
-                    p.add_(g, alpha=-lr_free)
-            return
-        small = [(p, g) for p, g in free if not big(g)]
+            gd = _gather(g, idx, axis)
+            coord.append((p, gd, idx, m, v, step_size, bc2_sqrt))
+    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+    ws = functools.partial(workspace, scratch) if scratch is not None else torch.empty_like
+    if weight_decay != 0.0:
+        small = [p for p in params if not big(p)]
         if small:
-            signs = torch._foreach_sign([g for _, g in small])
-            torch._foreach_add_([p for p, _ in small], signs, alpha=-lr_free)
-        for p, g in free:
-            if big(g):
-                d = scratch(g)
-                torch.sign(g, out=d)
-                p.add_(d, alpha=-lr_free)
+            torch._foreach_mul_(small, 1.0 - lr * weight_decay)
+        for p in params:
+            if big(p):
+                p.mul_(1.0 - lr * weight_decay)
+    # whole tensors (non-split and state-full blocks): AdamW in place.
+    _adam_update([e for e in adam if not big(e[0])], beta1, beta2, eps, True)
+    _adam_update([e for e in adam if big(e[0])], beta1, beta2, eps, False, ws)
+    # column/row projections: θ_S is gathered (after weight decay) and updated by Adam; the
+    # state-free rule is applied to the whole tensor, then θ_S is written back, so the chosen
+    # part gets exactly θ_S + Adam update (its residual g − P(Pᵀg) is 0) and the rest the rule.
+    views, gathered, entries = [], [], []
+    for p, gd, idx, m, v, step_size, bc2_sqrt in coord:
+        shape = _matrix_shape(p)
+        pm = p.view(shape) if p.is_contiguous() else p.reshape(shape).clone()
+        pd = pm.index_select(axis, idx)
+        views.append(pm)
+        gathered.append(pd)
+        entries.append((pd, gd, m, v, step_size, bc2_sqrt))
+    _adam_update([e for e in entries if not big(e[1])], beta1, beta2, eps, True)
+    _adam_update([e for e in entries if big(e[1])], beta1, beta2, eps, False, ws)
+    for (p, _gd, idx, *_), pm, pd in zip(coord, views, gathered):
+        if rule != "no":
+            assert p.grad is not None
+            pm.add_(_free_direction(p.grad.reshape(pm.shape), rule, ws), alpha=-lr_free)
+        pm.index_copy_(axis, idx, pd)
+        if not p.is_contiguous():
+            p.copy_(pm.view_as(p))
+    # whole state-free tensors: signSGD (or SGD).
+    if rule == "no" or not free:
+        return
+    small_free = [(p, g) for p, g in free if not big(g)]
+    if small_free:
+        ps, gs = [p for p, _ in small_free], [g for _, g in small_free]
+        if rule == "sign_sgd":
+            gs = list(torch._foreach_sign(gs))
+        torch._foreach_add_(ps, gs, alpha=-lr_free)
+    for p, g in free:
+        if big(g):
+            p.add_(_free_direction(g, rule, ws), alpha=-lr_free)
+
+
+def _free_direction(g: Tensor, rule: str, ws: Callable[[Tensor], Tensor]) -> Tensor:
+    """``sign(g)`` (``"sign_sgd"``) or ``g`` (``"sgd"``), written into the buffer ``ws(g)``."""
+    d = ws(g)
+    return torch.sign(g, out=d) if rule == "sign_sgd" else d.copy_(g)
 
 
 def _adam_update(
@@ -519,45 +518,107 @@ def _adam_update(
     torch._foreach_addcdiv_(targets, ms, denoms, [-e[4] for e in entries])
 
 
-def _validate(group: Mapping[str, Any]) -> None:
-    validate_lr(group["lr"])
-    validate_betas(group["betas"])
-    validate_eps(group["eps"])
-    validate_weight_decay(group["weight_decay"])
-    validate_on_nonfinite(group["on_nonfinite"])
-    rho = group["density"]
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
-        raise ParameterError(
-            f"density must be a number in [0, 1] (the state-full fraction ρ), got {rho!r}; "
-            "the paper uses 0.25"
-        )
-    gap = group["update_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ParameterError(
-            f"update_gap must be an int >= 1 (steps between subspace refreshes), got {gap!r}; "
-            "the paper uses 200"
-        )
-    for key, allowed in (
-        ("projection", PROJECTIONS),
-        ("block_order", BLOCK_ORDERS),
-        ("inactive_update_rule", INACTIVE_UPDATE_RULES),
-    ):
-        if group[key] not in allowed:
-            raise ParameterError(
-                f"{key} must be one of {', '.join(map(repr, allowed))}, got {group[key]!r}"
-            )
+def _is_split(group: Mapping[str, Any], p: Tensor) -> bool:
+    """Whether ``p`` is split (subspace + state-free rest) under the group's ``split``."""
+    split = group["split"]
+    return p.dim() >= 2 if split is None else bool(split)
+
+
+def _split_params(group: Mapping[str, Any]) -> list[Tensor]:
+    return [p for p in group["params"] if _is_split(group, p)]
+
+
+def _resets(group: Mapping[str, Any]) -> bool:
+    """Whether the moments of split tensors restart at each refresh (always for blocks)."""
+    return group["projection"] == "blocks" or bool(group["reset_statistics"])
+
+
+def _validate_group(group: Mapping[str, Any]) -> None:
+    validate_standard(group, "lr", "betas", "eps", "weight_decay", "on_nonfinite")
+    validate_in_range(
+        "density",
+        group["density"],
+        0,
+        1,
+        hint="; it is the state-full fraction, the paper uses 0.25",
+    )
+    validate_int(
+        "update_gap", group["update_gap"], 1, " (steps between refreshes); the paper uses 200"
+    )
+    validate_choice("projection", group["projection"], PROJECTIONS)
+    validate_choice("block_order", group["block_order"], BLOCK_ORDERS)
+    validate_choice("inactive_update_rule", group["inactive_update_rule"], INACTIVE_UPDATE_RULES)
     validate_nonnegative("inactive_lr_scale", group["inactive_lr_scale"])
     validate_nonnegative("proj_params_lr_scale", group["proj_params_lr_scale"])
-    if group["split"] not in (None, True, False):
-        raise ParameterError(
-            f"split must be None (tensors with dim >= 2), True or False, got {group['split']!r}"
-        )
-    seed = group["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ParameterError(f"seed must be an int >= 0, got {seed!r}")
-    if not isinstance(group["reset_statistics"], bool):
-        raise ParameterError(
-            f"reset_statistics must be True or False, got {group['reset_statistics']!r}"
-        )
-    if group["foreach"] not in (None, True, False):
-        raise ParameterError(f"foreach must be None, True or False, got {group['foreach']!r}")
+    validate_choice(
+        "split", group["split"], (None, True, False), "; None splits the tensors with dim >= 2"
+    )
+    validate_int("seed", group["seed"], 0)
+    validate_choice("reset_statistics", group["reset_statistics"], (True, False))
+    validate_choice("foreach", group["foreach"], (None, True, False))
+    if group["projection"] == "blocks" and group["block_order"] == "mirror":
+        n = len(_split_params(group))
+        if _num_active_blocks(n, group["density"]) % 2:
+            raise ParameterError(
+                f"block_order='mirror' activates tensors in pairs, but round({n} * "
+                f"{group['density']}) is odd; choose a density giving an even count or "
+                "another block_order"
+            )
+
+
+def _subspace_generator(seed: int, refresh: int) -> torch.Generator:
+    """A CPU generator determined by ``(seed, refresh)``: subspaces reproducible from numbers."""
+    return torch.Generator().manual_seed((seed * _MIX + refresh) % (2**63 - 1))
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    """The ``(rows, columns)`` view of a parameter used by the column/row projections."""
+    if p.dim() == 0:
+        return 1, 1
+    if p.dim() == 1:
+        return 1, p.shape[0]
+    return p.shape[0], p.numel() // p.shape[0]
+
+
+def _gather(t: Tensor, idx: Tensor, axis: int) -> Tensor:
+    """The chosen columns (``axis=1``) or rows (``axis=0``) of ``t``'s matrix view."""
+    return t.reshape(_matrix_shape(t)).index_select(axis, idx)
+
+
+def _num_active_blocks(n: int, density: float) -> int:
+    # Python's round (half to even), as the official BlockOptimizer: round(0.5) == 0.
+    return round(n * density)
+
+
+def block_selection(n: int, density: float, order: str, seed: int, refresh: int) -> list[int]:
+    """Indices of the state-full tensors among a group's ``n`` split tensors in subspace k.
+
+    ``round(n · density)`` whole tensors (official ``num_active_blocks``). ``"random"``: the first
+    entries of a permutation drawn from a generator seeded by ``(seed, refresh)`` (the official
+    code draws ``torch.randperm`` from the global generator); ``"ascending"`` / ``"descending"``:
+    consecutive tensors, moving by that many each refresh; ``"mirror"``: pairs from both ends.
+
+    Example:
+        >>> block_selection(8, 0.25, "ascending", seed=0, refresh=1)
+        [2, 3]
+        >>> block_selection(8, 0.25, "descending", seed=0, refresh=0)
+        [7, 6]
+    """
+    k = _num_active_blocks(n, density)
+    if n == 0 or k == 0:
+        return []
+    if order == "random":
+        perm = torch.randperm(n, generator=_subspace_generator(seed, refresh))
+        return [int(i) for i in perm[:k]]
+    if order == "ascending":
+        start = (refresh * k) % n
+        return [(start + i) % n for i in range(k)]
+    if order == "descending":
+        start = (n - 1 - refresh * k) % n
+        return [(start - i) % n for i in range(k)]
+    half = n // 2  # mirror
+    start = (refresh * (k // 2)) % half
+    out: list[int] = []
+    for i in range(start, start + k // 2):
+        out += [i % half, n - 1 - i % half]
+    return out

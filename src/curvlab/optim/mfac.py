@@ -7,8 +7,9 @@ Information", arXiv 2107.03356 (NeurIPS 2021). Official code: IST-DASLab/M-FAC `
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
@@ -17,60 +18,33 @@ from torch.optim import Optimizer
 from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
-    check_finite_grads,
-    check_state_dict,
-    grads_of,
-    validate_lr,
-    validate_on_nonfinite,
+    add_param_group_checked,
+    group_options,
+    group_step,
+    load_state_dict_checked,
+    start_step,
+    validate_in_range,
+    validate_int,
     validate_positive,
-    validate_weight_decay,
+    validate_standard,
 )
 
-__all__ = ["MFAC", "mfac_coefficients"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-#: Per-parameter state keys (``"step"`` and ``"dots"`` live only in each group's anchor parameter).
-_STATE_KEYS = ("grad_window", "momentum_buffer", "step", "dots")
+__all__ = ["MFAC", "MFACHyper", "mfac", "mfac_coefficients"]
+
+#: Per-parameter state keys (``"dots"`` lives only in each group's anchor parameter).
+_STATE_KEYS = ("step", "grad_window", "momentum_buffer", "dots")
 
 
-def mfac_coefficients(dots: Tensor, gx: Tensor, damp: float, num_grads: int) -> Tensor:
-    """Coefficients ``c`` with ``F̂⁻¹ x = x / λ − Gᵀ c`` for the damped empirical Fisher of a window.
+class MFACHyper(TypedDict):
+    """The hyper-parameters of one M-FAC step, as in the param groups (see :class:`MFAC`)."""
 
-    With the window ``G = [g_1 … g_m]ᵀ`` (``m × d``) and ``F̂ = λ I + (1/m) Gᵀ G``, the Woodbury
-    identity gives ``F̂⁻¹ = λ⁻¹ I − λ⁻² Gᵀ K⁻¹ G`` with the ``m × m`` matrix ``K = λ⁻¹ G Gᵀ + m I``.
-    The official dynamic algorithm factors ``K`` by LU without pivoting (its ``U`` minus ``m I`` is
-    the paper's matrix ``D``, its unit lower factor gives the coefficient matrix ``B = λ⁻¹ L⁻¹``),
-    then ``F̂⁻¹ x = λ⁻¹ x − Gᵀ Bᵀ diag(1/(m + D_ii)) B G x``. ``K`` is symmetric positive definite,
-    so that factorization equals ``LDLᵀ``, obtained here from a Cholesky factor
-    (``torch.linalg.cholesky``, CPU and CUDA; LU without pivoting exists in torch only on CUDA).
-    ``K`` is factored in float64. Cost: ``O(m³)`` for the factorization and ``O(m²)`` for the
-    solve; the caller pays ``O(d m)`` for ``G x`` and ``Gᵀ c``.
-
-    Args:
-        dots: ``G Gᵀ``, shape ``[m, m]``.
-        gx: ``G x``, shape ``[m]``.
-        damp: the damping ``λ > 0``.
-        num_grads: ``m``, the window length (the ``1/m`` of the Fisher; zero rows count).
-
-    Returns:
-        ``c = λ⁻² K⁻¹ G x``, shape ``[m]``, dtype float64 (float32 on MPS).
-
-    Example:
-        >>> G = torch.eye(2, 3, dtype=torch.float64)   # two gradients e_1, e_2 in R^3
-        >>> x = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-        >>> c = mfac_coefficients(G @ G.T, G @ x, damp=0.5, num_grads=2)
-        >>> x / 0.5 - G.T @ c       # F = 0.5 I + 0.5 diag(1, 1, 0) -> F⁻¹ x = (1, 1, 2)
-        tensor([1., 1., 2.], dtype=torch.float64)
-
-    Paper: Frantar, Kurtic, Alistarh 2021, arXiv 2107.03356 (Section 3.3, dynamic algorithm).
-    """
-    m = num_grads
-    lam_inv = 1.0 / damp
-    wide = torch.float32 if dots.device.type == "mps" else torch.float64  # MPS has no float64
-    k = dots.to(wide) * lam_inv
-    k.diagonal().add_(float(m))
-    chol, _ = torch.linalg.cholesky_ex(k)
-    sol = torch.cholesky_solve(gx.to(wide).unsqueeze(1), chol).squeeze(1)
-    return sol.mul_(lam_inv * lam_inv)
+    lr: float | Tensor
+    momentum: float
+    weight_decay: float
+    damp: float
 
 
 class MFAC(Optimizer):
@@ -115,9 +89,17 @@ class MFAC(Optimizer):
         damp: damping ``λ > 0`` (default ``1e-5``, official).
         on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"``, see ``curvlab.optim._validation``.
 
+    State: per parameter ``"step"`` (float32 scalar: the steps its window row took part in; the
+    group's ring position is the largest of them modulo ``m``), ``"grad_window"`` (``[m, numel]``)
+    and ``"momentum_buffer"`` (if ``momentum > 0``); ``"dots"`` (``G Gᵀ``, ``[m, m]``) in the
+    group's first parameter with state.
+
     Raises:
         ParameterError: an invalid hyper-parameter, or parameters of one group on different
             devices/dtypes.
+        NonFiniteError: a NaN/inf gradient under ``on_nonfinite="raise"``; nothing is changed.
+        StateDictError: ``load_state_dict`` with another optimizer's state, other shapes or
+            another ``num_grads``.
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -145,38 +127,49 @@ class MFAC(Optimizer):
         weight_decay: float = 0.0,
         num_grads: int = 1024,
         damp: float = 1e-5,
+        *,
         on_nonfinite: str = "raise",
     ) -> None:
         defaults = {
+            "num_grads": num_grads,
+            "damp": damp,
             "lr": lr,
             "momentum": momentum,
             "weight_decay": weight_decay,
-            "num_grads": num_grads,
-            "damp": damp,
             "on_nonfinite": on_nonfinite,
+            "nonfinite_skips": 0,
         }
-        _validate(defaults)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _validate(group)
-            ps = group["params"]
-            if any(p.dtype != ps[0].dtype or p.device != ps[0].device for p in ps):
-                raise ParameterError(
-                    "MFAC keeps one gradient window per param group, so all parameters of a group "
-                    "must share one dtype and device; put parameters of other dtypes/devices into "
-                    "their own param group"
-                )
-            if not all(p.is_floating_point() for p in ps):
-                raise ParameterError("MFAC optimizes floating-point parameters only")
 
-    # ------------------------------------------------------------------ state
-    def _anchor(self, group: dict[str, Any]) -> Tensor | None:
-        """The parameter whose state holds the group's ``step`` and ``dots`` (None before)."""
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group: one window, so one dtype and device; hyper-parameters validated."""
+        add_param_group_checked(self, param_group, _validate_group)
+
+    def _init_group(self, group: dict[str, Any], *lists: list[Any]) -> Tensor:
+        """Create the state lazily; append every parameter that takes part (a gradient, or a window
+        whose row is zeroed) to ``lists = (params, grads, windows, momentum_buffers, state_steps)``;
+        return the group's ``G Gᵀ``.
+        """
+        m = int(group["num_grads"])
+        dots = next(
+            (st["dots"] for p in group["params"] if "dots" in (st := self.state.get(p, {}))), None
+        )
         for p in group["params"]:
-            st = self.state.get(p)
-            if st is not None and "dots" in st:
-                return p
-        return None
+            if p.grad is None and p not in self.state:
+                continue
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["grad_window"] = torch.zeros((m, p.numel()), dtype=p.dtype, device=p.device)
+            if dots is None:
+                dots = st["dots"] = torch.zeros((m, m), dtype=p.dtype, device=p.device)
+            if group["momentum"] > 0.0 and p.grad is not None and "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            entries = (p, p.grad, st["grad_window"], st.get("momentum_buffer"), st["step"])
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
+        assert dots is not None
+        return dots
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state_dict saved by :class:`MFAC` on parameters of the same shapes.
@@ -185,156 +178,186 @@ class MFAC(Optimizer):
             StateDictError: the state_dict comes from another optimizer, another model, or its
                 windows do not fit the param groups' ``num_grads``.
         """
-        plain = {
-            "param_groups": state_dict.get("param_groups", None)
-            if isinstance(state_dict, Mapping)
-            else None,
-            "state": {},
-        }
-        if isinstance(state_dict, Mapping) and "state" in state_dict:
-            plain["state"] = {
-                pid: {k: v for k, v in st.items() if k not in ("grad_window", "dots")}
-                for pid, st in state_dict["state"].items()
-            }
-            for pid, st in state_dict["state"].items():
-                extra = sorted(set(st) - set(_STATE_KEYS))
-                if extra:
-                    raise StateDictError(
-                        f"state of parameter id {pid!r} has keys {extra} that MFAC does not use "
-                        f"(it uses {sorted(_STATE_KEYS)}): the state_dict was saved from another "
-                        "optimizer; load it into that optimizer instead"
-                    )
-        check_state_dict(
+        load_state_dict_checked(
             self,
-            plain if plain["param_groups"] is not None else state_dict,
+            state_dict,
             state_keys=_STATE_KEYS,
             param_shaped_keys=("momentum_buffer",),
+            free_shape_keys=("grad_window", "dots"),
+            check_shapes=functools.partial(_check_window_shapes, self),
         )
-        for sg, g in zip(state_dict["param_groups"], self.param_groups):
-            m = int(sg["num_grads"])
-            for pid, p in zip(sg["params"], g["params"]):
-                st = state_dict["state"].get(pid, {})
-                w = st.get("grad_window")
-                if isinstance(w, Tensor) and tuple(w.shape) != (m, p.numel()):
-                    raise StateDictError(
-                        f"state 'grad_window' of a parameter of shape {tuple(p.shape)} has "
-                        f"shape {tuple(w.shape)}, expected {(m, p.numel())}: the state_dict was "
-                        "saved for a model with different parameter shapes or another num_grads"
-                    )
-                d = st.get("dots")
-                if isinstance(d, Tensor) and tuple(d.shape) != (m, m):
-                    raise StateDictError(
-                        f"state 'dots' has shape {tuple(d.shape)}, expected {(m, m)} (num_grads="
-                        f"{m}); the state_dict was saved with another window length"
-                    )
-        super().load_state_dict(dict(state_dict))  # type: ignore[arg-type]
 
-    # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One M-FAC step; ``closure`` (optional) zeroes grads, calls backward, returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads_of(self.param_groups)  # raises on sparse gradients
-        step_no = 1
-        for group in self.param_groups:
-            anchor = self._anchor(group)
-            if anchor is not None:
-                step_no = int(self.state[anchor]["step"]) + 1
-                break
-        if not check_finite_grads(self.param_groups, step=step_no):
+        loss, proceed = start_step(self, closure)
+        if not proceed:
             return loss
         for group in self.param_groups:
-            self._step_group(group)
+            if any(p.grad is not None for p in group["params"]):
+                lists: tuple[list[Any], ...] = ([], [], [], [], [])
+                dots = self._init_group(group, *lists)
+                row = group_step(self, group) % int(group["num_grads"])
+                hyper: MFACHyper = group_options(group, MFACHyper)
+                mfac(*lists, dots=dots, row=row, scratch=self, **hyper)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        params = group["params"]
-        if not any(p.grad is not None for p in params):
-            return
-        m = int(group["num_grads"])
-        damp = float(group["damp"])
-        wd = float(group["weight_decay"])
-        mu = float(group["momentum"])
-        lr = group["lr"]
-        anchor = self._anchor(group)
-        if anchor is None:
-            anchor = next(p for p in params if p.grad is not None)
-            st = self.state[anchor]
-            st["step"] = torch.tensor(0.0)
-            st["dots"] = torch.zeros((m, m), dtype=anchor.dtype, device=anchor.device)
-        gstate = self.state[anchor]
-        j = int(gstate["step"]) % m
-        low = anchor.dtype in (torch.float16, torch.bfloat16)
-        acc_dtype = torch.float32 if low else anchor.dtype
 
-        # 1. write g_t (with coupled weight decay) into row j of every window; gx = G g_t.
-        entries: list[tuple[Tensor, Tensor, Tensor]] = []  # (param, flat g, window)
-        gx = torch.zeros(m, dtype=acc_dtype, device=anchor.device)
-        for p in params:
-            st = self.state[p] if (p.grad is not None or p in self.state) else None
-            if st is None:
-                continue
-            if "grad_window" not in st:
-                st["grad_window"] = torch.zeros((m, p.numel()), dtype=p.dtype, device=p.device)
-            window = st["grad_window"]
-            if p.grad is None:
-                window[j].zero_()
-                continue
-            g = p.grad.reshape(-1)
-            if wd != 0.0:
-                g = g.add(p.reshape(-1), alpha=wd)
-            window[j].copy_(g)
-            if low:
-                gx.add_(window.float() @ g.float())
-            else:
-                gx.add_(window @ g)
-            entries.append((p, g, window))
+def mfac(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    windows: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    state_steps: list[Tensor],
+    *,
+    dots: Tensor,
+    row: int,
+    scratch: object | None = None,
+    **hyper: Unpack[MFACHyper],
+) -> None:
+    """Functional API that performs the M-FAC computation; see :class:`MFAC`.
 
-        # 2. refresh row and column j of G Gᵀ, factor the m × m system, solve.
-        dots = gstate["dots"]
-        dots[j].copy_(gx)
-        dots[:, j].copy_(gx)
-        c = mfac_coefficients(dots, gx, damp, m).to(acc_dtype)
-
-        # 3. u = g / λ − Gᵀ c, momentum, parameter update.
-        for p, g, window in entries:
-            if low:
-                u = torch.addmv(g.float(), window.float().t(), c, beta=1.0 / damp, alpha=-1.0)
-                u = u.to(p.dtype)
-            else:
-                u = workspace(self, g)  # reused buffer: no fresh d-sized temporary per step
-                torch.addmv(g, window.t(), c, beta=1.0 / damp, alpha=-1.0, out=u)
-            u = u.view_as(p)
-            if mu > 0.0:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = st["momentum_buffer"]
-                buf.mul_(mu).add_(u, alpha=1.0 - mu)
-                u = buf
-            if isinstance(lr, Tensor):
-                p.sub_(u * lr)
-            else:
-                p.add_(u, alpha=-lr)
-        gstate["step"] += 1
+    Writes each gradient (with coupled weight decay; zeros where ``grads[i]`` is ``None``) into
+    ``row`` of its window, refreshes ``dots`` (``G Gᵀ``), then updates the parameters with a
+    gradient, their ``momentum_buffers`` and every ``state_steps`` entry in place. There is no
+    multi-tensor path: the window products are already one matrix-vector product per tensor.
+    ``scratch``: the owner of a reusable buffer for the d-sized IHVP (:mod:`._scratch`).
+    ``hyper``: see :class:`MFACHyper`.
+    """
+    lists = (params, grads, windows, momentum_buffers, state_steps)
+    _single_tensor_mfac(*lists, dots=dots, row=row, scratch=scratch, **hyper)
 
 
-def _validate(group: Mapping[str, Any]) -> None:
-    validate_lr(group["lr"])
-    validate_weight_decay(group["weight_decay"])
-    validate_on_nonfinite(group["on_nonfinite"])
-    mu = group["momentum"]
-    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= mu < 1.0:
+def _single_tensor_mfac(
+    *lists: list[Any], dots: Tensor, row: int, scratch: object | None, **hyper: Unpack[MFACHyper]
+) -> None:
+    """The M-FAC rule of the class docstring, one tensor at a time (the reference)."""
+    params, grads, windows, momentum_buffers, state_steps = lists
+    lr, momentum, damp = hyper["lr"], float(hyper["momentum"]), float(hyper["damp"])
+    weight_decay = float(hyper["weight_decay"])
+    m = dots.shape[0]
+    low = dots.dtype in (torch.float16, torch.bfloat16)
+    acc_dtype = torch.float32 if low else dots.dtype
+
+    # 1. write g_t (with coupled weight decay) into the row of every window; gx = G g_t.
+    entries: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []  # (param, g, window, buf)
+    gx = torch.zeros(m, dtype=acc_dtype, device=dots.device)
+    for p, grad, window, buf in zip(params, grads, windows, momentum_buffers):
+        if grad is None:
+            window[row].zero_()
+            continue
+        g = grad.reshape(-1)
+        if weight_decay != 0.0:
+            g = g.add(p.reshape(-1), alpha=weight_decay)
+        window[row].copy_(g)
+        if low:
+            gx.add_(window.float() @ g.float())
+        else:
+            gx.add_(window @ g)
+        entries.append((p, g, window, buf))
+
+    # 2. refresh row and column `row` of G Gᵀ, factor the m × m system, solve.
+    dots[row].copy_(gx)
+    dots[:, row].copy_(gx)
+    c = mfac_coefficients(dots, gx, damp, m).to(acc_dtype)
+
+    # 3. u = g / λ − Gᵀ c, momentum, parameter update.
+    for p, g, window, buf in entries:
+        if low:
+            u = torch.addmv(g.float(), window.float().t(), c, beta=1.0 / damp, alpha=-1.0)
+            u = u.to(p.dtype)
+        else:
+            u = workspace(scratch, g) if scratch is not None else torch.empty_like(g)
+            torch.addmv(g, window.t(), c, beta=1.0 / damp, alpha=-1.0, out=u)
+        u = u.view_as(p)
+        if momentum > 0.0:
+            assert buf is not None
+            buf.mul_(momentum).add_(u, alpha=1.0 - momentum)
+            u = buf
+        if isinstance(lr, Tensor):
+            p.sub_(u * lr)
+        else:
+            p.add_(u, alpha=-lr)
+    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+
+
+def _check_window_shapes(opt: MFAC, state_dict: Mapping[str, Any]) -> None:
+    """Windows are ``[num_grads, numel]`` and ``dots`` is ``[num_grads, num_grads]``."""
+    for sg, g in zip(state_dict["param_groups"], opt.param_groups):
+        m = int(sg["num_grads"])
+        for pid, p in zip(sg["params"], g["params"]):
+            st = state_dict["state"].get(pid, {})
+            w = st.get("grad_window")
+            if isinstance(w, Tensor) and tuple(w.shape) != (m, p.numel()):
+                raise StateDictError(
+                    f"state 'grad_window' of a parameter of shape {tuple(p.shape)} has "
+                    f"shape {tuple(w.shape)}, expected {(m, p.numel())}: the state_dict was "
+                    "saved for a model with different parameter shapes or another num_grads"
+                )
+            d = st.get("dots")
+            if isinstance(d, Tensor) and tuple(d.shape) != (m, m):
+                raise StateDictError(
+                    f"state 'dots' has shape {tuple(d.shape)}, expected {(m, m)} (num_grads="
+                    f"{m}); the state_dict was saved with another window length"
+                )
+
+
+def _validate_group(group: Mapping[str, Any]) -> None:
+    ps = group["params"]
+    if any(p.dtype != ps[0].dtype or p.device != ps[0].device for p in ps):
         raise ParameterError(
-            f"momentum must be a number in [0, 1), got {mu!r}; use 0 to disable momentum"
+            "MFAC keeps one gradient window per param group, so all parameters of a group "
+            "must share one dtype and device; put parameters of other dtypes/devices into "
+            "their own param group"
         )
-    m = group["num_grads"]
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ParameterError(
-            f"num_grads must be an int >= 1 (the gradient window length), got {m!r}; "
-            "e.g. num_grads=32"
-        )
+    if not all(p.is_floating_point() for p in ps):
+        raise ParameterError("MFAC optimizes floating-point parameters only")
+    validate_standard(group, "lr", "weight_decay", "on_nonfinite")
+    validate_in_range(
+        "momentum", group["momentum"], 0, 1, hi_open=True, hint="; use 0 to disable momentum"
+    )
+    validate_int(
+        "num_grads", group["num_grads"], 1, " (the gradient window length); e.g. num_grads=32"
+    )
     validate_positive("damp", group["damp"], "; it is the λ of F = λI + (1/m) Σ g gᵀ, e.g. 1e-5")
+
+
+def mfac_coefficients(dots: Tensor, gx: Tensor, damp: float, num_grads: int) -> Tensor:
+    """Coefficients ``c`` with ``F̂⁻¹ x = x / λ − Gᵀ c`` for the damped empirical Fisher of a window.
+
+    With the window ``G = [g_1 … g_m]ᵀ`` (``m × d``) and ``F̂ = λ I + (1/m) Gᵀ G``, the Woodbury
+    identity gives ``F̂⁻¹ = λ⁻¹ I − λ⁻² Gᵀ K⁻¹ G`` with the ``m × m`` matrix ``K = λ⁻¹ G Gᵀ + m I``.
+    The official dynamic algorithm factors ``K`` by LU without pivoting (its ``U`` minus ``m I`` is
+    the paper's matrix ``D``, its unit lower factor gives the coefficient matrix ``B = λ⁻¹ L⁻¹``),
+    then ``F̂⁻¹ x = λ⁻¹ x − Gᵀ Bᵀ diag(1/(m + D_ii)) B G x``. ``K`` is symmetric positive definite,
+    so that factorization equals ``LDLᵀ``, obtained here from a Cholesky factor
+    (``torch.linalg.cholesky``, CPU and CUDA; LU without pivoting exists in torch only on CUDA).
+    ``K`` is factored in float64. Cost: ``O(m³)`` for the factorization and ``O(m²)`` for the
+    solve; the caller pays ``O(d m)`` for ``G x`` and ``Gᵀ c``.
+
+    Args:
+        dots: ``G Gᵀ``, shape ``[m, m]``.
+        gx: ``G x``, shape ``[m]``.
+        damp: the damping ``λ > 0``.
+        num_grads: ``m``, the window length (the ``1/m`` of the Fisher; zero rows count).
+
+    Returns:
+        ``c = λ⁻² K⁻¹ G x``, shape ``[m]``, dtype float64 (float32 on MPS).
+
+    Example:
+        >>> G = torch.eye(2, 3, dtype=torch.float64)   # two gradients e_1, e_2 in R^3
+        >>> x = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+        >>> c = mfac_coefficients(G @ G.T, G @ x, damp=0.5, num_grads=2)
+        >>> x / 0.5 - G.T @ c       # F = 0.5 I + 0.5 diag(1, 1, 0) -> F⁻¹ x = (1, 1, 2)
+        tensor([1., 1., 2.], dtype=torch.float64)
+
+    Paper: Frantar, Kurtic, Alistarh 2021, arXiv 2107.03356 (Section 3.3, dynamic algorithm).
+    """
+    m = num_grads
+    lam_inv = 1.0 / damp
+    wide = torch.float32 if dots.device.type == "mps" else torch.float64  # MPS has no float64
+    k = dots.to(wide) * lam_inv
+    k.diagonal().add_(float(m))
+    chol, _ = torch.linalg.cholesky_ex(k)
+    sol = torch.cholesky_solve(gx.to(wide).unsqueeze(1), chol).squeeze(1)
+    return sol.mul_(lam_inv * lam_inv)

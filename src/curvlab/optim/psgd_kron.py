@@ -13,45 +13,291 @@ were re-written from reading.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._validation import (
-    check_finite_grads,
-    match_param_groups,
-    next_step_number,
-    validate_in_range,
-    validate_lr,
-    validate_nonnegative,
-    validate_on_nonfinite,
-    validate_weight_decay,
+from curvlab.errors import StateDictError
+from curvlab.optim._psgd import (
+    PSGDBase,
+    PSGDOptions,
+    PSGDStepOptions,
+    clip_update,
+    coin_seed,
+    fit_options,
+    init_grad,
+    init_scale,
+    lift,
+    lipschitz_dtype,
+    precond_update_prob_schedule,
+    probe_seed,
+    seeded_generator,
+    update_coin,
+    update_lipschitz,
+    whitening_probe,
 )
+from curvlab.optim._validation import group_options, validate_choice, validate_in_range
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "PSGDKron",
     "balance_factors",
+    "coin_seed",
     "factor_kinds",
     "init_factors",
     "kron_precondition",
     "norm_lower_bound_skew",
     "norm_lower_bound_spd",
     "precond_update_prob_schedule",
+    "probe_seed",
     "procrustes_step",
-    "psgd_kron_step",
-    "update_precond_kron_whiten_eq",
-    "update_precond_kron_whiten_q0p5eq1p5",
+    "psgd_kron",
+    "update_precond_kron_eq",
+    "update_precond_kron_whiten",
 ]
+
+_STATE_KEYS = ("step", "momentum_buffer")  # plus Q_i and L_i, i < number of squeezed dims
 
 GEOMETRIES: tuple[str, ...] = ("EQ", "Q0.5EQ1.5")
 _NORM_BOUND_K = 32  # subspace dimension of the official spectral-norm lower bound (float32 setting)
 _BALANCE_PROB = 0.01  # official probability of rebalancing the factor magnitudes per update
-_MASK64 = (1 << 64) - 1
+
+
+class PSGDKron(PSGDBase):
+    r"""PSGD with a Kronecker-factored whitening preconditioner fitted on a Lie group (Li).
+
+    Each parameter ``θ`` (squeezed to ``k`` dims) gets ``Q = Q_1 ⊗ ... ⊗ Q_k`` and ``P = QᵀQ``.
+    The factors are upper-triangular (geometry ``"EQ"``, default) or near-SPD (``"Q0.5EQ1.5"``,
+    the official default) ``d_i x d_i`` matrices, or diagonals for large or skewed dims
+    (:func:`factor_kinds`). ``Q`` is fitted by gradient whitening, with no Hessian-vector product:
+    with ``v ~ N(0, I)`` and ``h = g + (damping + ε|g|) v`` it minimises ``E[hᵀPh + vᵀP⁻¹v]``,
+    whose minimiser is ``P = E[hhᵀ]^{-1/2}``, by normalised steps on the group
+    (:func:`update_precond_kron_whiten`). Per step (:func:`psgd_kron`)::
+
+        p_t = preconditioner_update_probability, or precond_update_prob_schedule(t) if None
+        with probability p_t (a coin seeded by (seed, t)):  fit Q on g (or on m)
+        u = P·(m if momentum else g);  u ← u·min(1, 2/RMS(u));  u ← clamp(u, ±10)
+        θ ← θ - lr·u
+
+    Defaults are the official ``KronWhiten`` ones (lr 1e-3, preconditioner_lr 0.1, betaL 0.9,
+    damping 1e-9, momentum 0, clip (2, 10), max_size ∞, max_skew 1, automatic init scale),
+    except the update probability, which follows the annealing schedule (pass ``1.0`` for
+    ``KronWhiten``'s).
+
+    Randomness is reproducible and resumable: the probes of the ``j``-th parameter of a group at
+    step ``t`` come from a fresh ``torch.Generator`` seeded with a hash of ``(seed, t, j)``, and
+    the update coin from one seeded with ``(seed, t)``; within a tensor the draws follow the
+    official order. The state holds only tensors (``step``; the factors ``Q_0 … Q_{k-1}``; the
+    Lipschitz estimates ``L_0 … L_{k-1}``, float32 for half-precision parameters;
+    ``momentum_buffer``), so a resumed run is bit-identical.
+
+    Args:
+        params: parameters or param groups.
+        lr: step size (official ``lr_params``), default 1e-3.
+        max_size, max_skew: the dense/diagonal rule of :func:`factor_kinds` (keyword-only).
+        geometry: ``"EQ"`` (triangular group, ``dQ = E Q``) or ``"Q0.5EQ1.5"`` (keyword-only).
+
+    Keyword-only options shared with :class:`~curvlab.optim.psgd_lra.PSGDLRA`
+    (:class:`~curvlab.optim._psgd.PSGDOptions`):
+
+        preconditioner_lr: step size of the preconditioner fit (``lr_preconditioner``), in (0, 1).
+        beta_lipschitz: EMA factor of the Lipschitz estimate (``betaL``), in [0, 1].
+        damping: noise level added to the whitened vector (``P < I/damping``), >= 0.
+        momentum: ``β`` of the gradient EMA (no bias correction), in [0, 1); 0 disables.
+        weight_decay: >= 0; decoupled (``θ ← θ(1 - lr·wd)``) unless
+            ``decoupled_weight_decay=False`` (then ``g ← g + wd·θ``).
+        grad_clip_max_amps: ``(max RMS, max |entry|)`` of the preconditioned update.
+        preconditioner_update_probability: a number in (0, 1], or ``None`` for the schedule of
+            ``prob_max, prob_min, prob_decay, prob_flat_start``
+            (:func:`precond_update_prob_schedule`).
+        init_scale: initial ``Q = init_scale·I``; ``None`` sets it at the first step to
+            ``(max_j mean|g_j|⁴ + damping⁴)^{-1/8}`` over the group's new parameters (official).
+        update_preconditioner_first: fit ``Q`` before applying it (biased) or after (unbiased).
+        whiten_grad: whiten the gradient (True) or the momentum (False; needs ``momentum > 0``).
+        seed: integer seed of the probe and coin streams.
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` a step whose gradients
+            hold NaN/inf (see ``curvlab.optim._validation``).
+
+    Raises:
+        ParameterError: a hyper-parameter out of range (the message names it and its range), an
+            unknown option, or a sparse gradient.
+        NonFiniteError: a NaN/inf gradient with ``on_nonfinite="raise"``; nothing is changed.
+        StateDictError: ``load_state_dict`` with a state that does not fit.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(3, 2))
+        >>> opt = PSGDKron([w], lr=0.1, init_scale=1.0)
+        >>> (w**2).sum().backward(); opt.step()
+        >>> tuple(opt.state[w]["Q_0"].shape), tuple(opt.state[w]["Q_1"].shape)
+        ((3,), (2, 2))
+
+    Papers: X.-L. Li, "Preconditioned Stochastic Gradient Descent", IEEE TNNLS 2018
+    (arXiv:1512.04202); X.-L. Li, "Preconditioner on Matrix Lie Group for SGD", ICLR 2019
+    (arXiv:1809.10232); O. Pooladzandi, X.-L. Li, "Curvature-Informed SGD via General Purpose
+    Lie-Group Preconditioners", 2024 (arXiv:2402.04553); X.-L. Li, "Stochastic Hessian Fittings
+    with Lie Groups", 2024 (arXiv:2402.11858). Code: lixilinx/psgd_torch ``psgd.py`` @a8616f1.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        *,
+        max_size: float = math.inf,
+        max_skew: float = 1.0,
+        geometry: str = "EQ",
+        **options: Unpack[PSGDOptions],
+    ) -> None:
+        own = {"lr": lr, "max_size": max_size, "max_skew": max_skew, "geometry": geometry}
+        super().__init__(params, own, options)
+
+    def _validate_extra(self, group: dict[str, Any]) -> None:
+        validate_in_range("max_size", group["max_size"], 0.0, math.inf)
+        validate_in_range("max_skew", group["max_skew"], 0.0, math.inf)
+        validate_choice("geometry", group["geometry"], GEOMETRIES)
+
+    def _init_group(self, group: dict[str, Any], *lists: list[Any]) -> None:
+        """Create the state of new parameters (one initial scale for all of them, official); append
+        every parameter with a gradient to ``lists = (params, grads, factors, lipschitz,
+        momentum_buffers, state_steps, generators)``, its probe generator seeded by
+        ``(seed, step, index in the group)``.
+        """
+        new = [p for p in group["params"] if p.grad is not None and len(self.state[p]) == 0]
+        if new:
+            scale = group["init_scale"]
+            if scale is None:
+                s4 = max(torch.mean(lift(init_grad(p, group)).abs() ** 4).item() for p in new)
+                scale = init_scale(s4, float(group["damping"]))
+            for p in new:
+                kinds = factor_kinds(p.shape, group["max_size"], group["max_skew"])
+                Q = init_factors(p.shape, kinds, scale, p.dtype, p.device)
+                state = self.state[p]
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                for i, q in enumerate(Q):
+                    state[f"Q_{i}"] = q
+                for i in range(len(Q)):
+                    state[f"L_{i}"] = torch.zeros(
+                        [], dtype=lipschitz_dtype(p.dtype), device=p.device
+                    )
+                if group["momentum"] > 0.0:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            k = _num_factors(p.shape)
+            t = int(state["step"].item())
+            gen = seeded_generator(probe_seed(int(group["seed"]), t, index), p.device)
+            factors = [state[f"Q_{i}"] for i in range(k)]
+            lipschitz = [state[f"L_{i}"] for i in range(k)]
+            buf = state.get("momentum_buffer")
+            entries = (p, p.grad, factors, lipschitz, buf, state["step"], gen)
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+        self._init_group(group, *lists)
+        psgd_kron(*lists, geometry=group["geometry"], **group_options(group, PSGDStepOptions))
+
+    def _state_layout(self) -> tuple[list[str], list[str], list[str]]:
+        k = max((_num_factors(p.shape) for g in self.param_groups for p in g["params"]), default=1)
+        qs, ls = [f"Q_{i}" for i in range(k)], [f"L_{i}" for i in range(k)]
+        return [*_STATE_KEYS, *qs, *ls], qs, ls
+
+    def _check_shapes(self, state_dict: Mapping[str, Any]) -> None:
+        for sg, g in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(sg["params"], g["params"]):
+                st = state_dict["state"].get(pid)
+                if st is not None:
+                    _check_param_state(pid, p, st)
+
+
+def psgd_kron(
+    params: list[Tensor],
+    grads: list[Tensor],
+    factors: list[list[Tensor]],
+    lipschitz: list[list[Tensor]],
+    momentum_buffers: list[Tensor | None],
+    state_steps: list[Tensor],
+    generators: list[torch.Generator],
+    *,
+    geometry: str,
+    **options: Unpack[PSGDStepOptions],
+) -> None:
+    """Functional API that performs the PSGD-Kron computation; see :class:`PSGDKron`.
+
+    Updates ``params``, their ``factors`` (``Q_0 … Q_{k-1}``), ``lipschitz`` estimates,
+    ``momentum_buffers`` (``None`` without momentum) and ``state_steps`` in place; the probes of
+    parameter ``j`` come from ``generators[j]``. There is no multi-tensor path (each factor is a
+    different small matrix): it calls :func:`_single_tensor_psgd_kron`.
+    """
+    _single_tensor_psgd_kron(
+        params,
+        grads,
+        factors,
+        lipschitz,
+        momentum_buffers,
+        state_steps,
+        generators,
+        geometry=geometry,
+        **options,
+    )
+
+
+def _single_tensor_psgd_kron(
+    *lists: list[Any], geometry: str, **options: Unpack[PSGDStepOptions]
+) -> None:
+    """One PSGD-Kron step for each parameter, in place: the reference.
+
+    Rule (official ``KronWhiten.step`` / ``KWNS4.step``), ``t`` completed steps before this
+    one (the coin is :func:`~curvlab.optim._psgd.update_coin` at ``t``):
+
+        weight decay: θ ← θ(1 - lr·wd) (decoupled)  or  g ← g + wd·θ (coupled)
+        momentum:     β_t = min(t/(t+1), momentum);  m ← β_t m + (1-β_t) g        (no bias
+        correction)
+        if coin and update_preconditioner_first: fit Q on (g if whiten_grad else m)
+        u = P (m if momentum > 0 else g)
+        if coin and not update_preconditioner_first: fit Q (after use; unbiased)
+        u ← u · min(1, c₁ / RMS(u));  u ← clamp(u, -c₂, c₂)     with (c₁, c₂) = grad_clip_max_amps
+        θ ← θ - lr · u
+
+    The gradient is squeezed (size-1 dims dropped) before the preconditioner sees it.
+    """
+    lr, wd, momentum = options["lr"], options["weight_decay"], options["momentum"]
+    fit = functools.partial(update_precond_kron_whiten, geometry=geometry, **fit_options(options))
+    for param, grad, Q, L, buf, step_t, gen in zip(*lists):
+        step = int(step_t.item())
+        coin = update_coin(options, step)
+        if wd != 0.0:
+            if options["decoupled_weight_decay"]:
+                param.mul_(1.0 - lr * wd)
+            else:
+                grad = grad.add(param, alpha=wd)
+        g = grad.squeeze()
+        if momentum > 0.0:
+            beta = min(step / (step + 1.0), momentum)
+            buf.mul_(beta).add_(g.reshape_as(buf), alpha=1.0 - beta)
+            m = buf.view_as(g)
+        else:
+            m = g
+        target = g if options["whiten_grad"] else m
+        if coin and options["update_preconditioner_first"]:
+            fit(Q, L, target, generator=gen)
+        u = kron_precondition(Q, m, triangular=geometry == "EQ")
+        if coin and not options["update_preconditioner_first"]:
+            fit(Q, L, target, generator=gen)
+        u = clip_update(u, options["grad_clip_max_amps"])
+        param.sub_(u.reshape(param.shape), alpha=lr)
+        step_t += 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,13 +459,13 @@ def _mode_solve_t(q: Tensor, x: Tensor, i: int) -> Tensor:
         shape = [1] * x.dim()
         shape[i] = -1
         return x / q.view(shape)
-    lift = _lift(q)
+    q_wide = lift(q)
     # y_(i) = q^{-T} x_(i)  <=>  y_(i)ᵀ = x_(i)ᵀ q^{-1}: a right solve with the upper factor
     if x.dim() == 1:
-        y = torch.linalg.solve_triangular(lift, _lift(x)[None, :], upper=True, left=False)
+        y = torch.linalg.solve_triangular(q_wide, lift(x)[None, :], upper=True, left=False)
         return y[0].to(x.dtype)
     xt = x.movedim(i, -1)
-    y = torch.linalg.solve_triangular(lift, _lift(xt), upper=True, left=False).to(x.dtype)
+    y = torch.linalg.solve_triangular(q_wide, lift(xt), upper=True, left=False).to(x.dtype)
     return y.movedim(-1, i)
 
 
@@ -236,11 +482,6 @@ def _mode_gram(x: Tensor, i: int, dense: bool) -> Tensor:
     if i == n - 1:
         return _gram(x.reshape(-1, x.shape[-1]).mT)
     return _gram(x.movedim(i, 0).reshape(x.shape[i], -1))
-
-
-def _lift(x: Tensor) -> Tensor:
-    """Half precision to float32 (official ``lift2single``); float32/float64 unchanged."""
-    return x.float() if torch.finfo(x.dtype).eps > 1e-6 else x
 
 
 def kron_precondition(Q: Sequence[Tensor], g: Tensor, triangular: bool = False) -> Tensor:
@@ -354,13 +595,6 @@ def balance_factors(Q: Sequence[Tensor]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _update_lipschitz(L: Tensor, ell: Tensor, beta: float) -> Tensor:
-    """``L ← max(β L + (1-β) ℓ, ℓ)`` in place; returns the new ``L`` (official Lipschitz EMA)."""
-    ell = ell.to(L.dtype)
-    L.copy_(torch.maximum(beta * L + (1 - beta) * ell, ell))
-    return L
-
-
 def _maybe_balance(Q: Sequence[Tensor], generator: torch.Generator | None) -> None:
     ref = Q[0]
     if torch.rand([], generator=generator, device=ref.device).item() < _BALANCE_PROB:
@@ -412,48 +646,35 @@ def update_precond_kron_eq(
         t2 = _mode_gram(B, i, dense) if k else B * B
         if dense:
             ell = norm_lower_bound_spd(t1 + t2, generator)
-            Li = _update_lipschitz(L[i], ell, beta_lipschitz)
+            Li = update_lipschitz(L[i], ell, beta_lipschitz)
             q.sub_(_triu_mm((lr / Li).to(q.dtype) * torch.triu(t1 - t2), q, False))
         else:
             ell = torch.max(t1 + t2)
-            Li = _update_lipschitz(L[i], ell, beta_lipschitz)
+            Li = update_lipschitz(L[i], ell, beta_lipschitz)
             q.sub_((lr / Li).to(q.dtype) * (t1 - t2) * q)
     _maybe_balance(Q, generator)
 
 
-def update_precond_kron_whiten_eq(
+def update_precond_kron_whiten(
     Q: Sequence[Tensor],
     L: Sequence[Tensor],
     g: Tensor,
+    *,
+    geometry: str = "EQ",
     lr: float = 0.1,
     beta_lipschitz: float = 0.9,
     damping: float = 1e-9,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Whitening fit of a triangular Kron ``Q`` (official ``update_precond_kron_whiten_eq``).
+    """Whitening fit of the Kron factors ``Q`` on the gradient ``g``, in place.
 
-    In place. Draws ``v ~ N(0, I)`` (first draw from ``generator``), sets
-    ``h = g + (damping + ε|g|) ⊙ v`` with ``ε`` the dtype's machine epsilon, and calls
-    :func:`update_precond_kron_eq` with ``(v, h)``; the fixed point is ``P = QᵀQ ≈ E[h hᵀ]^{-1/2}``
+    Draws ``v ~ N(0, I)`` (first draw from ``generator``) and sets ``h = g + (damping + ε|g|) ⊙ v``
+    with ``ε`` the dtype's machine epsilon; the fixed point is ``P = QᵀQ ≈ E[h hᵀ]^{-1/2}``
     (Kronecker-structured), which whitens the gradient.
-    """
-    v = torch.randn(g.shape, dtype=g.dtype, device=g.device, generator=generator)
-    h = torch.addcmul(g, g.abs().mul_(torch.finfo(g.dtype).eps).add_(damping), v)
-    update_precond_kron_eq(Q, L, v, h, lr, beta_lipschitz, generator)
 
-
-def update_precond_kron_whiten_q0p5eq1p5(
-    Q: Sequence[Tensor],
-    L: Sequence[Tensor],
-    g: Tensor,
-    lr: float = 0.1,
-    beta_lipschitz: float = 0.9,
-    damping: float = 1e-9,
-    generator: torch.Generator | None = None,
-) -> None:
-    """Whitening fit with ``dQ = Q^0.5 E Q^1.5`` (official default geometry), in place.
-
-    ``Pg = P (g + (damping + ε|g|) ⊙ v)``, ``v ~ N(0, I)``; per factor, with ``c_i = numel / d_i``:
+    ``geometry="EQ"`` (official ``update_precond_kron_whiten_eq``): :func:`update_precond_kron_eq`
+    with ``(v, h)``. ``geometry="Q0.5EQ1.5"`` (official ``update_precond_kron_whiten_q0p5eq1p5``,
+    the official default): with ``Pg = P h`` and, per factor, ``c_i = numel / d_i``::
 
         T_i = Pg_(i) Pg_(i)ᵀ (diagonal: row sums of squares);  ℓ_i = ‖T_i‖₂-lower-bound + c_i
         L_i ← max(β L_i + (1-β) ℓ_i, ℓ_i)
@@ -463,8 +684,10 @@ def update_precond_kron_whiten_q0p5eq1p5(
     then the 0.01 balancing coin. Draws: ``v``; per dense factor 32 probes (norm bound) and 32
     (rotation).
     """
-    v = torch.randn(g.shape, dtype=g.dtype, device=g.device, generator=generator)
-    h = torch.addcmul(g, g.abs().mul_(torch.finfo(g.dtype).eps).add_(damping), v)
+    v, h = whitening_probe(g, damping, generator)
+    if geometry == "EQ":
+        update_precond_kron_eq(Q, L, v, h, lr, beta_lipschitz, generator)
+        return
     pg = kron_precondition(Q, h)
     numel = g.numel()
     k = g.dim()
@@ -474,138 +697,18 @@ def update_precond_kron_whiten_q0p5eq1p5(
         c = numel / q.numel() if not dense else numel / q.shape[0]
         if dense:
             ell = norm_lower_bound_spd(t1, generator) + c
-            Li = _update_lipschitz(L[i], ell, beta_lipschitz)
+            Li = update_lipschitz(L[i], ell, beta_lipschitz)
             q.sub_((lr / Li).to(q.dtype) * (t1 @ q - c * q))
             procrustes_step(q, generator)
         else:
             ell = torch.max(t1) + c
-            Li = _update_lipschitz(L[i], ell, beta_lipschitz)
+            Li = update_lipschitz(L[i], ell, beta_lipschitz)
             q.mul_(1 - (lr / Li).to(q.dtype) * (t1 - c))
     _maybe_balance(Q, generator)
 
 
-_UPDATES: dict[str, Callable[..., None]] = {
-    "EQ": update_precond_kron_whiten_eq,
-    "Q0.5EQ1.5": update_precond_kron_whiten_q0p5eq1p5,
-}
-
-
-def precond_update_prob_schedule(
-    step: int,
-    max_prob: float = 1.0,
-    min_prob: float = 0.03,
-    decay: float = 0.001,
-    flat_start: int = 500,
-) -> float:
-    """Probability of refitting the preconditioner at (0-based) ``step``.
-
-    ``p(n) = clip(max_prob · exp(-decay (n - flat_start)), min_prob, max_prob)``: 1 for the first
-    500 steps, then an exponential anneal that reaches 0.03 near step 4000 (kron-torch's
-    ``precond_update_prob_schedule``; the official DDP wrapper ``KWNS4`` asks to anneal the
-    probability to 0.01–0.1).
-
-    Example:
-        >>> precond_update_prob_schedule(0), round(precond_update_prob_schedule(1500), 4)
-        (1.0, 0.3679)
-    """
-    p = max_prob * math.exp(-decay * (step - flat_start))
-    return min(max(p, min_prob), max_prob)
-
-
 # --------------------------------------------------------------------------------------------------
-# one full step for one tensor (the reference the optimizer calls)
-# --------------------------------------------------------------------------------------------------
-
-
-def psgd_kron_step(
-    param: Tensor,
-    grad: Tensor,
-    Q: Sequence[Tensor],
-    L: Sequence[Tensor],
-    momentum_buffer: Tensor | None,
-    step: int,
-    *,
-    lr: float,
-    preconditioner_lr: float,
-    beta_lipschitz: float,
-    damping: float,
-    momentum: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    grad_clip_max_amps: tuple[float, float],
-    update_preconditioner: bool,
-    update_preconditioner_first: bool,
-    whiten_grad: bool,
-    geometry: str,
-    generator: torch.Generator | None,
-) -> None:
-    """One PSGD-Kron step for one parameter, in place (``param``, ``Q``, ``L``,
-    ``momentum_buffer``).
-
-    Rule (official ``KronWhiten.step`` / ``KWNS4.step``), ``t = step`` completed steps before this
-    one:
-
-        weight decay: θ ← θ(1 - lr·wd) (decoupled)  or  g ← g + wd·θ (coupled)
-        momentum:     β_t = min(t/(t+1), momentum);  m ← β_t m + (1-β_t) g        (no bias
-        correction)
-        if update_preconditioner and update_preconditioner_first: fit Q on (g if whiten_grad else m)
-        u = P (m if momentum > 0 else g)
-        if update_preconditioner and not update_preconditioner_first: fit Q (after use; unbiased)
-        u ← u · min(1, c₁ / RMS(u));  u ← clamp(u, -c₂, c₂)     with (c₁, c₂) = grad_clip_max_amps
-        θ ← θ - lr · u
-
-    The gradient is squeezed (size-1 dims dropped) before the preconditioner sees it.
-    """
-    if weight_decay != 0.0:
-        if decoupled_weight_decay:
-            param.mul_(1.0 - lr * weight_decay)
-        else:
-            grad = grad.add(param, alpha=weight_decay)
-    g = grad.squeeze()
-    if momentum > 0.0:
-        assert momentum_buffer is not None
-        beta = min(step / (step + 1.0), momentum)
-        momentum_buffer.mul_(beta).add_(g.reshape_as(momentum_buffer), alpha=1.0 - beta)
-        m = momentum_buffer.view_as(g)
-    else:
-        m = g
-    fit = _UPDATES[geometry]
-    target = g if whiten_grad else m
-    if update_preconditioner and update_preconditioner_first:
-        fit(Q, L, target, preconditioner_lr, beta_lipschitz, damping, generator)
-    u = kron_precondition(Q, m, triangular=geometry == "EQ")
-    if update_preconditioner and not update_preconditioner_first:
-        fit(Q, L, target, preconditioner_lr, beta_lipschitz, damping, generator)
-    max_avg, max_elem = grad_clip_max_amps
-    rms = torch.linalg.vector_norm(u) / math.sqrt(max(u.numel(), 1))
-    u = u.mul_(torch.clamp(max_avg / rms, max=1.0)).clamp_(-max_elem, max_elem)
-    param.sub_(u.reshape(param.shape), alpha=lr)
-
-
-def _mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64 finaliser); the same on every run and platform."""
-    x = 0x9E3779B97F4A7C15
-    for v in values:
-        x = (x ^ (int(v) & _MASK64)) & _MASK64
-        x = (x + 0x9E3779B97F4A7C15) & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        x ^= x >> 31
-    return x & ((1 << 63) - 1)
-
-
-def probe_seed(seed: int, step: int, index: int) -> int:
-    """Seed of the generator of the ``index``-th parameter of a param group at 0-based ``step``."""
-    return _mix_seed(seed, step, index + 1)
-
-
-def coin_seed(seed: int, step: int) -> int:
-    """Seed of the update-probability coin at 0-based ``step`` (shared by all parameters)."""
-    return _mix_seed(seed, step, 0)
-
-
-# --------------------------------------------------------------------------------------------------
-# the optimizer
+# state layout
 # --------------------------------------------------------------------------------------------------
 
 
@@ -613,351 +716,28 @@ def _num_factors(shape: Sequence[int]) -> int:
     return max(1, sum(1 for d in shape if d != 1))
 
 
-def _factors(state: dict[str, Any], k: int) -> tuple[list[Tensor], list[Tensor]]:
-    return [state[f"Q_{i}"] for i in range(k)], [state[f"L_{i}"] for i in range(k)]
-
-
-class PSGDKron(Optimizer):
-    r"""PSGD with a Kronecker-factored whitening preconditioner fitted on a Lie group (Li).
-
-    Each parameter ``θ`` (squeezed to ``k`` dims) gets ``Q = Q_1 ⊗ ... ⊗ Q_k`` and ``P = QᵀQ``.
-    The factors are upper-triangular (geometry ``"EQ"``, default) or near-SPD (``"Q0.5EQ1.5"``,
-    the official default) ``d_i x d_i`` matrices, or diagonals for large or skewed dims
-    (:func:`factor_kinds`). ``Q`` is fitted by gradient whitening, with no Hessian-vector product:
-    with ``v ~ N(0, I)`` and ``h = g + (damping + ε|g|) v`` it minimises ``E[hᵀPh + vᵀP⁻¹v]``,
-    whose minimiser is ``P = E[hhᵀ]^{-1/2}``, by normalised steps on the group
-    (:func:`update_precond_kron_whiten_eq`). Per step (:func:`psgd_kron_step`)::
-
-        p_t = preconditioner_update_probability, or precond_update_prob_schedule(t) if None
-        with probability p_t (a coin seeded by (seed, t)):  fit Q on g (or on m)
-        u = P·(m if momentum else g);  u ← u·min(1, 2/RMS(u));  u ← clamp(u, ±10)
-        θ ← θ - lr·u
-
-    Defaults are the official ``KronWhiten`` ones (lr 1e-3, preconditioner_lr 0.1, betaL 0.9,
-    damping 1e-9, momentum 0, clip (2, 10), max_size ∞, max_skew 1, automatic init scale),
-    except the update probability, which follows the annealing schedule (pass ``1.0`` for
-    ``KronWhiten``'s).
-
-    Randomness is reproducible and resumable: the probes of the ``j``-th parameter of a group at
-    step ``t`` come from a fresh ``torch.Generator`` seeded with a hash of ``(seed, t, j)``, and
-    the update coin from one seeded with ``(seed, t)``; within a tensor the draws follow the
-    official order. The state holds only tensors (``step``; the factors ``Q_0 … Q_{k-1}``; the
-    Lipschitz estimates ``L_0 … L_{k-1}``, float32 for half-precision parameters;
-    ``momentum_buffer``), so a resumed run is bit-identical.
-
-    Args:
-        params: parameters or param groups.
-        lr: step size (official ``lr_params``), default 1e-3.
-        preconditioner_lr: step size of the preconditioner fit (``lr_preconditioner``), in (0, 1).
-        beta_lipschitz: EMA factor of the Lipschitz estimate (``betaL``), in [0, 1].
-        damping: noise level added to the whitened vector (``P < I/damping``), >= 0.
-        momentum: ``β`` of the gradient EMA (no bias correction), in [0, 1); 0 disables.
-        weight_decay: >= 0; decoupled (``θ ← θ(1 - lr·wd)``) unless
-            ``decoupled_weight_decay=False`` (then ``g ← g + wd·θ``).
-        grad_clip_max_amps: ``(max RMS, max |entry|)`` of the preconditioned update.
-        preconditioner_update_probability: a number in (0, 1], or ``None`` for the schedule of
-            ``prob_max, prob_min, prob_decay, prob_flat_start``
-            (:func:`precond_update_prob_schedule`).
-        max_size, max_skew: the dense/diagonal rule of :func:`factor_kinds`.
-        init_scale: initial ``Q = init_scale·I``; ``None`` sets it at the first step to
-            ``(max_j mean|g_j|⁴ + damping⁴)^{-1/8}`` over the group's new parameters (official).
-        update_preconditioner_first: fit ``Q`` before applying it (biased) or after (unbiased).
-        whiten_grad: whiten the gradient (True) or the momentum (False; needs ``momentum > 0``).
-        geometry: ``"EQ"`` (triangular group, ``dQ = E Q``) or ``"Q0.5EQ1.5"``.
-        seed: integer seed of the probe and coin streams.
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` a step whose gradients
-            hold NaN/inf (see ``curvlab.optim._validation``).
-
-    Raises:
-        ParameterError: a hyper-parameter out of range (the message names it and its range), or
-            a sparse gradient.
-        NonFiniteError: a NaN/inf gradient with ``on_nonfinite="raise"``; nothing is changed.
-        StateDictError: ``load_state_dict`` with a state that does not fit.
-
-    Example:
-        >>> w = torch.nn.Parameter(torch.ones(3, 2))
-        >>> opt = PSGDKron([w], lr=0.1, init_scale=1.0)
-        >>> (w**2).sum().backward(); opt.step()
-        >>> tuple(opt.state[w]["Q_0"].shape), tuple(opt.state[w]["Q_1"].shape)
-        ((3,), (2, 2))
-
-    Papers: X.-L. Li, "Preconditioned Stochastic Gradient Descent", IEEE TNNLS 2018
-    (arXiv:1512.04202); X.-L. Li, "Preconditioner on Matrix Lie Group for SGD", ICLR 2019
-    (arXiv:1809.10232); O. Pooladzandi, X.-L. Li, "Curvature-Informed SGD via General Purpose
-    Lie-Group Preconditioners", 2024 (arXiv:2402.04553); X.-L. Li, "Stochastic Hessian Fittings
-    with Lie Groups", 2024 (arXiv:2402.11858). Code: lixilinx/psgd_torch ``psgd.py`` @a8616f1.
-    """
-
-    closure_mode: ClassVar[str] = "backward"
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        preconditioner_lr: float = 0.1,
-        beta_lipschitz: float = 0.9,
-        damping: float = 1e-9,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = True,
-        grad_clip_max_amps: tuple[float, float] = (2.0, 10.0),
-        preconditioner_update_probability: float | None = None,
-        prob_max: float = 1.0,
-        prob_min: float = 0.03,
-        prob_decay: float = 0.001,
-        prob_flat_start: int = 500,
-        max_size: float = math.inf,
-        max_skew: float = 1.0,
-        init_scale: float | None = None,
-        update_preconditioner_first: bool = True,
-        whiten_grad: bool = True,
-        geometry: str = "EQ",
-        seed: int = 0,
-        on_nonfinite: str = "raise",
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            preconditioner_lr=preconditioner_lr,
-            beta_lipschitz=beta_lipschitz,
-            damping=damping,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            grad_clip_max_amps=tuple(grad_clip_max_amps)
-            if isinstance(grad_clip_max_amps, (tuple, list))
-            else grad_clip_max_amps,
-            preconditioner_update_probability=preconditioner_update_probability,
-            prob_max=prob_max,
-            prob_min=prob_min,
-            prob_decay=prob_decay,
-            prob_flat_start=prob_flat_start,
-            max_size=max_size,
-            max_skew=max_skew,
-            init_scale=init_scale,
-            update_preconditioner_first=update_preconditioner_first,
-            whiten_grad=whiten_grad,
-            geometry=geometry,
-            seed=seed,
-            on_nonfinite=on_nonfinite,
-            nonfinite_skips=0,
+def _check_param_state(pid: Any, p: Tensor, st: Mapping[str, Any]) -> None:
+    """The factor keys and shapes of one parameter's saved state."""
+    k = _num_factors(p.shape)
+    allowed = {*_STATE_KEYS} | {f"Q_{i}" for i in range(k)} | {f"L_{i}" for i in range(k)}
+    extra = sorted(set(st) - allowed)
+    if extra:
+        raise StateDictError(
+            f"state of parameter id {pid!r} has keys {extra} that PSGDKron does not use for a "
+            f"parameter of shape {tuple(p.shape)}: the state_dict was saved from another "
+            "optimizer, or for a model whose parameters have another shape"
         )
-        _validate_group(defaults)
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group (hyper-parameters validated like the constructor's)."""
-        super().add_param_group(param_group)
-        if hasattr(self, "defaults"):
-            _validate_group(self.param_groups[-1])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("on_nonfinite", "raise")
-            group.setdefault("nonfinite_skips", 0)
-
-    @torch.no_grad()
-    def step(  # type: ignore[override]
-        self, closure: Callable[[], float | Tensor] | None = None
-    ) -> float | Tensor | None:
-        """Take one step; ``closure`` (optional) zeroes grads, computes the loss, calls backward.
-
-        Returns:
-            the closure's loss, or ``None`` without a closure.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # the step number is read from the state only when an error message needs it
-        if not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
-            return loss
-        coins: dict[tuple[int, int], float] = {}
-        for group in self.param_groups:
-            new = [
-                (p, self._grad_for_init(p, group))
-                for p in group["params"]
-                if p.grad is not None and len(self.state[p]) == 0
-            ]
-            if new:
-                self._init_states(group, new)
-            for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                t = int(state["step"].item())
-                gen = torch.Generator(device=p.device)
-                gen.manual_seed(probe_seed(int(group["seed"]), t, index))
-                Q, L = _factors(state, _num_factors(p.shape))
-                psgd_kron_step(
-                    p,
-                    p.grad,
-                    Q,
-                    L,
-                    state.get("momentum_buffer"),
-                    t,
-                    lr=float(group["lr"]),
-                    preconditioner_lr=float(group["preconditioner_lr"]),
-                    beta_lipschitz=float(group["beta_lipschitz"]),
-                    damping=float(group["damping"]),
-                    momentum=float(group["momentum"]),
-                    weight_decay=float(group["weight_decay"]),
-                    decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
-                    grad_clip_max_amps=tuple(group["grad_clip_max_amps"]),  # type: ignore[arg-type]
-                    update_preconditioner=self._coin(group, t, coins),
-                    update_preconditioner_first=bool(group["update_preconditioner_first"]),
-                    whiten_grad=bool(group["whiten_grad"]),
-                    geometry=str(group["geometry"]),
-                    generator=gen,
-                )
-                state["step"] += 1
-        return loss
-
-    # ------------------------------------------------------------------ helpers
-
-    @staticmethod
-    def _grad_for_init(p: Tensor, group: dict[str, Any]) -> Tensor:
-        g = p.grad
-        assert g is not None
-        if group["weight_decay"] != 0.0 and not group["decoupled_weight_decay"]:
-            g = g.add(p, alpha=group["weight_decay"])
-        return g
-
-    def _init_states(self, group: dict[str, Any], new: list[tuple[Tensor, Tensor]]) -> None:
-        scale = group["init_scale"]
-        if scale is None:
-            s4 = max(torch.mean(_lift(g).abs() ** 4).item() for _, g in new)
-            scale = (s4 + float(group["damping"]) ** 4) ** (-1.0 / 8.0)
-        for p, _ in new:
-            kinds = factor_kinds(p.shape, group["max_size"], group["max_skew"])
-            Q = init_factors(p.shape, kinds, scale, p.dtype, p.device)
-            ldtype = _lift(torch.empty(0, dtype=p.dtype)).dtype
-            state = self.state[p]
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            for i, q in enumerate(Q):
-                state[f"Q_{i}"] = q
-            for i in range(len(Q)):
-                state[f"L_{i}"] = torch.zeros([], dtype=ldtype, device=p.device)
-            if group["momentum"] > 0.0:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    @staticmethod
-    def _coin(group: dict[str, Any], t: int, cache: dict[tuple[int, int], float]) -> bool:
-        p = group["preconditioner_update_probability"]
-        if p is None:
-            p = precond_update_prob_schedule(
-                t,
-                group["prob_max"],
-                group["prob_min"],
-                group["prob_decay"],
-                int(group["prob_flat_start"]),
-            )
-        key = (int(group["seed"]), t)
-        if key not in cache:
-            gen = torch.Generator().manual_seed(coin_seed(*key))
-            cache[key] = torch.rand([], generator=gen).item()
-        return cache[key] < p
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`, after checking its layout.
-
-        The Lipschitz estimates keep their saved dtype (float32 next to half-precision factors).
-
-        Raises:
-            StateDictError: the number of groups or parameters, the keys or the factor shapes
-                differ from this optimizer's.
-        """
-        _check_state_dict(self, state_dict)
-        super().load_state_dict(state_dict)
-        id_to_param: dict[Any, Tensor] = {}
-        for sg, g in zip(state_dict["param_groups"], self.param_groups):
-            id_to_param.update(zip(sg["params"], g["params"]))
-        for pid, st in state_dict["state"].items():
-            p = id_to_param[pid]
-            for key, value in st.items():
-                if key.startswith("L_") and isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-
-
-def _validate_group(group: dict[str, Any]) -> None:
-    def num(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-        validate_in_range(name, group[name], lo, hi, lo_open=lo_open, hi_open=hi_open)
-
-    validate_lr(group["lr"])
-    validate_weight_decay(group["weight_decay"])
-    validate_nonnegative("damping", group["damping"], "; the official default is 1e-9")
-    validate_on_nonfinite(group["on_nonfinite"])
-    num("preconditioner_lr", 0.0, 1.0, lo_open=True, hi_open=True)
-    num("beta_lipschitz", 0.0, 1.0)
-    num("momentum", 0.0, 1.0, hi_open=True)
-    num("max_size", 0.0, math.inf)
-    num("max_skew", 0.0, math.inf)
-    amps = group["grad_clip_max_amps"]
-    if (
-        not isinstance(amps, (tuple, list))
-        or len(amps) != 2
-        or not all(isinstance(a, (int, float)) and a > 0 for a in amps)
-    ):
-        raise ParameterError(
-            f"grad_clip_max_amps must be two positive numbers (max RMS, max |entry|), got {amps!r}"
-        )
-    if group["preconditioner_update_probability"] is not None:
-        num("preconditioner_update_probability", 0.0, 1.0, lo_open=True)
-    else:
-        num("prob_max", 0.0, 1.0, lo_open=True)
-        num("prob_min", 0.0, group["prob_max"])
-        num("prob_decay", 0.0, math.inf, hi_open=True)
-        num("prob_flat_start", 0.0, math.inf, hi_open=True)
-    if group["init_scale"] is not None:
-        num("init_scale", 0.0, math.inf, lo_open=True, hi_open=True)
-    if group["geometry"] not in GEOMETRIES:
-        raise ParameterError(
-            f"geometry must be one of {', '.join(map(repr, GEOMETRIES))}, got {group['geometry']!r}"
-        )
-    if not group["whiten_grad"] and not group["momentum"] > 0.0:
-        raise ParameterError(
-            "whiten_grad=False whitens the momentum, which needs momentum > 0; pass e.g. "
-            "momentum=0.9 or whiten_grad=True"
-        )
-    if not isinstance(group["seed"], int) or isinstance(group["seed"], bool):
-        raise ParameterError(f"seed must be an int, got {group['seed']!r}")
-
-
-def _check_state_dict(opt: PSGDKron, state_dict: dict[str, Any]) -> None:
-    id_to_param = {pid: p for pid, (_, _, p) in match_param_groups(opt, state_dict).items()}
-    for pid, st in state_dict["state"].items():
-        p = id_to_param.get(pid)
-        if p is None:
+    dims = [d for d in p.shape if d != 1] or [1]
+    for i, d in enumerate(dims):
+        q = st.get(f"Q_{i}")
+        if q is None:
             raise StateDictError(
-                f"state_dict holds state for parameter id {pid!r}, which no param group lists"
+                f"state of parameter id {pid!r} lacks the factor 'Q_{i}': it was saved from "
+                "another optimizer"
             )
-        k = _num_factors(p.shape)
-        allowed = {"step", "momentum_buffer"} | {f"Q_{i}" for i in range(k)}
-        allowed |= {f"L_{i}" for i in range(k)}
-        extra = sorted(set(st) - allowed)
-        if extra:
+        if (q.shape[0] if q.dim() else 1) != d:
             raise StateDictError(
-                f"state of parameter id {pid!r} has keys {extra} that PSGDKron does not use for a "
-                f"parameter of shape {tuple(p.shape)}: the state_dict was saved from another "
-                "optimizer, or for a model whose parameters have another shape"
-            )
-        dims = [d for d in p.shape if d != 1] or [1]
-        for i, d in enumerate(dims):
-            q = st.get(f"Q_{i}")
-            if q is None:
-                raise StateDictError(
-                    f"state of parameter id {pid!r} lacks the factor 'Q_{i}': it was saved from "
-                    "another optimizer"
-                )
-            if (q.shape[0] if q.dim() else 1) != d:
-                raise StateDictError(
-                    f"factor Q_{i} of parameter id {pid!r} has shape {tuple(q.shape)}, which does "
-                    f"not fit the parameter's shape {tuple(p.shape)}; the state_dict was saved "
-                    "for a different model"
-                )
-        mb = st.get("momentum_buffer")
-        if mb is not None and tuple(mb.shape) != tuple(p.shape):
-            raise StateDictError(
-                f"momentum_buffer of parameter id {pid!r} has shape {tuple(mb.shape)} but the "
-                f"parameter has shape {tuple(p.shape)}; the state_dict was saved for another model"
+                f"factor Q_{i} of parameter id {pid!r} has shape {tuple(q.shape)}, which does "
+                f"not fit the parameter's shape {tuple(p.shape)}; the state_dict was saved "
+                "for a different model"
             )

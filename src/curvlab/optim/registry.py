@@ -17,12 +17,13 @@ Example:
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from curvlab.errors import UnknownNameError
+from curvlab.errors import ParameterError, UnknownNameError
 from curvlab.optim.adahessian import AdaHessian
 from curvlab.optim.adopt import ADOPT
 from curvlab.optim.dog import DoG, LDoG
@@ -67,6 +68,8 @@ def create(name: str, params: Any, **kwargs: Any) -> Optimizer:
 
     Raises:
         UnknownNameError: unknown name; the message lists the known names and suggests the closest.
+        ParameterError: an argument the optimizer does not take (the message lists those it
+            takes), or an invalid value.
     """
     by_key = {_key(k): cls for k, cls in OPTIMIZERS.items()}
     cls = by_key.get(_key(name)) if isinstance(name, str) else None
@@ -74,4 +77,12 @@ def create(name: str, params: Any, **kwargs: Any) -> Optimizer:
         close = difflib.get_close_matches(str(name).lower(), available(), n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownNameError(f"unknown optimizer {name!r}.{hint} Known: {', '.join(available())}")
+    sig = inspect.signature(cls)
+    try:
+        sig.bind(params, **kwargs)
+    except TypeError as exc:
+        takes = ", ".join(n for n in sig.parameters if n != "params")
+        raise ParameterError(
+            f"{cls.__name__} ({name!r}) does not take these arguments: {exc}; it takes {takes}"
+        ) from None
     return cls(params, **kwargs)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 project = "curvlab"
 author = "the curvlab developers"
-copyright = "2026, the curvlab developers"  # noqa: A001
+copyright = "2026, the curvlab developers"
 release = "0.1.0"
 
 extensions = [

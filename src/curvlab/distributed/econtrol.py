@@ -92,7 +92,8 @@ class EControlState:
                 f"the compression ratio must be in (0, 1] (the fraction of coordinates sent), "
                 f"got {ratio!r}"
             )
-        if eta is None:  # the compressor's delta for top-k/random-k; sign: measured on the benchmark
+        # default: the compressor's delta for top-k/random-k; for sign, the benchmark's value
+        if eta is None:
             eta = float(ratio) if compressor in ("topk", "randk") else 0.5
         if not _is_number(eta) or not math.isfinite(eta) or eta < 0:
             raise InvalidArgumentError(f"eta must be a finite number >= 0, got {eta!r}")

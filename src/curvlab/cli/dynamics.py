@@ -55,12 +55,14 @@ def _print_eos_table(numbers: dict[str, Any]) -> None:
     """Print sharpness·η/2 over steps, one column per η (every few checks)."""
     runs = list(numbers["runs"].values())
     if numbers.get("control"):
-        runs.append(numbers["control"])
+        runs.append(numbers["control"])  # checked on its own schedule: blank where it has none
+    by_step = [dict(zip(r["steps"], r["ratio"])) for r in runs]
     steps = runs[0]["steps"]
     stride = max(1, len(steps) // 15)
     print("  step  " + "".join(f"η={r['eta']:<7g}" for r in runs) + "  (sharpness·η/2)")
-    for i in range(0, len(steps), stride):
-        print(f"  {steps[i]:5d} " + "".join(f"{r['ratio'][i]:9.3f}" for r in runs))
+    for step in steps[::stride]:
+        cells = (f"{d[step]:9.3f}" if step in d else " " * 9 for d in by_step)
+        print(f"  {step:5d} " + "".join(cells))
 
 
 def _run(args: argparse.Namespace) -> int:

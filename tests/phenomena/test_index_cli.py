@@ -45,7 +45,7 @@ def test_cli_arguments():
     with pytest.raises(SystemExit):
         parser.parse_args(["dynamics", "--phenomenon", "grokking"])
     assert parser.parse_args(["dynamics", "--all"]).all is True
-    assert set(PHENOMENA) == {"eos", "subspace", "matrix-sensing", "deep-linear", "neural-collapse"}
+    assert {"eos", "subspace", "matrix-sensing", "deep-linear", "neural-collapse"} <= set(PHENOMENA)
     for name in PHENOMENA:
         assert isinstance(quick_config(name), PHENOMENA[name][1])
 
@@ -71,3 +71,14 @@ def test_index_page_has_every_figure_and_two_line_caption(tmp_path):
     assert "<b>Shows:</b> shows eos" in page and "<b>Paper predicts:</b> predicts subspace" in page
     assert "subspace — NOT reproduced" in page and "eos — reproduced" in page
     assert "note &lt;eos&gt;" in page  # escaped
+    assert page.count("<tr>") == 3  # the summary table: a header and one row per claim
+
+
+def test_eos_table_prints_a_control_on_its_own_schedule(capsys):
+    from curvlab.cli.dynamics import _print_eos_table
+
+    main = {"eta": 0.3, "steps": [0, 20, 40, 60], "ratio": [0.4, 0.6, 0.9, 1.0]}
+    control = {"eta": 0.1, "steps": [0, 100], "ratio": [0.1, 0.2]}
+    _print_eos_table({"runs": {"0.3": main}, "control": control})  # raised IndexError before
+    out = capsys.readouterr().out
+    assert "    0.100" in out and "    1.000" in out

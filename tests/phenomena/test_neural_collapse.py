@@ -21,7 +21,10 @@ def test_nc1_falls_in_terminal_phase(tmp_path):
     assert nc1[-1] <= 0.02 * n["metrics"]["nc1"][0]
     assert n["metrics"]["nc4"][-1] >= 0.99
     assert n["metrics"]["nc3"][-1] < n["metrics"]["nc3"][tpt]
-    assert res.reproduced is True
+    # NC2/NC3 are far from a simplex ETF / self-duality (measured 0.05, 0.6): only partly
+    assert res.reproduced == "partly"
+    assert not n["checks"]["nc3_end_<=_0.14"]
+    assert "not a simplex ETF" in res.caption[0]
     doc = json.loads(res.json_path.read_text())
     assert doc["phenomenon"] == "neural-collapse" and res.figure.exists()
 

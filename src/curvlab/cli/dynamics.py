@@ -10,7 +10,16 @@ from curvlab.cli import check_out_dir
 
 __all__ = ["register"]
 
-_CHOICES = ("eos", "subspace", "matrix-sensing", "deep-linear", "neural-collapse")
+
+def _phenomenon(name: str) -> str:
+    """argparse type: a name from the phenomena registry (imported only when the flag is used)."""
+    from curvlab.phenomena.index import PHENOMENA
+
+    if name not in PHENOMENA:
+        raise argparse.ArgumentTypeError(
+            f"unknown phenomenon {name!r}; choose one of {', '.join(PHENOMENA)}"
+        )
+    return name
 
 
 def register(subparsers: Any) -> None:
@@ -27,7 +36,12 @@ def register(subparsers: Any) -> None:
         ),
     )
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--phenomenon", choices=_CHOICES, help="run one phenomenon")
+    which.add_argument(
+        "--phenomenon",
+        type=_phenomenon,
+        metavar="NAME",
+        help="run one phenomenon (a name of curvlab.phenomena.PHENOMENA, e.g. eos, central-flow)",
+    )
     which.add_argument("--all", action="store_true", help="run all of them and write index.html")
     parser.add_argument("--out", default="curvlab-out/dynamics", help="output folder")
     parser.add_argument(
@@ -41,12 +55,14 @@ def _print_eos_table(numbers: dict[str, Any]) -> None:
     """Print sharpness·η/2 over steps, one column per η (every few checks)."""
     runs = list(numbers["runs"].values())
     if numbers.get("control"):
-        runs.append(numbers["control"])
+        runs.append(numbers["control"])  # checked on its own schedule: blank where it has none
+    by_step = [dict(zip(r["steps"], r["ratio"])) for r in runs]
     steps = runs[0]["steps"]
     stride = max(1, len(steps) // 15)
     print("  step  " + "".join(f"η={r['eta']:<7g}" for r in runs) + "  (sharpness·η/2)")
-    for i in range(0, len(steps), stride):
-        print(f"  {steps[i]:5d} " + "".join(f"{r['ratio'][i]:9.3f}" for r in runs))
+    for step in steps[::stride]:
+        cells = (f"{d[step]:9.3f}" if step in d else " " * 9 for d in by_step)
+        print(f"  {step:5d} " + "".join(cells))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -59,8 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         results, index = [run_phenomenon(args.phenomenon, args.out, args.quick, progress)], None
     for res in results:
-        status = {True: "reproduced", False: "NOT reproduced", None: "not checked"}[res.reproduced]
-        print(f"{res.name}: {status} — {res.note}")
+        print(f"{res.name}: {res.status} — {res.note}")
         if res.name == "eos":
             _print_eos_table(res.numbers)
         print(f"  figure {res.figure}  numbers {res.json_path}")

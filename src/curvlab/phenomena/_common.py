@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +37,8 @@ class PhenomenonResult:
     Attributes:
         name: the phenomenon's id (``"eos"``, ``"matrix-sensing"``, ...).
         numbers: the measured numbers (JSON-serialisable), including ``"config"``.
-        reproduced: whether the paper's qualitative claim held in this run (``None``: not checked).
+        reproduced: whether the paper's claim held in this run: ``True``, ``"partly"`` (the core
+            checks held, the full claim did not), ``False``, or ``None`` (not checked).
         note: one or two sentences on the outcome, including an honest "not reproduced" message.
         caption: two lines for the index page: what the figure shows, what the paper predicts.
         figure: path of the PNG (``None`` when no folder was given).
@@ -46,7 +47,7 @@ class PhenomenonResult:
 
     name: str
     numbers: dict[str, Any]
-    reproduced: bool | None
+    reproduced: bool | str | None
     note: str
     caption: tuple[str, str]
     figure: Path | None = None
@@ -55,10 +56,33 @@ class PhenomenonResult:
 
     @classmethod
     def from_checks(
-        cls, name: str, numbers: dict[str, Any], note: str, caption: tuple[str, str]
+        cls,
+        name: str,
+        numbers: dict[str, Any],
+        note: str,
+        caption: tuple[str, str],
+        full_claim: Collection[str] = (),
     ) -> PhenomenonResult:
-        """A result that is ``reproduced`` when every entry of ``numbers["checks"]`` holds."""
-        return cls(name, numbers, all(numbers["checks"].values()), note, caption)
+        """A result graded by ``numbers["checks"]``.
+
+        ``reproduced`` is ``True`` when every check holds, ``"partly"`` when only checks named in
+        ``full_claim`` (the parts of the paper's claim beyond the core) fail, ``False`` otherwise.
+        """
+        checks = numbers["checks"]
+        failed = {k for k, ok in checks.items() if not ok}
+        grade: bool | str = not failed or (
+            "partly" if failed <= set(full_claim) and len(failed) < len(checks) else False
+        )
+        return cls(name, numbers, grade, note, caption)
+
+    @property
+    def status(self) -> str:
+        """``"reproduced"``, ``"partly reproduced"``, ``"NOT reproduced"`` or ``"not checked"``."""
+        if self.reproduced is None:
+            return "not checked"
+        if self.reproduced == "partly":
+            return "partly reproduced"
+        return "reproduced" if self.reproduced else "NOT reproduced"
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document written next to the figure."""

@@ -39,6 +39,9 @@ def _check_name(name: str) -> None:
 
 def quick_config(name: str) -> Any:
     """A small configuration of each phenomenon (the tests' sizes; seconds each)."""
+    quick = getattr(PHENOMENA[name][1], "quick", None) if name in PHENOMENA else None
+    if quick is not None:
+        return quick()
     if name == "eos":
         return EoSConfig(etas=(0.35, 0.5, 0.6), control_eta=None, steps=700, every=25)
     if name == "subspace":
@@ -49,13 +52,6 @@ def quick_config(name: str) -> Any:
             every=50,
             ablation_steps=150,
             ablation_refresh=30,
-        )
-    if name == "matrix-sensing":
-        return MatrixSensingConfig(
-            steps=2000,
-            alphas_gd=(0.5, 2.0),
-            alphas_precond=(0.01, 1.0),
-            symmetric_scaledgd=False,
         )
     if name == "deep-linear":
         return DeepLinearConfig()
@@ -101,7 +97,7 @@ def write_index(results: list[PhenomenonResult], out_dir: str | os.PathLike[str]
     folder.mkdir(parents=True, exist_ok=True)
     blocks = []
     for res in results:
-        status = {True: "reproduced", False: "NOT reproduced", None: "not checked"}[res.reproduced]
+        status = res.status
         fig = html.escape(res.figure.name) if res.figure is not None else ""
         js = html.escape(res.json_path.name) if res.json_path is not None else ""
         blocks.append(
@@ -113,10 +109,25 @@ def write_index(results: list[PhenomenonResult], out_dir: str | os.PathLike[str]
             f"<p><i>Measured:</i> {html.escape(res.note)}</p>\n"
             f'<p>Numbers: <a href="{js}">{js}</a></p>\n</section>'
         )
+    rows = []
+    for res in results:
+        failed = [k for k, ok in res.numbers.get("checks", {}).items() if not ok]
+        why = "failed checks: " + ", ".join(failed) if failed else "every check held"
+        rows.append(
+            f'<tr><td><a href="#{html.escape(res.name)}">{html.escape(res.name)}</a></td>'
+            f"<td>{res.status}</td><td>{html.escape(why)}</td></tr>"
+        )
+    table = (
+        "<table border=1 cellpadding=4><tr><th>claim</th><th>outcome</th><th>why</th></tr>\n"
+        + "\n".join(rows)
+        + "\n</table>"
+    )
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<title>curvlab — training-dynamics phenomena</title></head>\n<body>\n"
         "<h1>curvlab — training-dynamics phenomena, reproduced on a CPU</h1>\n"
+        + table
+        + "\n"
         + "\n".join(blocks)
         + "\n</body></html>\n"
     )

@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from curvlab.datasets import digits, fashion_mnist
 from curvlab.errors import InvalidArgumentError
 from curvlab.estimators import eigsh
-from curvlab.monitors import HistorySink, SubspaceOverlap, attach, project_gradient_
+from curvlab.monitors import (
+    HistorySink,
+    SubspaceOverlap,
+    attach,
+    gradient_overlap,
+    project_gradient_,
+    subspace_persistence,
+)
 from curvlab.operators import HessianOperator
 from curvlab.phenomena._common import (
     PhenomenonResult,
@@ -148,10 +155,16 @@ def tiny_subspace(
     handle.check_now()
     gen = torch.Generator().manual_seed(cfg.seed)
     branch_point = copy.deepcopy(model) if cfg.warmup == 0 else None
+    bases: list[Tensor] = []  # the top-k basis of every check, for the long-range persistence
+    minibatch_overlap: list[float] = []  # of the gradient SGD steps along, at a fresh basis
     for step in progress(range(cfg.steps), cfg.steps, "tiny subspace: SGD", progress_bar):
         idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        if step % cfg.every == 0 and monitor.basis is not None:
+            bases.append(monitor.basis)
+            grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]
+            minibatch_overlap.append(gradient_overlap(grad, monitor.basis))
         opt.step()
         if step + 1 == cfg.warmup:
             branch_point = copy.deepcopy(model)
@@ -164,6 +177,11 @@ def tiny_subspace(
     after = [o for s, o in zip(steps, overlap) if s >= cfg.warmup]
     random_overlap = sink.last("subspace/random_overlap")
     median_after = statistics.median(after) if after else float("nan")
+    mb_after = [o for s, o in zip(steps, minibatch_overlap) if s >= cfg.warmup]
+    mb_median = statistics.median(mb_after) if mb_after else float("nan")
+    # Gur-Ari's persistence: overlap of each later subspace with the one at the end of warm-up
+    ref = next((i for i, s in enumerate(steps[: len(bases)]) if s >= cfg.warmup), 0)
+    persistence_from_ref = [subspace_persistence(bases[ref], b) for b in bases[ref:]]
 
     branches = {}
     for mode in progress(("sgd", "dom", "bulk"), 3, "tiny subspace: ablation", progress_bar):
@@ -176,6 +194,9 @@ def tiny_subspace(
         and branches["dom"]["decrease"] < 0.25 * sgd_dec,
         "bulk_sgd_decrease_>=_50pct_of_sgd": sgd_dec > 0
         and branches["bulk"]["decrease"] >= 0.5 * sgd_dec,
+        # Gur-Ari et al.'s second half: the subspace persists (here: over the whole run)
+        "persistence_vs_end_of_warmup_min_>=_0.5": bool(persistence_from_ref)
+        and min(persistence_from_ref) >= 0.5,
     }
     tiny = checks["overlap_after_warmup_median_>=_0.8"]
     if cfg.dataset == "digits" and not tiny:
@@ -187,7 +208,10 @@ def tiny_subspace(
     else:
         note = (
             f"median overlap of the gradient with the top-{cfg.k} eigenspace after step "
-            f"{cfg.warmup}: {median_after:.3f} (random subspace: {random_overlap:.1e}); ablation "
+            f"{cfg.warmup}: full-batch {median_after:.3f}, mini-batch (the gradient SGD uses) "
+            f"{mb_median:.3f} (random subspace: {random_overlap:.1e}); persistence of the subspace "
+            f"vs step {steps[ref] if bases else '-'}: min "
+            f"{min(persistence_from_ref, default=float('nan')):.2f} over the run; ablation "
             f"over {cfg.ablation_steps} steps from step {cfg.warmup}: loss decrease SGD {sgd_dec:.3f}, Dom-SGD "
             f"{branches['dom']['decrease']:.3f}, Bulk-SGD {branches['bulk']['decrease']:.3f}."
         )
@@ -199,7 +223,11 @@ def tiny_subspace(
         "grad_overlap": overlap,
         "random_overlap": random_overlap,
         "median_overlap_after_warmup": median_after,
+        "minibatch_overlap": minibatch_overlap,
+        "median_minibatch_overlap_after_warmup": mb_median,
         "persistence": sink.values("subspace/persistence"),
+        "persistence_reference_step": steps[ref] if bases else None,
+        "persistence_vs_reference": persistence_from_ref,
         "top_eigenvalue": sink.values("subspace/top_eigenvalue"),
         "kth_eigenvalue": sink.values("subspace/kth_eigenvalue"),
         "matvecs_per_check": sink.values("subspace/matvecs"),
@@ -211,8 +239,10 @@ def tiny_subspace(
         numbers,
         note,
         (
-            f"Left: overlap ‖P_top{cfg.k} g‖²/‖g‖² of the full-batch gradient under SGD ({cfg.dataset}, "
-            f"{cfg.num_samples} examples) vs a random {cfg.k}-dim subspace; right: loss of SGD, "
+            f"Left: overlap ‖P_top{cfg.k} g‖²/‖g‖² of the full-batch gradient (median "
+            f"{median_after:.2f}) and of the mini-batch gradient SGD steps along (median "
+            f"{mb_median:.2f}) under SGD ({cfg.dataset}, {cfg.num_samples} examples), and the "
+            f"subspace's persistence vs step {cfg.warmup}; right: loss of SGD, "
             "Dom-SGD (top-subspace steps only) and Bulk-SGD (the rest) from the point after "
             f"{cfg.warmup} steps.",
             "Gur-Ari et al.: after a short warm-up the gradient lies almost entirely in the top-k "
@@ -222,14 +252,23 @@ def tiny_subspace(
 
     def draw(fig: Any) -> None:
         left, right = fig.subplots(1, 2)
-        left.plot(steps, overlap, "o-", label="gradient overlap")
+        left.plot(steps, overlap, "o-", label="full-batch gradient overlap")
+        left.plot(
+            steps[: len(minibatch_overlap)], minibatch_overlap, "s-", label="mini-batch gradient"
+        )
+        left.plot(
+            steps[ref : ref + len(persistence_from_ref)],
+            persistence_from_ref,
+            "k^:",
+            label=f"persistence ‖V_{cfg.warmup}ᵀV_t‖²/k",
+        )
         left.axhline(
             random_overlap, color="gray", ls="--", label=f"random (k/n = {random_overlap:.1e})"
         )
         left.set_xlabel("SGD step")
         left.set_ylabel(f"overlap with top-{cfg.k} eigenspace")
+        left.legend(fontsize=7)
         left.set_ylim(-0.02, 1.02)
-        left.legend()
         stride = max(1, cfg.ablation_steps // 20)
         for mode, label in (("sgd", "SGD"), ("dom", "Dom-SGD"), ("bulk", "Bulk-SGD")):
             ls = branches[mode]["losses"]

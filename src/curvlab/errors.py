@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArgumentTypeError",
+    "CalibrationError",
     "ClosureRequiredError",
     "CurvlabError",
     "DTypeError",
@@ -140,3 +141,7 @@ class ImportNotAllowedError(SuiteError):
 
 class OutputPathError(CurvlabError, ValueError):
     """An output folder that is a file, lies inside a file, or cannot be written."""
+
+
+class CalibrationError(CurvlabError, RuntimeError):
+    """The reference of ``curvlab bench calibrate`` gave no usable value for a problem."""

@@ -3,12 +3,17 @@
 Rule. For every problem of a suite, run the reference — tuned AdamW (the built-in ``adamw`` entry:
 lr, weight decay and β₂ searched by the same scrambled Halton points as the tuned track) with the
 suite's tuned schedule (by default 5% linear warm-up, then cosine decay to 0 at the budget) — for
-``trials`` configurations on each of ``seeds`` seeds, the full budget each. On seed ``j``, take the
+``trials`` configurations on each of ``seeds`` seeds, the full budget each (by default the suite's
+own trials: calibration seed ``j`` then runs the very configurations of the tuned track's study
+``j``, so the targets are what the suite's tuned AdamW reaches, on other seeds). On seed ``j``, take the
 best value of the problem's target metric on its VALIDATION split that any trial reaches at an
-evaluation after step 0 and within the first ``fraction`` of the budget; the target is the median of these values
-over the seeds. So the reference reaches the target within ``fraction`` of the budget on at least
-half of the calibration seeds, and the tuned track has ``1/fraction`` times that budget to get
-there (AlgoPerf sets its targets from the best of a tuned reference within the budget: Dahl et al.
+evaluation after step 0 and within the first ``fraction`` of the budget; the target is the least
+good of these values over the seeds (the median is recorded too). So the reference reaches the
+target within ``fraction`` of the budget on every calibration seed, and the tuned track has
+``1/fraction`` times that budget to get there. (The median over seeds, tried first, leaves the
+reference itself short on half the seeds where the best validation value is a transient dip whose
+depth varies with the seed — breast-cancer logistic regression's validation loss: tuned AdamW
+then reached the quick suite's target in 1 of 3 studies.) (AlgoPerf sets its targets from the best of a tuned reference within the budget: Dahl et al.
 2023, arXiv 2306.07179, §4.2).
 
 The calibration runs use seeds of their own (``1000·seed + 900 + j``, see
@@ -122,8 +127,9 @@ def calibrate(
         store_path: SQLite store of the calibration runs (resumable like any run).
         fraction: the share of the budget within which the reference must reach the target, in
             ``(0, 1]``.
-        trials: reference configurations per seed (default: the suite's tuned trials, at least 8);
-            never fewer than the suite's trials.
+        trials: reference configurations per seed (default: the suite's tuned trials, so that
+            calibration seed ``j`` runs exactly the configurations of the tuned track's study
+            ``j``); never fewer than the suite's trials.
         seeds: calibration seeds (studies), 1 to :data:`MAX_CALIBRATION_SEEDS`; odd numbers make
             the median one seed's value.
         workers, progress, log: as :func:`curvlab.bench.runner.run_suite`.
@@ -144,7 +150,7 @@ def calibrate(
         or not 0 < fraction <= 1
     ):
         raise InvalidArgumentError(f"fraction must be in (0, 1], got {fraction!r}")
-    n_trials = max(suite.trials, 8) if trials is None else trials
+    n_trials = suite.trials if trials is None else trials
     if n_trials < suite.trials:
         raise InvalidArgumentError(
             f"trials ({n_trials}) is below the suite's tuned trials ({suite.trials}); the reference "
@@ -193,13 +199,14 @@ def calibrate(
                 f"{', '.join(sorted({str(b) for b in bad}))}); give the problem a larger budget "
                 "or check it with `curvlab bench run`"
             )
-        value = float(statistics.median(finite))
+        value = min(finite) if hib else max(finite)  # every seed reaches it
         reached = sum(1 for v in full if math.isfinite(v) and (v >= value if hib else v <= value))
         targets[p] = {
             "metric": target.metric,
             "higher_is_better": hib,
             "threshold": value,
             "reference_value": value,
+            "median_over_seeds": float(statistics.median(finite)),
             "per_seed": per_seed,
             "full_budget_per_seed": full,
             "budget_steps": budget,
@@ -207,7 +214,7 @@ def calibrate(
             "seeds_reaching_in_budget": reached,
         }
         notes.append(
-            f"{p}: target {target.metric} {'>=' if hib else '<='} {value:.6g} (median over "
+            f"{p}: target {target.metric} {'>=' if hib else '<='} {value:.6g} (least good over "
             f"{len(finite)} seeds of the best of {n_trials} trials within {within}/{budget} steps;"
             f" {reached}/{seeds} seeds reach it in the full budget)"
         )
@@ -241,8 +248,8 @@ def calibrate(
             "trials": n_trials,
             "seeds": [suite.seed * 1000 + SEED_BASES["calibration"] + j for j in range(seeds)],
             "fraction": float(fraction),
-            "rule": "median over seeds of the best validation value any trial reaches within "
-            "fraction x budget",
+            "rule": "least good over seeds of the best validation value any trial reaches "
+            "within fraction x budget (after step 0)",
             "runs": {
                 "total": result.total,
                 "finished": result.finished + result.already_done,

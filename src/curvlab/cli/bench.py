@@ -254,8 +254,8 @@ def register(subparsers: Any) -> None:
         _cmd_calibrate,
         "set a suite's targets from the reference (tuned AdamW) and write them next to it",
         "Run tuned AdamW (warm-up + cosine; the suite's trials or more; several seeds of its own) "
-        "on every problem of the suite and set each target to the median over seeds of the best "
-        "validation value reached within --fraction of the budget. Writes the targets with their "
+        "on every problem of the suite and set each target to the best validation value that every "
+        "calibration seed reaches within --fraction of the budget. Writes the targets with their "
         "provenance to <suite>.targets.yaml next to a YAML suite (or the shipped suite's targets "
         "file) and prints its path.",
     )
@@ -271,7 +271,7 @@ def register(subparsers: Any) -> None:
         "--trials",
         type=positive_int,
         default=None,
-        help="reference configurations per seed (default: the suite's tuned trials, at least 8)",
+        help="reference configurations per seed (default: the suite's tuned trials)",
     )
     cal.add_argument("--seeds", type=positive_int, default=3, help="calibration seeds (default 3)")
     _add_run_options(cal)

@@ -44,6 +44,7 @@ __all__ = [
     "cache_dir",
     "cached_value",
     "checksum",
+    "gaussian_held_out",
     "split_indices",
     "split_seed",
 ]
@@ -276,3 +277,20 @@ def split_seed(seed: int, split: str) -> int:
         True
     """
     return int(hashlib.sha256(f"{seed}:{split}".encode()).hexdigest()[:15], 16)
+
+
+def gaussian_held_out(seed: int, n: int, dim: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """``{"valid" | "test": [n, dim]}`` standard Gaussian draws held out for the run seed ``seed``
+    (each split from its own :func:`split_seed`).
+
+    Example:
+        >>> h = gaussian_held_out(0, 3, 2, torch.float64)
+        >>> sorted(h), tuple(h["valid"].shape), bool((h["valid"] != h["test"]).all())
+        (['test', 'valid'], (3, 2), True)
+    """
+    return {
+        split: torch.randn(
+            n, dim, generator=torch.Generator().manual_seed(split_seed(seed, split)), dtype=dtype
+        )
+        for split in ("valid", "test")
+    }

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvlab.bench.problems.base import Problem, ProblemInstance, Target, split_seed
+from curvlab.bench.problems.base import Problem, ProblemInstance, Target, gaussian_held_out
 from curvlab.bench.problems.quadratic import random_rotation
 
 __all__ = ["DeepLinearNetwork"]
@@ -73,15 +73,7 @@ class DeepLinearNetwork(Problem):
         x = torch.eye(self.dim, dtype=dt)
         y = x @ t.T
         t_norm2 = float((t**2).sum())
-        held_out = {
-            split: torch.randn(
-                self.held_out,
-                self.dim,
-                generator=torch.Generator().manual_seed(split_seed(seed, split)),
-                dtype=dt,
-            )
-            for split in ("valid", "test")
-        }
+        held_out = gaussian_held_out(seed, self.held_out, self.dim, dt)
 
         def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
             return 0.5 * ((outputs - targets) ** 2).sum() / self.dim

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvlab.bench.problems.base import Problem, ProblemInstance, Target, split_seed
+from curvlab.bench.problems.base import Problem, ProblemInstance, Target, gaussian_held_out
 
 __all__ = ["IllConditionedQuadratic", "NoisyQuadratic", "random_rotation"]
 
@@ -169,15 +169,7 @@ class NoisyQuadratic(Problem):
         def next_batch() -> tuple[Tensor, Tensor]:
             return torch.randn(self.batch_size, self.dim, generator=gen, dtype=dt), dummy
 
-        held_out = {
-            split: torch.randn(
-                self.held_out,
-                self.dim,
-                generator=torch.Generator().manual_seed(split_seed(seed, split)),
-                dtype=dt,
-            )
-            for split in ("valid", "test")
-        }
+        held_out = gaussian_held_out(seed, self.held_out, self.dim, dt)
 
         def evaluate() -> dict[str, float]:
             with torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArgumentTypeError",
+    "CalibrationError",
     "ClosureRequiredError",
     "CurvatureInputError",
     "CurvatureNotSuppliedError",
@@ -188,3 +189,7 @@ class IndefiniteSystemError(CurvlabError, ValueError):
 
 class NotConvergedError(CurvlabError, RuntimeError):
     """An iterative solve stopped before reaching its tolerance within its product budget."""
+
+
+class CalibrationError(CurvlabError, RuntimeError):
+    """The reference of ``curvlab bench calibrate`` gave no usable value for a problem."""

@@ -73,8 +73,8 @@ def tiny_suite(**over: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "name": "tiny",
         "problems": {
-            "quadratic-k1e2": {"budget_steps": 20, "eval_every": 5},
-            "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10},
+            "quadratic-k1e2": {"budget_steps": 20, "eval_every": 5, "target": 1e-2},
+            "breast-cancer-logreg": {"budget_steps": 20, "eval_every": 10, "target": 0.3},
         },
         "optimizers": [
             {

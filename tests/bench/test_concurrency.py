@@ -39,7 +39,9 @@ def test_runners_sharing_a_store_execute_each_run_once(tmp_path: Path) -> None:
         yaml.safe_dump(
             {
                 "name": "shared",
-                "problems": {"quadratic-k1e2": {"budget_steps": 150, "eval_every": 10}},
+                "problems": {
+                    "quadratic-k1e2": {"budget_steps": 150, "eval_every": 10, "target": 1e-2}
+                },
                 "optimizers": ["torch-sgd-momentum", "torch-adamw"],
                 "tracks": {"defaults": {"seeds": 3}, "tuned": {"trials": 2, "studies": 1}},
             }
@@ -95,8 +97,8 @@ def _step_clock_rows(store: Path) -> list[tuple]:
 
 def test_rerun_into_a_new_store_is_bit_identical(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     doc = tiny(
-        problems={"quadratic-k1e2": {"budget_steps": 12, "eval_every": 4}},
-        optimizers=["sophia", "adahessian", "adopt", "dog", "torch-sgd-momentum"],
+        problems={"quadratic-k1e2": {"budget_steps": 12, "eval_every": 4, "target": 1e-2}},
+        optimizers=["sophiah", "adahessian", "adopt", "dog", "torch-sgd-momentum"],
         tracks={"defaults": {"seeds": 2}, "tuned": {"trials": 2, "studies": 1}},
     )
     first, second = tmp_path / "a.sqlite", tmp_path / "b.sqlite"

@@ -25,7 +25,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 SUITE = """
 name: crash
 problems:
-  quadratic-k1e2: {budget_steps: 1500, eval_every: 5}
+  quadratic-k1e2: {budget_steps: 1500, eval_every: 5, target: 1.0e-2}
 optimizers:
   - {label: sgd, optimizer: "torch.optim:SGD", defaults: {lr: 0.5}, search: {lr: {low: 0.01, high:
   1.0}}}

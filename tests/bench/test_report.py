@@ -41,8 +41,8 @@ def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("report")
     doc = {
         "problems": {
-            "quadratic-k1e2": {"budget_steps": 12, "eval_every": 4},
-            "deep-linear": {"budget_steps": 12, "eval_every": 6},
+            "quadratic-k1e2": {"budget_steps": 12, "eval_every": 4, "target": 1e-2},
+            "deep-linear": {"budget_steps": 12, "eval_every": 6, "target": 0.5},
         },
         "optimizers": [
             {
@@ -132,7 +132,7 @@ def test_headless_chromium_renders(report_dir: Path, tmp_path: Path) -> None:  #
 def test_labels_are_escaped_in_reports_and_guarded_in_csv(tmp_path: Path) -> None:
     evil = '=HYPERLINK("x")|<b>$y'
     doc = {
-        "problems": {"quadratic-k1e2": {"budget_steps": 4, "eval_every": 2}},
+        "problems": {"quadratic-k1e2": {"budget_steps": 4, "eval_every": 2, "target": 1e-2}},
         "optimizers": [
             {"label": evil, "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.1}},
             {"label": "-1+1", "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.2}},

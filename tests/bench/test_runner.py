@@ -65,7 +65,7 @@ def test_same_seed_same_trajectory(tmp_path: Path) -> None:
 
 def test_divergence_recorded_at_its_step_and_suite_goes_on(tmp_path: Path) -> None:
     doc = {
-        "problems": {"quadratic-k1e2": {"budget_steps": 40, "eval_every": 5}},
+        "problems": {"quadratic-k1e2": {"budget_steps": 40, "eval_every": 5, "target": 1e-2}},
         "optimizers": [
             {"label": "wild", "optimizer": "torch.optim:SGD", "defaults": {"lr": 1e60}},
             {"label": "calm", "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.5}},
@@ -149,7 +149,7 @@ def test_failure_is_recorded_and_suite_goes_on(tmp_path: Path) -> None:
 
 def test_resume_skips_done_and_restarts_unfinished(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     doc = tiny(
-        problems={"quadratic-k1e2": {"budget_steps": 10, "eval_every": 5}},
+        problems={"quadratic-k1e2": {"budget_steps": 10, "eval_every": 5, "target": 1e-2}},
         tracks={"defaults": {"seeds": 2}, "tuned": {"trials": 1, "studies": 1}},
     )
     path = tmp_path / "s.sqlite"
@@ -208,7 +208,11 @@ def test_refusals_happen_before_any_run(
     monkeypatch.setenv("CURVLAB_DATA", str(tmp_path / "nodata"))
     monkeypatch.setattr("curvlab.datasets.DEBIAN_FASHION_MNIST", tmp_path / "nodebian")
     with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        run_suite(parse_suite(tiny(problems=["fashion-mlp"])), tmp_path / "c.sqlite", workers=0)
+        run_suite(
+            parse_suite(tiny(problems={"fashion-mlp": {"target": 0.8}})),
+            tmp_path / "c.sqlite",
+            workers=0,
+        )
     # nothing of this reached a store
     assert not (tmp_path / "c.sqlite").exists() or Store(tmp_path / "c.sqlite").runs() == []
 
@@ -230,7 +234,7 @@ def test_unknown_registry_name_suggests(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_bad_input_loses_nothing_from_an_existing_store(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     doc = tiny(
-        problems={"quadratic-k1e2": {"budget_steps": 6, "eval_every": 3}},
+        problems={"quadratic-k1e2": {"budget_steps": 6, "eval_every": 3, "target": 1e-2}},
         tracks={"defaults": {"seeds": 1}},
     )
     path = tmp_path / "s.sqlite"

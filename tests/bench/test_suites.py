@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from curvlab.bench.suites import SUITES, expand_runs, load_suite, parse_suite
+from curvlab.bench.suites import (
+    BUILTIN_OPTIMIZERS,
+    SEED_BASES,
+    SUITES,
+    expand_runs,
+    load_suite,
+    parse_suite,
+    problem_infos,
+    targets_path,
+)
 from curvlab.errors import ImportNotAllowedError, SuiteError, UnknownNameError
 
 INFO = {
@@ -17,12 +26,22 @@ INFO = {
 
 def test_named_suites_validate() -> None:
     for name in SUITES:
-        s = load_suite(name)
+        s = load_suite(name, require_targets=False)
         assert s.name == name and s.problems and s.optimizers
-    quick = load_suite("quick")
-    assert {"adamw", "sgd-momentum", "adopt", "sophia", "dog"} <= {
+    quick = load_suite("quick")  # ships calibrated targets: loads as it is
+    assert set(quick.targets) == set(quick.problems)
+    assert {"adamw", "sgd-momentum", "adopt", "sophiah", "dog"} <= {
         e.label for e in quick.optimizers
     }
+    # the calibration's provenance travels with the suite into the store's problem infos
+    cal = problem_infos(quick)["digits-mlp"]["target_calibration"]
+    assert {"date", "reference", "trials", "seeds", "fraction", "torch", "curvlab"} <= set(cal)
+    assert cal["reference"]["optimizer"] == "adamw" and cal["reference"]["schedule"] == "cosine"
+    # the char-level language model is SophiaG's, the Hutchinson variant SophiaH's everywhere
+    standard = {e.label: e for e in load_suite("standard", require_targets=False).optimizers}
+    assert standard["sophiag"].problems == ("charlm-pydoc",)
+    assert standard["sophiag"].fixed["estimator"] == "gnb"
+    assert standard["sophiah"].fixed["estimator"] == "hutchinson"
 
 
 def test_quick_suite_uses_only_shipped_data() -> None:
@@ -96,7 +115,7 @@ def test_quick_suite_uses_only_shipped_data() -> None:
                 "problems": ["digits-mlp"],
                 "optimizers": [{"optimizer": "adamw", "fixed": {"lr": -1}}],
             },
-            r"optimizers\[0\]\.fixed\.lr: adamw refuses \{'lr': -1\}: "
+            r"optimizers\[0\]\.fixed\.lr: adamw refuses \{'lr': -1, .*\}: "
             r"ValueError: Invalid learning rate",
         ),
         (
@@ -137,7 +156,7 @@ def test_quick_suite_uses_only_shipped_data() -> None:
                 "optimizers": ["adamw"],
                 "tracks": {"defaults": {"seeds": 100000000}},
             },
-            r"tracks\.defaults\.seeds: 100000000 is above the limit of 1000",
+            r"tracks\.defaults\.seeds: 100000000 is above the limit of 500",
         ),
         (
             {
@@ -150,6 +169,46 @@ def test_quick_suite_uses_only_shipped_data() -> None:
         (
             {"problems": {"digits-mlp": {"budget_steps": 10**12}}, "optimizers": ["adamw"]},
             r"problems\.digits-mlp\.budget_steps: 1000000000000 is above the limit",
+        ),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamw"]},
+            r"targets: no target for digits-mlp; run `curvlab bench calibrate --suite s\.yaml "
+            r"--store PATH`",
+        ),
+        (
+            {"problems": ["digits-mlp"], "optimizers": ["adamw"], "targets": {"digits-cnn": 0.9}},
+            r"targets\.digits-cnn: not a problem of this suite",
+        ),
+        (
+            {
+                "problems": {"digits-mlp": {"target": 0.9}},
+                "optimizers": ["adamw"],
+                "targets": {"digits-mlp": 0.9},
+            },
+            r"problems\.digits-mlp\.target: also given in 'targets'",
+        ),
+        (
+            {
+                "problems": {"digits-mlp": {"target": 0.9}},
+                "optimizers": ["adamw"],
+                "tracks": {"tuned": {"schedule": "step"}},
+            },
+            r"tracks\.tuned: unknown schedule 'step'; known: constant, cosine",
+        ),
+        (
+            {
+                "problems": {"digits-mlp": {"target": 0.9}},
+                "optimizers": ["adamw"],
+                "tracks": {"tuned": {"warmup": 1.5}},
+            },
+            r"tracks\.tuned: warmup is the warm-up's fraction of the budget, in \[0, 1\)",
+        ),
+        (
+            {
+                "problems": {"digits-mlp": {"target": 0.9}},
+                "optimizers": [{"optimizer": "sgd", "search": {"beta2": [0.9]}}],
+            },
+            r"optimizers\[0\]\.search\.beta2: sgd refuses .*takes no 'betas'",
         ),
     ],
 )
@@ -214,6 +273,7 @@ def test_a_fixed_value_holds_in_every_run() -> None:
             "problems": ["digits-mlp"],
             "optimizers": [{"optimizer": "sgd", "fixed": {"lr": 0.05}}],
             "tracks": {"defaults": {"seeds": 1}},
+            "targets": {"digits-mlp": 0.9},
         }
     )
     (run,) = expand_runs(s, {"digits-mlp": {"budget_steps": 4, "eval_every": 2}})
@@ -238,4 +298,89 @@ def test_importing_code_needs_the_explicit_flag(tmp_path: Path) -> None:
     with pytest.raises(ImportNotAllowedError, match=r"s\.yaml: optimizers\[0\]\.optimizer"):
         load_suite(str(f))
     # torch's and curvlab's own optimizers are installed code: no flag needed
-    parse_suite({"problems": ["digits-mlp"], "optimizers": ["torch-adamw"]})
+    parse_suite(
+        {"problems": ["digits-mlp"], "optimizers": ["torch-adamw"], "targets": {"digits-mlp": 0.9}}
+    )
+
+
+def test_search_spaces_follow_the_authors() -> None:
+    b = BUILTIN_OPTIMIZERS
+    for label in ("adamw", "adopt"):
+        assert set(b[label].search) == {"lr", "weight_decay", "beta2"}
+    assert set(b["sgd-momentum"].search) == {"lr", "momentum"}
+    for label in ("sophiag", "sophiah"):
+        assert set(b[label].search) == {"lr", "rho"} and b[label].optimizer == "sophia"
+    assert b["sophiag"].defaults["rho"] == 0.04 and b["sophiah"].defaults["rho"] == 0.01
+    for label in ("dog", "ldog"):  # c = 1 fixed, as the authors prescribe; c is never searched
+        assert b[label].fixed == {"lr": 1.0} and set(b[label].search) == {"reps_rel"}
+    assert "sophia" not in b  # SophiaG and SophiaH are named apart
+    # the same trial budget for every optimizer of a suite
+    s = load_suite("quick")
+    runs = expand_runs(s, problem_infos(s))
+    per = {}
+    for r in runs:
+        if r.track == "tuned":
+            per[(r.problem, r.label)] = per.get((r.problem, r.label), 0) + 1
+    assert set(per.values()) == {s.trials * s.studies} and s.trials > 3
+
+
+def test_tuned_track_warms_up_and_decays_defaults_track_does_not(tiny) -> None:  # type: ignore[no-untyped-def]
+    runs = expand_runs(parse_suite(tiny()), INFO)
+    tuned = [r for r in runs if r.track == "tuned"]
+    assert all(r.hparams["schedule"] == "cosine" and r.hparams["warmup"] == 0.05 for r in tuned)
+    assert all("schedule" not in r.hparams for r in runs if r.track == "defaults")
+    const = parse_suite(tiny(tracks={"tuned": {"trials": 1, "studies": 1, "schedule": "constant"}}))
+    assert all("schedule" not in r.hparams for r in expand_runs(const, INFO))
+    # every run carries its problem's target
+    assert {r.target for r in runs if r.problem == "quadratic-k1e2"} == {1e-2}
+
+
+def test_track_seeds_are_disjoint(tiny) -> None:  # type: ignore[no-untyped-def]
+    from curvlab.bench.calibrate import reference_suite
+
+    s = parse_suite(
+        tiny(tracks={"defaults": {"seeds": 500}, "tuned": {"trials": 1, "studies": 400}})
+    )
+    runs = expand_runs(s, INFO) + expand_runs(reference_suite(s, 1, 100), INFO)
+    seeds = {t: {r.seed for r in runs if r.track == t} for t in SEED_BASES}
+    assert [len(v) for v in seeds.values()] == [500, 400, 100]
+    assert not (seeds["defaults"] & seeds["tuned"]) and not (seeds["tuned"] & seeds["calibration"])
+    assert not (seeds["defaults"] & seeds["calibration"])
+
+
+def _calibrated(tmp_path: Path, **target: object) -> str:
+    import yaml
+
+    suite = tmp_path / "c.yaml"
+    suite.write_text("problems: {quadratic-k1e2: {budget_steps: 20}}\noptimizers: [adamw]\n")
+    entry = {
+        "metric": "rel_subopt",
+        "higher_is_better": False,
+        "threshold": 0.1,
+        "reference_value": 0.1,
+        "budget_steps": 20,
+        **target,
+    }
+    doc = {"provenance": {"trials": 8}, "targets": {"quadratic-k1e2": entry}}
+    targets_path(str(suite)).write_text(yaml.safe_dump(doc))
+    return str(suite)
+
+
+def test_calibrated_targets_load_and_are_checked(tmp_path: Path) -> None:
+    s = load_suite(_calibrated(tmp_path))
+    assert s.targets == {"quadratic-k1e2": 0.1}
+    assert problem_infos(s)["quadratic-k1e2"]["target_calibration"]["trials"] == 8
+    with pytest.raises(
+        SuiteError,
+        match=r"c\.yaml: calibration\.targets\.quadratic-k1e2: the target rel_subopt <= 0\.05 is "
+        r"beyond what the reference reached \(0\.1\) by 0\.05; the reference never reaches it",
+    ):
+        load_suite(_calibrated(tmp_path, threshold=0.05))
+    with pytest.raises(
+        SuiteError, match=r"calibrated for a budget of 40 steps but the suite gives 20"
+    ):
+        load_suite(_calibrated(tmp_path, budget_steps=40))
+    with pytest.raises(
+        SuiteError, match=r"calibrated on the metric 'loss' but the problem's target"
+    ):
+        load_suite(_calibrated(tmp_path, metric="loss"))

@@ -34,7 +34,7 @@ def test_list_shows_problems_optimizers_suites(capsys: pytest.CaptureFixture[str
 def test_run_report_export_roundtrip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     suite = tmp_path / "s.yaml"
     suite.write_text(
-        "problems: {quadratic-k1e2: {budget_steps: 6, eval_every: 3}}\n"
+        "problems: {quadratic-k1e2: {budget_steps: 6, eval_every: 3, target: 1.0e-2}}\n"
         "optimizers: [torch-sgd-momentum]\ntracks: {defaults: {seeds: 1}}\n"
     )
     store = tmp_path / "st.sqlite"
@@ -112,3 +112,47 @@ def test_unwritable_store_refused_before_any_run(
         == 2
     )
     assert "cannot create the store's directory" in capsys.readouterr().err
+
+
+def test_calibrate_writes_targets_next_to_the_suite_then_run_uses_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    suite = tmp_path / "s.yaml"
+    suite.write_text(
+        "problems: {quadratic-k1e2: {budget_steps: 8, eval_every: 4}}\n"
+        "optimizers: [adamw]\ntracks: {tuned: {trials: 2, studies: 1}}\n"
+    )
+    store = tmp_path / "run.sqlite"
+    run = ["bench", "run", "--suite", str(suite), "--store", str(store), "--in-process"]
+    # no targets yet: refused at load time, nothing run, and told what to do
+    assert _main([*run, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curvlab bench: error: ") and "run `curvlab bench calibrate" in err
+    assert not store.exists()
+    cal = [
+        "bench",
+        "calibrate",
+        "--suite",
+        str(suite),
+        "--store",
+        str(tmp_path / "cal.sqlite"),
+        "--seeds",
+        "1",
+        "--trials",
+        "2",
+        "--fraction",
+        "0.5",
+        "--in-process",
+        "--no-progress",
+    ]
+    assert _main(cal) == 0
+    out, err = capsys.readouterr()
+    assert Path(out.strip()) == tmp_path / "s.targets.yaml"
+    assert "quadratic-k1e2: target rel_subopt <= " in err
+    assert _main([*run, "--no-progress"]) == 0
+
+
+def test_calibrate_refuses_a_bad_fraction(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _main(["bench", "calibrate", "--suite", "quick", "--store", "x", "--fraction", "-1"])
+    assert "--fraction" in capsys.readouterr().err

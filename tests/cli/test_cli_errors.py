@@ -19,7 +19,7 @@ from curvlab.cli import main
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 TINY_SUITE = (
-    "problems: {quadratic-k1e2: {budget_steps: 6, eval_every: 3}}\n"
+    "problems: {quadratic-k1e2: {budget_steps: 6, eval_every: 3, target: 1.0e-2}}\n"
     "optimizers: [torch-sgd-momentum]\ntracks: {defaults: {seeds: 1}}\n"
 )
 
@@ -250,7 +250,7 @@ def test_internal_errors_are_one_line_unless_debugging(
 def test_ctrl_c_exits_130_and_the_rerun_resumes(tmp_path: Path) -> None:
     suite = tmp_path / "s.yaml"
     suite.write_text(
-        "problems: {quadratic-k1e2: {budget_steps: 3000, eval_every: 5}}\n"
+        "problems: {quadratic-k1e2: {budget_steps: 3000, eval_every: 5, target: 1.0e-2}}\n"
         "optimizers: [torch-sgd-momentum]\ntracks: {defaults: {seeds: 2}}\n"
     )
     store = tmp_path / "st.sqlite"

@@ -19,6 +19,13 @@ script (``"torch.optim:AdamW"`` benchmarks torch's own AdamW).
    GNB (class name contains ``"SophiaG"`` or the group's ``estimator``/``hessian_estimator`` is
    ``"gnb"``) and otherwise 2 GE per probe (``num_probes``/``n_samples``/``hessian_samples``,
    default 1).
+
+**Harness hyperparameters.** A run's hyperparameters may hold keys the harness reads itself
+(:data:`HARNESS_KEYS`), the same for every optimizer: ``schedule`` (``"constant"``, the default, or
+``"cosine"``: linear warm-up then cosine decay to 0 at the run's budget, :class:`curvlab.schedules.
+Cosine` in a ``LambdaLR``), ``warmup`` (the warm-up's fraction of the budget, in ``[0, 1)``),
+``beta1`` and ``beta2`` (the two halves of ``betas``, the other half from the optimizer's own
+default, so a search can tune β₂ alone).
 """
 
 from __future__ import annotations
@@ -31,15 +38,25 @@ from typing import Any
 import torch
 
 from curvlab.bench.problems import closest
-from curvlab.errors import UnknownNameError
+from curvlab.errors import ParameterError, UnknownNameError
 
 __all__ = [
+    "HARNESS_KEYS",
+    "SCHEDULES",
     "CostModel",
+    "check_schedule",
     "closure_mode_of",
+    "constructor_kwargs",
     "known_optimizers",
     "make_optimizer",
+    "make_scheduler",
     "resolve_optimizer",
 ]
+
+#: Hyperparameter keys the harness reads itself (not constructor arguments as such).
+HARNESS_KEYS = ("schedule", "warmup", "beta1", "beta2")
+#: The learning-rate schedules a run can name.
+SCHEDULES = ("constant", "cosine")
 
 _PERIOD_KEYS = (
     "k",
@@ -116,7 +133,7 @@ def make_optimizer(
             none) gets ``torch.Generator().manual_seed(seed)``, so its random probes repeat.
     """
     cls = resolve_optimizer(name)
-    kwargs = dict(hparams)
+    kwargs = constructor_kwargs(cls, hparams)
     if seed is not None and "generator" not in kwargs:
         try:
             takes = "generator" in inspect.signature(cls).parameters
@@ -125,6 +142,80 @@ def make_optimizer(
         if takes:
             kwargs["generator"] = torch.Generator().manual_seed(seed)
     return cls(params, **kwargs)
+
+
+def constructor_kwargs(cls: type, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of ``cls`` for a run's ``hparams``.
+
+    The schedule keys are dropped; ``beta1``/``beta2`` become ``betas`` with the other half taken
+    from ``betas`` in ``hparams`` or else ``cls``'s default.
+
+    Raises:
+        ParameterError: ``beta1``/``beta2`` for an optimizer without a ``betas`` argument.
+
+    Example:
+        >>> constructor_kwargs(torch.optim.AdamW, {"lr": 0.1, "beta2": 0.99, "schedule": "cosine"})
+        {'lr': 0.1, 'betas': (0.9, 0.99)}
+    """
+    kwargs = {k: v for k, v in hparams.items() if k not in HARNESS_KEYS}
+    halves = {k: hparams[k] for k in ("beta1", "beta2") if k in hparams}
+    if halves:
+        try:
+            default = inspect.signature(cls).parameters["betas"].default
+        except (KeyError, TypeError, ValueError):
+            raise ParameterError(
+                f"{cls.__name__} takes no 'betas', so 'beta1'/'beta2' mean nothing for it; "
+                "remove them from the suite entry"
+            ) from None
+        b1, b2 = kwargs.get("betas", default)
+        kwargs["betas"] = (float(halves.get("beta1", b1)), float(halves.get("beta2", b2)))
+    return kwargs
+
+
+def check_schedule(hparams: Mapping[str, Any]) -> tuple[str, float]:
+    """``(schedule, warmup)`` of a run's ``hparams``, checked (defaults ``"constant"``, 0).
+
+    Raises:
+        ParameterError: an unknown schedule or a warm-up fraction outside ``[0, 1)``.
+    """
+    name = hparams.get("schedule", "constant")
+    warmup = hparams.get("warmup", 0.0)
+    if name not in SCHEDULES:
+        raise ParameterError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
+        raise ParameterError(
+            f"warmup is the warm-up's fraction of the budget, in [0, 1); got {warmup!r}"
+        )
+    return str(name), float(warmup)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, hparams: Mapping[str, Any], budget_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The learning-rate scheduler a run's ``hparams`` ask for over ``budget_steps`` steps.
+
+    ``None`` for the constant schedule; for ``"cosine"`` a ``LambdaLR`` with
+    :class:`curvlab.schedules.Cosine` (``warmup`` = ``round(warmup × budget)`` steps, decay to 0 at
+    the budget), to be stepped once after every optimizer step.
+
+    Raises:
+        ParameterError: an unknown schedule or a warm-up fraction outside ``[0, 1)``.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([p], lr=1.0)
+        >>> s = make_scheduler(opt, {"schedule": "cosine", "warmup": 0.5}, 4)
+        >>> [round(g["lr"], 3) for g in opt.param_groups]
+        [0.5]
+    """
+    name, warmup = check_schedule(hparams)
+    if name == "constant":
+        return None
+    from curvlab.schedules import Cosine
+
+    total = max(int(budget_steps), 1)
+    factor = Cosine(total=total, warmup=min(round(warmup * total), total - 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def closure_mode_of(optimizer: torch.optim.Optimizer) -> str:

@@ -4,7 +4,7 @@ A run is ``(problem, optimizer, hyperparameters, seed)``. Its loop, identical fo
 
     evaluate at step 0 (off the clock)
     for step in 1..budget:
-        [clock on]  batch = next_batch(); loss = optimizer.step(closure)  [clock off]
+        [clock on]  batch = next_batch(); loss = optimizer.step(closure); schedule.step() [clock off]
         steps += 1; gradient-equivalents += cost of the step (curvlab.bench.optimizers rule)
         non-finite loss -> record "diverged" at this step and stop
         every eval_every steps and at the budget: evaluate (off the clock) and commit the record
@@ -15,7 +15,10 @@ with ``closure_mode == "loss"`` get a closure that returns ``(loss, logits)`` (l
 ``[N, classes]``) — or just ``loss`` for problems without logits — and never calls backward.
 
 Evaluation happens on a fixed step schedule, outside the timed region, in the same code path for
-every optimizer (AlgoPerf issues #719 and #858 are the failure modes avoided). The seconds clock
+every optimizer; it computes what the problem declares (its validation and test splits): the run
+reaches its target when the problem's target metric, on the validation split, crosses the suite's
+threshold (:attr:`RunSpec.target <curvlab.bench.suites.RunSpec.target>`), and its final quality is
+the problem's final metric, on the test split, at the last evaluation (AlgoPerf issues #719 and #858 are the failure modes avoided). The seconds clock
 covers only batch drawing and ``optimizer.step`` (which includes the closure).
 
 Workers are spawned processes (default: one per core), each with ``torch.set_num_threads(1)``;
@@ -50,7 +53,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +61,16 @@ import numpy as np
 import torch
 
 from curvlab.bench.monitoring import MonitorSpec, RunMonitors, check_problem_fit
-from curvlab.bench.optimizers import CostModel, closure_mode_of, make_optimizer, resolve_optimizer
+from curvlab.bench.optimizers import (
+    CostModel,
+    closure_mode_of,
+    make_optimizer,
+    make_scheduler,
+    resolve_optimizer,
+)
 from curvlab.bench.problems import get_problem
 from curvlab.bench.store import DONE_STATUSES, Store, check_store_path, new_owner
-from curvlab.bench.suites import BUILTIN_OPTIMIZERS, RunSpec, Suite, expand_runs
+from curvlab.bench.suites import BUILTIN_OPTIMIZERS, RunSpec, Suite, expand_runs, problem_infos
 from curvlab.errors import InvalidArgumentError, UnknownNameError
 
 __all__ = ["HEARTBEAT_S", "SuiteResult", "environment", "execute_run", "run_suite"]
@@ -158,8 +167,10 @@ def _train(
     seed_everything(spec.rng_seed)
     problem = get_problem(spec.problem)
     inst = problem.build(spec.seed)
-    target = problem.target
+    # the problem names the metric (on its validation split), the suite gives the threshold
+    target = replace(problem.target, threshold=spec.target)
     opt = make_optimizer(spec.optimizer, inst.model.parameters(), spec.hparams, seed=spec.rng_seed)
+    scheduler = make_scheduler(opt, spec.hparams, spec.budget_steps)
     cost = CostModel(opt)
     checks = RunMonitors(monitors, spec, problem, inst, opt, st)
     loss_mode = closure_mode_of(opt) == "loss"
@@ -221,6 +232,8 @@ def _train(
             loss = opt.step(closure)
         except FloatingPointError:  # NonFiniteError from optimizers with on_nonfinite="raise"
             loss = math.nan
+        if scheduler is not None:
+            scheduler.step()
         train_loss = _float_loss(loss)
         secs += clock() - t0
         steps = step
@@ -411,14 +424,9 @@ def asdict_shallow(obj: Any) -> dict[str, Any]:
 
 def plan_runs(suite: Suite) -> list[RunSpec]:
     """Validate problems (data present) and expand the suite into its runs."""
-    infos = {}
     for p in suite.problems:
-        prob = get_problem(p)
-        prob.check_data()
-        info = prob.info()
-        info.update(suite.problem_overrides.get(p, {}))
-        infos[p] = info
-    return expand_runs(suite, infos)
+        get_problem(p).check_data()
+    return expand_runs(suite, problem_infos(suite))
 
 
 def run_suite(
@@ -463,12 +471,11 @@ def run_suite(
         suite, skipped = _usable_entries(suite, say)
         specs = plan_runs(suite)
         check_problem_fit(suite.monitors, suite.problems)
-        problem_infos = {p: get_problem(p).info() for p in suite.problems}
-        for p in suite.problems:
-            problem_infos[p].update(suite.problem_overrides.get(p, {}))
         suite_doc = json.loads(suite.to_json())
         suite_doc["skipped_optimizers"] = skipped
-        store.register(suite.name, json.dumps(suite_doc, sort_keys=True), problem_infos, specs)
+        store.register(
+            suite.name, json.dumps(suite_doc, sort_keys=True), problem_infos(suite), specs
+        )
         status = store.status_of([s.run_id for s in specs])
         todo = [s for s in specs if status.get(s.run_id) not in DONE_STATUSES]
         result = SuiteResult(

@@ -3,21 +3,37 @@
 A suite expands into runs ``(problem, optimizer label, hyperparameters, seed)`` in two tracks, the
 same protocol for every optimizer (the lesson of the Sophia threads: same script, same budget):
 
-* ``defaults`` — one shot with the optimizer's declared default hyperparameters, ``seeds`` seeds,
-  budget ``budget_factor`` × the problem's budget (AlgoPerf self-tuning ruleset: 1.5×; Crowded
-  Valley's one-shot track, Schmidt, Schneider & Hennig 2021, arXiv 2007.01547).
+* ``defaults`` — one shot with the authors' default hyperparameters, ``seeds`` seeds, budget
+  ``budget_factor`` × the problem's budget (AlgoPerf self-tuning ruleset: 1.5×; Crowded Valley's
+  one-shot track, Schmidt, Schneider & Hennig 2021, arXiv 2007.01547), constant learning rate
+  unless the track names a schedule.
 * ``tuned`` — ``trials × studies`` configurations from a scrambled Halton sequence over the
-  declared search space, split into ``studies`` studies of ``trials`` trials; every trial of study
-  ``j`` uses seed ``j`` (AlgoPerf external tuning: 3 studies × 5 trials, arXiv 2306.07179). The
-  points depend only on the suite seed and the optimizer label, so every problem sees the same
-  configurations (a workload-agnostic search space).
+  search space the optimizer's authors recommend, split into ``studies`` studies of ``trials``
+  trials; every trial of study ``j`` uses seed ``j`` (AlgoPerf external tuning: 3 studies × 5
+  trials, arXiv 2306.07179), the same trial budget for every optimizer, and by default linear
+  warm-up (5% of the budget) then cosine decay (``tracks.tuned.schedule``/``warmup``; see
+  :mod:`curvlab.bench.optimizers`). The points depend only on the suite seed and the optimizer
+  label, so every problem sees the same configurations (a workload-agnostic search space).
+* ``calibration`` — only in the suites ``curvlab bench calibrate`` builds (:mod:`.calibrate`):
+  the reference's tuned track on its own seeds.
+
+Seeds are disjoint across tracks: the defaults track uses ``1000·seed + s`` (s < 500), the tuned
+track ``1000·seed + 500 + j`` (j < 400), the calibration ``1000·seed + 900 + j`` (j < 100), so
+time-to-target is never measured on the seeds that set the targets.
+
+**Targets.** Every problem of a suite needs a target threshold on its validation metric, set by
+``curvlab bench calibrate`` and read from the suite's calibration file (:func:`targets_path`:
+``<suite>.targets.yaml`` next to a YAML suite, ``curvlab/bench/targets/<name>.yaml`` for a shipped
+one), or given in the suite (``targets: {problem: value}`` or ``target:`` under a problem). A suite
+without one, or a calibrated target beyond what the reference reached, is refused at load time.
 
 YAML format (every field but ``problems`` and ``optimizers`` optional)::
 
     name: my-suite
     seed: 0
     problems: [digits-mlp, breast-cancer-logreg]      # or a mapping name -> {budget_steps,
-    eval_every}
+                                                      #   eval_every, target}
+    targets: {digits-mlp: 0.95, breast-cancer-logreg: 0.1}   # unless calibrated
     optimizers:
       - adamw                                          # a built-in entry (see BUILTIN_OPTIMIZERS)
       - label: sgd-nesterov                            # or a full entry
@@ -25,9 +41,10 @@ YAML format (every field but ``problems`` and ``optimizers`` optional)::
         fixed: {momentum: 0.9, nesterov: true}         # passed to every run
         defaults: {lr: 0.01}                           # the defaults track's values
         search: {lr: {low: 1.0e-3, high: 1.0, log: true}}   # or a list of choices
+        problems: [digits-mlp]                         # optional: only these problems
     tracks:
-      defaults: {seeds: 3, budget_factor: 1.5}
-      tuned: {trials: 4, studies: 2}
+      defaults: {seeds: 3, budget_factor: 1.5}        # also schedule, warmup (default constant)
+      tuned: {trials: 4, studies: 2, schedule: cosine, warmup: 0.05}
 """
 
 from __future__ import annotations
@@ -42,8 +59,12 @@ from typing import Any
 
 import torch
 
-from curvlab.bench.optimizers import resolve_optimizer
-from curvlab.bench.problems import PROBLEMS, closest
+from curvlab.bench.optimizers import (
+    check_schedule,
+    constructor_kwargs,
+    resolve_optimizer,
+)
+from curvlab.bench.problems import PROBLEMS, closest, get_problem
 from curvlab.errors import CurvlabError, ImportNotAllowedError, SuiteError, UnknownNameError
 
 __all__ = [
@@ -53,6 +74,7 @@ __all__ = [
     "MAX_STEPS",
     "SUITES",
     "TRUSTED_IMPORTS",
+    "SEED_BASES",
     "OptimizerEntry",
     "RunSpec",
     "SearchDim",
@@ -60,6 +82,8 @@ __all__ = [
     "expand_runs",
     "load_suite",
     "parse_suite",
+    "problem_infos",
+    "targets_path",
 ]
 
 
@@ -67,6 +91,12 @@ __all__ = [
 MAX_SEEDS = 1000
 MAX_RUNS = 100_000
 MAX_STEPS = 10_000_000
+#: Track -> offset of its seeds (``1000·seed + offset + j``); each track's count stays below the
+#: next offset, so the tracks' seeds are disjoint.
+SEED_BASES = {"defaults": 0, "tuned": 500, "calibration": 900}
+_SEED_LIMITS = {"defaults": 500, "tuned": 400, "calibration": 100}
+#: The tuned track's schedule unless the suite says otherwise: 5% linear warm-up, cosine decay.
+TUNED_SCHEDULE = {"schedule": "cosine", "warmup": 0.05}
 #: ``module:Class`` optimizers from these packages need no ``allow_import`` (installed code).
 TRUSTED_IMPORTS = ("torch.optim:", "torch.optim.", "curvlab.optim:", "curvlab.optim.")
 
@@ -93,42 +123,86 @@ class SearchDim:
 
 @dataclass(frozen=True)
 class OptimizerEntry:
-    """An optimizer as a suite uses it: label, optimizer name and hyperparameter policy."""
+    """An optimizer as a suite uses it: label, optimizer name and hyperparameter policy.
+
+    ``problems`` restricts the entry to those problems (empty: every problem of the suite).
+    """
 
     label: str
     optimizer: str
     fixed: Mapping[str, Any] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     search: Mapping[str, SearchDim] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
 
 
 def _lr(low: float, high: float) -> dict[str, SearchDim]:
     return {"lr": SearchDim(low, high, log=True)}
 
 
-#: Built-in entries: the declared defaults and search space of each optimizer. Weight decay is fixed
-#: to 0 because the problems carry their own regularisation (the convex problems' f* assumes it).
+def _adam_like(low: float, high: float, beta2: tuple[float, ...]) -> dict[str, SearchDim]:
+    """The Adam family's search: lr (log), decoupled weight decay (log), beta2 (choices)."""
+    return {
+        **_lr(low, high),
+        "weight_decay": SearchDim(1e-5, 1e-1, log=True),
+        "beta2": SearchDim(choices=beta2),
+    }
+
+
+def _sophia(estimator: str, rho: float) -> OptimizerEntry:
+    """SophiaG (``gnb``) or SophiaH (``hutchinson``): the authors' defaults, lr and rho searched."""
+    label = {"gnb": "sophiag", "hutchinson": "sophiah"}[estimator]
+    search = {**_lr(1e-4, 1e-1), "rho": SearchDim(5e-3, 0.5, log=True)}
+    return OptimizerEntry(label, "sophia", {"estimator": estimator}, {"rho": rho}, search)
+
+
+#: Built-in entries: the authors' defaults (the defaults track) and the search space they recommend
+#: (the tuned track) of each optimizer. AdamW and ADOPT: lr, weight decay, beta2; SGD with
+#: momentum: lr and momentum; Sophia: lr and rho (Liu et al. 2023); DoG/LDoG: c = lr = 1 fixed as
+#: the authors prescribe (Ivgi, Hinder & Carmon 2023), only the initial movement r_eps (reps_rel)
+#: searched. SophiaG (Gauss-Newton-Bartlett, needs logits, the language-model choice) and SophiaH
+#: (Hutchinson, any loss) are separate entries; their defaults are the authors' (lr 1e-4, betas
+#: (0.965, 0.99), weight decay 0.1, k = 10; rho 0.04 for SophiaG as in the official code, 0.01 for
+#: SophiaH as in the authors' levanter code).
 BUILTIN_OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "adamw": OptimizerEntry("adamw", "adamw", {"weight_decay": 0.0}, {"lr": 1e-3}, _lr(1e-4, 3e-1)),
-    "adam": OptimizerEntry("adam", "adam", {}, {"lr": 1e-3}, _lr(1e-4, 3e-1)),
+    "adamw": OptimizerEntry(
+        "adamw",
+        "adamw",
+        {},
+        {"lr": 1e-3, "weight_decay": 1e-2},
+        _adam_like(1e-4, 3e-1, (0.95, 0.99, 0.999)),
+    ),
+    "adam": OptimizerEntry(
+        "adam",
+        "adam",
+        {},
+        {"lr": 1e-3},
+        {**_lr(1e-4, 3e-1), "beta2": SearchDim(choices=(0.95, 0.99, 0.999))},
+    ),
     "sgd-momentum": OptimizerEntry(
-        "sgd-momentum", "sgd", {"momentum": 0.9}, {"lr": 1e-2}, _lr(1e-3, 1.0)
+        "sgd-momentum",
+        "sgd",
+        {},
+        {"lr": 1e-2, "momentum": 0.9},
+        {**_lr(1e-3, 1.0), "momentum": SearchDim(choices=(0.5, 0.9, 0.95, 0.99))},
     ),
     "sgd": OptimizerEntry("sgd", "sgd", {}, {"lr": 1e-2}, _lr(1e-3, 3.0)),
-    "adopt": OptimizerEntry("adopt", "adopt", {"weight_decay": 0.0}, {"lr": 1e-3}, _lr(1e-4, 3e-1)),
-    # SophiaH (Hutchinson HVPs) works on every problem; SophiaG's Gauss-Newton-Bartlett estimator
-    # needs logits, so it fails on the regression problems (recorded as failed runs).
-    "sophia": OptimizerEntry(
-        "sophia", "sophia", {"weight_decay": 0.0, "estimator": "hutchinson"}, {}, _lr(1e-4, 3e-1)
+    "adopt": OptimizerEntry(
+        "adopt",
+        "adopt",
+        {"decouple": True},
+        {"lr": 1e-3},
+        _adam_like(1e-4, 3e-1, (0.99, 0.999, 0.9999)),
     ),
-    "sophiag": OptimizerEntry(
-        "sophiag", "sophia", {"weight_decay": 0.0, "estimator": "gnb"}, {}, _lr(1e-4, 3e-1)
+    "sophiag": _sophia("gnb", 0.04),
+    "sophiah": _sophia("hutchinson", 0.01),
+    "adahessian": OptimizerEntry("adahessian", "adahessian", {}, {}, _lr(1e-3, 1.0)),
+    "dog": OptimizerEntry(
+        "dog", "dog", {"lr": 1.0}, {}, {"reps_rel": SearchDim(1e-8, 1e-4, log=True)}
     ),
-    "adahessian": OptimizerEntry(
-        "adahessian", "adahessian", {"weight_decay": 0.0}, {}, _lr(1e-3, 1.0)
+    "ldog": OptimizerEntry(
+        "ldog", "ldog", {"lr": 1.0}, {}, {"reps_rel": SearchDim(1e-8, 1e-4, log=True)}
     ),
-    "dog": OptimizerEntry("dog", "dog", {}, {}, _lr(0.1, 10.0)),
-    "ldog": OptimizerEntry("ldog", "ldog", {}, {}, _lr(0.1, 10.0)),
     "psgdkron": OptimizerEntry("psgdkron", "psgdkron", {}, {}, _lr(1e-4, 3e-1)),
     "mfac": OptimizerEntry("mfac", "mfac", {}, {}, _lr(1e-4, 3e-1)),
     "frugal": OptimizerEntry("frugal", "frugal", {}, {}, _lr(1e-4, 3e-1)),
@@ -144,7 +218,12 @@ BUILTIN_OPTIMIZERS: dict[str, OptimizerEntry] = {
 
 @dataclass(frozen=True)
 class Suite:
-    """A validated suite (see the module docstring for the YAML form)."""
+    """A validated suite (see the module docstring for the YAML form).
+
+    ``targets`` maps each problem to its target threshold; ``schedules`` maps a track to the
+    schedule keys its runs get (``{"tuned": {"schedule": "cosine", "warmup": 0.05}}``);
+    ``calibration`` is the provenance of calibrated targets (empty when the suite gave them).
+    """
 
     name: str
     problems: tuple[str, ...]
@@ -157,6 +236,11 @@ class Suite:
     tracks: tuple[str, ...] = ("defaults", "tuned")
     problem_overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     monitors: tuple[Any, ...] = ()  # curvlab.bench.monitoring.MonitorSpec
+    targets: Mapping[str, float] = field(default_factory=dict)
+    schedules: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: {"tuned": dict(TUNED_SCHEDULE)}
+    )
+    calibration: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """A canonical JSON form (stored with the runs)."""
@@ -177,6 +261,7 @@ class RunSpec:
     trial: int
     budget_steps: int
     eval_every: int
+    target: float = math.nan
 
     @property
     def run_id(self) -> str:
@@ -193,6 +278,7 @@ class RunSpec:
                 self.trial,
                 self.budget_steps,
                 self.eval_every,
+                self.target,
             ],
             sort_keys=True,
             default=repr,
@@ -299,7 +385,7 @@ def _optimizer_entry(where: str, v: Any, allow_import: bool) -> OptimizerEntry:
             "fixed, defaults, search",
         )
     m = _mapping(where, v)
-    _check_keys(where, m, ("label", "optimizer", "fixed", "defaults", "search"))
+    _check_keys(where, m, ("label", "optimizer", "fixed", "defaults", "search", "problems"))
     base = BUILTIN_OPTIMIZERS.get(str(m.get("optimizer", m.get("label", ""))))
     label = m.get("label", m.get("optimizer"))
     if not isinstance(label, str) or not label:
@@ -331,7 +417,10 @@ def _optimizer_entry(where: str, v: Any, allow_import: bool) -> OptimizerEntry:
                     f"also given in {part}; a hyperparameter is either fixed or in {part}",
                 )
             given.pop(key, None)
-    return OptimizerEntry(label=label, optimizer=opt, fixed=fixed, defaults=defaults, search=search)
+    only = m.get("problems", list(base.problems) if base else [])
+    if not isinstance(only, list) or not all(isinstance(x, str) for x in only):
+        raise _fail(f"{where}.problems", f"expected a list of problem names, got {only!r}")
+    return OptimizerEntry(label, opt, fixed, defaults, search, tuple(only))
 
 
 def _refusal(cls: type, fields: Mapping[str, Any]) -> Exception | None:
@@ -339,7 +428,8 @@ def _refusal(cls: type, fields: Mapping[str, Any]) -> Exception | None:
     ``fixed.lr`` -> value), if any."""
     hparams = {f.split(".", 1)[1]: v for f, v in fields.items()}
     try:
-        cls([torch.nn.Parameter(torch.zeros(16, 16))], **hparams)
+        check_schedule(hparams)
+        cls([torch.nn.Parameter(torch.zeros(16, 16))], **constructor_kwargs(cls, hparams))
     except (CurvlabError, ValueError, TypeError) as exc:
         return exc
     return None
@@ -379,32 +469,123 @@ def _without(combo: Mapping[str, Any], field: str) -> dict[str, Any]:
     return {f: v for f, v in combo.items() if f != field}
 
 
-def parse_suite(data: Any, source: str = "suite", *, allow_import: bool = False) -> Suite:
+def _track_schedule(
+    where: str, track: Mapping[str, Any], default: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The schedule keys of a track's runs (``schedule``, ``warmup``), checked."""
+    sched = {**default, **{k: track[k] for k in ("schedule", "warmup") if k in track}}
+    try:
+        check_schedule(sched)
+    except CurvlabError as exc:
+        raise _fail(where, str(exc)) from None
+    return sched if sched.get("schedule", "constant") != "constant" else {}
+
+
+def _more_demanding(threshold: float, reference: float, higher_is_better: bool) -> float:
+    """How far ``threshold`` lies beyond ``reference`` in the metric's better direction (<= 0:
+    not beyond)."""
+    return threshold - reference if higher_is_better else reference - threshold
+
+
+def _targets(
+    top: Mapping[str, Any],
+    names: Sequence[str],
+    budgets: Mapping[str, int],
+    inline: Mapping[str, Any],
+    calibration: Mapping[str, Any] | None,
+) -> dict[str, float]:
+    """Each problem's target threshold from the suite (``targets``, ``problems.<p>.target``) or its
+    calibration file, with the calibration's consistency checks."""
+    given = dict(_mapping("targets", top.get("targets")))
+    for p, v in inline.items():
+        if p in given:
+            raise _fail(f"problems.{p}.target", "also given in 'targets'; give it once")
+        given[p] = v
+    out: dict[str, float] = {}
+    for p, v in given.items():
+        if p not in names:
+            raise _fail(f"targets.{p}", f"not a problem of this suite ({', '.join(names)})")
+        out[p] = _num(f"targets.{p}", v)
+    cal = _mapping("calibration.targets", (calibration or {}).get("targets"))
+    for p, entry in cal.items():
+        if p not in names:
+            continue  # a problem since dropped from the suite
+        where = f"calibration.targets.{p}"
+        e = _mapping(where, entry)
+        if p in out:
+            raise _fail(
+                f"targets.{p}",
+                "is also calibrated (the suite's targets file); remove one of the two",
+            )
+        target = get_problem(p).target
+        if e.get("metric") != target.metric:
+            raise _fail(
+                where,
+                f"calibrated on the metric {e.get('metric')!r} but the problem's target metric is "
+                f"{target.metric!r}; run `curvlab bench calibrate` again",
+            )
+        budget = _int(f"{where}.budget_steps", e.get("budget_steps"), 1)
+        if budget != budgets[p]:
+            raise _fail(
+                where,
+                f"calibrated for a budget of {budget} steps but the suite gives {budgets[p]}; run "
+                "`curvlab bench calibrate` again",
+            )
+        threshold = _num(f"{where}.threshold", e.get("threshold"))
+        reference = _num(f"{where}.reference_value", e.get("reference_value"))
+        beyond = _more_demanding(threshold, reference, target.higher_is_better)
+        if beyond > 0:
+            raise _fail(
+                where,
+                f"the target {target.metric} {'>=' if target.higher_is_better else '<='} "
+                f"{threshold:g} is beyond what the reference reached ({reference:g}) by "
+                f"{beyond:g}; the reference never reaches it: loosen it or run `curvlab bench "
+                "calibrate` again",
+            )
+        out[p] = threshold
+    return out
+
+
+def parse_suite(
+    data: Any,
+    source: str = "suite",
+    *,
+    allow_import: bool = False,
+    calibration: Mapping[str, Any] | None = None,
+    require_targets: bool = True,
+) -> Suite:
     """Validate a suite given as plain data (the parsed YAML) and return a :class:`Suite`.
 
     Every hyperparameter the suite can give an optimizer (fixed, defaults, the ends of each search
     range, every choice) is tried on a dummy parameter, so a value the optimizer refuses is an
-    error here, before anything runs. Counts are bounded (:data:`MAX_SEEDS`, :data:`MAX_RUNS`).
+    error here, before anything runs. Counts are bounded (:data:`MAX_SEEDS`, :data:`MAX_RUNS`,
+    and per track below the next track's seeds, :data:`SEED_BASES`). Every problem needs a
+    target, given in the suite or calibrated (``calibration``, the parsed targets file).
 
     Args:
         data: the parsed YAML.
         source: where it came from (the messages' prefix).
         allow_import: allow entries ``optimizer: "module:Class"`` outside ``torch.optim`` and
             ``curvlab.optim`` (they import and run code named by the suite).
+        calibration: the suite's calibration (``curvlab bench calibrate``'s targets file), if any.
+        require_targets: refuse a problem without a target (``calibrate`` itself passes False).
 
     Raises:
         SuiteError: the message starts with the path of the bad field, e.g.
-            ``"s.yaml: tracks.tuned.trials: expected an integer >= 1, got 0"``.
+            ``"s.yaml: tracks.tuned.trials: expected an integer >= 1, got 0"``; a problem without
+            a target (it says to run ``curvlab bench calibrate``); a calibrated target beyond what
+            the reference reached (it says by how much).
         ImportNotAllowedError: a ``module:Class`` optimizer without ``allow_import``.
         UnknownNameError: an unknown problem or optimizer name (lists the known ones).
 
     Example:
-        >>> s = parse_suite({"problems": ["digits-mlp"], "optimizers": ["adamw"]})
-        >>> (s.problems, s.optimizers[0].label)
-        (('digits-mlp',), 'adamw')
+        >>> s = parse_suite({"problems": ["digits-mlp"], "optimizers": ["adamw"],
+        ...                  "targets": {"digits-mlp": 0.95}})
+        >>> (s.problems, s.optimizers[0].label, s.targets)
+        (('digits-mlp',), 'adamw', {'digits-mlp': 0.95})
         >>> bad = {"problems": ["digits-mlp"], "optimizers": ["adamw"],
         ...        "tracks": {"tuned": {"trials": 0}}}
-        >>> parse_suite(bad)
+        >>> parse_suite(bad, require_targets=False)
         Traceback (most recent call last):
         ...
         curvlab.errors.SuiteError: suite: tracks.tuned.trials: expected an integer >= 1, got 0
@@ -412,7 +593,9 @@ def parse_suite(data: Any, source: str = "suite", *, allow_import: bool = False)
     try:
         top = _mapping("(top level)", data)
         _check_keys(
-            "(top level)", top, ("name", "seed", "problems", "optimizers", "tracks", "monitors")
+            "(top level)",
+            top,
+            ("name", "seed", "problems", "optimizers", "tracks", "monitors", "targets"),
         )
         name = top.get("name", Path(source).stem)
         if not isinstance(name, str):
@@ -422,13 +605,18 @@ def parse_suite(data: Any, source: str = "suite", *, allow_import: bool = False)
         if probs is None:
             raise _fail("problems", "missing: list the problems to run (see `curvlab bench list`)")
         overrides: dict[str, dict[str, int]] = {}
+        inline_targets: dict[str, Any] = {}
         if isinstance(probs, Mapping):
             names = list(probs)
             for p, ov in probs.items():
                 ovm = _mapping(f"problems.{p}", ov)
-                _check_keys(f"problems.{p}", ovm, ("budget_steps", "eval_every"))
+                _check_keys(f"problems.{p}", ovm, ("budget_steps", "eval_every", "target"))
+                if "target" in ovm:
+                    inline_targets[p] = ovm["target"]
                 overrides[p] = {
-                    k: _int(f"problems.{p}.{k}", x, 1, MAX_STEPS) for k, x in ovm.items()
+                    k: _int(f"problems.{p}.{k}", x, 1, MAX_STEPS)
+                    for k, x in ovm.items()
+                    if k != "target"
                 }
         elif isinstance(probs, list):
             names = probs
@@ -459,30 +647,48 @@ def parse_suite(data: Any, source: str = "suite", *, allow_import: bool = False)
             )
         for i, e in enumerate(entries):
             _check_hyperparameters(f"optimizers[{i}]", e)
+            for p in e.problems:
+                if p not in PROBLEMS:
+                    raise _fail(
+                        f"optimizers[{i}].problems",
+                        f"unknown problem {p!r}.{closest(p, sorted(PROBLEMS))}",
+                    )
         tracks = _mapping("tracks", top.get("tracks", {"defaults": {}, "tuned": {}}))
         _check_keys("tracks", tracks, ("defaults", "tuned"))
         d = _mapping("tracks.defaults", tracks.get("defaults"))
-        _check_keys("tracks.defaults", d, ("seeds", "budget_factor"))
+        _check_keys("tracks.defaults", d, ("seeds", "budget_factor", "schedule", "warmup"))
         t = _mapping("tracks.tuned", tracks.get("tuned"))
-        _check_keys("tracks.tuned", t, ("trials", "studies"))
+        _check_keys("tracks.tuned", t, ("trials", "studies", "schedule", "warmup"))
         for e_i, e in enumerate(entries):
             if "tuned" in tracks and not e.search:
                 raise _fail(
                     f"optimizers[{e_i}].search",
                     f"{e.label!r} has no search space for the tuned track",
                 )
+        budgets = {
+            p: overrides.get(p, {}).get("budget_steps", get_problem(p).budget_steps) for p in names
+        }
+        targets = _targets(top, names, budgets, inline_targets, calibration)
         suite = Suite(
             name=name,
             problems=tuple(names),
             optimizers=entries,
             seed=seed,
-            default_seeds=_int("tracks.defaults.seeds", d.get("seeds", 3), 1, MAX_SEEDS),
+            default_seeds=_int(
+                "tracks.defaults.seeds", d.get("seeds", 3), 1, _SEED_LIMITS["defaults"]
+            ),
             budget_factor=_num("tracks.defaults.budget_factor", d.get("budget_factor", 1.5), True),
             trials=_int("tracks.tuned.trials", t.get("trials", 4), 1, MAX_SEEDS),
-            studies=_int("tracks.tuned.studies", t.get("studies", 2), 1, MAX_SEEDS),
+            studies=_int("tracks.tuned.studies", t.get("studies", 2), 1, _SEED_LIMITS["tuned"]),
             tracks=tuple(k for k in ("defaults", "tuned") if k in tracks),
             problem_overrides=overrides,
             monitors=_monitors(top.get("monitors"), entries, names),
+            targets=targets,
+            schedules={
+                "defaults": _track_schedule("tracks.defaults", d, {}),
+                "tuned": _track_schedule("tracks.tuned", t, TUNED_SCHEDULE),
+            },
+            calibration=dict(calibration or {}),
         )
         per_entry = ("defaults" in suite.tracks) * suite.default_seeds + (
             "tuned" in suite.tracks
@@ -493,6 +699,14 @@ def parse_suite(data: Any, source: str = "suite", *, allow_import: bool = False)
                 "tracks",
                 f"the suite expands to {total} runs, above the limit of {MAX_RUNS}; use fewer "
                 "seeds, trials, studies, problems or optimizers",
+            )
+        missing = [p for p in names if p not in targets]
+        if require_targets and missing:
+            raise _fail(
+                "targets",
+                f"no target for {', '.join(missing)}; run `curvlab bench calibrate --suite "
+                f"{source} --store PATH` (it sets each target from tuned AdamW), or give "
+                "'targets: {problem: value}'",
             )
         return suite
     except (SuiteError, UnknownNameError) as exc:
@@ -514,11 +728,11 @@ QUICK: dict[str, Any] = {
     "name": "quick",
     "seed": 0,
     "problems": ["quadratic-k1e4", "breast-cancer-logreg", "digits-softmax", "digits-mlp"],
-    "optimizers": ["adamw", "sgd-momentum", "adopt", "sophia", "dog"],
+    "optimizers": ["adamw", "sgd-momentum", "adopt", "sophiah", "dog"],
     # an odd number of studies, so that the median over studies is one study's time (AlgoPerf: 3)
     "tracks": {
         "defaults": {"seeds": 3, "budget_factor": 1.5},
-        "tuned": {"trials": 3, "studies": 3},
+        "tuned": {"trials": 5, "studies": 3},
     },
     "monitors": [{"name": "sharpness", "every": 50}],
 }
@@ -529,16 +743,9 @@ STANDARD: dict[str, Any] = {
     "problems": [
         "quadratic-k1e2",
         "quadratic-k1e4",
-        "quadratic-k1e6",
-        "noisy-quadratic",
         "breast-cancer-logreg",
         "digits-softmax",
-        "sensing-symmetric",
-        "sensing-asymmetric",
-        "deep-linear",
         "digits-mlp",
-        "digits-cnn",
-        "fashion-mlp",
         "fashion-cnn",
         "charlm-pydoc",
     ],
@@ -546,49 +753,105 @@ STANDARD: dict[str, Any] = {
         "adamw",
         "sgd-momentum",
         "adopt",
-        "sophia",
-        "adahessian",
+        {"label": "sophiag", "problems": ["charlm-pydoc"]},
+        "sophiah",
         "dog",
-        "ldog",
-        "psgdkron",
-        "mfac",
-        "frugal",
     ],
     "tracks": {
-        "defaults": {"seeds": 5, "budget_factor": 1.5},
+        "defaults": {"seeds": 3, "budget_factor": 1.5},
         "tuned": {"trials": 5, "studies": 3},
     },
 }
 
 #: Named suites. ``quick`` needs only data shipped with the Python dependencies (``make demo``);
-#: ``standard`` also needs Debian's dataset-fashion-mnist.
+#: ``standard`` also needs Debian's dataset-fashion-mnist. Their calibrated targets ship in
+#: ``curvlab/bench/targets/<name>.yaml``.
 SUITES: dict[str, dict[str, Any]] = {"quick": QUICK, "standard": STANDARD}
 
 
-def load_suite(name_or_path: str, *, allow_import: bool = False) -> Suite:
-    """A named suite (``quick``, ``standard``) or a YAML file, validated (:func:`parse_suite`).
+def targets_path(name_or_path: str) -> Path:
+    """Where the calibrated targets of a suite live: ``curvlab/bench/targets/<name>.yaml`` for a
+    shipped suite, ``<stem>.targets.yaml`` next to a YAML suite file.
 
-    Raises:
-        ImportNotAllowedError: a ``module:Class`` optimizer without ``allow_import``.
-        SuiteError: unreadable or invalid file (message points at the field).
-        UnknownNameError: neither a known suite name nor an existing file.
+    Example:
+        >>> targets_path("my/suite.yaml").as_posix()
+        'my/suite.targets.yaml'
     """
     if name_or_path in SUITES:
-        return parse_suite(SUITES[name_or_path], name_or_path)
+        return Path(__file__).parent / "targets" / f"{name_or_path}.yaml"
     path = Path(name_or_path)
-    if not path.exists():
-        known = sorted(SUITES)
-        raise UnknownNameError(
-            f"unknown suite {name_or_path!r}.{closest(name_or_path, known)} Give one of "
-            f"{', '.join(known)} or the path of a YAML suite file"
-        )
+    return path.with_name(f"{path.stem}.targets.yaml")
+
+
+def _read_yaml(path: Path, what: str) -> Any:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise SuiteError(f"{path}: cannot read the suite file: {exc}") from exc
-    return parse_suite(data, str(path), allow_import=allow_import)
+        raise SuiteError(f"{path}: cannot read the {what}: {exc}") from exc
+
+
+def load_suite(
+    name_or_path: str, *, allow_import: bool = False, require_targets: bool = True
+) -> Suite:
+    """A named suite (``quick``, ``standard``) or a YAML file, validated (:func:`parse_suite`),
+    with its calibrated targets (:func:`targets_path`) when the file exists.
+
+    Raises:
+        ImportNotAllowedError: a ``module:Class`` optimizer without ``allow_import``.
+        SuiteError: unreadable or invalid file (message points at the field); a problem without a
+            target (run ``curvlab bench calibrate``), or a calibrated target the reference never
+            reached.
+        UnknownNameError: neither a known suite name nor an existing file.
+    """
+    if name_or_path in SUITES:
+        data, source = SUITES[name_or_path], name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            known = sorted(SUITES)
+            raise UnknownNameError(
+                f"unknown suite {name_or_path!r}.{closest(name_or_path, known)} Give one of "
+                f"{', '.join(known)} or the path of a YAML suite file"
+            )
+        data, source = _read_yaml(path, "suite file"), str(path)
+    cal_path = targets_path(name_or_path)
+    calibration = _read_yaml(cal_path, "targets file") if cal_path.exists() else None
+    if calibration is not None and not isinstance(calibration, Mapping):
+        raise SuiteError(f"{cal_path}: expected a mapping with 'targets'; run calibrate again")
+    return parse_suite(
+        data,
+        source,
+        allow_import=allow_import,
+        calibration=calibration,
+        require_targets=require_targets,
+    )
+
+
+def problem_infos(suite: Suite) -> dict[str, dict[str, Any]]:
+    """Each problem's declared metadata with the suite's overrides and target threshold (NaN
+    where the suite has none), as the store records it.
+
+    Example:
+        >>> s = parse_suite({"problems": ["digits-mlp"], "optimizers": ["adamw"],
+        ...                  "targets": {"digits-mlp": 0.95}})
+        >>> problem_infos(s)["digits-mlp"]["target_threshold"]
+        0.95
+    """
+    out = {}
+    for p in suite.problems:
+        info = get_problem(p).info()
+        info.update(suite.problem_overrides.get(p, {}))
+        info["target_threshold"] = float(suite.targets.get(p, math.nan))
+        cal = _mapping("calibration.targets", suite.calibration.get("targets")).get(p)
+        if cal is not None:
+            info["target_calibration"] = {
+                **dict(_mapping("calibration.provenance", suite.calibration.get("provenance"))),
+                **dict(cal),
+            }
+        out[p] = info
+    return out
 
 
 def _unit_points(n: int, d: int, seed: int) -> list[list[float]]:
@@ -603,30 +866,40 @@ def expand_runs(suite: Suite, problem_info: Mapping[str, Mapping[str, Any]]) -> 
     """All runs of ``suite``; ``problem_info[name]`` supplies ``budget_steps`` and ``eval_every``.
 
     Runs are ordered problem by problem, defaults track first, so partial results are usable early.
+    Every run carries its problem's target threshold (NaN where the suite has none) and its
+    track's schedule (:attr:`Suite.schedules`) under the entry's own values.
     """
     runs: list[RunSpec] = []
     for p in suite.problems:
         info = {**problem_info[p], **suite.problem_overrides.get(p, {})}
         budget, every = int(info["budget_steps"]), int(info["eval_every"])
+        target = float(suite.targets.get(p, math.nan))
         for e in suite.optimizers:
-            if "defaults" in suite.tracks:
-                hp = {**e.fixed, **e.defaults}
-                for s in range(suite.default_seeds):
-                    runs.append(
-                        RunSpec(
-                            p,
-                            e.label,
-                            e.optimizer,
-                            hp,
-                            suite.seed * 1000 + s,
-                            "defaults",
-                            s,
-                            0,
-                            math.ceil(suite.budget_factor * budget),
-                            every,
+            if e.problems and p not in e.problems:
+                continue
+            for track in suite.tracks:
+                base = suite.seed * 1000 + SEED_BASES[track]
+                sched = suite.schedules.get(track, {})
+                if track == "defaults":
+                    hp = {**sched, **e.fixed, **e.defaults}
+                    steps = math.ceil(suite.budget_factor * budget)
+                    for s in range(suite.default_seeds):
+                        runs.append(
+                            RunSpec(
+                                p,
+                                e.label,
+                                e.optimizer,
+                                hp,
+                                base + s,
+                                track,
+                                s,
+                                0,
+                                steps,
+                                every,
+                                target,
+                            )
                         )
-                    )
-            if "tuned" in suite.tracks:
+                    continue
                 dims = sorted(e.search)
                 pts = _unit_points(
                     suite.trials * suite.studies, len(dims), suite.seed * 7919 + len(dims)
@@ -634,19 +907,24 @@ def expand_runs(suite: Suite, problem_info: Mapping[str, Mapping[str, Any]]) -> 
                 for j in range(suite.studies):
                     for k in range(suite.trials):
                         u = pts[j * suite.trials + k]
-                        hp = {**e.fixed, **{n: e.search[n].value(x) for n, x in zip(dims, u)}}
+                        hp = {
+                            **sched,
+                            **e.fixed,
+                            **{n: e.search[n].value(x) for n, x in zip(dims, u)},
+                        }
                         runs.append(
                             RunSpec(
                                 p,
                                 e.label,
                                 e.optimizer,
                                 hp,
-                                suite.seed * 1000 + 500 + j,
-                                "tuned",
+                                base + j,
+                                track,
                                 j,
                                 k,
                                 budget,
                                 every,
+                                target,
                             )
                         )
     return runs

@@ -6,6 +6,7 @@ Examples::
     curvlab bench report --store out/store.sqlite --out out/      # prints the path of
     out/report.html
     curvlab bench demo --out out/                                 # both, for the quick suite
+    curvlab bench calibrate --suite my.yaml --store out/cal.sqlite  # targets from tuned AdamW
     curvlab bench list
     curvlab bench export --store out/store.sqlite --format csv --out out/csv
 """
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from curvlab.cli import check_out_dir, positive_int
+from curvlab.cli import check_out_dir, positive_float, positive_int
 from curvlab.errors import CurvlabError
 
 __all__ = ["register"]
@@ -78,6 +79,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from curvlab.bench.calibrate import calibrate, write_targets
+    from curvlab.bench.suites import load_suite, targets_path
+
+    suite = load_suite(args.suite, allow_import=args.allow_import, require_targets=False)
+    cal = calibrate(
+        suite,
+        args.store,
+        fraction=args.fraction,
+        trials=args.trials,
+        seeds=args.seeds,
+        workers=0 if args.in_process else args.workers,
+        progress=not args.no_progress,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(write_targets(cal, targets_path(args.suite)))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from curvlab.bench.optimizers import resolve_optimizer
     from curvlab.bench.problems import PROBLEMS, get_problem
@@ -91,7 +111,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
             avail = True
         except CurvlabError:
             avail = False
-        doc["problems"].append({**p.info(), "data_available": avail})
+        info = {k: v for k, v in p.info().items() if k != "target_threshold"}  # the suite's
+        doc["problems"].append({**info, "data_available": avail})
     for label, e in sorted(BUILTIN_OPTIMIZERS.items()):
         try:
             ok = resolve_optimizer(e.optimizer) is not None
@@ -118,7 +139,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         d = "≥" if p["higher_is_better"] else "≤"
         miss = "" if p["data_available"] else "   [data missing]"
         print(
-            f"  {p['name']:22s} {p['target_metric']} {d} {p['target_threshold']:g}, "
+            f"  {p['name']:22s} target {p['target_metric']} {d} (set per suite), "
             f"{p['budget_steps']} steps; {p['description']}{miss}"
         )
     print("Optimizers (suite entries):")
@@ -129,7 +150,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for k, v in doc["suites"].items():
         print(
             f"  {k}: {len(v['problems'])} problems ({', '.join(v['problems'])}); optimizers "
-            f"{', '.join(v['optimizers'])}; tracks {v['tracks']}"
+            f"{', '.join(o if isinstance(o, str) else o['label'] for o in v['optimizers'])}; "
+            f"tracks {v['tracks']}"
         )
     return 0
 
@@ -175,7 +197,7 @@ def _command(sub: Any, name: str, func: Any, help: str, description: str) -> Any
 
 
 def register(subparsers: Any) -> None:
-    """Add ``bench`` (``run``, ``report``, ``demo``, ``list``, ``export``) to the curvlab CLI."""
+    """Add ``bench`` (``run``, ``report``, ``demo``, ``calibrate``, ``list``, ``export``) to the CLI."""
     bench = subparsers.add_parser(
         "bench",
         help="benchmark optimizers on a suite of problems (AlgoPerf-style scoring, crash-safe "
@@ -225,6 +247,34 @@ def register(subparsers: Any) -> None:
     )
     demo.add_argument("--suite", default="quick", help=argparse.SUPPRESS)
     _add_run_options(demo)
+
+    cal = _command(
+        sub,
+        "calibrate",
+        _cmd_calibrate,
+        "set a suite's targets from the reference (tuned AdamW) and write them next to it",
+        "Run tuned AdamW (warm-up + cosine; the suite's trials or more; several seeds of its own) "
+        "on every problem of the suite and set each target to the best validation value that every "
+        "calibration seed reaches within --fraction of the budget. Writes the targets with their "
+        "provenance to <suite>.targets.yaml next to a YAML suite (or the shipped suite's targets "
+        "file) and prints its path.",
+    )
+    cal.add_argument("--suite", required=True, help="quick, standard, or a YAML suite file")
+    cal.add_argument("--store", required=True, help="SQLite store of the calibration runs")
+    cal.add_argument(
+        "--fraction",
+        type=positive_float,
+        default=0.5,
+        help="share of the budget within which the reference reaches the target (default 0.5)",
+    )
+    cal.add_argument(
+        "--trials",
+        type=positive_int,
+        default=None,
+        help="reference configurations per seed (default: the suite's tuned trials)",
+    )
+    cal.add_argument("--seeds", type=positive_int, default=3, help="calibration seeds (default 3)")
+    _add_run_options(cal)
 
     lst = _command(
         sub,

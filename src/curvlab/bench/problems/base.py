@@ -1,11 +1,22 @@
 """The benchmark problem contract: what a problem declares and what one seeded instance provides.
 
 A *problem* is a fixed workload in the AlgoPerf sense (Dahl et al., 2023, arXiv 2306.07179): the
-model, the data, the loss, the evaluation metric, the target on that metric and the step budget are
-all fixed; the optimizer is the only free part. A problem builds an *instance* from an integer
-seed; everything random in the instance (initialisation, minibatch order, label noise) is drawn
-from generators seeded by that integer, so the same seed gives bit-identical runs (DeepOBS PR #44
-is the cautionary tale).
+model, the data, the loss, the evaluation metric and the step budget are all fixed; the optimizer is
+the only free part. A problem builds an *instance* from an integer seed; everything random in the
+instance (initialisation, minibatch order, label noise) is drawn from generators seeded by that
+integer, so the same seed gives bit-identical runs (DeepOBS PR #44 is the cautionary tale).
+
+**Splits.** Every problem declares three splits (:attr:`Problem.splits` says what each one is):
+``train`` (what the optimizer sees), ``valid`` (where the target is measured, so time-to-target)
+and ``test`` (the final quality reported). Data-set problems split their shipped data once, with a
+fixed seed independent of the run's seed; synthetic problems draw held-out samples; a deterministic
+problem without data (the ill-conditioned quadratic) says that its validation and test metric is
+the objective itself. Metric names carry their split as a prefix (``valid_accuracy``,
+``test_loss``) unless the problem declares that the split does not exist.
+
+**Targets.** A problem declares its target *metric* and direction; the *threshold* belongs to the
+suite, calibrated from a reference (``curvlab bench calibrate``), so :class:`Target` without a
+threshold (NaN) is never reached.
 """
 
 from __future__ import annotations
@@ -20,10 +31,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Problem", "ProblemInstance", "Target", "cache_dir", "cached_value", "checksum"]
+from curvlab.errors import ParameterError
+
+__all__ = [
+    "Problem",
+    "ProblemInstance",
+    "Target",
+    "cache_dir",
+    "cached_value",
+    "checksum",
+    "gaussian_held_out",
+    "split_indices",
+    "split_seed",
+]
 
 
 @dataclass(frozen=True)
@@ -35,7 +59,7 @@ class Target:
 
     Args:
         metric: name of the evaluation metric (a key of ``ProblemInstance.evaluate()``).
-        threshold: the value to reach.
+        threshold: the value to reach (NaN, the default: not calibrated, never reached).
         higher_is_better: direction of the metric (accuracy: True, loss or suboptimality: False).
 
     Example:
@@ -44,12 +68,12 @@ class Target:
     """
 
     metric: str
-    threshold: float
+    threshold: float = math.nan
     higher_is_better: bool = False
 
     def reached(self, value: float) -> bool:
-        """Whether ``value`` meets the target (NaN never does)."""
-        if not math.isfinite(value):
+        """Whether ``value`` meets the target (NaN never does, nor does any value a NaN target)."""
+        if not (math.isfinite(value) and math.isfinite(self.threshold)):
             return False
         return value >= self.threshold if self.higher_is_better else value <= self.threshold
 
@@ -68,7 +92,8 @@ class ProblemInstance:
         loss_fn: ``(outputs, targets) -> scalar loss``.
         next_batch: draws the next training minibatch ``(inputs, targets)`` from the instance's own
             generator (full-batch problems return the same tensors every time).
-        evaluate: ``() -> {metric: value}`` on the evaluation data.
+        evaluate: ``() -> {metric: value}`` on the validation and test splits (and any training
+            figure), names prefixed by their split (see the module docstring).
         outputs_are_logits: whether ``outputs`` are class logits (then curvature optimizers in
             ``closure_mode == "loss"`` receive ``(loss, outputs)`` for Gauss-Newton-Bartlett
             sampling).
@@ -99,24 +124,31 @@ class Problem(ABC):
     Attributes:
         name: registry name (``digits-mlp``).
         description: one line for ``curvlab bench list`` and the report.
-        target: the time-to-target criterion.
+        target: the time-to-target metric on the validation split and its direction (the
+            threshold comes from the suite; a problem's own is NaN).
         budget_steps: optimizer steps of the tuned track (the defaults track gets 1.5x).
         eval_every: evaluation period in steps (evaluation also runs at step 0 and at the budget).
         data: where the data comes from (``synthetic``, ``scikit-learn``, ``fashion-mnist``, ...).
-        final_metric: the metric reported as final quality at the budget (defaults to the target's).
+        final_metric: the metric reported as final quality at the budget, on the test split
+            (default: the target's metric with ``valid_`` replaced by ``test_``).
+        splits: what the ``train``, ``valid`` and ``test`` splits are, one phrase each.
     """
 
     name: str = ""
     description: str = ""
-    target: Target = field(default_factory=lambda: Target("loss", 0.0))
+    target: Target = field(default_factory=lambda: Target("valid_loss"))
     budget_steps: int = 100
     eval_every: int = 10
     data: str = "synthetic"
     final_metric: str = ""
+    splits: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.final_metric:
-            self.final_metric = self.target.metric
+            metric = self.target.metric
+            self.final_metric = (
+                "test_" + metric.removeprefix("valid_") if metric.startswith("valid_") else metric
+            )
 
     @abstractmethod
     def build(self, seed: int) -> ProblemInstance:
@@ -138,6 +170,7 @@ class Problem(ABC):
             "eval_every": self.eval_every,
             "data": self.data,
             "final_metric": self.final_metric,
+            "splits": dict(self.splits),
         }
 
 
@@ -210,3 +243,54 @@ def epoch_sampler(
         return inputs[idx], targets[idx]
 
     return next_batch
+
+
+def split_indices(n: int, valid: int, test: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """A fixed random partition of ``range(n)`` into ``(train, valid, test)`` index tensors.
+
+    The permutation comes from ``numpy.random.default_rng(seed)`` (default 0, independent of the
+    run's seed), so every run of every optimizer sees the same split; the training part keeps what
+    the validation and test parts leave.
+
+    Example:
+        >>> tr, va, te = split_indices(10, 2, 3)
+        >>> (len(tr), len(va), len(te)), sorted(torch.cat([tr, va, te]).tolist()) == list(range(10))
+        ((5, 2, 3), True)
+    """
+    if valid < 1 or test < 1 or valid + test >= n:
+        raise ParameterError(
+            f"cannot split {n} examples into {valid} validation, {test} test and a training rest; "
+            "choose smaller held-out parts"
+        )
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    return perm[valid + test :], perm[:valid], perm[valid : valid + test]
+
+
+def split_seed(seed: int, split: str) -> int:
+    """The seed of a synthetic problem's held-out ``split`` draws for the run seed ``seed``.
+
+    A hash of both, so held-out draws never coincide with the training stream (seeded by ``seed``
+    itself) nor with the other split.
+
+    Example:
+        >>> split_seed(0, "valid") != split_seed(0, "test") != 0
+        True
+    """
+    return int(hashlib.sha256(f"{seed}:{split}".encode()).hexdigest()[:15], 16)
+
+
+def gaussian_held_out(seed: int, n: int, dim: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """``{"valid" | "test": [n, dim]}`` standard Gaussian draws held out for the run seed ``seed``
+    (each split from its own :func:`split_seed`).
+
+    Example:
+        >>> h = gaussian_held_out(0, 3, 2, torch.float64)
+        >>> sorted(h), tuple(h["valid"].shape), bool((h["valid"] != h["test"]).all())
+        (['test', 'valid'], (3, 2), True)
+    """
+    return {
+        split: torch.randn(
+            n, dim, generator=torch.Generator().manual_seed(split_seed(seed, split)), dtype=dtype
+        )
+        for split in ("valid", "test")
+    }

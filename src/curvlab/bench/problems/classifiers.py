@@ -1,53 +1,65 @@
 """The image classifiers' shared part: data (digits 8×8, Fashion-MNIST 28×28), training, scoring.
 
 :class:`ImageClassifier` is the problem of the MLP and the CNN: minibatch cross-entropy on the
-training split, test accuracy on a fixed held-out split (digits: 500 images chosen with seed 0;
-Fashion-MNIST: the official 10,000-image test set). A subclass only builds its network.
+training split; the target is the accuracy on the validation split, the final quality the accuracy
+on the test split. Splits are fixed (seed 0, whatever the run's seed): digits (1,797 images) 400
+validation, 400 test, 997 training; Fashion-MNIST: 5,000 validation images drawn from the official
+60,000 training images, the official 10,000-image test set, the remaining 55,000 (or the first
+``train_subset`` of them) for training. A subclass only builds its network.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from curvlab.bench.problems.base import Problem, ProblemInstance, epoch_sampler
+from curvlab.bench.problems.base import (
+    Problem,
+    ProblemInstance,
+    Target,
+    epoch_sampler,
+    split_indices,
+)
 from curvlab.datasets import digits, fashion_mnist, fashion_mnist_arrays, fashion_mnist_available
 from curvlab.errors import DataNotFoundError
 
 __all__ = ["ImageClassifier", "accuracy_eval", "check_image_data", "image_data"]
 
 
+Splits = dict[str, tuple[Tensor, Tensor]]
+
+
 @lru_cache(maxsize=4)
-def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _digits() -> Splits:
     images, labels = digits()
-    x = images.numpy().reshape(-1, 8, 8)
-    y = labels.numpy()
-    # Fixed split (seed 0, independent of the run seed): 1,297 train / 500 test.
-    perm = np.random.default_rng(0).permutation(len(y))
-    test, train = perm[:500], perm[500:]
+    x = images.reshape(-1, 1, 8, 8)
+    train, valid, test = split_indices(len(labels), 400, 400)
     mean, std = float(x[train].mean()), float(x[train].std())
     x = (x - mean) / std
-    t = torch.from_numpy
-    return t(x[train]).unsqueeze(1), t(y[train]), t(x[test]).unsqueeze(1), t(y[test])
+    return {k: (x[i], labels[i]) for k, i in (("train", train), ("valid", valid), ("test", test))}
 
 
 @lru_cache(maxsize=2)
-def _fashion(train_subset: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    xtr, ytr = fashion_mnist("train", train_subset)
+def _fashion(train_subset: int | None) -> Splits:
+    xtr, ytr = fashion_mnist("train")
     xte, yte = fashion_mnist("test")
+    train, valid = split_indices(len(ytr) + 1, 5000, 1)[:2]  # index n is never drawn
+    train = train[train < len(ytr)][:train_subset]
     mean, std = 0.2860, 0.3530
-    return ((xtr - mean) / std).unsqueeze(1), ytr, ((xte - mean) / std).unsqueeze(1), yte
+    xtr, xte = ((xtr - mean) / std).unsqueeze(1), ((xte - mean) / std).unsqueeze(1)
+    return {
+        "train": (xtr[train], ytr[train]),
+        "valid": (xtr[valid], ytr[valid]),
+        "test": (xte, yte),
+    }
 
 
-def image_data(
-    dataset: str, train_subset: int | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x_train [n,1,h,w], y_train, x_test, y_test)``, standardised (digits or fashion-mnist)."""
+def image_data(dataset: str, train_subset: int | None = None) -> Splits:
+    """``{"train" | "valid" | "test": (x [n,1,h,w], y [n])}``, standardised (digits, fashion-mnist)."""
     if dataset == "digits":
         return _digits()
     if dataset == "fashion-mnist":
@@ -64,7 +76,7 @@ def check_image_data(dataset: str) -> None:
 def accuracy_eval(
     model: torch.nn.Module, x: Tensor, y: Tensor, chunk: int = 2000
 ) -> dict[str, float]:
-    """Test accuracy and cross-entropy of ``model`` on ``(x, y)``, in chunks, without grad."""
+    """Accuracy and cross-entropy of ``model`` on ``(x, y)``, in chunks, without grad."""
     model.eval()
     correct = 0
     loss = 0.0
@@ -77,12 +89,13 @@ def accuracy_eval(
             )
     model.train()
     n = x.shape[0]
-    return {"accuracy": correct / n, "test_loss": loss / n}
+    return {"accuracy": correct / n, "loss": loss / n}
 
 
 @dataclass
 class ImageClassifier(Problem):
-    """An image classifier on ``dataset`` trained by minibatch cross-entropy; metric: test accuracy.
+    """An image classifier on ``dataset`` trained by minibatch cross-entropy; target: validation
+    accuracy; final quality: test accuracy.
 
     Subclasses implement :meth:`network`; inputs are ``[n, 1, h, w]`` images, flattened to
     ``[n, h*w]`` first when the subclass sets ``flatten_inputs = True``.
@@ -94,6 +107,14 @@ class ImageClassifier(Problem):
     data: str = "scikit-learn"
     budget_steps: int = 300
     eval_every: int = 25
+    target: Target = field(default_factory=lambda: Target("valid_accuracy", higher_is_better=True))
+    splits: dict[str, str] = field(
+        default_factory=lambda: {
+            "train": "the images the held-out parts leave (fixed split, seed 0)",
+            "valid": "digits: 400 images; fashion-mnist: 5,000 of the official training images",
+            "test": "digits: 400 other images; fashion-mnist: the official 10,000 test images",
+        }
+    )
 
     flatten_inputs = False
 
@@ -105,15 +126,24 @@ class ImageClassifier(Problem):
         check_image_data(self.dataset)
 
     def build(self, seed: int) -> ProblemInstance:
-        xtr, ytr, xte, yte = image_data(self.dataset, self.train_subset)
+        data = image_data(self.dataset, self.train_subset)
         if self.flatten_inputs:
-            xtr, xte = xtr.flatten(1), xte.flatten(1)
+            data = {k: (x.flatten(1), y) for k, (x, y) in data.items()}
+        xtr, ytr = data["train"]
         gen = torch.Generator().manual_seed(seed)
         model = self.network(tuple(xtr.shape[1:]), gen)
+
+        def evaluate() -> dict[str, float]:
+            return {
+                f"{split}_{name}": value
+                for split in ("valid", "test")
+                for name, value in accuracy_eval(model, *data[split]).items()
+            }
+
         return ProblemInstance(
             model=model,
             loss_fn=torch.nn.functional.cross_entropy,
             next_batch=epoch_sampler(xtr, ytr, self.batch_size, gen),
-            evaluate=lambda: accuracy_eval(model, xte, yte),
+            evaluate=evaluate,
             outputs_are_logits=True,
         )

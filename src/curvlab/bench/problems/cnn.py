@@ -7,12 +7,11 @@ ReLU and 2×2 max-pooling, then a linear layer; trained and scored as every
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from curvlab.bench.problems.base import Target
 from curvlab.bench.problems.classifiers import ImageClassifier
 
 __all__ = ["CNNClassifier"]
@@ -30,10 +29,7 @@ class CNNClassifier(ImageClassifier):
 
     channels: tuple[int, int] = (8, 16)
     name: str = "digits-cnn"
-    description: str = (
-        "CNN conv8-pool-conv16-pool-fc on scikit-learn digits, batch 64, test accuracy"
-    )
-    target: Target = field(default_factory=lambda: Target("accuracy", 0.95, higher_is_better=True))
+    description: str = "CNN conv8-pool-conv16-pool-fc on scikit-learn digits, batch 64, accuracy"
 
     def network(self, input_shape: tuple[int, ...], generator: torch.Generator) -> nn.Module:
         """The CNN with uniform(±1/sqrt(fan_in)) weights and biases drawn from ``generator``."""

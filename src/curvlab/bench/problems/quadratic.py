@@ -5,14 +5,19 @@ seeded random rotation (QR of a Gaussian matrix, sign-fixed) and ``λ`` log-spac
 so
 ``f* = 0`` and ``x*`` are known exactly; the metric is the relative suboptimality
 ``(f(x) − f*) / (f(x₀) − f*)``. Gradient descent needs O(κ) steps, heavy ball O(√κ), an exact
-preconditioner O(1) (Nesterov 2004, *Introductory Lectures on Convex Optimization*, §2.1).
+preconditioner O(1) (Nesterov 2004, *Introductory Lectures on Convex Optimization*, §2.1). The
+problem is deterministic and has no data: its "validation" and "test" metric is the objective
+itself (``rel_subopt``), as its declared splits say.
 
 *Noisy quadratic* (DeepOBS ``quadratic_deep``, Schneider, Balles & Hennig 2019,
 https://openreview.net/forum?id=rJg6ssC5Y7): 100 dimensions, 90 eigenvalues from U(0, 1) and 10
 from U(30, 60), randomly rotated; each minibatch loss is ``½ (x − ξ)ᵀ Q (x − ξ)`` averaged over ``ξ
 ~ N(0, I)`` draws, whose expectation is ``½ xᵀQx + ½ tr Q``. The metric is the noise-free part ``½
-xᵀ Q x``. Deviation from DeepOBS: the rotation is drawn from the run's seed instead of a global
-``np.random.RandomState(42)`` at import time.
+xᵀ Q x`` (``subopt``). Splits: training draws fresh ``ξ`` every step; the validation and test
+losses average the minibatch loss over two fixed held-out sets of ``held_out`` draws each (seeded by
+the run's seed and the split), an unbiased estimate of the expected loss. Deviation from DeepOBS:
+the rotation is drawn from the run's seed instead of a global ``np.random.RandomState(42)`` at
+import time.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvlab.bench.problems.base import Problem, ProblemInstance, Target
+from curvlab.bench.problems.base import Problem, ProblemInstance, Target, gaussian_held_out
 
 __all__ = ["IllConditionedQuadratic", "NoisyQuadratic", "random_rotation"]
 
@@ -69,8 +74,15 @@ class IllConditionedQuadratic(Problem):
 
     kappa: float = 1e4
     dim: int = 100
-    target: Target = field(default_factory=lambda: Target("rel_subopt", 1e-3))
+    target: Target = field(default_factory=lambda: Target("rel_subopt"))
     budget_steps: int = 300
+    splits: dict[str, str] = field(
+        default_factory=lambda: {
+            "train": "the objective (deterministic, no data)",
+            "valid": "the objective itself: no data, so no held-out part",
+            "test": "the objective itself (the same number as valid)",
+        }
+    )
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -116,7 +128,7 @@ class NoisyQuadratic(Problem):
     Example:
         >>> inst = NoisyQuadratic().build(seed=0)
         >>> sorted(inst.evaluate())
-        ['loss', 'subopt']
+        ['subopt', 'test_loss', 'valid_loss']
     """
 
     dim: int = 100
@@ -125,8 +137,16 @@ class NoisyQuadratic(Problem):
     description: str = (
         "DeepOBS quadratic_deep: 90 eigenvalues U(0,1) + 10 U(30,60), rotated, minibatch noise"
     )
-    target: Target = field(default_factory=lambda: Target("subopt", 3.0))
+    held_out: int = 1000
+    target: Target = field(default_factory=lambda: Target("valid_loss"))
     budget_steps: int = 300
+    splits: dict[str, str] = field(
+        default_factory=lambda: {
+            "train": "batch_size fresh noise draws per step",
+            "valid": "held_out fixed noise draws (seeded by the run's seed and 'valid')",
+            "test": "held_out other fixed noise draws (seeded by the run's seed and 'test')",
+        }
+    )
 
     def build(self, seed: int) -> ProblemInstance:
         gen = torch.Generator().manual_seed(seed)
@@ -149,10 +169,13 @@ class NoisyQuadratic(Problem):
         def next_batch() -> tuple[Tensor, Tensor]:
             return torch.randn(self.batch_size, self.dim, generator=gen, dtype=dt), dummy
 
+        held_out = gaussian_held_out(seed, self.held_out, self.dim, dt)
+
         def evaluate() -> dict[str, float]:
             with torch.no_grad():
-                f = float(model(zero))
-            return {"subopt": f, "loss": f + 0.5 * float(torch.trace(q))}
+                out = {f"{s}_loss": float(model(xi)) for s, xi in held_out.items()}
+                out["subopt"] = float(model(zero))
+            return out
 
         return ProblemInstance(
             model=model, loss_fn=_identity_loss, next_batch=next_batch, evaluate=evaluate

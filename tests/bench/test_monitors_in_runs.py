@@ -24,10 +24,15 @@ ADAMW = {
 SGD = {"label": "sgd", "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.005}}
 
 
+_TARGETS = {"quadratic-k1e2": 1e-2, "digits-mlp": 0.5, "noisy-quadratic": 1e-2}
+
+
 def _suite(monitors: Any, problems: Any = None, optimizers: Any = None) -> dict[str, Any]:
+    problems = problems or {"quadratic-k1e2": {"budget_steps": 20, "eval_every": 10}}
     return {
         "name": "mon",
-        "problems": problems or {"quadratic-k1e2": {"budget_steps": 20, "eval_every": 10}},
+        "problems": problems,
+        "targets": {p: _TARGETS[p] for p in problems},
         "optimizers": optimizers or [ADAMW, SGD],
         "tracks": {"defaults": {"seeds": 1}},
         "monitors": monitors,

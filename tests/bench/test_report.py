@@ -313,6 +313,7 @@ def test_robust_limits_ignore_a_runaway_value() -> None:
 def test_report_plots_recorded_monitors(tmp_path: Path) -> None:
     doc = {
         "problems": {"quadratic-k1e2": {"budget_steps": 10, "eval_every": 5}},
+        "targets": {"quadratic-k1e2": 1e-2},
         "optimizers": [{"label": "sgd", "optimizer": "torch.optim:SGD", "defaults": {"lr": 0.005}}],
         "tracks": {"defaults": {"seeds": 2}},
         "monitors": [{"name": "sharpness", "every": 5}],

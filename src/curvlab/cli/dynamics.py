@@ -11,6 +11,7 @@ from curvlab.cli import check_out_dir
 __all__ = ["register"]
 
 _CHOICES = ("eos", "subspace", "matrix-sensing", "deep-linear", "neural-collapse")
+_CHOICES = (*_CHOICES, "newton", "compression")
 
 
 def register(subparsers: Any) -> None:

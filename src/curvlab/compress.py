@@ -17,9 +17,10 @@ joint OBS update that keeps its removed set ``Q`` at exactly zero:
 
 Sparsity is reached in ``steps`` equal levels with the gradients (and ``F̂``) recomputed between
 levels, as in the M-FAC pruning runs. ``fisher="mfac"`` applies ``F̂⁻¹`` through the Woodbury
-identity and M-FAC's coefficients (:func:`curvlab.optim.mfac.mfac_coefficients`, O(m²B + mB²) per
-block); ``fisher="empirical"`` factors the dense ``B × B`` block (O(B³)). The two agree to
-rounding; the first is cheaper when ``m < B``.
+identity and M-FAC's coefficients (:func:`curvlab.optim.mfac.mfac_coefficient_matrix`: one
+factorisation of the ``m × m`` matrix per block, O(m³ + m²B + mB²)); ``fisher="empirical"``
+factors the dense ``B × B`` block (O(B³)). The two agree to rounding; the first is cheaper when
+``m < B``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from curvlab.errors import InvalidArgumentError, UnknownOptionError
-from curvlab.optim.mfac import mfac_coefficients
+from curvlab.optim.mfac import mfac_coefficient_matrix
 
 __all__ = [
     "Pruned",
@@ -98,7 +99,7 @@ def _block_inverse(G: Tensor, damp: float, fisher: str) -> Tensor:
         F = G.T @ G / m
         F.diagonal().add_(damp)
         return torch.cholesky_inverse(torch.linalg.cholesky(F))
-    coef = vmap(mfac_coefficients, in_dims=(None, 1, None, None), out_dims=1)(G @ G.T, G, damp, m)
+    coef = mfac_coefficient_matrix(G @ G.T, G, damp, m)
     inv = -(G.T @ coef)
     inv.diagonal().add_(1.0 / damp)
     return (inv + inv.T) / 2

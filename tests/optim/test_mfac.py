@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim.mfac import MFAC, mfac_coefficients
+from curvlab.optim.mfac import MFAC, mfac_coefficient_matrix, mfac_coefficients
 
 
 def dense_ihvp(rows: list[Tensor], x: Tensor, damp: float, m: int) -> Tensor:
@@ -282,3 +282,14 @@ def test_load_state_dict_with_other_window_length_raises() -> None:
     sd["param_groups"][0]["num_grads"] = 5
     with pytest.raises(StateDictError, match="num_grads"):
         other.load_state_dict(sd)
+
+
+def test_mfac_coefficient_matrix_equals_the_columnwise_coefficients() -> None:
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    X = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    C = mfac_coefficient_matrix(G @ G.T, G @ X, 0.3, 5)
+    for j in range(4):
+        assert torch.allclose(C[:, j], mfac_coefficients(G @ G.T, G @ X[:, j], 0.3, 5), rtol=1e-12)
+    F = 0.3 * torch.eye(9, dtype=torch.float64) + G.T @ G / 5
+    assert torch.allclose(X / 0.3 - G.T @ C, torch.linalg.solve(F, X), rtol=1e-9)

@@ -46,6 +46,7 @@ def test_cli_arguments():
         parser.parse_args(["dynamics", "--phenomenon", "grokking"])
     assert parser.parse_args(["dynamics", "--all"]).all is True
     assert {"eos", "subspace", "matrix-sensing", "deep-linear", "neural-collapse"} <= set(PHENOMENA)
+    assert {"newton", "compression"} <= set(PHENOMENA)
     for name in PHENOMENA:
         assert isinstance(quick_config(name), PHENOMENA[name][1])
 

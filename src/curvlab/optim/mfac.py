@@ -32,7 +32,7 @@ from curvlab.optim._validation import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["MFAC", "MFACHyper", "mfac", "mfac_coefficients"]
+__all__ = ["MFAC", "MFACHyper", "mfac", "mfac_coefficient_matrix", "mfac_coefficients"]
 
 #: Per-parameter state keys (``"dots"`` lives only in each group's anchor parameter).
 _STATE_KEYS = ("step", "grad_window", "momentum_buffer", "dots")
@@ -353,11 +353,37 @@ def mfac_coefficients(dots: Tensor, gx: Tensor, damp: float, num_grads: int) -> 
 
     Paper: Frantar, Kurtic, Alistarh 2021, arXiv 2107.03356 (Section 3.3, dynamic algorithm).
     """
+    return mfac_coefficient_matrix(dots, gx.unsqueeze(1), damp, num_grads).squeeze(1)
+
+
+def mfac_coefficient_matrix(dots: Tensor, gX: Tensor, damp: float, num_grads: int) -> Tensor:
+    """:func:`mfac_coefficients` for ``k`` vectors at once: ``C = λ⁻² K⁻¹ G X`` from one factor.
+
+    The ``m × m`` matrix ``K`` is factored once and the ``k`` right-hand sides are solved together
+    (``O(m³ + m² k)``), so ``F̂⁻¹ X = X / λ − Gᵀ C``; with ``X = I`` this gives the whole inverse.
+
+    Args:
+        dots: ``G Gᵀ``, shape ``[m, m]``.
+        gX: ``G X``, shape ``[m, k]``.
+        damp: the damping ``λ > 0``.
+        num_grads: ``m``, the window length.
+
+    Returns:
+        ``C``, shape ``[m, k]``, dtype float64 (float32 on MPS).
+
+    Example:
+        >>> G = torch.eye(2, 3, dtype=torch.float64)
+        >>> C = mfac_coefficient_matrix(G @ G.T, G, damp=0.5, num_grads=2)   # X = I
+        >>> torch.eye(3, dtype=torch.float64) / 0.5 - G.T @ C   # F⁻¹ = diag(1, 1, 2)
+        tensor([[1., 0., 0.],
+                [0., 1., 0.],
+                [0., 0., 2.]], dtype=torch.float64)
+    """
     m = num_grads
     lam_inv = 1.0 / damp
     wide = torch.float32 if dots.device.type == "mps" else torch.float64  # MPS has no float64
     k = dots.to(wide) * lam_inv
     k.diagonal().add_(float(m))
     chol, _ = torch.linalg.cholesky_ex(k)
-    sol = torch.cholesky_solve(gx.to(wide).unsqueeze(1), chol).squeeze(1)
+    sol = torch.cholesky_solve(gX.to(wide), chol)
     return sol.mul_(lam_inv * lam_inv)

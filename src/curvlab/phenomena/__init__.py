@@ -6,11 +6,13 @@ and a small JSON. :func:`run_all` runs them all and writes an ``index.html``.
 """
 
 from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena.compression import CompressionConfig, compression
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear, saxe_mode_strength
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability, half_square_loss
 from curvlab.phenomena.index import PHENOMENA, run_all, run_phenomenon, write_index
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
+from curvlab.phenomena.newton import NewtonConfig, loglog_slope, newton_phenomenon
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
 __all__ = [
@@ -20,16 +22,21 @@ __all__ = [
     "matrix_sensing",
     "deep_linear",
     "neural_collapse",
+    "newton_phenomenon",
+    "compression",
     # their configurations
     "EoSConfig",
     "SubspaceConfig",
     "MatrixSensingConfig",
     "DeepLinearConfig",
     "NeuralCollapseConfig",
+    "NewtonConfig",
+    "CompressionConfig",
     # results, running everything, helpers
     "PHENOMENA",
     "PhenomenonResult",
     "half_square_loss",
+    "loglog_slope",
     "run_all",
     "run_phenomenon",
     "saxe_mode_strength",

@@ -12,10 +12,12 @@ from typing import Any
 from curvlab.datasets import fashion_mnist_available
 from curvlab.errors import InvalidArgumentError
 from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena.compression import CompressionConfig, compression
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
+from curvlab.phenomena.newton import NewtonConfig, newton_phenomenon
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
 __all__ = ["PHENOMENA", "quick_config", "run_all", "run_phenomenon", "write_index"]
@@ -27,6 +29,8 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "matrix-sensing": (matrix_sensing, MatrixSensingConfig),
     "deep-linear": (deep_linear, DeepLinearConfig),
     "neural-collapse": (neural_collapse, NeuralCollapseConfig),
+    "newton": (newton_phenomenon, NewtonConfig),
+    "compression": (compression, CompressionConfig),
 }
 
 
@@ -55,6 +59,12 @@ def quick_config(name: str) -> Any:
         )
     if name == "deep-linear":
         return DeepLinearConfig()
+    if name == "newton":
+        return NewtonConfig(regularized_steps=60, saddle_steps=30)
+    if name == "compression":
+        return CompressionConfig(
+            sparsities=(0.5, 0.8), train_steps=150, num_grads=128, budgets=(3.5,)
+        )
     _check_name(name)
     return NeuralCollapseConfig(steps=1600, every=200)
 

@@ -528,3 +528,131 @@ def test_load_state_dict_errors():
     bad["state"][0]["exp_avg"] = torch.zeros(3, 2)
     with pytest.raises(StateDictError, match="saved from another optimizer"):
         opt.load_state_dict(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Newton-type fit on (v, Hv) pairs: fit="hvp" / "finite_difference" (official KronNewton)
+# --------------------------------------------------------------------------------------------------
+
+
+def ref_newton_step(W, H, C, Q, L, t, fit, geometry, lr=0.5, plr=0.1, beta=0.9, damp=1e-9):
+    """One KronNewton step (prob 1, no momentum, no clip) on f(W) = ½ vec(W)ᵀH vec(W) + <C, W>."""
+    from curvlab.optim._psgd import mix_seed, pair_probe_seed
+
+    grad = lambda X: (H @ X.reshape(-1)).reshape(X.shape) + C  # noqa: E731
+    G = grad(W)
+    v = torch.randn(
+        W.shape, dtype=DT, generator=torch.Generator().manual_seed(pair_probe_seed(0, t, 0))
+    )
+    if fit == "hvp":
+        hv = (H @ v.reshape(-1)).reshape(W.shape)
+    else:
+        delta = torch.finfo(DT).eps ** 0.5
+        W2 = W + delta * v
+        hv = (grad(W2) - G) / delta
+    gen = torch.Generator().manual_seed(mix_seed(0, t, 1))
+    if t == 0:  # official on-the-fly scale: (mean v²)^(1/4) (mean h⁴ + damping⁴)^(-1/8)
+        s = (v.square().mean() ** 0.25 * (hv.abs().pow(4).mean() + damp**4) ** -0.125) ** 0.5
+        Q = [s * torch.eye(W.shape[0], dtype=DT), s * torch.eye(W.shape[1], dtype=DT)]
+        L = [0.0, 0.0]
+    h = hv + (damp + torch.finfo(DT).eps * hv.abs()) * torch.randn(W.shape, dtype=DT, generator=gen)
+    if geometry == "EQ":
+        A = Q[0] @ h @ Q[1].T
+        B = torch.linalg.inv(Q[0]).T @ v @ torch.linalg.inv(Q[1])
+        grams = [(A @ A.T, B @ B.T), (A.T @ A, B.T @ B)]
+        for i in range(2):
+            T1, T2 = grams[i]
+            ell = ref_bound(T1 + T2, gen)
+            L[i] = max(beta * L[i] + (1 - beta) * ell, ell)
+            Q[i] = Q[i] - (plr / L[i] * torch.triu(T1 - T2)) @ Q[i]
+    else:  # dQ = Q^0.5 E Q^1.5 with the pair: T_i = Ph Phᵀ - v vᵀ (mode-wise)
+        Ph = Q[0].T @ Q[0] @ h @ Q[1].T @ Q[1]
+        for i, (T1, T2) in enumerate(((Ph @ Ph.T, v @ v.T), (Ph.T @ Ph, v.T @ v))):
+            ell = ref_bound(T1 + T2, gen)
+            L[i] = max(beta * L[i] + (1 - beta) * ell, ell)
+            q = Q[i] - plr / L[i] * (T1 - T2) @ Q[i]
+            R = q.T - q
+            R = R / (ref_bound(R, gen, skew=True) + torch.finfo(R.dtype).smallest_normal)
+            RQ, RRQ = R @ q, R @ R @ q
+            a = 0.125
+            if RRQ.trace() < 0:
+                a = min(float(-RQ.trace() / RRQ.trace()), 0.125)
+            Q[i] = q + a * (RQ + 0.5 * a * RRQ)
+    if torch.rand([], generator=gen) < 0.01:
+        n = [q.abs().max() for q in Q]
+        gm = (n[0] * n[1]).sqrt()
+        Q[0], Q[1] = Q[0] * gm / n[0], Q[1] * gm / n[1]
+    return W - lr * (Q[0].T @ Q[0] @ G @ Q[1].T @ Q[1]), Q, L
+
+
+def _dense_quadratic(n, cond, seed):
+    g = torch.Generator().manual_seed(seed)
+    R, _ = torch.linalg.qr(torch.randn(n, n, dtype=DT, generator=g))
+    return R @ torch.diag(torch.logspace(0, math.log10(cond), n, dtype=DT)) @ R.T
+
+
+@pytest.mark.parametrize("fit", ["hvp", "finite_difference"])
+@pytest.mark.parametrize("geometry", ["EQ", "Q0.5EQ1.5"])
+def test_newton_fit_matches_reference_loop(fit, geometry):
+    H = _dense_quadratic(12, 1e3, 1)
+    C = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(2))
+    W0 = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(3))
+    W = torch.nn.Parameter(W0.clone())
+    opt = PSGDKron(
+        [W], lr=0.5, fit=fit, geometry=geometry, max_skew=math.inf,
+        preconditioner_update_probability=1.0, grad_clip_max_amps=(math.inf, math.inf),
+    )  # fmt: skip
+    closure = lambda: 0.5 * W.reshape(-1) @ H @ W.reshape(-1) + (C * W).sum()  # noqa: E731
+    # a finite difference divides round-off of the gradients (autograd here, H @ x there) by
+    # δ = √ε: the two agree to ~√ε, not to ε
+    tol = {"rtol": 1e-9, "atol": 1e-11} if fit == "hvp" else {"rtol": 1e-5, "atol": 1e-7}
+    Wr, Q, L = W0.clone(), None, None
+    for t in range(25):
+        loss = opt.step(closure)
+        assert loss.grad_fn is None
+        Wr, Q, L = ref_newton_step(Wr, H, C, Q, L, t, fit, geometry)
+        torch.testing.assert_close(W.detach(), Wr, **tol)
+    torch.testing.assert_close(opt.state[W]["Q_0"], Q[0], **tol)
+
+
+def test_newton_fit_converges_to_inverse_hessian():
+    """On a quadratic the pair fit's fixed point is P = H⁻¹: after 1500 fits (κ = 10) every
+    eigenvalue of PH is near 1. (With the official step normalised by ‖AAᵀ + BBᵀ‖ the
+    low-curvature directions approach it at a rate ~ preconditioner_lr/κ per fit.)"""
+    H = _dense_quadratic(8, 10.0, 5)
+    x = torch.nn.Parameter(torch.ones(8, dtype=DT))
+    opt = PSGDKron(
+        [x], lr=0.0, fit="hvp", max_skew=math.inf, preconditioner_lr=0.3,
+        preconditioner_update_probability=1.0,
+    )  # fmt: skip
+    for _ in range(1500):
+        opt.step(lambda: 0.5 * x @ H @ x)
+    Q = opt.state[x]["Q_0"]
+    eig = torch.linalg.eigvals(Q.T @ Q @ H).real
+    assert eig.min() > 0.7 and eig.max() < 1.4, eig
+
+
+def test_newton_fit_error_inputs():
+    from curvlab.errors import ClosureRequiredError
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = PSGDKron([w], fit="hvp")
+    with pytest.raises(
+        ClosureRequiredError, match=r"WITHOUT calling backward\(\).*\n.*def closure"
+    ):
+        opt.step()
+    assert opt.closure_mode == "loss" and PSGDKron([w]).closure_mode == "backward"
+
+    def backward_closure():
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ClosureRequiredError, match="called backward"):
+        opt.step(backward_closure)
+    with pytest.raises(
+        ParameterError, match="fit must be one of 'whiten', 'hvp', 'finite_difference'"
+    ):
+        PSGDKron([w], fit="newton")
+    with pytest.raises(ParameterError, match="fit is optimizer-wide"):
+        PSGDKron([{"params": [w], "fit": "whiten"}], fit="hvp")

@@ -244,3 +244,67 @@ def test_state_views_or_copies_give_identical_steps():
             assert torch.equal(o1.state[a][key], o2.state[b][key])
     u0, u1 = (o2.state[p]["U"] for p in ps2)  # re-pointed: consecutive views again
     assert u1.untyped_storage().data_ptr() == u0.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("fit", ["hvp", "finite_difference"])
+def test_newton_fit_matches_reference_loop(fit):
+    """Official LRANewton (prob 1, no momentum, no clip) on a non-quadratic loss over two
+    parameters: v ~ N(0, I) per parameter, h = Hv (double backward) or (g(θ+δv) - g(θ))/δ, the
+    damping noise, the on-the-fly scale of d, the fit on (v, h) first, then θ ← θ - lr P g."""
+    from curvlab.optim._psgd import pair_probe_seed
+
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(3, 4, dtype=DT, generator=g)
+    c = torch.randn(5, dtype=DT, generator=g)
+    W0, b0 = torch.randn(3, 4, dtype=DT, generator=g), torch.randn(5, dtype=DT, generator=g)
+
+    def loss(W, b):
+        return ((W - A) ** 4).sum() + (W.sum() + b @ c) ** 2 + (b**2).sum()
+
+    p1, p2 = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(b0.clone())
+    r, inf = 2, float("inf")
+    opt = PSGDLRA([p1, p2], lr=0.3, rank=r, seed=5, fit=fit, grad_clip_max_amps=(inf, inf),
+                  preconditioner_update_probability=1.0)  # fmt: skip
+    init = torch.Generator().manual_seed(_mix_seed(5, -1, 0))
+    U = torch.randn(17, r, dtype=DT, generator=init)
+    U = U * 0.1**0.5 / U.norm()
+    V = torch.randn(17, r, dtype=DT, generator=init)
+    V = V * 0.1**0.5 / V.norm()
+    x = torch.cat([W0.reshape(-1), b0])
+    d, L = None, [0.0, 0.0, 0.0]
+    f = lambda z: loss(z[:12].reshape(3, 4), z[12:])  # noqa: E731
+    tol = {"rtol": 1e-9, "atol": 1e-11} if fit == "hvp" else {"rtol": 1e-5, "atol": 1e-7}
+    for t in range(20):
+        opt.step(lambda: loss(p1, p2))
+        z = x.clone().requires_grad_(True)
+        grad = torch.autograd.grad(f(z), z, create_graph=True)[0]
+        vs = [torch.randn(s, dtype=DT, generator=torch.Generator().manual_seed(
+            pair_probe_seed(5, t, j))).reshape(-1) for j, s in enumerate([(3, 4), (5,)])]  # fmt: skip
+        v = torch.cat(vs)
+        if fit == "hvp":
+            hv = torch.autograd.grad(grad, z, v)[0]
+        else:
+            delta = torch.finfo(DT).eps ** 0.5
+            z2 = (x + delta * v).requires_grad_(True)
+            hv = (torch.autograd.grad(f(z2), z2)[0] - grad.detach()) / delta
+        grad = grad.detach()
+        gen = torch.Generator().manual_seed(_mix_seed(5, t, 1))
+        if d is None:
+            scale = v.square().mean() ** 0.25 * (hv.pow(4).mean() + 1e-36) ** -0.125
+            d = torch.full((17, 1), float(scale), dtype=DT)
+        h = hv + (1e-9 + torch.finfo(DT).eps * hv.abs()) * torch.randn(17, dtype=DT, generator=gen)
+        U, V, d, L = ref_lra_fit(U, V, d, L, v[:, None], h[:, None], gen)
+        Q = (torch.eye(17, dtype=DT) + U @ V.T) @ torch.diag(d[:, 0])
+        x = x - 0.3 * Q.T @ Q @ grad
+        torch.testing.assert_close(torch.cat([p1.detach().reshape(-1), p2.detach()]), x, **tol)
+
+
+def test_newton_fit_needs_a_loss_closure():
+    from curvlab.errors import ClosureRequiredError
+
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = PSGDLRA([w], rank=1, fit="finite_difference")
+    with pytest.raises(ClosureRequiredError, match=r"PSGDLRA\.step\(\) needs a closure"):
+        opt.step()
+    with pytest.raises(ParameterError, match="fit must be one of"):
+        PSGDLRA([w], rank=1, fit="fd")

@@ -3,7 +3,12 @@
 update-probability coin, seeds, the whitening probe, the Lipschitz EMA and the update clip.
 
 Both follow lixilinx/psgd_torch ``psgd.py`` (commit a8616f1): a preconditioner ``P = QᵀQ`` fitted
-by gradient whitening, refitted with a probability that anneals
+by gradient whitening (``fit="whiten"``, ``KronWhiten``/``LRAWhiten``) or, as the seed paper's
+Newton-type PSGD (``KronNewton``/``LRANewton``, and ``XMat`` of the legacy
+``preconditioned_stochastic_gradient_descent.py``), from a pair ``(v, Hv)``: an exact
+Hessian-vector product on a random probe (``fit="hvp"``) or a gradient difference between two
+nearby points (``fit="finite_difference"``), :meth:`PSGDBase._pair_start`; refitted with a
+probability that anneals
 (:func:`precond_update_prob_schedule`), applied to the gradient or its momentum, the result
 clipped by RMS and by entry. Randomness comes from generators seeded by hashes of
 ``(seed, step, ...)`` (:func:`mix_seed`), so a resumed run is bit-identical.
@@ -14,16 +19,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypedDict
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError
+from curvlab.optim._closure import _call_closure, _loss_grads, closure_required
 from curvlab.optim._validation import (
     add_param_group_checked,
+    check_finite_grads,
+    group_step,
     load_state_dict_checked,
+    next_step_number,
     start_step,
     validate_choice,
     validate_in_range,
@@ -32,15 +41,19 @@ from curvlab.optim._validation import (
 )
 
 __all__ = [
+    "FITS",
     "PSGDOptions",
     "PSGDBase",
     "PSGDStepOptions",
     "clip_update",
     "coin_seed",
     "fit_options",
+    "group_pair",
     "init_scale",
     "lift",
     "mix_seed",
+    "pair_init_scale",
+    "pair_probe_seed",
     "precond_update_prob_schedule",
     "probe_seed",
     "update_coin",
@@ -49,6 +62,13 @@ __all__ = [
 ]
 
 _MASK64 = (1 << 64) - 1
+
+#: How the preconditioner is fitted: gradient whitening, or pairs (v, Hv) from an exact
+#: Hessian-vector product or from a gradient difference.
+FITS: tuple[str, ...] = ("whiten", "hvp", "finite_difference")
+
+#: A pair ``(v, h)`` per parameter (``None`` on a step without refit): the probe and ``H v``.
+Pairs = dict[Tensor, tuple[Tensor, Tensor]]
 
 
 class PSGDOptions(TypedDict, total=False):
@@ -71,6 +91,7 @@ class PSGDOptions(TypedDict, total=False):
     whiten_grad: bool
     seed: int
     on_nonfinite: str
+    fit: str
 
 
 class PSGDStepOptions(PSGDOptions):
@@ -98,6 +119,7 @@ _DEFAULTS: dict[str, Any] = {
     "whiten_grad": True,
     "seed": 0,
     "on_nonfinite": "raise",
+    "fit": "whiten",
 }
 
 
@@ -108,7 +130,9 @@ class PSGDBase(Optimizer):
     (``_init_group`` + its functional entry point), ``_validate_extra`` and ``_state_layout``.
     """
 
-    closure_mode: ClassVar[str] = "backward"
+    #: ``"backward"`` (torch contract) with ``fit="whiten"``; ``"loss"`` (set on the instance) with
+    #: ``fit="hvp"``/``"finite_difference"``, whose closure returns the loss WITHOUT backward.
+    closure_mode: str = "backward"
 
     def __init__(self, params: Any, own: dict[str, Any], options: Mapping[str, Any]) -> None:
         unknown = sorted(set(options) - set(_DEFAULTS))
@@ -122,6 +146,8 @@ class PSGDBase(Optimizer):
         if isinstance(amps, list):
             defaults["grad_clip_max_amps"] = tuple(amps)
         super().__init__(params, defaults)
+        if defaults["fit"] != "whiten":
+            self.closure_mode = "loss"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (hyper-parameters validated like the constructor's)."""
@@ -171,6 +197,19 @@ class PSGDBase(Optimizer):
             )
         if not isinstance(group["seed"], int) or isinstance(group["seed"], bool):
             raise ParameterError(f"seed must be an int, got {group['seed']!r}")
+        validate_choice(
+            "fit",
+            group["fit"],
+            FITS,
+            " ('whiten': gradient whitening; 'hvp': Hessian-vector products on random probes; "
+            "'finite_difference': gradient differences)",
+        )
+        if group["fit"] != self.defaults["fit"]:
+            raise ParameterError(
+                f"fit is optimizer-wide (it sets the closure contract): the constructor's is "
+                f"{self.defaults['fit']!r}, a param group asks for {group['fit']!r}; leave fit "
+                "out of the param groups"
+            )
         self._validate_extra(group)
 
     def _validate_extra(self, group: dict[str, Any]) -> None:
@@ -185,24 +224,116 @@ class PSGDBase(Optimizer):
         """Check the factor shapes of a state_dict against the parameters (before loading)."""
         raise NotImplementedError
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        """``_init_group`` and the functional entry point, for one param group."""
+    def _step_group(self, group: dict[str, Any], pairs: Pairs | None) -> None:
+        """``_init_group`` and the functional entry point, for one param group; ``pairs``: the
+        ``(v, Hv)`` of each parameter on a refit step of a pair fit (``None`` when whitening)."""
         raise NotImplementedError
 
     @torch.no_grad()
     def step(  # type: ignore[override]
-        self, closure: Callable[[], float | Tensor] | None = None
+        self, closure: Callable[[], Any] | None = None
     ) -> float | Tensor | None:
-        """Take one step; ``closure`` (optional) zeroes grads, computes the loss, calls backward.
+        """Take one step.
+
+        ``fit="whiten"``: ``closure`` (optional) zeroes grads, computes the loss, calls backward
+        (torch contract). ``fit="hvp"``/``"finite_difference"``: ``closure`` (required) returns
+        the loss, or ``(loss, outputs)``, WITHOUT calling backward; the optimizer takes the
+        gradient, and on a refit step the pair ``(v, Hv)``, itself (:meth:`_pair_start`).
 
         Returns:
-            the closure's loss, or ``None`` without a closure.
+            the closure's loss (detached for a pair fit), or ``None`` without a closure.
+
+        Raises:
+            ClosureRequiredError: a pair fit without a closure, or with one that calls
+                ``backward()`` or returns no loss tensor.
         """
-        loss, proceed = start_step(self, closure)
+        if self.defaults["fit"] == "whiten":
+            loss, proceed = start_step(self, closure)
+            pairs = None
+        else:
+            loss, proceed, pairs = self._pair_start(closure)
         if proceed:
             for group in self.param_groups:
-                self._step_group(group)
+                self._step_group(group, pairs)
         return loss
+
+    def _pair_start(self, closure: object) -> tuple[Tensor, bool, Pairs]:
+        """Gradients into ``p.grad`` and, if a group refits at this step, the pairs ``(v, h)``.
+
+        Rule (official ``KronNewton.step``/``LRANewton.step``): ``v ~ N(0, I)`` per parameter
+        (a generator seeded by :func:`pair_probe_seed`); ``fit="hvp"``: ``h = ∂(gᵀv)/∂θ = H v``
+        by double backward through the closure's graph; ``fit="finite_difference"``:
+        ``θ ← θ + δ v``, ``g' = ∇L(θ)``, ``h = (g' - g)/δ``, ``θ ← θ - δ v`` with
+        ``δ = √ε`` of the parameters' dtype (the closure must be a deterministic function of the
+        parameters). A group refits at its step ``t`` when :func:`update_coin` says so, and
+        always at ``t = 0`` (the initial scale comes from the first pair, as the official code).
+
+        Returns:
+            ``(detached loss, proceed, pairs)``; ``pairs`` is empty when no group refits.
+        """
+        name = type(self).__name__
+        if closure is None:
+            raise closure_required(
+                name,
+                f" ({name}(fit={self.defaults['fit']!r}) fits its "
+                "preconditioner from Hessian-vector products)",
+            )
+        groups = self.param_groups
+        params = [p for g in groups for p in g["params"] if p.requires_grad]
+        loss, _ = _call_closure(closure, params, name)
+        due = [
+            (g, t)
+            for g in groups
+            if (t := group_step(self, g)) == 0 or update_coin(g, t)  # type: ignore[arg-type]
+        ]
+        hvp = self.defaults["fit"] == "hvp" and bool(due)
+        grads = _loss_grads(loss, params, create_graph=hvp, retain_graph=hvp)
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.detach()
+        if not check_finite_grads(groups, step=lambda: next_step_number(self)):
+            return loss.detach(), False, {}
+        pairs: Pairs = {}
+        if not due:
+            return loss.detach(), True, pairs
+        used = [(p, g) for p, g in zip(params, grads) if g is not None]
+        vs: dict[Tensor, Tensor] = {}
+        for group, t in due:
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    gen = seeded_generator(pair_probe_seed(int(group["seed"]), t, index), p.device)
+                    vs[p] = torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=gen)
+        ps = [p for p, _ in used]
+        probes = [vs.get(p, torch.zeros_like(p)) for p in ps]
+        if hvp:
+            with torch.enable_grad():
+                hs = torch.autograd.grad([g for _, g in used], ps, probes, allow_unused=True)
+            hs = tuple(torch.zeros_like(p) if h is None else h for p, h in zip(ps, hs))
+        else:
+            hs = self._finite_difference(closure, params, ps, probes)
+        for p, v, h in zip(ps, probes, hs):
+            if p in vs:
+                pairs[p] = (v, h.detach())
+        return loss.detach(), True, pairs
+
+    def _finite_difference(
+        self, closure: object, params: list[Tensor], ps: list[Tensor], probes: list[Tensor]
+    ) -> tuple[Tensor, ...]:
+        """``(∇L(θ + δv) - ∇L(θ))/δ`` per parameter, ``δ = √ε`` (official finite difference);
+        ``p.grad`` keeps ``∇L(θ)``."""
+        delta = max(torch.finfo(p.dtype).eps for p in ps) ** 0.5
+        kept = [p.grad for p in params]
+        for p, v in zip(ps, probes):
+            p.add_(v, alpha=delta)
+        loss, _ = _call_closure(closure, params, type(self).__name__)
+        moved = _loss_grads(loss, ps, create_graph=False, retain_graph=False)
+        for p, v in zip(ps, probes):
+            p.sub_(v, alpha=delta)
+        for p, g in zip(params, kept):
+            p.grad = g
+        return tuple(
+            torch.zeros_like(p) if m is None else (m - p.grad) / delta  # type: ignore[operator]
+            for p, m in zip(ps, moved)
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, after checking its layout.
@@ -353,6 +484,34 @@ def mix_seed(*values: int) -> int:
 def probe_seed(seed: int, step: int, index: int) -> int:
     """Seed of the generator of the ``index``-th parameter of a param group at 0-based ``step``."""
     return mix_seed(seed, step, index + 1)
+
+
+def pair_probe_seed(seed: int, step: int, index: int) -> int:
+    """Seed of the probe ``v`` of the pair ``(v, Hv)`` of the ``index``-th parameter at ``step``."""
+    return mix_seed(seed, step, index + 1, 2)
+
+
+def pair_init_scale(vs: list[Tensor], hs: list[Tensor], damping: float) -> float:
+    """The official initial scale of ``Q`` from pairs: ``(mean v²)^{1/4} (max_j mean h_j⁴ +
+    damping⁴)^{-1/8}``, ``mean v²`` over all probes, the max over the tensors of ``hs``."""
+    v2 = sum(float(torch.sum(lift(v) ** 2)) for v in vs) / sum(v.numel() for v in vs)
+    h4 = max(float(torch.mean(lift(h).abs() ** 4)) for h in hs)
+    return v2**0.25 * (h4 + damping**4) ** (-1.0 / 8.0)
+
+
+def group_pair(ps: list[Tensor], pairs: Pairs | None) -> tuple[Tensor, Tensor] | None:
+    """The pairs of ``ps`` concatenated as ``[N, 1]`` columns, or ``None`` if ``ps`` has none."""
+    if not pairs or ps[0] not in pairs:
+        return None
+    v = torch.cat([pairs[p][0].reshape(-1, 1) for p in ps])
+    h = torch.cat([pairs[p][1].reshape(-1, 1) for p in ps])
+    return v, h
+
+
+def pair_damped(h: Tensor, damping: float, generator: torch.Generator | None) -> Tensor:
+    """``h + (damping + ε|h|) ⊙ n``, ``n ~ N(0, I)`` from ``generator`` (official
+    ``update_precond_kron_newton_*``/``update_precond_lra_newton``: bounds ``P < I/damping``)."""
+    return whitening_probe(h, damping, generator)[1]
 
 
 def coin_seed(seed: int, step: int) -> int:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from curvlab.errors import StateDictError
 from curvlab.optim._psgd import (
+    Pairs,
     PSGDBase,
     PSGDOptions,
     PSGDStepOptions,
@@ -33,6 +34,8 @@ from curvlab.optim._psgd import (
     init_scale,
     lift,
     lipschitz_dtype,
+    pair_damped,
+    pair_init_scale,
     precond_update_prob_schedule,
     probe_seed,
     seeded_generator,
@@ -59,6 +62,7 @@ __all__ = [
     "procrustes_step",
     "psgd_kron",
     "update_precond_kron_eq",
+    "update_precond_kron_newton",
     "update_precond_kron_whiten",
 ]
 
@@ -162,16 +166,19 @@ class PSGDKron(PSGDBase):
         validate_in_range("max_skew", group["max_skew"], 0.0, math.inf)
         validate_choice("geometry", group["geometry"], GEOMETRIES)
 
-    def _init_group(self, group: dict[str, Any], *lists: list[Any]) -> None:
-        """Create the state of new parameters (one initial scale for all of them, official); append
-        every parameter with a gradient to ``lists = (params, grads, factors, lipschitz,
-        momentum_buffers, state_steps, generators)``, its probe generator seeded by
-        ``(seed, step, index in the group)``.
+    def _init_group(self, group: dict[str, Any], pairs: Pairs | None, *lists: list[Any]) -> None:
+        """Create the state of new parameters (one initial scale for all of them, official, from
+        the gradients or, for a pair fit, from the pairs); append every parameter with a gradient
+        to ``lists = (params, grads, factors, lipschitz, momentum_buffers, state_steps,
+        generators, pairs)``, its probe generator seeded by ``(seed, step, index in the group)``.
         """
         new = [p for p in group["params"] if p.grad is not None and len(self.state[p]) == 0]
         if new:
             scale = group["init_scale"]
-            if scale is None:
+            if scale is None and pairs:
+                vs, hs = zip(*(pairs[p] for p in new))
+                scale = pair_init_scale(list(vs), list(hs), float(group["damping"]))
+            elif scale is None:
                 s4 = max(torch.mean(lift(init_grad(p, group)).abs() ** 4).item() for p in new)
                 scale = init_scale(s4, float(group["damping"]))
             for p in new:
@@ -199,13 +206,14 @@ class PSGDKron(PSGDBase):
             factors = [state[f"Q_{i}"] for i in range(k)]
             lipschitz = [state[f"L_{i}"] for i in range(k)]
             buf = state.get("momentum_buffer")
-            entries = (p, p.grad, factors, lipschitz, buf, state["step"], gen)
+            pair = None if pairs is None else pairs.get(p)
+            entries = (p, p.grad, factors, lipschitz, buf, state["step"], gen, pair)
             for lst, entry in zip(lists, entries):
                 lst.append(entry)
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
-        self._init_group(group, *lists)
+    def _step_group(self, group: dict[str, Any], pairs: Pairs | None) -> None:
+        lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+        self._init_group(group, pairs, *lists)
         psgd_kron(*lists, geometry=group["geometry"], **group_options(group, PSGDStepOptions))
 
     def _state_layout(self) -> tuple[list[str], list[str], list[str]]:
@@ -229,6 +237,7 @@ def psgd_kron(
     momentum_buffers: list[Tensor | None],
     state_steps: list[Tensor],
     generators: list[torch.Generator],
+    pairs: list[tuple[Tensor, Tensor] | None] | None = None,
     *,
     geometry: str,
     **options: Unpack[PSGDStepOptions],
@@ -237,20 +246,15 @@ def psgd_kron(
 
     Updates ``params``, their ``factors`` (``Q_0 … Q_{k-1}``), ``lipschitz`` estimates,
     ``momentum_buffers`` (``None`` without momentum) and ``state_steps`` in place; the probes of
-    parameter ``j`` come from ``generators[j]``. There is no multi-tensor path (each factor is a
-    different small matrix): it calls :func:`_single_tensor_psgd_kron`.
+    parameter ``j`` come from ``generators[j]``. With ``options["fit"]`` ``"hvp"`` or
+    ``"finite_difference"``, ``pairs[j]`` is the ``(v, Hv)`` of parameter ``j`` on a refit step
+    and ``None`` otherwise. There is no multi-tensor path (each factor is a different small
+    matrix): it calls :func:`_single_tensor_psgd_kron`.
     """
-    _single_tensor_psgd_kron(
-        params,
-        grads,
-        factors,
-        lipschitz,
-        momentum_buffers,
-        state_steps,
-        generators,
-        geometry=geometry,
-        **options,
-    )
+    if pairs is None:
+        pairs = [None] * len(params)
+    lists = (params, grads, factors, lipschitz, momentum_buffers, state_steps, generators, pairs)
+    _single_tensor_psgd_kron(*lists, geometry=geometry, **options)
 
 
 def _single_tensor_psgd_kron(
@@ -270,13 +274,19 @@ def _single_tensor_psgd_kron(
         u ← u · min(1, c₁ / RMS(u));  u ← clamp(u, -c₂, c₂)     with (c₁, c₂) = grad_clip_max_amps
         θ ← θ - lr · u
 
-    The gradient is squeezed (size-1 dims dropped) before the preconditioner sees it.
+    The gradient is squeezed (size-1 dims dropped) before the preconditioner sees it. A pair fit
+    (``fit="hvp"``/``"finite_difference"``) refits exactly when a pair is given, on that pair
+    (:func:`update_precond_kron_newton`), instead of whitening.
     """
     lr, wd, momentum = options["lr"], options["weight_decay"], options["momentum"]
+    whiten = options.get("fit", "whiten") == "whiten"
     fit = functools.partial(update_precond_kron_whiten, geometry=geometry, **fit_options(options))
-    for param, grad, Q, L, buf, step_t, gen in zip(*lists):
+    newton = functools.partial(
+        update_precond_kron_newton, geometry=geometry, **fit_options(options)
+    )
+    for param, grad, Q, L, buf, step_t, gen, pair in zip(*lists):
         step = int(step_t.item())
-        coin = update_coin(options, step)
+        coin = update_coin(options, step) if whiten else pair is not None
         if wd != 0.0:
             if options["decoupled_weight_decay"]:
                 param.mul_(1.0 - lr * wd)
@@ -290,11 +300,14 @@ def _single_tensor_psgd_kron(
         else:
             m = g
         target = g if options["whiten_grad"] else m
+        refit, args = (
+            (fit, (target,)) if pair is None else (newton, tuple(x.squeeze() for x in pair))
+        )
         if coin and options["update_preconditioner_first"]:
-            fit(Q, L, target, generator=gen)
+            refit(Q, L, *args, generator=gen)
         u = kron_precondition(Q, m, triangular=geometry == "EQ")
         if coin and not options["update_preconditioner_first"]:
-            fit(Q, L, target, generator=gen)
+            refit(Q, L, *args, generator=gen)
         u = clip_update(u, options["grad_clip_max_amps"])
         param.sub_(u.reshape(param.shape), alpha=lr)
         step_t += 1
@@ -688,23 +701,75 @@ def update_precond_kron_whiten(
     if geometry == "EQ":
         update_precond_kron_eq(Q, L, v, h, lr, beta_lipschitz, generator)
         return
+    _update_q0p5eq1p5(Q, L, None, h, lr, beta_lipschitz, generator)
+
+
+def _update_q0p5eq1p5(
+    Q: Sequence[Tensor],
+    L: Sequence[Tensor],
+    v: Tensor | None,
+    h: Tensor,
+    lr: float,
+    beta_lipschitz: float,
+    generator: torch.Generator | None,
+) -> None:
+    """The ``dQ = Q^0.5 E Q^1.5`` step on ``(v, h)``; ``v = None`` integrates the whitening
+    probe out (``V_(i)V_(i)ᵀ`` replaced by its mean ``c_i I``, official whitening rule)."""
     pg = kron_precondition(Q, h)
-    numel = g.numel()
-    k = g.dim()
+    numel = h.numel()
+    k = h.dim()
     for i, q in enumerate(Q):
         dense = q.dim() == 2
         t1 = _mode_gram(pg, i, dense) if k else pg * pg
-        c = numel / q.numel() if not dense else numel / q.shape[0]
+        if v is None:
+            t2: Tensor | float = numel / q.numel() if not dense else numel / q.shape[0]
+        else:
+            t2 = _mode_gram(v, i, dense) if k else v * v
         if dense:
-            ell = norm_lower_bound_spd(t1, generator) + c
-            Li = update_lipschitz(L[i], ell, beta_lipschitz)
-            q.sub_((lr / Li).to(q.dtype) * (t1 @ q - c * q))
+            ell = norm_lower_bound_spd(t1 if v is None else t1 + t2, generator)  # type: ignore[operator]
+            Li = update_lipschitz(L[i], ell + t2 if v is None else ell, beta_lipschitz)
+            q.sub_((lr / Li).to(q.dtype) * (t1 @ q - t2 * q if v is None else (t1 - t2) @ q))
             procrustes_step(q, generator)
         else:
-            ell = torch.max(t1) + c
+            ell = torch.max(t1 + t2)
             Li = update_lipschitz(L[i], ell, beta_lipschitz)
-            q.mul_(1 - (lr / Li).to(q.dtype) * (t1 - c))
+            q.mul_(1 - (lr / Li).to(q.dtype) * (t1 - t2))
     _maybe_balance(Q, generator)
+
+
+def update_precond_kron_newton(
+    Q: Sequence[Tensor],
+    L: Sequence[Tensor],
+    v: Tensor,
+    h: Tensor,
+    *,
+    geometry: str = "EQ",
+    lr: float = 0.1,
+    beta_lipschitz: float = 0.9,
+    damping: float = 1e-9,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Newton-type fit of the Kron factors ``Q`` on a pair ``(v, h = H v)``, in place.
+
+    Official ``update_precond_kron_newton_eq`` / ``_q0p5eq1p5``: ``h ← h + (damping + ε|h|) ⊙ n``
+    with ``n ~ N(0, I)`` (first draw from ``generator``; bounds ``P < I/damping``), then the
+    criterion ``E[hᵀPh + vᵀP⁻¹v]``, minimised by ``P = |H|⁻¹`` (Li 2018): ``"EQ"``:
+    :func:`update_precond_kron_eq`; ``"Q0.5EQ1.5"``: with ``Ph = P h``, per factor
+    ``T_i = Ph_(i)Ph_(i)ᵀ - V_(i)V_(i)ᵀ``, ``ℓ_i`` the norm bound of ``Ph_(i)Ph_(i)ᵀ + V_(i)V_(i)ᵀ``,
+    ``Q_i ← Q_i - (lr/L_i) T_i Q_i`` then :func:`procrustes_step` (diagonal:
+    ``Q_i ← Q_i ⊙ (1 - (lr/L_i) T_i)``); then the 0.01 balancing coin.
+
+    Args:
+        Q, L: the factors and their Lipschitz estimates (updated in place).
+        v, h: the probe and its Hessian-vector product, squeezed to the parameter's dims.
+        geometry, lr, beta_lipschitz, damping: as :func:`update_precond_kron_whiten`.
+        generator: source of the damping noise, the norm-bound probes and the coins.
+    """
+    h = pair_damped(h, damping, generator)
+    if geometry == "EQ":
+        update_precond_kron_eq(Q, L, v, h, lr, beta_lipschitz, generator)
+    else:
+        _update_q0p5eq1p5(Q, L, v, h, lr, beta_lipschitz, generator)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ __all__ = [
     "precond_grad_lra",
     "psgd_lra",
     "update_precond_lra",
+    "update_precond_lra_newton",
     "update_precond_lra_whiten",
 ]
 
@@ -103,7 +104,7 @@ class PSGDLRA(PSGDBase):
             )
 
     def _init_group(
-        self, group: dict[str, Any], *lists: list[Any]
+        self, group: dict[str, Any], pairs: _psgd.Pairs | None, *lists: list[Any]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Create the state of new parameters (official initialisation over them); append every
         parameter with a gradient to ``lists = (params, grads, momentum_buffers, lipschitz,
@@ -113,7 +114,7 @@ class PSGDLRA(PSGDBase):
         ps = [p for p in group["params"] if p.grad is not None]
         new = [p for p in ps if len(self.state[p]) == 0]
         if new:
-            self._init_states(group, new)
+            self._init_states(group, new, pairs)
         for p in ps:
             st = self.state[p]
             lipschitz = [st[k] for k in _LIPSCHITZ_KEYS]
@@ -123,11 +124,12 @@ class PSGDLRA(PSGDBase):
         U, V, d = (self._flat(ps, key) for key in ("U", "V", "d"))
         return U, V, d
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], pairs: _psgd.Pairs | None) -> None:
         lists: tuple[list[Any], ...] = ([], [], [], [], [])
         if any(p.grad is not None for p in group["params"]):
-            precond = self._init_group(group, *lists)
-            psgd_lra(*lists, precond=precond, **group_options(group, PSGDStepOptions))
+            precond = self._init_group(group, pairs, *lists)
+            pair = _psgd.group_pair(lists[0], pairs)
+            psgd_lra(*lists, precond=precond, pair=pair, **group_options(group, PSGDStepOptions))
 
     def _flat(self, ps: list[Tensor], key: str) -> Tensor:
         """The group's ``U``, ``V`` or ``d`` as one tensor whose row blocks are the state entries.
@@ -159,7 +161,9 @@ class PSGDLRA(PSGDBase):
             start += t.shape[0]
         return flat
 
-    def _init_states(self, group: dict[str, Any], new: list[Tensor]) -> None:
+    def _init_states(
+        self, group: dict[str, Any], new: list[Tensor], pairs: _psgd.Pairs | None
+    ) -> None:
         """Official initialisation over the new parameters (all of them at the first step)."""
         rank = int(group["rank"])
         sizes = [p.numel() for p in new]
@@ -176,7 +180,10 @@ class PSGDLRA(PSGDBase):
         V = torch.randn(total, rank, dtype=ref.dtype, device=ref.device, generator=gen)
         V *= 0.1**0.5 / torch.linalg.vector_norm(V)
         scale = group["init_scale"]
-        if scale is None:
+        if scale is None and pairs:
+            v, h = _psgd.group_pair(new, pairs)  # type: ignore[misc]
+            scale = _psgd.pair_init_scale([v], [h], float(group["damping"]))
+        elif scale is None:
             gn = torch.cat([_psgd.init_grad(p, group).reshape(-1) for p in new])
             scale = _psgd.init_scale(
                 torch.mean(_psgd.lift(gn) ** 4).item(), float(group["damping"])
@@ -225,9 +232,13 @@ def psgd_lra(
     state_steps: list[Tensor],
     *,
     precond: tuple[Tensor, Tensor, Tensor],
+    pair: tuple[Tensor, Tensor] | None = None,
     **options: Unpack[PSGDStepOptions],
 ) -> None:
     """Functional API that performs the PSGD-LRA computation; see :class:`PSGDLRA`.
+
+    ``pair``: for ``fit="hvp"``/``"finite_difference"``, the group's ``(v, Hv)`` concatenated
+    (``[N, 1]`` columns) on a refit step, ``None`` otherwise.
 
     ``precond = (U, V, d)``: the group's preconditioner over the parameters concatenated
     (``U``, ``V``: ``[N, r]``; ``d``: ``[N]``; updated in place); ``lipschitz[j]`` holds
@@ -236,11 +247,14 @@ def psgd_lra(
     multi-tensor path: it calls :func:`_single_tensor_psgd_lra`.
     """
     lists = (params, grads, momentum_buffers, lipschitz, state_steps)
-    _single_tensor_psgd_lra(*lists, precond=precond, **options)
+    _single_tensor_psgd_lra(*lists, precond=precond, pair=pair, **options)
 
 
 def _single_tensor_psgd_lra(
-    *lists: list[Any], precond: tuple[Tensor, Tensor, Tensor], **options: Unpack[PSGDStepOptions]
+    *lists: list[Any],
+    precond: tuple[Tensor, Tensor, Tensor],
+    pair: tuple[Tensor, Tensor] | None,
+    **options: Unpack[PSGDStepOptions],
 ) -> None:
     """The PSGD-LRA step of the class docstring (the reference): a refit step works on the
     concatenation; a step without refit applies ``P`` block by block, nothing concatenated."""
@@ -256,8 +270,10 @@ def _single_tensor_psgd_lra(
                 g = g.add(p, alpha=wd)
         gs.append(g.reshape(-1, 1))
     t = int(state_steps[0].item())
-    if _psgd.update_coin(options, t):
-        _refit_step(params, gs, (U, V, d.view(-1, 1)), momentum_buffers, lipschitz, t, options)
+    whiten = options.get("fit", "whiten") == "whiten"
+    if _psgd.update_coin(options, t) if whiten else pair is not None:
+        precond = (U, V, d.view(-1, 1))
+        _refit_step(params, gs, precond, momentum_buffers, lipschitz, t, pair, options)
     else:
         _blockwise_step(params, gs, (U, V, d), momentum_buffers, t, options)
     torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
@@ -270,9 +286,11 @@ def _refit_step(
     momentum_buffers: list[Tensor | None],
     lipschitz: list[list[Tensor]],
     t: int,
+    pair: tuple[Tensor, Tensor] | None,
     options: PSGDStepOptions,
 ) -> None:
-    """A step that refits ``precond = (U, V, d)``, on the group's concatenated vectors."""
+    """A step that refits ``precond = (U, V, d)``, on the group's concatenated vectors: by
+    whitening, or on ``pair = (v, Hv)`` (:func:`update_precond_lra_newton`)."""
     U, V, d = precond
     g = torch.cat(grads)
     L = [x.clone() for x in lipschitz[0]]
@@ -285,12 +303,14 @@ def _refit_step(
         m = g
     gen = _psgd.seeded_generator(_psgd.mix_seed(int(options["seed"]), t, 1), g.device)
     target = g if options["whiten_grad"] else m
-    fit = functools.partial(update_precond_lra_whiten, generator=gen, **_psgd.fit_options(options))
+    rule = update_precond_lra_whiten if pair is None else update_precond_lra_newton
+    fit = functools.partial(rule, generator=gen, **_psgd.fit_options(options))
+    args = (target,) if pair is None else pair
     if options["update_preconditioner_first"]:
-        fit(U, V, d, L, target)
+        fit(U, V, d, L, *args)
     u = precond_grad_lra(U, V, d, m)
     if not options["update_preconditioner_first"]:
-        fit(U, V, d, L, target)
+        fit(U, V, d, L, *args)
     u = _psgd.clip_update(u, options["grad_clip_max_amps"])
     start = 0
     for p, buf, lip in zip(ps, momentum_buffers, lipschitz):
@@ -448,4 +468,24 @@ def update_precond_lra_whiten(
     """Whitening fit: ``v ~ N(0, I)`` (first draw), ``h = g + (damping + ε|g|) ⊙ v``, then
     :func:`update_precond_lra` (official ``update_precond_lra_whiten``); in place."""
     v, h = _psgd.whitening_probe(g, damping, generator)
+    update_precond_lra(U, V, d, L, v, h, generator=generator, lr=lr, beta_lipschitz=beta_lipschitz)
+
+
+def update_precond_lra_newton(
+    U: Tensor,
+    V: Tensor,
+    d: Tensor,
+    L: Sequence[Tensor],
+    v: Tensor,
+    h: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    lr: float = 0.1,
+    beta_lipschitz: float = 0.9,
+    damping: float = 1e-9,
+) -> None:
+    """Newton-type fit on a pair ``(v, h = H v)``: ``h ← h + (damping + ε|h|) ⊙ n``, ``n ~ N(0, I)``
+    (first draw from ``generator``), then :func:`update_precond_lra` (official
+    ``update_precond_lra_newton``); in place. The fixed point is ``P = |H|⁻¹`` within the family."""
+    h = _psgd.pair_damped(h, damping, generator)
     update_precond_lra(U, V, d, L, v, h, generator=generator, lr=lr, beta_lipschitz=beta_lipschitz)

@@ -6,6 +6,7 @@ and a small JSON. :func:`run_all` runs them all and writes an ``index.html``.
 """
 
 from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear, saxe_mode_strength
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability, half_square_loss
 from curvlab.phenomena.index import PHENOMENA, run_all, run_phenomenon, write_index
@@ -20,12 +21,14 @@ __all__ = [
     "matrix_sensing",
     "deep_linear",
     "neural_collapse",
+    "central_flow",
     # their configurations
     "EoSConfig",
     "SubspaceConfig",
     "MatrixSensingConfig",
     "DeepLinearConfig",
     "NeuralCollapseConfig",
+    "CentralFlowConfig",
     # results, running everything, helpers
     "PHENOMENA",
     "PhenomenonResult",

@@ -12,6 +12,7 @@ from typing import Any
 from curvlab.datasets import fashion_mnist_available
 from curvlab.errors import InvalidArgumentError
 from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
@@ -27,6 +28,7 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "matrix-sensing": (matrix_sensing, MatrixSensingConfig),
     "deep-linear": (deep_linear, DeepLinearConfig),
     "neural-collapse": (neural_collapse, NeuralCollapseConfig),
+    "central-flow": (central_flow, CentralFlowConfig),
 }
 
 

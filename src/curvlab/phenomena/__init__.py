@@ -9,6 +9,7 @@ from curvlab.phenomena._common import PhenomenonResult
 from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear, saxe_mode_strength
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability, half_square_loss
+from curvlab.phenomena.gfs import GFSConfig, gfs_sharpness
 from curvlab.phenomena.index import PHENOMENA, run_all, run_phenomenon, write_index
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
@@ -22,6 +23,7 @@ __all__ = [
     "deep_linear",
     "neural_collapse",
     "central_flow",
+    "gfs_sharpness",
     # their configurations
     "EoSConfig",
     "SubspaceConfig",
@@ -29,6 +31,7 @@ __all__ = [
     "DeepLinearConfig",
     "NeuralCollapseConfig",
     "CentralFlowConfig",
+    "GFSConfig",
     # results, running everything, helpers
     "PHENOMENA",
     "PhenomenonResult",

@@ -15,6 +15,7 @@ from curvlab.phenomena._common import PhenomenonResult
 from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability
+from curvlab.phenomena.gfs import GFSConfig, gfs_sharpness
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
@@ -29,6 +30,7 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "deep-linear": (deep_linear, DeepLinearConfig),
     "neural-collapse": (neural_collapse, NeuralCollapseConfig),
     "central-flow": (central_flow, CentralFlowConfig),
+    "gfs": (gfs_sharpness, GFSConfig),
 }
 
 

@@ -79,6 +79,41 @@ def sharpness_and_gradient(loss_fn: Callable[[Tensor], Tensor], w: Tensor) -> tu
     return values[-1].detach(), torch.zeros_like(w) if grad_s is None else grad_s.detach()
 
 
+#: below this many parameters the Hessian is built row by row on one graph (faster than vmap)
+_ROWWISE_MAX = 16
+
+
+def _flow_state(
+    loss_fn: Callable[[Tensor], Tensor], w: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """L(w), ∇L(w), S(w) and ∇S(w); for small ``w`` all from one autograd graph."""
+    wg = w.detach().clone().requires_grad_(True)
+    loss = loss_fn(wg)
+    if w.numel() > _ROWWISE_MAX:
+        (grad,) = torch.autograd.grad(loss, wg)
+        return (loss.detach(), grad, *sharpness_and_gradient(loss_fn, w))
+    (grad,) = torch.autograd.grad(loss, wg, create_graph=True)
+    rows = [
+        torch.autograd.grad(g, wg, retain_graph=True, create_graph=True, allow_unused=True)[0]
+        for g in grad
+    ]
+    hess = torch.stack([torch.zeros_like(w) if r is None else r for r in rows])
+    values, vectors = torch.linalg.eigh(0.5 * (hess + hess.T).detach())
+    u = vectors[:, -1]
+    curvature = u @ hess @ u
+    grad_s = (
+        torch.autograd.grad(curvature, wg, allow_unused=True)[0]
+        if curvature.requires_grad
+        else None
+    )
+    return (
+        loss.detach(),
+        grad.detach(),
+        values[-1],
+        torch.zeros_like(w) if grad_s is None else grad_s,
+    )
+
+
 def central_flow(
     loss_fn: Callable[[Tensor], Tensor],
     w0: Tensor,
@@ -127,10 +162,7 @@ def central_flow(
     rec: dict[str, list[Tensor]] = {k: [] for k in ("t", "w", "loss", "s", "sigma2")}
     steps = round(t_max / dt)
     for i in range(steps + 1):
-        wg = w.clone().requires_grad_(True)
-        loss = loss_fn(wg)
-        (grad,) = torch.autograd.grad(loss, wg)
-        s, grad_s = sharpness_and_gradient(loss_fn, w)
+        loss, grad, s, grad_s = _flow_state(loss_fn, w)
         sigma2 = torch.zeros((), dtype=w.dtype)
         if s >= edge * (1 - 1e-6) and grad_s.norm() > 0:
             sigma2 = torch.clamp(-2 * (grad @ grad_s) / (grad_s @ grad_s), min=0.0)

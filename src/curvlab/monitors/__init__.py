@@ -9,6 +9,7 @@ Monitors do no I/O; sinks (:mod:`curvlab.monitors.sinks`) do. See :func:`attach`
 
 from curvlab.monitors._attach import Monitor, MonitorFailure, MonitorHandle, MonitorWarning, attach
 from curvlab.monitors.curvature_lr import CurvatureLR
+from curvlab.monitors.gfs import GFSSharpness
 from curvlab.monitors.neural_collapse import NCMetrics, NeuralCollapse, neural_collapse_metrics
 from curvlab.monitors.noise_scale import (
     GradientNoiseScale,
@@ -34,6 +35,7 @@ __all__ = [
     "attach",
     # monitors
     "CurvatureLR",
+    "GFSSharpness",
     "GradientNoiseScale",
     "NeuralCollapse",
     "Sharpness",

@@ -6,9 +6,11 @@ and a small JSON. :func:`run_all` runs them all and writes an ``index.html``.
 """
 
 from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.compression import CompressionConfig, compression
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear, saxe_mode_strength
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability, half_square_loss
+from curvlab.phenomena.gfs import GFSConfig, gfs_sharpness
 from curvlab.phenomena.index import PHENOMENA, run_all, run_phenomenon, write_index
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
@@ -24,6 +26,8 @@ __all__ = [
     "neural_collapse",
     "newton_phenomenon",
     "compression",
+    "central_flow",
+    "gfs_sharpness",
     # their configurations
     "EoSConfig",
     "SubspaceConfig",
@@ -32,6 +36,8 @@ __all__ = [
     "NeuralCollapseConfig",
     "NewtonConfig",
     "CompressionConfig",
+    "CentralFlowConfig",
+    "GFSConfig",
     # results, running everything, helpers
     "PHENOMENA",
     "PhenomenonResult",

@@ -12,9 +12,11 @@ from typing import Any
 from curvlab.datasets import fashion_mnist_available
 from curvlab.errors import InvalidArgumentError
 from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.compression import CompressionConfig, compression
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability
+from curvlab.phenomena.gfs import GFSConfig, gfs_sharpness
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
 from curvlab.phenomena.newton import NewtonConfig, newton_phenomenon
@@ -31,6 +33,8 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "neural-collapse": (neural_collapse, NeuralCollapseConfig),
     "newton": (newton_phenomenon, NewtonConfig),
     "compression": (compression, CompressionConfig),
+    "central-flow": (central_flow, CentralFlowConfig),
+    "gfs": (gfs_sharpness, GFSConfig),
 }
 
 

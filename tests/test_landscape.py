@@ -43,7 +43,9 @@ def test_slice_of_a_quadratic_is_its_exact_parabola() -> None:
     curv = float(torch.cat([t.reshape(-1) for t in hd]) @ d)
     loss = loss.detach()
     for a, value in zip(res.xs, res.losses):
-        assert value == pytest.approx(float(loss) + a * float((g @ d).detach()) + a * a / 2 * curv, rel=1e-10)
+        assert value == pytest.approx(
+            float(loss) + a * float((g @ d).detach()) + a * a / 2 * curv, rel=1e-10
+        )
 
 
 def test_filter_normalised_direction_matches_weight_filter_norms() -> None:

@@ -100,7 +100,9 @@ def _batches(data: Data) -> list[tuple[Any, Any]]:
         return [data]
     batches = list(data)
     if not batches:
-        raise InvalidArgumentError("data is empty; pass (inputs, targets) or a list of such batches")
+        raise InvalidArgumentError(
+            "data is empty; pass (inputs, targets) or a list of such batches"
+        )
     return batches
 
 

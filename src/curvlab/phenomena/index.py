@@ -15,6 +15,7 @@ from curvlab.phenomena._common import PhenomenonResult
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
+from curvlab.phenomena.mode_connectivity import ModeConnectivityConfig, mode_connectivity
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
@@ -27,6 +28,7 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "matrix-sensing": (matrix_sensing, MatrixSensingConfig),
     "deep-linear": (deep_linear, DeepLinearConfig),
     "neural-collapse": (neural_collapse, NeuralCollapseConfig),
+    "mode-connectivity": (mode_connectivity, ModeConnectivityConfig),
 }
 
 

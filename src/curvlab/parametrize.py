@@ -44,7 +44,7 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
-    layers = [m for m in model.modules() if isinstance(m, _LAYERS)]
+    layers: list[nn.Module] = [m for m in model.modules() if isinstance(m, _LAYERS)]
     owned = {id(p) for m in layers for p in m.parameters(recurse=False)}
     stray = [n for n, p in model.named_parameters() if id(p) not in owned]
     if stray or len(layers) < 2:

@@ -13,9 +13,11 @@ from curvlab.datasets import fashion_mnist_available
 from curvlab.errors import InvalidArgumentError
 from curvlab.phenomena._common import PhenomenonResult
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
+from curvlab.phenomena.depth import DepthConfig, depth_sweep
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 from curvlab.phenomena.mode_connectivity import ModeConnectivityConfig, mode_connectivity
+from curvlab.phenomena.mup import MuPConfig, mup_transfer
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
@@ -29,6 +31,8 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "deep-linear": (deep_linear, DeepLinearConfig),
     "neural-collapse": (neural_collapse, NeuralCollapseConfig),
     "mode-connectivity": (mode_connectivity, ModeConnectivityConfig),
+    "mup": (mup_transfer, MuPConfig),
+    "depth": (depth_sweep, DepthConfig),
 }
 
 

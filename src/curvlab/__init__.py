@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 
 #: Submodules imported on first attribute access (PEP 562).
 _LAZY = {"bench", "cli", "datasets", "distributed", "monitors", "phenomena", "zoo"}
+_LAZY |= {"landscape", "parametrize"}
 
 __all__ = [
     "bench",

@@ -15,9 +15,12 @@ from curvlab.phenomena._common import PhenomenonResult
 from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.compression import CompressionConfig, compression
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
+from curvlab.phenomena.depth import DepthConfig, depth_sweep
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability
 from curvlab.phenomena.gfs import GFSConfig, gfs_sharpness
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
+from curvlab.phenomena.mode_connectivity import ModeConnectivityConfig, mode_connectivity
+from curvlab.phenomena.mup import MuPConfig, mup_transfer
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
 from curvlab.phenomena.newton import NewtonConfig, newton_phenomenon
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
@@ -35,6 +38,9 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "compression": (compression, CompressionConfig),
     "central-flow": (central_flow, CentralFlowConfig),
     "gfs": (gfs_sharpness, GFSConfig),
+    "mode-connectivity": (mode_connectivity, ModeConnectivityConfig),
+    "mup": (mup_transfer, MuPConfig),
+    "depth": (depth_sweep, DepthConfig),
 }
 
 

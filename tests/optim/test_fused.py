@@ -6,7 +6,7 @@ import torch
 
 import curvlab.optim._fused as fused_mod
 from curvlab.errors import ParameterError
-from curvlab.optim import ADOPT
+from curvlab.optim import ADOPT, DoG, LDoG
 
 
 @pytest.fixture
@@ -74,3 +74,14 @@ def test_compiled_adopt_kernel_smoke():
     got, _ = _run(ADOPT, {"lr": 0.1, "fused": True}, steps=3)
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+@pytest.mark.parametrize("hyper", [{}, {"weight_decay": 0.1, "init_eta": 1e-3}])
+def test_dog_fused_equals_single_tensor_float64(eager, cls, hyper):
+    ref, opt_ref = _run(cls, {"foreach": False, **hyper})
+    got, opt_got = _run(cls, {"fused": True, **hyper})
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+        for key in ("rbar", "G", "step"):
+            torch.testing.assert_close(opt_ref.state[a][key], opt_got.state[b][key])

@@ -8,7 +8,7 @@ torch's own ``AdamW(fused=True)``. The eager ``foreach`` paths make one pass per
 Cost, measured on a 2-core CPU (torch 2.13, inductor's C++ backend): the first ``fused`` step
 compiles, ~30 s with a cold inductor cache and ~10 s with a warm one (the cache lives on disk and
 is shared by processes), once per kernel, dtype and tensor rank per process (shapes are dynamic,
-hyper-parameters are symbolic floats: changing ``lr`` or the step does not recompile). Hence
+hyper-parameters are passed as 0-d tensors: changing ``lr`` or the step does not recompile). Hence
 ``fused`` is never a default: it pays off for long runs of large models. Where ``torch.compile``
 has no backend (no C++ compiler on CPU, no Triton on CUDA) the first step raises torch's error.
 
@@ -34,7 +34,7 @@ EAGER = False
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
-def fused_call(kernel: Callable[..., None], *args: Any) -> None:
+def fused_call(kernel: Callable[..., Any], *args: Any) -> Any:
     """Run ``kernel(*args)`` compiled (once per process and kernel), or eagerly under ``EAGER``.
 
     Example:
@@ -49,13 +49,15 @@ def fused_call(kernel: Callable[..., None], *args: Any) -> None:
         [2.0, 2.0]
     """
     if EAGER:
-        kernel(*args)
-        return
+        return kernel(*args)
+    # Python floats would be specialised (one recompile per value of the clip or step size):
+    # 0-d float64 tensors are graph inputs, and do not promote the dtype of full tensors
+    args = tuple(torch.tensor(a, dtype=torch.float64) if isinstance(a, float) else a for a in args)
     compiled = _COMPILED.get(kernel)
     if compiled is None:
         compiled = torch.compile(kernel, dynamic=True, fullgraph=True)
         _COMPILED[kernel] = compiled
-    compiled(*args)
+    return compiled(*args)
 
 
 def flat(t: Tensor) -> Tensor:

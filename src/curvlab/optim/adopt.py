@@ -392,8 +392,8 @@ def _adopt_kernel(
     acc = accumulate_dtype(p)
     g32 = g.to(acc) * gsign + p.to(acc) * l2
     p32 = p.to(acc) * decay
-    normed = (g32 / v.to(acc).sqrt().clamp_min(eps)).clamp(-clip, clip)
-    m32 = m.to(acc).lerp(normed, 1 - beta1)
+    normed = torch.clamp(g32 / v.to(acc).sqrt().clamp_min(eps), -clip, clip)
+    m32 = m.to(acc) + (1 - beta1) * (normed - m.to(acc))
     m.copy_(m32)
     p.copy_(p32 - lr * m32)
     v.copy_(v.to(acc) * beta2 + (1 - beta2) * g32 * g32)

@@ -2,14 +2,15 @@
 
 Reads top to bottom:
 
-1. Two MLPs (~100k and ~1M float32 parameters), CPU, one thread; gradients from one backward on a
+1. Three MLPs (~100k, ~1M and ~10M float32 parameters), CPU, one thread; gradients from one backward on a
    random batch, then kept fixed (only ``step()`` is timed).
 2. Every optimizer of ``curvlab.optim.OPTIMIZERS`` (so new registry entries appear by themselves),
    a few variants, and the peer packages that import (``pip install --no-deps``); a peer that does
    not import is reported as such. Optimizers with ``closure_mode == "loss"`` are timed on
    ``step(closure)`` minus the median plain forward+backward of the same run.
 3. Interleaved round-robin timing (one step of each optimizer per round, order shuffled each
-   round), thread CPU time, medians; ratio to AdamW foreach of the same run; state bytes per
+   round), thread CPU time, medians; ratio to AdamW foreach and to AdamW fused (torch's one-pass
+   kernel, the anchor of curvlab's ``fused=True`` paths) of the same run; state bytes per
    parameter (distinct tensors in ``optimizer.state`` and in param groups).
 4. Trajectories on identical inputs, float64: curvlab ADOPT vs the official ADOPT (torch-adopt =
    iShohei220/adopt) and pytorch_optimizer's ADOPT; curvlab DoG/LDoG vs the official dog-optimizer.
@@ -46,7 +47,13 @@ Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 #: how long the process waited for a core; thread CPU time does not (memory contention remains)
 CLOCK = time.thread_time
 
-SIZES = {"100k": (128, 256, 256, 10), "1M": (512, 1024, 512, 10)}
+SIZES = {
+    "100k": (128, 256, 256, 10),
+    "1M": (512, 1024, 512, 10),
+    "10M": (2048, 2560, 2048, 10),
+}
+#: the anchor of the fused paths: torch's own one-pass AdamW kernel
+FUSED_REF = "torch.AdamW fused"
 DISTRIBUTIONS = {"adopt": "torch-adopt", "dog": "dog-optimizer", "sophia_opt": "sophia-opt"}
 REGISTRY_KWARGS: dict[str, dict[str, Any]] = {  # timing only; values do not matter much
     "sgd": {"lr": 1e-3, "momentum": 0.9, "foreach": True},
@@ -97,6 +104,9 @@ def candidates() -> tuple[dict[str, Factory], dict[str, str]]:
         kw = REGISTRY_KWARGS.get(name, {})
         opts[f"curvlab {name}"] = lambda ps, name=name, kw=kw: create(name, ps, **kw)
     opts["curvlab adopt (single-tensor)"] = lambda ps: create("adopt", ps, foreach=False)
+    # compiled kernels (curvlab.optim._fused): the first step compiles (~10-30 s, untimed warm-up)
+    opts["curvlab adopt (fused=True)"] = lambda ps: create("adopt", ps, fused=True)
+    opts["curvlab dog (fused=True)"] = lambda ps: create("dog", ps, fused=True)
     for name in ("adopt", "dog", "ldog"):
         if name in OPTIMIZERS:
             opts[f"curvlab {name} (on_nonfinite=ignore)"] = lambda ps, n=name: create(
@@ -213,6 +223,9 @@ def time_size(
             r["times"].append(CLOCK() - t)
     fb = statistics.median(fb_times)
     ref = statistics.median(runs["torch.AdamW foreach [REF]"]["times"])
+    fused_ref = (
+        statistics.median(runs[FUSED_REF]["times"]) if "times" in runs.get(FUSED_REF, {}) else None
+    )
     rows = []
     for label, r in runs.items():
         if "error" in r:
@@ -225,6 +238,7 @@ def time_size(
                 "optimizer": label,
                 "step_ms": med * 1e3,
                 "x_adamw": eff / ref,
+                "x_fused": eff / fused_ref if fused_ref else float("nan"),
                 "bytes_per_param": r["bytes"],
                 "note": "closure: step incl. fwd+bwd; ratio uses step - fwd+bwd"
                 if r["closure"]
@@ -342,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     print("clock:", "wall (perf_counter)" if args.wall else "thread CPU time (time.thread_time)")
     opts, failed = candidates()
     if args.only:
-        keep = [k for k in opts if "[REF]" in k or any(w in k for w in args.only)]
+        keep = [k for k in opts if "[REF]" in k or k == FUSED_REF or any(w in k for w in args.only)]
         opts = {k: opts[k] for k in keep}
     for label, why in failed.items():
         print(f"peer unavailable: {label}: {why}")
@@ -354,17 +368,18 @@ def main(argv: list[str] | None = None) -> int:
         results["sizes"][size] = rows
         n = next(r["params"] for r in rows if "params" in r)
         print(f"\n### {size} MLP {SIZES[size]} ({n:,} params)")
-        print("| optimizer | step ms | x AdamW-foreach | state B/param | note |")
-        print("|---|---:|---:|---:|---|")
+        print("| optimizer | step ms | x AdamW-foreach | x AdamW-fused | state B/param | note |")
+        print("|---|---:|---:|---:|---:|---|")
         for r in rows:
             if "error" in r:
-                print(f"| {r['optimizer']} | error | | | {r['error']} |")
+                print(f"| {r['optimizer']} | error | | | | {r['error']} |")
                 continue
             b = f"{r['bytes_per_param']:.1f}" if "bytes_per_param" in r else ""
             cells = [
                 r["optimizer"],
                 f"{r['step_ms']:.3f}",
                 f"{r['x_adamw']:.2f}",
+                f"{r.get('x_fused', float('nan')):.2f}",
                 b,
                 r.get("note", ""),
             ]

@@ -188,3 +188,24 @@ def test_functional_entry_point_dispatches_to_the_reference_or_the_fast_path(for
         _single_tensor_adopt(ref, grads, *st_ref, **kw)
     for x, y in zip([*ps, *st[0], *st[1], *st[2]], [*ref, *st_ref[0], *st_ref[1], *st_ref[2]]):
         torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize(("wd", "decouple", "kappa"), [(0.0, False, 0.25), (0.1, True, None)])
+def test_blocked_cpu_path_equals_single_tensor(wd, decouple, kappa):
+    # >= BLOCK_MIN (2^17) entries: the cache-blocked path; 2^18 + 5 entries span two blocks
+    g = torch.Generator().manual_seed(3)
+    shapes = [(2**18 + 5,), (7, 3)]
+    ps_a = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    ps_b = [p.clone() for p in ps_a]
+    st_a = [[torch.zeros_like(p) for p in ps_a] for _ in range(2)]
+    st_a.append([torch.tensor(0.0) for _ in ps_a])
+    st_b = [[t.clone() for t in lst] for lst in st_a]
+    kw = dict(lr=0.1, betas=(0.5, 0.5), eps=1e-6, weight_decay=wd, decouple=decouple)
+    for _ in range(4):
+        grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+        _single_tensor_adopt(ps_a, grads, *st_a, clip_exponent=kappa, maximize=False, **kw)
+        _multi_tensor_adopt(
+            ps_b, grads, *st_b, clip_exponent=kappa, maximize=False, scratch=SimpleNamespace(), **kw
+        )
+    for x, y in zip([*ps_a, *st_a[0], *st_a[1]], [*ps_b, *st_b[0], *st_b[1]]):
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-14)

@@ -279,3 +279,15 @@ def test_dog_group_scalars_are_one_shared_tensor_also_after_load_state_dict():
         o.step()
     for p, q in zip(ps, qs):
         assert torch.equal(p, q)
+
+
+def test_blocked_distance_equals_the_plain_norm():
+    from types import SimpleNamespace
+
+    from curvlab.optim.dog import _distances
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2**16 * 3 + 7, generator=g, dtype=torch.float64)]
+    x0s = [torch.randn(xs[0].shape, generator=g, dtype=torch.float64)]
+    got = _distances(xs, x0s, torch.float64, SimpleNamespace(), False)[0]
+    torch.testing.assert_close(got, torch.linalg.vector_norm(xs[0] - x0s[0]), rtol=1e-14, atol=0)

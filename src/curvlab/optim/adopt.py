@@ -34,13 +34,15 @@ replacing AdamW.
 Deviations from the official code, all deliberate: the clip is a number (``clip_exponent``), not a
 lambda kept on the instance, so ``copy.deepcopy``/``pickle`` keep it; the foreach path buckets
 tensors by step count (the official one reads the step of the first tensor for the whole group);
-there is no ``fused``/``capturable``/``differentiable`` path; non-finite gradients follow curvlab's
+``fused=True`` is curvlab's compiled kernel (:mod:`curvlab.optim._fused`), not the official
+``fused`` flag; there is no ``capturable``/``differentiable`` path; non-finite gradients follow curvlab's
 ``on_nonfinite`` policy.
 
 This file is the template of curvlab's optimizer layout (see :mod:`curvlab.optim`): the class
 validates and creates state (``_init_group``), ``step`` holds no math and calls the functional
 :func:`adopt`, which dispatches to :func:`_single_tensor_adopt` (the reference, the rule as in the
-paper) or :func:`_multi_tensor_adopt` (the foreach fast path, equal to it).
+paper), :func:`_multi_tensor_adopt` (the foreach fast path, equal to it) or
+:func:`_fused_adopt` (one compiled kernel per tensor, equal to it).
 
 Paper: Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa, Matsuo,
 "ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate", NeurIPS 2024,
@@ -56,7 +58,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from curvlab.optim._scratch import chunks, workspace_views
+from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
+from curvlab.optim._scratch import (
+    block_ranges,
+    chunks,
+    cpu_blocks,
+    workspace_rows,
+    workspace_views,
+)
 from curvlab.optim._validation import (
     group_options,
     load_state_dict_checked,
@@ -109,6 +118,9 @@ class ADOPT(Optimizer):
         maximize: maximise the objective instead.
         foreach: use the multi-tensor path (default ``None`` = ``True``; it is faster on CPU as
             well).
+        fused: run one ``torch.compile``'d kernel per tensor (default ``None`` = ``False``): one
+            pass over memory, as fast as torch's ``AdamW(fused=True)``, but the first step
+            compiles for ~10-30 s (see :mod:`curvlab.optim._fused`).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``; see
             :mod:`curvlab.optim._validation`.
 
@@ -117,7 +129,8 @@ class ADOPT(Optimizer):
     8 bytes per float32 parameter.
 
     Raises:
-        ParameterError: invalid hyper-parameters (at construction) or a sparse gradient (at step).
+        ParameterError: invalid hyper-parameters or ``fused=True`` with ``foreach=True`` (at
+            construction), or a sparse gradient (at step).
         NonFiniteError: a NaN/inf gradient under ``on_nonfinite="raise"``; nothing is changed.
         StateDictError: ``load_state_dict`` with another optimizer's state or other shapes.
 
@@ -149,8 +162,10 @@ class ADOPT(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
+        validate_fused(fused, foreach)
         if clip_exponent is not None:
             validate_nonnegative(
                 "clip_exponent", clip_exponent, "; the authors use 0.25, None disables clipping"
@@ -164,6 +179,7 @@ class ADOPT(Optimizer):
             "clip_exponent": clip_exponent,
             "maximize": bool(maximize),
             "foreach": foreach,
+            "fused": fused,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
         }
@@ -201,7 +217,8 @@ class ADOPT(Optimizer):
                 self._init_group(group, *lists)
                 if lists[0]:
                     hyper: ADOPTHyper = group_options(group, ADOPTHyper)
-                    adopt(*lists, foreach=group["foreach"], scratch=self, **hyper)
+                    adopt(*lists, foreach=group["foreach"], fused=group.get("fused"), scratch=self,
+                          **hyper)  # fmt: skip
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -219,19 +236,23 @@ def adopt(
     state_steps: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     scratch: object | None = None,
     **hyper: Unpack[ADOPTHyper],
 ) -> None:
     """Functional API that performs the ADOPT computation; see :class:`ADOPT`.
 
     Updates ``params``, ``exp_avgs`` (m), ``exp_avg_sqs`` (v) and ``state_steps`` (completed steps,
-    a float32 scalar tensor per parameter) in place. ``foreach`` (default ``None`` = ``True``)
-    selects :func:`_multi_tensor_adopt`, else :func:`_single_tensor_adopt`. ``scratch``: an object
+    a float32 scalar tensor per parameter) in place. ``fused=True`` selects :func:`_fused_adopt`;
+    else ``foreach`` (default ``None`` = ``True``) selects :func:`_multi_tensor_adopt`, ``False``
+    :func:`_single_tensor_adopt`. ``scratch``: an object
     (the optimizer) whose reusable buffers the CPU fast path may use (:mod:`._scratch`); ``None``
     allocates fresh temporaries. ``hyper``: see :class:`ADOPTHyper`.
     """
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    if foreach is False:
+    if fused:
+        _fused_adopt(*lists, **hyper)
+    elif foreach is False:
         _single_tensor_adopt(*lists, **hyper)
     else:
         _multi_tensor_adopt(*lists, scratch=scratch, **hyper)
@@ -303,8 +324,19 @@ def _multi_tensor_adopt(
             torch._foreach_addcmul_(vs, gs, gs)
             torch._foreach_add_(ts, one, alpha=1.0)
             continue
-        if weight_decay != 0 and decouple:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        clip = None if clip_exponent is None else step**clip_exponent
+        decay = 1 - lr * weight_decay if decouple else 1.0
+        if scratch is not None and ps[0].device.type == "cpu" and ps[0].dtype != torch.float16:
+            dtype, device = ps[0].dtype, ps[0].device
+            blocked, (ps, gs, ms, vs), size = cpu_blocks([ps, gs, ms, vs])
+            if blocked:
+                row = workspace_rows(scratch, 1, size, dtype, device)[0]
+                _blocked_adopt(blocked, row, (lr, beta1, beta2, eps, clip, decay))
+            if not ps:
+                torch._foreach_add_(ts, one, alpha=1.0)
+                continue
+        if decay != 1:
+            torch._foreach_mul_(ps, decay)
         # normed = g / max(sqrt(v), eps), computed as g * rsqrt(max(v, eps^2)) (equal up to
         # rounding; float16 cannot hold eps^2 and takes sqrt-then-reciprocal). On CPU the
         # temporary lives in a reusable scratch buffer (as large as the largest tensor): fresh
@@ -330,8 +362,7 @@ def _multi_tensor_adopt(
                 normed = list(torch._foreach_maximum(v_, eps * eps))
                 torch._foreach_rsqrt_(normed)
             torch._foreach_mul_(normed, g_)
-            if clip_exponent is not None:
-                clip = step**clip_exponent
+            if clip is not None:
                 # on CPU, large tensors: one clamp_ pass each beats two foreach passes; small ones
                 # are dominated by per-call overhead, where the two foreach calls win
                 large = sum(t.numel() for t in normed) >= 65536 * len(normed)
@@ -347,3 +378,75 @@ def _multi_tensor_adopt(
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
         torch._foreach_add_(ts, one, alpha=1.0)
+
+
+def _adopt_kernel(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: float, beta1: float, beta2: float,
+    eps: float, clip: float, gsign: float, l2: float, decay: float,
+) -> None:  # fmt: skip
+    """One ADOPT update of one tensor (after its initialisation step), written for one pass.
+
+    ``gsign`` is -1 under maximize, ``l2`` the coupled weight decay (0 when decoupled), ``decay``
+    the decoupled shrink factor (1 when coupled), ``clip`` c(t) (``inf`` without clipping).
+    """
+    acc = accumulate_dtype(p)
+    g32 = g.to(acc) * gsign + p.to(acc) * l2
+    p32 = p.to(acc) * decay
+    normed = torch.clamp(g32 / v.to(acc).sqrt().clamp_min(eps), -clip, clip)
+    m32 = m.to(acc) + (1 - beta1) * (normed - m.to(acc))
+    m.copy_(m32)
+    p.copy_(p32 - lr * m32)
+    v.copy_(v.to(acc) * beta2 + (1 - beta2) * g32 * g32)
+
+
+def _fused_adopt(*lists: list[Tensor], **hyper: Unpack[ADOPTHyper]) -> None:
+    """The ADOPT rule as one compiled kernel per tensor (:mod:`._fused`); equal to
+    :func:`_single_tensor_adopt`. Tensors at their initialisation step take the foreach path.
+    """
+    lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], hyper["eps"]
+    weight_decay, decouple, kappa = hyper["weight_decay"], hyper["decouple"], hyper["clip_exponent"]
+    init = [i for i, t in enumerate(lists[4]) if float(t) == 0]
+    if init:
+        _multi_tensor_adopt(*([lst[i] for i in init] for lst in lists), **hyper)
+    skip = set(init)
+    gsign = -1.0 if hyper["maximize"] else 1.0
+    l2 = 0.0 if decouple else float(weight_decay)
+    decay = 1 - lr * weight_decay if decouple else 1.0
+    for i, (param, grad, exp_avg, exp_avg_sq, step_t) in enumerate(zip(*lists)):
+        if i in skip:
+            continue
+        tensors = [param, grad, exp_avg, exp_avg_sq]
+        if torch.is_complex(param):
+            tensors = [torch.view_as_real(t) for t in tensors]
+        step = float(step_t)
+        clip = float("inf") if kappa is None else step**kappa
+        fused_call(
+            _adopt_kernel, *map(flat, tensors), lr, beta1, beta2, eps, clip, gsign, l2, decay
+        )
+        step_t += 1
+
+
+def _blocked_adopt(
+    blocked: list[tuple[Tensor, ...]],
+    row: Tensor,
+    rule: tuple[float, float, float, float, float | None, float],
+) -> None:
+    """The ADOPT update of large contiguous CPU tensors, one cache-sized block at a time.
+
+    ``blocked``: ``(param, grad, exp_avg, exp_avg_sq)`` flat views (:func:`cpu_blocks`); ``row``:
+    a scratch row of the block size; ``rule``: ``(lr, beta1, beta2, eps, clip or None, decay)``.
+    Every operation of the update runs while the block is in cache, as in the foreach path.
+    """
+    lr, beta1, beta2, eps, clip, decay = rule
+    for p, g, m, v in blocked:
+        for s, e in block_ranges(p.numel(), row.numel()):
+            pb, gb, mb, vb, normed = p[s:e], g[s:e], m[s:e], v[s:e], row[: e - s]
+            torch.clamp_min(vb, eps * eps, out=normed)
+            normed.rsqrt_().mul_(gb)
+            if clip is not None:
+                normed.clamp_(-clip, clip)
+            if decay != 1:
+                pb.mul_(decay)
+            mb.lerp_(normed, 1 - beta1)
+            pb.add_(mb, alpha=-lr)
+            vb.mul_(beta2).addcmul_(gb, gb, value=1 - beta2)

@@ -54,7 +54,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._scratch import workspace
+from curvlab.optim._fused import accumulate_dtype, fused_call, validate_fused
+from curvlab.optim._scratch import block_ranges, workspace_rows
 from curvlab.optim._validation import (
     check_finite_grads,
     grads_of,
@@ -79,6 +80,8 @@ _KEEP_DTYPE_KEYS = ("rbar", "G", "x_float32")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: CPU: tensors with at least this many entries take ``x - x0`` through the scratch buffer.
 _SCRATCH_NUMEL = 65536
+#: block of the CPU distance ‖x − x0‖ (a 256 KiB float32 row: stays in L2 with x and x0's block)
+_BLOCK = 1 << 16
 
 
 class DoGHyper(TypedDict):
@@ -108,6 +111,8 @@ class DoG(Optimizer):
         eps: added once to G at the first step (default 1e-8).
         init_eta: if given, the first step size η_0 (then r̄_0 = 0 and ``reps_rel`` is ignored).
         foreach: use the multi-tensor path (default ``None`` = ``True``).
+        fused: take ‖x − x0‖ with one ``torch.compile``'d reduction per tensor (default ``None`` =
+            ``False``; the first step compiles for ~10-30 s, see :mod:`curvlab.optim._fused`).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` (the only policy with no
             device-to-host synchronisation at all); see :mod:`curvlab.optim._validation`.
 
@@ -151,8 +156,10 @@ class DoG(Optimizer):
         init_eta: float | None = None,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
+        validate_fused(fused, foreach)
         if init_eta is not None:
             validate_positive("init_eta", init_eta, "; it is the first step size, or None")
             reps_rel = 0.0
@@ -170,6 +177,7 @@ class DoG(Optimizer):
             "eps": eps,
             "init_eta": init_eta,
             "foreach": foreach,
+            "fused": fused,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
         }
@@ -249,8 +257,9 @@ class DoG(Optimizer):
             self._init_group(group, *lists)
             if lists[0]:
                 hyper: DoGHyper = group_options(group, DoGHyper)
-                dog(*lists, foreach=group["foreach"], grad_norms=raw_norms, scratch=self,
-                    layerwise=self.layerwise, **hyper)  # fmt: skip
+                dog(*lists, foreach=group["foreach"], fused=group.get("fused"),
+                    grad_norms=raw_norms, scratch=self, layerwise=self.layerwise,
+                    **hyper)  # fmt: skip
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -310,6 +319,7 @@ def dog(
     state_steps: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     grad_norms: list[Tensor] | None = None,
     layerwise: bool,
     scratch: object | None = None,
@@ -324,15 +334,17 @@ def dog(
     of the previous step (r_ε and ε before the first). ``grad_norms``: the 2-norms of ``grads`` if
     already computed (used when ``weight_decay == 0``). ``foreach`` (default ``None`` = ``True``)
     selects :func:`_multi_tensor_dog`, else :func:`_single_tensor_dog`. ``scratch``: the owner of
-    reusable buffers (:mod:`._scratch`) for the fast path. ``hyper``: see :class:`DoGHyper`.
+    reusable buffers (:mod:`._scratch`) for the fast path. ``fused=True``: the fast path with
+    ‖x − x0‖ from one compiled reduction per tensor (:mod:`._fused`). ``hyper``: see :class:`DoGHyper`.
     """
     lists = (params, grads, x0s, iterates, rbars, Gs, state_steps)
-    if foreach is False:
+    if foreach is False and not fused:
         _single_tensor_dog(*lists, layerwise=layerwise, **hyper)
     else:
         _multi_tensor_dog(
-            *lists, grad_norms=grad_norms, layerwise=layerwise, scratch=scratch, **hyper
-        )
+            *lists, grad_norms=grad_norms, layerwise=layerwise, scratch=scratch,
+            fused=bool(fused), **hyper,
+        )  # fmt: skip
 
 
 def _single_tensor_dog(*lists: list[Tensor], layerwise: bool, **hyper: Unpack[DoGHyper]) -> None:
@@ -372,6 +384,7 @@ def _multi_tensor_dog(
     grad_norms: list[Tensor] | None,
     layerwise: bool,
     scratch: object | None,
+    fused: bool = False,
     **hyper: Unpack[DoGHyper],
 ) -> None:
     """The DoG rule with ``torch._foreach_*`` kernels; equal to :func:`_single_tensor_dog`.
@@ -389,7 +402,7 @@ def _multi_tensor_dog(
         grad_norms = None
     if grad_norms is None:
         grad_norms = list(torch._foreach_norm(gs, 2, dtype=sdtype))
-    dists = _distances(iterates, x0s, sdtype, scratch)
+    dists = _distances(iterates, x0s, sdtype, None if fused else scratch, fused)
     if layerwise:
         torch._foreach_maximum_(rbars, dists)
         torch._foreach_add_(Gs, torch._foreach_mul(grad_norms, grad_norms))
@@ -434,13 +447,17 @@ def _grad_norms(grads: list[Tensor]) -> list[Tensor]:
 
 
 def _distances(
-    xs: list[Tensor], x0s: list[Tensor], dtype: torch.dtype, scratch: object | None
+    xs: list[Tensor], x0s: list[Tensor], dtype: torch.dtype, scratch: object | None, fused: bool
 ) -> list[Tensor]:
-    """‖x - x0‖ per tensor; large CPU tensors go through the reusable scratch buffer.
+    """‖x - x0‖ per tensor, without a full-size temporary for large tensors.
 
-    A fresh x - x0 of a large tensor costs page faults that dominate the step on CPU. Small tensors
-    of one dtype (< 65536 elements) take two multi-tensor calls instead (fewer Python calls).
+    ``fused``: one compiled reduction per tensor (:func:`_distance_kernel`). Else small tensors of
+    one dtype (< 65536 elements) take two multi-tensor calls (fewer Python calls) and large
+    contiguous CPU tensors one cache-sized block of ``x - x0`` at a time in the reusable scratch
+    buffer of ``scratch`` (a fresh full-size ``x - x0`` costs page faults and a pass over memory).
     """
+    if fused:
+        return [fused_call(_distance_kernel, x, x0, dtype) for x, x0 in zip(xs, x0s)]
     out: list[Tensor | None] = [None] * len(xs)
     small = [
         i
@@ -454,12 +471,25 @@ def _distances(
     for i, (x, x0) in enumerate(zip(xs, x0s)):
         if out[i] is not None:
             continue
-        if scratch is not None and x.dtype == x0.dtype:
-            diff = torch.sub(x, x0, out=workspace(scratch, x))
+        if scratch is not None and x.dtype == x0.dtype and x.is_contiguous() and x0.is_contiguous():
+            xf, x0f = x.view(-1), x0.view(-1)
+            row = workspace_rows(scratch, 1, min(_BLOCK, xf.numel()), x.dtype, x.device)[0]
+            parts = [
+                torch.linalg.vector_norm(
+                    torch.sub(xf[s:e], x0f[s:e], out=row[: e - s]), dtype=dtype
+                )
+                for s, e in block_ranges(xf.numel(), row.numel())
+            ]
+            out[i] = torch.stack(parts).norm()
         else:
-            diff = x - x0
-        out[i] = torch.linalg.vector_norm(diff, dtype=dtype)
+            out[i] = torch.linalg.vector_norm(x - x0, dtype=dtype)
     return out  # type: ignore[return-value]
+
+
+def _distance_kernel(x: Tensor, x0: Tensor, dtype: torch.dtype) -> Tensor:
+    """‖x − x0‖ in ``dtype``, written for one compiled pass (no temporary)."""
+    acc = accumulate_dtype(x)
+    return torch.linalg.vector_norm(x.to(acc) - x0.to(acc)).to(dtype)
 
 
 class PolynomialDecayAverager:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._fused import accumulate_dtype, fused_call, validate_fused
+from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
 from curvlab.optim._scratch import block_ranges, workspace_rows
 from curvlab.optim._validation import (
     check_finite_grads,
@@ -457,7 +457,7 @@ def _distances(
     buffer of ``scratch`` (a fresh full-size ``x - x0`` costs page faults and a pass over memory).
     """
     if fused:
-        return [fused_call(_distance_kernel, x, x0, dtype) for x, x0 in zip(xs, x0s)]
+        return [fused_call(_distance_kernel, flat(x), flat(x0), dtype) for x, x0 in zip(xs, x0s)]
     out: list[Tensor | None] = [None] * len(xs)
     small = [
         i

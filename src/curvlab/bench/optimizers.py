@@ -220,7 +220,7 @@ def make_scheduler(
 
 def closure_mode_of(optimizer: torch.optim.Optimizer) -> str:
     """``"loss"`` for optimizers that differentiate the closure's loss, else ``"backward"``."""
-    mode = getattr(type(optimizer), "closure_mode", "backward")
+    mode = getattr(optimizer, "closure_mode", "backward")  # the instance: PSGD(fit="hvp") sets it
     return "loss" if mode == "loss" else "backward"
 
 

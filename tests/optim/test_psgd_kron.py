@@ -656,3 +656,23 @@ def test_newton_fit_error_inputs():
         PSGDKron([w], fit="newton")
     with pytest.raises(ParameterError, match="fit is optimizer-wide"):
         PSGDKron([{"params": [w], "fit": "whiten"}], fit="hvp")
+
+
+@pytest.mark.parametrize("device_type", ["cpu"])
+def test_steps_inside_autocast_equal_steps_outside(device_type):
+    # inside torch.autocast(bfloat16) the preconditioner's matmuls would come out in bfloat16
+    # (torch raised "Expected out tensor to have dtype c10::BFloat16"); the update is the same
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(6, 4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [PSGDKron(m.parameters(), lr=0.01, seed=0) for m in models]
+    x = torch.randn(16, 6)
+    for _ in range(3):
+        for i, (m, opt) in enumerate(zip(models, opts)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=i == 1):
+                opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

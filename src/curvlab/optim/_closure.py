@@ -52,6 +52,7 @@ from curvlab.errors import (
     ParameterError,
 )
 from curvlab.estimators.param_diagonal import CurvatureEstimator, GNBEstimator
+from curvlab.operators._context import full_precision
 from curvlab.optim._validation import (
     check_finite_curvature,
     check_finite_grads,
@@ -188,12 +189,13 @@ def closure_grads(
         LossNotScalarError: a loss with more than one element.
     """
     loss, outputs = _call_closure(closure, params, name)
-    grads = _loss_grads(
-        loss,
-        params,
-        create_graph=bool(getattr(estimator, "create_graph", False)),
-        retain_graph=estimator is not None,
-    )
+    with full_precision():  # derivatives in the parameters' dtype, whatever autocast is active
+        grads = _loss_grads(
+            loss,
+            params,
+            create_graph=bool(getattr(estimator, "create_graph", False)),
+            retain_graph=estimator is not None,
+        )
     for p, g in zip(params, grads):
         p.grad = None if g is None else g.detach()
     return loss.detach(), outputs, grads
@@ -250,7 +252,8 @@ def closure_step(
         return StepInputs(loss, False, params, None)
     if estimator is None:
         return StepInputs(loss, True, params, None)
-    diag = estimate_curvature(estimator, params, grads, outputs, generator)
+    with full_precision():
+        diag = estimate_curvature(estimator, params, grads, outputs, generator)
     proceed = check_finite_curvature(groups, params, diag, step=step)
     return StepInputs(loss, proceed, params, diag)
 
@@ -426,7 +429,7 @@ class CurvatureFeed:
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), full_precision():
                 if self.needs_loss:
                     grads = _loss_grads(
                         cast(Tensor, loss).reshape(()),

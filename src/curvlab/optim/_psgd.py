@@ -253,8 +253,12 @@ class PSGDBase(Optimizer):
         else:
             loss, proceed, pairs = self._pair_start(closure)
         if proceed:
-            for group in self.param_groups:
-                self._step_group(group, pairs)
+            # the preconditioner algebra runs in the parameters' dtype whatever autocast region
+            # the loop is in (inside one, matmuls would come out in bfloat16)
+            device = self.param_groups[0]["params"][0].device.type
+            with torch.autocast(device, enabled=False):
+                for group in self.param_groups:
+                    self._step_group(group, pairs)
         return loss
 
     def _pair_start(self, closure: object) -> tuple[Tensor, bool, Pairs]:

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
+from curvlab.operators._context import full_precision
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     add_param_group_checked,
@@ -199,7 +200,8 @@ class MFAC(Optimizer):
                 dots = self._init_group(group, *lists)
                 row = group_step(self, group) % int(group["num_grads"])
                 hyper: MFACHyper = group_options(group, MFACHyper)
-                mfac(*lists, dots=dots, row=row, scratch=self, **hyper)
+                with full_precision():  # the window's products in the gradients' dtype
+                    mfac(*lists, dots=dots, row=row, scratch=self, **hyper)
         return loss
 
 

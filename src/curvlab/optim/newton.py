@@ -57,6 +57,7 @@ from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError
 from curvlab.estimators.solve import solve
+from curvlab.operators._context import full_precision
 from curvlab.operators.base import LinearOperator
 from curvlab.optim._closure import _call_closure, _loss_grads
 from curvlab.optim._validation import (
@@ -293,6 +294,12 @@ class Newton(Optimizer):
         groups = self.param_groups
         params = [p for g in groups for p in g["params"] if p.requires_grad]
         loss, _ = _call_closure(closure, params, type(self).__name__)
+        with full_precision():  # the solve's products and algebra in the parameters' dtype
+            return self._step_from(loss, params)
+
+    def _step_from(self, loss: Tensor, params: list[Tensor]) -> Tensor:
+        """The rest of :meth:`step`, from the closure's loss (outside any autocast)."""
+        groups = self.param_groups
         grads = _loss_grads(loss, params, create_graph=True, retain_graph=True)
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         for p, g in zip(params, grads):

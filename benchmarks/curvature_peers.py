@@ -362,6 +362,18 @@ def _targets(all_res: dict, memory: list[dict], w1_seeds: dict) -> list[tuple[st
                 f"worst {worst['per_hvp']:.2f} ({worst['label']})",
             )
         )
+        for task in ("top1", "top5", "density"):
+            cl_row = next((r for r in tasks.get(task, []) if r["peer"] == "curvlab"), None)
+            bare = next((r for r in tasks.get(task, []) if r["peer"] == "bare"), None)
+            if cl_row and bare:
+                ratio = float(np.median(np.divide(cl_row["t"], bare["t"])))
+                out.append(
+                    (
+                        f"{name}: {task} time / bare cached-graph Lanczos <= 1.05",
+                        ratio <= 1.05,
+                        f"{ratio:.3f} (median of per-repetition ratios, {bare['nhvp']} HVPs)",
+                    )
+                )
         if "top1" in tasks:
             rows = tasks["top1"]
             cl = rows[0]
@@ -374,7 +386,11 @@ def _targets(all_res: dict, memory: list[dict], w1_seeds: dict) -> list[tuple[st
                     f"{cl['acc']['residual']:.1e}",
                 )
             )
-            peers = [r for r in rows if r["peer"] != "curvlab" and r["acc"]["rel_err"] <= 1e-4]
+            peers = [
+                r
+                for r in rows
+                if r["peer"] not in ("curvlab", "bare") and r["acc"]["rel_err"] <= 1e-4
+            ]
             if peers:
                 best = min(peers, key=lambda r: r["tu"])
                 out.append(

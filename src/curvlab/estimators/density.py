@@ -126,7 +126,7 @@ def spectral_density(
     n = op.shape[0]
     Z = sample_probes(n, num_probes, probes, generator=generator, dtype=op.dtype, device=op.device)
     m = min(lanczos_steps, n)
-    with progress_bar(num_probes * m, "spectral density", progress) as bar:
+    with progress_bar(num_probes * m, "spectral density", progress) as bar, op.fixed():
         alpha, beta = lanczos_tridiagonal(op, Z, m, bar=bar)
     nodes = np.zeros((num_probes, m))
     weights = np.zeros((num_probes, m))

@@ -95,7 +95,9 @@ def eigsh(
     :math:`r_i` of an eigenvalue, and typically within :math:`r_i^2/\mathrm{gap}`, so the default
     ``tol=1e-3`` usually gives eigenvalues to ~1e-6 relative. When the basis reaches ``max_basis``
     vectors it restarts thickly (Wu & Simon 2000): it keeps the best Ritz vectors and continues
-    from the residual direction, so memory stays ``n × max_basis``. An exhausted Krylov space
+    from the residual direction, so memory stays ``n × max_basis``. The basis is allocated as it
+    grows (8 vectors, then doubling up to ``max_basis + 1``), so a run that converges in ``j``
+    steps holds at most ``2j`` basis vectors. An exhausted Krylov space
     (breakdown) continues from a fresh random direction, so ``k = n`` recovers the whole spectrum.
 
     Args:
@@ -149,13 +151,39 @@ def eigsh(
         raise InvalidArgumentError(
             f"max_basis = {m_max} is too small for k = {k}; use at least k + 2"
         )
+    with op.fixed():
+        v = _start_vector(op, v0, generator)
+        return _lanczos(op, k, which, tol, budget, m_max, v, generator)
 
+
+def _grow(V: Tensor, rows: int, cap: int) -> Tensor:
+    """``V`` with room for at least ``rows`` rows: doubled, at most ``cap`` (the rows kept)."""
+    if rows <= V.shape[0]:
+        return V
+    grown = V.new_empty(min(max(rows, 2 * V.shape[0]), cap), V.shape[1])
+    grown[: V.shape[0]] = V
+    return grown
+
+
+def _lanczos(
+    op: LinearOperator,
+    k: int,
+    which: str,
+    tol: float,
+    budget: int,
+    m_max: int,
+    v0: Tensor,
+    generator: torch.Generator | None,
+) -> Eigenpairs:
+    """The thick-restarted Lanczos iteration of :func:`eigsh` (arguments validated there)."""
+    n = op.shape[0]
     dtype, device = op.dtype, op.device
     eps23 = float(torch.finfo(dtype).eps) ** (2.0 / 3.0)
-    # Krylov basis stored as rows (contiguous vectors): products and CGS2 stream over memory
-    V = torch.zeros(m_max + 1, n, dtype=dtype, device=device)
+    # Krylov basis stored as rows (contiguous vectors): products and CGS2 stream over memory;
+    # allocated as it grows, so its memory follows the steps taken
+    V = v0.new_empty(min(8, m_max + 1), n)
     T = np.zeros((m_max + 1, m_max + 1))
-    V[0] = _start_vector(op, v0, generator)
+    V[0] = v0
     j = 0  # index of the basis vector whose product comes next
     matvecs = 0
     anorm = 0.0
@@ -195,6 +223,7 @@ def eigsh(
             w = w / beta
             beta_next = beta
         if m < m_max:
+            V = _grow(V, m + 1, m_max + 1)
             V[m] = w
             T[m, m - 1] = T[m - 1, m] = beta_next
             j = m
@@ -205,7 +234,6 @@ def eigsh(
         Sk = torch.as_tensor(S[:, keep], dtype=dtype, device=device)
         V[:p] = Sk.T @ V[:m]
         V[p] = w
-        V[p + 1 :] = 0
         T[:] = 0
         T[np.arange(p), np.arange(p)] = theta[keep]
         T[p, :p] = T[:p, p] = beta_next * S[m - 1, keep]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
@@ -44,6 +45,9 @@ _OUTPUT_FN_HINT = (
 )
 _MODES = ("eval", "train", "as-is")
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+GRAPH_CACHE_BYTES = 1 << 30
+"""``cache_graph=None`` caches the graphs of several batches when they are estimated to fit this."""
+_version = operator.attrgetter("_version")
 
 
 class NonDeterministicModelWarning(UserWarning):
@@ -85,11 +89,16 @@ class CurvatureOperator(LinearOperator):
     Subclasses build, per batch, a *linearisation* (the autograd graph a product needs) and apply
     it to the columns of a matrix. When ``cache_graph`` is on, the linearisations are built once
     and reused by every product until a parameter changes, so each product costs one backward pass
-    per column instead of a fresh forward and backward. A change is detected from the parameters'
-    identity (a module attribute replaced), version counter (in-place updates, optimizer steps)
-    and storage (``p.data = new``), at the cost of one pass over the parameter list per product.
-    Writes through ``p.data`` (``p.data.copy_(...)``) bypass all three: call :meth:`clear_cache`
-    after them.
+    per column instead of a fresh forward and backward. ``cache_graph=None`` (the default) caches
+    a single batch always, and several batches when their graphs are estimated to take at most
+    :data:`GRAPH_CACHE_BYTES` (1 GiB): the bytes of the tensors the first batch's graph saves
+    (parameters excluded, each storage once), scaled by the number of targets of all batches over
+    the first batch's. A change is detected from the parameters' identity (a module attribute
+    replaced), version counter (in-place updates, optimizer steps) and storage (``p.data = new``),
+    at the cost of one pass over the parameter list per product, in C (``map``) rather than a
+    Python loop; inside an estimator (:meth:`fixed`) the pass runs once per call instead. Writes
+    through ``p.data`` (``p.data.copy_(...)``) bypass all three: call :meth:`clear_cache` after
+    them.
 
     Every forward the operator runs leaves the model as it found it: the training flags are
     restored and BatchNorm layers that run in training mode use batch statistics without updating
@@ -146,13 +155,17 @@ class CurvatureOperator(LinearOperator):
             else BatchSource(data, self.reduction, loss_fn, target_fn)
         )
         self.params: list[Tensor] = tensors
-        self._owners = [_owner(model, n) for n in names]
+        owners = [_owner(model, n) for n in names]
+        self._slots = [module._parameters for module, _ in owners]
+        self._leaves = [leaf for _, leaf in owners]
         self.param_space = ParamSpace(tuple(names), tuple(p.shape for p in tensors))
         self.check_finite = check_finite
         self.vectorize = bool(vectorize)
-        self.cache_graph = self.data.single if cache_graph is None else bool(cache_graph)
+        self.cache_graph = True if cache_graph is None else bool(cache_graph)
+        self._auto_cache = cache_graph is None and not self.data.single
         self._cache: list[Any] | None = None
-        self._cache_key: list[tuple[int, int]] | None = None
+        self._cache_key: tuple[list[int], list[int]] | None = None
+        self._fixed_depth = 0
         self._init_args: OperatorOptions = {
             "mode": mode,
             "reduction": self.reduction,
@@ -189,6 +202,8 @@ class CurvatureOperator(LinearOperator):
                 self._try_batch(
                     x, y, f"batch {i} has inputs of shapes {shapes[i]}, batch 0 {shapes[0]}"
                 )
+        if self._auto_cache:
+            self.cache_graph = self._graphs_fit()
         if self.cache_graph:
             for _ in self._linearisations():
                 pass
@@ -198,6 +213,31 @@ class CurvatureOperator(LinearOperator):
             outputs = self._forward(x)
             self._loss(outputs, y, w)
             self._check_outputs(outputs, y.to(self.device))
+
+    def _graphs_fit(self) -> bool:
+        """Whether the graphs of all batches are estimated to fit :data:`GRAPH_CACHE_BYTES`.
+
+        Builds the first batch's linearisation once with a hook that records the storage of every
+        tensor its graph saves (parameters excluded), and scales those bytes by the number of
+        targets of all the batches over the first's.
+        """
+        storages: dict[int, int] = {}
+        own = {p.untyped_storage().data_ptr() for p in self.params}
+
+        def pack(t: Tensor) -> Tensor:
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # a tensor without a storage of its own
+                return t
+            if st.data_ptr() not in own:
+                storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        x, y, w = next(iter(self.data))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self._model_mode():
+            self._linearise(x, y, w)
+        sizes = self.data.sizes
+        return sum(storages.values()) * sum(sizes) / sizes[0] <= GRAPH_CACHE_BYTES
 
     def _try_batch(self, x: Any, y: Tensor, what: str) -> None:
         try:
@@ -245,12 +285,14 @@ class CurvatureOperator(LinearOperator):
         statistics and updates its running ones; with ``track_running_stats`` off for the forward
         it computes the same output and updates nothing (no copy of the statistics is needed).
         """
-        flags = [(m, m.training) for m in self.model.modules()] if self.mode != "as-is" else []
-        if self.mode != "as-is":
-            self.model.train(self.mode == "train")
+        modules = list(self.model.modules())
+        flags = [(m, m.training) for m in modules] if self.mode != "as-is" else []
+        want = self.mode == "train"
+        if flags and any(flag != want for _, flag in flags):
+            self.model.train(want)  # only when a flag differs: train() walks the whole model
         frozen = [
             bn
-            for bn in self.model.modules()
+            for bn in modules
             if isinstance(bn, nn.modules.batchnorm._BatchNorm)
             and bn.training
             and bn.track_running_stats
@@ -263,7 +305,8 @@ class CurvatureOperator(LinearOperator):
             for bn in frozen:
                 bn.track_running_stats = True
             for m, flag in flags:
-                m.training = flag
+                if m.training != flag:
+                    m.training = flag
 
     # -- forward ----------------------------------------------------------------------------
     def _forward(self, inputs: Any) -> Tensor:
@@ -324,17 +367,34 @@ class CurvatureOperator(LinearOperator):
     def _sync_params(self) -> None:
         """Follow replaced parameters and drop the cached graphs when a parameter changed.
 
-        One pass over the parameter list: a parameter object replaced on its module is picked up
-        (it must keep its shape and dtype), and the cache key (version counter and storage of
-        every parameter) catches in-place updates and ``p.data = new``.
+        One pass over the parameter list, run by ``map`` in C: a parameter object replaced on its
+        module is picked up (it must keep its shape and dtype), and the cache key (version
+        counters and storages of the parameters) catches in-place updates and ``p.data = new``.
+        Skipped inside :meth:`fixed`, which runs it once on entry.
         """
-        current = [module._parameters.get(leaf) for module, leaf in self._owners]
-        if any(c is not p for c, p in zip(current, self.params)):
+        if self._fixed_depth:
+            return
+        current = list(map(dict.get, self._slots, self._leaves))
+        if not all(map(operator.is_, current, self.params)):
             self._follow_replaced(current)
-        key = [(p._version, p.data_ptr()) for p in self.params]
+        key = (list(map(_version, self.params)), list(map(Tensor.data_ptr, self.params)))
         if key != self._cache_key:
             self._cache = None
             self._cache_key = key
+
+    @contextlib.contextmanager
+    def fixed(self) -> Iterator[None]:
+        """Within the block the parameters are taken as fixed: an estimator's products.
+
+        The parameter check runs once on entry instead of at every product; a change made
+        inside the block is seen at the first product after it.
+        """
+        self._sync_params()
+        self._fixed_depth += 1
+        try:
+            yield
+        finally:
+            self._fixed_depth -= 1
 
     def _follow_replaced(self, current: Sequence[Tensor | None]) -> None:
         """Adopt parameters replaced on their modules, if they keep their shape and dtype."""

@@ -123,11 +123,13 @@ class HessianOperator(CurvatureOperator):
                 cols_v = self._columns(V)
                 hv = self._grad(outputs, [cols_v[i] for i in lin.idx], batched=True)
             return self._flatten_columns(hv)
-        cols = []
-        rows = V.T.contiguous()  # one contiguous vector per column
+        # columns in and out as contiguous rows: no copy for V = Z.T of row-major probes, and
+        # each product is written in place (the result is the transposed view of the rows)
+        rows = V.T.contiguous()
+        out = torch.empty_like(rows)
         with torch.enable_grad():
             for j in range(V.shape[1]):
                 pieces = self.param_space.split(rows[j])
                 hv = self._grad(outputs, [pieces[i] for i in lin.idx])
-                cols.append(self.param_space.flatten(hv))
-        return torch.stack(cols, dim=1)
+                torch.cat([h.reshape(-1) for h in hv], out=out[j])
+        return out.T

@@ -15,7 +15,7 @@ from curvlab.operators._checks import check_choice, check_positive_float, check_
 from curvlab.operators._context import in_full_precision
 from curvlab.operators.base import LinearOperator
 
-__all__ = ["eigsh", "power_iteration"]
+__all__ = ["eigsh", "lanczos_step", "power_iteration"]
 
 _WHICH = ("LA", "SA", "LM")
 
@@ -156,6 +156,18 @@ def eigsh(
         return _lanczos(op, k, which, tol, budget, m_max, v, generator)
 
 
+def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor]:
+    """One Lanczos step from basis row ``j``, on the device, with no host synchronisation.
+
+    Returns ``A v_j`` orthogonalised against the rows ``V[: j + 1]`` (CGS2) and the tensor
+    ``[alpha_j, beta_j]`` (``alpha_j = v_jᵀ A v_j``, ``beta_j`` the norm of the first).
+    """
+    w = op.matmat(V[j])
+    alpha = V[j] @ w
+    w = _orthogonalise_rows(V[: j + 1], w)
+    return w, torch.stack([alpha, w.norm()])
+
+
 def _grow(V: Tensor, rows: int, cap: int) -> Tensor:
     """``V`` with room for at least ``rows`` rows: doubled, at most ``cap`` (the rows kept)."""
     if rows <= V.shape[0]:
@@ -188,11 +200,10 @@ def _lanczos(
     matvecs = 0
     anorm = 0.0
     while True:
-        w = op.matmat(V[j])
+        w, coefficients = lanczos_step(op, V, j)
         matvecs += 1
-        T[j, j] = float(V[j] @ w)
-        w = _orthogonalise_rows(V[: j + 1], w)
-        beta = float(w.norm())
+        # the iteration's one synchronisation: the convergence check needs alpha and beta
+        T[j, j], beta = coefficients.tolist()
         m = j + 1
         theta, S = np.linalg.eigh(T[:m, :m])
         anorm = max(anorm, float(np.abs(theta).max()))

@@ -168,6 +168,7 @@ class CurvatureOperator(LinearOperator):
         self._cache: list[Any] | None = None
         self._cache_key: tuple[list[int], list[int]] | None = None
         self._fixed_depth = 0
+        self._finite: Tensor | None = None  # products' finiteness, pending inside fixed()
         self._init_args: OperatorOptions = {
             "mode": mode,
             "reduction": self.reduction,
@@ -389,7 +390,9 @@ class CurvatureOperator(LinearOperator):
         """Within the block the parameters are taken as fixed: an estimator's products.
 
         The parameter check runs once on entry instead of at every product; a change made
-        inside the block is seen at the first product after it.
+        inside the block is seen at the first product after it. On an accelerator the products'
+        finiteness check is a device flag read once when the block ends (raising
+        :class:`~curvlab.errors.NonFiniteError` then), so products do not wait for the host.
         """
         self._sync_params()
         self._fixed_depth += 1
@@ -397,6 +400,10 @@ class CurvatureOperator(LinearOperator):
             yield
         finally:
             self._fixed_depth -= 1
+        if not self._fixed_depth and self._finite is not None:
+            finite, self._finite = self._finite, None
+            if not bool(finite):
+                self._raise_nonfinite()
 
     def _follow_replaced(self, current: Sequence[Tensor | None]) -> None:
         """Adopt parameters replaced on their modules, if they keep their shape and dtype."""
@@ -445,18 +452,24 @@ class CurvatureOperator(LinearOperator):
                 out = part if out is None else out.add_(part)
         if out is None:
             out = torch.zeros_like(V)
+        if not self.check_finite:
+            return out
+        if self._fixed_depth and out.device.type != "cpu":
+            # inside an estimator on an accelerator: a flag on the device, read when the
+            # estimator's block ends, so that products do not synchronise with the host
+            finite = torch.isfinite(out).all()
+            self._finite = finite if self._finite is None else self._finite & finite
         # a finite sum implies finite entries; only a non-finite sum (NaN/inf, or an overflow
         # of the sum itself) needs the element-wise check
-        if (
-            self.check_finite
-            and not math.isfinite(float(out.sum()))
-            and not bool(torch.isfinite(out).all())
-        ):
-            raise NonFiniteError(
-                f"a {type(self).__name__} product contains NaN/inf; the loss surface is not "
-                "finite here (check the parameters, the data and the input vectors)"
-            )
+        elif not math.isfinite(float(out.sum())) and not bool(torch.isfinite(out).all()):
+            self._raise_nonfinite()
         return out
+
+    def _raise_nonfinite(self) -> None:
+        raise NonFiniteError(
+            f"a {type(self).__name__} product contains NaN/inf; the loss surface is not "
+            "finite here (check the parameters, the data and the input vectors)"
+        )
 
     # -- helpers for subclasses -------------------------------------------------------------
     def _grad(

@@ -95,7 +95,9 @@ class CurvatureOperator(LinearOperator):
     a single batch always, and several batches when their graphs are estimated to take at most
     :data:`GRAPH_CACHE_BYTES` (1 GiB): the bytes of the tensors the first batch's graph saves
     (parameters excluded, each storage once), scaled by the number of targets of all batches over
-    the first batch's. A change is detected from the parameters' identity (a module attribute
+    the first batch's. The Hessian then concatenates them into one graph where that is exact
+    (see :meth:`_merged_batch`), so a product over several batches costs what one over the same
+    data in one batch costs. A change is detected from the parameters' identity (a module attribute
     replaced), version counter (in-place updates, optimizer steps) and storage (``p.data = new``),
     at the cost of one pass over the parameter list per product, in C (``map``) rather than a
     Python loop; inside an estimator (:meth:`fixed`) the pass runs once per call instead. Writes
@@ -110,6 +112,8 @@ class CurvatureOperator(LinearOperator):
     """
 
     is_symmetric = True
+    merge_batches = False
+    """Whether automatically cached batches may be concatenated into one graph (Hessian: yes)."""
 
     def __init__(
         self,
@@ -429,8 +433,9 @@ class CurvatureOperator(LinearOperator):
         self._sync_params()
         if self.cache_graph:
             if self._cache is None:
+                merged = self._merged_batch()
                 with self._model_mode():
-                    self._cache = [self._linearise(x, y, w) for x, y, w in self.data]
+                    self._cache = [self._linearise(x, y, w) for x, y, w in merged or self.data]
             yield from self._cache
             return
         for x, y, w in self.data:
@@ -438,6 +443,29 @@ class CurvatureOperator(LinearOperator):
                 lin = self._linearise(x, y, w)
             yield lin
             del lin
+
+    def _merged_batch(self) -> list[tuple[Tensor, Tensor, float]] | None:
+        """All batches as one, when the cache was chosen automatically and that is exact.
+
+        In ``mode="eval"`` a model treats examples independently, so the loss's own reduction
+        over the concatenated batches is the full-data loss (mean: the summed losses over the
+        summed denominators, class weights and ``ignore_index`` included; sum: the sum), and
+        one graph replaces several: a product is one backward pass instead of one per batch.
+        Only for tensor inputs and targets of equal trailing shapes and without ``output_fn``
+        (which may not act example by example); ``cache_graph=True`` keeps one graph per batch.
+        """
+        if not (self.merge_batches and self._auto_cache and self.cache_graph):
+            return None
+        if self.mode != "eval" or self.output_fn is not None:
+            return None
+        pairs = list(self.data._iter_raw())
+        if not all(isinstance(x, Tensor) for x, _ in pairs):
+            return None
+        if len({(x.shape[1:], y.shape[1:], x.dtype, y.dtype) for x, y in pairs}) != 1:
+            return None
+        xs = torch.cat([move_to(x, self.device) for x, _ in pairs])
+        ys = torch.cat([move_to(y, self.device) for _, y in pairs])
+        return [(xs, ys, 1.0)]
 
     def clear_cache(self) -> None:
         """Drop the cached graphs (they are rebuilt at the next product)."""

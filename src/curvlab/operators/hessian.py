@@ -109,6 +109,7 @@ class HessianOperator(CurvatureOperator):
 
     is_symmetric = True
     is_psd = False
+    merge_batches = True
 
     def _linearise(self, inputs: Any, targets: Tensor, weight: float) -> _HessianLinearisation:
         with torch.enable_grad():

@@ -47,8 +47,7 @@ def lanczos_tridiagonal(
     for j in range(m):
         v = V[:, j]  # [p, n]
         W = A.matmat(v.T).T  # [p, n]
-        a = torch.linalg.vecdot(W, v)
-        alpha[:, j] = a
+        a = torch.linalg.vecdot(W, v, out=alpha[:, j])
         if bar is not None:
             bar.update(p)  # type: ignore[attr-defined]
         if j == m - 1:
@@ -56,11 +55,12 @@ def lanczos_tridiagonal(
         Vj, W3 = V[:, : j + 1], W.unsqueeze(1)  # [p, j+1, n], [p, 1, n]
         for _ in range(2):
             W3 = torch.baddbmm(W3, torch.bmm(W3, Vj.transpose(1, 2)), Vj, alpha=-1.0)
-        b = W3.squeeze(1).norm(dim=1)
-        amax = torch.maximum(amax, a.abs())
-        live = b > 1e-10 * amax.clamp_min(1e-30)
-        beta[:, j] = b * live
-        V[:, j + 1] = W3.squeeze(1) * torch.where(live, 1.0 / b, 0.0).unsqueeze(1)
+        b = torch.linalg.vector_norm(W3, dim=(1, 2))
+        torch.maximum(amax, a.abs(), out=amax)
+        live = b > amax.mul(1e-10)  # amax = 0 only for a zero probe, whose b is 0 too
+        torch.mul(b, live, out=beta[:, j])
+        scale = live / b.clamp_min(torch.finfo(b.dtype).tiny)  # 1/b, or 0 where exhausted
+        torch.mul(W3.squeeze(1), scale.unsqueeze(1), out=V[:, j + 1])
     return alpha.double().cpu().numpy(), beta.double().cpu().numpy()
 
 

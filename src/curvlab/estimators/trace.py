@@ -83,10 +83,11 @@ def trace(
       :math:`\operatorname{tr}(Q^\top A Q)` exactly, the rest runs Hutchinson on the deflated
       :math:`(I-QQ^\top)A(I-QQ^\top)`. It needs :math:`O(1/\epsilon)` products instead of
       :math:`O(1/\epsilon^2)` when the spectrum decays. Memory is the sketch itself, ``n × s``
-      with ``s = min(m/3, n, SKETCH_BYTES / (n · itemsize))`` (256 MiB: no cap below ~650k float64
-      or ~1.3M float32 parameters at m = 300): the sketch's probes and the products with ``Q`` are
-      streamed ``chunk_size`` at a time, ``Q`` is orthonormalised in place, and the budget the
-      cap leaves goes to the deflated probes, so memory stays flat in ``m`` beyond ``3s``.
+      with ``s = min(m/3, n, SKETCH_BYTES / (n · itemsize))`` (256 MiB: at m = 300 the cap
+      bites above ~670k float32 or ~335k float64 parameters): the sketch's probes and the
+      products with ``Q`` are streamed ``chunk_size`` at a time, ``Q`` is orthonormalised in
+      place, and the budget the cap leaves goes to the deflated probes, so memory stays flat in
+      ``m`` beyond ``3s``.
 
     Per-block traces (``blocks="module"`` on a curvature operator, or a mapping name -> slices)
     come from the *same* products: Hutchinson uses :math:`z_b^\top (Az)_b`; Hutch++ adds the exact

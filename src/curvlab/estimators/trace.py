@@ -159,11 +159,14 @@ def hutchinson_trace(
         while used < num_matvecs:
             c = min(chunk_size, num_matvecs - used)
             Z = probe_columns(op, c, probes, generator)
-            ZAZ = Z * op.matmat(Z)
-            samples.append(ZAZ.sum(dim=0))
-            for b, slices in spec.items():
-                block_samples[b].append(block_sum(ZAZ, slices))
-            del ZAZ
+            AZ = op.matmat(Z)
+            samples.append(torch.linalg.vecdot(Z, AZ, dim=0))  # zᵀAz, without a Z ⊙ AZ copy
+            if spec:
+                ZAZ = Z * AZ
+                for b, slices in spec.items():
+                    block_samples[b].append(block_sum(ZAZ, slices))
+                del ZAZ
+            del Z, AZ
             used += c
             bar.update(c)
             if rtol is not None and used >= 10:

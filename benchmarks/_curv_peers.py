@@ -26,9 +26,10 @@ from torch import Tensor
 
 __all__ = ["COUNTER", "PEERS", "available", "rows_for"]
 
-PEERS = ("curvlab", "pyhessian", "curvlinops", "eigenthings")
+PEERS = ("curvlab", "bare", "pyhessian", "curvlinops", "eigenthings")
 _MODULES = {
     "curvlab": "curvlab",
+    "bare": "torch",
     "pyhessian": "pyhessian",
     "curvlinops": "curvlinops",
     "eigenthings": "hessian_eigenthings",
@@ -53,6 +54,7 @@ def version(peer: str) -> str:
 
     dist = {
         "curvlab": "curvlab",
+        "bare": "torch",
         "pyhessian": "pyhessian",
         "curvlinops": "curvlinops-for-pytorch",
         "eigenthings": "hessian-eigenthings",
@@ -128,6 +130,49 @@ def _torch_eig_shim() -> None:
 def _clear_grads(p: Problem) -> None:
     for q in p.model.parameters():
         q.grad = None
+
+
+# -- bare reference ----------------------------------------------------------------------------
+def bare_lanczos(p: Problem, steps: int, k: int = 1, probe: Tensor | None = None) -> dict[str, Any]:
+    """The floor: ``steps`` Lanczos steps on a cached gradient graph, no library around them.
+
+    One forward and ``create_graph`` backward, then per step one double-backward HVP on flat
+    vectors, the three-term coefficients and full re-orthogonalisation (two classical
+    Gram-Schmidt passes over the rows of the basis), and one eigendecomposition of the
+    tridiagonal matrix at the end. No stopping rule: the caller passes the number of HVPs the
+    library row used, so the ratio of the two times is the library's overhead.
+    """
+    params = [q for q in p.model.parameters() if q.requires_grad]
+    sizes = [q.numel() for q in params]
+    with torch.enable_grad():
+        loss = p.loss_fn(p.model(p.X), p.y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    n = sum(sizes)
+    V = torch.empty(steps + 1, n, dtype=params[0].dtype)
+    v = probe if probe is not None else torch.randn(n, generator=_gen(), dtype=V.dtype)
+    V[0] = v / v.norm()
+    alpha, beta = np.zeros(steps), np.zeros(steps)
+    for j in range(steps):
+        vs = [s.view_as(q) for s, q in zip(torch.split(V[j], sizes), params)]
+        hv = torch.autograd.grad(grads, params, vs, retain_graph=True)
+        w = torch.cat([h.reshape(-1) for h in hv])
+        alpha[j] = float(V[j] @ w)
+        B = V[: j + 1]
+        w = torch.addmv(w, B.T, B @ w, alpha=-1.0)
+        w = torch.addmv(w, B.T, B @ w, alpha=-1.0)
+        beta[j] = float(w.norm())
+        V[j + 1] = w / beta[j]
+    T = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
+    theta, S = np.linalg.eigh(T)
+    top = np.argsort(-theta)[:k]
+    vecs = V[:steps].T @ torch.as_tensor(S[:, top], dtype=V.dtype)
+    return {
+        "values": theta[top].tolist(),
+        "vectors": vecs,
+        "nodes": theta,
+        "weights": S[0] ** 2,
+        "nhvp": steps,
+    }
 
 
 # -- curvlab ---------------------------------------------------------------------------------
@@ -366,11 +411,28 @@ def et_density(p: Problem, steps: int) -> dict[str, Any]:
 Row = tuple[str, str, Callable[[Problem], dict[str, Any]]]
 
 
+def _curvlab_hvps(p: Problem, k: int) -> int:
+    """The number of HVPs curvlab's ``eigsh(k)`` takes here (the bare row runs as many)."""
+    return int(cl_eigsh(p, k)["nhvp"])
+
+
 def rows_for(task: str, p: Problem, m: int, steps: int) -> list[Row]:
-    """``(peer, label, fn)`` rows of one task (peers filtered by the caller)."""
+    """``(peer, label, fn)`` rows of one task (peers filtered by the caller).
+
+    The ``bare`` rows are the floor (:func:`bare_lanczos`) with the HVP count of curvlab's row.
+    """
+    if task in ("top1", "top5"):
+        k = 1 if task == "top1" else 5
+        nk = _curvlab_hvps(p, k)
+        bare: Row = (
+            "bare",
+            f"cached-graph Lanczos, {nk} steps [= curvlab's #HVP]",
+            lambda q: bare_lanczos(q, nk, k),
+        )
     if task == "top1":
         return [
             ("curvlab", "eigsh(k=1) [default tol 1e-3]", lambda q: cl_eigsh(q, 1)),
+            bare,
             ("curvlab", "power_iteration(k=1) [baseline]", lambda q: cl_power(q, 1)),
             ("pyhessian", "eigenvalues(top_n=1)", lambda q: ph_eig(q, 1)),
             ("curvlinops", "H.to_scipy() + scipy eigsh(k=1,'LA')", lambda q: clo_eigsh(q, 1)),
@@ -380,6 +442,7 @@ def rows_for(task: str, p: Problem, m: int, steps: int) -> list[Row]:
     if task == "top5":
         return [
             ("curvlab", "eigsh(k=5) [default tol 1e-3]", lambda q: cl_eigsh(q, 5)),
+            bare,
             ("pyhessian", "eigenvalues(top_n=5)", lambda q: ph_eig(q, 5)),
             ("curvlinops", "H.to_scipy() + scipy eigsh(k=5,'LA')", lambda q: clo_eigsh(q, 5)),
             ("eigenthings", "lanczos(k=5) [defaults]", lambda q: et_lanczos(q, 5)),
@@ -439,6 +502,7 @@ def rows_for(task: str, p: Problem, m: int, steps: int) -> list[Row]:
                 f"spectral_density(1 probe, {steps} steps)",
                 lambda q: cl_density(q, steps),
             ),
+            ("bare", f"cached-graph Lanczos, {steps} steps", lambda q: bare_lanczos(q, steps)),
             (
                 "pyhessian",
                 f"density(iter={steps}, n_v=1) [torch.eig shim]",

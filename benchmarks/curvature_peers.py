@@ -316,11 +316,100 @@ def _memory(avail: dict, problem: str, ms: tuple[int, int]) -> list[dict]:
     return rows
 
 
+# -- scale: probes at 1M/5M parameters, multi-batch operators -------------------------------
+def _scale_mlp(d: int, h: int, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # benchmark script: the layers' initialisation
+    net = torch.nn.Sequential(
+        torch.nn.Linear(d, h),
+        torch.nn.Tanh(),
+        torch.nn.Linear(h, h),
+        torch.nn.Tanh(),
+        torch.nn.Linear(h, 10),
+    )
+    return net, torch.randn(batch, d, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+def _interleaved(fns: dict[str, Any], reps: int) -> dict[str, float]:
+    """Median CPU seconds of each function, the order rotated every repetition."""
+    t: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for rep in range(reps):
+        for k in keys[rep % len(keys) :] + keys[: rep % len(keys)]:
+            gc.collect()
+            t0 = time.process_time()
+            fns[k]()
+            t[k].append(time.process_time() - t0)
+    return {k: float(np.median(v)) for k, v in t.items()}
+
+
+def _scale(reps: int) -> list[dict[str, Any]]:
+    """HVPs per probe of Hutchinson at 1M/5M (old chunk 8 vs the size-picked default) and one
+    product over a DataLoader of 8 batches vs one batch of the same data (default, and without
+    the graph cache: the old default for several batches)."""
+    from curvlab.estimators import trace
+    from curvlab.operators import HessianOperator
+
+    rows: list[dict[str, Any]] = []
+    loss = torch.nn.CrossEntropyLoss()
+    for label, (d, h) in (("1M", (256, 1024)), ("5M", (256, 2048))):
+        net, X, y = _scale_mlp(d, h, 64)
+        H = HessianOperator(net, loss, (X, y))
+        v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(3))
+        m = 8
+
+        def probes(chunk: int | None, H: Any = H, m: int = m) -> None:
+            trace(H, m, method="hutchinson", chunk_size=chunk, generator=torch.Generator())
+
+        t = _interleaved(
+            {
+                "hvp": lambda H=H, v=v: H @ v,
+                "chunk8": lambda: probes(8),
+                "auto": lambda: probes(None),
+            },
+            reps,
+        )
+        rows.append(
+            {
+                "what": f"{label} ({H.shape[0]:,} params): Hutchinson HVPs per probe",
+                "chunk_size=8": t["chunk8"] / m / t["hvp"],
+                "default": t["auto"] / m / t["hvp"],
+            }
+        )
+    p = make_problem("mlp")
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(p.X, p.y), batch_size=p.X.shape[0] // 8
+    )
+    one = HessianOperator(p.model, p.loss_fn, (p.X, p.y))
+    multi = HessianOperator(p.model, p.loss_fn, loader)
+    nocache = HessianOperator(p.model, p.loss_fn, loader, cache_graph=False)
+    v = torch.randn(one.shape[0], generator=torch.Generator().manual_seed(4))
+    t = _interleaved(
+        {"one": lambda: one @ v, "multi": lambda: multi @ v, "nocache": lambda: nocache @ v},
+        5 * reps,
+    )
+    rows.append(
+        {
+            "what": "digits MLP: a product over a DataLoader of 8 batches / one batch",
+            "cache_graph=False": t["nocache"] / t["one"],
+            "default": t["multi"] / t["one"],
+        }
+    )
+    return rows
+
+
 # -- report ----------------------------------------------------------------------------------
 def _fmt(x: Any, spec: str = ".2g") -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "–"
     return format(x, spec)
+
+
+def _print_scale(rows: list[dict[str, Any]]) -> None:
+    print(f"\n[scale] CPU time ratios (medians, interleaved; load {os.getloadavg()[0]:.1f})")
+    for r in rows:
+        cols = "   ".join(f"{k} {v:.2f}" for k, v in r.items() if k != "what")
+        print(f"  {r['what']:<62}{cols}")
 
 
 def _print_task(name: str, task: str, rows: list[dict]) -> None:
@@ -362,6 +451,18 @@ def _targets(all_res: dict, memory: list[dict], w1_seeds: dict) -> list[tuple[st
                 f"worst {worst['per_hvp']:.2f} ({worst['label']})",
             )
         )
+        for task in ("top1", "top5", "density"):
+            cl_row = next((r for r in tasks.get(task, []) if r["peer"] == "curvlab"), None)
+            bare = next((r for r in tasks.get(task, []) if r["peer"] == "bare"), None)
+            if cl_row and bare:
+                ratio = float(np.median(np.divide(cl_row["t"], bare["t"])))
+                out.append(
+                    (
+                        f"{name}: {task} time / bare cached-graph Lanczos <= 1.05",
+                        ratio <= 1.05,
+                        f"{ratio:.3f} (median of per-repetition ratios, {bare['nhvp']} HVPs)",
+                    )
+                )
         if "top1" in tasks:
             rows = tasks["top1"]
             cl = rows[0]
@@ -374,7 +475,11 @@ def _targets(all_res: dict, memory: list[dict], w1_seeds: dict) -> list[tuple[st
                     f"{cl['acc']['residual']:.1e}",
                 )
             )
-            peers = [r for r in rows if r["peer"] != "curvlab" and r["acc"]["rel_err"] <= 1e-4]
+            peers = [
+                r
+                for r in rows
+                if r["peer"] not in ("curvlab", "bare") and r["acc"]["rel_err"] <= 1e-4
+            ]
             if peers:
                 best = min(peers, key=lambda r: r["tu"])
                 out.append(
@@ -470,6 +575,8 @@ def main() -> None:
     ap.add_argument("--w1-seeds", type=int, default=10)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-primitives", action="store_true")
+    ap.add_argument("--no-scale", action="store_true", help="skip the 1M/5M and DataLoader rows")
+    ap.add_argument("--scale-only", action="store_true", help="only the 1M/5M and DataLoader rows")
     ap.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -478,6 +585,9 @@ def main() -> None:
         _memory_child(prob, peer, method, int(m))
         return
 
+    if args.scale_only:
+        _print_scale(_scale(args.reps))
+        return
     wall0, cpu0 = time.time(), time.process_time()
     avail = available()
     print(
@@ -554,6 +664,9 @@ def main() -> None:
         for r in memory:
             print(f"  {r['peer']:<12}{r['method']:<12} m=30: +{r[30]:.0f}   m=120: +{r[120]:.0f}")
     report["memory"] = [{str(k): v for k, v in r.items()} for r in memory]
+    if not args.no_scale:
+        report["scale"] = _scale(args.reps)
+        _print_scale(report["scale"])
     report["w1_seeds"] = w1_seeds
 
     targets = _targets(all_res, memory, w1_seeds)

@@ -9,13 +9,15 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError, NotSymmetricError
-from curvlab.estimators.probes import PROBES
+from curvlab.estimators.probes import PROBES, sample_probes
 from curvlab.operators._checks import check_choice, check_positive_int
 from curvlab.operators.base import LinearOperator, as_operator
 
 __all__ = [
     "BlockSpec",
     "check_probe_options",
+    "default_chunk_size",
+    "probe_columns",
     "progress_bar",
     "resolve_blocks",
     "symmetric_operator",
@@ -63,6 +65,24 @@ def check_probe_options(num_matvecs: Any, probes: Any, chunk_size: Any) -> int:
     check_choice(probes, PROBES, "probe kind")
     check_positive_int(chunk_size, "chunk_size")
     return check_positive_int(num_matvecs, "num_matvecs")
+
+
+def default_chunk_size(n: int) -> int:
+    """Probes per product call when none is given: 8 up to 2^18 parameters, then ``2^21 / n``.
+
+    A block of columns shares one graph build, which matters for small operators and for
+    operators without a cached graph; from about a million parameters a column costs as much
+    alone as in a block, and every column in flight costs its vectors of memory.
+    """
+    return max(1, min(8, (1 << 21) // max(n, 1)))
+
+
+def probe_columns(
+    op: LinearOperator, c: int, probes: str, generator: torch.Generator | None
+) -> Tensor:
+    """``c`` probe columns ``[n, c]`` stored as contiguous rows (what the products stream over)."""
+    n = op.shape[0]
+    return sample_probes(c, n, probes, generator=generator, dtype=op.dtype, device=op.device).T
 
 
 def block_sum(x: Tensor, slices: Sequence[slice]) -> Tensor:

@@ -21,14 +21,17 @@ __all__ = ["lanczos_tridiagonal", "spectral_density"]
 def lanczos_tridiagonal(
     A: LinearOperator, Z: Tensor, steps: int, *, bar: object | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``steps`` Lanczos steps from every column of ``Z`` at once (full re-orthogonalisation).
+    r"""Run ``steps`` Lanczos steps from every column of ``Z`` at once (full re-orthogonalisation).
 
-    Each step applies the three-term recurrence and then re-orthogonalises against the whole
-    basis of its probe (classical Gram-Schmidt, a second pass only when the DGKS criterion asks).
+    Each step computes :math:`\alpha_j = v_j^\top A v_j`, orthogonalises :math:`A v_j` against
+    the whole basis of its probe by two classical Gram-Schmidt passes (CGS2, which subsumes the
+    three-term recurrence), and normalises by :math:`\beta_j`. The coefficients stay on the
+    device until the end: a step has no host synchronisation.
 
     The probes advance in lockstep, so each step is one product with a ``[n, p]`` block (one
-    graph build shared by the ``p`` columns). A probe whose Krylov space is exhausted continues
-    with zero vectors; the resulting zero couplings give its extra nodes zero weight.
+    graph build shared by the ``p`` columns). A probe whose Krylov space is exhausted
+    (:math:`\beta_j \le 10^{-10} \max_i |\alpha_i|`) continues with zero vectors; the resulting
+    zero couplings give its extra nodes zero weight.
 
     Returns:
         ``(alpha, beta)`` arrays of shapes ``[p, m]`` and ``[p, m - 1]`` in float64, with
@@ -36,40 +39,29 @@ def lanczos_tridiagonal(
     """
     n, p = Z.shape
     m = min(steps, n)
-    V = torch.zeros(p, m, n, dtype=A.dtype, device=A.device)
-    v = (Z / Z.norm(dim=0, keepdim=True)).T  # [p, n]
-    alpha = np.zeros((p, m))
-    beta = np.zeros((p, max(m - 1, 0)))
-    v_prev = torch.zeros_like(v)
-    b_prev = torch.zeros(p, dtype=A.dtype, device=A.device)
+    V = Z.new_empty(p, m, n)
+    V[:, 0] = (Z / Z.norm(dim=0, keepdim=True)).T
+    alpha = Z.new_zeros(p, m)
+    beta = Z.new_zeros(p, max(m - 1, 0))
+    amax = Z.new_zeros(p)
     for j in range(m):
-        V[:, j] = v
+        v = V[:, j]  # [p, n]
         W = A.matmat(v.T).T  # [p, n]
-        a = (W * v).sum(dim=1)
-        alpha[:, j] = a.double().cpu().numpy()
+        a = torch.linalg.vecdot(W, v, out=alpha[:, j])
         if bar is not None:
             bar.update(p)  # type: ignore[attr-defined]
         if j == m - 1:
             break
-        # three-term recurrence, then full re-orthogonalisation against this probe's basis:
-        # one classical Gram-Schmidt pass, repeated only where it removed a large part of the
-        # vector (the DGKS criterion, as ARPACK), so most steps stream over the basis once
-        W = W - a[:, None] * v - b_prev[:, None] * v_prev
-        Vj = V[:, : j + 1]  # [p, j+1, n]
-        before = W.norm(dim=1)
+        Vj, W3 = V[:, : j + 1], W.unsqueeze(1)  # [p, j+1, n], [p, 1, n]
         for _ in range(2):
-            H = torch.bmm(Vj, W.unsqueeze(2))  # [p, j+1, 1]
-            W = W - torch.bmm(H.transpose(1, 2), Vj).squeeze(1)
-            b = W.norm(dim=1)
-            if bool((b >= 0.7071 * before).all()):
-                break
-            before = b
-        tiny = b <= 1e-10 * max(float(np.abs(alpha[:, : j + 1]).max()), 1e-30)
-        b = torch.where(tiny, torch.zeros_like(b), b)
-        beta[:, j] = b.double().cpu().numpy()
-        v_prev, b_prev = v, b
-        v = torch.where(tiny[:, None], torch.zeros_like(W), W / b.clamp_min(1e-300)[:, None])
-    return alpha, beta
+            W3 = torch.baddbmm(W3, torch.bmm(W3, Vj.transpose(1, 2)), Vj, alpha=-1.0)
+        b = torch.linalg.vector_norm(W3, dim=(1, 2))
+        torch.maximum(amax, a.abs(), out=amax)
+        live = b > amax.mul(1e-10)  # amax = 0 only for a zero probe, whose b is 0 too
+        torch.mul(b, live, out=beta[:, j])
+        scale = live / b.clamp_min(torch.finfo(b.dtype).tiny)  # 1/b, or 0 where exhausted
+        torch.mul(W3.squeeze(1), scale.unsqueeze(1), out=V[:, j + 1])
+    return alpha.double().cpu().numpy(), beta.double().cpu().numpy()
 
 
 @in_full_precision
@@ -126,7 +118,7 @@ def spectral_density(
     n = op.shape[0]
     Z = sample_probes(n, num_probes, probes, generator=generator, dtype=op.dtype, device=op.device)
     m = min(lanczos_steps, n)
-    with progress_bar(num_probes * m, "spectral density", progress) as bar:
+    with progress_bar(num_probes * m, "spectral density", progress) as bar, op.fixed():
         alpha, beta = lanczos_tridiagonal(op, Z, m, bar=bar)
     nodes = np.zeros((num_probes, m))
     weights = np.zeros((num_probes, m))

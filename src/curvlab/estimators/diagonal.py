@@ -7,8 +7,13 @@ import math
 import torch
 from torch import Tensor
 
-from curvlab.estimators._common import check_probe_options, progress_bar, symmetric_operator
-from curvlab.estimators.probes import sample_probes
+from curvlab.estimators._common import (
+    check_probe_options,
+    default_chunk_size,
+    probe_columns,
+    progress_bar,
+    symmetric_operator,
+)
 from curvlab.estimators.results import Estimate
 from curvlab.operators._checks import check_choice
 from curvlab.operators._context import in_full_precision
@@ -36,7 +41,7 @@ def diagonal(
     *,
     method: str = "hutchinson",
     probes: str = "rademacher",
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> Estimate:
@@ -58,7 +63,8 @@ def diagonal(
         num_matvecs: number of probes ``m``.
         method: ``"hutchinson"`` (default) or ``"exact"``.
         probes: ``"rademacher"`` or ``"gaussian"``.
-        chunk_size: probes multiplied per operator call.
+        chunk_size: probes multiplied per operator call; ``None`` picks it from ``n`` (as
+            :func:`~curvlab.trace`).
         generator: source of the probes.
         progress: show a progress bar.
 
@@ -69,15 +75,16 @@ def diagonal(
     if check_choice(method, ("hutchinson", "exact"), "diagonal method") == "exact":
         exact = exact_diagonal(op)
         return Estimate(exact, torch.zeros_like(exact), 0)
-    check_probe_options(num_matvecs, probes, chunk_size)
     n = op.shape[0]
+    chunk_size = default_chunk_size(n) if chunk_size is None else chunk_size
+    check_probe_options(num_matvecs, probes, chunk_size)
     total = torch.zeros(n, dtype=op.dtype, device=op.device)
     total_sq = torch.zeros_like(total)
     used = 0
-    with progress_bar(num_matvecs, "diagonal", progress) as bar:
+    with progress_bar(num_matvecs, "diagonal", progress) as bar, op.fixed():
         while used < num_matvecs:
             c = min(chunk_size, num_matvecs - used)
-            Z = sample_probes(n, c, probes, generator=generator, dtype=op.dtype, device=op.device)
+            Z = probe_columns(op, c, probes, generator)
             S = Z * op.matmat(Z)
             total += S.sum(dim=1)
             total_sq += (S * S).sum(dim=1)

@@ -10,6 +10,7 @@ E[z zᵀ] = I; a Gaussian probe has E[z] = 0 and E[z zᵀ] = I as well.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,8 +46,15 @@ def rademacher(
         [-1.0, 1.0]
     """
     draw_on = _draw_device(device, generator)
-    bits = torch.randint(0, 2, shape, generator=generator, device=draw_on, dtype=torch.int8)
-    out = bits.to(dtype).mul_(2).sub_(1)
+    count = math.prod(shape)
+    # one random byte gives 8 signs, its bits, taken bit plane by bit plane so that the shifts
+    # broadcast over long rows, which vectorise (one draw per sign, torch.randint(0, 2), took a
+    # third of a Hessian-vector product's time per probe at 1M parameters; this, a fifth of it)
+    octets = torch.empty(1, (count + 7) // 8, dtype=torch.uint8, device=draw_on)
+    octets.random_(generator=generator)  # uniform on [0, 255]
+    shifts = torch.arange(8, dtype=torch.uint8, device=draw_on).unsqueeze(1)
+    bits = octets.bitwise_right_shift(shifts).bitwise_and_(1).reshape(-1)[:count]
+    out = bits.to(dtype).mul_(2).sub_(1).reshape(shape)
     return out.to(device) if device is not None else out
 
 

@@ -13,11 +13,12 @@ from curvlab.estimators._common import (
     BlockSpec,
     block_sum,
     check_probe_options,
+    default_chunk_size,
+    probe_columns,
     progress_bar,
     resolve_blocks,
     symmetric_operator,
 )
-from curvlab.estimators.probes import sample_probes
 from curvlab.estimators.results import Estimate
 from curvlab.operators._checks import check_choice, check_positive_float
 from curvlab.operators._context import in_full_precision
@@ -26,9 +27,18 @@ from curvlab.operators.base import LinearOperator
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["ProbeOptions", "hutchinson_trace", "hutchpp_trace", "trace"]
+__all__ = [
+    "SKETCH_BYTES",
+    "ProbeOptions",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "max_sketch",
+    "trace",
+]
 
 _METHODS = ("hutch++", "hutchpp", "hutchinson", "exact")
+SKETCH_BYTES = 256 << 20
+"""The memory Hutch++'s sketch may take (the rest of the budget goes to deflated probes)."""
 
 
 class ProbeOptions(TypedDict, total=False):
@@ -36,7 +46,7 @@ class ProbeOptions(TypedDict, total=False):
 
     probes: str
     blocks: str | BlockSpec | None
-    chunk_size: int
+    chunk_size: int | None
     generator: torch.Generator | None
     progress: bool
 
@@ -57,7 +67,7 @@ def trace(
     probes: str = "rademacher",
     blocks: str | BlockSpec | None = None,
     rtol: float | None = None,
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> Estimate:
@@ -65,13 +75,19 @@ def trace(
 
     * ``"hutchinson"``: :math:`\frac1m \sum_i z_i^\top A z_i` with probes :math:`E[zz^\top]=I`.
       For Rademacher probes :math:`\operatorname{Var}(z^\top A z) = 2(\|A\|_F^2 - \sum_i a_{ii}^2)`.
-      Probes are streamed ``chunk_size`` at a time: memory does not grow with ``m``. With ``rtol``
-      it stops early once the standard error is below ``rtol·|estimate|`` (after 10 probes).
+      Probes are drawn and multiplied ``chunk_size`` at a time: memory does not grow with ``m``.
+      With ``rtol`` it stops early once the standard error is below ``rtol·|estimate|`` (after
+      10 probes).
     * ``"hutch++"`` (Meyer, Musco, Musco, Woodruff 2021, arXiv 2010.09649): a third of the budget
       sketches the top range :math:`Q = \operatorname{orth}(AS)`, a third computes
       :math:`\operatorname{tr}(Q^\top A Q)` exactly, the rest runs Hutchinson on the deflated
       :math:`(I-QQ^\top)A(I-QQ^\top)`. It needs :math:`O(1/\epsilon)` products instead of
-      :math:`O(1/\epsilon^2)` when the spectrum decays; memory is ``n × m/3``.
+      :math:`O(1/\epsilon^2)` when the spectrum decays. Memory is the sketch itself, ``n × s``
+      with ``s = min(m/3, n, SKETCH_BYTES / (n · itemsize))`` (256 MiB: at m = 300 the cap
+      bites above ~670k float32 or ~335k float64 parameters): the sketch's probes and the
+      products with ``Q`` are streamed ``chunk_size`` at a time, ``Q`` is orthonormalised in
+      place, and the budget the cap leaves goes to the deflated probes, so memory stays flat in
+      ``m`` beyond ``3s``.
 
     Per-block traces (``blocks="module"`` on a curvature operator, or a mapping name -> slices)
     come from the *same* products: Hutchinson uses :math:`z_b^\top (Az)_b`; Hutch++ adds the exact
@@ -86,7 +102,10 @@ def trace(
         probes: ``"rademacher"`` or ``"gaussian"``.
         blocks: per-block traces to return in ``Estimate.blocks``.
         rtol: Hutchinson's stopping rule on the standard error (``None``: use the whole budget).
-        chunk_size: probes multiplied per operator call.
+        chunk_size: probes multiplied per operator call; ``None`` picks it from ``n``
+            (:func:`~curvlab.estimators._common.default_chunk_size`: 8 up to 262k parameters,
+            then fewer, 1 from 2.1M: at that size a column costs as much alone as in a block,
+            and each costs memory).
         generator: source of the probes.
         progress: show a progress bar.
 
@@ -133,19 +152,21 @@ def hutchinson_trace(
     probes, spec, chunk_size, generator, progress = _resolve(op, num_matvecs, options)
     if rtol is not None:
         check_positive_float(rtol, "rtol")
-    n = op.shape[0]
     samples: list[Tensor] = []
     block_samples: dict[str, list[Tensor]] = {b: [] for b in spec}
     used = 0
-    with progress_bar(num_matvecs, "trace", progress) as bar:
+    with progress_bar(num_matvecs, "trace", progress) as bar, op.fixed():
         while used < num_matvecs:
             c = min(chunk_size, num_matvecs - used)
-            Z = sample_probes(n, c, probes, generator=generator, dtype=op.dtype, device=op.device)
+            Z = probe_columns(op, c, probes, generator)
             AZ = op.matmat(Z)
-            ZAZ = Z * AZ
-            samples.append(ZAZ.sum(dim=0))
-            for b, slices in spec.items():
-                block_samples[b].append(block_sum(ZAZ, slices))
+            samples.append(torch.linalg.vecdot(Z, AZ, dim=0))  # zᵀAz, without a Z ⊙ AZ copy
+            if spec:
+                ZAZ = Z * AZ
+                for b, slices in spec.items():
+                    block_samples[b].append(block_sum(ZAZ, slices))
+                del ZAZ
+            del Z, AZ
             used += c
             bar.update(c)
             if rtol is not None and used >= 10:
@@ -173,26 +194,38 @@ def hutchpp_trace(
             f"{num_matvecs}; pass more products or method='hutchinson'"
         )
     n = op.shape[0]
-    k_sketch = min(num_matvecs // 3, n)
+    k_sketch = min(num_matvecs // 3, n, max_sketch(n, op.dtype))
     k_probe = num_matvecs - 2 * k_sketch
     dt, dev = op.dtype, op.device
-    with progress_bar(num_matvecs, "trace (hutch++)", progress) as bar:
-        S = sample_probes(n, k_sketch, probes, generator=generator, dtype=dt, device=dev)
-        Q, _ = torch.linalg.qr(_chunked(op, S, chunk_size, bar))
-        AQ = _chunked(op, Q, chunk_size, bar)
-        exact = (Q * AQ).sum()  # tr(Qᵀ A Q)
-        exact_rows = (AQ * Q).sum(dim=1)  # diag(A Q Qᵀ), for per-block traces
-        samples: list[Tensor] = []
-        block_samples: dict[str, list[Tensor]] = {b: [] for b in spec}
+    exact = torch.zeros((), dtype=dt, device=dev)
+    exact_rows = torch.zeros(n if spec else 0, dtype=dt, device=dev)  # diag(A Q Qᵀ), per block
+    samples: list[Tensor] = []
+    block_samples: dict[str, list[Tensor]] = {b: [] for b in spec}
+    with progress_bar(num_matvecs, "trace (hutch++)", progress) as bar, op.fixed():
+        Q = torch.empty(k_sketch, n, dtype=dt, device=dev)  # the sketch A S, as rows
+        for start in range(0, k_sketch, chunk_size):
+            c = min(chunk_size, k_sketch - start)
+            Q[start : start + c] = op.matmat(probe_columns(op, c, probes, generator)).T
+            bar.update(c)
+        _orthonormalise_rows(Q)
+        for start in range(0, k_sketch, chunk_size):
+            Qc = Q[start : start + chunk_size].T
+            QAQ = Qc * op.matmat(Qc)
+            exact += QAQ.sum()  # tr(Qᵀ A Q)
+            if spec:
+                exact_rows += QAQ.sum(dim=1)
+            del QAQ
+            bar.update(Qc.shape[1])
         used = 0
         while used < k_probe:
             c = min(chunk_size, k_probe - used)
-            Z = sample_probes(n, c, probes, generator=generator, dtype=dt, device=dev)
-            Zp = Z - Q @ (Q.T @ Z)
+            Z = probe_columns(op, c, probes, generator)
+            Zp = torch.addmm(Z.T, Z.T @ Q.T, Q, alpha=-1.0).T  # (I - QQᵀ) Z, as rows
             AZp = op.matmat(Zp)
             samples.append((Zp * AZp).sum(dim=0))
             for b, slices in spec.items():
                 block_samples[b].append(block_sum(Z * AZp, slices))
+            del Zp, AZp
             used += c
             bar.update(c)
     total = 2 * k_sketch + k_probe
@@ -216,16 +249,27 @@ def _resolve(
 ) -> tuple[str, dict[str, list[slice]], int, torch.Generator | None, bool]:
     """Validate the budget and options; return probes, block slices, chunk size, generator, progress."""
     probes = options.get("probes", "rademacher")
-    chunk_size = options.get("chunk_size", 8)
+    chunk_size = options.get("chunk_size")
+    chunk_size = default_chunk_size(op.shape[0]) if chunk_size is None else chunk_size
     check_probe_options(num_matvecs, probes, chunk_size)
     spec = resolve_blocks(op, options.get("blocks"))
     return probes, spec, chunk_size, options.get("generator"), options.get("progress", False)
 
 
-def _chunked(op: LinearOperator, X: Tensor, chunk_size: int, bar: object) -> Tensor:
-    cols = []
-    for start in range(0, X.shape[1], chunk_size):
-        block = X[:, start : start + chunk_size]
-        cols.append(op.matmat(block))
-        bar.update(block.shape[1])  # type: ignore[attr-defined]
-    return torch.cat(cols, dim=1) if cols else X.clone()
+def max_sketch(n: int, dtype: torch.dtype) -> int:
+    """The most sketch vectors Hutch++ keeps: ``SKETCH_BYTES`` worth, at least one."""
+    return max(1, SKETCH_BYTES // (n * torch.finfo(dtype).bits // 8))
+
+
+def _orthonormalise_rows(Q: Tensor) -> None:
+    """Orthonormalise the rows of ``Q`` in place (CGS2); a dependent row becomes zero.
+
+    Rows that vanish (a rank-deficient sketch) leave ``QQᵀ`` a projector of lower rank, so the
+    estimator stays unbiased.
+    """
+    for i in range(Q.shape[0]):
+        q, before = Q[i], Q[i].norm()
+        for _ in range(2):
+            q.addmv_(Q[:i].T, Q[:i] @ q, alpha=-1.0)
+        after = q.norm()
+        q.mul_(torch.where(after > 1e-10 * before, 1.0 / after, torch.zeros_like(after)))

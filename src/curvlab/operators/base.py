@@ -8,7 +8,9 @@ class gives everything else: ``A @ v`` and ``A @ V``, ``v @ A``, ``A.T``, ``to_d
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -84,6 +86,23 @@ class LinearOperator:
             f"{type(self).__name__} has no exact diagonal; use method='hutchinson', or a "
             "GGNOperator (whose diagonal equals the Hessian's for piecewise-linear networks)"
         )
+
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        """The operators this one is built from (sums, scalings, products, transposes)."""
+        return ()
+
+    @contextlib.contextmanager
+    def fixed(self) -> Iterator[None]:
+        """A block within which the matrix is taken as fixed: an estimator's run of products.
+
+        Operators that check at every product whether their matrix changed (curvature operators
+        follow parameter updates) check once on entry instead; composite operators pass the
+        block on to their parts; others need nothing.
+        """
+        with contextlib.ExitStack() as stack:
+            for part in self._parts():
+                stack.enter_context(part.fixed())
+            yield
 
     # -- products -------------------------------------------------------------------------------
     def _prepare(self, x: Tensor, rows: int) -> tuple[Tensor, bool]:
@@ -272,6 +291,9 @@ class _TransposedOperator(LinearOperator):
         self.is_symmetric = op.is_symmetric
         self.is_psd = op.is_psd
 
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        return (self.op,)
+
     def _matmat(self, V: Tensor) -> Tensor:
         return self.op._rmatmat(V)
 
@@ -297,6 +319,9 @@ class _SumOperator(LinearOperator):
         self.is_symmetric = a.is_symmetric and b.is_symmetric
         self.is_psd = a.is_psd and b.is_psd
 
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        return (self.a, self.b)
+
     def _matmat(self, V: Tensor) -> Tensor:
         return self.a.matmat(V) + self.b.matmat(V)
 
@@ -315,6 +340,9 @@ class _ScaledOperator(LinearOperator):
         self.is_symmetric = op.is_symmetric
         self.is_psd = op.is_psd and scalar >= 0
 
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        return (self.op,)
+
     def _matmat(self, V: Tensor) -> Tensor:
         return self.scalar * self.op.matmat(V)
 
@@ -332,6 +360,9 @@ class _ProductOperator(LinearOperator):
             raise ShapeMismatchError(f"cannot compose operators of shapes {a.shape} and {b.shape}")
         super().__init__((a.shape[0], b.shape[1]), a.dtype, a.device)
         self.a, self.b = a, b
+
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        return (self.a, self.b)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.a.matmat(self.b.matmat(V))

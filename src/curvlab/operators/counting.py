@@ -29,6 +29,9 @@ class CountingOperator(LinearOperator):
         self.num_matvecs = 0
         self.num_calls = 0
 
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        return (self.op,)
+
     def _matmat(self, V: Tensor) -> Tensor:
         self.num_matvecs += V.shape[1]
         self.num_calls += 1

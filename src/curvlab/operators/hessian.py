@@ -35,8 +35,8 @@ class HessianOperator(CurvatureOperator):
     masks more targets, and a batch with every target ignored is skipped; ``sum``:
     :math:`w_b = 1`). Products are reverse-over-reverse (double backward). The gradient graph of
     each batch is built once per product call and shared by all the columns of ``V``; with
-    ``cache_graph=True`` (the default for a single batch) it is kept across calls, so each further
-    HVP costs one backward pass. The cache is rebuilt when a parameter is updated in place, its
+    ``cache_graph=True`` (the default for a single batch, and for several batches whose graphs fit
+    1 GiB) it is kept across calls, so each further HVP costs one backward pass. The cache is rebuilt when a parameter is updated in place, its
     ``.data`` reassigned or the parameter replaced on its module (see
     :class:`~curvlab.operators.CurvatureOperator`).
 
@@ -65,6 +65,9 @@ class HessianOperator(CurvatureOperator):
             operator is then not fixed.
         reduction: ``"mean"``/``"sum"`` for a loss callable without a ``reduction`` attribute.
         cache_graph: keep the per-batch gradient graphs between products (memory for speed).
+            ``None`` (default): always for one batch; for several when their graphs are
+            estimated to fit :data:`~curvlab.operators.curvature.GRAPH_CACHE_BYTES` (1 GiB; the
+            rule is in :class:`~curvlab.operators.CurvatureOperator`).
         check_finite: raise :class:`~curvlab.errors.NonFiniteError` on NaN/inf losses or products.
         vectorize: multiply all columns of ``V`` in one batched double backward
             (``is_grads_batched``) instead of a loop of backward passes over the shared graph.
@@ -106,6 +109,7 @@ class HessianOperator(CurvatureOperator):
 
     is_symmetric = True
     is_psd = False
+    merge_batches = True
 
     def _linearise(self, inputs: Any, targets: Tensor, weight: float) -> _HessianLinearisation:
         with torch.enable_grad():
@@ -123,11 +127,13 @@ class HessianOperator(CurvatureOperator):
                 cols_v = self._columns(V)
                 hv = self._grad(outputs, [cols_v[i] for i in lin.idx], batched=True)
             return self._flatten_columns(hv)
-        cols = []
-        rows = V.T.contiguous()  # one contiguous vector per column
+        # columns in and out as contiguous rows: no copy for V = Z.T of row-major probes, and
+        # each product is written in place (the result is the transposed view of the rows)
+        rows = V.T.contiguous()
+        out = torch.empty_like(rows)
         with torch.enable_grad():
             for j in range(V.shape[1]):
                 pieces = self.param_space.split(rows[j])
                 hv = self._grad(outputs, [pieces[i] for i in lin.idx])
-                cols.append(self.param_space.flatten(hv))
-        return torch.stack(cols, dim=1)
+                torch.cat([h.reshape(-1) for h in hv], out=out[j])
+        return out.T

@@ -126,9 +126,9 @@ def eigsh(
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
-        >>> [round(x, 8) for x in eigsh(A, k=2).values.tolist()]
+        >>> [round(x, 8) for x in eigsh(A, k=2, tol=1e-10).values.tolist()]
         [10.0, 9.0]
-        >>> [round(x, 8) for x in eigsh(A, k=1, which="SA").values.tolist()]
+        >>> [round(x, 8) for x in eigsh(A, k=1, which="SA", tol=1e-10).values.tolist()]
         [1.0]
 
     References:

@@ -218,7 +218,7 @@ def matrix_sensing(
         ...                           alphas_gd=(1.0, 2.0), alphas_precond=(0.1,),
         ...                           symmetric_scaledgd=False)
         >>> runs = matrix_sensing(cfg).numbers["runs"]
-        >>> runs["symmetric k=r"]["final_error"] < 1e-9 < 1e-4 < runs["symmetric k=6"]["final_error"]
+        >>> runs["symmetric k=r"]["final_error"] < 1e-4 < 1e-3 < runs["symmetric k=6"]["final_error"]
         True
 
     Paper: Xiong, Ding & Du, "How Over-Parameterization Slows Down Gradient Descent in Matrix

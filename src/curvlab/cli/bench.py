@@ -55,10 +55,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report(store: str, out: str | None) -> int:
-    from curvlab.bench.report import write_report
+    from curvlab.bench.report import conclusion, write_report
 
     out_dir = out if out is not None else str(Path(store).resolve().parent / "report")
     print(write_report(store, check_out_dir(out_dir)))
+    print("\n".join(conclusion(store)))  # what the run supports, from the intervals
     return 0
 
 

@@ -57,6 +57,23 @@ def test_value_matches_dense_hessian_and_thresholds(gen):
         assert values["sharpness/ratio"] == pytest.approx(top / expected)
 
 
+@pytest.mark.parametrize("make", [torch.optim.SGD, torch.optim.Adam])
+def test_a_zero_learning_rate_is_stable_at_any_curvature(gen, make):
+    # the end of a cosine schedule: 2/eta -> inf and lambda*eta/2 -> 0 (the check used to fail)
+    model, X, y = _problem(gen)
+    opt = make(model.parameters(), lr=0.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # Adam's second moment exists, so the preconditioned figures are computed too
+    handle = attach(opt, Sharpness(model, nn.MSELoss(), (X, y), tol=1e-8), HistorySink())
+    values = handle.check_now()
+    handle.remove()
+    assert values["sharpness/value"] > 0 and values["sharpness/threshold"] == math.inf
+    assert values["sharpness/ratio"] == 0.0
+    if make is torch.optim.Adam:
+        assert values["sharpness/preconditioned_ratio"] == 0.0
+
+
 def test_which_la_not_magnitude(gen):
     # a loss whose Hessian has a large negative eigenvalue: sharpness must be the largest algebraic
     class Saddle(nn.Module):

@@ -212,7 +212,9 @@ class Sharpness(EigenMonitor):
         self.last_eigenvalues = values
         lam = float(values[0])
         adaptive = "betas" in group and "eps" in group
-        if adaptive:
+        if lr == 0:  # a zero step (e.g. the end of a cosine schedule) is stable at any curvature
+            thr = math.inf
+        elif adaptive:
             thr = stability_threshold(lr)
         else:
             thr = stability_threshold(
@@ -237,7 +239,7 @@ class Sharpness(EigenMonitor):
                 scaled = ScaledOperator(self.counter, p.rsqrt())
                 pv0 = self._pv0 if self.warm_start else None
                 pvals, self._pv0, pused, _ = self._eig(scaled, pv0)
-                pthr = stability_threshold(lr, adam_beta1=beta1)
+                pthr = math.inf if lr == 0 else stability_threshold(lr, adam_beta1=beta1)
                 out["preconditioned"] = float(pvals[0])
                 out["preconditioned_threshold"] = pthr
                 out["preconditioned_ratio"] = float(pvals[0]) / pthr

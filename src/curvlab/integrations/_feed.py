@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab._hooks import HookHandle
 from curvlab.errors import ArgumentTypeError, CurvatureInputError
 from curvlab.optim._closure import CurvatureFeed
 
@@ -94,7 +95,7 @@ def split_output(output: Any) -> tuple[Tensor | None, Tensor | None]:
     )
 
 
-class CurvatureHandle:
+class CurvatureHandle(HookHandle):
     """What :func:`attach_curvature` returns: the forward hook that feeds the optimizer.
 
     ``remove()`` (or leaving a ``with`` block) removes the hook and restores the optimizer's
@@ -124,23 +125,9 @@ class CurvatureHandle:
             "model with a prediction head (e.g. ...ForCausalLM, ...ForSequenceClassification)",
         )
 
-    @property
-    def attached(self) -> bool:
-        """Whether the hook is still registered."""
-        return self._hook is not None
-
-    def remove(self) -> None:
-        """Remove the hook and give the optimizer back its closure contract (idempotent)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-            self.optimizer.expect_external_curvature(None)
-
-    def __enter__(self) -> CurvatureHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    def _detached(self) -> None:
+        """Give the optimizer back its closure contract."""
+        self.optimizer.expect_external_curvature(None)
 
 
 def attach_curvature(

@@ -19,18 +19,18 @@ from typing import Any
 
 from torch import Tensor
 
+from curvlab._optional import optional_attr
 from curvlab.integrations._feed import PendingSink, curvature_optimizer, feed
 from curvlab.monitors._attach import Monitor, MonitorHandle, attach
 from curvlab.optim._closure import CurvatureFeed
 
-try:
-    from lightning.pytorch import Callback
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "curvlab.integrations.lightning needs the optional 'lightning' package: pip install "
-        "curvlab[lightning] (or, in a plain loop, curvlab.integrations.attach_curvature and "
-        "curvlab.monitors.attach)"
-    ) from exc
+Callback: Any = optional_attr(
+    "lightning.pytorch",
+    "Callback",
+    "curvlab.integrations.lightning needs the optional 'lightning' package: pip install "
+    "curvlab[lightning] (or, in a plain loop, curvlab.integrations.attach_curvature and "
+    "curvlab.monitors.attach)",
+)
 
 __all__ = ["CurvatureCallback", "MonitorCallback"]
 

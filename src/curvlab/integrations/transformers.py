@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
+from curvlab._optional import optional_attr
 from curvlab.integrations._feed import CurvatureHandle, PendingSink, attach_curvature
 from curvlab.monitors._attach import Monitor, MonitorHandle, attach
 
-try:
-    from transformers import TrainerCallback
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "curvlab.integrations.transformers needs the optional 'transformers' package: pip "
-        "install curvlab[transformers]"
-    ) from exc
+TrainerCallback: Any = optional_attr(
+    "transformers",
+    "TrainerCallback",
+    "curvlab.integrations.transformers needs the optional 'transformers' package: pip "
+    "install curvlab[transformers]",
+)
 
 __all__ = ["CurvatureCallback", "MonitorCallback", "add_callback"]
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab._hooks import HookHandle
 from curvlab.errors import (
     ArgumentTypeError,
     EmptyDataError,
@@ -184,7 +185,7 @@ def check_probe_batch(model: nn.Module, loss_fn: LossFn, data: Any, name: str) -
         )
 
 
-class MonitorHandle:
+class MonitorHandle(HookHandle):
     """What :func:`attach` returns: the live hook, its step counter, failures and the sink.
 
     Attributes:
@@ -209,25 +210,11 @@ class MonitorHandle:
         self._sink_warned = False
         self._hook: Any = optimizer.register_step_post_hook(self._post_step)
 
-    @property
-    def attached(self) -> bool:
-        """Whether the hook is still registered."""
-        return self._hook is not None
-
-    def remove(self) -> None:
-        """Remove the hook from the optimizer (idempotent) and flush the sink."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-            flush = getattr(self.sink, "flush", None)
-            if callable(flush):
-                flush()
-
-    def __enter__(self) -> MonitorHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    def _detached(self) -> None:
+        """Flush the sink."""
+        flush = getattr(self.sink, "flush", None)
+        if callable(flush):
+            flush()
 
     @property
     def history(self) -> Any:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from curvlab._optional import optional_attr
 from curvlab.errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = ["CSVSink", "CallbackSink", "HistorySink", "TensorBoardSink"]
@@ -148,13 +149,12 @@ class TensorBoardSink:
                 )
             self.writer = writer
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "TensorBoardSink needs the optional 'tensorboard' package: pip install tensorboard "
-                "(or use CSVSink / HistorySink)"
-            ) from exc
+        SummaryWriter = optional_attr(
+            "torch.utils.tensorboard",
+            "SummaryWriter",
+            "TensorBoardSink needs the optional 'tensorboard' package: pip install tensorboard "
+            "(or use CSVSink / HistorySink)",
+        )
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def write(self, step: int, values: Mapping[str, float]) -> None:

@@ -50,7 +50,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from curvlab.errors import ParameterError
 from curvlab.estimators.param_diagonal import (
     CurvatureEstimator,
     HutchinsonEstimator,
@@ -71,6 +70,8 @@ from curvlab.optim._validation import (
     steps_taken,
     validate_betas,
     validate_eps,
+    validate_in_range,
+    validate_int,
     validate_lr,
     validate_on_nonfinite,
     validate_weight_decay,
@@ -184,24 +185,12 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
         validate_eps(eps)
         validate_weight_decay(weight_decay)
         validate_on_nonfinite(on_nonfinite)
-        if (
-            isinstance(hessian_power, bool)
-            or not isinstance(hessian_power, (int, float))
-            or not 0.0 <= hessian_power <= 1.0
-        ):
-            raise ParameterError(
-                f"hessian_power must be a number in [0, 1] (the authors use 1, sometimes 0.5), "
-                f"got {hessian_power!r}"
-            )
-        if (
-            isinstance(update_period, bool)
-            or not isinstance(update_period, int)
-            or update_period < 1
-        ):
-            raise ParameterError(
-                f"update_period must be an int >= 1 (1 = a Hessian estimate every step, as the "
-                f"authors), got {update_period!r}"
-            )
+        validate_in_range(
+            "hessian_power", hessian_power, 0, 1, hint="; the authors use 1, sometimes 0.5"
+        )
+        validate_int(
+            "update_period", update_period, 1, "; 1 = a Hessian estimate every step, as the authors"
+        )
         builtin = {"hutchinson": HutchinsonEstimator()}
         estimator_name, self._estimator = resolve_estimator(estimator, builtin, "'hutchinson'")
         self._generator = probe_generator(seed, generator)

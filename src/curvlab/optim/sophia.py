@@ -90,6 +90,7 @@ from curvlab.optim._validation import (
     steps_taken,
     validate_betas,
     validate_eps,
+    validate_int,
     validate_lr,
     validate_nonnegative,
     validate_on_nonfinite,
@@ -250,15 +251,9 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
             "hutchinson": HutchinsonEstimator(),
         }
         estimator_name, self._estimator = resolve_estimator(estimator, builtin, _ESTIMATOR_NAMES)
-        if update_period is not None and (
-            isinstance(update_period, bool)
-            or not isinstance(update_period, int)
-            or update_period < 1
-        ):
-            raise ParameterError(
-                f"update_period must be an int >= 1 (the paper's k, default 10) or None for "
-                f"manual refreshes, got {update_period!r}"
-            )
+        if update_period is not None:
+            hint = "; the paper's k, default 10, or None for manual refreshes"
+            validate_int("update_period", update_period, 1, hint)
         self._generator = probe_generator(seed, generator)
         defaults = {
             "lr": lr,

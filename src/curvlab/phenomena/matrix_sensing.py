@@ -119,45 +119,31 @@ def _precondition(grad: Tensor, factor: Tensor, lam: float) -> Tensor:
     return torch.linalg.solve(gram, grad.T).T
 
 
-def _run_symmetric(
+def _run(
     prob: _Sensing,
     cfg: MatrixSensingConfig,
+    symmetric: bool,
     k: int,
     alpha: float,
     lam: float | None,
     eta: float,
     steps: int,
 ) -> list[float]:
-    x = _init(cfg, k, alpha, cfg.seed + 1)
-    errors = []
-    for _ in range(steps):
-        s = prob.residual_matrix(x @ x.T)
-        grad = (s + s.T) @ x
-        if lam is not None:
-            grad = _precondition(grad, x, lam)
-        x = x - eta * grad
-        errors.append(prob.error(x @ x.T))
-    return errors
-
-
-def _run_asymmetric(
-    prob: _Sensing,
-    cfg: MatrixSensingConfig,
-    k: int,
-    alpha: float,
-    lam: float | None,
-    eta: float,
-    steps: int,
-) -> list[float]:
+    """GD (preconditioned when ``lam`` is given) on ``X = F Gᵀ``, ``G = F`` when ``symmetric``;
+    the error after each step."""
     f = _init(cfg, k, alpha, cfg.seed + 1)
-    g = _init(cfg, k, alpha, cfg.seed + 2)
+    g = f if symmetric else _init(cfg, k, alpha, cfg.seed + 2)
     errors = []
     for _ in range(steps):
         s = prob.residual_matrix(f @ g.T)
-        gf, gg = s @ g, s.T @ f
-        if lam is not None:
-            gf, gg = _precondition(gf, g, lam), _precondition(gg, f, lam)
-        f, g = f - eta * gf, g - eta * gg
+        if symmetric:
+            grad = (s + s.T) @ f
+            f = g = f - eta * (grad if lam is None else _precondition(grad, f, lam))
+        else:
+            gf, gg = s @ g, s.T @ f
+            if lam is not None:
+                gf, gg = _precondition(gf, g, lam), _precondition(gg, f, lam)
+            f, g = f - eta * gf, g - eta * gg
         errors.append(prob.error(f @ g.T))
     return errors
 
@@ -198,6 +184,12 @@ def _thin(errors: list[float], points: int = 300) -> tuple[list[int], list[float
     stride = max(1, len(errors) // points)
     steps = list(range(stride, len(errors) + 1, stride))
     return steps, [errors[t - 1] for t in steps]
+
+
+def _label(ax: Any, xlabel: str, title: str, fontsize: int = 7) -> None:
+    """Label a panel of relative errors and draw its legend."""
+    ax.set(xlabel=xlabel, ylabel="relative error", title=title)
+    ax.legend(fontsize=fontsize)
 
 
 def matrix_sensing(
@@ -266,8 +258,7 @@ def matrix_sensing(
     for label, kind, k, alpha, lam, eta, steps in progress(
         plan, len(plan), "matrix sensing", progress_bar
     ):
-        run = _run_symmetric if kind == "sym" else _run_asymmetric
-        curves[label] = run(prob, cfg, k, alpha, lam, eta, steps)
+        curves[label] = _run(prob, cfg, kind == "sym", k, alpha, lam, eta, steps)
 
     runs: dict[str, dict[str, Any]] = {}
     for label, errs in curves.items():
@@ -362,41 +353,27 @@ def matrix_sensing(
                 runs[label]["error"][: len(runs["symmetric k=r"]["steps"]) * 2],
                 label=label,
             )
-        ax.set(
-            xlabel="GD iteration", ylabel="relative error", title="(a) exact vs over-parameterised"
-        )
-        ax.legend(fontsize=7)
+        _label(ax, "GD iteration", "(a) exact vs over-parameterised")
         ax = axes[1]
         ax.loglog(runs[over]["steps"], runs[over]["error"], label=f"{over}, α={cfg.alpha_sym:g}")
         t_end = runs[over]["steps"][-1]
         ref = runs[over]["error"][-1] * t_end
         ax.loglog([t_end / 8, t_end], [ref / (t_end / 8), ref / t_end], "k--", label="slope −1")
-        ax.set(
-            xlabel="GD iteration (log)",
-            ylabel="relative error",
-            title=f"(b) symmetric k>r: settled slope {settled:.2f}",
-        )
-        ax.legend(fontsize=7)
+        _label(ax, "GD iteration (log)", f"(b) symmetric k>r: settled slope {settled:.2f}")
         ax = axes[2]
         for a in cfg.alphas_gd:
             r = runs[f"asymmetric GD α={a:g}"]
             ax.semilogy(
                 r["steps"], r["error"], label=f"α={a:g}: rate {r['late_rate_per_step']:.1e}"
             )
-        ax.set(
-            xlabel="GD iteration",
-            ylabel="relative error",
-            title=f"(c) asymmetric GD: rate ∝ α^{exponent:.2f}",
-        )
-        ax.legend(fontsize=7)
+        _label(ax, "GD iteration", f"(c) asymmetric GD: rate ∝ α^{exponent:.2f}")
         ax = axes[3]
         for label, r in runs.items():
             if "ScaledGD" in label:
                 ax.semilogy(
                     r["steps"], r["error"], "--" if "symmetric S" in label else "-", label=label
                 )
-        ax.set(xlabel="iteration", ylabel="relative error", title="(d) ScaledGD(λ), as measured")
         ax.set_ylim(1e-16, 10)
-        ax.legend(fontsize=6)
+        _label(ax, "iteration", "(d) ScaledGD(λ), as measured", fontsize=6)
 
     return finish(result, out_dir, draw, figsize=(11, 8))

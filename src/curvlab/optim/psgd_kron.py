@@ -101,15 +101,16 @@ class PSGDKron(PSGDBase):
     Lipschitz estimates ``L_0 … L_{k-1}``, float32 for half-precision parameters;
     ``momentum_buffer``), so a resumed run is bit-identical.
 
+    The keyword-only options below are shared with :class:`~curvlab.optim.psgd_lra.PSGDLRA`
+    (``curvlab.optim._psgd.PSGDOptions``).
+
     Args:
         params: parameters or param groups.
         lr: step size (official ``lr_params``), default 1e-3.
         max_size, max_skew: the dense/diagonal rule of :func:`factor_kinds` (keyword-only).
         geometry: ``"EQ"`` (triangular group, ``dQ = E Q``) or ``"Q0.5EQ1.5"`` (keyword-only).
 
-    Keyword-only options shared with :class:`~curvlab.optim.psgd_lra.PSGDLRA`
-    (:class:`~curvlab.optim._psgd.PSGDOptions`):
-
+    Keyword Args:
         preconditioner_lr: step size of the preconditioner fit (``lr_preconditioner``), in (0, 1).
         beta_lipschitz: EMA factor of the Lipschitz estimate (``betaL``), in [0, 1].
         damping: noise level added to the whitened vector (``P < I/damping``), >= 0.

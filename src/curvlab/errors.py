@@ -42,6 +42,7 @@ __all__ = [
     "UnknownNameError",
     "UnknownOptionError",
     "UnsupportedLossError",
+    "WorkerError",
     "ZeroCurvatureWarning",
 ]
 
@@ -193,3 +194,7 @@ class NotConvergedError(CurvlabError, RuntimeError):
 
 class CalibrationError(CurvlabError, RuntimeError):
     """The reference of ``curvlab bench calibrate`` gave no usable value for a problem."""
+
+
+class WorkerError(CurvlabError, RuntimeError):
+    """Benchmark worker processes keep dying before finishing a run; the message says why."""

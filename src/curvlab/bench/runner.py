@@ -71,7 +71,7 @@ from curvlab.bench.optimizers import (
 from curvlab.bench.problems import get_problem
 from curvlab.bench.store import DONE_STATUSES, Store, check_store_path, new_owner
 from curvlab.bench.suites import BUILTIN_OPTIMIZERS, RunSpec, Suite, expand_runs, problem_infos
-from curvlab.errors import InvalidArgumentError, UnknownNameError
+from curvlab.errors import InvalidArgumentError, UnknownNameError, WorkerError
 
 __all__ = ["HEARTBEAT_S", "SuiteResult", "environment", "execute_run", "run_suite"]
 
@@ -581,7 +581,7 @@ def _run_pool(
             pool.shutdown(wait=True, cancel_futures=True)
         fruitless = fruitless + 1 if done == done_before else 0
         if fruitless >= 3:
-            raise RuntimeError(
+            raise WorkerError(
                 "worker processes keep dying before finishing any run (3 pools in a row); if you "
                 "called run_suite from a script, guard it with `if __name__ == '__main__':` "
                 "(spawned workers re-import the main module), or use workers=0"

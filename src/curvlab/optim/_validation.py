@@ -622,7 +622,7 @@ def steps_taken(optimizer: Optimizer) -> int:
         >>> steps_taken(opt)
         0
     """
-    return max((int(st["step"]) for st in optimizer.state.values() if "step" in st), default=0)
+    return max((group_step(optimizer, g) for g in optimizer.param_groups), default=0)
 
 
 def _norms_finite(tensors: Sequence[Tensor]) -> bool:

@@ -9,9 +9,9 @@ import math
 import os
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -19,8 +19,8 @@ from torch import nn
 from curvlab.errors import InvalidArgumentError
 
 __all__ = [
+    "PhenomenonConfig",
     "PhenomenonResult",
-    "check_positive",
     "finish",
     "progress",
     "seeded_mlp",
@@ -166,15 +166,48 @@ def seeded_mlp(sizes: Sequence[int], activation: type[nn.Module], seed: int) -> 
     return nn.Sequential(*layers)
 
 
-def check_positive(config: Any, *names: str) -> None:
-    """Raise :class:`~curvlab.errors.InvalidArgumentError` unless every named field is > 0."""
-    for name in names:
-        value = getattr(config, name)
-        if not value > 0:
+@dataclass(frozen=True)
+class PhenomenonConfig:
+    """Base of the phenomenon configurations: each numeric field is checked when one is built.
+
+    How a configuration uses it: ``@dataclass(frozen=True) class FooConfig(PhenomenonConfig)`` with
+    its fields and their defaults. Every int or float field (each value of a tuple; ``bool``,
+    ``None`` and strings are not numbers here) must then be finite and > 0, except the names in
+    ``_nonnegative`` (finite and >= 0; ``seed`` by default) and ``_unchecked`` (ranges the config
+    checks itself). Rules that tie fields together go into ``_check``; ``quick()`` gives the tests' size.
+
+    Raises:
+        InvalidArgumentError: a field is out of its range (the message names the field).
+    """
+
+    _nonnegative: ClassVar[tuple[str, ...]] = ("seed",)
+    _unchecked: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name in self._unchecked:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                for i, item in enumerate(value):
+                    self._check_number(f"{f.name}[{i}]", item)
+            else:
+                self._check_number(f.name, value)
+        self._check()
+
+    def _check_number(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        nonnegative = name.split("[")[0] in self._nonnegative
+        if not math.isfinite(value) or value < 0 or (value == 0 and not nonnegative):
+            cls = type(self).__name__
             raise InvalidArgumentError(
-                f"{type(config).__name__}.{name} must be > 0, got {value!r}; see the defaults of "
-                f"{type(config).__name__}()"
+                f"{cls}.{name} must be {'>=' if nonnegative else '>'} 0 and finite, got "
+                f"{value!r}; see the defaults of {cls}()"
             )
+
+    def _check(self) -> None:
+        """Rules between fields; a configuration that has some overrides this."""
 
 
 def progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterator[T]:

@@ -31,14 +31,16 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish, seeded_mlp
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, seeded_mlp
 
 __all__ = ["CompressionConfig", "compression"]
 
 
 @dataclass(frozen=True)
-class CompressionConfig:
+class CompressionConfig(PhenomenonConfig):
     """Model, training and compression settings of the compression run."""
+
+    _unchecked = ("sparsities",)  # in [0, 1): checked below
 
     hidden: tuple[int, ...] = (64, 32)
     num_train: int = 1200
@@ -54,18 +56,7 @@ class CompressionConfig:
     trace_matvecs: int = 100
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_positive(
-            self,
-            "num_train",
-            "train_steps",
-            "lr",
-            "blocks",
-            "num_grads",
-            "damp",
-            "prune_steps",
-            "trace_matvecs",
-        )
+    def _check(self) -> None:
         if not 0 < self.num_train < 1797:
             raise InvalidArgumentError(
                 f"CompressionConfig.num_train must be in (0, 1797) to leave a test set of the "

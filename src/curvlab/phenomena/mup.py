@@ -21,14 +21,16 @@ from torch import Tensor, nn
 from curvlab.datasets import digits
 from curvlab.errors import InvalidArgumentError
 from curvlab.parametrize import parametrize
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish, progress
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, progress
 
 __all__ = ["MuPConfig", "mup_transfer"]
 
 
 @dataclass(frozen=True)
-class MuPConfig:
+class MuPConfig(PhenomenonConfig):
     """Widths, the log2 learning-rate grid and the training length."""
+
+    _unchecked = ("log2_lrs",)  # exponents of either sign
 
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)
     log2_lrs: tuple[int, ...] = (-13, -12, -11, -10, -9, -8, -7, -6, -5, -4)
@@ -36,8 +38,7 @@ class MuPConfig:
     batch_size: int = 128
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_positive(self, "steps", "batch_size")
+    def _check(self) -> None:
         if len(self.widths) < 2 or min(self.widths) < 1 or len(self.log2_lrs) < 3:
             raise InvalidArgumentError(
                 f"MuPConfig needs >= 2 positive widths and >= 3 learning rates, got widths "

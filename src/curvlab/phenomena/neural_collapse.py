@@ -31,8 +31,8 @@ from curvlab.datasets import digits
 from curvlab.errors import InvalidArgumentError
 from curvlab.monitors import HistorySink, NeuralCollapse, attach
 from curvlab.phenomena._common import (
+    PhenomenonConfig,
     PhenomenonResult,
-    check_positive,
     finish,
     progress,
     seeded_mlp,
@@ -47,8 +47,10 @@ _NC3_COLLAPSED = 0.14
 
 
 @dataclass(frozen=True)
-class NeuralCollapseConfig:
+class NeuralCollapseConfig(PhenomenonConfig):
     """Data, model and schedule of the neural-collapse run."""
+
+    _nonnegative = ("seed", "momentum", "weight_decay")
 
     per_class: int = 50
     width: int = 64
@@ -61,8 +63,7 @@ class NeuralCollapseConfig:
     seed: int = 0
     loss: str = "mse"
 
-    def __post_init__(self) -> None:
-        check_positive(self, "per_class", "width", "lr", "batch_size", "steps", "every")
+    def _check(self) -> None:
         if self.loss not in ("mse", "ce"):
             raise InvalidArgumentError(
                 f"NeuralCollapseConfig.loss must be 'mse' or 'ce' (cross-entropy), got {self.loss!r}"

@@ -40,8 +40,8 @@ from curvlab.monitors import (
 )
 from curvlab.operators import HessianOperator
 from curvlab.phenomena._common import (
+    PhenomenonConfig,
     PhenomenonResult,
-    check_positive,
     finish,
     progress,
     seeded_mlp,
@@ -51,8 +51,10 @@ __all__ = ["SubspaceConfig", "tiny_subspace"]
 
 
 @dataclass(frozen=True)
-class SubspaceConfig:
+class SubspaceConfig(PhenomenonConfig):
     """Data, model and schedule of the tiny-subspace run (defaults: the CLI's)."""
+
+    _nonnegative = ("seed", "warmup")
 
     dataset: str = "fashion-mnist"
     num_samples: int = 5000
@@ -67,13 +69,11 @@ class SubspaceConfig:
     ablation_refresh: int = 20
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if self.dataset not in ("fashion-mnist", "digits"):
             raise InvalidArgumentError(
                 f"SubspaceConfig.dataset must be 'fashion-mnist' or 'digits', got {self.dataset!r}"
             )
-        check_positive(self, "num_samples", "width", "lr", "batch_size", "steps", "every", "k")
-        check_positive(self, "ablation_steps", "ablation_refresh")
 
 
 def _data(cfg: SubspaceConfig) -> tuple[Tensor, Tensor, type[nn.Module]]:

@@ -11,17 +11,21 @@ import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvlab.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "PhenomenonConfig",
     "PhenomenonResult",
     "finish",
+    "minibatch_backward",
     "progress",
     "seeded_mlp",
     "write_json",
@@ -208,6 +212,49 @@ class PhenomenonConfig:
 
     def _check(self) -> None:
         """Rules between fields; a configuration that has some overrides this."""
+
+    def _require_values(self, name: str, limit: str) -> None:
+        """Raise unless the tuple field ``name`` holds 1 to ``limit`` (another field) values."""
+        values, most = getattr(self, name), getattr(self, limit)
+        if not 0 < len(values) <= most:
+            raise InvalidArgumentError(
+                f"{type(self).__name__}.{name} needs 1 to {limit} = {most} values, got {values!r}"
+            )
+
+    def _require_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        """Raise unless the field ``name`` is one of ``choices``."""
+        value = getattr(self, name)
+        if value not in choices:
+            raise InvalidArgumentError(
+                f"{type(self).__name__}.{name} must be {' or '.join(map(repr, choices))}, got "
+                f"{value!r}"
+            )
+
+    @classmethod
+    def quick(cls) -> Self:
+        """The tests' size (seconds); the defaults unless a configuration overrides this."""
+        return cls()
+
+
+def minibatch_backward(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[Tensor, Tensor],
+    batch_size: int,
+    generator: torch.Generator,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+) -> Tensor:
+    """Back-propagate the loss of one minibatch drawn with replacement; the caller then steps.
+
+    ``batch_size`` indices are drawn uniformly from ``generator``; the optimizer's gradients are
+    zeroed and ``loss_fn(model(x[idx]), y[idx])`` is back-propagated. Returns that loss.
+    """
+    x, y = data
+    idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator)
+    optimizer.zero_grad()
+    loss = loss_fn(model(x[idx]), y[idx])
+    loss.backward()
+    return loss
 
 
 def progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterator[T]:

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.errors import InvalidArgumentError
 from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish
 
 __all__ = ["DeepLinearConfig", "deep_linear", "saxe_mode_strength"]
@@ -43,11 +42,7 @@ class DeepLinearConfig(PhenomenonConfig):
     seed: int = 0
 
     def _check(self) -> None:
-        if not 0 < len(self.singular_values) <= self.dim:
-            raise InvalidArgumentError(
-                f"DeepLinearConfig.singular_values needs 1 to dim = {self.dim} values, got "
-                f"{self.singular_values!r}"
-            )
+        self._require_values("singular_values", "dim")
 
 
 def saxe_mode_strength(t: Tensor, s: float, u0: float, eta: float) -> Tensor:

@@ -58,6 +58,11 @@ class EoSConfig(PhenomenonConfig):
                 f"etas={self.etas!r}, control_eta={self.control_eta!r}"
             )
 
+    @classmethod
+    def quick(cls) -> EoSConfig:
+        """The tests' size (seconds): three step sizes, no control run."""
+        return cls(etas=(0.35, 0.5, 0.6), control_eta=None, steps=700, every=25)
+
 
 def half_square_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """½‖outputs − targets‖² summed over outputs, averaged over examples (Cohen et al.'s MSE)."""

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from curvlab.datasets import digits
 from curvlab.errors import InvalidArgumentError
 from curvlab.parametrize import parametrize
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, progress
+from curvlab.phenomena._common import (
+    PhenomenonConfig,
+    PhenomenonResult,
+    finish,
+    minibatch_backward,
+    progress,
+)
 
 __all__ = ["MuPConfig", "mup_transfer"]
 
@@ -58,14 +64,11 @@ def _final_loss(kind: str, width: int, lr: float, x: Tensor, y: Tensor, cfg: MuP
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(parametrize(net, kind, min(cfg.widths), lr, "adam", gen))
-    loss_fn = nn.CrossEntropyLoss()
     for _ in range(cfg.steps):
-        idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)
-        opt.zero_grad()
-        loss_fn(net(x[idx]), y[idx]).backward()
+        minibatch_backward(net, opt, (x, y), cfg.batch_size, gen)
         opt.step()
     with torch.no_grad():
-        loss = float(loss_fn(net(x), y))
+        loss = float(nn.functional.cross_entropy(net(x), y))
     return loss if math.isfinite(loss) else math.inf
 
 

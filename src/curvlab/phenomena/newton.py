@@ -61,16 +61,17 @@ class NewtonConfig(PhenomenonConfig):
     seed: int = 0
 
     def _check(self) -> None:
-        if not 0 < len(self.linear_singular_values) <= self.linear_dim:
-            raise InvalidArgumentError(
-                f"NewtonConfig.linear_singular_values needs 1 to linear_dim = {self.linear_dim} "
-                f"values, got {self.linear_singular_values!r}"
-            )
+        self._require_values("linear_singular_values", "linear_dim")
         if self.regularized_steps < 8:
             raise InvalidArgumentError(
                 f"NewtonConfig.regularized_steps must be >= 8 to fit a rate, got "
                 f"{self.regularized_steps}"
             )
+
+    @classmethod
+    def quick(cls) -> NewtonConfig:
+        """The tests' size (seconds)."""
+        return cls(regularized_steps=60, saddle_steps=30)
 
 
 def loglog_slope(x: list[float], y: list[float]) -> float:

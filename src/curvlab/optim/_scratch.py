@@ -39,7 +39,10 @@ def bucket_rows(
     """
     buckets: dict[K, list[list[Tensor]]] = {}
     for row in rows:
-        bucket = buckets.setdefault(key(row), [[] for _ in row])
+        k = key(row)
+        bucket = buckets.get(k)
+        if bucket is None:
+            bucket = buckets[k] = [[] for _ in row]
         for column, t in zip(bucket, row):
             column.append(t)
     return buckets

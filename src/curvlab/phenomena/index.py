@@ -12,6 +12,7 @@ from pathlib import Path
 from curvlab.datasets import fashion_mnist_available
 from curvlab.errors import InvalidArgumentError
 from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult
+from curvlab.phenomena.batch_size import BatchSizeConfig, batch_size
 from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.compression import CompressionConfig, compression
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
@@ -23,6 +24,7 @@ from curvlab.phenomena.mode_connectivity import ModeConnectivityConfig, mode_con
 from curvlab.phenomena.mup import MuPConfig, mup_transfer
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
 from curvlab.phenomena.newton import NewtonConfig, newton_phenomenon
+from curvlab.phenomena.sgd_stability import SGDStabilityConfig, sgd_stability
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
 __all__ = ["PHENOMENA", "quick_config", "run_all", "run_phenomenon", "write_index"]
@@ -41,6 +43,8 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type[PhenomenonConfi
     "mode-connectivity": (mode_connectivity, ModeConnectivityConfig),
     "mup": (mup_transfer, MuPConfig),
     "depth": (depth_sweep, DepthConfig),
+    "sgd-stability": (sgd_stability, SGDStabilityConfig),
+    "batch-size": (batch_size, BatchSizeConfig),
 }
 
 

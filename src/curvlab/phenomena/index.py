@@ -23,6 +23,7 @@ from curvlab.phenomena.mode_connectivity import ModeConnectivityConfig, mode_con
 from curvlab.phenomena.mup import MuPConfig, mup_transfer
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
 from curvlab.phenomena.newton import NewtonConfig, newton_phenomenon
+from curvlab.phenomena.psgd_conditioning import PSGDConditioningConfig, psgd_conditioning
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
 __all__ = ["PHENOMENA", "quick_config", "run_all", "run_phenomenon", "write_index"]
@@ -36,6 +37,7 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "neural-collapse": (neural_collapse, NeuralCollapseConfig),
     "newton": (newton_phenomenon, NewtonConfig),
     "compression": (compression, CompressionConfig),
+    "psgd-conditioning": (psgd_conditioning, PSGDConditioningConfig),
     "central-flow": (central_flow, CentralFlowConfig),
     "gfs": (gfs_sharpness, GFSConfig),
     "mode-connectivity": (mode_connectivity, ModeConnectivityConfig),

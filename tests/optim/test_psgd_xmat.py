@@ -108,9 +108,9 @@ def test_precond_grad_is_qtq_times_g():
 
 
 def test_newton_fit_recovers_the_inverse_of_an_x_shaped_hessian():
-    """Pairs (v, Hv) with H = diag + adiag SPD (eigenvalues 0.5 … 8): P = QᵀQ → H⁻¹ (the fixed
-    point of E[hᵀPh + vᵀP⁻¹v]); the relative error after 3000 fits at lr 0.1 → 0.01 measured
-    0.3 % (seed 0), asserted < 3 %; the initial error is 90 %."""
+    """Exact pairs (v, Hv) with H = diag + adiag SPD (eigenvalues in 0.5 … 8): P = QᵀQ → H⁻¹, the
+    fixed point of E[hᵀPh + vᵀP⁻¹v], which the X family contains. Relative error after 3000 fits
+    measured 1e-11, 1e-12, 2e-9 (seeds 0, 1, 2) from 2.9, 1.0, 1.6; asserted < 1e-6."""
     n = 8
     gen = torch.Generator().manual_seed(0)
     c, s = torch.rand(n // 2, dtype=DT, generator=gen), torch.rand(n // 2, dtype=DT, generator=gen)
@@ -129,7 +129,7 @@ def test_newton_fit_recovers_the_inverse_of_an_x_shaped_hessian():
         update_precond_xmat(a, b, L, v, H @ v, lr=0.1 if it < 2000 else 0.01)
     Q = x_matrix(a, b)
     err = torch.linalg.norm(Q.T @ Q - target) / torch.linalg.norm(target)
-    assert err0 > 0.5 and err < 0.03, (float(err0), float(err))
+    assert err0 > 0.5 and err < 1e-6, (float(err0), float(err))
 
 
 def test_pair_fit_needs_a_loss_closure():

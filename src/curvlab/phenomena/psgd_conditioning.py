@@ -54,7 +54,7 @@ class PSGDConditioningConfig:
     kappas: tuple[float, ...] = (1e2, 1e4, 1e6)
     dim: int = 10
     tol: float = 1e-8
-    max_iters: int = 2000
+    max_iters: int = 5000
     rosenbrock_iters: int = 2000
     psgd_lrs: tuple[float, ...] = (0.1, 0.3, 1.0)
     adam_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)

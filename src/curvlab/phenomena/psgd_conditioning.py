@@ -21,9 +21,14 @@ Runs, all float64 from seeded data:
   a count is censored).
 
 Grade: reproduced only if PSGD reaches the tolerance at every κ, its exponent is at most
-``small_exponent`` and Adam's exceeds it by at least ``exponent_margin``; "partly" when Adam's
-exponent clearly exceeds PSGD's but PSGD's is not small (or PSGD is censored, or slower on
-Rosenbrock); not reproduced otherwise.
+``small_exponent`` and Adam's exceeds it by at least ``exponent_margin``, and PSGD needs fewer
+iterations on Rosenbrock; "partly" when Adam's exponent clearly exceeds PSGD's but PSGD's is above
+``small_exponent`` or PSGD is not faster on Rosenbrock; not reproduced otherwise (including when
+PSGD misses the tolerance at some κ: its exponent is then only a lower bound).
+
+Measured at the default size (float64, one thread, 66 s of CPU): PSGD 115/478/998 iterations at
+κ = 1e2/1e4/1e6, exponent 0.23; Adam 164/2,223/>20,000, exponent ≥ 0.52; Rosenbrock 390 against
+725 — graded "partly" (PSGD's exponent is above 0.15).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class PSGDConditioningConfig:
     kappas: tuple[float, ...] = (1e2, 1e4, 1e6)
     dim: int = 10
     tol: float = 1e-8
-    max_iters: int = 5000
+    max_iters: int = 20000
     rosenbrock_iters: int = 2000
     psgd_lrs: tuple[float, ...] = (0.1, 0.3, 1.0)
     adam_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
@@ -248,7 +253,8 @@ def psgd_conditioning(
             f"Left: iterations to {cfg.tol:g}·f(x₀) against κ on rotated quadratics, PSGD "
             f"(Hessian-vector fit) exponent {bound['psgd']}{exps['psgd']:.2f}, Adam "
             f"{bound['adam']}{exps['adam']:.2f} (open markers: not reached within the cap); "
-            "right: Rosenbrock, best step size of each.",
+            "right: Rosenbrock, best step size of each."
+            + (f" Not met: {', '.join(failed)}." if failed else ""),
             "PSGD's fitted preconditioner makes the iteration count nearly independent of κ "
             "while Adam's grows with κ (Li 2018).",
         ),

@@ -265,7 +265,7 @@ def psgd_conditioning(
         ax1, ax2 = fig.subplots(1, 2)
         for m, style in (("psgd", "o-"), ("adam", "s--")):
             ys = [cfg.max_iters if n is None else max(n, 1) for n in counts[m]]
-            ax1.loglog(cfg.kappas, ys, style, label=f"{m} (exponent {exps[m]:.2f})")
+            ax1.loglog(cfg.kappas, ys, style, label=f"{m} (exponent {bound[m]}{exps[m]:.2f})")
             cens = [(k, y) for k, y, n in zip(cfg.kappas, ys, counts[m]) if n is None]
             if cens:
                 ax1.loglog(*zip(*cens), "^", mfc="none", ms=12, color="gray")

@@ -11,6 +11,7 @@ import torch
 from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._psgd import mix_seed as _mix_seed
 from curvlab.optim.psgd_lra import PSGDLRA, update_precond_lra_whiten
+from tests.optim import _psgd_reference as ref
 
 DT = torch.float64
 
@@ -67,13 +68,9 @@ def test_matches_reference_loop(mom):
     V = V * 0.1**0.5 / V.norm()
     d, L, m = None, [0.0, 0.0, 0.0], torch.zeros(17, 1, dtype=DT)
     for t in range(6):
-        opt.zero_grad()
-        loss(p1, p2).backward()
-        opt.step()
-        xv = x.clone().requires_grad_()
-        (gr,) = torch.autograd.grad(loss(xv[:12].reshape(3, 4), xv[12:, 0]), xv)
+        gr, scale = ref.whitening_step(opt, loss, (p1, p2), x)
         if d is None:
-            d = (gr.pow(4).mean() + 1e-36) ** (-1 / 8) * torch.ones(17, 1, dtype=DT)
+            d = torch.full((17, 1), scale, dtype=DT)
         bt = min(t / (t + 1), mom)
         m = bt * m + (1 - bt) * gr
         gen = torch.Generator().manual_seed(_mix_seed(5, t, 1))
@@ -251,16 +248,7 @@ def test_newton_fit_matches_reference_loop(fit):
     """Official LRANewton (prob 1, no momentum, no clip) on a non-quadratic loss over two
     parameters: v ~ N(0, I) per parameter, h = Hv (double backward) or (g(θ+δv) - g(θ))/δ, the
     damping noise, the on-the-fly scale of d, the fit on (v, h) first, then θ ← θ - lr P g."""
-    from curvlab.optim._psgd import pair_probe_seed
-
-    g = torch.Generator().manual_seed(2)
-    A = torch.randn(3, 4, dtype=DT, generator=g)
-    c = torch.randn(5, dtype=DT, generator=g)
-    W0, b0 = torch.randn(3, 4, dtype=DT, generator=g), torch.randn(5, dtype=DT, generator=g)
-
-    def loss(W, b):
-        return ((W - A) ** 4).sum() + (W.sum() + b @ c) ** 2 + (b**2).sum()
-
+    loss, W0, b0 = ref.problem()
     p1, p2 = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(b0.clone())
     r, inf = 2, float("inf")
     opt = PSGDLRA([p1, p2], lr=0.3, rank=r, seed=5, fit=fit, grad_clip_max_amps=(inf, inf),
@@ -272,27 +260,15 @@ def test_newton_fit_matches_reference_loop(fit):
     V = V * 0.1**0.5 / V.norm()
     x = torch.cat([W0.reshape(-1), b0])
     d, L = None, [0.0, 0.0, 0.0]
-    f = lambda z: loss(z[:12].reshape(3, 4), z[12:])  # noqa: E731
+    f = ref.flat_loss(loss)
     tol = {"rtol": 1e-9, "atol": 1e-11} if fit == "hvp" else {"rtol": 1e-5, "atol": 1e-7}
     for t in range(20):
         opt.step(lambda: loss(p1, p2))
-        z = x.clone().requires_grad_(True)
-        grad = torch.autograd.grad(f(z), z, create_graph=True)[0]
-        vs = [torch.randn(s, dtype=DT, generator=torch.Generator().manual_seed(
-            pair_probe_seed(5, t, j))).reshape(-1) for j, s in enumerate([(3, 4), (5,)])]  # fmt: skip
-        v = torch.cat(vs)
-        if fit == "hvp":
-            hv = torch.autograd.grad(grad, z, v)[0]
-        else:
-            delta = torch.finfo(DT).eps ** 0.5
-            z2 = (x + delta * v).requires_grad_(True)
-            hv = (torch.autograd.grad(f(z2), z2)[0] - grad.detach()) / delta
-        grad = grad.detach()
+        grad, v, hv = ref.newton_pair(f, x, t, fit, seed=5)
         gen = torch.Generator().manual_seed(_mix_seed(5, t, 1))
         if d is None:
-            scale = v.square().mean() ** 0.25 * (hv.pow(4).mean() + 1e-36) ** -0.125
-            d = torch.full((17, 1), float(scale), dtype=DT)
-        h = hv + (1e-9 + torch.finfo(DT).eps * hv.abs()) * torch.randn(17, dtype=DT, generator=gen)
+            d = torch.full((17, 1), ref.pair_scale(v, hv), dtype=DT)
+        h = ref.damped(hv, gen)
         U, V, d, L = ref_lra_fit(U, V, d, L, v[:, None], h[:, None], gen)
         Q = (torch.eye(17, dtype=DT) + U @ V.T) @ torch.diag(d[:, 0])
         x = x - 0.3 * Q.T @ Q @ grad

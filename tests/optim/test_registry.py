@@ -23,6 +23,7 @@ def test_registry_builds_every_entry():
         "adahessian",
         "psgd_kron",
         "psgd_lra",
+        "psgd_xmat",
         "mfac",
         "frugal",
     } <= set(available())

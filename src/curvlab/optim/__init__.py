@@ -7,7 +7,7 @@ One layout, in the manner of ``torch/optim/adamw.py``: the class validates its a
 (``_validation.py``), creates state only in ``_init_group`` (``state["step"]`` is a float32
 scalar tensor of completed steps) and its ``step`` holds no math: it runs the closure, applies the
 one non-finite policy (``check_finite_grads``) and calls the functional entry point (``adopt``,
-``dog``, ``frugal``, ``mfac``, ``psgd_kron``, ``psgd_lra``), which dispatches to
+``dog``, ``frugal``, ``mfac``, ``psgd_kron``, ``psgd_lra``, ``psgd_xmat``), which dispatches to
 ``_single_tensor_<name>`` (the reference, the rule as in the paper) or ``_multi_tensor_<name>``
 (the foreach fast path, equal to it). The hyper-parameters of one step travel as one TypedDict
 (``ADOPTHyper``...) whose keys are the param-group keys; temporaries live in the one scratch
@@ -30,6 +30,7 @@ from curvlab.optim.mfac import MFAC
 from curvlab.optim.newton import Newton
 from curvlab.optim.psgd_kron import PSGDKron
 from curvlab.optim.psgd_lra import PSGDLRA
+from curvlab.optim.psgd_xmat import PSGDXMat
 from curvlab.optim.registry import OPTIMIZERS, available, create
 from curvlab.optim.sophia import Sophia
 
@@ -44,6 +45,7 @@ __all__ = [
     "LDoG",
     "PSGDKron",
     "PSGDLRA",
+    "PSGDXMat",
     "PolynomialDecayAverager",
     "Sophia",
     "available",

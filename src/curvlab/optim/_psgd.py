@@ -1,8 +1,10 @@
-"""What the PSGD optimizers (:class:`~curvlab.optim.psgd_kron.PSGDKron` and
-:class:`~curvlab.optim.psgd_lra.PSGDLRA`) share: options, validation, the step skeleton, the
-update-probability coin, seeds, the whitening probe, the Lipschitz EMA and the update clip.
+"""What the PSGD optimizers (:class:`~curvlab.optim.psgd_kron.PSGDKron`,
+:class:`~curvlab.optim.psgd_lra.PSGDLRA` and :class:`~curvlab.optim.psgd_xmat.PSGDXMat`) share:
+options, validation, the step skeleton, the update-probability coin, seeds, the whitening probe,
+the Lipschitz EMA, the update clip, and (:class:`ConcatenatedPSGD`, LRA and XMat) one
+preconditioner over the concatenated parameters of a param group.
 
-Both follow lixilinx/psgd_torch ``psgd.py`` (commit a8616f1): a preconditioner ``P = QᵀQ`` fitted
+All follow lixilinx/psgd_torch ``psgd.py`` (commit a8616f1): a preconditioner ``P = QᵀQ`` fitted
 by gradient whitening (``fit="whiten"``, ``KronWhiten``/``LRAWhiten``) or, as the seed paper's
 Newton-type PSGD (``KronNewton``/``LRANewton``, and ``XMat`` of the legacy
 ``preconditioned_stochastic_gradient_descent.py``), from a pair ``(v, Hv)``: an exact
@@ -18,18 +20,19 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from curvlab.errors import ParameterError
+from curvlab.errors import ParameterError, StateDictError
 from curvlab.optim._closure import _call_closure, _loss_grads, closure_required
 from curvlab.optim._validation import (
     add_param_group_checked,
     check_finite_grads,
+    group_options,
     group_step,
     load_state_dict_checked,
     next_step_number,
@@ -42,11 +45,14 @@ from curvlab.optim._validation import (
 
 __all__ = [
     "FITS",
+    "ConcatenatedPSGD",
     "PSGDOptions",
     "PSGDBase",
     "PSGDStepOptions",
     "clip_update",
     "coin_seed",
+    "concatenated_step",
+    "decayed_columns",
     "fit_options",
     "group_pair",
     "init_scale",
@@ -72,7 +78,7 @@ Pairs = dict[Tensor, tuple[Tensor, Tensor]]
 
 
 class PSGDOptions(TypedDict, total=False):
-    """Constructor options shared by PSGDKron and PSGDLRA (documented in PSGDKron's Args)."""
+    """Constructor options shared by the PSGD optimizers (documented in PSGDKron's Args)."""
 
     preconditioner_lr: float
     beta_lipschitz: float
@@ -358,6 +364,218 @@ class PSGDBase(Optimizer):
             free_shape_keys=free,
             check_shapes=self._check_shapes,
         )
+
+
+class ConcatenatedPSGD(PSGDBase):
+    """A PSGD optimizer with one preconditioner over the parameters of a param group concatenated
+    (``N`` entries; LRA and XMat).
+
+    Each parameter's state holds its rows of the group's factors (``_FACTOR_KEYS``) as consecutive
+    views of one buffer, plus ``step``, the group's Lipschitz estimates (``_LIPSCHITZ_KEYS``, the
+    same values in every parameter) and ``momentum_buffer``. A parameter without a gradient at a
+    step is left out of that step's preconditioner. A subclass sets the two key tuples and
+    implements ``_new_factors``, ``_factor_shapes`` and ``_step_group``.
+    """
+
+    _FACTOR_KEYS: ClassVar[tuple[str, ...]]
+    _LIPSCHITZ_KEYS: ClassVar[tuple[str, ...]]
+
+    def _new_factors(
+        self, group: dict[str, Any], total: int, scale: float, ref: Tensor, gen: torch.Generator
+    ) -> dict[str, Tensor]:
+        """The official initial factors over ``total`` concatenated entries (rows first)."""
+        raise NotImplementedError
+
+    def _factor_shapes(self, saved_group: Mapping[str, Any], n: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each factor's rows for a parameter of ``n`` entries."""
+        raise NotImplementedError
+
+    def _functional(self) -> Callable[..., None]:
+        """The functional entry point (``psgd_lra``, ``psgd_xmat``)."""
+        raise NotImplementedError
+
+    def _step_group(self, group: dict[str, Any], pairs: Pairs | None) -> None:
+        lists: tuple[list[Any], ...] = ([], [], [], [], [])
+        if any(p.grad is not None for p in group["params"]):
+            precond = self._init_group(group, pairs, *lists)
+            pair = group_pair(lists[0], pairs)
+            options = group_options(group, PSGDStepOptions)
+            self._functional()(*lists, precond=precond, pair=pair, **options)
+
+    def _init_group(
+        self, group: dict[str, Any], pairs: Pairs | None, *lists: list[Any]
+    ) -> tuple[Tensor, ...]:
+        """Create the state of new parameters (official initialisation over them); append every
+        parameter with a gradient to ``lists = (params, grads, momentum_buffers, lipschitz,
+        state_steps)``; return the group's factors over those, one tensor each whose row blocks
+        are the parameters' state entries.
+        """
+        ps = [p for p in group["params"] if p.grad is not None]
+        new = [p for p in ps if len(self.state[p]) == 0]
+        if new:
+            self._init_states(group, new, pairs)
+        for p in ps:
+            st = self.state[p]
+            lipschitz = [st[k] for k in self._LIPSCHITZ_KEYS]
+            entries = (p, p.grad, st.get("momentum_buffer"), lipschitz, st["step"])
+            for lst, entry in zip(lists, entries):
+                lst.append(entry)
+        return tuple(self._flat(ps, key) for key in self._FACTOR_KEYS)
+
+    def _flat(self, ps: list[Tensor], key: str) -> Tensor:
+        """The group's factor ``key`` as one tensor whose row blocks are the state entries.
+
+        The per-parameter entries are kept as consecutive views of one buffer, so a refit runs in
+        place on the concatenation without copying. If they are not (after a parameter was left
+        out of a step, or a ``load_state_dict`` that cast them), they are concatenated once and
+        the state entries are re-pointed to views of the new buffer.
+        """
+        tensors = [self.state[p][key] for p in ps]
+        first = tensors[0]
+        storage = first.untyped_storage()
+        offset = first.storage_offset()
+        rows = sum(t.shape[0] for t in tensors)
+        shape = (rows, *first.shape[1:])
+        ok = True
+        for t in tensors:
+            ok = ok and t.is_contiguous() and t.untyped_storage().data_ptr() == storage.data_ptr()
+            ok = ok and t.storage_offset() == offset and t.dtype == first.dtype
+            offset += t.numel()
+        if ok and offset <= storage.nbytes() // first.element_size():
+            flat = first.new_empty(0)
+            stride = (shape[1], 1) if len(shape) == 2 else (1,)
+            return flat.set_(storage, first.storage_offset(), shape, stride)
+        flat = torch.cat(tensors)
+        start = 0
+        for p, t in zip(ps, tensors):
+            self.state[p][key] = flat[start : start + t.shape[0]]
+            start += t.shape[0]
+        return flat
+
+    def _init_states(self, group: dict[str, Any], new: list[Tensor], pairs: Pairs | None) -> None:
+        """Official initialisation over the new parameters (all of them at the first step): the
+        scale from ``init_scale``, the pairs or the gradients, then :meth:`_new_factors`."""
+        sizes = [p.numel() for p in new]
+        ref = new[0]
+        scale = group["init_scale"]
+        if scale is None and pairs:
+            v, h = group_pair(new, pairs)  # type: ignore[misc]
+            scale = pair_init_scale([v], [h], float(group["damping"]))
+        elif scale is None:
+            gn = torch.cat([init_grad(p, group).reshape(-1) for p in new])
+            scale = init_scale(torch.mean(lift(gn) ** 4).item(), float(group["damping"]))
+        gen = seeded_generator(mix_seed(int(group["seed"]), -1, 0), ref.device)
+        factors = self._new_factors(group, sum(sizes), float(scale), ref, gen)
+        start = 0
+        for p, n in zip(new, sizes):
+            st = self.state[p]
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in self._FACTOR_KEYS:
+                st[key] = factors[key][start : start + n]
+            for key in self._LIPSCHITZ_KEYS:
+                st[key] = torch.zeros([], dtype=lipschitz_dtype(p.dtype), device=p.device)
+            if group["momentum"] > 0.0:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            start += n
+
+    def _state_layout(self) -> tuple[list[str], list[str], list[str]]:
+        keys = ["step", *self._FACTOR_KEYS, *self._LIPSCHITZ_KEYS, "momentum_buffer"]
+        return keys, list(self._FACTOR_KEYS), list(self._LIPSCHITZ_KEYS)
+
+    def _check_shapes(self, state_dict: Mapping[str, Any]) -> None:
+        for sg, g in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(sg["params"], g["params"]):
+                st = state_dict["state"].get(pid)
+                if st is None:
+                    continue
+                for key, shape in self._factor_shapes(sg, p.numel()).items():
+                    value = st.get(key)
+                    if value is None or tuple(value.shape) != shape:
+                        got = None if value is None else tuple(value.shape)
+                        raise StateDictError(
+                            f"state {key!r} of parameter id {pid!r} has shape {got}, expected "
+                            f"{shape} for a parameter of shape {tuple(p.shape)}; the state_dict "
+                            "was saved for a different model or another optimizer"
+                        )
+
+
+def decayed_columns(
+    params: Sequence[Tensor], grads: Sequence[Tensor], options: PSGDStepOptions
+) -> list[Tensor]:
+    """The gradients as ``[n_j, 1]`` columns after weight decay: ``θ ← θ(1 - lr·wd)`` in place
+    (decoupled) or ``g + wd·θ`` (coupled)."""
+    lr, wd = float(options["lr"]), float(options["weight_decay"])
+    gs = []
+    for p, g in zip(params, grads):
+        if wd != 0.0:
+            if options["decoupled_weight_decay"]:
+                p.mul_(1.0 - lr * wd)
+            else:
+                g = g.add(p, alpha=wd)
+        gs.append(g.reshape(-1, 1))
+    return gs
+
+
+#: ``fit(L, v, h, generator)``: fit a concatenated preconditioner on the pair ``(v, h)``, in place.
+ConcatenatedFit = Callable[[list[Tensor], Tensor, Tensor, torch.Generator], None]
+
+
+def concatenated_step(
+    ps: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    lipschitz: list[list[Tensor]],
+    t: int,
+    pair: tuple[Tensor, Tensor] | None,
+    options: PSGDStepOptions,
+    *,
+    fit: ConcatenatedFit | None,
+    apply: Callable[[Tensor], Tensor],
+) -> None:
+    """One step on a group's concatenated vectors (``grads``: ``[n_j, 1]`` columns), in place.
+
+    Rule (official ``LRAWhiten.step``/``LRANewton.step``, the ``XMat`` class)::
+
+        m = g, or m ← β_t m + (1-β_t) g with β_t = min(t/(t+1), momentum)
+        if fit: (v, h) = whitening probe of (g if whiten_grad else m), or pair with h damped
+                fit(L, v, h) before (update_preconditioner_first) or after applying P
+        u = apply(m) = P m;  u ← u·min(1, c₁/RMS(u));  u ← clamp(u, ±c₂);  θ ← θ - lr·u
+
+    ``fit=None``: no refit at this step. The generator of the probe and the fit's coins is seeded
+    by ``(seed, t, 1)``; the group's Lipschitz estimates are written back into every parameter.
+    """
+    g = torch.cat(grads)
+    L = [x.clone() for x in lipschitz[0]]
+    momentum = float(options["momentum"])
+    if momentum > 0.0:
+        m = torch.cat([b.reshape(-1, 1) for b in momentum_buffers])  # type: ignore[union-attr]
+        beta = min(t / (t + 1.0), momentum)
+        m.mul_(beta).add_(g, alpha=1.0 - beta)
+    else:
+        m = g
+    first = options["update_preconditioner_first"]
+    if fit is not None:
+        gen = seeded_generator(mix_seed(int(options["seed"]), t, 1), g.device)
+        damping = float(options["damping"])
+        if pair is None:
+            v, h = whitening_probe(g if options["whiten_grad"] else m, damping, gen)
+        else:
+            v, h = pair[0], pair_damped(pair[1], damping, gen)
+        if first:
+            fit(L, v, h, gen)
+    u = apply(m)
+    if fit is not None and not first:
+        fit(L, v, h, gen)
+    u = clip_update(u, options["grad_clip_max_amps"])
+    start = 0
+    for p, buf, lip in zip(ps, momentum_buffers, lipschitz):
+        n = p.numel()
+        p.sub_(u[start : start + n].reshape(p.shape), alpha=float(options["lr"]))
+        if buf is not None:
+            buf.copy_(m[start : start + n].reshape(p.shape))
+        if fit is not None:
+            torch._foreach_copy_(lip, L)
+        start += n
 
 
 class FitOptions(TypedDict):

@@ -62,6 +62,7 @@ from curvlab.operators.base import LinearOperator
 from curvlab.optim._closure import _call_closure, _loss_grads
 from curvlab.optim._validation import (
     check_finite_grads,
+    load_state_dict_checked,
     next_step_number,
     validate_lr,
     validate_nonnegative,
@@ -71,6 +72,8 @@ from curvlab.optim._validation import (
 
 __all__ = ["Newton", "NewtonDirection", "lanczos_basis", "newton_direction", "newton_single_tensor"]
 
+#: per-parameter state: the step count; on the first parameter, the last step's diagnostics
+_STATE_KEYS = ("step", "num_matvecs", "step_size", "decrement")
 _METHODS = ("damped", "regularized", "saddle-free")
 _SOLVERS = ("cg", "minres", "neumann")
 
@@ -296,6 +299,19 @@ class Newton(Optimizer):
         loss, _ = _call_closure(closure, params, type(self).__name__)
         with full_precision():  # the solve's products and algebra in the parameters' dtype
             return self._step_from(loss, params)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, after checking its layout.
+
+        Newton's state holds no parameter-shaped tensor (step counts and the last step's
+        diagnostics), so only the param groups, their hyper-parameters and the state keys are
+        checked.
+
+        Raises:
+            StateDictError: the number of groups or parameters differs, a group lacks Newton's
+                hyper-parameters, or the state has keys Newton does not use (another optimizer).
+        """
+        load_state_dict_checked(self, state_dict, state_keys=_STATE_KEYS)
 
     def _step_from(self, loss: Tensor, params: list[Tensor]) -> Tensor:
         """The rest of :meth:`step`, from the closure's loss (outside any autocast)."""

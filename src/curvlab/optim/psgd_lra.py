@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from curvlab.errors import ParameterError, StateDictError
+from curvlab.errors import ParameterError
 from curvlab.optim import _psgd
-from curvlab.optim._psgd import PSGDBase, PSGDOptions, PSGDStepOptions
-from curvlab.optim._validation import group_options, validate_int
+from curvlab.optim._psgd import ConcatenatedPSGD, PSGDOptions, PSGDStepOptions
+from curvlab.optim._validation import validate_int
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -34,11 +34,12 @@ __all__ = [
     "update_precond_lra_whiten",
 ]
 
-_STATE_KEYS = ("step", "U", "V", "d", "L_u", "L_v", "L_d", "momentum_buffer")
+# state keys: "step", the factor rows, the group's Lipschitz estimates, "momentum_buffer"
+_FACTOR_KEYS = ("U", "V", "d")
 _LIPSCHITZ_KEYS = ("L_u", "L_v", "L_d")
 
 
-class PSGDLRA(PSGDBase):
+class PSGDLRA(ConcatenatedPSGD):
     r"""PSGD with a low-rank-approximation whitening preconditioner ``Q = (I + U Vᵀ) diag(d)``.
 
     One preconditioner per param group over all its parameters concatenated (``N`` entries,
@@ -94,6 +95,9 @@ class PSGDLRA(PSGDBase):
     ) -> None:
         super().__init__(params, {"lr": lr, "rank": rank}, options)
 
+    _FACTOR_KEYS = _FACTOR_KEYS
+    _LIPSCHITZ_KEYS = _LIPSCHITZ_KEYS
+
     def _validate_extra(self, group: dict[str, Any]) -> None:
         rank = validate_int("rank", group["rank"], 0)
         numel = sum(p.numel() for p in group["params"])
@@ -103,125 +107,29 @@ class PSGDLRA(PSGDBase):
                 f"got rank={rank}; pass a smaller rank"
             )
 
-    def _init_group(
-        self, group: dict[str, Any], pairs: _psgd.Pairs | None, *lists: list[Any]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Create the state of new parameters (official initialisation over them); append every
-        parameter with a gradient to ``lists = (params, grads, momentum_buffers, lipschitz,
-        state_steps)``; return the group's ``U``, ``V``, ``d`` over those, as one tensor each
-        whose row blocks are the parameters' state entries.
-        """
-        ps = [p for p in group["params"] if p.grad is not None]
-        new = [p for p in ps if len(self.state[p]) == 0]
-        if new:
-            self._init_states(group, new, pairs)
-        for p in ps:
-            st = self.state[p]
-            lipschitz = [st[k] for k in _LIPSCHITZ_KEYS]
-            entries = (p, p.grad, st.get("momentum_buffer"), lipschitz, st["step"])
-            for lst, entry in zip(lists, entries):
-                lst.append(entry)
-        U, V, d = (self._flat(ps, key) for key in ("U", "V", "d"))
-        return U, V, d
-
-    def _step_group(self, group: dict[str, Any], pairs: _psgd.Pairs | None) -> None:
-        lists: tuple[list[Any], ...] = ([], [], [], [], [])
-        if any(p.grad is not None for p in group["params"]):
-            precond = self._init_group(group, pairs, *lists)
-            pair = _psgd.group_pair(lists[0], pairs)
-            psgd_lra(*lists, precond=precond, pair=pair, **group_options(group, PSGDStepOptions))
-
-    def _flat(self, ps: list[Tensor], key: str) -> Tensor:
-        """The group's ``U``, ``V`` or ``d`` as one tensor whose row blocks are the state entries.
-
-        The per-parameter entries are kept as consecutive views of one buffer, so the refit runs
-        in place on the concatenation without copying. If they are not (after a parameter was
-        left out of a step, or a ``load_state_dict`` that cast them), they are concatenated once
-        and the state entries are re-pointed to views of the new buffer.
-        """
-        tensors = [self.state[p][key] for p in ps]
-        first = tensors[0]
-        storage = first.untyped_storage()
-        offset = first.storage_offset()
-        rows = sum(t.shape[0] for t in tensors)
-        shape = (rows, *first.shape[1:])
-        ok = True
-        for t in tensors:
-            ok = ok and t.is_contiguous() and t.untyped_storage().data_ptr() == storage.data_ptr()
-            ok = ok and t.storage_offset() == offset and t.dtype == first.dtype
-            offset += t.numel()
-        if ok and offset <= storage.nbytes() // first.element_size():
-            flat = first.new_empty(0)
-            stride = (shape[1], 1) if len(shape) == 2 else (1,)
-            return flat.set_(storage, first.storage_offset(), shape, stride)
-        flat = torch.cat(tensors)
-        start = 0
-        for p, t in zip(ps, tensors):
-            self.state[p][key] = flat[start : start + t.shape[0]]
-            start += t.shape[0]
-        return flat
-
-    def _init_states(
-        self, group: dict[str, Any], new: list[Tensor], pairs: _psgd.Pairs | None
-    ) -> None:
-        """Official initialisation over the new parameters (all of them at the first step)."""
+    def _new_factors(
+        self, group: dict[str, Any], total: int, scale: float, ref: Tensor, gen: torch.Generator
+    ) -> dict[str, Tensor]:
+        """``U, V`` Gaussian with ``‖U‖_F = ‖V‖_F = √0.1`` and ``d = scale`` (official)."""
         rank = int(group["rank"])
-        sizes = [p.numel() for p in new]
-        total = sum(sizes)
         if rank >= total:
             raise ParameterError(
                 f"rank must be smaller than the number of entries it preconditions ({total}), "
                 f"got rank={rank}; pass a smaller rank"
             )
-        ref = new[0]
-        gen = _psgd.seeded_generator(_psgd.mix_seed(int(group["seed"]), -1, 0), ref.device)
         U = torch.randn(total, rank, dtype=ref.dtype, device=ref.device, generator=gen)
         U *= 0.1**0.5 / torch.linalg.vector_norm(U)
         V = torch.randn(total, rank, dtype=ref.dtype, device=ref.device, generator=gen)
         V *= 0.1**0.5 / torch.linalg.vector_norm(V)
-        scale = group["init_scale"]
-        if scale is None and pairs:
-            v, h = _psgd.group_pair(new, pairs)  # type: ignore[misc]
-            scale = _psgd.pair_init_scale([v], [h], float(group["damping"]))
-        elif scale is None:
-            gn = torch.cat([_psgd.init_grad(p, group).reshape(-1) for p in new])
-            scale = _psgd.init_scale(
-                torch.mean(_psgd.lift(gn) ** 4).item(), float(group["damping"])
-            )
-        d = torch.full((total,), float(scale), dtype=ref.dtype, device=ref.device)
-        start = 0
-        for p, n in zip(new, sizes):
-            st = self.state[p]
-            st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            st["U"] = U[start : start + n]
-            st["V"] = V[start : start + n]
-            st["d"] = d[start : start + n]
-            for key in _LIPSCHITZ_KEYS:
-                st[key] = torch.zeros([], dtype=_psgd.lipschitz_dtype(p.dtype), device=p.device)
-            if group["momentum"] > 0.0:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            start += n
+        d = torch.full((total,), scale, dtype=ref.dtype, device=ref.device)
+        return {"U": U, "V": V, "d": d}
 
-    def _state_layout(self) -> tuple[list[str], list[str], list[str]]:
-        return list(_STATE_KEYS), ["U", "V", "d"], list(_LIPSCHITZ_KEYS)
+    def _factor_shapes(self, saved_group: Mapping[str, Any], n: int) -> dict[str, tuple[int, ...]]:
+        rank = int(saved_group["rank"])
+        return {"U": (n, rank), "V": (n, rank), "d": (n,)}
 
-    def _check_shapes(self, state_dict: Mapping[str, Any]) -> None:
-        for sg, g in zip(state_dict["param_groups"], self.param_groups):
-            rank = int(sg["rank"])
-            for pid, p in zip(sg["params"], g["params"]):
-                st = state_dict["state"].get(pid)
-                if st is None:
-                    continue
-                n = p.numel()
-                for key, shape in (("U", (n, rank)), ("V", (n, rank)), ("d", (n,))):
-                    value = st.get(key)
-                    if value is None or tuple(value.shape) != shape:
-                        got = None if value is None else tuple(value.shape)
-                        raise StateDictError(
-                            f"state {key!r} of parameter id {pid!r} has shape {got}, expected "
-                            f"{shape} for a parameter of shape {tuple(p.shape)}; the state_dict "
-                            "was saved for a different model or another optimizer"
-                        )
+    def _functional(self) -> Callable[..., None]:
+        return psgd_lra
 
 
 def psgd_lra(
@@ -257,69 +165,26 @@ def _single_tensor_psgd_lra(
     **options: Unpack[PSGDStepOptions],
 ) -> None:
     """The PSGD-LRA step of the class docstring (the reference): a refit step works on the
-    concatenation; a step without refit applies ``P`` block by block, nothing concatenated."""
+    concatenation (:func:`~curvlab.optim._psgd.concatenated_step`); a step without refit applies
+    ``P`` block by block, nothing concatenated."""
     params, grads, momentum_buffers, lipschitz, state_steps = lists
     U, V, d = precond
-    lr, wd = float(options["lr"]), float(options["weight_decay"])
-    gs = []
-    for p, g in zip(params, grads):
-        if wd != 0.0:
-            if options["decoupled_weight_decay"]:
-                p.mul_(1.0 - lr * wd)
-            else:
-                g = g.add(p, alpha=wd)
-        gs.append(g.reshape(-1, 1))
+    gs = _psgd.decayed_columns(params, grads, options)
     t = int(state_steps[0].item())
     whiten = options.get("fit", "whiten") == "whiten"
     if _psgd.update_coin(options, t) if whiten else pair is not None:
-        precond = (U, V, d.view(-1, 1))
-        _refit_step(params, gs, precond, momentum_buffers, lipschitz, t, pair, options)
+        dc = d.view(-1, 1)
+        kw = {"lr": options["preconditioner_lr"], "beta_lipschitz": options["beta_lipschitz"]}
+
+        def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator) -> None:
+            update_precond_lra(U, V, dc, L, v, h, generator=gen, **kw)
+
+        apply = functools.partial(precond_grad_lra, U, V, dc)
+        lists4 = (params, gs, momentum_buffers, lipschitz)
+        _psgd.concatenated_step(*lists4, t, pair, options, fit=fit, apply=apply)
     else:
         _blockwise_step(params, gs, (U, V, d), momentum_buffers, t, options)
     torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
-
-
-def _refit_step(
-    ps: list[Tensor],
-    grads: list[Tensor],
-    precond: tuple[Tensor, Tensor, Tensor],
-    momentum_buffers: list[Tensor | None],
-    lipschitz: list[list[Tensor]],
-    t: int,
-    pair: tuple[Tensor, Tensor] | None,
-    options: PSGDStepOptions,
-) -> None:
-    """A step that refits ``precond = (U, V, d)``, on the group's concatenated vectors: by
-    whitening, or on ``pair = (v, Hv)`` (:func:`update_precond_lra_newton`)."""
-    U, V, d = precond
-    g = torch.cat(grads)
-    L = [x.clone() for x in lipschitz[0]]
-    momentum = float(options["momentum"])
-    if momentum > 0.0:
-        m = torch.cat([b.reshape(-1, 1) for b in momentum_buffers])  # type: ignore[union-attr]
-        beta = min(t / (t + 1.0), momentum)
-        m.mul_(beta).add_(g, alpha=1.0 - beta)
-    else:
-        m = g
-    gen = _psgd.seeded_generator(_psgd.mix_seed(int(options["seed"]), t, 1), g.device)
-    target = g if options["whiten_grad"] else m
-    rule = update_precond_lra_whiten if pair is None else update_precond_lra_newton
-    fit = functools.partial(rule, generator=gen, **_psgd.fit_options(options))
-    args = (target,) if pair is None else pair
-    if options["update_preconditioner_first"]:
-        fit(U, V, d, L, *args)
-    u = precond_grad_lra(U, V, d, m)
-    if not options["update_preconditioner_first"]:
-        fit(U, V, d, L, *args)
-    u = _psgd.clip_update(u, options["grad_clip_max_amps"])
-    start = 0
-    for p, buf, lip in zip(ps, momentum_buffers, lipschitz):
-        n = p.numel()
-        p.sub_(u[start : start + n].reshape(p.shape), alpha=float(options["lr"]))
-        if buf is not None:
-            buf.copy_(m[start : start + n].reshape(p.shape))
-        torch._foreach_copy_(lip, L)
-        start += n
 
 
 def _blockwise_step(

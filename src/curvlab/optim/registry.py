@@ -32,6 +32,7 @@ from curvlab.optim.mfac import MFAC
 from curvlab.optim.newton import Newton
 from curvlab.optim.psgd_kron import PSGDKron
 from curvlab.optim.psgd_lra import PSGDLRA
+from curvlab.optim.psgd_xmat import PSGDXMat
 from curvlab.optim.sophia import Sophia
 
 __all__ = ["OPTIMIZERS", "available", "create"]
@@ -50,6 +51,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adahessian": AdaHessian,
     "psgd_kron": PSGDKron,
     "psgd_lra": PSGDLRA,
+    "psgd_xmat": PSGDXMat,
     "newton": Newton,
 }
 

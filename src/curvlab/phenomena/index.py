@@ -24,6 +24,7 @@ from curvlab.phenomena.mode_connectivity import ModeConnectivityConfig, mode_con
 from curvlab.phenomena.mup import MuPConfig, mup_transfer
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
 from curvlab.phenomena.newton import NewtonConfig, newton_phenomenon
+from curvlab.phenomena.psgd_conditioning import PSGDConditioningConfig, psgd_conditioning
 from curvlab.phenomena.sgd_stability import SGDStabilityConfig, sgd_stability
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
@@ -38,6 +39,7 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type[PhenomenonConfi
     "neural-collapse": (neural_collapse, NeuralCollapseConfig),
     "newton": (newton_phenomenon, NewtonConfig),
     "compression": (compression, CompressionConfig),
+    "psgd-conditioning": (psgd_conditioning, PSGDConditioningConfig),
     "central-flow": (central_flow, CentralFlowConfig),
     "gfs": (gfs_sharpness, GFSConfig),
     "mode-connectivity": (mode_connectivity, ModeConnectivityConfig),

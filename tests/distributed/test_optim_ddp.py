@@ -3,20 +3,18 @@ trajectory of one process on the concatenated batches (float64, to 1e-10)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from curvlab.errors import DistributedError, InvalidArgumentError
 from curvlab.optim import AdaHessian, Sophia
-from tests.distributed._gloo import needs_gloo, run_two_ranks
+from tests.distributed._gloo import needs_gloo, two_rank_results
 
 STEPS = 5
 
@@ -89,7 +87,7 @@ def _train(name: str, model: nn.Module, shard: slice, ddp: DistributedDataParall
                 return loss_fn(logits, y), logits
 
             loss = opt.step(closure)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return [p.detach().clone() for p in model.parameters()], losses
 
 
@@ -101,31 +99,25 @@ def _error(fn: Callable[[], Any]) -> str:
     return "no error"
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        shard = slice(5 * rank, 5 * rank + 5)
-        out: dict[str, Any] = {}
-        for name in CASES:
-            model = _model()
-            out[name] = _train(name, model, shard, DistributedDataParallel(model))
+def _on_rank(rank: int) -> dict[str, Any]:
+    shard = slice(5 * rank, 5 * rank + 5)
+    out: dict[str, Any] = {}
+    for name in CASES:
         model = _model()
-        ddp = DistributedDataParallel(model)
-        out["seed"] = _error(lambda: Sophia(model.parameters(), seed=rank).data_parallel(ddp))
-        with torch.no_grad():
-            model[0].bias.add_(float(rank))  # ranks now hold different parameters
-        out["params"] = _error(lambda: Sophia(model.parameters(), seed=0).data_parallel(ddp))
-        out["foreign"] = _error(lambda: Sophia(_model().parameters(), seed=0).data_parallel(ddp))
-        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        out[name] = _train(name, model, shard, DistributedDataParallel(model))
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    out["seed"] = _error(lambda: Sophia(model.parameters(), seed=rank).data_parallel(ddp))
+    with torch.no_grad():
+        model[0].bias.add_(float(rank))  # ranks now hold different parameters
+    out["params"] = _error(lambda: Sophia(model.parameters(), seed=0).data_parallel(ddp))
+    out["foreign"] = _error(lambda: Sophia(_model().parameters(), seed=0).data_parallel(ddp))
+    return out
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    run_two_ranks(_worker, tmp)
-    return [torch.load(tmp / f"{r}.pt") for r in (0, 1)]
+    return two_rank_results(_on_rank, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.slow

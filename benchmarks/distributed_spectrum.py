@@ -2,15 +2,15 @@
 and what one all-reduce costs next to the product it completes (CPU, 1 thread per process).
 
 The job: ``summarize_spectrum`` of the digits MLP (10,554 parameters; Hessian on 512 digits,
-float32) with a fixed budget (top 3, trace 24, layers 8, density 2 x 16 Lanczos steps). One rank
+float32) with a fixed budget (top 5, trace 99, layers 30, density 4 x 32 Lanczos steps). One rank
 holds all 512 examples; two ranks hold 256 each and all-reduce every product
 (:class:`~curvlab.distributed.DistributedOperator`). The two set-ups alternate (1, 2, 1, 2, ...)
 and the medians are reported, with the speed-up ``t1 / t2``.
 
-Communication per product: on the 2-rank world, the median time of one Hessian-vector product
-on a rank's shard (the local work) and of one ``all_reduce`` of the product's ``n`` values
-(``n x 4`` bytes in float32, ``n x 8`` in float64; a ring all-reduce sends ``2 (W-1)/W`` of that
-per rank), for one column and for a block of 8 (the trace's chunk).
+Communication per product: on the 2-rank world, the median time (40 interleaved rounds) of one
+Hessian-vector product on a rank's shard (the local work) and of one ``all_reduce`` of its ``n``
+values (``n x 4`` bytes in float32, ``n x 8`` in float64; a ring all-reduce sends ``2 (W-1)/W``
+of that per rank), for one column and for a block of 8 (the trace's chunk).
 
 Run: ``PYTHONPATH=src python benchmarks/distributed_spectrum.py [--repeats 3]``.
 """
@@ -33,11 +33,11 @@ from curvlab.spectrum import summarize_spectrum
 from curvlab.zoo import load_problem
 
 JOB: dict[str, Any] = {
-    "top_k": 3,
-    "trace_matvecs": 24,
-    "layer_matvecs": 8,
-    "num_probes": 2,
-    "lanczos_steps": 16,
+    "top_k": 5,
+    "trace_matvecs": 99,
+    "layer_matvecs": 30,
+    "num_probes": 4,
+    "lanczos_steps": 32,
 }
 
 
@@ -49,28 +49,26 @@ def _job(problem: Any, data: Any, group: Any = None) -> float:
     return time.perf_counter() - t0
 
 
-def _median_time(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _communication(problem: Any, shard: Any) -> dict[str, float]:
-    """Median seconds of a local product and of an all-reduce of its size (1 and 8 columns)."""
+def _communication(problem: Any, shard: Any, rounds: int = 40) -> dict[str, float]:
+    """Median seconds of a local product and of an all-reduce of its size (1 and 8 columns),
+    the cases interleaved round by round after one warm-up round."""
     H = HessianOperator(problem.model, problem.loss_fn, shard)
-    out: dict[str, float] = {}
+    cases = {}
     for k in (1, 8):
         V = torch.randn(H.shape[0], k, generator=torch.Generator().manual_seed(k))
-        with H.fixed():
-            out[f"product_{k}"] = _median_time(lambda V=V: H.matmat(V), 20)
+        cases[f"product_{k}"] = lambda V=V: H.matmat(V)
         for dtype, name in ((torch.float32, "fp32"), (torch.float64, "fp64")):
             buf = V.to(dtype)
-            out[f"all_reduce_{k}_{name}"] = _median_time(lambda b=buf: dist.all_reduce(b), 50)
-    return out
+            cases[f"all_reduce_{k}_{name}"] = lambda b=buf: dist.all_reduce(b)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with H.fixed():
+        for r in range(rounds + 1):
+            for name, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _worker(rank: int, world: int, init: str, out_file: str, repeats: int) -> None:

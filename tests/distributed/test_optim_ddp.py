@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from curvlab.errors import DistributedError, InvalidArgumentError
+from curvlab.errors import ArgumentTypeError, DistributedError, InvalidArgumentError
 from curvlab.optim import AdaHessian, Sophia
 from tests.distributed._gloo import needs_gloo, two_rank_results
 
@@ -108,6 +109,7 @@ def _on_rank(rank: int) -> dict[str, Any]:
     model = _model()
     ddp = DistributedDataParallel(model)
     out["seed"] = _error(lambda: Sophia(model.parameters(), seed=rank).data_parallel(ddp))
+    out["hyper"] = _error(lambda: AdaHessian(model.parameters(), lr=rank + 1.0).data_parallel(ddp))
     with torch.no_grad():
         model[0].bias.add_(float(rank))  # ranks now hold different parameters
     out["params"] = _error(lambda: Sophia(model.parameters(), seed=0).data_parallel(ddp))
@@ -144,6 +146,7 @@ def test_ddp_trajectory_equals_one_process_on_the_union(ranks, name):
     [
         ("seed", "DistributedError: the ranks disagree on the seed"),
         ("params", "DistributedError: the ranks disagree on the model's parameters"),
+        ("hyper", "DistributedError: the ranks disagree on AdaHessian's hyper-parameters"),
         ("foreign", "InvalidArgumentError: Sophia.data_parallel(model): the optimizer has"),
     ],
 )
@@ -156,3 +159,14 @@ def test_data_parallel_needs_an_initialised_process_group():
     opt = Sophia(_model().parameters(), seed=0)
     with pytest.raises(DistributedError, match=r"before Sophia\.data_parallel\(\)"):
         opt.data_parallel()
+
+
+@needs_gloo
+def test_data_parallel_takes_a_module(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        opt = AdaHessian(_model().parameters(), seed=0)
+        with pytest.raises(ArgumentTypeError, match="takes the DistributedDataParallel model"):
+            opt.data_parallel("ddp")
+    finally:
+        dist.destroy_process_group()

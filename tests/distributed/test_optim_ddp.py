@@ -39,6 +39,7 @@ CASES: dict[str, tuple[Callable[[Any], Any], Callable[..., Any], bool]] = {
         False,
     ),
     "adahessian": (lambda p: AdaHessian(p, lr=0.1, seed=6), F.cross_entropy, False),
+    "adahessian-framework-loop": (lambda p: AdaHessian(p, lr=0.1, seed=6), F.cross_entropy, True),
     "sophia-g-framework-loop": (
         lambda p: Sophia(p, lr=0.05, rho=0.5, update_period=2, seed=3),
         F.cross_entropy,

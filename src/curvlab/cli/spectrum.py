@@ -24,8 +24,10 @@ layer's block) and the spectral density (stochastic Lanczos quadrature).
 Prints a table, writes OUT/spectrum.png (the density) and OUT/spectrum.json (every figure).
 
 Under torchrun (WORLD_SIZE > 1) the ranks join a gloo process group, each takes a contiguous
-shard of the examples, and the products are all-reduced: the answer is the one-process answer
-to rounding, printed and written by rank 0 only; spectrum.json records world_size.
+shard of the examples (of an (inputs, targets) pair of tensors; a --model function that returns
+a loader or a list of batches returns that rank's shard), and the products are all-reduced: the
+answer is the one-process answer to rounding, printed and written by rank 0 only; spectrum.json
+records world_size.
 """
 
 EPILOG = """\
@@ -138,7 +140,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _shard(data: Any) -> Any:
-    """This rank's contiguous share of the examples of ``(inputs, targets)`` (all of them alone)."""
+    """This rank's contiguous share of the examples of an ``(inputs, targets)`` pair of tensors.
+
+    Alone, or for any other data (a loader, a list of batches: the user's own sharding, e.g.
+    with a ``DistributedSampler``), the data as given.
+    """
+    pair = isinstance(data, (tuple, list)) and len(data) == 2
+    if not (pair and all(isinstance(t, torch.Tensor) for t in data)):
+        return data
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return data
     rank, world = dist.get_rank(), dist.get_world_size()

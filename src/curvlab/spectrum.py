@@ -2,6 +2,12 @@
 
 This is what ``curvlab spectrum`` prints and saves; it is a plain composition of the operators
 and estimators, so a program can call it too.
+
+Under ``torch.distributed`` (``torchrun``, or any launcher that initialises a process group of
+two or more ranks) each rank passes its shard of the data; the operator becomes a
+:class:`~curvlab.distributed.DistributedOperator` (one ``all_reduce`` per product), every
+estimator runs in lockstep on every rank from the same seed, and the summary is the
+single-process one on the union of the shards, to rounding, on every rank.
 """
 
 from __future__ import annotations
@@ -14,8 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from curvlab.distributed._sync import (
+    check_same_on_ranks,
+    digest,
+    launched_world_size,
+    require_process_group,
+)
+from curvlab.distributed.operator import DistributedOperator
 from curvlab.errors import InvalidArgumentError, UnknownNameError
 from curvlab.estimators import eigsh, layer_sensitivity, spectral_density, trace
 from curvlab.estimators.results import LayerSensitivity, SpectralDensity
@@ -43,6 +57,7 @@ class SpectrumSummary:
 
     operator: str
     num_params: int
+    world_size: int
     top_eigenvalues: list[float]
     top_residuals: list[float]
     bottom_eigenvalue: float
@@ -61,7 +76,8 @@ class SpectrumSummary:
     def table(self) -> str:
         """A summary a person can read in a terminal."""
         lines = [
-            f"operator        {self.operator}  ({self.num_params:,} parameters)",
+            f"operator        {self.operator}  ({self.num_params:,} parameters"
+            + (f", data over {self.world_size} ranks)" if self.world_size > 1 else ")"),
             "top eigenvalues " + "  ".join(f"{v:.6g}" for v in self.top_eigenvalues),
             "  residuals     " + "  ".join(f"{r:.1e}" for r in self.top_residuals),
             f"min eigenvalue  {self.bottom_eigenvalue:.6g}   (residual {self.bottom_residual:.1e})",
@@ -99,8 +115,16 @@ def summarize_spectrum(
     lanczos_steps: int = 64,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    group: Any = None,
 ) -> tuple[SpectrumSummary, SpectralDensity, LayerSensitivity]:
     """Compute the curvature summary of ``model`` on ``data`` (see ``curvlab spectrum --help``).
+
+    With an initialised process group of two or more ranks, ``data`` is this rank's shard and the
+    summary is that of the union of the shards (see the module); a DDP-wrapped ``model`` is
+    unwrapped (``model.module``) for the curvature products.
+
+    Args:
+        group: the ``torch.distributed`` process group (default: the world, when initialised).
 
     Returns:
         ``(summary, density, layers)``: the JSON-ready summary and the raw estimator results.
@@ -108,6 +132,8 @@ def summarize_spectrum(
     Raises:
         UnknownNameError: an unknown ``operator``.
         InvalidArgumentError: a count below 1 or a ``tol`` that is not a positive finite number.
+        DistributedError: the launcher announced several ranks (``WORLD_SIZE``) but no process
+            group is initialised, or the ranks disagree on the model, the settings or the seed.
     """
     if operator not in OPERATORS:
         raise UnknownNameError(f"operator must be one of {sorted(OPERATORS)}, got {operator!r}")
@@ -121,7 +147,18 @@ def summarize_spectrum(
         raise InvalidArgumentError(
             f"tol must be a positive finite number such as 1e-3, got {tol!r}"
         )
-    base = OPERATORS[operator](model, loss_fn, data)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module  # no double backward through the wrapper
+    world = _world_size(group)
+    base: Any = OPERATORS[operator](model, loss_fn, data)
+    if world > 1:
+        settings = (operator, top_k, tol, trace_matvecs, layer_matvecs, num_probes, lanczos_steps)
+        rng = generator if generator is not None else torch.default_generator
+        check_same_on_ranks(
+            {"the settings": digest([repr(settings)]), "the seed": digest([rng.get_state()])},
+            group,
+        )
+        base = DistributedOperator(base, group)
     op = CountingOperator(base)
     seconds: dict[str, float] = {}
     matvecs: dict[str, int] = {}
@@ -134,9 +171,10 @@ def summarize_spectrum(
         matvecs[name] = op.num_matvecs
         return out
 
-    top = stage("top", lambda: eigsh(op, k=top_k, tol=tol, generator=generator))
-    bottom = stage("bottom", lambda: eigsh(op, k=1, which="SA", tol=tol, generator=generator))
-    tr = stage("trace", lambda: trace(op, trace_matvecs, generator=generator, progress=progress))
+    gen = _stage_generators(generator)
+    top = stage("top", lambda: eigsh(op, k=top_k, tol=tol, generator=gen["top"]))
+    bottom = stage("bottom", lambda: eigsh(op, k=1, which="SA", tol=tol, generator=gen["bottom"]))
+    tr = stage("trace", lambda: trace(op, trace_matvecs, generator=gen["trace"], progress=progress))
     layers = stage(
         "layers",
         lambda: layer_sensitivity(
@@ -145,7 +183,7 @@ def summarize_spectrum(
             data,
             num_matvecs=layer_matvecs,
             operator=base,  # the per-layer table is of the chosen operator, not the Hessian
-            generator=generator,
+            generator=gen["layers"],
             progress=progress,
         ),
     )
@@ -153,12 +191,13 @@ def summarize_spectrum(
     density = stage(
         "density",
         lambda: spectral_density(
-            op, num_probes, lanczos_steps, generator=generator, progress=progress
+            op, num_probes, lanczos_steps, generator=gen["density"], progress=progress
         ),
     )
     summary = SpectrumSummary(
         operator=operator,
         num_params=op.shape[0],
+        world_size=world,
         top_eigenvalues=[float(v) for v in top.values],
         top_residuals=[float(r) for r in top.residuals],
         bottom_eigenvalue=float(bottom.values[0]),
@@ -177,6 +216,42 @@ def summarize_spectrum(
         seconds={k: round(v, 4) for k, v in seconds.items()},
     )
     return summary, density, layers
+
+
+_STAGES = ("top", "bottom", "trace", "layers", "density")
+
+
+def _stage_generators(generator: torch.Generator | None) -> dict[str, torch.Generator | None]:
+    """One generator per stage, seeded from ``generator`` (``None``: torch's global one for all).
+
+    A stage's draws then do not depend on how many the stages before it took (a Lanczos restart
+    after a breakdown draws more, and whether one happens can turn on the last bit of a product,
+    which differs between one process and several).
+    """
+    if generator is None:
+        return dict.fromkeys(_STAGES)
+    seeds = torch.randint(2**62, (len(_STAGES),), generator=generator, device=generator.device)
+    return {
+        name: torch.Generator(device=generator.device).manual_seed(int(seed))
+        for name, seed in zip(_STAGES, seeds)
+    }
+
+
+def _world_size(group: Any) -> int:
+    """The number of ranks the summary spans: the group's size, or 1 outside torch.distributed.
+
+    Raises:
+        DistributedError: ``WORLD_SIZE`` says several ranks were launched but no process group
+            is initialised (each rank would summarise its own shard only).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size(group))
+    if launched_world_size() > 1:
+        require_process_group(
+            f"summarize_spectrum with WORLD_SIZE={launched_world_size()} (each rank would "
+            "otherwise summarise its own shard only)"
+        )
+    return 1
 
 
 def plot_density(

@@ -6,8 +6,10 @@ import argparse
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from curvlab.cli import check_out_dir, positive_float, positive_int
 
@@ -20,6 +22,12 @@ per-layer table (trace, trace per parameter = HAWQ-V2 sensitivity, top eigenvalu
 layer's block) and the spectral density (stochastic Lanczos quadrature).
 
 Prints a table, writes OUT/spectrum.png (the density) and OUT/spectrum.json (every figure).
+
+Under torchrun (WORLD_SIZE > 1) the ranks join a gloo process group, each takes a contiguous
+shard of the examples (of an (inputs, targets) pair of tensors; a --model function that returns
+a loader or a list of batches returns that rank's shard), and the products are all-reduced: the
+answer is the one-process answer to rounding, printed and written by rank 0 only; spectrum.json
+records world_size.
 """
 
 EPILOG = """\
@@ -27,6 +35,7 @@ examples:
   curvlab spectrum                                   # tanh MLP on sklearn digits
   curvlab spectrum --problem digits-cnn --operator ggn --out runs/cnn
   curvlab spectrum --model mypkg.models:build        # build() returns (model, loss_fn, data)
+  torchrun --nproc_per_node 2 -m curvlab spectrum    # the data sharded over 2 processes
 """
 
 
@@ -119,18 +128,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     """Run ``curvlab spectrum`` with parsed arguments; returns the exit code."""
+    from curvlab.distributed._sync import launched_world_size
+
+    if launched_world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # from torchrun's environment; the problems run on CPU
+        try:
+            return _run(args)
+        finally:
+            dist.destroy_process_group()
+    return _run(args)
+
+
+def _shard(data: Any) -> Any:
+    """This rank's contiguous share of the examples of an ``(inputs, targets)`` pair of tensors.
+
+    Alone, or for any other data (a loader, a list of batches: the user's own sharding, e.g.
+    with a ``DistributedSampler``), the data as given.
+    """
+    pair = isinstance(data, (tuple, list)) and len(data) == 2
+    if not (pair and all(isinstance(t, torch.Tensor) for t in data)):
+        return data
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return data
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = len(data[1])
+    rows = slice(rank * n // world, (rank + 1) * n // world)
+    return tuple(part[rows] for part in data)
+
+
+def _run(args: argparse.Namespace) -> int:
     from curvlab.spectrum import plot_density, summarize_spectrum, write_json
     from curvlab.zoo import load_problem
 
-    out = check_out_dir(args.out)
+    lead = not dist.is_initialized() or dist.get_rank() == 0  # the only rank that writes
+    out = check_out_dir(args.out) if lead else args.out
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     problem = load_problem(args.model or args.problem, seed=args.seed, dtype=dtype)
-    progress = not args.no_progress and sys.stderr.isatty()
-    print(f"problem         {problem.description}")
+    progress = lead and not args.no_progress and sys.stderr.isatty()
+    if lead:
+        print(f"problem         {problem.description}")
     summary, density, _ = summarize_spectrum(
         problem.model,
         problem.loss_fn,
-        problem.data,
+        _shard(problem.data),
         operator=args.operator,
         top_k=args.top_k,
         tol=args.tol,
@@ -141,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
         progress=progress,
     )
+    if not lead:
+        return 0
     print(summary.table())
     png = plot_density(
         density,

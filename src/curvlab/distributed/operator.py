@@ -9,13 +9,15 @@ rank so that all ranks draw the same probes and stay in lockstep.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from curvlab.errors import DistributedError, InvalidArgumentError
+from curvlab.distributed._sync import check_same_on_ranks, digest, require_process_group
+from curvlab.errors import InvalidArgumentError
 from curvlab.operators.base import LinearOperator
 from curvlab.operators.curvature import CurvatureOperator
 
@@ -31,15 +33,19 @@ class DistributedOperator(LinearOperator):
 
     .. math:: A = \sum_r \frac{N_r}{N} A_r, \qquad A V = \operatorname{all\_reduce}\Big(\frac{N_r}{N} A_r V\Big)
 
-    (with a sum-reduced loss every weight is 1). The counts are all-reduced once, at construction.
-    Each product costs the local products plus one ``all_reduce`` of an ``[n, k]`` block.
+    (with a sum-reduced loss every weight is 1). The counts are all-reduced once, at construction,
+    with a checksum of the parameters: ranks whose models differ raise at once instead of mixing
+    two problems. Each product costs the local products plus one ``all_reduce`` of an ``[n, k]``
+    block. :meth:`block` and :meth:`blocks` make it usable by
+    :func:`~curvlab.layer_sensitivity` (``operator=``).
 
     Args:
         local: the operator of this rank's shard (Hessian, GGN, Fisher, empirical Fisher).
         group: the process group (default: the world).
 
     Raises:
-        DistributedError: ``torch.distributed`` is not initialised.
+        DistributedError: ``torch.distributed`` is not initialised, or the ranks' parameters
+            differ.
         InvalidArgumentError: ``local`` is not a curvature operator.
 
     Example (run under ``torchrun``)::
@@ -55,11 +61,7 @@ class DistributedOperator(LinearOperator):
                 f"DistributedOperator wraps a rank-local curvature operator (HessianOperator, "
                 f"GGNOperator, ...), got {type(local).__name__}; build one on this rank's shard"
             )
-        if not (dist.is_available() and dist.is_initialized()):
-            raise DistributedError(
-                "torch.distributed is not initialised; call torch.distributed.init_process_group "
-                "(or run under torchrun) before building a DistributedOperator"
-            )
+        require_process_group("building a DistributedOperator")
         super().__init__(local.shape, local.dtype, local.device)
         self.local = local
         self.group = group
@@ -67,6 +69,7 @@ class DistributedOperator(LinearOperator):
         self.is_psd = local.is_psd
         count = torch.tensor([float(local.data.total)], dtype=torch.float64, device=local.device)
         dist.all_reduce(count, group=group)
+        check_same_on_ranks({"the model's parameters": digest(local.params)}, group)
         self.global_total = float(count)
         self.scale = local.data.total / self.global_total if local.reduction == "mean" else 1.0
         self.param_space = local.param_space
@@ -88,3 +91,14 @@ class DistributedOperator(LinearOperator):
         packed = torch.cat([grad, grad.new_tensor([loss])]) * self.scale
         dist.all_reduce(packed, group=self.group)
         return float(packed[-1]), packed[:-1]
+
+    def blocks(self, by: str = "module") -> dict[str, list[str]]:
+        """Parameter names grouped into blocks, as the local operator's :meth:`blocks`."""
+        return self.local.blocks(by)
+
+    def block(self, names: str | Sequence[str]) -> DistributedOperator:
+        """The diagonal block over all ranks' data for a subset of the parameters.
+
+        A collective: every rank must ask for the same block, in the same order.
+        """
+        return DistributedOperator(self.local.block(names), self.group)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -230,8 +230,8 @@ def closure_step(
 ) -> StepInputs:
     """The start of a curvature optimizer's ``step``: gradients, then the curvature when due.
 
-    Runs the closure over the parameters that require grad, puts the gradients into ``p.grad``,
-    applies the ``on_nonfinite`` policy to them (:func:`check_finite_grads`), then, if
+    Runs the closure over the parameters that require grad, puts the gradients into ``p.grad``
+    (averaged over the ranks after :meth:`CurvatureFeed.data_parallel`, the loss too), applies the ``on_nonfinite`` policy to them (:func:`check_finite_grads`), then, if
     ``estimator`` is given, estimates the curvature and applies the same policy to it
     (:func:`check_finite_curvature`).
 
@@ -247,6 +247,9 @@ def closure_step(
     groups: list[dict[str, Any]] = optimizer.param_groups
     params = [p for g in groups for p in g["params"] if p.requires_grad]
     loss, outputs, grads = closure_grads(closure, params, type(optimizer).__name__, estimator)
+    sync = getattr(optimizer, "_data_parallel", None)
+    if sync is not None:  # CurvatureFeed.data_parallel: gradients averaged over the ranks
+        loss = sync.average_gradients(params, loss)
     step = lambda: next_step_number(optimizer)  # noqa: E731
     if not check_finite_grads(groups, step=step):
         return StepInputs(loss, False, params, None)
@@ -328,6 +331,9 @@ def _double_backward_error(name: str, exc: RuntimeError) -> DoubleBackwardError:
     )
 
 
+_Feed = TypeVar("_Feed", bound="CurvatureFeed")
+
+
 class CurvatureFeed:
     """Mixin of Sophia and AdaHessian: their curvature supplied by the training loop.
 
@@ -343,6 +349,7 @@ class CurvatureFeed:
 
     _estimator: Any
     _generator: torch.Generator
+    _data_parallel: Any = None
     _curvature_source: str | None = None
     _pending_curvature: tuple[list[Tensor], list[Tensor | None]] | None = None
 
@@ -359,12 +366,57 @@ class CurvatureFeed:
     @property
     def needs_loss(self) -> bool:
         """Whether the estimator differentiates the loss (Hutchinson, custom; not GNB)."""
-        return not isinstance(self._estimator, GNBEstimator)
+        return not self.needs_logits
 
     @property
     def needs_logits(self) -> bool:
         """Whether the estimator samples labels from the model's logits (GNB, SophiaG's default)."""
-        return isinstance(self._estimator, GNBEstimator)
+        return isinstance(getattr(self._estimator, "inner", self._estimator), GNBEstimator)
+
+    def data_parallel(self: _Feed, model: Any = None, *, group: Any = None) -> _Feed:
+        """Average the gradients and the curvature estimate over data-parallel ranks.
+
+        Call it once on every rank after building the optimizer from
+        ``ddp_model.parameters()``; the closure then calls the unwrapped module
+        (``ddp_model.module(x)``: DDP does not support the double backward). Every step averages
+        the gradients and the loss over the ranks (one ``all_reduce``), and every refresh the
+        curvature estimate (one more), so that with equal shards the trajectory is that of one
+        process on the concatenated batches: :mod:`curvlab.distributed.data_parallel`. In a
+        framework loop (:meth:`expect_external_curvature`) the estimate is averaged and the
+        gradients are left to DDP's own ``backward()``. Seed every rank's optimizer alike: the
+        probes must be the same on every rank (checked here).
+
+        Args:
+            model: the ``DistributedDataParallel`` model (its process group is used), a plain
+                module, or ``None``.
+            group: the process group when ``model`` is not a DDP model (default: the world).
+
+        Returns:
+            The optimizer itself.
+
+        Raises:
+            DistributedError: ``torch.distributed`` is not initialised, or the ranks disagree on
+                the parameters, the hyper-parameters or the seed (one all-reduced checksum).
+            InvalidArgumentError: the optimizer has parameters that are not ``model``'s.
+
+        Example (under ``torchrun``)::
+
+            ddp = DistributedDataParallel(model)
+            opt = Sophia(ddp.parameters(), seed=0).data_parallel(ddp)
+
+            def closure():
+                logits = ddp.module(x)  # this rank's batch x, y
+                return loss_fn(logits, y), logits
+
+            opt.step(closure)
+        """
+        from curvlab.distributed.data_parallel import DataParallelCurvature
+
+        sync = DataParallelCurvature(cast(Optimizer, self), model, group)
+        inner = getattr(self._estimator, "inner", self._estimator)
+        self._data_parallel = sync
+        self._estimator = sync.estimator(inner)
+        return self
 
     def expect_external_curvature(self, source: str | None) -> None:
         """Take the gradients from ``p.grad`` and the curvature from :meth:`estimate_curvature`.

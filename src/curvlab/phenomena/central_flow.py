@@ -280,6 +280,24 @@ def _network_rmsprop(cfg: CentralFlowConfig) -> dict[str, Any]:
     }
 
 
+def _tracking_checks(prefix: str, who: str, base: str, run: dict[str, Any]) -> dict[str, bool]:
+    """The same four bars for GD and RMSProp: the flow reaches the edge from below 0.9, tracks the
+    window-averaged iterates within 10 % of their travel, 3x closer than the ``base`` flow, and
+    predicts the time-averaged loss within 25 % at the edge."""
+    med = run["median_rel_error_predicted_loss_at_edge"]
+    return {
+        f"{prefix}_flow_reaches_the_edge": run["flow_reaches_edge_at_step"] is not None
+        and run["initial_sharpness_ratio"] < 0.9,
+        f"{prefix}_central_flow_tracks_{who}_within_10pc_of_travel": run[
+            "max_rel_distance_central_flow"
+        ]
+        < 0.1,
+        f"{prefix}_central_flow_beats_{base}_3x": run["max_rel_distance_central_flow"] * 3
+        < run[f"max_rel_distance_{base}"],
+        f"{prefix}_predicted_loss_within_25pc_at_edge": med is not None and med < 0.25,
+    }
+
+
 def _loss_note(run: dict[str, Any]) -> str:
     """The predicted time-averaged loss's median error at the edge, and that of L alone."""
     med = run["median_rel_error_predicted_loss_at_edge"]
@@ -341,29 +359,12 @@ def central_flow(
         <= 1e-2 * edge
         and abs(ana["flow_limit_b2_minus_a2"] - ana["closed_form_b2_minus_a2"])
         <= 1e-2 * ana["closed_form_b2_minus_a2"],
-        "net_flow_reaches_the_edge": net["flow_reaches_edge_at_step"] is not None
-        and net["initial_sharpness_ratio"] < 0.9,
-        "net_central_flow_tracks_gd_within_10pc_of_travel": net["max_rel_distance_central_flow"]
-        < 0.1,
-        "net_central_flow_beats_gradient_flow_3x": net["max_rel_distance_central_flow"] * 3
-        < net["max_rel_distance_gradient_flow"],
-        "net_predicted_loss_within_25pc_at_edge": net["median_rel_error_predicted_loss_at_edge"]
-        is not None
-        and net["median_rel_error_predicted_loss_at_edge"] < 0.25,
-        # RMSProp, the same bars: the flow's preconditioned sharpness reaches 2/η from below 0.9,
-        # RMSProp's own hovers there (median in [0.8, 1.2], the edge-of-stability figure's bar)
-        "rmsprop_flow_reaches_the_edge": rms["flow_reaches_edge_at_step"] is not None
-        and rms["initial_sharpness_ratio"] < 0.9,
+        **_tracking_checks("net", "gd", "gradient_flow", net),
+        **_tracking_checks("rmsprop", "rmsprop", "stable_flow", rms),
+        # RMSProp's own preconditioned sharpness hovers at the edge: the edge-of-stability bar
         "rmsprop_preconditioned_sharpness_median_in_[0.8,1.2]_after_the_flow_reaches_it": (
             rms_median is not None and 0.8 <= rms_median <= 1.2
         ),
-        "rmsprop_central_flow_tracks_within_10pc_of_travel": rms["max_rel_distance_central_flow"]
-        < 0.1,
-        "rmsprop_central_flow_beats_stable_flow_3x": rms["max_rel_distance_central_flow"] * 3
-        < rms["max_rel_distance_stable_flow"],
-        "rmsprop_predicted_loss_within_25pc_at_edge": rms["median_rel_error_predicted_loss_at_edge"]
-        is not None
-        and rms["median_rel_error_predicted_loss_at_edge"] < 0.25,
     }
     numbers: dict[str, Any] = {
         "config": asdict(cfg),

@@ -15,7 +15,7 @@ from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow, regr
 
 def test_small_model_fast_path_matches_the_dense_one():
     w = torch.tensor([0.3, 1.7], dtype=torch.float64)
-    loss, grad, s, grad_s = _flow_state(regression_2d_loss, w)
+    loss, grad, s, grad_s, _ = _flow_state(regression_2d_loss, w)
     s_ref, grad_s_ref = sharpness_and_gradient(regression_2d_loss, w)
     assert float(s) == pytest.approx(float(s_ref), rel=1e-12)
     assert torch.allclose(grad_s, grad_s_ref, atol=1e-12)
@@ -39,6 +39,10 @@ def test_quick_run(tmp_path):
     assert res.numbers["checks"]["2d_flow_limit_within_1pc_of_closed_form"]
     net = res.numbers["network"]
     assert len(net["distance_central_flow"]) == cfg.steps + 1 - 2 * cfg.window
+    rms = res.numbers["rmsprop"]
+    assert len(rms["distance_stable_flow"]) == len(net["steps"])
+    assert len(rms["rmsprop_sharpness_ratio"]) == len(rms["sharpness_steps"]) == cfg.steps // 10
+    assert rms["initial_sharpness_ratio"] == pytest.approx(rms["rmsprop_sharpness_ratio"][0])
     doc = json.loads(res.json_path.read_text())
     assert doc["phenomenon"] == "central-flow" and res.figure.exists()
     assert doc["reproduced"] in (True, "partly", False)

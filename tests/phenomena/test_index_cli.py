@@ -83,3 +83,34 @@ def test_eos_table_prints_a_control_on_its_own_schedule(capsys):
     _print_eos_table({"runs": {"0.3": main}, "control": control})  # raised IndexError before
     out = capsys.readouterr().out
     assert "    0.100" in out and "    1.000" in out
+
+
+@pytest.mark.slow
+def test_all_in_two_workers_writes_the_numbers_of_one(tmp_path):
+    from curvlab.phenomena.index import run_all
+
+    names = ["depth", "deep-linear"]  # two cheap phenomena
+    docs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        results, index = run_all(out, quick=True, progress_bar=False, workers=workers, names=names)
+        assert [r.name for r in results] == names and index.exists()
+        docs[workers] = {n: (out / f"{n.replace('-', '_')}.json").read_text() for n in names}
+    assert docs[1] == docs[2]  # the same JSON, byte for byte
+    assert json.loads(docs[2]["depth"])["numbers"]["config"]
+
+
+def test_workers_option_and_bad_values():
+    from curvlab.errors import InvalidArgumentError
+    from curvlab.phenomena.index import run_all
+
+    parser = _parser()
+    assert parser.parse_args(["dynamics", "--all", "--workers", "2"]).workers == 2
+    assert parser.parse_args(["dynamics", "--all"]).workers is None
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["dynamics", "--all", "--workers", bad])
+    with pytest.raises(InvalidArgumentError, match="workers >= 1"):
+        run_all("unused", workers=0, names=["depth"])
+    with pytest.raises(InvalidArgumentError, match="unknown phenomenon 'grokking'"):
+        run_all("unused", names=["grokking"])

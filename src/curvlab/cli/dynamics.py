@@ -22,6 +22,17 @@ def _phenomenon(name: str) -> str:
     return name
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--workers needs an integer >= 1, got {text!r}")
+    return value
+
+
 def register(subparsers: Any) -> None:
     """Add the ``dynamics`` sub-command to ``subparsers``."""
     parser = subparsers.add_parser(
@@ -48,6 +59,14 @@ def register(subparsers: Any) -> None:
         "--quick", action="store_true", help="small configurations (seconds each; the tests' sizes)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with --all: run the phenomena in N processes, each on one thread (default: one "
+        "per core; the numbers do not depend on N)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -71,7 +90,9 @@ def _run(args: argparse.Namespace) -> int:
     check_out_dir(args.out)  # before minutes of computing
     progress = not args.no_progress
     if args.all:
-        results, index = run_all(args.out, quick=args.quick, progress_bar=progress)
+        results, index = run_all(
+            args.out, quick=args.quick, progress_bar=progress, workers=args.workers
+        )
     else:
         results, index = [run_phenomenon(args.phenomenon, args.out, args.quick, progress)], None
     for res in results:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import html
+import multiprocessing
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from curvlab.datasets import fashion_mnist_available
 from curvlab.errors import InvalidArgumentError
@@ -28,7 +32,14 @@ from curvlab.phenomena.psgd_conditioning import PSGDConditioningConfig, psgd_con
 from curvlab.phenomena.sgd_stability import SGDStabilityConfig, sgd_stability
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
-__all__ = ["PHENOMENA", "quick_config", "run_all", "run_phenomenon", "write_index"]
+__all__ = [
+    "PHENOMENA",
+    "default_workers",
+    "quick_config",
+    "run_all",
+    "run_phenomenon",
+    "write_index",
+]
 
 #: name -> (function, its config class); the names the CLI accepts.
 PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type[PhenomenonConfig]]] = {
@@ -135,9 +146,51 @@ def write_index(results: list[PhenomenonResult], out_dir: str | os.PathLike[str]
     return path
 
 
+def _one_thread_run(name: str, out_dir: str, quick: bool, progress_bar: bool) -> PhenomenonResult:
+    """Run one phenomenon with torch on one thread (in a worker process, or in this one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_phenomenon(name, out_dir, quick, progress_bar)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def default_workers() -> int:
+    """The number of cores this process may use (``os.sched_getaffinity`` where available)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 def run_all(
-    out_dir: str | os.PathLike[str], quick: bool = False, progress_bar: bool = True
+    out_dir: str | os.PathLike[str],
+    quick: bool = False,
+    progress_bar: bool = True,
+    workers: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> tuple[list[PhenomenonResult], Path]:
-    """Run every phenomenon into ``out_dir`` and write the index page; return results and its path."""
-    results = [run_phenomenon(name, out_dir, quick, progress_bar) for name in PHENOMENA]
+    """Run every phenomenon (or ``names``) into ``out_dir``, then write the index page once.
+
+    The phenomena run in ``workers`` processes (default: one per core), each with torch on one
+    thread; ``workers=1`` runs them here, also on one thread, so the numbers do not depend on
+    ``workers``. Each phenomenon writes its own figure and JSON; results come back in registry
+    order. Progress bars are shown only with one worker.
+
+    Raises:
+        InvalidArgumentError: ``workers`` below 1 or an unknown name in ``names``.
+    """
+    todo = list(PHENOMENA) if names is None else list(names)
+    for name in todo:
+        _check_name(name)
+    count = default_workers() if workers is None else workers
+    if count < 1:
+        raise InvalidArgumentError(f"run_all needs workers >= 1, got {workers!r}")
+    folder = os.fspath(out_dir)
+    if count == 1 or len(todo) == 1:
+        results = [_one_thread_run(name, folder, quick, progress_bar) for name in todo]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
+        with cf.ProcessPoolExecutor(min(count, len(todo)), mp_context=ctx) as pool:
+            futures = [pool.submit(_one_thread_run, n, folder, quick, False) for n in todo]
+            results = [future.result() for future in futures]
     return results, write_index(results, out_dir)

@@ -427,16 +427,18 @@ def _multi_tensor_adahessian(
 
 def _adahessian_kernel(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float, beta1: float, gsign: float,
-    power: float, scale: float, eps: float, decay: float,
+    power: float, scale: float, eps: float, decay: float, powered: bool,
 ) -> None:  # fmt: skip
     """One AdaHessian update of one tensor, written for one pass (:mod:`._fused`).
 
     ``gsign`` is -1 under maximize, ``step_size`` ``lr / (1 - β1^t)``, ``scale`` the bias
-    correction ``sqrt(1 - β2^n)^k``, ``decay`` the weight-decay factor ``1 - lr·wd``.
+    correction ``sqrt(1 - β2^n)^k``, ``decay`` the weight-decay factor ``1 - lr·wd``;
+    ``powered``: ``k != 1`` (a bool: one graph without the element-wise ``pow`` for ``k = 1``).
     """
     acc = accumulate_dtype(p)
     m32 = m.to(acc) + (1 - beta1) * (g.to(acc) * gsign - m.to(acc))
-    denom = v.to(acc).sqrt().pow(power) / scale + eps
+    root = v.to(acc).sqrt()
+    denom = (root.pow(power) if powered else root) / scale + eps
     m.copy_(m32)
     p.copy_(p.to(acc) * decay - step_size * (m32 / denom))
 
@@ -453,4 +455,4 @@ def _fused_adahessian(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
         rule = (lr / (1 - beta1**step), beta1, gsign, float(hessian_power))
         scale = math.sqrt(bias_correction2) ** hessian_power
         fused_call(_adahessian_kernel, *map(flat, (param, grad, exp_avg, v)), *rule, scale, eps,
-                   1 - lr * weight_decay)  # fmt: skip
+                   1 - lr * weight_decay, hessian_power != 1)  # fmt: skip

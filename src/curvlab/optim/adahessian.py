@@ -62,6 +62,7 @@ from curvlab.optim._closure import (
     fed_step,
     resolve_estimator,
 )
+from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
     ProbeGeneratorState,
@@ -125,6 +126,9 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
         foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
             kernels, and cache-sized blocks through a small reusable scratch buffer for large
             CPU tensors; bit-equal to the single-tensor reference (``False``).
+        fused: run the update as one ``torch.compile``'d kernel per tensor (default ``None`` =
+            ``False``): one pass over memory; the first step compiles for ~10-30 s (see
+            :mod:`curvlab.optim._fused`). Equal to the reference within float round-off.
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``.
         seed: seed of a private CPU generator for the probes. ``None`` (default, and no
             ``generator``): the seed is one draw from torch's global generator at construction,
@@ -176,10 +180,12 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
         estimator: str | CurvatureEstimator = "hutchinson",
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         on_nonfinite: str = "raise",
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
+        validate_fused(fused, foreach)
         validate_lr(lr)
         betas = validate_betas(betas)  # type: ignore[assignment]
         validate_eps(eps)
@@ -202,6 +208,7 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
             "hessian_power": float(hessian_power),
             "maximize": bool(maximize),
             "foreach": foreach,
+            "fused": fused,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
             "update_period": update_period,
@@ -275,6 +282,7 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
             adahessian(
                 *tensors,
                 foreach=group["foreach"],
+                fused=group.get("fused"),
                 scratch=self,
                 lr=float(group["lr"]),
                 beta1=beta1,
@@ -296,6 +304,7 @@ def adahessian(
     hessian_steps: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     scratch: object | None = None,
     lr: float,
     beta1: float,
@@ -317,6 +326,8 @@ def adahessian(
             lists, one entry per parameter (the steps: float32 scalar tensors).
         foreach: ``False``: the single-tensor reference; ``None``/``True``: the multi-tensor path
             (bit-equal to the reference).
+        fused: ``True``: one compiled kernel per tensor (:func:`_fused_adahessian`; overrides
+            ``foreach``).
         scratch: the object whose scratch buffers the multi-tensor path reuses across calls (the
             optimizer); ``None`` allocates them per call.
         lr, beta1, beta2, eps, weight_decay, hessian_power, maximize: see :class:`AdaHessian`.
@@ -331,6 +342,8 @@ def adahessian(
     """
     tensors = (params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps)
     hp = (lr, beta1, beta2, eps, weight_decay, hessian_power, maximize)
+    if fused:
+        return _fused_adahessian(tensors, hp)
     if foreach is False:
         return _single_tensor_adahessian(tensors, hp)
     return _multi_tensor_adahessian(tensors, hp, scratch)
@@ -407,3 +420,36 @@ def _multi_tensor_adahessian(
         torch._foreach_div_(denom, scale)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(ps, ms, denom, value=-lr / bias_correction1)
+
+
+def _adahessian_kernel(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float, beta1: float, gsign: float,
+    power: float, scale: float, eps: float, decay: float, powered: bool,
+) -> None:  # fmt: skip
+    """One AdaHessian update of one tensor, written for one pass (:mod:`._fused`).
+
+    ``gsign`` is -1 under maximize, ``step_size`` ``lr / (1 - β1^t)``, ``scale`` the bias
+    correction ``sqrt(1 - β2^n)^k``, ``decay`` the weight-decay factor ``1 - lr·wd``;
+    ``powered``: ``k != 1`` (a bool: one graph without the element-wise ``pow`` for ``k = 1``).
+    """
+    acc = accumulate_dtype(p)
+    m32 = m.to(acc) + (1 - beta1) * (g.to(acc) * gsign - m.to(acc))
+    root = v.to(acc).sqrt()
+    denom = (root.pow(power) if powered else root) / scale + eps
+    m.copy_(m32)
+    p.copy_(p.to(acc) * decay - step_size * (m32 / denom))
+
+
+def _fused_adahessian(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
+    """The AdaHessian update as one compiled kernel per tensor; equal to
+    :func:`_single_tensor_adahessian` within round-off."""
+    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
+    gsign = -1.0 if maximize else 1.0
+    for param, grad, exp_avg, v, step_t, hstep_t in zip(*tensors):
+        step_t += 1
+        step, n = float(step_t), float(hstep_t)
+        bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
+        rule = (lr / (1 - beta1**step), beta1, gsign, float(hessian_power))
+        scale = math.sqrt(bias_correction2) ** hessian_power
+        fused_call(_adahessian_kernel, *map(flat, (param, grad, exp_avg, v)), *rule, scale, eps,
+                   1 - lr * weight_decay, hessian_power != 1)  # fmt: skip

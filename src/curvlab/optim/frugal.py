@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
+from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     add_param_group_checked,
@@ -137,6 +138,10 @@ class FRUGAL(Optimizer):
         foreach: use the ``torch._foreach_*`` path (default ``None``: on CPU, tensors of at least
             2**18 entries take the loop through one reusable scratch buffer, the others the
             foreach kernels); bitwise equal to the loop.
+        fused: run the AdamW part and the whole state-free tensors as one ``torch.compile``'d
+            kernel per tensor, weight decay included (default ``None`` = ``False``; the first step
+            compiles for ~10-30 s, see :mod:`curvlab.optim._fused`); equal to the loop within
+            float round-off. Column/row projections keep the loop for the gather/scatter.
         on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"``, see ``curvlab.optim._validation``.
 
     State (per parameter with a gradient): ``"step"`` (float32 scalar, completed steps); for the
@@ -183,8 +188,10 @@ class FRUGAL(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         foreach: bool | None = None,
+        fused: bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
+        validate_fused(fused, foreach)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -201,6 +208,7 @@ class FRUGAL(Optimizer):
             "split": split,
             "seed": seed,
             "foreach": foreach,
+            "fused": fused,
             "on_nonfinite": on_nonfinite,
         }
         super().__init__(params, defaults)
@@ -329,8 +337,8 @@ class FRUGAL(Optimizer):
             since = self._init_group(gi, group, *lists)
             if lists[0]:
                 hyper: FRUGALHyper = group_options(group, FRUGALHyper)
-                frugal(*lists, foreach=group["foreach"], steps_since_refresh=since, scratch=self,
-                       **hyper)  # fmt: skip
+                frugal(*lists, foreach=group["foreach"], fused=group.get("fused"),
+                       steps_since_refresh=since, scratch=self, **hyper)  # fmt: skip
         return loss
 
 
@@ -344,6 +352,7 @@ def frugal(
     splits: list[bool],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     steps_since_refresh: int,
     scratch: object | None = None,
     **hyper: Unpack[FRUGALHyper],
@@ -356,12 +365,14 @@ def frugal(
     ``min(step, steps_since_refresh) + 1`` for split tensors whose moments restart at refreshes,
     else ``step + 1``. ``foreach=False`` selects :func:`_single_tensor_frugal`, else
     :func:`_multi_tensor_frugal` (``None``: large CPU tensors take the loop with a reusable
-    buffer from ``scratch``, the owner of :mod:`._scratch` buffers). ``hyper``: see
-    :class:`FRUGALHyper`.
+    buffer from ``scratch``, the owner of :mod:`._scratch` buffers); ``fused=True`` selects
+    :func:`_fused_frugal`. ``hyper``: see :class:`FRUGALHyper`.
     """
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits)
     on_cpu = any(p.device.type == "cpu" for p in params)
-    if foreach is False:
+    if fused:
+        _fused_frugal(*lists, since=steps_since_refresh, scratch=scratch, **hyper)
+    elif foreach is False:
         _single_tensor_frugal(*lists, since=steps_since_refresh, scratch=scratch, **hyper)
     else:
         loop_large = foreach is None and on_cpu
@@ -394,14 +405,26 @@ def _multi_tensor_frugal(
     _frugal_update(*lists, since=since, scratch=scratch, big=big, **hyper)
 
 
+def _fused_frugal(
+    *lists: list[Any], since: int, scratch: object | None, **hyper: Unpack[FRUGALHyper]
+) -> None:
+    """The FRUGAL rule with compiled kernels (:mod:`._fused`): whole-tensor AdamW entries and
+    whole state-free tensors take one kernel each (weight decay folded in), the column/row
+    projections the loop of :func:`_single_tensor_frugal` with a compiled AdamW on the gathered
+    part. Equal to :func:`_single_tensor_frugal` within round-off."""
+    _frugal_update(*lists, since=since, scratch=scratch, big=lambda t: True, fused=True, **hyper)
+
+
 def _frugal_update(
     *lists: list[Any],
     since: int,
     scratch: object | None,
     big: Callable[[Tensor], bool],
+    fused: bool = False,
     **hyper: Unpack[FRUGALHyper],
 ) -> None:
-    """The FRUGAL update; tensors with ``big(t)`` take the per-tensor loop, the others foreach."""
+    """The FRUGAL update; tensors with ``big(t)`` take the per-tensor loop, the others foreach
+    (``fused``: see :func:`_fused_frugal`)."""
     params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits = lists
     lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], float(hyper["eps"])
     weight_decay, rule = float(hyper["weight_decay"]), hyper["inactive_update_rule"]
@@ -430,16 +453,21 @@ def _frugal_update(
             coord.append((p, gd, idx, m, v, step_size, bc2_sqrt))
     torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
     ws = functools.partial(workspace, scratch) if scratch is not None else torch.empty_like
+    decay = 1.0 - lr * weight_decay
+    # fused: the kernels of whole AdamW and whole state-free tensors apply the decay themselves
+    folded = {id(t) for t, *_ in adam + (free if rule != "no" else [])} if fused else set()
     if weight_decay != 0.0:
         small = [p for p in params if not big(p)]
         if small:
-            torch._foreach_mul_(small, 1.0 - lr * weight_decay)
+            torch._foreach_mul_(small, decay)
         for p in params:
-            if big(p):
-                p.mul_(1.0 - lr * weight_decay)
+            if big(p) and id(p) not in folded:
+                p.mul_(decay)
     # whole tensors (non-split and state-full blocks): AdamW in place.
+    if fused:
+        _fused_adam(adam, beta1, beta2, eps, decay)
     _adam_update([e for e in adam if not big(e[0])], beta1, beta2, eps, True)
-    _adam_update([e for e in adam if big(e[0])], beta1, beta2, eps, False, ws)
+    _adam_update([e for e in adam if big(e[0]) and not fused], beta1, beta2, eps, False, ws)
     # column/row projections: θ_S is gathered (after weight decay) and updated by Adam; the
     # state-free rule is applied to the whole tensor, then θ_S is written back, so the chosen
     # part gets exactly θ_S + Adam update (its residual g − P(Pᵀg) is 0) and the rest the rule.
@@ -451,8 +479,10 @@ def _frugal_update(
         views.append(pm)
         gathered.append(pd)
         entries.append((pd, gd, m, v, step_size, bc2_sqrt))
+    if fused:
+        _fused_adam(entries, beta1, beta2, eps, 1.0)
     _adam_update([e for e in entries if not big(e[1])], beta1, beta2, eps, True)
-    _adam_update([e for e in entries if big(e[1])], beta1, beta2, eps, False, ws)
+    _adam_update([e for e in entries if big(e[1]) and not fused], beta1, beta2, eps, False, ws)
     for (p, _gd, idx, *_), pm, pd in zip(coord, views, gathered):
         if rule != "no":
             assert p.grad is not None
@@ -462,6 +492,11 @@ def _frugal_update(
             p.copy_(pm.view_as(p))
     # whole state-free tensors: signSGD (or SGD).
     if rule == "no" or not free:
+        return
+    if fused:
+        sign = rule == "sign_sgd"
+        for p, g in free:
+            fused_call(_free_kernel, flat(p), flat(g), decay, lr_free, sign)
         return
     small_free = [(p, g) for p, g in free if not big(g)]
     if small_free:
@@ -478,6 +513,38 @@ def _free_direction(g: Tensor, rule: str, ws: Callable[[Tensor], Tensor]) -> Ten
     """``sign(g)`` (``"sign_sgd"``) or ``g`` (``"sgd"``), written into the buffer ``ws(g)``."""
     d = ws(g)
     return torch.sign(g, out=d) if rule == "sign_sgd" else d.copy_(g)
+
+
+def _fused_adam(
+    entries: list[_AdamEntry], beta1: float, beta2: float, eps: float, decay: float
+) -> None:
+    """:func:`_adam_update` as one compiled kernel per entry, ``target`` first scaled by
+    ``decay`` (the folded weight decay; 1 for gathered column/row targets)."""
+    for target, g, m, v, step_size, bc2_sqrt in entries:
+        tensors = map(flat, (target, g, m, v))
+        fused_call(_adam_kernel, *tensors, step_size, bc2_sqrt, beta1, beta2, eps, decay)
+
+
+def _adam_kernel(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float, bc2_sqrt: float, beta1: float,
+    beta2: float, eps: float, decay: float,
+) -> None:  # fmt: skip
+    """One AdamW update of :func:`_adam_update` on one tensor, written for one pass."""
+    acc = accumulate_dtype(p)
+    g32 = g.to(acc)
+    m32 = m.to(acc) + (1.0 - beta1) * (g32 - m.to(acc))
+    v32 = v.to(acc) * beta2 + (1.0 - beta2) * g32 * g32
+    m.copy_(m32)
+    v.copy_(v32)
+    p.copy_(p.to(acc) * decay - step_size * (m32 / (v32.sqrt() / bc2_sqrt + eps)))
+
+
+def _free_kernel(p: Tensor, g: Tensor, decay: float, lr_free: float, sign: bool) -> None:
+    """The state-free update of one tensor in one pass: ``p ← p·decay − lr_free·d`` with
+    ``d = sign(g)`` (``sign``) or ``g``; one compiled graph per value of ``sign``."""
+    acc = accumulate_dtype(p)
+    d = torch.sign(g.to(acc)) if sign else g.to(acc)
+    p.copy_(p.to(acc) * decay - lr_free * d)
 
 
 def _adam_update(
@@ -556,6 +623,7 @@ def _validate_group(group: Mapping[str, Any]) -> None:
     validate_int("seed", group["seed"], 0)
     validate_choice("reset_statistics", group["reset_statistics"], (True, False))
     validate_choice("foreach", group["foreach"], (None, True, False))
+    validate_choice("fused", group.get("fused"), (None, True, False))
     if group["projection"] == "blocks" and group["block_order"] == "mirror":
         n = len(_split_params(group))
         if _num_active_blocks(n, group["density"]) % 2:

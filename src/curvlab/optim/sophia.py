@@ -56,6 +56,7 @@ Language Model Pre-training", ICLR 2024, arXiv:2305.14342; code: Liuhong99/Sophi
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -79,6 +80,7 @@ from curvlab.optim._closure import (
     fed_step,
     resolve_estimator,
 )
+from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
     ProbeGeneratorState,
@@ -178,6 +180,9 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
         foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
             kernels, and cache-sized blocks through a small reusable scratch buffer for large
             CPU tensors; bit-equal to the single-tensor reference (``False``).
+        fused: run the update as one ``torch.compile``'d kernel per tensor (default ``None`` =
+            ``False``): one pass over memory; the first step compiles for ~10-30 s (see
+            :mod:`curvlab.optim._fused`). Equal to the reference within float round-off.
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` for NaN/inf gradients or
             curvature estimates; see :mod:`curvlab.optim._validation`.
         seed: seed of a private CPU generator for the probes / sampled labels. ``None``
@@ -194,8 +199,8 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
     ``"exp_avg"`` (m), ``"hessian"`` (h): 8 bytes per float32 parameter, as the official code.
 
     Raises:
-        ParameterError: invalid hyper-parameters, ``seed`` or ``generator`` (at construction), or
-            a sparse gradient.
+        ParameterError: invalid hyper-parameters, ``seed`` or ``generator``, ``fused=True`` with
+            ``foreach=True`` (at construction), or a sparse gradient.
         ClosureRequiredError: no closure, a closure that called ``backward()``, or one that
             returned no loss tensor (or no logits for the GNB estimator).
         NonFiniteError: NaN/inf gradient or curvature under ``on_nonfinite="raise"`` (nothing is
@@ -236,10 +241,12 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
         eps: float = 1e-15,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         on_nonfinite: str = "raise",
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
+        validate_fused(fused, foreach)
         validate_lr(lr)
         betas = validate_betas(betas)  # type: ignore[assignment]
         validate_nonnegative("rho", rho, "; the official default is 0.04")
@@ -263,6 +270,7 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
             "eps": eps,
             "maximize": bool(maximize),
             "foreach": foreach,
+            "fused": fused,
             "on_nonfinite": on_nonfinite,
             "nonfinite_skips": 0,
             "estimator": estimator_name,
@@ -348,6 +356,7 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
                 hessians,
                 state_steps,
                 foreach=group["foreach"],
+                fused=group.get("fused"),
                 scratch=self,
                 lr=float(group["lr"]),
                 beta1=group["betas"][0],
@@ -456,6 +465,7 @@ def sophia(
     state_steps: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     scratch: object | None = None,
     lr: float,
     beta1: float,
@@ -476,6 +486,8 @@ def sophia(
             parameter (``state_steps``: float32 scalar tensors of completed steps).
         foreach: ``False``: the single-tensor reference; ``None``/``True``: the multi-tensor path
             (bit-equal to the reference).
+        fused: ``True``: one compiled kernel per tensor (:func:`_fused_sophia`; overrides
+            ``foreach``).
         scratch: the object whose scratch buffers the multi-tensor path reuses across calls (the
             optimizer); ``None`` allocates them per call.
         lr, beta1, rho, weight_decay, eps, maximize: see :class:`Sophia`.
@@ -491,6 +503,8 @@ def sophia(
     """
     tensors = (params, grads, exp_avgs, hessians, state_steps)
     hp = (lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian)
+    if fused:
+        return _fused_sophia(tensors, hp)
     if foreach is False:
         return _single_tensor_sophia(tensors, hp)
     return _multi_tensor_sophia(tensors, hp, scratch)
@@ -568,3 +582,31 @@ def _multi_tensor_sophia(
         torch._foreach_clamp_min_(ratio, -1.0)
         torch._foreach_clamp_max_(ratio, 1.0)
         torch._foreach_add_(ps, ratio, alpha=-lr)
+
+
+def _sophia_kernel(
+    p: Tensor, g: Tensor, m: Tensor, h: Tensor, lr: float, beta1: float, rho: float, eps: float,
+    gsign: float, decay: float, h_min: float,
+) -> None:  # fmt: skip
+    """One Sophia update of one tensor, written for one pass (:mod:`._fused`).
+
+    ``gsign`` is -1 under maximize, ``decay`` the weight-decay factor ``1 - lr·wd``, ``h_min`` 0
+    when the curvature is clamped (``-inf`` otherwise).
+    """
+    acc = accumulate_dtype(p)
+    m32 = m.to(acc) + (1 - beta1) * (g.to(acc) * gsign - m.to(acc))
+    ratio = torch.clamp(m32 / (h.to(acc).clamp_min(h_min) * rho + eps), -1.0, 1.0)
+    m.copy_(m32)
+    p.copy_(p.to(acc) * decay - lr * ratio)
+
+
+def _fused_sophia(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
+    """The Sophia update as one compiled kernel per tensor; equal to :func:`_single_tensor_sophia`
+    within round-off."""
+    lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
+    gsign, h_min = (-1.0 if maximize else 1.0), (0.0 if clamp_hessian else -math.inf)
+    for param, grad, exp_avg, hess, _ in zip(*tensors):
+        tensors_ = map(flat, (param, grad, exp_avg, hess))
+        fused_call(_sophia_kernel, *tensors_, lr, beta1, rho, eps, gsign, 1 - lr * weight_decay,
+                   h_min)  # fmt: skip
+    torch._foreach_add_(list(tensors[4]), 1.0)

@@ -4,8 +4,7 @@ Both loops run the same problem instance type (same seed, same minibatches), the
 the same number of steps. Three comparisons, medians over repeats (alternating order):
 
 * ``clock``: the harness's own seconds clock (batch + ``optimizer.step(closure)``) vs the bare
-loop's
-  ``zero_grad; loss; backward; step`` — the overhead inside the timed region;
+  loop's ``zero_grad; loss; backward; step`` — the overhead inside the timed region;
 * ``end-to-end``: the whole ``execute_run`` (store writes, environment, cost counting, two
   evaluations at step 0 and at the end) vs the bare loop plus the same two evaluations;
 * ``with evals``: as end-to-end, with the problem's own evaluation schedule in both (informational:
@@ -54,9 +53,9 @@ def bare(problem: str, steps: int, every: int, lr: float) -> tuple[float, float,
     return train, time.perf_counter() - t_all, time.process_time() - c_all
 
 
-def harness(
-    problem: str, steps: int, every: int, lr: float, store: Store
-) -> tuple[float, float, float]:
+def harness(problem: str, steps: int, every: int, lr: float) -> tuple[float, float, float]:
+    """As :func:`bare`, through ``execute_run`` into a new store (a store runs a run once)."""
+    store = Store(Path(tempfile.mkdtemp()) / "overhead.sqlite")
     spec = RunSpec(
         problem,
         "adamw",
@@ -88,9 +87,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     every_default = get_problem(a.problem).eval_every
-    store = Store(Path(tempfile.mkdtemp()) / "overhead.sqlite")
     bare(a.problem, 50, 50, a.lr)  # warm-up (imports, caches)
-    harness(a.problem, 50, 50, a.lr, store)
+    harness(a.problem, 50, 50, a.lr)
     keys = (
         "bare_clock",
         "h_clock",
@@ -104,9 +102,9 @@ def main() -> None:
     rows: dict[str, list[float]] = {k: [] for k in keys}
     for _ in range(a.repeats):
         bc, bt, bcpu = bare(a.problem, a.steps, a.steps, a.lr)
-        hc, ht, hcpu = harness(a.problem, a.steps, a.steps, a.lr, store)
+        hc, ht, hcpu = harness(a.problem, a.steps, a.steps, a.lr)
         _, bev, _ = bare(a.problem, a.steps, every_default, a.lr)
-        _, hev, _ = harness(a.problem, a.steps, every_default, a.lr, store)
+        _, hev, _ = harness(a.problem, a.steps, every_default, a.lr)
         for k, v in zip(rows, (bc, hc, bt, ht, bev, hev, bcpu, hcpu)):
             rows[k].append(v)
     med = {k: statistics.median(v) for k, v in rows.items()}

@@ -45,3 +45,9 @@ def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size(tmp_path):
     assert row["hvp_s"] > 0 and row["eigsh_matvecs"] > 0
     assert row["optim"]["adamw_fused_s"] > 0
     assert "adopt" in row["optim"]
+
+
+@pytest.mark.timeout(300)
+def test_harness_overhead_runs_two_repeats() -> None:
+    # every repeat's harness run executes (a store runs each run once: the benchmark needs a new one)
+    _run("harness_overhead.py", "--steps", "20", "--repeats", "2")

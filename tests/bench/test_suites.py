@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from curvlab.bench.optimizers import check_schedule
 from curvlab.bench.suites import (
     BUILTIN_OPTIMIZERS,
     SEED_BASES,
@@ -312,11 +313,15 @@ def test_search_spaces_follow_the_authors() -> None:
         assert set(b[label].search) == {"lr", "rho"} and b[label].optimizer == "sophia"
     assert b["sophiag"].defaults["rho"] == 0.04 and b["sophiah"].defaults["rho"] == 0.01
     for label in ("dog", "ldog"):  # c = 1 fixed, as the authors prescribe; c is never searched
-        assert b[label].fixed == {"lr": 1.0} and set(b[label].search) == {"reps_rel"}
+        assert b[label].fixed == {"lr": 1.0, "schedule": "constant"}
+        assert set(b[label].search) == {"reps_rel"}
     assert "sophia" not in b  # SophiaG and SophiaH are named apart
     # the same trial budget for every optimizer of a suite
     s = load_suite("quick")
     runs = expand_runs(s, problem_infos(s))
+    # DoG's tuned runs keep the constant schedule the authors use (no warm-up, no decay)
+    dog_runs = [r for r in runs if r.label == "dog" and r.track == "tuned"]
+    assert dog_runs and all(check_schedule(r.hparams)[0] == "constant" for r in dog_runs)
     per = {}
     for r in runs:
         if r.track == "tuned":

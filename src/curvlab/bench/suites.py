@@ -156,11 +156,17 @@ def _sophia(estimator: str, rho: float) -> OptimizerEntry:
     return OptimizerEntry(label, "sophia", {"estimator": estimator}, {"rho": rho}, search)
 
 
+#: DoG and LDoG: c = 1 and no schedule, only r_eps searched (see below).
+_DOG_FIXED = {"lr": 1.0, "schedule": "constant"}
+_DOG_SEARCH = {"reps_rel": SearchDim(1e-8, 1e-4, log=True)}
+
 #: Built-in entries: the authors' defaults (the defaults track) and the search space they recommend
 #: (the tuned track) of each optimizer. AdamW and ADOPT: lr, weight decay, beta2; SGD with
 #: momentum: lr and momentum; Sophia: lr and rho (Liu et al. 2023); DoG/LDoG: c = lr = 1 fixed as
 #: the authors prescribe (Ivgi, Hinder & Carmon 2023), only the initial movement r_eps (reps_rel)
-#: searched. SophiaG (Gauss-Newton-Bartlett, needs logits, the language-model choice) and SophiaH
+#: searched, and a constant schedule in every track: DoG is a schedule-free step size, and a
+#: multiplier on c also slows the distance r_t that sets DoG's step (on the quick suite, warm-up +
+#: cosine left tuned DoG short of every target in 60 of 60 runs, cosine alone in 58 of 60). SophiaG (Gauss-Newton-Bartlett, needs logits, the language-model choice) and SophiaH
 #: (Hutchinson, any loss) are separate entries; their defaults are the authors' (lr 1e-4, betas
 #: (0.965, 0.99), weight decay 0.1, k = 10; rho 0.04 for SophiaG as in the official code, 0.01 for
 #: SophiaH as in the authors' levanter code).
@@ -197,12 +203,8 @@ BUILTIN_OPTIMIZERS: dict[str, OptimizerEntry] = {
     "sophiag": _sophia("gnb", 0.04),
     "sophiah": _sophia("hutchinson", 0.01),
     "adahessian": OptimizerEntry("adahessian", "adahessian", {}, {}, _lr(1e-3, 1.0)),
-    "dog": OptimizerEntry(
-        "dog", "dog", {"lr": 1.0}, {}, {"reps_rel": SearchDim(1e-8, 1e-4, log=True)}
-    ),
-    "ldog": OptimizerEntry(
-        "ldog", "ldog", {"lr": 1.0}, {}, {"reps_rel": SearchDim(1e-8, 1e-4, log=True)}
-    ),
+    "dog": OptimizerEntry("dog", "dog", _DOG_FIXED, {}, _DOG_SEARCH),
+    "ldog": OptimizerEntry("ldog", "ldog", _DOG_FIXED, {}, _DOG_SEARCH),
     "psgdkron": OptimizerEntry("psgdkron", "psgdkron", {}, {}, _lr(1e-4, 3e-1)),
     "mfac": OptimizerEntry("mfac", "mfac", {}, {}, _lr(1e-4, 3e-1)),
     "frugal": OptimizerEntry("frugal", "frugal", {}, {}, _lr(1e-4, 3e-1)),

@@ -91,6 +91,13 @@ def _precondition(M: Preconditioner | None, R: Tensor) -> Tensor:
     return torch.stack([M(R[:, j]) for j in range(R.shape[1])], dim=1)
 
 
+def _start(op: LinearOperator, damping: float, B: Tensor, X: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``(‖b‖ per column, the residual b − (A+δI)x₀, products spent)``; no product when x₀ = 0."""
+    if bool(X.any()):
+        return B.norm(dim=0), B - _apply(op, damping, X), B.shape[1]
+    return B.norm(dim=0), B.clone(), 0
+
+
 def _cg(
     op: LinearOperator,
     B: Tensor,
@@ -101,9 +108,7 @@ def _cg(
     M: Preconditioner | None,
 ) -> tuple[Tensor, Tensor, int]:
     """Column-wise (preconditioned) CG; returns ``(X, residual norms, products)``."""
-    bnorm = B.norm(dim=0)
-    R = B - _apply(op, damping, X) if bool(X.any()) else B.clone()
-    used = B.shape[1] if bool(X.any()) else 0
+    bnorm, R, used = _start(op, damping, B, X)
     Z = _precondition(M, R)
     P = Z.clone()
     rz = (R * Z).sum(0)
@@ -200,9 +205,7 @@ def _neumann(
     scale: float,
 ) -> tuple[Tensor, Tensor, int]:
     """Richardson iteration ``x ← x + α (b − (A+δI) x)`` = the truncated Neumann series."""
-    bnorm = B.norm(dim=0)
-    R = B - _apply(op, damping, X) if bool(X.any()) else B.clone()
-    used = B.shape[1] if bool(X.any()) else 0
+    bnorm, R, used = _start(op, damping, B, X)
     active = R.norm(dim=0) > tol * bnorm
     while bool(active.any()) and used + int(active.sum()) <= budget:
         cols = active.nonzero().flatten()

@@ -5,18 +5,47 @@ their temporaries (ADOPT's normalised gradient, DoG's ``x - x0``, M-FAC's d-size
 sign buffer and Adam denominator) into one flat buffer per (device, dtype) kept in the optimizer's
 ``__dict__``: :func:`workspace` gives one view shaped like a tensor, :func:`workspace_views` views
 for a list of tensors (a foreach chunk), :func:`chunks` splits a long list into chunks of bounded
-total size. ``state_dict``, ``copy.deepcopy`` and pickling drop the buffer (they keep only
-``defaults``, ``state`` and ``param_groups``); it is rebuilt on the next step.
+total size; :func:`bucket_rows` groups the per-parameter tensors of a multi-tensor path.
+``state_dict``, ``copy.deepcopy`` and pickling drop the buffer (they keep only ``defaults``,
+``state`` and ``param_groups``); it is rebuilt on the next step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["chunks", "workspace", "workspace_views"]
+__all__ = ["bucket_rows", "chunks", "workspace", "workspace_views"]
+
+K = TypeVar("K", bound=Hashable)
+
+
+def bucket_rows(
+    rows: Iterable[Sequence[Tensor]], key: Callable[[Sequence[Tensor]], K]
+) -> dict[K, list[list[Tensor]]]:
+    """Group per-parameter rows (param, grad, state tensors, ...) by ``key(row)``.
+
+    Each bucket holds the columns of its rows, in order, as lists: the argument lists of the
+    ``torch._foreach_*`` calls of one (device, dtype, ...) bucket.
+
+    Example:
+        >>> a, b, c = torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.ones(1)
+        >>> buckets = bucket_rows([(a, c), (b, c), (c, a)], key=lambda row: row[0].dtype)
+        >>> [len(cols[0]) for cols in buckets.values()]
+        [2, 1]
+    """
+    buckets: dict[K, list[list[Tensor]]] = {}
+    for row in rows:
+        k = key(row)
+        bucket = buckets.get(k)
+        if bucket is None:
+            bucket = buckets[k] = [[] for _ in row]
+        for column, t in zip(bucket, row):
+            column.append(t)
+    return buckets
 
 
 def chunks(numels: list[int], cap: int = 1 << 22) -> list[list[int]]:

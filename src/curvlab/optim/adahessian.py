@@ -62,7 +62,7 @@ from curvlab.optim._closure import (
     fed_step,
     resolve_estimator,
 )
-from curvlab.optim._scratch import block_ranges, cpu_blocks, workspace_rows
+from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
     ProbeGeneratorState,
     group_tensors,
@@ -371,12 +371,9 @@ def _multi_tensor_adahessian(
     ``torch._foreach_*`` kernels.
     """
     lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
-    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
-    for row in zip(*tensors):
-        key = (row[0].device, row[0].dtype, float(row[4]), float(row[5]))
-        bucket = buckets.setdefault(key, [[], [], [], [], [], []])
-        for lst, t in zip(bucket, row):
-            lst.append(t)
+    buckets = bucket_rows(
+        zip(*tensors), key=lambda row: (row[0].device, row[0].dtype, float(row[4]), float(row[5]))
+    )
     for (device, dtype, step, n), (ps, gs, ms, vs, ts, _) in buckets.items():
         torch._foreach_add_(ts, 1.0)
         step += 1

@@ -61,6 +61,7 @@ from torch.optim import Optimizer
 from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
 from curvlab.optim._scratch import (
     block_ranges,
+    bucket_rows,
     chunks,
     cpu_blocks,
     workspace_rows,
@@ -302,15 +303,11 @@ def _multi_tensor_adopt(
     lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], hyper["eps"]
     weight_decay, decouple, maximize = hyper["weight_decay"], hyper["decouple"], hyper["maximize"]
     clip_exponent = hyper["clip_exponent"]
-    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(*lists):
-        if torch.is_complex(param):
-            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
-            exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
-        key = (param.device, param.dtype, float(step_t))
-        bucket = buckets.setdefault(key, [[], [], [], [], []])
-        for lst, t in zip(bucket, (param, grad, exp_avg, exp_avg_sq, step_t)):
-            lst.append(t)
+    rows = (  # complex tensors as their real views
+        [torch.view_as_real(t) for t in row[:4]] + [row[4]] if torch.is_complex(row[0]) else row
+        for row in zip(*lists)
+    )
+    buckets = bucket_rows(rows, key=lambda row: (row[0].device, row[0].dtype, float(row[4])))
     one = torch.tensor(1.0)
     for (_, _, step), (ps, gs, ms, vs, ts) in buckets.items():
         if maximize:

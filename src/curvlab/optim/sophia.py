@@ -79,7 +79,7 @@ from curvlab.optim._closure import (
     fed_step,
     resolve_estimator,
 )
-from curvlab.optim._scratch import block_ranges, cpu_blocks, workspace_rows
+from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
     ProbeGeneratorState,
     check_finite_curvature,
@@ -527,11 +527,7 @@ def _multi_tensor_sophia(
     kernels.
     """
     lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
-    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
-    for row in zip(*tensors):
-        bucket = buckets.setdefault((row[0].device, row[0].dtype), [[], [], [], [], []])
-        for lst, t in zip(bucket, row):
-            lst.append(t)
+    buckets = bucket_rows(zip(*tensors), key=lambda row: (row[0].device, row[0].dtype))
     for (device, dtype), (ps, gs, ms, hs, ts) in buckets.items():
         torch._foreach_add_(ts, 1.0)
         if maximize:

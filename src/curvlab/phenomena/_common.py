@@ -9,19 +9,23 @@ import math
 import os
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvlab.errors import InvalidArgumentError
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = [
+    "PhenomenonConfig",
     "PhenomenonResult",
-    "check_positive",
     "finish",
+    "minibatch_backward",
     "progress",
     "seeded_mlp",
     "write_json",
@@ -166,15 +170,91 @@ def seeded_mlp(sizes: Sequence[int], activation: type[nn.Module], seed: int) -> 
     return nn.Sequential(*layers)
 
 
-def check_positive(config: Any, *names: str) -> None:
-    """Raise :class:`~curvlab.errors.InvalidArgumentError` unless every named field is > 0."""
-    for name in names:
-        value = getattr(config, name)
-        if not value > 0:
+@dataclass(frozen=True)
+class PhenomenonConfig:
+    """Base of the phenomenon configurations: each numeric field is checked when one is built.
+
+    How a configuration uses it: ``@dataclass(frozen=True) class FooConfig(PhenomenonConfig)`` with
+    its fields and their defaults. Every int or float field (each value of a tuple; ``bool``,
+    ``None`` and strings are not numbers here) must then be finite and > 0, except the names in
+    ``_nonnegative`` (finite and >= 0; ``seed`` by default) and ``_unchecked`` (ranges the config
+    checks itself). Rules that tie fields together go into ``_check``; ``quick()`` gives the tests' size.
+
+    Raises:
+        InvalidArgumentError: a field is out of its range (the message names the field).
+    """
+
+    _nonnegative: ClassVar[tuple[str, ...]] = ("seed",)
+    _unchecked: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name in self._unchecked:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                for i, item in enumerate(value):
+                    self._check_number(f"{f.name}[{i}]", item)
+            else:
+                self._check_number(f.name, value)
+        self._check()
+
+    def _check_number(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        nonnegative = name.split("[")[0] in self._nonnegative
+        if not math.isfinite(value) or value < 0 or (value == 0 and not nonnegative):
+            cls = type(self).__name__
             raise InvalidArgumentError(
-                f"{type(config).__name__}.{name} must be > 0, got {value!r}; see the defaults of "
-                f"{type(config).__name__}()"
+                f"{cls}.{name} must be {'>=' if nonnegative else '>'} 0 and finite, got "
+                f"{value!r}; see the defaults of {cls}()"
             )
+
+    def _check(self) -> None:
+        """Rules between fields; a configuration that has some overrides this."""
+
+    def _require_values(self, name: str, limit: str) -> None:
+        """Raise unless the tuple field ``name`` holds 1 to ``limit`` (another field) values."""
+        values, most = getattr(self, name), getattr(self, limit)
+        if not 0 < len(values) <= most:
+            raise InvalidArgumentError(
+                f"{type(self).__name__}.{name} needs 1 to {limit} = {most} values, got {values!r}"
+            )
+
+    def _require_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        """Raise unless the field ``name`` is one of ``choices``."""
+        value = getattr(self, name)
+        if value not in choices:
+            raise InvalidArgumentError(
+                f"{type(self).__name__}.{name} must be {' or '.join(map(repr, choices))}, got "
+                f"{value!r}"
+            )
+
+    @classmethod
+    def quick(cls) -> Self:
+        """The tests' size (seconds); the defaults unless a configuration overrides this."""
+        return cls()
+
+
+def minibatch_backward(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: tuple[Tensor, Tensor],
+    batch_size: int,
+    generator: torch.Generator,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+) -> Tensor:
+    """Back-propagate the loss of one minibatch drawn with replacement; the caller then steps.
+
+    ``batch_size`` indices are drawn uniformly from ``generator``; the optimizer's gradients are
+    zeroed and ``loss_fn(model(x[idx]), y[idx])`` is back-propagated. Returns that loss.
+    """
+    x, y = data
+    idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator)
+    optimizer.zero_grad()
+    loss = loss_fn(model(x[idx]), y[idx])
+    loss.backward()
+    return loss
 
 
 def progress(iterable: Iterable[T], total: int, desc: str, enabled: bool) -> Iterator[T]:

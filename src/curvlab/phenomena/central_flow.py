@@ -28,7 +28,7 @@ from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
 from curvlab.flows import central_flow as integrate_central_flow
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish
 
 __all__ = ["CentralFlowConfig", "central_flow", "regression_2d_loss"]
 
@@ -36,8 +36,10 @@ F64 = torch.float64
 
 
 @dataclass(frozen=True)
-class CentralFlowConfig:
+class CentralFlowConfig(PhenomenonConfig):
     """Sizes and step sizes of the central-flow runs (2-D model and small MLP)."""
+
+    _unchecked = ("a0",)  # the start's first coordinate may have any sign
 
     a0: float = 0.1
     b0: float = 2.0
@@ -53,21 +55,7 @@ class CentralFlowConfig:
     dt: float = 0.5
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_positive(
-            self,
-            "b0",
-            "eta_2d",
-            "t_max_2d",
-            "num_points",
-            "dim",
-            "hidden",
-            "init_scale",
-            "eta",
-            "steps",
-            "window",
-            "dt",
-        )
+    def _check(self) -> None:
         if self.steps <= 2 * self.window:
             raise InvalidArgumentError(
                 f"CentralFlowConfig.steps ({self.steps}) must exceed 2·window ({2 * self.window}) "

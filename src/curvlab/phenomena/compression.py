@@ -25,20 +25,22 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish, seeded_mlp
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, seeded_mlp
 
 __all__ = ["CompressionConfig", "compression"]
 
 
 @dataclass(frozen=True)
-class CompressionConfig:
+class CompressionConfig(PhenomenonConfig):
     """Model, training and compression settings of the compression run."""
+
+    _unchecked = ("sparsities",)  # in [0, 1): checked below
 
     hidden: tuple[int, ...] = (64, 32)
     num_train: int = 1200
@@ -54,18 +56,7 @@ class CompressionConfig:
     trace_matvecs: int = 100
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_positive(
-            self,
-            "num_train",
-            "train_steps",
-            "lr",
-            "blocks",
-            "num_grads",
-            "damp",
-            "prune_steps",
-            "trace_matvecs",
-        )
+    def _check(self) -> None:
         if not 0 < self.num_train < 1797:
             raise InvalidArgumentError(
                 f"CompressionConfig.num_train must be in (0, 1797) to leave a test set of the "
@@ -81,6 +72,11 @@ class CompressionConfig:
                 f"{self.choices!r}"
             )
 
+    @classmethod
+    def quick(cls) -> CompressionConfig:
+        """The tests' size (seconds)."""
+        return cls(sparsities=(0.5, 0.8), train_steps=150, num_grads=128, budgets=(3.5,))
+
 
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
     with torch.no_grad():
@@ -91,7 +87,15 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
     }
 
 
-def _train(cfg: CompressionConfig) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
+class _Trained(NamedTuple):
+    """The dense model and the digits it was trained on (``train``) and is tested on (``test``)."""
+
+    model: nn.Module
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+
+
+def _train(cfg: CompressionConfig) -> _Trained:
     from curvlab.datasets import digits
 
     x, y = digits()
@@ -104,16 +108,13 @@ def _train(cfg: CompressionConfig) -> tuple[nn.Module, Tensor, Tensor, Tensor, T
         opt.zero_grad()
         nn.functional.cross_entropy(model(xtr), ytr).backward()
         opt.step()
-    return model, xtr, ytr, xte, yte
+    return _Trained(model, (xtr, ytr), (xte, yte))
 
 
-def _pruning(
-    cfg: CompressionConfig,
-    model: nn.Module,
-    train: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
-) -> dict[str, Any]:
+def _pruning(cfg: CompressionConfig, trained: _Trained) -> dict[str, Any]:
     from curvlab.compress import prune
+
+    model, train, test = trained
 
     rows: dict[str, Any] = {"sparsity": list(cfg.sparsities), "obs": [], "magnitude": []}
     for s in cfg.sparsities:
@@ -134,14 +135,11 @@ def _pruning(
     return rows
 
 
-def _allocation(
-    cfg: CompressionConfig,
-    model: nn.Module,
-    train: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
-) -> dict[str, Any]:
+def _allocation(cfg: CompressionConfig, trained: _Trained) -> dict[str, Any]:
     from curvlab.compress import fake_quantize, quantization_perturbation
     from curvlab.estimators.layerwise import layer_sensitivity
+
+    model, train, test = trained
 
     sens = layer_sensitivity(
         model,
@@ -217,10 +215,10 @@ def compression(
     NeurIPS 2020, arXiv 1911.03852 (HAWQ-V2).
     """
     cfg = config or CompressionConfig()
-    model, xtr, ytr, xte, yte = _train(cfg)
-    dense = _evaluate(model, xte, yte)
-    pruning = _pruning(cfg, model, (xtr, ytr), (xte, yte))
-    alloc = _allocation(cfg, model, (xtr, ytr), (xte, yte))
+    trained = _train(cfg)
+    dense = _evaluate(trained.model, *trained.test)
+    pruning = _pruning(cfg, trained)
+    alloc = _allocation(cfg, trained)
     alloc_checks, verdict = _allocation_checks(alloc["budgets"])
     checks = {
         f"obs_beats_magnitude_at_{s:g}": o["accuracy"] > m["accuracy"]

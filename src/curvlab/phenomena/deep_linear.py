@@ -23,14 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish
 
 __all__ = ["DeepLinearConfig", "deep_linear", "saxe_mode_strength"]
 
 
 @dataclass(frozen=True)
-class DeepLinearConfig:
+class DeepLinearConfig(PhenomenonConfig):
     """Sizes and step settings of the deep-linear run."""
 
     dim: int = 8
@@ -42,13 +41,8 @@ class DeepLinearConfig:
     random_init_std: float = 1e-3
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_positive(self, "dim", "num_samples", "eta", "steps", "init_scale", "random_init_std")
-        if not 0 < len(self.singular_values) <= self.dim:
-            raise InvalidArgumentError(
-                f"DeepLinearConfig.singular_values needs 1 to dim = {self.dim} values, got "
-                f"{self.singular_values!r}"
-            )
+    def _check(self) -> None:
+        self._require_values("singular_values", "dim")
 
 
 def saxe_mode_strength(t: Tensor, s: float, u0: float, eta: float) -> Tensor:

@@ -19,13 +19,13 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish, progress
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, progress
 
 __all__ = ["DepthConfig", "depth_sweep"]
 
 
 @dataclass(frozen=True)
-class DepthConfig:
+class DepthConfig(PhenomenonConfig):
     """Depths, sizes and GD settings."""
 
     depths: tuple[int, ...] = (3, 4, 6)
@@ -35,8 +35,7 @@ class DepthConfig:
     max_steps: int = 4000
     seeds: int = 4
 
-    def __post_init__(self) -> None:
-        check_positive(self, "dim", "eta", "max_steps", "seeds")
+    def _check(self) -> None:
         if len(self.depths) < 2 or min(self.depths) < 2 or len(self.singular_values) > self.dim:
             raise InvalidArgumentError(
                 f"DepthConfig needs >= 2 depths of >= 2 layers and at most dim singular values, "

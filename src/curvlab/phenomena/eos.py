@@ -24,8 +24,8 @@ from curvlab.datasets import digits
 from curvlab.errors import InvalidArgumentError
 from curvlab.monitors import HistorySink, Sharpness, attach
 from curvlab.phenomena._common import (
+    PhenomenonConfig,
     PhenomenonResult,
-    check_positive,
     finish,
     progress,
     seeded_mlp,
@@ -35,8 +35,10 @@ __all__ = ["EoSConfig", "edge_of_stability", "half_square_loss"]
 
 
 @dataclass(frozen=True)
-class EoSConfig:
+class EoSConfig(PhenomenonConfig):
     """Sizes and step sizes of the edge-of-stability run."""
+
+    _unchecked = ("etas", "control_eta")  # checked together below
 
     num_samples: int = 200
     width: int = 32
@@ -48,16 +50,18 @@ class EoSConfig:
     control_every: int = 100
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_positive(
-            self, "num_samples", "width", "steps", "every", "control_steps", "control_every"
-        )
+    def _check(self) -> None:
         etas = (*self.etas, *([] if self.control_eta is None else [self.control_eta]))
         if not self.etas or not all(eta > 0 for eta in etas):
             raise InvalidArgumentError(
                 f"EoSConfig.etas (and control_eta) must be positive step sizes, at least one, got "
                 f"etas={self.etas!r}, control_eta={self.control_eta!r}"
             )
+
+    @classmethod
+    def quick(cls) -> EoSConfig:
+        """The tests' size (seconds): three step sizes, no control run."""
+        return cls(etas=(0.35, 0.5, 0.6), control_eta=None, steps=700, every=25)
 
 
 def half_square_loss(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -23,14 +23,16 @@ from torch import Tensor, nn
 
 from curvlab.errors import InvalidArgumentError
 from curvlab.monitors import GFSSharpness, HistorySink, attach
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish
 
 __all__ = ["GFSConfig", "ScalarNetwork", "gfs_sharpness", "scalar_gfs_closed_form"]
 
 
 @dataclass(frozen=True)
-class GFSConfig:
+class GFSConfig(PhenomenonConfig):
     """Start, step size and length of the scalar-network run."""
+
+    _unchecked = ("w0",)  # weights of either sign; their product is checked below
 
     w0: tuple[float, ...] = (0.4, 1.1, 2.2)
     eta: float = 0.33
@@ -38,8 +40,7 @@ class GFSConfig:
     every: int = 1
     tolerance: float = 1e-6
 
-    def __post_init__(self) -> None:
-        check_positive(self, "eta", "steps", "every", "tolerance")
+    def _check(self) -> None:
         if len(self.w0) < 2 or math.prod(self.w0) <= 0:
             raise InvalidArgumentError(
                 f"GFSConfig.w0 needs at least 2 weights with a positive product, got {self.w0!r}"

@@ -6,12 +6,13 @@ import html
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from curvlab.datasets import fashion_mnist_available
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult
+from curvlab.phenomena.batch_size import BatchSizeConfig, batch_size
 from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.compression import CompressionConfig, compression
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
@@ -25,12 +26,13 @@ from curvlab.phenomena.mode_connectivity import ModeConnectivityConfig, mode_con
 from curvlab.phenomena.mup import MuPConfig, mup_transfer
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
 from curvlab.phenomena.newton import NewtonConfig, newton_phenomenon
+from curvlab.phenomena.sgd_stability import SGDStabilityConfig, sgd_stability
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
 __all__ = ["PHENOMENA", "quick_config", "run_all", "run_phenomenon", "write_index"]
 
 #: name -> (function, its config class); the names the CLI accepts.
-PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
+PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type[PhenomenonConfig]]] = {
     "eos": (edge_of_stability, EoSConfig),
     "subspace": (tiny_subspace, SubspaceConfig),
     "matrix-sensing": (matrix_sensing, MatrixSensingConfig),
@@ -45,6 +47,8 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type]] = {
     "depth": (depth_sweep, DepthConfig),
     "hessian-outliers": (hessian_outliers, HessianOutliersConfig),
     "imbalanced-collapse": (imbalanced_collapse, ImbalancedCollapseConfig),
+    "sgd-stability": (sgd_stability, SGDStabilityConfig),
+    "batch-size": (batch_size, BatchSizeConfig),
 }
 
 
@@ -55,32 +59,10 @@ def _check_name(name: str) -> None:
         )
 
 
-def quick_config(name: str) -> Any:
-    """A small configuration of each phenomenon (the tests' sizes; seconds each)."""
-    quick = getattr(PHENOMENA[name][1], "quick", None) if name in PHENOMENA else None
-    if quick is not None:
-        return quick()
-    if name == "eos":
-        return EoSConfig(etas=(0.35, 0.5, 0.6), control_eta=None, steps=700, every=25)
-    if name == "subspace":
-        return SubspaceConfig(
-            num_samples=1000,
-            width=50,
-            steps=200,
-            every=50,
-            ablation_steps=150,
-            ablation_refresh=30,
-        )
-    if name == "deep-linear":
-        return DeepLinearConfig()
-    if name == "newton":
-        return NewtonConfig(regularized_steps=60, saddle_steps=30)
-    if name == "compression":
-        return CompressionConfig(
-            sparsities=(0.5, 0.8), train_steps=150, num_grads=128, budgets=(3.5,)
-        )
+def quick_config(name: str) -> PhenomenonConfig:
+    """A small configuration of each phenomenon (its config's ``quick()``: seconds each)."""
     _check_name(name)
-    return NeuralCollapseConfig(steps=1600, every=200)
+    return PHENOMENA[name][1].quick()
 
 
 def run_phenomenon(
@@ -96,21 +78,16 @@ def run_phenomenon(
     """
     _check_name(name)
     fn, cls = PHENOMENA[name]
-    config = quick_config(name) if quick else cls()
+    config = cls.quick() if quick else cls()
     if name == "subspace" and not fashion_mnist_available():
         print(
             "Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist); running the "
             "tiny-subspace check on the shipped digits, where it is known not to reproduce.",
             file=sys.stderr,
         )
-        config = SubspaceConfig(
-            dataset="digits",
-            num_samples=1500 if not quick else 500,
-            width=50,
-            steps=config.steps,
-            every=config.every,
-            ablation_steps=config.ablation_steps,
-            ablation_refresh=config.ablation_refresh,
+        fashion = SubspaceConfig.quick() if quick else SubspaceConfig()
+        config = replace(
+            fashion, dataset="digits", num_samples=1500 if not quick else 500, width=50
         )
     return fn(config, out_dir=out_dir, progress_bar=progress_bar)
 

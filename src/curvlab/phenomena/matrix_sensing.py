@@ -35,13 +35,13 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish, progress
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, progress
 
 __all__ = ["MatrixSensingConfig", "matrix_sensing"]
 
 
 @dataclass(frozen=True)
-class MatrixSensingConfig:
+class MatrixSensingConfig(PhenomenonConfig):
     """Sizes and step settings (defaults: the CLI's; :meth:`quick` is the tests')."""
 
     n: int = 20
@@ -62,11 +62,7 @@ class MatrixSensingConfig:
     symmetric_scaledgd: bool = True
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_positive(
-            self, "n", "r", "m", "eta", "steps", "steps_sym", "steps_asym", "eta_precond", "lam"
-        )
-        check_positive(self, "tol", "alpha_sym")
+    def _check(self) -> None:
         if not self.r <= self.k_over <= self.n or len(self.singular_values) < self.r:
             raise InvalidArgumentError(
                 f"MatrixSensingConfig needs r <= k_over <= n and r singular values, got r={self.r}, "

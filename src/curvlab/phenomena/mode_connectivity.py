@@ -20,13 +20,13 @@ from torch import Tensor, nn
 
 from curvlab.datasets import digits
 from curvlab.landscape import interpolate
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish, seeded_mlp
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, seeded_mlp
 
 __all__ = ["ModeConnectivityConfig", "mode_connectivity"]
 
 
 @dataclass(frozen=True)
-class ModeConnectivityConfig:
+class ModeConnectivityConfig(PhenomenonConfig):
     """Sizes of the three SGD runs and of the interpolation."""
 
     width: int = 128
@@ -36,9 +36,6 @@ class ModeConnectivityConfig:
     num_alphas: int = 21
     barrier_ratio: float = 3.0
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_positive(self, "width", "epochs", "batch_size", "lr", "num_alphas", "barrier_ratio")
 
     @classmethod
     def quick(cls) -> ModeConnectivityConfig:

@@ -21,14 +21,22 @@ from torch import Tensor, nn
 from curvlab.datasets import digits
 from curvlab.errors import InvalidArgumentError
 from curvlab.parametrize import parametrize
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish, progress
+from curvlab.phenomena._common import (
+    PhenomenonConfig,
+    PhenomenonResult,
+    finish,
+    minibatch_backward,
+    progress,
+)
 
 __all__ = ["MuPConfig", "mup_transfer"]
 
 
 @dataclass(frozen=True)
-class MuPConfig:
+class MuPConfig(PhenomenonConfig):
     """Widths, the log2 learning-rate grid and the training length."""
+
+    _unchecked = ("log2_lrs",)  # exponents of either sign
 
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)
     log2_lrs: tuple[int, ...] = (-13, -12, -11, -10, -9, -8, -7, -6, -5, -4)
@@ -36,8 +44,7 @@ class MuPConfig:
     batch_size: int = 128
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_positive(self, "steps", "batch_size")
+    def _check(self) -> None:
         if len(self.widths) < 2 or min(self.widths) < 1 or len(self.log2_lrs) < 3:
             raise InvalidArgumentError(
                 f"MuPConfig needs >= 2 positive widths and >= 3 learning rates, got widths "
@@ -57,14 +64,11 @@ def _final_loss(kind: str, width: int, lr: float, x: Tensor, y: Tensor, cfg: MuP
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(parametrize(net, kind, min(cfg.widths), lr, "adam", gen))
-    loss_fn = nn.CrossEntropyLoss()
     for _ in range(cfg.steps):
-        idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)
-        opt.zero_grad()
-        loss_fn(net(x[idx]), y[idx]).backward()
+        minibatch_backward(net, opt, (x, y), cfg.batch_size, gen)
         opt.step()
     with torch.no_grad():
-        loss = float(loss_fn(net(x), y))
+        loss = float(nn.functional.cross_entropy(net(x), y))
     return loss if math.isfinite(loss) else math.inf
 
 

@@ -28,12 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.datasets import digits
-from curvlab.errors import InvalidArgumentError
 from curvlab.monitors import HistorySink, NeuralCollapse, attach
 from curvlab.phenomena._common import (
+    PhenomenonConfig,
     PhenomenonResult,
-    check_positive,
     finish,
+    minibatch_backward,
     progress,
     seeded_mlp,
 )
@@ -47,8 +47,10 @@ _NC3_COLLAPSED = 0.14
 
 
 @dataclass(frozen=True)
-class NeuralCollapseConfig:
+class NeuralCollapseConfig(PhenomenonConfig):
     """Data, model and schedule of the neural-collapse run."""
+
+    _nonnegative = ("seed", "momentum", "weight_decay")
 
     per_class: int = 50
     width: int = 64
@@ -61,12 +63,18 @@ class NeuralCollapseConfig:
     seed: int = 0
     loss: str = "mse"
 
-    def __post_init__(self) -> None:
-        check_positive(self, "per_class", "width", "lr", "batch_size", "steps", "every")
-        if self.loss not in ("mse", "ce"):
-            raise InvalidArgumentError(
-                f"NeuralCollapseConfig.loss must be 'mse' or 'ce' (cross-entropy), got {self.loss!r}"
-            )
+    def _check(self) -> None:
+        self._require_choice("loss", ("mse", "ce"))  # "ce": cross-entropy
+
+    @classmethod
+    def quick(cls) -> NeuralCollapseConfig:
+        """The tests' size (seconds)."""
+        return cls(steps=1600, every=200)
+
+
+def _half_sum_square(outputs: Tensor, onehot: Tensor) -> Tensor:
+    """The MSE loss of Han et al.: squared error summed over classes, averaged over examples."""
+    return ((outputs - onehot) ** 2).sum(dim=1).mean()
 
 
 def _balanced_digits(per_class: int) -> tuple[Tensor, Tensor]:
@@ -90,7 +98,9 @@ def neural_collapse(
     """
     cfg = config or NeuralCollapseConfig()
     x, y = _balanced_digits(cfg.per_class)
-    onehot = nn.functional.one_hot(y, 10).to(x.dtype)
+    mse = cfg.loss == "mse"
+    targets = nn.functional.one_hot(y, 10).to(x.dtype) if mse else y
+    loss_fn = _half_sum_square if mse else nn.functional.cross_entropy
     model = seeded_mlp((64, cfg.width, cfg.width, 10), nn.ReLU, cfg.seed)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -109,14 +119,7 @@ def neural_collapse(
         errors.append(float((model(x).argmax(1) != y).float().mean()))
     gen = torch.Generator().manual_seed(cfg.seed)
     for step in progress(range(cfg.steps), cfg.steps, "neural collapse", progress_bar):
-        idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen)
-        opt.zero_grad()
-        out = model(x[idx])
-        if cfg.loss == "mse":
-            loss = ((out - onehot[idx]) ** 2).sum(dim=1).mean()
-        else:
-            loss = nn.functional.cross_entropy(out, y[idx])
-        loss.backward()
+        minibatch_backward(model, opt, (x, targets), cfg.batch_size, gen, loss_fn)
         opt.step()
         if (step + 1) % cfg.every == 0:
             with torch.no_grad():

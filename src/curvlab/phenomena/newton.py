@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonResult, check_positive, finish
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish
 
 __all__ = ["NewtonConfig", "loglog_slope", "newton_phenomenon"]
 
@@ -42,7 +42,7 @@ DT = torch.float64
 
 
 @dataclass(frozen=True)
-class NewtonConfig:
+class NewtonConfig(PhenomenonConfig):
     """Sizes and settings of the three Newton runs."""
 
     lam: float = 1e-3
@@ -60,32 +60,18 @@ class NewtonConfig:
     saddle_free_damping: float = 1e-3
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_positive(
-            self,
-            "lam",
-            "local_steps",
-            "target",
-            "far_start",
-            "regularized_steps",
-            "regularized_tol",
-            "linear_dim",
-            "linear_samples",
-            "linear_init_std",
-            "saddle_steps",
-            "krylov_dim",
-            "saddle_free_damping",
-        )
-        if not 0 < len(self.linear_singular_values) <= self.linear_dim:
-            raise InvalidArgumentError(
-                f"NewtonConfig.linear_singular_values needs 1 to linear_dim = {self.linear_dim} "
-                f"values, got {self.linear_singular_values!r}"
-            )
+    def _check(self) -> None:
+        self._require_values("linear_singular_values", "linear_dim")
         if self.regularized_steps < 8:
             raise InvalidArgumentError(
                 f"NewtonConfig.regularized_steps must be >= 8 to fit a rate, got "
                 f"{self.regularized_steps}"
             )
+
+    @classmethod
+    def quick(cls) -> NewtonConfig:
+        """The tests' size (seconds)."""
+        return cls(regularized_steps=60, saddle_steps=30)
 
 
 def loglog_slope(x: list[float], y: list[float]) -> float:

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.datasets import digits, fashion_mnist
-from curvlab.errors import InvalidArgumentError
 from curvlab.estimators import eigsh
 from curvlab.monitors import (
     HistorySink,
@@ -40,9 +39,10 @@ from curvlab.monitors import (
 )
 from curvlab.operators import HessianOperator
 from curvlab.phenomena._common import (
+    PhenomenonConfig,
     PhenomenonResult,
-    check_positive,
     finish,
+    minibatch_backward,
     progress,
     seeded_mlp,
 )
@@ -51,8 +51,10 @@ __all__ = ["SubspaceConfig", "tiny_subspace"]
 
 
 @dataclass(frozen=True)
-class SubspaceConfig:
+class SubspaceConfig(PhenomenonConfig):
     """Data, model and schedule of the tiny-subspace run (defaults: the CLI's)."""
+
+    _nonnegative = ("seed", "warmup")
 
     dataset: str = "fashion-mnist"
     num_samples: int = 5000
@@ -67,13 +69,15 @@ class SubspaceConfig:
     ablation_refresh: int = 20
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.dataset not in ("fashion-mnist", "digits"):
-            raise InvalidArgumentError(
-                f"SubspaceConfig.dataset must be 'fashion-mnist' or 'digits', got {self.dataset!r}"
-            )
-        check_positive(self, "num_samples", "width", "lr", "batch_size", "steps", "every", "k")
-        check_positive(self, "ablation_steps", "ablation_refresh")
+    def _check(self) -> None:
+        self._require_choice("dataset", ("fashion-mnist", "digits"))
+
+    @classmethod
+    def quick(cls) -> SubspaceConfig:
+        """The tests' size (seconds)."""
+        return cls(
+            num_samples=1000, width=50, steps=200, every=50, ablation_steps=150, ablation_refresh=30
+        )
 
 
 def _data(cfg: SubspaceConfig) -> tuple[Tensor, Tensor, type[nn.Module]]:
@@ -109,9 +113,7 @@ def _branch(
                 generator=torch.Generator().manual_seed(cfg.seed),
             )
             basis, matvecs = res.vectors.detach(), matvecs + res.num_matvecs
-        idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(m(x[idx]), y[idx]).backward()
+        minibatch_backward(m, opt, (x, y), cfg.batch_size, gen)
         if basis is not None:
             project_gradient_(list(m.parameters()), basis, keep=mode)
         opt.step()
@@ -158,9 +160,7 @@ def tiny_subspace(
     bases: list[Tensor] = []  # the top-k basis of every check, for the long-range persistence
     minibatch_overlap: list[float] = []  # of the gradient SGD steps along, at a fresh basis
     for step in progress(range(cfg.steps), cfg.steps, "tiny subspace: SGD", progress_bar):
-        idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        minibatch_backward(model, opt, (x, y), cfg.batch_size, gen)
         if step % cfg.every == 0 and monitor.basis is not None:
             bases.append(monitor.basis)
             grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]

@@ -11,6 +11,7 @@ from curvlab.errors import InvalidArgumentError
 from curvlab.estimators import eigsh, spectral_density
 from curvlab.phenomena.hessian_outliers import (
     HessianOutliersConfig,
+    _count_checks,
     count_outliers,
     hessian_outliers,
     slq_quantile,
@@ -65,15 +66,45 @@ def test_bad_detector_inputs():
         HessianOutliersConfig(losses=("hinge",))
 
 
+def test_grading_is_exact_per_count():
+    # one seed of two misses a count: that (loss, C) check fails, the grade is "partly" at best
+    cfg = HessianOutliersConfig(class_counts=(3, 5), losses=("mse", "ce"), seeds=2)
+    cases = [
+        {"loss": loss, "classes": c, "seed": s, "hessian": {"outliers": found}}
+        for loss, c, s, found in [
+            ("mse", 3, 0, 3),
+            ("mse", 3, 1, 3),
+            ("mse", 5, 0, 0),
+            ("mse", 5, 1, 5),
+            ("ce", 3, 0, 2),
+            ("ce", 3, 1, 2),
+            ("ce", 5, 0, 4),
+            ("ce", 5, 1, 3),
+        ]
+    ]
+    checks, text, differ = _count_checks(cases, cfg)
+    assert checks == {
+        "mse_C3_hessian_outliers_=_3_every_seed": True,
+        "mse_C5_hessian_outliers_=_5_every_seed": False,
+        "ce_C3_hessian_outliers_=_2_every_seed": True,
+        "ce_C5_hessian_outliers_=_4_every_seed": False,
+    }
+    assert text == "MSE C=3: 3,3; MSE C=5: 0,5; CE C=3: 2,2; CE C=5: 4,3"
+    assert differ == [
+        "MSE C=5 hessian [0, 5] vs 5 (varies with the seed)",
+        "CE C=5 hessian [4, 3] vs 4 (varies with the seed)",
+    ]
+
+
 def test_quick_run(tmp_path):
     res = hessian_outliers(HessianOutliersConfig.quick(), out_dir=tmp_path)
     n = res.numbers
-    case, wide = n["cases"][0], n["wide_case"]
+    (case,), (wide,) = n["cases"], n["wide_cases"]
     # measured: 3 classes (MSE) -> exactly 3 outliers, Hessian and GGN, at both widths
     assert case["hessian"]["outliers"] == case["ggn"]["outliers"] == 3
     assert wide["hessian"]["outliers"] == 3
     assert wide["hessian"]["num_params"] > case["hessian"]["num_params"]
     assert max(n["hessian_vs_ggn_top_rel_diff"].values()) < 0.1
-    assert res.reproduced is True
+    assert all(n["checks"].values()) and res.reproduced is True
     doc = json.loads(res.json_path.read_text())
     assert doc["phenomenon"] == "hessian-outliers" and res.figure.exists()

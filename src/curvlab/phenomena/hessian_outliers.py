@@ -69,20 +69,22 @@ class HessianOutliersConfig(PhenomenonConfig):
     per_class: int = 180
     width: int = 16
     wide_width: int = 48
-    losses: tuple[str, ...] = ("mse", "ce")
+    """Hidden width of the wider network run at the largest C (more parameters, same task)."""
     target_loss: float = 0.05
+    """Full-batch Adam (``lr``) stops when the training loss is below this, or at ``max_steps``."""
+    losses: tuple[str, ...] = ("mse", "ce")
     max_steps: int = 3000
     lr: float = 3e-3
+    seeds: int = 2
+    """Every case is run from the initialisations ``seed``, ``seed`` + 1, …, ``seed + seeds − 1``."""
+    seed: int = 0
     extra_ritz: int = 6
+    """Ritz values beyond C asked of :func:`curvlab.eigsh` (the gap needs the bulk's top too)."""
+    _unchecked: ClassVar[tuple[str, ...]] = ("class_counts", "bulk_quantile", "min_gap")
     num_probes: int = 4
     lanczos_steps: int = 60
     bulk_quantile: float = 0.99
     min_gap: float = 1.5
-    seeds: int = 2
-    """Every case is run from the initialisations ``seed``, ``seed`` + 1, …, ``seed + seeds − 1``."""
-    seed: int = 0
-
-    _unchecked: ClassVar[tuple[str, ...]] = ("class_counts", "bulk_quantile", "min_gap")
 
     def _check(self) -> None:
         if not self.class_counts or not all(2 <= c <= 10 for c in self.class_counts):

@@ -64,15 +64,17 @@ class ImbalancedCollapseConfig(PhenomenonConfig):
     mode, weight decay of the unused directions, contracts by 1 − ``lr``·``lambda_w`` per step.
     """
 
-    counts: tuple[int, ...] = (40, 20, 10, 5)
     width: int = 8
     depth: int = 3
     lambda_w: float = 1e-2
     lambda_h: float = 1e-2
+    """Weight decays λ_W of every W_l and λ_H of the features."""
+    init_std: float = 0.5
+    counts: tuple[int, ...] = (40, 20, 10, 5)
+    """n_k, the examples of each class (the balanced run has ⌊N/K⌋ in each)."""
     lr: float = 0.1
     max_steps: int = 60000
     grad_tol: float = 1e-10
-    init_std: float = 0.5
     safety: float = 100.0
     """Tolerances are ``safety`` times the first-order distance ‖g‖/μ to the minimiser."""
     seed: int = 0

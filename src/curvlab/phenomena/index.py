@@ -23,6 +23,8 @@ from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear
 from curvlab.phenomena.depth import DepthConfig, depth_sweep
 from curvlab.phenomena.eos import EoSConfig, edge_of_stability
 from curvlab.phenomena.gfs import GFSConfig, gfs_sharpness
+from curvlab.phenomena.hessian_outliers import HessianOutliersConfig, hessian_outliers
+from curvlab.phenomena.imbalanced_collapse import ImbalancedCollapseConfig, imbalanced_collapse
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 from curvlab.phenomena.mode_connectivity import ModeConnectivityConfig, mode_connectivity
 from curvlab.phenomena.mup import MuPConfig, mup_transfer
@@ -56,6 +58,8 @@ PHENOMENA: dict[str, tuple[Callable[..., PhenomenonResult], type[PhenomenonConfi
     "mode-connectivity": (mode_connectivity, ModeConnectivityConfig),
     "mup": (mup_transfer, MuPConfig),
     "depth": (depth_sweep, DepthConfig),
+    "hessian-outliers": (hessian_outliers, HessianOutliersConfig),
+    "imbalanced-collapse": (imbalanced_collapse, ImbalancedCollapseConfig),
     "sgd-stability": (sgd_stability, SGDStabilityConfig),
     "batch-size": (batch_size, BatchSizeConfig),
 }

@@ -39,12 +39,20 @@ import sys
 from curvlab.bench.runner import run_suite
 from curvlab.bench.suites import load_suite
 if __name__ == "__main__":
-    r = run_suite(load_suite(sys.argv[1]), sys.argv[2], workers=int(sys.argv[3]), progress=False)
+    r = run_suite(
+        load_suite(sys.argv[1]),
+        sys.argv[2],
+        workers=int(sys.argv[3]),
+        progress=False,
+        executor=sys.argv[4],
+    )
     print("RESULT", r.finished, r.diverged, r.failed)
 """
 
 
-def _start(tmp_path: Path, workers: int = 1) -> tuple[subprocess.Popen, Path, Path]:
+def _start(
+    tmp_path: Path, workers: int = 1, executor: str = "local"
+) -> tuple[subprocess.Popen, Path, Path]:
     suite = tmp_path / "crash.yaml"
     suite.write_text(SUITE)
     script = tmp_path / "runner.py"
@@ -52,7 +60,7 @@ def _start(tmp_path: Path, workers: int = 1) -> tuple[subprocess.Popen, Path, Pa
     store = tmp_path / "store.sqlite"
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(suite), str(store), str(workers)],
+        [sys.executable, str(script), str(suite), str(store), str(workers), executor],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -132,8 +140,11 @@ def _check_resume(suite: Path, store: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and process groups")
-def test_sigkill_of_the_runner_mid_run(tmp_path: Path) -> None:
-    proc, suite, store = _start(tmp_path)
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigkill_of_the_runner_mid_run(tmp_path: Path, executor: str) -> None:
+    if executor == "ray":
+        pytest.importorskip("ray")
+    proc, suite, store = _start(tmp_path, executor=executor)
     try:
         _wait_for(store, "SELECT COUNT(*) FROM runs WHERE status='finished'")
         _wait_for(

@@ -45,7 +45,7 @@ from curvlab.errors import ExecutorError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from curvlab.bench.monitoring import MonitorSpec
-    from curvlab.bench.runner import _Progress
+    from curvlab.bench.runner import Driver
     from curvlab.bench.store import Store
 
 __all__ = ["RAY_MISSING", "import_ray", "ray_session", "run_on_ray"]
@@ -189,17 +189,7 @@ def ray_task(
             return
 
 
-def run_on_ray(
-    ray: Any,
-    slots: int,
-    todo: Sequence[RunSpec],
-    store: Store,
-    owner: str,
-    prog: _Progress,
-    count: Callable[[Mapping[str, Any]], None],
-    say: Callable[[str], None],
-    monitors: Sequence[MonitorSpec] = (),
-) -> None:
+def run_on_ray(ray: Any, slots: int, todo: Sequence[RunSpec], store: Store, driver: Driver) -> None:
     """Run ``todo`` as Ray tasks, ``slots`` at a time, writing their records into ``store``.
 
     Args:
@@ -207,11 +197,10 @@ def run_on_ray(
         slots: runs in flight at once.
         todo: the runs to do, in order.
         store: the store; only this process writes it.
-        owner: the runner identity the runs are claimed for.
-        prog, count, say: progress display, outcome counter and note printer of
+        driver: the runner identity, monitors and reporting of
             :func:`curvlab.bench.runner.run_suite`.
-        monitors: the suite's monitors.
     """
+    owner, monitors, prog, count, say = driver
     task = ray.remote(num_cpus=1, max_retries=0)(ray_task)
     lost = ray.exceptions.RayError
     pending = list(reversed(todo))

@@ -56,7 +56,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -77,6 +77,7 @@ from curvlab.errors import InvalidArgumentError, UnknownNameError, UnknownOption
 
 __all__ = [
     "EXECUTORS",
+    "Driver",
     "HEARTBEAT_S",
     "RunRecorder",
     "SuiteResult",
@@ -160,18 +161,8 @@ class RunRecorder(MonitorWriter, Protocol):
     """Where a run's evaluations and monitor values go: a :class:`~curvlab.bench.store.Store`, or a
     stand-in that hands them to the process that writes the store (the Ray executor's workers)."""
 
-    def add_eval(
-        self,
-        run_id: str,
-        attempt: int,
-        step: int,
-        grad_evals: float,
-        hvp_evals: int,
-        seconds: float,
-        train_loss: float | None,
-        metrics: Mapping[str, float],
-    ) -> None:
-        """Record one evaluation of attempt ``attempt`` of ``run_id``."""
+    def add_eval(self, *args: Any, **kwargs: Any) -> None:
+        """Record one evaluation, as :meth:`Store.add_eval <curvlab.bench.store.Store.add_eval>`."""
 
 
 def run_attempt(
@@ -399,6 +390,18 @@ class SuiteResult:
         return asdict(self)
 
 
+class Driver(NamedTuple):
+    """What :func:`run_suite` hands an executor besides the runs: the runner identity the runs are
+    claimed for, the suite's monitors, the progress display, the outcome counter (``tally``) and
+    the note printer."""
+
+    owner: str
+    monitors: Sequence[MonitorSpec]
+    progress: _Progress
+    tally: Callable[[Mapping[str, Any]], None]
+    say: Callable[[str], None]
+
+
 class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.done, self.running = total, 0, 0
@@ -558,7 +561,9 @@ def run_suite(
         try:
             with _Heartbeat(path, owner):
                 if executor == "ray":
-                    run_on_ray(ray, slots, todo, store, owner, prog, count, say, suite.monitors)
+                    run_on_ray(
+                        ray, slots, todo, store, Driver(owner, suite.monitors, prog, count, say)
+                    )
                 elif n_workers == 0:
                     for i, spec in enumerate(todo):
                         prog.update(i, 1)

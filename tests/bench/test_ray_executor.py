@@ -205,3 +205,25 @@ def test_bad_executor_options(suite: Suite, tmp_path: Path) -> None:
     with pytest.raises(UnknownOptionError, match="executor must be one of local, ray"):
         run_suite(suite, path, executor="dask")
     assert not path.exists()
+
+
+def test_a_task_that_raises_fails_its_run_once_with_the_error(
+    cluster: Any, suite: Suite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import curvlab.bench.ray_executor as rx
+
+    def broken(spec_dict: dict[str, Any], attempt: int, monitors: Any) -> Iterator[Any]:
+        raise OSError("no such device")
+        yield  # a generator, as the real task
+
+    monkeypatch.setattr(rx, "ray_task", broken)
+    path = tmp_path / "store.sqlite"
+    res = run_suite(suite, path, executor="ray", progress=False, log=lambda m: None)
+    assert (res.total, res.failed) == (4, 4)
+    st = Store(path, readonly=True)
+    try:
+        runs = st.runs()
+        assert {r["attempt"] for r in runs} == {1}  # not retried: it raised, it was not lost
+        assert all("no such device" in r["error"] for r in runs)
+    finally:
+        st.close()

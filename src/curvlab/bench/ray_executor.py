@@ -16,7 +16,8 @@ promises hold as with the local pool:
 - resume: a rerun skips finished and diverged runs and restarts the others;
 - a ``kill -9`` of the driver loses at most the runs in flight (they stay ``running`` and the next
   invocation restarts them); a lost worker or node fails its task, and the driver restarts that
-  run once in a new attempt (twice lost: recorded ``failed``);
+  run once in a new attempt (twice lost: recorded ``failed``; a task that raised is recorded
+  ``failed`` with the error at once);
 - each run executes once (claims, and tasks are never retried by Ray itself);
 - step-clock records are bit-identical to the local executor's (same seeds, same code, one thread
   per task).
@@ -231,12 +232,17 @@ def run_on_ray(ray: Any, slots: int, todo: Sequence[RunSpec], store: Store, driv
                     kind, args = ray.get(next(gen))
                 except (lost, StopIteration) as exc:  # the worker or its node is gone
                     del inflight[gen]
-                    if spec.run_id not in retried:
+                    crashed = isinstance(exc, ray.exceptions.RayTaskError)  # not lost: raised
+                    if spec.run_id not in retried and not crashed:
                         retried.add(spec.run_id)
                         say(f"note: a Ray task was lost ({type(exc).__name__}); its run restarts")
                         pending.append(spec)
                         continue
-                    why = f"the Ray task was lost twice on this run ({type(exc).__name__})"
+                    why = (
+                        str(exc)[-2000:]
+                        if crashed
+                        else f"the Ray task was lost twice on this run ({type(exc).__name__})"
+                    )
                     store.finish_run(spec.run_id, attempt, "failed", {"error": why})
                     count({"status": "failed", "error": why})
                     done += 1

@@ -13,6 +13,8 @@ Printed, medians over the runs of each repeat, then the median over repeats:
 * ``wall/run``: median per-run wall seconds, local and Ray, and the ratio Ray / local;
 * ``train/run``: the same for the runs' seconds clock (training steps only), a control for the
   machine's load (the executors run identical training code);
+* ``wall - train``: median per-run wall seconds outside the training clock (evaluations, monitors,
+  store writes, and for Ray the dispatch and the records' way back), local and Ray;
 * ``suite``: the suite's wall seconds (``SuiteResult.seconds``; the local pool's includes starting
   its processes);
 * the load average before and after, and the environment.
@@ -64,6 +66,7 @@ def one(suite: Suite, executor: str, workers: int, out: Path) -> dict[str, Any]:
         "suite_s": res.seconds,
         "wall_med": statistics.median(wall),
         "train_med": statistics.median(train),
+        "rest_med": statistics.median(w - t for w, t in zip(wall, train)),
         "runs": len(wall),
     }
 
@@ -109,6 +112,7 @@ def main() -> None:
         "train_per_run_ratio": statistics.median(
             rep["ray"]["train_med"] / rep["local"]["train_med"] for rep in reps
         ),
+        "rest_per_run_s": {"local": med("local", "rest_med"), "ray": med("ray", "rest_med")},
         "suite_s": {"local": med("local", "suite_s"), "ray": med("ray", "suite_s")},
         "loadavg_before": load0,
         "loadavg_after": load1,
@@ -121,6 +125,8 @@ def main() -> None:
         f"wall/run median: local {doc['wall_per_run_s']['local']:.3f} s, "
         f"ray {doc['wall_per_run_s']['ray']:.3f} s, ratio {doc['wall_per_run_ratio']:.3f}\n"
         f"train/run ratio (load control) {doc['train_per_run_ratio']:.3f}\n"
+        f"wall - train per run median: local {doc['rest_per_run_s']['local']:.3f} s, "
+        f"ray {doc['rest_per_run_s']['ray']:.3f} s\n"
         f"suite wall: local {doc['suite_s']['local']:.1f} s, ray {doc['suite_s']['ray']:.1f} s\n"
         f"load average before {load0}, after {load1}"
     )

@@ -185,12 +185,13 @@ def test_cli_errors_are_one_line_exit_2(
     suite.write_text(SUITE)
     store = tmp_path / "store.sqlite"
     address = f"127.0.0.1:{_closed_port()}"
-    base = ["bench", "run", "--suite", str(suite), "--store", str(store), "--no-progress"]
-    for extra, fragment in (
-        (["--executor", "ray", "--address", address], f"cannot reach the Ray cluster at {address}"),
-        (["--address", address], "use it with executor='ray'"),
+    common = ["--suite", str(suite), "--store", str(store), "--no-progress"]
+    for command, extra, fragment in (
+        ("run", ["--executor", "ray", "--address", address], f"Ray cluster at {address}"),
+        ("calibrate", ["--executor", "ray", "--address", address], f"Ray cluster at {address}"),
+        ("run", ["--address", address], "use it with executor='ray'"),
     ):
-        assert main([*base, *extra]) == 2
+        assert main(["bench", command, *common, *extra]) == 2
         err = capsys.readouterr().err
         assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert not store.exists()

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The optional frameworks the integration tests exercise, and the documentation tools: torch held
 # at the pinned version by constraints.txt so that no dependency can replace it.
 $(EXTRAS): $(STAMP)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,lightning,transformers,tensorboard,docs]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,lightning,transformers,tensorboard,docs,ray]'
 	touch $(EXTRAS)
 
 install: $(STAMP)

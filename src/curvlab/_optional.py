@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["optional_attr"]
+__all__ = ["optional_attr", "optional_module"]
 
 
 def optional_attr(module: str, attr: str, why: str) -> Any:
@@ -22,7 +22,23 @@ def optional_attr(module: str, attr: str, why: str) -> Any:
     Raises:
         ImportError: the module cannot be imported (``why``, chained to the original error).
     """
+    return getattr(optional_module(module, why), attr)
+
+
+def optional_module(module: str, why: str) -> Any:
+    """The module ``module`` of an optional package; an ImportError saying ``why`` when it is missing.
+
+    Args:
+        module: the module to import (e.g. ``"ray"``).
+        why: the whole message: who needs the package and how to install it.
+
+    Returns:
+        The module.
+
+    Raises:
+        ImportError: the module cannot be imported (``why``, chained to the original error).
+    """
     try:
-        return getattr(importlib.import_module(module), attr)
+        return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(why) from exc

@@ -20,6 +20,7 @@ __all__ = [
     "DistributedError",
     "DoubleBackwardError",
     "EmptyDataError",
+    "ExecutorError",
     "ImportNotAllowedError",
     "IndefiniteSystemError",
     "InvalidArgumentError",
@@ -198,3 +199,7 @@ class CalibrationError(CurvlabError, RuntimeError):
 
 class WorkerError(CurvlabError, RuntimeError):
     """Benchmark worker processes keep dying before finishing a run; the message says why."""
+
+
+class ExecutorError(CurvlabError, RuntimeError):
+    """The benchmark's executor cannot run: its engine (Ray) is not installed or its cluster is unreachable."""

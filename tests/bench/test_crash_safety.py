@@ -6,6 +6,7 @@ a fixed sleep."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -39,12 +40,20 @@ import sys
 from curvlab.bench.runner import run_suite
 from curvlab.bench.suites import load_suite
 if __name__ == "__main__":
-    r = run_suite(load_suite(sys.argv[1]), sys.argv[2], workers=int(sys.argv[3]), progress=False)
+    r = run_suite(
+        load_suite(sys.argv[1]),
+        sys.argv[2],
+        workers=int(sys.argv[3]),
+        progress=False,
+        executor=sys.argv[4],
+    )
     print("RESULT", r.finished, r.diverged, r.failed)
 """
 
 
-def _start(tmp_path: Path, workers: int = 1) -> tuple[subprocess.Popen, Path, Path]:
+def _start(
+    tmp_path: Path, workers: int = 1, executor: str = "local"
+) -> tuple[subprocess.Popen, Path, Path]:
     suite = tmp_path / "crash.yaml"
     suite.write_text(SUITE)
     script = tmp_path / "runner.py"
@@ -52,7 +61,7 @@ def _start(tmp_path: Path, workers: int = 1) -> tuple[subprocess.Popen, Path, Pa
     store = tmp_path / "store.sqlite"
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(suite), str(store), str(workers)],
+        [sys.executable, str(script), str(suite), str(store), str(workers), executor],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -77,18 +86,26 @@ def _wait_for(store: Path, cond: str, timeout: float = 300.0) -> None:
 
 
 def _group_alive(pgid: int) -> list[int]:
+    """The live processes of the runner's session (its pool workers share its process group; Ray's
+    workers make groups of their own inside the session)."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 if (
-                    os.getpgid(int(d.name)) == pgid
+                    os.getsid(int(d.name)) == pgid
                     and "Z" not in (d / "stat").read_text().split()[2]
                 ):
                     pids.append(int(d.name))
             except (OSError, IndexError):
                 pass
     return pids
+
+
+def _kill_all(sid: int) -> None:
+    for pid in _group_alive(sid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _is_worker(pid: int, runner: int) -> bool:
@@ -116,6 +133,20 @@ def _assert_all_gone(pgid: int, timeout: float = 120.0) -> None:
     assert _group_alive(pgid) == [], "orphaned workers kept running"
 
 
+def _running_workers(runner: int, executor: str) -> list[int]:
+    """The runner's worker processes (local pool) or its Ray workers running a task (Ray)."""
+    mark = b"spawn_main" if executor == "local" else b"ray::ray_task"
+    out = []
+    for p in _group_alive(runner):
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if p != runner and mark in cmd and b"resource_tracker" not in cmd:
+            out.append(p)
+    return out
+
+
 def _check_resume(suite: Path, store: Path) -> None:
     st = Store(store)
     assert st.integrity_check() == "ok"
@@ -132,8 +163,11 @@ def _check_resume(suite: Path, store: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and process groups")
-def test_sigkill_of_the_runner_mid_run(tmp_path: Path) -> None:
-    proc, suite, store = _start(tmp_path)
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigkill_of_the_runner_mid_run(tmp_path: Path, executor: str) -> None:
+    if executor == "ray":
+        pytest.importorskip("ray")
+    proc, suite, store = _start(tmp_path, executor=executor)
     try:
         _wait_for(store, "SELECT COUNT(*) FROM runs WHERE status='finished'")
         _wait_for(
@@ -141,12 +175,12 @@ def test_sigkill_of_the_runner_mid_run(tmp_path: Path) -> None:
             "SELECT COUNT(*) FROM evals e JOIN runs r USING (run_id) WHERE r.status='running' AND "
             "e.step > 0",
         )
+        assert _running_workers(proc.pid, executor)  # the group holds them: checked below
         os.kill(proc.pid, signal.SIGKILL)  # the runner only: its workers are orphaned mid-run
         proc.wait(60)
         _assert_all_gone(proc.pid)
     finally:
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(proc.pid)
     with sqlite3.connect(store) as c:
         done_before = {
             r[0]: r[1]
@@ -161,29 +195,25 @@ def test_sigkill_of_the_runner_mid_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and process groups")
-def test_sigkill_of_a_worker_mid_run(tmp_path: Path) -> None:
-    proc, suite, store = _start(tmp_path)
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigkill_of_a_worker_mid_run(tmp_path: Path, executor: str) -> None:
+    if executor == "ray":
+        pytest.importorskip("ray")
+    proc, suite, store = _start(tmp_path, executor=executor)
     try:
         _wait_for(
             store,
             "SELECT COUNT(*) FROM evals e JOIN runs r USING (run_id) WHERE r.status='running' AND "
             "e.step > 0",
         )
-        workers = [
-            p
-            for p in _group_alive(proc.pid)
-            if p != proc.pid
-            and b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
-            and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
-        ]
+        workers = _running_workers(proc.pid, executor)
         assert workers
         os.kill(workers[0], signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
     finally:
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(proc.pid)
     assert proc.returncode == 0, err
-    assert "a worker process died" in err
+    assert ("a worker process died" if executor == "local" else "a Ray task was lost") in err
     assert "RESULT 4 0 0" in out
     _check_resume(suite, store)
 
@@ -207,5 +237,4 @@ def test_sigkill_of_the_runner_while_its_pool_starts(tmp_path: Path) -> None:
         proc.wait(60)
         _assert_all_gone(proc.pid)
     finally:
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(proc.pid)

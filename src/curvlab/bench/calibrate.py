@@ -119,6 +119,8 @@ def calibrate(
     workers: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> Calibration:
     """Run the reference on every problem of ``suite`` into ``store_path`` and set the targets.
 
@@ -132,7 +134,7 @@ def calibrate(
             ``j``); never fewer than the suite's trials.
         seeds: calibration seeds (studies), 1 to :data:`MAX_CALIBRATION_SEEDS`; odd numbers make
             the median one seed's value.
-        workers, progress, log: as :func:`curvlab.bench.runner.run_suite`.
+        workers, progress, log, executor, address: as :func:`curvlab.bench.runner.run_suite`.
 
     Returns:
         A :class:`Calibration` (write it with :func:`write_targets`).
@@ -160,7 +162,15 @@ def calibrate(
         raise InvalidArgumentError(f"seeds must be 1 to {MAX_CALIBRATION_SEEDS}, got {seeds}")
     ref = reference_suite(suite, n_trials, seeds)
     t0 = time.time()
-    result = run_suite(ref, store_path, workers=workers, progress=progress, log=log)
+    result = run_suite(
+        ref,
+        store_path,
+        workers=workers,
+        progress=progress,
+        log=log,
+        executor=executor,
+        address=address,
+    )
     infos = problem_infos(ref)
     specs = expand_runs(ref, infos)
     st = Store(store_path, readonly=True)

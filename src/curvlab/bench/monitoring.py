@@ -39,12 +39,11 @@ from torch import Tensor
 
 from curvlab.bench.optimizers import make_optimizer, resolve_optimizer
 from curvlab.bench.problems import closest, get_problem
-from curvlab.bench.sink import StoreSink
+from curvlab.bench.sink import MonitorWriter, StoreSink
 from curvlab.errors import CurvlabError, MonitorMismatchError, SuiteError, UnknownNameError
 
 if TYPE_CHECKING:
     from curvlab.bench.problems import Problem, ProblemInstance
-    from curvlab.bench.store import Store
     from curvlab.bench.suites import OptimizerEntry, RunSpec
     from curvlab.monitors import Monitor, MonitorHandle
 
@@ -305,7 +304,7 @@ class RunMonitors:
     Args:
         specs: the suite's monitors (those that apply to the run are attached).
         spec: the run. problem, inst: its problem and instance. optimizer: its optimizer.
-        store: where the numbers go (under ``spec.run_id``).
+        store: where the numbers go (under ``spec.run_id``): the store or a stand-in.
     """
 
     def __init__(
@@ -315,7 +314,7 @@ class RunMonitors:
         problem: Problem,
         inst: ProblemInstance,
         optimizer: torch.optim.Optimizer,
-        store: Store,
+        store: MonitorWriter,
     ) -> None:
         chosen = [m for m in specs if m.applies(spec.problem, spec.label)]
         self.handle: MonitorHandle | None = None

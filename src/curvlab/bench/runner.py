@@ -39,6 +39,7 @@ whatever the worker and the order.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import ctypes
 import json
 import math
@@ -55,7 +56,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -69,11 +70,22 @@ from curvlab.bench.optimizers import (
     resolve_optimizer,
 )
 from curvlab.bench.problems import get_problem
+from curvlab.bench.sink import MonitorWriter
 from curvlab.bench.store import DONE_STATUSES, Store, check_store_path, new_owner
 from curvlab.bench.suites import BUILTIN_OPTIMIZERS, RunSpec, Suite, expand_runs, problem_infos
-from curvlab.errors import InvalidArgumentError, UnknownNameError, WorkerError
+from curvlab.errors import InvalidArgumentError, UnknownNameError, UnknownOptionError, WorkerError
 
-__all__ = ["HEARTBEAT_S", "SuiteResult", "environment", "execute_run", "run_suite"]
+__all__ = [
+    "EXECUTORS",
+    "Driver",
+    "HEARTBEAT_S",
+    "RunRecorder",
+    "SuiteResult",
+    "environment",
+    "execute_run",
+    "run_attempt",
+    "run_suite",
+]
 
 #: Seconds between two heartbeats of a runner (far below the store's ``STALE_AFTER_S``).
 HEARTBEAT_S = 5.0
@@ -137,21 +149,43 @@ def execute_run(
         attempt = st.claim_run(spec.run_id, owner or new_owner(), environment())
         if attempt is None:
             return {"status": "taken"}
-        try:
-            status, summary = _train(spec, st, attempt, monitors)
-        except Exception as exc:  # recorded, the suite goes on
-            status = "failed"
-            summary = {
-                "error": "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
-            }
-        env = environment()
-        st.finish_run(
-            spec.run_id, attempt, status, summary, {"loadavg": env["loadavg"], "time": env["time"]}
-        )
+        status, summary, env_end = run_attempt(spec, st, attempt, monitors)
+        st.finish_run(spec.run_id, attempt, status, summary, env_end)
         return {"status": status, **summary}
     finally:
         if own:
             st.close()
+
+
+class RunRecorder(MonitorWriter, Protocol):
+    """Where a run's evaluations and monitor values go: a :class:`~curvlab.bench.store.Store`, or a
+    stand-in that hands them to the process that writes the store (the Ray executor's workers)."""
+
+    def add_eval(self, *args: Any, **kwargs: Any) -> None:
+        """Record one evaluation, as :meth:`Store.add_eval <curvlab.bench.store.Store.add_eval>`."""
+
+
+def run_attempt(
+    spec: RunSpec, st: RunRecorder, attempt: int, monitors: Sequence[MonitorSpec] = ()
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Train attempt ``attempt`` of the claimed run ``spec``, recording each evaluation into ``st``.
+
+    This is what every executor runs for one run (in-process, a pool worker, a Ray task); an
+    exception of the run is its outcome (``failed`` with the error), not the caller's.
+
+    Returns:
+        ``(status, summary, env_end)``: the arguments of
+        :meth:`~curvlab.bench.store.Store.finish_run` after ``run_id`` and ``attempt``.
+    """
+    try:
+        status, summary = _train(spec, st, attempt, monitors)
+    except Exception as exc:  # recorded, the suite goes on
+        status = "failed"
+        summary = {
+            "error": "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
+        }
+    env = environment()
+    return status, summary, {"loadavg": env["loadavg"], "time": env["time"]}
 
 
 def seed_everything(seed: int) -> None:
@@ -162,7 +196,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _train(
-    spec: RunSpec, st: Store, attempt: int, monitors: Sequence[MonitorSpec] = ()
+    spec: RunSpec, st: RunRecorder, attempt: int, monitors: Sequence[MonitorSpec] = ()
 ) -> tuple[str, dict[str, Any]]:
     seed_everything(spec.rng_seed)
     problem = get_problem(spec.problem)
@@ -356,6 +390,18 @@ class SuiteResult:
         return asdict(self)
 
 
+class Driver(NamedTuple):
+    """What :func:`run_suite` hands an executor besides the runs: the runner identity the runs are
+    claimed for, the suite's monitors, the progress display, the outcome counter (``tally``) and
+    the note printer."""
+
+    owner: str
+    monitors: Sequence[MonitorSpec]
+    progress: _Progress
+    tally: Callable[[Mapping[str, Any]], None]
+    say: Callable[[str], None]
+
+
 class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.done, self.running = total, 0, 0
@@ -429,6 +475,9 @@ def plan_runs(suite: Suite) -> list[RunSpec]:
     return expand_runs(suite, problem_infos(suite))
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_suite(
     suite: Suite,
     store_path: str | os.PathLike[str],
@@ -436,20 +485,29 @@ def run_suite(
     workers: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> SuiteResult:
     """Run every unfinished run of ``suite`` into the store at ``store_path``.
 
-    Before any run starts: the store path is checked (writable, not a newer schema), missing
-    optimizers of built-in entries are skipped with a note (unknown names of explicit entries
-    raise), and every problem's data is checked. Finished and diverged runs already in the store
-    are skipped; runs left ``running`` (a killed process) or ``failed`` are restarted.
+    Before any run starts, and before the store is created: the store path is checked (writable,
+    not a newer schema), missing optimizers of built-in entries are skipped with a note (unknown
+    names of explicit entries raise), every problem's data is checked, and the executor is started.
+    Finished and diverged runs already in the store are skipped; runs left ``running`` (a killed
+    process) or ``failed`` are restarted.
 
     Args:
         suite: a validated suite (:func:`curvlab.bench.suites.load_suite`).
         store_path: SQLite file (created).
-        workers: parallel processes (default ``os.cpu_count()``); 0 runs in this process.
+        workers: parallel processes (default ``os.cpu_count()``); 0 runs in this process. With
+            ``executor="ray"``: the runs in flight at once (default: the cluster's CPUs), and the
+            CPUs of a local Ray instance this call starts.
         progress: progress display on stderr (tqdm on a TTY, periodic lines otherwise).
         log: where notes go (default: stderr).
+        executor: ``"local"`` (a process pool on this machine) or ``"ray"`` (Ray tasks; this
+            process stays the only writer of the store, :mod:`curvlab.bench.ray_executor`).
+        address: with ``executor="ray"``, the cluster to join (``HOST:PORT`` of the head node,
+            ``auto`` or ``ray://HOST:PORT``); default: start a local Ray instance.
 
     Returns:
         A :class:`SuiteResult`.
@@ -457,20 +515,24 @@ def run_suite(
     Raises:
         StoreError, UnknownNameError, DataNotFoundError: before any run starts.
         MonitorMismatchError: a monitor of the suite cannot run on one of its problems.
-        InvalidArgumentError: a negative ``workers``.
+        InvalidArgumentError: a negative ``workers``, ``workers=0`` with Ray, or an ``address``
+            without Ray or not of the form ``HOST:PORT``.
+        UnknownOptionError: an ``executor`` other than ``"local"`` and ``"ray"``.
+        ExecutorError: Ray is not installed or the cluster at ``address`` cannot be reached.
     """
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    if workers is not None and (isinstance(workers, bool) or workers < 0):
-        raise InvalidArgumentError(
-            f"workers must be 0 (in this process) or a positive number of processes, got {workers}"
-        )
+    _check_executor(workers, executor, address)
     t0 = time.monotonic()
     path = check_store_path(store_path)
-    store = Store(path)
-    try:
-        suite, skipped = _usable_entries(suite, say)
-        specs = plan_runs(suite)
-        check_problem_fit(suite.monitors, suite.problems)
+    suite, skipped = _usable_entries(suite, say)
+    specs = plan_runs(suite)
+    check_problem_fit(suite.monitors, suite.problems)
+    with contextlib.ExitStack() as engine:
+        if executor == "ray":
+            from curvlab.bench.ray_executor import ray_session, run_on_ray
+
+            ray, slots = engine.enter_context(ray_session(address, workers))
+        store = engine.enter_context(contextlib.closing(Store(path)))
         suite_doc = json.loads(suite.to_json())
         suite_doc["skipped_optimizers"] = skipped
         store.register(
@@ -498,7 +560,11 @@ def run_suite(
 
         try:
             with _Heartbeat(path, owner):
-                if n_workers == 0:
+                if executor == "ray":
+                    run_on_ray(
+                        ray, slots, todo, store, Driver(owner, suite.monitors, prog, count, say)
+                    )
+                elif n_workers == 0:
                     for i, spec in enumerate(todo):
                         prog.update(i, 1)
                         count(
@@ -513,12 +579,32 @@ def run_suite(
             prog.close()
             # Runs this runner still holds (Ctrl-C, an error) go back to the queue.
             store.release(owner)
-    finally:
-        store.close()
     if result.taken:
         say(f"note: {result.taken} runs were done or in progress by another runner on this store")
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _check_executor(workers: int | None, executor: str, address: str | None) -> None:
+    if executor not in EXECUTORS:
+        raise UnknownOptionError(
+            f"executor must be one of {', '.join(EXECUTORS)} (the local process pool is the "
+            f"default), got {executor!r}"
+        )
+    if workers is not None and (isinstance(workers, bool) or workers < 0):
+        raise InvalidArgumentError(
+            f"workers must be 0 (in this process) or a positive number of processes, got {workers}"
+        )
+    if executor == "ray" and workers == 0:
+        raise InvalidArgumentError(
+            "workers=0 (in this process) and executor='ray' exclude each other; give a positive "
+            "number of runs in flight, or leave workers out to use the cluster's CPUs"
+        )
+    if address is not None and executor != "ray":
+        raise InvalidArgumentError(
+            f"address {address!r} is the address of a Ray cluster: use it with executor='ray' "
+            f"(--executor ray)"
+        )
 
 
 def _run_pool(

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Protocol
 
 from curvlab.bench.store import Store
 
-__all__ = ["StoreSink"]
+__all__ = ["MonitorWriter", "StoreSink"]
+
+
+class MonitorWriter(Protocol):
+    """What a :class:`StoreSink` writes into: a :class:`~curvlab.bench.Store` or a stand-in."""
+
+    def add_monitor_values(self, key: str, step: int, values: Mapping[str, float]) -> None:
+        """Record one monitor check (``name -> value`` at ``step``) under ``key``."""
 
 
 class StoreSink:
@@ -21,7 +29,9 @@ class StoreSink:
     values sit beside the benchmark's runs and are exported with them.
 
     Args:
-        store: a :class:`~curvlab.bench.Store` or the path of one (opened, created if needed).
+        store: a :class:`~curvlab.bench.Store` or the path of one (opened, created if needed), or
+            any :class:`MonitorWriter` (e.g. a Ray worker's stand-in that sends the values to the
+            driver).
         key: the run the values belong to (a benchmark ``run_id`` or any label).
         prefix: optional string prepended to every name.
 
@@ -35,9 +45,11 @@ class StoreSink:
         >>> sink.close()
     """
 
-    def __init__(self, store: Store | str | os.PathLike[str], key: str, prefix: str = "") -> None:
-        self._owned = not isinstance(store, Store)
-        self.store = store if isinstance(store, Store) else Store(store)
+    def __init__(
+        self, store: MonitorWriter | str | os.PathLike[str], key: str, prefix: str = ""
+    ) -> None:
+        self._owned = isinstance(store, (str, os.PathLike))
+        self.store: MonitorWriter = Store(store) if isinstance(store, (str, os.PathLike)) else store
         self.key = str(key)
         self.prefix = prefix
 
@@ -49,5 +61,5 @@ class StoreSink:
 
     def close(self) -> None:
         """Close the store if this sink opened it."""
-        if self._owned:
+        if isinstance(self.store, Store) and self._owned:
             self.store.close()

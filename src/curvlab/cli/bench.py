@@ -3,6 +3,7 @@
 Examples::
 
     curvlab bench run --suite quick --store out/store.sqlite     # rerun the same command to resume
+    curvlab bench run --suite quick --store out/store.sqlite --executor ray --address HEAD:6379
     curvlab bench report --store out/store.sqlite --out out/      # prints the path of
     out/report.html
     curvlab bench demo --out out/                                 # both, for the quick suite
@@ -32,10 +33,14 @@ def _run_suite(args: argparse.Namespace, store: str | Path) -> tuple[str, Any]:
     from curvlab.bench.suites import load_suite
 
     suite = load_suite(args.suite, allow_import=args.allow_import)
-    res = run_suite(
-        suite, store, workers=0 if args.in_process else args.workers, progress=not args.no_progress
-    )
+    res = run_suite(suite, store, progress=not args.no_progress, **_executor_options(args))
     return suite.name, res
+
+
+def _executor_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``workers``, ``executor`` and ``address`` of :func:`~curvlab.bench.runner.run_suite`."""
+    workers = 0 if args.in_process else args.workers
+    return {"workers": workers, "executor": args.executor, "address": args.address}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -91,9 +96,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         fraction=args.fraction,
         trials=args.trials,
         seeds=args.seeds,
-        workers=0 if args.in_process else args.workers,
         progress=not args.no_progress,
         log=lambda m: print(m, file=sys.stderr, flush=True),
+        **_executor_options(args),
     )
     print(write_targets(cal, targets_path(args.suite)))
     return 0
@@ -171,7 +176,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """The options ``run`` and ``demo`` share: workers, progress, permission to import code."""
+    """The options ``run``, ``demo`` and ``calibrate`` share: workers and executor, progress,
+    permission to import code."""
     parser.add_argument(
         "--workers",
         type=positive_int,
@@ -180,6 +186,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--in-process", action="store_true", help="run in this process, one run after another"
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool on this machine (default); ray: Ray tasks on a Ray cluster "
+        "(pip install curvlab[ray]), this process alone writing the store",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="with --executor ray: the cluster's head node, HOST:PORT (e.g. 10.0.0.1:6379) or "
+        "'auto' (default: start a local Ray instance with --workers CPUs)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
     parser.add_argument(

@@ -40,14 +40,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import ctypes
 import json
 import math
 import multiprocessing
 import os
 import platform
 import random
-import signal
 import sqlite3
 import sys
 import threading
@@ -61,6 +59,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from curvlab._workers import one_thread_worker
 from curvlab.bench.monitoring import MonitorSpec, RunMonitors, check_problem_fit
 from curvlab.bench.optimizers import (
     CostModel,
@@ -291,37 +290,10 @@ def _train(
 # the suite
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(runner_pid: int) -> None:
-    """Make this process die with the runner ``runner_pid``, whatever it is doing.
-
-    On Linux the kernel sends SIGKILL when the parent exits (``prctl(PR_SET_PDEATHSIG)``); on every
-    platform a daemon thread exits the process within a second of the parent being gone (the
-    check also covers a parent that died before the ``prctl``).
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != runner_pid:
-        os._exit(3)
-
-    def watch() -> None:
-        while os.getppid() == runner_pid:
-            time.sleep(1.0)
-        os._exit(3)  # orphaned: leave the run 'running' for the next invocation
-
-    threading.Thread(target=watch, name="curvlab-parent-watch", daemon=True).start()
-
-
 def _worker_init(runner_pid: int, owner: str) -> None:
     global _WORKER_OWNER
-    _die_with_parent(runner_pid)
-    # Ctrl-C in a terminal reaches the whole process group; the runner alone handles it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    one_thread_worker(runner_pid)
     _WORKER_OWNER = owner
-    torch.set_num_threads(1)
 
 
 _WORKER_OWNER: str | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from curvlab._workers import one_thread_worker
 from curvlab.datasets import fashion_mnist_available
 from curvlab.errors import InvalidArgumentError
 from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult
@@ -194,7 +195,12 @@ def run_all(
         results = [_one_thread_run(name, folder, quick, progress_bar) for name in todo]
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch threads
-        with cf.ProcessPoolExecutor(min(count, len(todo)), mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(
+            min(count, len(todo)),
+            mp_context=ctx,
+            initializer=one_thread_worker,  # a killed run leaves no worker behind
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = [pool.submit(_one_thread_run, n, folder, quick, False) for n in todo]
             results = [future.result() for future in futures]
     return results, write_index(results, out_dir)

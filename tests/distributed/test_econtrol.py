@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 import os
 
 import pytest
@@ -13,7 +14,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from curvlab.distributed import EControlState, econtrol_hook
 from curvlab.distributed._comm import SimulatedWorld, run_ranks
-from curvlab.errors import DistributedError, InvalidArgumentError, UnknownOptionError
+from curvlab.errors import (
+    DistributedError,
+    InvalidArgumentError,
+    StateDictError,
+    UnknownOptionError,
+)
 from tests.distributed._gloo import needs_gloo, run_two_ranks
 
 
@@ -48,13 +54,30 @@ def _grad(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return a.T @ (a @ x - b) / a.shape[0]
 
 
-def _simulated(world, steps, lr, **kw) -> list[torch.Tensor]:
+def _through_a_file(obj):
+    """``obj`` saved and loaded back, as a checkpoint read by a fresh process."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+def _simulated(world, steps, lr, resume_at=None, load=True, **kw) -> list[torch.Tensor]:
+    """Each rank's iterate; with ``resume_at``, the state is checkpointed there and reloaded
+    into a new EControlState (and the iterate through the same file); ``load=False`` skips
+    ``load_state_dict`` (the new state starts afresh)."""
     data, sim = _problem(world), SimulatedWorld(world)
 
     def worker(r: int) -> torch.Tensor:
         state = EControlState(process_group=sim.rank(r), **kw)
         x = torch.zeros(data[0][0].shape[1], dtype=torch.float64)
-        for _ in range(steps):
+        for t in range(steps):
+            if t == resume_at:
+                saved = _through_a_file({"x": x, "econtrol": state.state_dict()})
+                state = EControlState(process_group=sim.rank(r), **kw)
+                if load:
+                    state.load_state_dict(saved["econtrol"])
+                x = saved["x"]
             x = x - lr * econtrol_hook(state, _Bucket(_grad(*data[r], x))).value()
         return x
 
@@ -107,6 +130,85 @@ def test_simulated_workers_equal_the_papers_algorithm_bit_for_bit(compressor, wo
     ref = _reference(world, steps=8, lr=0.05, **kw)
     for x in got:
         assert torch.equal(x, ref)
+
+
+@pytest.mark.parametrize(
+    ("compressor", "resume_at"), [("topk", 5), ("sign", 5), ("randk", 5), ("randk", 1)]
+)
+def test_resume_from_state_dict_continues_bit_for_bit(compressor, resume_at):
+    kw = {"compressor": compressor, "ratio": 0.1, "eta": 0.3}
+    straight = _simulated(2, steps=10, lr=0.05, **kw)
+    resumed = _simulated(2, steps=10, lr=0.05, resume_at=resume_at, **kw)
+    for x, y in zip(straight, resumed):
+        assert torch.equal(x, y)
+    # the checkpoint matters: a new state without it (re-initialised) ends elsewhere
+    afresh = _simulated(2, steps=10, lr=0.05, resume_at=resume_at, load=False, **kw)
+    assert not torch.equal(straight[0], afresh[0])
+
+
+def _saved_state(**kw) -> dict:
+    """Rank 0's state_dict of a 2-rank topk run of 3 steps on 40 coordinates."""
+    sim, data = SimulatedWorld(2), _problem(2)
+
+    def worker(r: int) -> dict:
+        state = EControlState(process_group=sim.rank(r), **{"ratio": 0.1, **kw})
+        for _ in range(3):
+            econtrol_hook(state, _Bucket(_grad(*data[r], torch.zeros(40, dtype=torch.float64))))
+        return state.state_dict()
+
+    return run_ranks(sim, worker)[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "edit", "match"),
+    [
+        (
+            {"compressor": "sign", "eta": 0.1},
+            None,
+            "saved with compressor='topk' but this EControlState has "
+            "compressor='sign'; build the EControlState with the saved settings",
+        ),
+        (
+            {"ratio": 0.2, "eta": 0.1},
+            None,
+            "saved with ratio=0.1 but this EControlState has ratio=0.2",
+        ),
+        ({"eta": 0.5}, None, "saved with eta=0.1 but this EControlState has eta=0.5"),
+        ({"rank": 1}, None, "saved with rank=0 but this EControlState has rank=1"),
+        ({}, lambda sd: {"state": {}}, "expects the dict returned by EControlState.state_dict()"),
+        (
+            {},
+            lambda sd: {**sd, "buckets": {0: {"e": sd["buckets"][0]["e"]}}},
+            "bucket 0 of the state_dict lacks the buffers",
+        ),
+        (
+            {},
+            lambda sd: {**sd, "buckets": {0: {**sd["buckets"][0], "h": torch.zeros(7)}}},
+            r"bucket 0 has buffers of shapes .*'h': \(7,\).*another model or DDP bucketing",
+        ),
+    ],
+)
+def test_load_state_dict_bad_input(kwargs, edit, match):
+    saved = _saved_state()
+    if edit is not None:
+        saved = edit(saved)
+    sim = SimulatedWorld(2)
+    kwargs = {"ratio": 0.1, **kwargs}
+    state = EControlState(process_group=sim.rank(kwargs.pop("rank", 0)), **kwargs)
+    with pytest.raises(StateDictError, match=match):
+        state.load_state_dict(saved)
+
+
+def test_resumed_state_rejects_a_bucket_of_another_shape():
+    sim = SimulatedWorld(2)
+    state = EControlState(process_group=sim.rank(0), ratio=0.1)
+    state.load_state_dict(_saved_state())
+    with pytest.raises(
+        StateDictError,
+        match=r"gradient bucket 0 has shape \(30,\) but this "
+        r"EControlState holds buffers of shape \(40,\)",
+    ):
+        state.reduce(0, torch.zeros(30, dtype=torch.float64))
 
 
 def test_top_k_bytes_are_k_values_and_indices():

@@ -31,6 +31,7 @@ annotations with ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]`` 
 """
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,9 +40,13 @@ from torch import Tensor
 
 from curvlab.distributed._comm import resolve_comm
 from curvlab.distributed._compress import COMPRESSORS, compress, mean_of_compressed
-from curvlab.errors import InvalidArgumentError, UnknownOptionError
+from curvlab.errors import InvalidArgumentError, StateDictError, UnknownOptionError
 
 __all__ = ["EControlState", "econtrol_hook"]
+
+# settings a saved state must share with the state it is loaded into
+_SETTINGS = ("compressor", "ratio", "eta", "start_iter", "seed", "world", "rank")
+_BUFFERS = ("e", "h_local", "h")
 
 
 class EControlState:
@@ -61,6 +66,10 @@ class EControlState:
         start_iter: iterations before which every call re-initialises from a full all-reduce
             (at least 1; default 2 because DDP rebuilds its buckets after the first iteration).
         seed: seed of the ``"randk"`` coordinates (the same on every rank).
+
+    Checkpointing: :meth:`state_dict` holds the settings, the iteration count and each bucket's
+    buffers and random-k generator state; :meth:`load_state_dict` into a state built with the
+    same settings on the same rank continues bit for bit (each rank saves and loads its own).
 
     Raises:
         UnknownOptionError: an unknown compressor (the message lists the known ones).
@@ -108,6 +117,84 @@ class EControlState:
         self.iter = 0
         self.buckets: dict[int, dict[str, Any]] = {}
 
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "compressor": self.compressor,
+            "ratio": self.ratio,
+            "eta": self.eta,
+            "start_iter": self.start_iter,
+            "seed": self.seed,
+            "world": self.comm.world,
+            "rank": self.comm.rank,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: settings, iteration count, per-bucket buffers and generator states.
+
+        Returns:
+            ``{"compressor", "ratio", "eta", "start_iter", "seed", "world", "rank", "iter",
+            "buckets"}`` where ``buckets`` maps each DDP bucket index to its ``"e"``,
+            ``"h_local"``, ``"h"`` (references to the live buffers, as ``Optimizer.state_dict``:
+            save it before the next step) and ``"generator"`` (the random-k generator state).
+        """
+        return {
+            **self._settings(),
+            "iter": self.iter,
+            "buckets": {
+                i: {**{k: st[k] for k in _BUFFERS}, "generator": st["generator"].get_state()}
+                for i, st in self.buckets.items()
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` on the same rank (buffers are copied).
+
+        Raises:
+            StateDictError: not an EControlState state_dict, settings (compressor, ratio, eta,
+                start_iter, seed, world size, rank) that differ from this state's, or bucket
+                buffers whose shapes differ from each other or from this state's buckets.
+        """
+        keys = {*_SETTINGS, "iter", "buckets"}
+        if not isinstance(state_dict, Mapping) or not keys <= set(state_dict):
+            raise StateDictError(
+                "EControlState.load_state_dict expects the dict returned by "
+                f"EControlState.state_dict() (keys {sorted(keys)}), got "
+                f"{type(state_dict).__name__}"
+                + (
+                    f" with keys {sorted(map(str, state_dict))}"
+                    if isinstance(state_dict, Mapping)
+                    else ""
+                )
+            )
+        mine = self._settings()
+        differ = [k for k in _SETTINGS if state_dict[k] != mine[k]]
+        if differ:
+            saved = ", ".join(f"{k}={state_dict[k]!r}" for k in differ)
+            here = ", ".join(f"{k}={mine[k]!r}" for k in differ)
+            raise StateDictError(
+                f"the state_dict was saved with {saved} but this EControlState has {here}; "
+                "build the EControlState with the saved settings and load each rank's own state"
+            )
+        buckets = {}
+        for i, st in state_dict["buckets"].items():
+            if not isinstance(st, Mapping) or not {*_BUFFERS, "generator"} <= set(st):
+                raise StateDictError(
+                    f"bucket {i} of the state_dict lacks the buffers {list(_BUFFERS)} and "
+                    "'generator'; pass the dict returned by EControlState.state_dict()"
+                )
+            shapes = {k: tuple(st[k].shape) for k in _BUFFERS}
+            if i in self.buckets:
+                shapes["this state's"] = tuple(self.buckets[i]["e"].shape)
+            if len(set(shapes.values())) > 1:
+                raise StateDictError(
+                    f"bucket {i} has buffers of shapes {shapes}: the state_dict was saved with "
+                    "another model or DDP bucketing (bucket_cap_mb); resume with the same ones"
+                )
+            gen = torch.Generator().set_state(st["generator"])
+            buckets[i] = {**{k: st[k].clone() for k in _BUFFERS}, "generator": gen}
+        self.iter = int(state_dict["iter"])
+        self.buckets = buckets
+
     def reduce(self, index: int, grad: Tensor) -> Tensor:
         """One EControl round for gradient bucket ``index``: the new average estimate ``h``.
 
@@ -128,6 +215,13 @@ class EControlState:
             }
             return avg
         st = self.buckets[index]
+        if st["e"].shape != grad.shape:
+            raise StateDictError(
+                f"gradient bucket {index} has shape {tuple(grad.shape)} but this EControlState "
+                f"holds buffers of shape {tuple(st['e'].shape)} for it: a loaded state_dict came "
+                "from another model or DDP bucketing (bucket_cap_mb), or DDP rebuilt its buckets "
+                "after start_iter (keep start_iter >= 2)"
+            )
         e, h_local, h = st["e"], st["h_local"], st["h"]
         msg = compress(
             (e * self.eta).add_(grad).sub_(h_local), self.compressor, self.ratio, st["generator"]

@@ -173,3 +173,22 @@ def test_compiled_kernels_smoke(run, cls, kwargs):
     got, _ = run(cls, {"fused": True, **kwargs})
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_foreach_buckets_in_power_of_two_runs_and_keeps_row_order(eager):
+    # 21 rows: 19 float64 with two hyper-parameter values, 1 float32, 1 of size 1
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(3 + i, generator=g, dtype=torch.float64) for i in range(19)]
+    xs += [torch.randn(4, generator=g), torch.randn(1, generator=g, dtype=torch.float64)]
+    scales = [2.0 if i % 5 else 3.0 for i in range(len(xs))]
+    lengths = []
+
+    def kernel(ts, scale):
+        lengths.append(len(ts))
+        return [t.sum() * scale for t in ts]
+
+    got = fused_mod.fused_foreach(kernel, [((x,), (s,)) for x, s in zip(xs, scales)])
+    assert [float(v) for v in got] == [float(x.sum() * s) for x, s in zip(xs, scales)]
+    # float64 non-scalar rows: 15 with 2.0 (8+4+2+1), 4 with 3.0 (4); then 1 and 1
+    assert sorted(lengths) == sorted([8, 4, 2, 1, 4, 1, 1])
+    assert max(lengths) <= fused_mod.MAX_BUCKET

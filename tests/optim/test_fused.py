@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import curvlab.optim._fused as fused_mod
-from curvlab.errors import ParameterError
+from curvlab.errors import NonFiniteError, ParameterError
 from curvlab.optim import ADOPT, FRUGAL, AdaHessian, DoG, LDoG, Sophia
 
 
@@ -192,3 +192,56 @@ def test_fused_foreach_buckets_in_power_of_two_runs_and_keeps_row_order(eager):
     # float64 non-scalar rows: 15 with 2.0 (8+4+2+1), 4 with 3.0 (4); then 1 and 1
     assert sorted(lengths) == sorted([8, 4, 2, 1, 4, 1, 1])
     assert max(lengths) <= fused_mod.MAX_BUCKET
+
+
+def _fused_adopt_after(grads, policy):
+    """A float32 fused ADOPT after one finite step, then ``step()`` on ``grads``: (opt, params,
+    copies of params and state before that step)."""
+    params = [torch.nn.Parameter(torch.ones(g.shape)) for g in grads]
+    opt = ADOPT(params, lr=0.1, fused=True, on_nonfinite=policy)
+    for p in params:
+        p.grad = torch.full(p.shape, 0.5)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return opt, params, before, state
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "pair"])
+def test_fused_check_leaves_params_and_state_untouched(eager, policy, bad):
+    # 37 entries: a 16-stream head of 32 and a tail of 5; the bad entry in the head or the tail
+    for where in (3, 35):
+        g = torch.randn(37, generator=torch.Generator().manual_seed(5))
+        if bad == "pair":  # +inf and -inf in one sum: NaN, still caught
+            g[where], g[0] = float("inf"), -float("inf")
+        else:
+            g[where] = bad
+        opt, params, before, state = _fused_adopt_after([torch.randn(4), g], policy)
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match="parameter 1 of param group 0"):
+                opt.step()
+        else:
+            opt.step()
+            assert opt.param_groups[0]["nonfinite_skips"] == 1
+        for p, b, st in zip(params, before, state):
+            assert torch.equal(p, b)
+            for k, v in st.items():
+                assert torch.equal(opt.state[p][k], v)
+
+
+def test_fused_check_finite_overflow_still_steps(eager):
+    # finite entries whose float32 sum overflows to inf: the exact per-tensor check lets it pass
+    opt, params, before, _ = _fused_adopt_after([torch.full((40,), 3e38)], "raise")
+    opt.step()
+    assert not torch.equal(params[0], before[0])
+
+
+def test_fused_check_sees_nan_in_the_imaginary_part(eager):
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    opt = ADOPT([p], fused=True)
+    p.grad = torch.tensor([1, complex(0, float("nan")), 2], dtype=torch.complex64)
+    with pytest.raises(NonFiniteError, match="1 NaN"):
+        opt.step()

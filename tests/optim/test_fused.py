@@ -7,6 +7,7 @@ import torch
 import curvlab.optim._fused as fused_mod
 from curvlab.errors import NonFiniteError, ParameterError
 from curvlab.optim import ADOPT, FRUGAL, AdaHessian, DoG, LDoG, Sophia
+from curvlab.optim._validation import _gemv_sum
 
 
 @pytest.fixture
@@ -212,9 +213,9 @@ def _fused_adopt_after(grads, policy):
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "pair"])
 def test_fused_check_leaves_params_and_state_untouched(eager, policy, bad):
-    # 37 entries: a 16-stream head of 32 and a tail of 5; the bad entry in the head or the tail
-    for where in (3, 35):
-        g = torch.randn(37, generator=torch.Generator().manual_seed(5))
+    # 2085 entries: a matrix-vector head of 2 rows of 1024 and a tail of 37; bad in either part
+    for where in (3, 1500, 2080):
+        g = torch.randn(2085, generator=torch.Generator().manual_seed(5))
         if bad == "pair":  # +inf and -inf in one sum: NaN, still caught
             g[where], g[0] = float("inf"), -float("inf")
         else:
@@ -234,14 +235,24 @@ def test_fused_check_leaves_params_and_state_untouched(eager, policy, bad):
 
 def test_fused_check_finite_overflow_still_steps(eager):
     # finite entries whose float32 sum overflows to inf: the exact per-tensor check lets it pass
-    opt, params, before, _ = _fused_adopt_after([torch.full((40,), 3e38)], "raise")
+    opt, params, before, _ = _fused_adopt_after([torch.full((2100,), 3e38)], "raise")
     opt.step()
     assert not torch.equal(params[0], before[0])
 
 
 def test_fused_check_sees_nan_in_the_imaginary_part(eager):
-    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    p = torch.nn.Parameter(torch.zeros(1100, dtype=torch.complex64))
     opt = ADOPT([p], fused=True)
-    p.grad = torch.tensor([1, complex(0, float("nan")), 2], dtype=torch.complex64)
+    p.grad = torch.ones(1100, dtype=torch.complex64)
+    p.grad[700] = complex(0, float("nan"))
     with pytest.raises(NonFiniteError, match="1 NaN"):
         opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_fused_check_gemv_sum_equals_the_sum(dtype):
+    # float32/float64: rows of 1024 times ones plus a tail; float16 and non-contiguous: sums
+    g = torch.Generator().manual_seed(6)
+    grads = [torch.randn(3000, generator=g).to(dtype), torch.randn(7, 5, generator=g).to(dtype).t()]
+    want = sum(float(t.double().sum()) for t in grads)
+    assert float(_gemv_sum(grads)) == pytest.approx(want, rel=1e-5, abs=1e-3)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import curvlab.optim._fused as fused_mod
-from curvlab.errors import ParameterError
+from curvlab.errors import NonFiniteError, ParameterError
 from curvlab.optim import ADOPT, FRUGAL, AdaHessian, DoG, LDoG, Sophia
+from curvlab.optim._validation import _gemv_sum
 
 
 @pytest.fixture
@@ -173,3 +174,85 @@ def test_compiled_kernels_smoke(run, cls, kwargs):
     got, _ = run(cls, {"fused": True, **kwargs})
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_foreach_buckets_in_power_of_two_runs_and_keeps_row_order(eager):
+    # 21 rows: 19 float64 with two hyper-parameter values, 1 float32, 1 of size 1
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(3 + i, generator=g, dtype=torch.float64) for i in range(19)]
+    xs += [torch.randn(4, generator=g), torch.randn(1, generator=g, dtype=torch.float64)]
+    scales = [2.0 if i % 5 else 3.0 for i in range(len(xs))]
+    lengths = []
+
+    def kernel(ts, scale):
+        lengths.append(len(ts))
+        return [t.sum() * scale for t in ts]
+
+    got = fused_mod.fused_foreach(kernel, [((x,), (s,)) for x, s in zip(xs, scales)])
+    assert [float(v) for v in got] == [float(x.sum() * s) for x, s in zip(xs, scales)]
+    # float64 non-scalar rows: 15 with 2.0 (8+4+2+1), 4 with 3.0 (4); then 1 and 1
+    assert sorted(lengths) == sorted([8, 4, 2, 1, 4, 1, 1])
+    assert max(lengths) <= fused_mod.MAX_BUCKET
+
+
+def _fused_adopt_after(grads, policy):
+    """A float32 fused ADOPT after one finite step, then ``step()`` on ``grads``: (opt, params,
+    copies of params and state before that step)."""
+    params = [torch.nn.Parameter(torch.ones(g.shape)) for g in grads]
+    opt = ADOPT(params, lr=0.1, fused=True, on_nonfinite=policy)
+    for p in params:
+        p.grad = torch.full(p.shape, 0.5)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return opt, params, before, state
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "pair"])
+def test_fused_check_leaves_params_and_state_untouched(eager, policy, bad):
+    # 2085 entries: a matrix-vector head of 2 rows of 1024 and a tail of 37; bad in either part
+    for where in (3, 1500, 2080):
+        g = torch.randn(2085, generator=torch.Generator().manual_seed(5))
+        if bad == "pair":  # +inf and -inf in one sum: NaN, still caught
+            g[where], g[0] = float("inf"), -float("inf")
+        else:
+            g[where] = bad
+        opt, params, before, state = _fused_adopt_after([torch.randn(4), g], policy)
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match="parameter 1 of param group 0"):
+                opt.step()
+        else:
+            opt.step()
+            assert opt.param_groups[0]["nonfinite_skips"] == 1
+        for p, b, st in zip(params, before, state):
+            assert torch.equal(p, b)
+            for k, v in st.items():
+                assert torch.equal(opt.state[p][k], v)
+
+
+def test_fused_check_finite_overflow_still_steps(eager):
+    # finite entries whose float32 sum overflows to inf: the exact per-tensor check lets it pass
+    opt, params, before, _ = _fused_adopt_after([torch.full((2100,), 3e38)], "raise")
+    opt.step()
+    assert not torch.equal(params[0], before[0])
+
+
+def test_fused_check_sees_nan_in_the_imaginary_part(eager):
+    p = torch.nn.Parameter(torch.zeros(1100, dtype=torch.complex64))
+    opt = ADOPT([p], fused=True)
+    p.grad = torch.ones(1100, dtype=torch.complex64)
+    p.grad[700] = complex(0, float("nan"))
+    with pytest.raises(NonFiniteError, match="1 NaN"):
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_fused_check_gemv_sum_equals_the_sum(dtype):
+    # float32/float64: rows of 1024 times ones plus a tail; float16 and non-contiguous: sums
+    g = torch.Generator().manual_seed(6)
+    grads = [torch.randn(3000, generator=g).to(dtype), torch.randn(7, 5, generator=g).to(dtype).t()]
+    want = sum(float(t.double().sum()) for t in grads)
+    assert float(_gemv_sum(grads)) == pytest.approx(want, rel=1e-5, abs=1e-3)

@@ -1,14 +1,17 @@
 """Compiled element-wise kernels: the ``fused=True`` path of the element-wise optimizers.
 
-An optimizer's per-tensor update written as one Python function of whole tensors (a *kernel*,
-in-place on the state) is handed to ``torch.compile`` (inductor), which emits one loop over memory
-per tensor: each entry of the parameter, gradient and state is read and written once, as in
-torch's own ``AdamW(fused=True)``. The eager ``foreach`` paths make one pass per operation.
+An optimizer's update written as one Python function of lists of whole tensors (a *kernel*,
+in-place on the state, a loop over the tensors) is handed to ``torch.compile`` (inductor), which
+emits one loop over memory per tensor, all in one compiled call per bucket of a param group
+(:func:`fused_foreach`): each entry of the parameter, gradient and state is read and written once,
+as in torch's own ``AdamW(fused=True)``, which also takes a group's tensors in one call. The eager
+``foreach`` paths make one pass per operation.
 
 Cost, measured on a 2-core CPU (torch 2.13, inductor's C++ backend): the first ``fused`` step
 compiles, ~30 s with a cold inductor cache and ~10 s with a warm one (the cache lives on disk and
-is shared by processes), once per kernel, dtype and tensor rank per process (shapes are dynamic,
-hyper-parameters are passed as 0-d tensors: changing ``lr`` or the step does not recompile). Hence
+is shared by processes), once per kernel, dtypes, tensor ranks and bucket length per process
+(shapes are dynamic, hyper-parameters are passed as 0-d tensors: changing ``lr`` or the step does
+not recompile; bucket lengths are powers of two up to :data:`MAX_BUCKET`). Hence
 ``fused`` is never a default: it pays off for long runs of large models. Where ``torch.compile``
 has no backend (no C++ compiler on CPU, no Triton on CUDA) the first step raises torch's error.
 
@@ -18,7 +21,7 @@ tests use it to check every kernel against the single-tensor reference without p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,10 +29,23 @@ from torch import Tensor
 
 from curvlab.errors import ParameterError
 
-__all__ = ["EAGER", "accumulate_dtype", "flat", "fused_call", "validate_fused"]
+__all__ = [
+    "EAGER",
+    "MAX_BUCKET",
+    "accumulate_dtype",
+    "flat",
+    "fused_call",
+    "fused_foreach",
+    "validate_fused",
+]
 
 #: run the kernels without ``torch.compile`` (tests; same arithmetic, slower)
 EAGER = False
+
+#: the most tensors per compiled call; a bucket is cut into power-of-two lengths up to this, so a
+#: kernel compiles for at most log2(MAX_BUCKET) + 1 list lengths (torch.compile's recompile limit
+#: is 8 graphs per function)
+MAX_BUCKET = 16
 
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
 
@@ -61,6 +77,60 @@ def fused_call(kernel: Callable[..., Any], *args: Any) -> Any:
         compiled = torch.compile(kernel, dynamic=True, fullgraph=True)
         _COMPILED[kernel] = compiled
     return compiled(*args)
+
+
+def fused_foreach(
+    kernel: Callable[..., Any],
+    rows: Sequence[tuple[Sequence[Tensor], tuple[Any, ...]]],
+) -> list[Any]:
+    """Run a list kernel over ``rows`` with one compiled call per bucket of rows.
+
+    Each row is ``(tensors, scalars)``: one tensor of each list the kernel takes (parameter,
+    gradient, state, ...) and the row's hyper-parameters. Rows whose tensors agree in dtype,
+    device, rank after :func:`flat` and ``numel() <= 1`` (inductor specialises sizes 0 and 1), and
+    whose scalars are equal, share a bucket; a bucket is cut into runs of power-of-two length up
+    to :data:`MAX_BUCKET`, and each run is one call ``kernel(*lists, *scalars)`` on flat views.
+    The kernel returns ``None`` or one value per row of the run.
+
+    Returns:
+        The kernel's value for each row, in the order of ``rows`` (``None`` where it returned
+        nothing).
+
+    Example:
+        >>> import curvlab.optim._fused as F
+        >>> def scale_(xs, a):
+        ...     for x in xs:
+        ...         x.mul_(a)
+        >>> F.EAGER, old = True, F.EAGER
+        >>> x, y = torch.ones(2), torch.ones(3)
+        >>> fused_foreach(scale_, [((x,), (2.0,)), ((y,), (2.0,))])
+        [None, None]
+        >>> F.EAGER = old
+        >>> x.tolist(), y.tolist()
+        ([2.0, 2.0], [2.0, 2.0, 2.0])
+    """
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    views = [[flat(t) for t in tensors] for tensors, _ in rows]
+    for i, ((_, scalars), ts) in enumerate(zip(rows, views)):
+        sig = tuple((t.dtype, t.device, t.dim(), t.numel() <= 1) for t in ts)
+        buckets.setdefault((sig, scalars), []).append(i)
+    out: list[Any] = [None] * len(rows)
+    for (_, scalars), idx in buckets.items():
+        start = 0
+        while start < len(idx):
+            run = idx[start : start + _run_length(len(idx) - start)]
+            start += len(run)
+            lists = [list(col) for col in zip(*(views[i] for i in run))]
+            values = fused_call(kernel, *lists, *scalars)
+            if values is not None:
+                for i, v in zip(run, values):
+                    out[i] = v
+    return out
+
+
+def _run_length(n: int) -> int:
+    """The largest power of two ``<= min(n, MAX_BUCKET)``."""
+    return 1 << (min(n, MAX_BUCKET).bit_length() - 1)
 
 
 def flat(t: Tensor) -> Tensor:

@@ -62,7 +62,7 @@ from curvlab.optim._closure import (
     fed_step,
     resolve_estimator,
 )
-from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
+from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
     ProbeGeneratorState,
@@ -126,8 +126,8 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
         foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
             kernels, and cache-sized blocks through a small reusable scratch buffer for large
             CPU tensors; bit-equal to the single-tensor reference (``False``).
-        fused: run the update as one ``torch.compile``'d kernel per tensor (default ``None`` =
-            ``False``): one pass over memory; the first step compiles for ~10-30 s (see
+        fused: run the update as ``torch.compile``'d kernels, one call per bucket of tensors
+            (default ``None`` = ``False``): one pass over memory; the first step compiles for ~10-30 s (see
             :mod:`curvlab.optim._fused`). Equal to the reference within float round-off.
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``.
         seed: seed of a private CPU generator for the probes. ``None`` (default, and no
@@ -326,7 +326,7 @@ def adahessian(
             lists, one entry per parameter (the steps: float32 scalar tensors).
         foreach: ``False``: the single-tensor reference; ``None``/``True``: the multi-tensor path
             (bit-equal to the reference).
-        fused: ``True``: one compiled kernel per tensor (:func:`_fused_adahessian`; overrides
+        fused: ``True``: one compiled call per bucket of tensors (:func:`_fused_adahessian`; overrides
             ``foreach``).
         scratch: the object whose scratch buffers the multi-tensor path reuses across calls (the
             optimizer); ``None`` allocates them per call.
@@ -423,33 +423,37 @@ def _multi_tensor_adahessian(
 
 
 def _adahessian_kernel(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float, beta1: float, gsign: float,
-    power: float, scale: float, eps: float, decay: float, powered: bool,
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], step_size: float,
+    beta1: float, gsign: float, power: float, scale: float, eps: float, decay: float,
+    powered: bool,
 ) -> None:  # fmt: skip
-    """One AdaHessian update of one tensor, written for one pass (:mod:`._fused`).
+    """One AdaHessian update of each tensor, written for one pass (:mod:`._fused`).
 
     ``gsign`` is -1 under maximize, ``step_size`` ``lr / (1 - β1^t)``, ``scale`` the bias
     correction ``sqrt(1 - β2^n)^k``, ``decay`` the weight-decay factor ``1 - lr·wd``;
     ``powered``: ``k != 1`` (a bool: one graph without the element-wise ``pow`` for ``k = 1``).
     """
-    acc = accumulate_dtype(p)
-    m32 = m.to(acc) + (1 - beta1) * (g.to(acc) * gsign - m.to(acc))
-    root = v.to(acc).sqrt()
-    denom = (root.pow(power) if powered else root) / scale + eps
-    m.copy_(m32)
-    p.copy_(p.to(acc) * decay - step_size * (m32 / denom))
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        acc = accumulate_dtype(p)
+        m32 = m.to(acc) + (1 - beta1) * (g.to(acc) * gsign - m.to(acc))
+        root = v.to(acc).sqrt()
+        denom = (root.pow(power) if powered else root) / scale + eps
+        m.copy_(m32)
+        p.copy_(p.to(acc) * decay - step_size * (m32 / denom))
 
 
 def _fused_adahessian(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
-    """The AdaHessian update as one compiled kernel per tensor; equal to
-    :func:`_single_tensor_adahessian` within round-off."""
+    """The AdaHessian update as one compiled kernel per bucket of tensors
+    (:func:`._fused.fused_foreach`); equal to :func:`_single_tensor_adahessian` within round-off."""
     lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
     gsign = -1.0 if maximize else 1.0
+    torch._foreach_add_(list(tensors[4]), 1.0)
+    rows = []
     for param, grad, exp_avg, v, step_t, hstep_t in zip(*tensors):
-        step_t += 1
         step, n = float(step_t), float(hstep_t)
         bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
         rule = (lr / (1 - beta1**step), beta1, gsign, float(hessian_power))
         scale = math.sqrt(bias_correction2) ** hessian_power
-        fused_call(_adahessian_kernel, *map(flat, (param, grad, exp_avg, v)), *rule, scale, eps,
-                   1 - lr * weight_decay, hessian_power != 1)  # fmt: skip
+        extra = (scale, eps, 1 - lr * weight_decay, hessian_power != 1)
+        rows.append(((param, grad, exp_avg, v), rule + extra))
+    fused_foreach(_adahessian_kernel, rows)

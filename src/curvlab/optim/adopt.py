@@ -42,7 +42,7 @@ This file is the template of curvlab's optimizer layout (see :mod:`curvlab.optim
 validates and creates state (``_init_group``), ``step`` holds no math and calls the functional
 :func:`adopt`, which dispatches to :func:`_single_tensor_adopt` (the reference, the rule as in the
 paper), :func:`_multi_tensor_adopt` (the foreach fast path, equal to it) or
-:func:`_fused_adopt` (one compiled kernel per tensor, equal to it).
+:func:`_fused_adopt` (one compiled kernel per bucket of tensors, equal to it).
 
 Paper: Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa, Matsuo,
 "ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate", NeurIPS 2024,
@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
+from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
 from curvlab.optim._scratch import (
     block_ranges,
     bucket_rows,
@@ -119,9 +119,10 @@ class ADOPT(Optimizer):
         maximize: maximise the objective instead.
         foreach: use the multi-tensor path (default ``None`` = ``True``; it is faster on CPU as
             well).
-        fused: run one ``torch.compile``'d kernel per tensor (default ``None`` = ``False``): one
-            pass over memory, as fast as torch's ``AdamW(fused=True)``, but the first step
-            compiles for ~10-30 s (see :mod:`curvlab.optim._fused`).
+        fused: run ``torch.compile``'d kernels, one call per bucket of a group's tensors (default
+            ``None`` = ``False``): one pass over memory (plus the non-finite check's pass over the
+            gradients), but the first step compiles for ~10-30 s (see
+            :mod:`curvlab.optim._fused`).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``; see
             :mod:`curvlab.optim._validation`.
 
@@ -378,49 +379,53 @@ def _multi_tensor_adopt(
 
 
 def _adopt_kernel(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: float, beta1: float, beta2: float,
-    eps: float, clip: float, gsign: float, l2: float, decay: float,
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], lr: float,
+    beta1: float, beta2: float, eps: float, clip: float, gsign: float, l2: float, decay: float,
 ) -> None:  # fmt: skip
-    """One ADOPT update of one tensor (after its initialisation step), written for one pass.
+    """One ADOPT update of each tensor (after its initialisation step), written for one pass.
 
     ``gsign`` is -1 under maximize, ``l2`` the coupled weight decay (0 when decoupled), ``decay``
     the decoupled shrink factor (1 when coupled), ``clip`` c(t) (``inf`` without clipping).
     """
-    acc = accumulate_dtype(p)
-    g32 = g.to(acc) * gsign + p.to(acc) * l2
-    p32 = p.to(acc) * decay
-    normed = torch.clamp(g32 / v.to(acc).sqrt().clamp_min(eps), -clip, clip)
-    m32 = m.to(acc) + (1 - beta1) * (normed - m.to(acc))
-    m.copy_(m32)
-    p.copy_(p32 - lr * m32)
-    v.copy_(v.to(acc) * beta2 + (1 - beta2) * g32 * g32)
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        acc = accumulate_dtype(p)
+        g32 = g.to(acc) * gsign + p.to(acc) * l2
+        p32 = p.to(acc) * decay
+        normed = torch.clamp(g32 / v.to(acc).sqrt().clamp_min(eps), -clip, clip)
+        m32 = m.to(acc) + (1 - beta1) * (normed - m.to(acc))
+        m.copy_(m32)
+        p.copy_(p32 - lr * m32)
+        v.copy_(v.to(acc) * beta2 + (1 - beta2) * g32 * g32)
 
 
 def _fused_adopt(*lists: list[Tensor], **hyper: Unpack[ADOPTHyper]) -> None:
-    """The ADOPT rule as one compiled kernel per tensor (:mod:`._fused`); equal to
-    :func:`_single_tensor_adopt`. Tensors at their initialisation step take the foreach path.
+    """The ADOPT rule as one compiled kernel per bucket of tensors (:func:`._fused.fused_foreach`);
+    equal to :func:`_single_tensor_adopt`. Tensors at their initialisation step take the foreach
+    path.
     """
     lr, (beta1, beta2), eps = float(hyper["lr"]), hyper["betas"], hyper["eps"]
     weight_decay, decouple, kappa = hyper["weight_decay"], hyper["decouple"], hyper["clip_exponent"]
-    init = [i for i, t in enumerate(lists[4]) if float(t) == 0]
+    steps = [float(t) for t in lists[4]]
+    init = [i for i, step in enumerate(steps) if step == 0]
     if init:
         _multi_tensor_adopt(*([lst[i] for i in init] for lst in lists), **hyper)
     skip = set(init)
     gsign = -1.0 if hyper["maximize"] else 1.0
     l2 = 0.0 if decouple else float(weight_decay)
     decay = 1 - lr * weight_decay if decouple else 1.0
-    for i, (param, grad, exp_avg, exp_avg_sq, step_t) in enumerate(zip(*lists)):
+    rows = []
+    for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(*lists[:4])):
         if i in skip:
             continue
         tensors = [param, grad, exp_avg, exp_avg_sq]
         if torch.is_complex(param):
             tensors = [torch.view_as_real(t) for t in tensors]
-        step = float(step_t)
-        clip = float("inf") if kappa is None else step**kappa
-        fused_call(
-            _adopt_kernel, *map(flat, tensors), lr, beta1, beta2, eps, clip, gsign, l2, decay
-        )
-        step_t += 1
+        clip = float("inf") if kappa is None else steps[i] ** kappa
+        rows.append((tensors, (lr, beta1, beta2, eps, clip, gsign, l2, decay)))
+    fused_foreach(_adopt_kernel, rows)
+    done = [t for i, t in enumerate(lists[4]) if i not in skip]
+    if done:
+        torch._foreach_add_(done, 1.0)
 
 
 def _blocked_adopt(

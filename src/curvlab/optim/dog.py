@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
+from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
 from curvlab.optim._scratch import block_ranges, workspace_rows
 from curvlab.optim._validation import (
     check_finite_grads,
@@ -111,8 +111,8 @@ class DoG(Optimizer):
         eps: added once to G at the first step (default 1e-8).
         init_eta: if given, the first step size η_0 (then r̄_0 = 0 and ``reps_rel`` is ignored).
         foreach: use the multi-tensor path (default ``None`` = ``True``).
-        fused: take ‖x − x0‖ with one ``torch.compile``'d reduction per tensor (default ``None`` =
-            ``False``; the first step compiles for ~10-30 s, see :mod:`curvlab.optim._fused`).
+        fused: take ‖x − x0‖ with ``torch.compile``'d reductions, one call per bucket of
+            tensors (default ``None`` = ``False``; the first step compiles for ~10-30 s, see :mod:`curvlab.optim._fused`).
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` (the only policy with no
             device-to-host synchronisation at all); see :mod:`curvlab.optim._validation`.
 
@@ -335,7 +335,7 @@ def dog(
     already computed (used when ``weight_decay == 0``). ``foreach`` (default ``None`` = ``True``)
     selects :func:`_multi_tensor_dog`, else :func:`_single_tensor_dog`. ``scratch``: the owner of
     reusable buffers (:mod:`._scratch`) for the fast path. ``fused=True``: the fast path with
-    ‖x − x0‖ from one compiled reduction per tensor (:mod:`._fused`). ``hyper``: see :class:`DoGHyper`.
+    ‖x − x0‖ from one compiled call per bucket of tensors (:mod:`._fused`). ``hyper``: see :class:`DoGHyper`.
     """
     lists = (params, grads, x0s, iterates, rbars, Gs, state_steps)
     if foreach is False and not fused:
@@ -451,13 +451,13 @@ def _distances(
 ) -> list[Tensor]:
     """‖x - x0‖ per tensor, without a full-size temporary for large tensors.
 
-    ``fused``: one compiled reduction per tensor (:func:`_distance_kernel`). Else small tensors of
+    ``fused``: one compiled call per bucket of tensors (:func:`_distance_kernel`). Else small tensors of
     one dtype (< 65536 elements) take two multi-tensor calls (fewer Python calls) and large
     contiguous CPU tensors one cache-sized block of ``x - x0`` at a time in the reusable scratch
     buffer of ``scratch`` (a fresh full-size ``x - x0`` costs page faults and a pass over memory).
     """
     if fused:
-        return [fused_call(_distance_kernel, flat(x), flat(x0), dtype) for x, x0 in zip(xs, x0s)]
+        return fused_foreach(_distance_kernel, [((x, x0), (dtype,)) for x, x0 in zip(xs, x0s)])
     out: list[Tensor | None] = [None] * len(xs)
     small = [
         i
@@ -486,10 +486,13 @@ def _distances(
     return out  # type: ignore[return-value]
 
 
-def _distance_kernel(x: Tensor, x0: Tensor, dtype: torch.dtype) -> Tensor:
-    """‖x − x0‖ in ``dtype``, written for one compiled pass (no temporary)."""
-    acc = accumulate_dtype(x)
-    return torch.linalg.vector_norm(x.to(acc) - x0.to(acc)).to(dtype)
+def _distance_kernel(xs: list[Tensor], x0s: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """‖x − x0‖ in ``dtype`` of each pair, written for one compiled pass (no temporary)."""
+    out = []
+    for x, x0 in zip(xs, x0s):
+        acc = accumulate_dtype(x)
+        out.append(torch.linalg.vector_norm(x.to(acc) - x0.to(acc)).to(dtype))
+    return out
 
 
 class PolynomialDecayAverager:

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
-from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
+from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
     add_param_group_checked,
@@ -138,10 +138,11 @@ class FRUGAL(Optimizer):
         foreach: use the ``torch._foreach_*`` path (default ``None``: on CPU, tensors of at least
             2**18 entries take the loop through one reusable scratch buffer, the others the
             foreach kernels); bitwise equal to the loop.
-        fused: run the AdamW part and the whole state-free tensors as one ``torch.compile``'d
-            kernel per tensor, weight decay included (default ``None`` = ``False``; the first step
-            compiles for ~10-30 s, see :mod:`curvlab.optim._fused`); equal to the loop within
-            float round-off. Column/row projections keep the loop for the gather/scatter.
+        fused: run the AdamW part and the whole state-free tensors as ``torch.compile``'d
+            kernels, one call per bucket of tensors, weight decay included (default ``None`` =
+            ``False``; the first step compiles for ~10-30 s, see :mod:`curvlab.optim._fused`);
+            equal to the loop within float round-off. Column/row projections keep the loop for the
+            gather/scatter.
         on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"``, see ``curvlab.optim._validation``.
 
     State (per parameter with a gradient): ``"step"`` (float32 scalar, completed steps); for the
@@ -409,7 +410,7 @@ def _fused_frugal(
     *lists: list[Any], since: int, scratch: object | None, **hyper: Unpack[FRUGALHyper]
 ) -> None:
     """The FRUGAL rule with compiled kernels (:mod:`._fused`): whole-tensor AdamW entries and
-    whole state-free tensors take one kernel each (weight decay folded in), the column/row
+    whole state-free tensors take one kernel call per bucket (weight decay folded in), the column/row
     projections the loop of :func:`_single_tensor_frugal` with a compiled AdamW on the gathered
     part. Equal to :func:`_single_tensor_frugal` within round-off."""
     _frugal_update(*lists, since=since, scratch=scratch, big=lambda t: True, fused=True, **hyper)
@@ -495,8 +496,7 @@ def _frugal_update(
         return
     if fused:
         sign = rule == "sign_sgd"
-        for p, g in free:
-            fused_call(_free_kernel, flat(p), flat(g), decay, lr_free, sign)
+        fused_foreach(_free_kernel, [((p, g), (decay, lr_free, sign)) for p, g in free])
         return
     small_free = [(p, g) for p, g in free if not big(g)]
     if small_free:
@@ -518,33 +518,40 @@ def _free_direction(g: Tensor, rule: str, ws: Callable[[Tensor], Tensor]) -> Ten
 def _fused_adam(
     entries: list[_AdamEntry], beta1: float, beta2: float, eps: float, decay: float
 ) -> None:
-    """:func:`_adam_update` as one compiled kernel per entry, ``target`` first scaled by
-    ``decay`` (the folded weight decay; 1 for gathered column/row targets)."""
-    for target, g, m, v, step_size, bc2_sqrt in entries:
-        tensors = map(flat, (target, g, m, v))
-        fused_call(_adam_kernel, *tensors, step_size, bc2_sqrt, beta1, beta2, eps, decay)
+    """:func:`_adam_update` as one compiled call per bucket of entries
+    (:func:`._fused.fused_foreach`), ``target`` first scaled by ``decay`` (the folded weight decay;
+    1 for gathered column/row targets)."""
+    rows = [
+        ((target, g, m, v), (step_size, bc2_sqrt, beta1, beta2, eps, decay))
+        for target, g, m, v, step_size, bc2_sqrt in entries
+    ]
+    fused_foreach(_adam_kernel, rows)
 
 
 def _adam_kernel(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float, bc2_sqrt: float, beta1: float,
-    beta2: float, eps: float, decay: float,
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], step_size: float,
+    bc2_sqrt: float, beta1: float, beta2: float, eps: float, decay: float,
 ) -> None:  # fmt: skip
-    """One AdamW update of :func:`_adam_update` on one tensor, written for one pass."""
-    acc = accumulate_dtype(p)
-    g32 = g.to(acc)
-    m32 = m.to(acc) + (1.0 - beta1) * (g32 - m.to(acc))
-    v32 = v.to(acc) * beta2 + (1.0 - beta2) * g32 * g32
-    m.copy_(m32)
-    v.copy_(v32)
-    p.copy_(p.to(acc) * decay - step_size * (m32 / (v32.sqrt() / bc2_sqrt + eps)))
+    """One AdamW update of :func:`_adam_update` on each tensor, written for one pass."""
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        acc = accumulate_dtype(p)
+        g32 = g.to(acc)
+        m32 = m.to(acc) + (1.0 - beta1) * (g32 - m.to(acc))
+        v32 = v.to(acc) * beta2 + (1.0 - beta2) * g32 * g32
+        m.copy_(m32)
+        v.copy_(v32)
+        p.copy_(p.to(acc) * decay - step_size * (m32 / (v32.sqrt() / bc2_sqrt + eps)))
 
 
-def _free_kernel(p: Tensor, g: Tensor, decay: float, lr_free: float, sign: bool) -> None:
-    """The state-free update of one tensor in one pass: ``p ← p·decay − lr_free·d`` with
+def _free_kernel(
+    ps: list[Tensor], gs: list[Tensor], decay: float, lr_free: float, sign: bool
+) -> None:
+    """The state-free update of each tensor in one pass: ``p ← p·decay − lr_free·d`` with
     ``d = sign(g)`` (``sign``) or ``g``; one compiled graph per value of ``sign``."""
-    acc = accumulate_dtype(p)
-    d = torch.sign(g.to(acc)) if sign else g.to(acc)
-    p.copy_(p.to(acc) * decay - lr_free * d)
+    for p, g in zip(ps, gs):
+        acc = accumulate_dtype(p)
+        d = torch.sign(g.to(acc)) if sign else g.to(acc)
+        p.copy_(p.to(acc) * decay - lr_free * d)
 
 
 def _adam_update(

@@ -80,7 +80,7 @@ from curvlab.optim._closure import (
     fed_step,
     resolve_estimator,
 )
-from curvlab.optim._fused import accumulate_dtype, flat, fused_call, validate_fused
+from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
     ProbeGeneratorState,
@@ -180,8 +180,8 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
         foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
             kernels, and cache-sized blocks through a small reusable scratch buffer for large
             CPU tensors; bit-equal to the single-tensor reference (``False``).
-        fused: run the update as one ``torch.compile``'d kernel per tensor (default ``None`` =
-            ``False``): one pass over memory; the first step compiles for ~10-30 s (see
+        fused: run the update as ``torch.compile``'d kernels, one call per bucket of tensors
+            (default ``None`` = ``False``): one pass over memory; the first step compiles for ~10-30 s (see
             :mod:`curvlab.optim._fused`). Equal to the reference within float round-off.
         on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` for NaN/inf gradients or
             curvature estimates; see :mod:`curvlab.optim._validation`.
@@ -486,7 +486,7 @@ def sophia(
             parameter (``state_steps``: float32 scalar tensors of completed steps).
         foreach: ``False``: the single-tensor reference; ``None``/``True``: the multi-tensor path
             (bit-equal to the reference).
-        fused: ``True``: one compiled kernel per tensor (:func:`_fused_sophia`; overrides
+        fused: ``True``: one compiled call per bucket of tensors (:func:`_fused_sophia`; overrides
             ``foreach``).
         scratch: the object whose scratch buffers the multi-tensor path reuses across calls (the
             optimizer); ``None`` allocates them per call.
@@ -585,28 +585,27 @@ def _multi_tensor_sophia(
 
 
 def _sophia_kernel(
-    p: Tensor, g: Tensor, m: Tensor, h: Tensor, lr: float, beta1: float, rho: float, eps: float,
-    gsign: float, decay: float, h_min: float,
+    ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], hs: list[Tensor], lr: float,
+    beta1: float, rho: float, eps: float, gsign: float, decay: float, h_min: float,
 ) -> None:  # fmt: skip
-    """One Sophia update of one tensor, written for one pass (:mod:`._fused`).
+    """One Sophia update of each tensor, written for one pass (:mod:`._fused`).
 
     ``gsign`` is -1 under maximize, ``decay`` the weight-decay factor ``1 - lr·wd``, ``h_min`` 0
     when the curvature is clamped (``-inf`` otherwise).
     """
-    acc = accumulate_dtype(p)
-    m32 = m.to(acc) + (1 - beta1) * (g.to(acc) * gsign - m.to(acc))
-    ratio = torch.clamp(m32 / (h.to(acc).clamp_min(h_min) * rho + eps), -1.0, 1.0)
-    m.copy_(m32)
-    p.copy_(p.to(acc) * decay - lr * ratio)
+    for p, g, m, h in zip(ps, gs, ms, hs):
+        acc = accumulate_dtype(p)
+        m32 = m.to(acc) + (1 - beta1) * (g.to(acc) * gsign - m.to(acc))
+        ratio = torch.clamp(m32 / (h.to(acc).clamp_min(h_min) * rho + eps), -1.0, 1.0)
+        m.copy_(m32)
+        p.copy_(p.to(acc) * decay - lr * ratio)
 
 
 def _fused_sophia(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
-    """The Sophia update as one compiled kernel per tensor; equal to :func:`_single_tensor_sophia`
-    within round-off."""
+    """The Sophia update as one compiled kernel per bucket of tensors
+    (:func:`._fused.fused_foreach`); equal to :func:`_single_tensor_sophia` within round-off."""
     lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
     gsign, h_min = (-1.0 if maximize else 1.0), (0.0 if clamp_hessian else -math.inf)
-    for param, grad, exp_avg, hess, _ in zip(*tensors):
-        tensors_ = map(flat, (param, grad, exp_avg, hess))
-        fused_call(_sophia_kernel, *tensors_, lr, beta1, rho, eps, gsign, 1 - lr * weight_decay,
-                   h_min)  # fmt: skip
+    rule = (lr, beta1, rho, eps, gsign, 1 - lr * weight_decay, h_min)
+    fused_foreach(_sophia_kernel, [(row, rule) for row in zip(*tensors[:4])])
     torch._foreach_add_(list(tensors[4]), 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -389,3 +390,10 @@ def test_calibrated_targets_load_and_are_checked(tmp_path: Path) -> None:
         SuiteError, match=r"calibrated on the metric 'loss' but the problem's target"
     ):
         load_suite(_calibrated(tmp_path, metric="loss"))
+
+
+def test_standard_suite_ships_calibrated_targets() -> None:
+    # `curvlab bench calibrate --suite standard` wrote them (tuned AdamW, 3 calibration seeds)
+    s = load_suite("standard")
+    assert set(s.targets) == set(s.problems) and len(s.problems) == 7
+    assert all(math.isfinite(float(t)) for t in s.targets.values())

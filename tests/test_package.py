@@ -14,7 +14,7 @@ import curvlab
 
 ROOT = Path(__file__).resolve().parents[1]
 APPLICATIONS = ("curvlab.bench", "curvlab.phenomena", "curvlab.monitors", "curvlab.cli")
-HEAVY = ("sqlite3", "matplotlib", "sklearn", "yaml", "multiprocessing")
+HEAVY = ("sqlite3", "matplotlib", "sklearn", "yaml", "multiprocessing", "scipy")
 
 
 def _modules_after(statement: str) -> dict[str, list[str]]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.linalg.lapack import dsyevd
 from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError, ShapeMismatchError
@@ -169,10 +170,19 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor]
     return w, torch.stack([alpha, torch.linalg.vector_norm(w)])
 
 
+@functools.cache
+def _dsyevd() -> Callable[..., tuple[np.ndarray, np.ndarray, int]]:
+    """SciPy's LAPACK ``dsyevd``, imported on first use (``scipy.linalg`` is 2/3 of the time
+    ``import curvlab`` would otherwise take)."""
+    from scipy.linalg.lapack import dsyevd
+
+    return dsyevd  # type: ignore[no-any-return]
+
+
 def _ritz(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenpairs of the small symmetric ``T``, ascending: LAPACK's ``dsyevd`` called directly
     (a third of ``np.linalg.eigh``'s time at the sizes of a Krylov basis, checked every step)."""
-    theta, S, info = dsyevd(T, compute_v=1, lower=0)
+    theta, S, info = _dsyevd()(T, compute_v=1, lower=0)
     return (theta, S) if info == 0 else np.linalg.eigh(T)
 
 

@@ -200,7 +200,7 @@ def test_refusals_happen_before_any_run(
     # a built-in entry missing from the registry is skipped with a note, the others run
     notes: list[str] = []
     doc = tiny(optimizers=["psgdkron"])
-    monkeypatch.setattr("curvlab.bench.optimizers._registry", dict)  # as if not installed
+    monkeypatch.setattr("curvlab.optim.registry.OPTIMIZERS", {})  # as if not installed
     with pytest.raises(UnknownNameError, match="none of the suite's optimizers is available"):
         run_suite(parse_suite(doc), tmp_path / "b.sqlite", workers=0, log=notes.append)
     assert notes and "not in curvlab's registry" in notes[0]
@@ -218,10 +218,8 @@ def test_refusals_happen_before_any_run(
 
 
 def test_unknown_registry_name_suggests(monkeypatch: pytest.MonkeyPatch) -> None:
-    import curvlab.bench.optimizers as o
-
     monkeypatch.setattr(
-        o, "_registry", lambda: {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        "curvlab.optim.registry.OPTIMIZERS", {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     )
     with pytest.raises(
         UnknownNameError,

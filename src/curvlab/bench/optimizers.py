@@ -39,6 +39,7 @@ import torch
 
 from curvlab.bench.problems import closest
 from curvlab.errors import ParameterError, UnknownNameError
+from curvlab.optim import registry
 
 __all__ = [
     "HARNESS_KEYS",
@@ -69,22 +70,9 @@ _PERIOD_KEYS = (
 _PROBE_KEYS = ("num_probes", "n_samples", "hessian_samples")
 
 
-def _registry() -> Mapping[str, Any]:
-    try:
-        from curvlab.optim import registry  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
-    return dict(getattr(registry, "OPTIMIZERS", {}))
-
-
-def _key(name: str) -> str:
-    """Registry lookup ignores case, ``-`` and ``_`` (as ``curvlab.optim.create`` does)."""
-    return name.lower().replace("-", "").replace("_", "")
-
-
 def known_optimizers() -> list[str]:
-    """Sorted names in curvlab's optimizer registry (empty while it has none)."""
-    return sorted(_registry())
+    """Sorted names in curvlab's optimizer registry."""
+    return registry.available()
 
 
 def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
@@ -109,15 +97,15 @@ def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
         if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
             raise UnknownNameError(f"{name!r} is not a torch.optim.Optimizer subclass")
         return cls
-    reg = {_key(k): v for k, v in _registry().items()}
-    if _key(name) not in reg:
+    cls = registry.lookup(name)
+    if cls is None:
         known = known_optimizers()
         raise UnknownNameError(
             f"unknown optimizer {name!r}.{closest(name, known)} Known optimizers: "
-            f"{', '.join(known) if known else '(the registry is empty)'}; any torch optimizer "
+            f"{', '.join(known)}; any torch optimizer "
             "can be named as 'package.module:ClassName', e.g. 'torch.optim:AdamW'"
         )
-    return reg[_key(name)]  # type: ignore[no-any-return]
+    return cls
 
 
 def make_optimizer(

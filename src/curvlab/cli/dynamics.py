@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from curvlab.cli import check_out_dir
+from curvlab.cli import check_out_dir, positive_int
 
 __all__ = ["register"]
 
@@ -20,17 +20,6 @@ def _phenomenon(name: str) -> str:
             f"unknown phenomenon {name!r}; choose one of {', '.join(PHENOMENA)}"
         )
     return name
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--workers needs an integer >= 1, got {text!r}")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -61,7 +50,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="with --all: run the phenomena in N processes, each on one thread (default: one "

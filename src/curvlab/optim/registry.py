@@ -35,7 +35,7 @@ from curvlab.optim.psgd_lra import PSGDLRA
 from curvlab.optim.psgd_xmat import PSGDXMat
 from curvlab.optim.sophia import Sophia
 
-__all__ = ["OPTIMIZERS", "available", "create"]
+__all__ = ["OPTIMIZERS", "available", "create", "lookup"]
 
 #: Every optimizer curvlab can build by name (torch baselines included).
 OPTIMIZERS: dict[str, type[Optimizer]] = {
@@ -60,6 +60,12 @@ def _key(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
+def lookup(name: str) -> type[Optimizer] | None:
+    """The class registered as ``name`` (case, ``-`` and ``_`` ignored), or ``None``."""
+    by_key = {_key(k): cls for k, cls in OPTIMIZERS.items()}
+    return by_key.get(_key(name)) if isinstance(name, str) else None
+
+
 def available() -> list[str]:
     """The registered names, sorted."""
     return sorted(OPTIMIZERS)
@@ -73,8 +79,7 @@ def create(name: str, params: Any, **kwargs: Any) -> Optimizer:
         ParameterError: an argument the optimizer does not take (the message lists those it
             takes), or an invalid value.
     """
-    by_key = {_key(k): cls for k, cls in OPTIMIZERS.items()}
-    cls = by_key.get(_key(name)) if isinstance(name, str) else None
+    cls = lookup(name)
     if cls is None:
         close = difflib.get_close_matches(str(name).lower(), available(), n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""

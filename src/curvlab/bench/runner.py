@@ -664,15 +664,3 @@ def _mark_failed(path: str, spec: RunSpec, why: str) -> None:
             st.finish_run(spec.run_id, int(row[0]["attempt"]), "failed", {"error": why})
     finally:
         st.close()
-
-
-def summarize_store_path(path: str | os.PathLike[str]) -> dict[str, int]:
-    """Counts of runs by status in the store at ``path`` (for the CLI)."""
-    st = Store(Path(path), readonly=True)
-    try:
-        out: dict[str, int] = {}
-        for r in st.conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status"):
-            out[r[0]] = int(r[1])
-        return out
-    finally:
-        st.close()

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from curvlab.errors import DistributedError
+from curvlab.distributed._sync import require_process_group
 
 __all__ = [
     "Comm",
@@ -200,11 +200,7 @@ def resolve_comm(process_group: Any, who: str) -> Comm:
     """
     if isinstance(process_group, _SimulatedRank):
         return process_group
-    if not (dist.is_available() and dist.is_initialized()):
-        raise DistributedError(
-            f"torch.distributed is not initialised; call torch.distributed.init_process_group "
-            f"(or run under torchrun) before building {who}"
-        )
+    require_process_group(f"building {who}")
     return TorchComm(process_group)
 
 

@@ -74,6 +74,9 @@ class DistributedOperator(LinearOperator):
         self.scale = local.data.total / self.global_total if local.reduction == "mean" else 1.0
         self.param_space = local.param_space
 
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        return (self.local,)
+
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.local.matmat(V) * self.scale
         dist.all_reduce(out, group=self.group)

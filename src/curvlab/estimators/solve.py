@@ -352,6 +352,9 @@ class InverseOperator(LinearOperator):
         self.is_psd = op.is_psd
         self.num_matvecs = 0
 
+    def _parts(self) -> tuple[LinearOperator, ...]:
+        return (self.op,)
+
     def _matmat(self, V: Tensor) -> Tensor:
         sol = solve(
             self.op,

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
+from curvlab.operators._context import full_precision
 from curvlab.optim._closure import _call_closure, _loss_grads, closure_required
 from curvlab.optim._validation import (
     add_param_group_checked,
@@ -261,8 +262,7 @@ class PSGDBase(Optimizer):
         if proceed:
             # the preconditioner algebra runs in the parameters' dtype whatever autocast region
             # the loop is in (inside one, matmuls would come out in bfloat16)
-            device = self.param_groups[0]["params"][0].device.type
-            with torch.autocast(device, enabled=False):
+            with full_precision():
                 for group in self.param_groups:
                     self._step_group(group, pairs)
         return loss
@@ -313,7 +313,7 @@ class PSGDBase(Optimizer):
                     gen = seeded_generator(pair_probe_seed(int(group["seed"]), t, index), p.device)
                     vs[p] = torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=gen)
         ps = [p for p, _ in used]
-        probes = [vs.get(p, torch.zeros_like(p)) for p in ps]
+        probes = [vs[p] if p in vs else torch.zeros_like(p) for p in ps]
         if hvp:
             with torch.enable_grad():
                 hs = torch.autograd.grad([g for _, g in used], ps, probes, allow_unused=True)

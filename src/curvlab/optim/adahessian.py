@@ -68,7 +68,6 @@ from curvlab.optim._validation import (
     ProbeGeneratorState,
     group_tensors,
     probe_generator,
-    steps_taken,
     validate_betas,
     validate_eps,
     validate_in_range,
@@ -267,8 +266,7 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
         elif closure is None:
             raise closure_required("AdaHessian")
         else:
-            refresh = steps_taken(self) % self.defaults["update_period"] == 0
-            estimator = self._estimator if refresh else None
+            estimator = self._estimator if self.curvature_due() else None
             run = closure_step(self, closure, estimator, self._generator)
         if not run.proceed:
             return run.loss

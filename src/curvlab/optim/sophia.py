@@ -89,7 +89,6 @@ from curvlab.optim._validation import (
     group_tensors,
     next_step_number,
     probe_generator,
-    steps_taken,
     validate_betas,
     validate_eps,
     validate_int,
@@ -330,8 +329,7 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
             if self.curvature_source is not None:
                 run = fed_step(self, closure)
             else:
-                refresh = period is not None and steps_taken(self) % period == 0
-                estimator = self._estimator if refresh else None
+                estimator = self._estimator if self.curvature_due() else None
                 run = closure_step(self, closure, estimator, self._generator)
             loss = run.loss
             if not run.proceed:

@@ -149,6 +149,8 @@ def statements(
     reference: str = "adamw",
     clock: str = "grad_evals",
     resamples: int = RESAMPLES,
+    comparisons: Mapping[Any, Comparison] | None = None,
+    worse: Sequence[tuple[str, str, float, float]] | None = None,
 ) -> Conclusion:
     """The conclusion of ``runs`` (store rows) against ``reference`` on ``clock``.
 
@@ -158,12 +160,17 @@ def statements(
         reference: the reference optimizer's label (tuned AdamW in shipped suites).
         clock: the clock of the claims (default: gradient-equivalents).
         resamples: bootstrap resamples of every interval.
+        comparisons: ``compare(done, clock, reference, resamples=resamples)`` when the caller
+            has it already (the report does), so that its bootstrap is not run twice.
+        worse: ``tuned_worse_than_defaults(done, problems)`` when the caller has it already.
 
     Returns:
         A :class:`Conclusion`.
     """
     done = [r for r in runs if r["status"] in ("finished", "diverged")]
-    cmp = compare(done, clock, reference, resamples=resamples)
+    cmp = (
+        compare(done, clock, reference, resamples=resamples) if comparisons is None else comparisons
+    )
     order = {"tuned": 0, "defaults": 1}
     cells = sorted(cmp.values(), key=lambda c: (order.get(c.track, 2), c.problem, c.label))
     claims = [_claim(c) for c in cells if c.verdict in ("faster", "slower")]
@@ -224,7 +231,8 @@ def statements(
             f"p < 0.05 (its smallest p is {2.0 ** (1 - n):.2g}); the intervals rest on {n} studies "
             "each and are wide."
         )
-    worse = tuned_worse_than_defaults(done, problems)
+    if worse is None:
+        worse = tuned_worse_than_defaults(done, problems)
     if worse:
         items = [f"{lab} on {p} ({_num(t)} vs {_num(d)})" for p, lab, t, d in worse]
         nots.append(

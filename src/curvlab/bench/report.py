@@ -456,8 +456,12 @@ class _Data:
         self.cmp = {c: compare(done, c) for c in CLOCKS}
         self.lrs = lr_sensitivity(done)
         self.done = done
-        self.conclusion = statements(self.runs, self.problems)
-        self.worse = {(p, lab) for p, lab, _, _ in tuned_worse_than_defaults(done, self.problems)}
+        worse = tuned_worse_than_defaults(done, self.problems)
+        # the report's own comparisons (the same seeded bootstrap) feed the conclusion
+        self.conclusion = statements(
+            self.runs, self.problems, comparisons=self.cmp["grad_evals"], worse=worse
+        )
+        self.worse = {(p, lab) for p, lab, _, _ in worse}
         self.high_load = high_load(self.runs)
 
 

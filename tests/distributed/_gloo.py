@@ -21,9 +21,10 @@ needs_gloo = pytest.mark.skipif(
 
 
 def run_two_ranks(worker: Callable[[int, int, str, str], None], tmp_path: Path) -> None:
-    """``worker(rank, 2, init_file, out_dir)`` on two forked processes (a file:// rendezvous)."""
+    """``worker(rank, 2, init_file, out_dir)`` on two processes forked from a clean forkserver (a file:// rendezvous;
+    forking the threaded pytest worker itself can deadlock a child)."""
     mp.start_processes(
-        worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
+        worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="forkserver"
     )
 
 
@@ -41,7 +42,7 @@ def two_rank_results(fn: Callable[[int], Any], tmp_path: Path) -> list[Any]:
         _collect,
         args=(2, str(tmp_path / "init"), str(tmp_path), fn),
         nprocs=2,
-        start_method="fork",
+        start_method="forkserver",
     )
     return [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
 

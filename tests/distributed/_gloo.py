@@ -21,8 +21,10 @@ needs_gloo = pytest.mark.skipif(
 
 
 def run_two_ranks(worker: Callable[[int, int, str, str], None], tmp_path: Path) -> None:
-    """``worker(rank, 2, init_file, out_dir)`` on two processes forked from a clean forkserver (a file:// rendezvous;
-    forking the threaded pytest worker itself can deadlock a child)."""
+    """``worker(rank, 2, init_file, out_dir)`` on two processes (a file:// rendezvous).
+
+    They start from a forkserver: forking the threaded pytest worker itself can deadlock a child.
+    """
     mp.start_processes(
         worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="forkserver"
     )

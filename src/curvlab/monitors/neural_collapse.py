@@ -62,6 +62,17 @@ def _off_diagonal(matrix: Tensor) -> Tensor:
     return matrix[~torch.eye(c, dtype=torch.bool, device=matrix.device)]
 
 
+def _equinorm(rows: Tensor) -> float:
+    """std/mean of the row norms (0 when every row has the same norm)."""
+    norms = rows.norm(dim=1)
+    return float(norms.std(unbiased=False) / norms.mean())
+
+
+def _equiangular(rows: Tensor) -> float:
+    """mean over row pairs of |cos + 1/(C−1)| (0 for a simplex ETF of C rows)."""
+    return float((_off_diagonal(_cos_matrix(rows)) + 1.0 / (rows.shape[0] - 1)).abs().mean())
+
+
 def neural_collapse_metrics(
     features: Tensor,
     labels: Tensor,
@@ -147,14 +158,6 @@ def neural_collapse_metrics(
     nc1 = float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True)) / c)
     nc1_tr = float(torch.trace(sigma_w) / torch.trace(sigma_b))
 
-    norms = m.norm(dim=1)
-    equinorm = float(norms.std(unbiased=False) / norms.mean())
-    equiangular = float((_off_diagonal(_cos_matrix(m)) + 1.0 / (c - 1)).abs().mean())
-    orthogonal = float(_off_diagonal(_cos_matrix(means)).abs().mean())
-    w_norms = w.norm(dim=1)
-    equinorm_w = float(w_norms.std(unbiased=False) / w_norms.mean())
-    w_centred = w - w.mean(dim=0)
-    equiangular_w = float((_off_diagonal(_cos_matrix(w_centred)) + 1.0 / (c - 1)).abs().mean())
     nc3 = float((w / w.norm() - m / m.norm()).norm())
 
     logits = h @ w.T + (b if b is not None else 0.0)
@@ -163,11 +166,11 @@ def neural_collapse_metrics(
     return NCMetrics(
         nc1=nc1,
         nc1_trace_ratio=nc1_tr,
-        nc2_equinorm=equinorm,
-        nc2_equiangular=equiangular,
-        nc2_orthogonal=orthogonal,
-        nc2_equinorm_w=equinorm_w,
-        nc2_equiangular_w=equiangular_w,
+        nc2_equinorm=_equinorm(m),
+        nc2_equiangular=_equiangular(m),
+        nc2_orthogonal=float(_off_diagonal(_cos_matrix(means)).abs().mean()),
+        nc2_equinorm_w=_equinorm(w),
+        nc2_equiangular_w=_equiangular(w - w.mean(dim=0)),
         nc3=nc3,
         nc4=nc4,
     )

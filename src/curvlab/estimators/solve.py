@@ -77,10 +77,24 @@ def _check_damping(damping: float) -> float:
     return float(damping)
 
 
-def _apply(op: LinearOperator, damping: float, V: Tensor) -> Tensor:
-    """``(A + δI) V`` for ``V`` of shape ``[n, k]``."""
-    out = op.matmat(V)
-    return out.add(V, alpha=damping) if damping else out
+@dataclass(frozen=True)
+class _System:
+    """The matrix ``A + δI`` of the system and the relative residual ``tol`` a column stops at."""
+
+    op: LinearOperator
+    damping: float
+    tol: float
+
+    def apply(self, V: Tensor) -> Tensor:
+        """``(A + δI) V`` for ``V`` of shape ``[n, k]``."""
+        out = self.op.matmat(V)
+        return out.add(V, alpha=self.damping) if self.damping else out
+
+    def start(self, B: Tensor, X: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(‖b‖ per column, the residual b − (A+δI)x₀, products spent)``; no product when x₀ = 0."""
+        if bool(X.any()):
+            return B.norm(dim=0), B - self.apply(X), B.shape[1]
+        return B.norm(dim=0), B.clone(), 0
 
 
 def _precondition(M: Preconditioner | None, R: Tensor) -> Tensor:
@@ -91,31 +105,19 @@ def _precondition(M: Preconditioner | None, R: Tensor) -> Tensor:
     return torch.stack([M(R[:, j]) for j in range(R.shape[1])], dim=1)
 
 
-def _start(op: LinearOperator, damping: float, B: Tensor, X: Tensor) -> tuple[Tensor, Tensor, int]:
-    """``(‖b‖ per column, the residual b − (A+δI)x₀, products spent)``; no product when x₀ = 0."""
-    if bool(X.any()):
-        return B.norm(dim=0), B - _apply(op, damping, X), B.shape[1]
-    return B.norm(dim=0), B.clone(), 0
-
-
 def _cg(
-    op: LinearOperator,
-    B: Tensor,
-    X: Tensor,
-    damping: float,
-    tol: float,
-    budget: int,
-    M: Preconditioner | None,
+    system: _System, B: Tensor, X: Tensor, budget: int, M: Preconditioner | None
 ) -> tuple[Tensor, Tensor, int]:
     """Column-wise (preconditioned) CG; returns ``(X, residual norms, products)``."""
-    bnorm, R, used = _start(op, damping, B, X)
+    tol = system.tol
+    bnorm, R, used = system.start(B, X)
     Z = _precondition(M, R)
     P = Z.clone()
     rz = (R * Z).sum(0)
     active = R.norm(dim=0) > tol * bnorm
     while bool(active.any()) and used + int(active.sum()) <= budget:
         cols = active.nonzero().flatten()
-        AP = _apply(op, damping, P[:, cols])
+        AP = system.apply(P[:, cols])
         used += len(cols)
         curv = (P[:, cols] * AP).sum(0)
         pnorm = P[:, cols].norm(dim=0)
@@ -146,18 +148,16 @@ def _cg(
     return X, R.norm(dim=0), used
 
 
-def _minres(
-    op: LinearOperator, b: Tensor, x: Tensor, damping: float, tol: float, budget: int
-) -> tuple[Tensor, Tensor, int]:
+def _minres(system: _System, b: Tensor, x: Tensor, budget: int) -> tuple[Tensor, Tensor, int]:
     """MINRES (Paige & Saunders 1975, unpreconditioned) for one column."""
     used = 0
     if bool(x.any()):
-        r1 = b - _apply(op, damping, x.unsqueeze(1)).squeeze(1)
+        r1 = b - system.apply(x.unsqueeze(1)).squeeze(1)
         used = 1
     else:
         r1 = b.clone()
     beta = r1.norm()
-    stop = tol * b.norm()
+    stop = system.tol * b.norm()
     phibar = beta
     if float(beta) <= float(stop):
         return x, phibar, used
@@ -170,7 +170,7 @@ def _minres(
     tiny = torch.finfo(b.dtype).eps
     while used < budget:
         v = y / beta
-        y = _apply(op, damping, v.unsqueeze(1)).squeeze(1)
+        y = system.apply(v.unsqueeze(1)).squeeze(1)
         used += 1
         if float(oldb) > 0:
             y = y - (beta / oldb) * r1
@@ -196,21 +196,16 @@ def _minres(
 
 
 def _neumann(
-    op: LinearOperator,
-    B: Tensor,
-    X: Tensor,
-    damping: float,
-    tol: float,
-    budget: int,
-    scale: float,
+    system: _System, B: Tensor, X: Tensor, budget: int, scale: float
 ) -> tuple[Tensor, Tensor, int]:
     """Richardson iteration ``x ← x + α (b − (A+δI) x)`` = the truncated Neumann series."""
-    bnorm, R, used = _start(op, damping, B, X)
+    tol = system.tol
+    bnorm, R, used = system.start(B, X)
     active = R.norm(dim=0) > tol * bnorm
     while bool(active.any()) and used + int(active.sum()) <= budget:
         cols = active.nonzero().flatten()
         X[:, cols] += scale * R[:, cols]
-        R[:, cols] = B[:, cols] - _apply(op, damping, X[:, cols])
+        R[:, cols] = B[:, cols] - system.apply(X[:, cols])
         used += len(cols)
         rn = R[:, cols].norm(dim=0)
         if bool((rn > 1e3 * bnorm[cols]).any()) or not bool(torch.isfinite(rn).all()):
@@ -293,13 +288,14 @@ def solve(
     X = torch.zeros_like(B) if x0 is None else A._prepare(x0, n)[0].clone()
     if X.shape != B.shape:
         raise InvalidArgumentError(f"x0 has shape {tuple(X.shape)}, b has {tuple(B.shape)}")
+    system = _System(A, damping, tol)
     extra = 0
     if method == "cg":
-        X, res, used = _cg(A, B, X, damping, tol, budget, preconditioner)
+        X, res, used = _cg(system, B, X, budget, preconditioner)
     elif method == "minres":
         cols, norms, used = [], [], 0
         for j in range(k):
-            xj, rj, uj = _minres(A, B[:, j], X[:, j], damping, tol, budget - used)
+            xj, rj, uj = _minres(system, B[:, j], X[:, j], budget - used)
             cols.append(xj)
             norms.append(rj)
             used += uj
@@ -312,7 +308,7 @@ def solve(
             extra = top.num_matvecs
             scale = 1.0 / (float(top.values[0]) * 1.01 + damping)
         scale = check_positive_float(scale, "scale")
-        X, res, used = _neumann(A, B, X, damping, tol, budget, scale)
+        X, res, used = _neumann(system, B, X, budget, scale)
     converged = bool((res <= tol * B.norm(dim=0)).all())
     if is_vector:
         X, res = X.squeeze(1), res.squeeze(0)

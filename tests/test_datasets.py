@@ -118,6 +118,26 @@ def test_bad_split_is_refused() -> None:
         fashion_mnist("validation")
 
 
+def test_a_split_reads_and_verifies_its_own_two_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    labels = np.array([7, 1], dtype=np.uint8)
+    files = {
+        "t10k-images-idx3-ubyte.gz": _idx(tmp_path / "t10k-images-idx3-ubyte.gz", images),
+        "t10k-labels-idx1-ubyte.gz": _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels),
+        "train-images-idx3-ubyte.gz": "0" * 64,  # corrupt: the test split must not read it
+        "train-labels-idx1-ubyte.gz": "0" * 64,
+    }
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes(b"corrupt")
+    monkeypatch.setattr("curvlab.datasets.FASHION_MNIST_FILES", files)
+    x, y = fashion_mnist("test", root=tmp_path)
+    assert torch.equal(x, torch.from_numpy(images).float() / 255) and y.tolist() == [7, 1]
+    with pytest.raises(DataNotFoundError, match="has SHA-256"):
+        fashion_mnist("train", root=tmp_path)
+
+
 @pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST absent")
 def test_fashion_mnist_images_and_labels() -> None:
     x, y = fashion_mnist("test", 100)

@@ -92,14 +92,16 @@ def _curvature_gradient(curvature: Tensor, wg: Tensor) -> Tensor:
 
 def _sharpness_state(
     loss_fn: Callable[[Tensor], Tensor], w: Tensor, precond: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """S, ∇S and u from the dense Hessian (``torch.func.hessian``) and a double backward."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """L, ∇L, S, ∇S and u from the dense Hessian (``torch.func.hessian``) and a double backward
+    (whose first backward is the gradient)."""
     w = w.detach()
     value, u = _top_eigenpair(torch.func.hessian(loss_fn)(w), precond)
     wg = w.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss_fn(wg), wg, create_graph=True)
+    loss = loss_fn(wg)
+    (grad,) = torch.autograd.grad(loss, wg, create_graph=True)
     (hu,) = torch.autograd.grad(grad @ u, wg, create_graph=True)
-    return value.detach(), _curvature_gradient(hu @ u, wg), u
+    return loss.detach(), grad.detach(), value.detach(), _curvature_gradient(hu @ u, wg), u
 
 
 def sharpness_and_gradient(
@@ -126,7 +128,7 @@ def sharpness_and_gradient(
         >>> float(s), g.tolist()
         (3.0, [0.0, 1.0])
     """
-    s, grad_s, _ = _sharpness_state(loss_fn, w, precond)
+    _, _, s, grad_s, _ = _sharpness_state(loss_fn, w, precond)
     return s, grad_s
 
 
@@ -138,11 +140,10 @@ def _flow_state(
     loss_fn: Callable[[Tensor], Tensor], w: Tensor, precond: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """L(w), ∇L(w), S, ∇S and u (uᵀPu = 1); for small ``w`` all from one autograd graph."""
+    if w.numel() > _ROWWISE_MAX:
+        return _sharpness_state(loss_fn, w, precond)
     wg = w.detach().clone().requires_grad_(True)
     loss = loss_fn(wg)
-    if w.numel() > _ROWWISE_MAX:
-        (grad,) = torch.autograd.grad(loss, wg)
-        return (loss.detach(), grad, *_sharpness_state(loss_fn, w, precond))
     (grad,) = torch.autograd.grad(loss, wg, create_graph=True)
     rows = [
         torch.autograd.grad(g, wg, retain_graph=True, create_graph=True, allow_unused=True)[0]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curvlab.bench.scoring import RESAMPLES, Comparison, compare, final_quality
-from curvlab.bench.store import Store
+from curvlab.bench.store import Store, run_loads
 
 __all__ = ["Conclusion", "conclusion", "high_load", "statements", "tuned_worse_than_defaults"]
 
@@ -108,7 +108,7 @@ def high_load(runs: Sequence[Mapping[str, Any]]) -> tuple[int, int, float, int]:
         env = r.get("env") or {}
         load = r.get("load1")
         if load is None:
-            both = (env.get("loadavg") or [])[:1] + (env.get("loadavg_end") or [])[:1]
+            both = run_loads(env)
             load = max(both) if both else None
         if load is None:
             continue

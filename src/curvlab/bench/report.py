@@ -39,7 +39,7 @@ from curvlab.bench.scoring import (
     profile_band,
     time_to_target,
 )
-from curvlab.bench.store import Store
+from curvlab.bench.store import Store, run_loads
 
 __all__ = ["conclusion", "write_report"]
 
@@ -642,9 +642,7 @@ def _problem_section(doc: _Doc, d: _Data, p: str) -> None:
 
 def _environment_section(doc: _Doc, d: _Data) -> None:
     envs = [r["env"] for r in d.runs if r.get("env")]
-    loads = [
-        x for e in envs for x in (e.get("loadavg") or [])[:1] + (e.get("loadavg_end") or [])[:1]
-    ]
+    loads = [x for e in envs for x in run_loads(e)]
     env_rows = []
     if envs:
         for k in ("curvlab", "torch", "python", "platform", "threads", "cpu_count"):

@@ -73,6 +73,7 @@ __all__ = [
     "check_store_path",
     "new_owner",
     "owner_alive",
+    "run_loads",
 ]
 
 SCHEMA_VERSION = 3
@@ -226,6 +227,12 @@ def check_store_path(path: str | os.PathLike[str]) -> Path:
             f"the store {p} is read-only; make it writable or choose another --store path"
         )
     return p
+
+
+def run_loads(env: Mapping[str, Any]) -> list[float]:
+    """The 1-minute load averages a run's environment record holds: at its start, then at its end
+    (either may be missing). A run's ``load1`` is the larger of the two."""
+    return [float(v[0]) for v in (env.get("loadavg"), env.get("loadavg_end")) if v]
 
 
 class Store:
@@ -548,7 +555,7 @@ class Store:
             env = json.loads(row[0]) if row[0] else {}
             for k, v in (env_end or {}).items():
                 env[f"{k}_end"] = v
-            loads = (env.get("loadavg") or [])[:1] + (env.get("loadavg_end") or [])[:1]
+            loads = run_loads(env)
             c.execute(
                 f"UPDATE runs SET status=?, finished_at=?, env=?, load1=?{sets} WHERE run_id=? AND "
                 f"attempt=?",

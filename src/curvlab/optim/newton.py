@@ -56,6 +56,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError
+from curvlab.estimators.eigen import lanczos_step
 from curvlab.estimators.solve import solve
 from curvlab.operators._context import full_precision
 from curvlab.operators.base import LinearOperator
@@ -122,30 +123,29 @@ class _GraphHessian(LinearOperator):
 def lanczos_basis(op: LinearOperator, v0: Tensor, steps: int) -> tuple[Tensor, Tensor, int]:
     """``(V [n, m], T [m, m], products)``: ``m <= steps`` Lanczos steps of ``op`` from ``v0``.
 
-    The basis is kept orthonormal by full re-orthogonalisation (two Gram-Schmidt passes), so
-    ``Vᵀ A V = T`` (tridiagonal) to rounding; it stops early when the Krylov space is exhausted.
+    Each step is :func:`curvlab.estimators.eigen.lanczos_step` (full re-orthogonalisation, two
+    Gram-Schmidt passes), so ``Vᵀ A V = T`` (tridiagonal) to rounding. The iterations read
+    nothing back to the host: when the Krylov space is exhausted (``β_j <= 1e-10·max|α|``) the
+    following basis vectors are zero, and the basis is cut there once at the end (``m``); the
+    products made after it are still counted in ``products``.
     """
     n = op.shape[0]
-    basis = [v0 / v0.norm()]
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    for j in range(min(steps, n)):
-        w = op.matmat(basis[j])
-        alphas.append(basis[j] @ w)
-        Q = torch.stack(basis, dim=1)
-        for _ in range(2):
-            w = w - Q @ (Q.T @ w)
-        b = w.norm()
-        if j == min(steps, n) - 1 or float(b) <= 1e-10 * float(torch.stack(alphas).abs().max()):
-            break
-        betas.append(b)
-        basis.append(w / b)
-    m = len(alphas)
-    T = torch.diag(torch.stack(alphas))
+    total = min(steps, n)
+    V = v0.new_zeros(total, n)
+    V[0] = v0 / v0.norm()
+    ab = v0.new_zeros(total, 2)  # rows [α_j, β_j]
+    for j in range(total):
+        w, ab[j] = lanczos_step(op, V, j)
+        if j + 1 < total:
+            alive = ab[j, 1] > 1e-10 * ab[: j + 1, 0].abs().max()
+            V[j + 1] = torch.where(alive, w / ab[j, 1], 0.0)
+    betas = ab[: total - 1, 1]
+    dead = (betas <= 1e-10 * ab[:, 0].abs().cummax(0).values[: total - 1]).nonzero()
+    m = int(dead[0]) + 1 if dead.numel() else total
+    T = torch.diag(ab[:m, 0])
     if m > 1:
-        off = torch.stack(betas[: m - 1])
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.stack(basis[:m], dim=1), T, m
+        T = T + torch.diag(ab[: m - 1, 1], 1) + torch.diag(ab[: m - 1, 1], -1)
+    return V[:m].T, T, total
 
 
 def newton_direction(

@@ -55,7 +55,7 @@ from curvlab.estimators.param_diagonal import (
     spatial_average,
 )
 from curvlab.optim._closure import closure_required
-from curvlab.optim._curvature import DiagonalCurvatureOptimizer, shared_docs
+from curvlab.optim._diagonal_curvature import DiagonalCurvatureOptimizer, shared_docs
 from curvlab.optim._fused import accumulate_dtype, fused_foreach
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import group_tensors, validate_in_range, validate_int

@@ -71,7 +71,7 @@ from curvlab.estimators.param_diagonal import (
     HutchinsonEstimator,
 )
 from curvlab.optim._closure import closure_grads, closure_required, estimate_curvature
-from curvlab.optim._curvature import DiagonalCurvatureOptimizer, shared_docs
+from curvlab.optim._diagonal_curvature import DiagonalCurvatureOptimizer, shared_docs
 from curvlab.optim._fused import accumulate_dtype, fused_foreach
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (

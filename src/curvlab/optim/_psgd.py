@@ -52,6 +52,7 @@ __all__ = [
     "PSGDStepOptions",
     "clip_update",
     "coin_seed",
+    "concatenated_rule",
     "concatenated_step",
     "decayed_columns",
     "fit_options",
@@ -518,6 +519,39 @@ def decayed_columns(
 
 #: ``fit(L, v, h, generator)``: fit a concatenated preconditioner on the pair ``(v, h)``, in place.
 ConcatenatedFit = Callable[[list[Tensor], Tensor, Tensor, torch.Generator], None]
+
+#: ``blockwise(ps, grads, momentum_buffers, t, options)``: a step without refit, block by block.
+BlockwiseStep = Callable[[list[Tensor], list[Tensor], list[Any], int, PSGDStepOptions], None]
+
+
+def concatenated_rule(
+    lists: Sequence[list[Any]],
+    pair: tuple[Tensor, Tensor] | None,
+    options: PSGDStepOptions,
+    *,
+    fit: ConcatenatedFit,
+    apply: Callable[[Tensor], Tensor],
+    blockwise: BlockwiseStep | None = None,
+) -> None:
+    """The step of a preconditioner over a group's concatenated parameters (LRA, XMat), in place.
+
+    ``lists = (params, grads, momentum_buffers, lipschitz, state_steps)``. Weight decay
+    (:func:`decayed_columns`); the refit decision at the group's step ``t``: the coin
+    (:func:`update_coin`) when whitening, a pair given otherwise; :func:`concatenated_step` with
+    ``fit`` on a refit step, without it else (or ``blockwise``, if given, on a step without
+    refit); then every ``state_steps`` entry ``+= 1``.
+    """
+    params, grads, momentum_buffers, lipschitz, state_steps = lists
+    gs = decayed_columns(params, grads, options)
+    t = int(state_steps[0].item())
+    whiten = options.get("fit", "whiten") == "whiten"
+    refit = update_coin(options, t) if whiten else pair is not None
+    if refit or blockwise is None:
+        lists4 = (params, gs, momentum_buffers, lipschitz)
+        concatenated_step(*lists4, t, pair, options, fit=fit if refit else None, apply=apply)
+    else:
+        blockwise(params, gs, momentum_buffers, t, options)
+    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
 
 
 def concatenated_step(

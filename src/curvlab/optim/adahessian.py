@@ -48,34 +48,17 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from curvlab.estimators.param_diagonal import (
     CurvatureEstimator,
     HutchinsonEstimator,
     spatial_average,
 )
-from curvlab.optim._closure import (
-    CurvatureFeed,
-    closure_required,
-    closure_step,
-    fed_step,
-    resolve_estimator,
-)
-from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
+from curvlab.optim._closure import closure_required
+from curvlab.optim._diagonal_curvature import DiagonalCurvatureOptimizer, shared_docs
+from curvlab.optim._fused import accumulate_dtype, fused_foreach
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
-from curvlab.optim._validation import (
-    ProbeGeneratorState,
-    group_tensors,
-    probe_generator,
-    validate_betas,
-    validate_eps,
-    validate_in_range,
-    validate_int,
-    validate_lr,
-    validate_on_nonfinite,
-    validate_weight_decay,
-)
+from curvlab.optim._validation import group_tensors, validate_in_range, validate_int
 
 __all__ = ["AdaHessian", "adahessian"]
 
@@ -85,7 +68,8 @@ _SHAPED_KEYS = ("exp_avg", "exp_hessian_diag_sq")
 _Hyper = tuple[float, float, float, float, float, float, bool]
 
 
-class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
+@shared_docs
+class AdaHessian(DiagonalCurvatureOptimizer):
     r"""AdaHessian (Yao et al. 2021): Adam whose second moment is that of ``|diag H|`` estimates.
 
     **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
@@ -121,20 +105,7 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
         estimator: ``"hutchinson"`` (default, :class:`~curvlab.estimators.HutchinsonEstimator`)
             or any :class:`~curvlab.estimators.CurvatureEstimator` callable; its output goes
             through ``|·|`` and spatial averaging. Optimizer-wide.
-        maximize: maximise the objective instead.
-        foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
-            kernels, and cache-sized blocks through a small reusable scratch buffer for large
-            CPU tensors; bit-equal to the single-tensor reference (``False``).
-        fused: run the update as ``torch.compile``'d kernels, one call per bucket of tensors
-            (default ``None`` = ``False``): one pass over memory; the first step compiles for ~10-30 s (see
-            :mod:`curvlab.optim._fused`). Equal to the reference within float round-off.
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``.
-        seed: seed of a private CPU generator for the probes. ``None`` (default, and no
-            ``generator``): the seed is one draw from torch's global generator at construction,
-            so ``torch.manual_seed(s)`` before building the optimizer reproduces a run; pass
-            ``seed=`` to be independent of it.
-        generator: the random source itself (instead of ``seed``). Saved in ``state_dict()``
-            (key ``"curvlab"``) so a resumed run is bit-identical.
+        {curvature_optimizer_args}
 
     State (per parameter): ``"step"``, ``"hessian_step"`` (float32 scalars), ``"exp_avg"`` (m),
     ``"exp_hessian_diag_sq"`` (v): 8 bytes per float32 parameter, as the official code.
@@ -184,21 +155,12 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        validate_fused(fused, foreach)
-        validate_lr(lr)
-        betas = validate_betas(betas)  # type: ignore[assignment]
-        validate_eps(eps)
-        validate_weight_decay(weight_decay)
-        validate_on_nonfinite(on_nonfinite)
         validate_in_range(
             "hessian_power", hessian_power, 0, 1, hint="; the authors use 1, sometimes 0.5"
         )
         validate_int(
             "update_period", update_period, 1, "; 1 = a Hessian estimate every step, as the authors"
         )
-        builtin = {"hutchinson": HutchinsonEstimator()}
-        estimator_name, self._estimator = resolve_estimator(estimator, builtin, "'hutchinson'")
-        self._generator = probe_generator(seed, generator)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -209,22 +171,18 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
             "foreach": foreach,
             "fused": fused,
             "on_nonfinite": on_nonfinite,
-            "nonfinite_skips": 0,
             "update_period": update_period,
             "spatial_averaging": bool(spatial_averaging),
-            "estimator": estimator_name,
         }
-        super().__init__(params, defaults)
-
-    def _state(self, p: Tensor) -> dict[str, Any]:
-        """``p``'s state, created lazily under ``_STATE_KEYS`` (the one place state is created)."""
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["hessian_step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+        super().__init__(
+            params,
+            defaults,
+            estimator=estimator,
+            builtin={"hutchinson": HutchinsonEstimator()},
+            estimator_names="'hutchinson'",
+            seed=seed,
+            generator=generator,
+        )
 
     def _init_group(self, group: dict[str, Any]) -> list[list[Tensor]]:
         """``[params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps]`` of
@@ -236,16 +194,13 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
         """``D = avg|ĥ|``, then ``v ← β2 v + (1 − β2) D²`` and ``n ← n + 1`` per parameter."""
         average = self.defaults["spatial_averaging"]
         own = self.defaults["estimator"] == "hutchinson"  # its output is ours to overwrite
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        for p, d in zip(params, diag):
-            if d is None:
-                continue
+        for p, d, group in self._estimates(params, diag):
             if average and d.dim() >= 3:
                 dd = spatial_average(d)
             else:
                 dd = d.abs_() if own else d.abs()
             state = self._state(p)
-            beta2 = group_of[id(p)]["betas"][1]
+            beta2 = group["betas"][1]
             state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(dd, dd, value=1 - beta2)
             state["hessian_step"] += 1
 
@@ -261,17 +216,11 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
         Returns:
             The closure's loss, detached (``None`` without a closure).
         """
-        if self.curvature_source is not None:
-            run = fed_step(self, closure)
-        elif closure is None:
+        if closure is None and self.curvature_source is None:
             raise closure_required("AdaHessian")
-        else:
-            estimator = self._estimator if self.curvature_due() else None
-            run = closure_step(self, closure, estimator, self._generator)
-        if not run.proceed:
-            return run.loss
-        if run.estimate is not None:
-            self._update_hessian(run.params, run.estimate)
+        loss, proceed = self._start_step(closure)
+        if not proceed:
+            return loss
         for group in self.param_groups:
             tensors = self._init_group(group)
             if not tensors[0]:
@@ -290,9 +239,10 @@ class AdaHessian(CurvatureFeed, ProbeGeneratorState, Optimizer):
                 hessian_power=group["hessian_power"],
                 maximize=group["maximize"],
             )
-        return run.loss
+        return loss
 
 
+@shared_docs
 def adahessian(
     params: list[Tensor],
     grads: list[Tensor],
@@ -322,12 +272,7 @@ def adahessian(
     Args:
         params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps: equally long
             lists, one entry per parameter (the steps: float32 scalar tensors).
-        foreach: ``False``: the single-tensor reference; ``None``/``True``: the multi-tensor path
-            (bit-equal to the reference).
-        fused: ``True``: one compiled call per bucket of tensors (:func:`_fused_adahessian`; overrides
-            ``foreach``).
-        scratch: the object whose scratch buffers the multi-tensor path reuses across calls (the
-            optimizer); ``None`` allocates them per call.
+        {curvature_functional_args}
         lr, beta1, beta2, eps, weight_decay, hessian_power, maximize: see :class:`AdaHessian`.
 
     Example:

@@ -164,33 +164,25 @@ def _single_tensor_psgd_lra(
     pair: tuple[Tensor, Tensor] | None,
     **options: Unpack[PSGDStepOptions],
 ) -> None:
-    """The PSGD-LRA step of the class docstring (the reference): a refit step works on the
-    concatenation (:func:`~curvlab.optim._psgd.concatenated_step`); a step without refit applies
-    ``P`` block by block, nothing concatenated."""
-    params, grads, momentum_buffers, lipschitz, state_steps = lists
+    """The PSGD-LRA step of the class docstring (the reference,
+    :func:`~curvlab.optim._psgd.concatenated_rule`): a refit step works on the concatenation; a
+    step without refit applies ``P`` block by block, nothing concatenated."""
     U, V, d = precond
-    gs = _psgd.decayed_columns(params, grads, options)
-    t = int(state_steps[0].item())
-    whiten = options.get("fit", "whiten") == "whiten"
-    if _psgd.update_coin(options, t) if whiten else pair is not None:
-        dc = d.view(-1, 1)
-        kw = {"lr": options["preconditioner_lr"], "beta_lipschitz": options["beta_lipschitz"]}
+    dc = d.view(-1, 1)
+    kw = {"lr": options["preconditioner_lr"], "beta_lipschitz": options["beta_lipschitz"]}
 
-        def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator) -> None:
-            update_precond_lra(U, V, dc, L, v, h, generator=gen, **kw)
+    def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator) -> None:
+        update_precond_lra(U, V, dc, L, v, h, generator=gen, **kw)
 
-        apply = functools.partial(precond_grad_lra, U, V, dc)
-        lists4 = (params, gs, momentum_buffers, lipschitz)
-        _psgd.concatenated_step(*lists4, t, pair, options, fit=fit, apply=apply)
-    else:
-        _blockwise_step(params, gs, (U, V, d), momentum_buffers, t, options)
-    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+    apply = functools.partial(precond_grad_lra, U, V, dc)
+    blockwise = functools.partial(_blockwise_step, precond)
+    _psgd.concatenated_rule(lists, pair, options, fit=fit, apply=apply, blockwise=blockwise)
 
 
 def _blockwise_step(
+    precond: tuple[Tensor, Tensor, Tensor],
     ps: list[Tensor],
     grads: list[Tensor],
-    precond: tuple[Tensor, Tensor, Tensor],
     momentum_buffers: list[Tensor | None],
     t: int,
     options: PSGDStepOptions,

@@ -158,22 +158,15 @@ def _single_tensor_psgd_xmat(
     **options: Unpack[PSGDStepOptions],
 ) -> None:
     """The PSGD-XMat step of the module's algorithm box (the reference), on the group's
-    concatenated vectors (:func:`~curvlab.optim._psgd.concatenated_step`)."""
-    params, grads, momentum_buffers, lipschitz, state_steps = lists
+    concatenated vectors (:func:`~curvlab.optim._psgd.concatenated_rule`)."""
     a, b = (x.view(-1, 1) for x in precond)
-    gs = _psgd.decayed_columns(params, grads, options)
-    t = int(state_steps[0].item())
-    whiten = options.get("fit", "whiten") == "whiten"
-    refit = _psgd.update_coin(options, t) if whiten else pair is not None
     kw = {"lr": options["preconditioner_lr"], "beta_lipschitz": options["beta_lipschitz"]}
 
     def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator) -> None:
         update_precond_xmat(a, b, L, v, h, **kw)
 
     apply = functools.partial(precond_grad_xmat, a, b)
-    lists4 = (params, gs, momentum_buffers, lipschitz)
-    _psgd.concatenated_step(*lists4, t, pair, options, fit=fit if refit else None, apply=apply)
-    torch._foreach_add_(state_steps, torch.tensor(1.0), alpha=1.0)
+    _psgd.concatenated_rule(lists, pair, options, fit=fit, apply=apply)
 
 
 def _flip(x: Tensor) -> Tensor:

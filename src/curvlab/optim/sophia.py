@@ -63,7 +63,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, ShapeMismatchError, ZeroCurvatureWarning
 from curvlab.estimators.param_diagonal import (
@@ -71,31 +70,17 @@ from curvlab.estimators.param_diagonal import (
     GNBEstimator,
     HutchinsonEstimator,
 )
-from curvlab.optim._closure import (
-    CurvatureFeed,
-    closure_grads,
-    closure_required,
-    closure_step,
-    estimate_curvature,
-    fed_step,
-    resolve_estimator,
-)
-from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
+from curvlab.optim._closure import closure_grads, closure_required, estimate_curvature
+from curvlab.optim._diagonal_curvature import DiagonalCurvatureOptimizer, shared_docs
+from curvlab.optim._fused import accumulate_dtype, fused_foreach
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
-    ProbeGeneratorState,
     check_finite_curvature,
     check_finite_grads,
     group_tensors,
     next_step_number,
-    probe_generator,
-    validate_betas,
-    validate_eps,
     validate_int,
-    validate_lr,
     validate_nonnegative,
-    validate_on_nonfinite,
-    validate_weight_decay,
 )
 
 __all__ = ["Sophia", "sophia"]
@@ -118,7 +103,8 @@ _ZERO_CURVATURE_MESSAGE = (
 )
 
 
-class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
+@shared_docs
+class Sophia(DiagonalCurvatureOptimizer):
     r"""Sophia (Liu et al. 2023): SophiaG (Gauss-Newton-Bartlett, default) or SophiaH (Hutchinson).
 
     **Closure contract** (``closure_mode = "loss"``): ``step(closure)`` takes a closure that
@@ -175,21 +161,7 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
         likelihood: GNB sampling distribution, ``"categorical"`` (default; logits ``[..., C]``) or
             ``"gaussian"`` (regression outputs, loss ``½‖f − y‖²`` per prediction).
         eps: added to the denominator (default 1e-15, as the official code).
-        maximize: maximise the objective instead.
-        foreach: use the multi-tensor fast path (default ``None`` = ``True``): ``_foreach``
-            kernels, and cache-sized blocks through a small reusable scratch buffer for large
-            CPU tensors; bit-equal to the single-tensor reference (``False``).
-        fused: run the update as ``torch.compile``'d kernels, one call per bucket of tensors
-            (default ``None`` = ``False``): one pass over memory; the first step compiles for ~10-30 s (see
-            :mod:`curvlab.optim._fused`). Equal to the reference within float round-off.
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` for NaN/inf gradients or
-            curvature estimates; see :mod:`curvlab.optim._validation`.
-        seed: seed of a private CPU generator for the probes / sampled labels. ``None``
-            (default, and no ``generator``): the seed is one draw from torch's global generator
-            at construction, so ``torch.manual_seed(s)`` before building the optimizer reproduces
-            a run; pass ``seed=`` to be independent of it.
-        generator: the random source itself (instead of ``seed``). Its state is saved in
-            ``state_dict()`` (key ``"curvlab"``) so a resumed run is bit-identical.
+        {curvature_optimizer_args}
 
     ``estimator``, ``update_period``, ``bs`` and ``likelihood`` are optimizer-wide (the
     constructor's values are used for all param groups).
@@ -245,22 +217,14 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        validate_fused(fused, foreach)
-        validate_lr(lr)
-        betas = validate_betas(betas)  # type: ignore[assignment]
         validate_nonnegative("rho", rho, "; the official default is 0.04")
-        validate_weight_decay(weight_decay)
-        validate_eps(eps)
-        validate_on_nonfinite(on_nonfinite)
+        if update_period is not None:
+            hint = "; the paper's k, default 10, or None for manual refreshes"
+            validate_int("update_period", update_period, 1, hint)
         builtin: dict[str, CurvatureEstimator] = {
             "gnb": GNBEstimator(likelihood=likelihood, batch_size=bs),  # checks both
             "hutchinson": HutchinsonEstimator(),
         }
-        estimator_name, self._estimator = resolve_estimator(estimator, builtin, _ESTIMATOR_NAMES)
-        if update_period is not None:
-            hint = "; the paper's k, default 10, or None for manual refreshes"
-            validate_int("update_period", update_period, 1, hint)
-        self._generator = probe_generator(seed, generator)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -271,22 +235,19 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
             "foreach": foreach,
             "fused": fused,
             "on_nonfinite": on_nonfinite,
-            "nonfinite_skips": 0,
-            "estimator": estimator_name,
             "update_period": update_period,
             "bs": bs,
             "likelihood": likelihood,
         }
-        super().__init__(params, defaults)
-
-    def _state(self, p: Tensor) -> dict[str, Any]:
-        """``p``'s state, created lazily under ``_STATE_KEYS`` (the one place state is created)."""
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+        super().__init__(
+            params,
+            defaults,
+            estimator=estimator,
+            builtin=builtin,
+            estimator_names=_ESTIMATOR_NAMES,
+            seed=seed,
+            generator=generator,
+        )
 
     def _init_group(self, group: dict[str, Any]) -> list[list[Tensor]]:
         """``[params, grads, exp_avgs, hessians, state_steps]`` of ``group``'s parameters that have
@@ -301,11 +262,7 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
         the model's likelihood and keeps its sign.
         """
         flip = self.defaults["estimator"] != "gnb"
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        for p, d in zip(params, diag):
-            if d is None:
-                continue
-            group = group_of[id(p)]
+        for p, d, group in self._estimates(params, diag):
             beta2 = group["betas"][1]
             scale = -(1 - beta2) if flip and group["maximize"] else 1 - beta2
             self._state(p)["hessian"].mul_(beta2).add_(d.to(p.dtype), alpha=scale)
@@ -326,16 +283,9 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
         period = self.defaults["update_period"]
         loss: Tensor | None = None
         if closure is not None or self.curvature_source is not None:
-            if self.curvature_source is not None:
-                run = fed_step(self, closure)
-            else:
-                estimator = self._estimator if self.curvature_due() else None
-                run = closure_step(self, closure, estimator, self._generator)
-            loss = run.loss
-            if not run.proceed:
+            loss, proceed = self._start_step(closure)
+            if not proceed:
                 return loss
-            if run.estimate is not None:
-                self._update_hessian(run.params, run.estimate)
         elif period is not None:
             raise closure_required("Sophia", _MANUAL_LOOP_HINT)
         elif not check_finite_grads(self.param_groups, step=lambda: next_step_number(self)):
@@ -455,6 +405,7 @@ class Sophia(CurvatureFeed, ProbeGeneratorState, Optimizer):
         return [None if p.grad is None else p.grad * p.grad * factor for p in params]
 
 
+@shared_docs
 def sophia(
     params: list[Tensor],
     grads: list[Tensor],
@@ -482,12 +433,7 @@ def sophia(
     Args:
         params, grads, exp_avgs, hessians, state_steps: equally long lists, one entry per
             parameter (``state_steps``: float32 scalar tensors of completed steps).
-        foreach: ``False``: the single-tensor reference; ``None``/``True``: the multi-tensor path
-            (bit-equal to the reference).
-        fused: ``True``: one compiled call per bucket of tensors (:func:`_fused_sophia`; overrides
-            ``foreach``).
-        scratch: the object whose scratch buffers the multi-tensor path reuses across calls (the
-            optimizer); ``None`` allocates them per call.
+        {curvature_functional_args}
         lr, beta1, rho, weight_decay, eps, maximize: see :class:`Sophia`.
         clamp_hessian: use ``max(h, 0)`` (estimates that may be negative: Hutchinson, custom).
 

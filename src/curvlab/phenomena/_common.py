@@ -239,7 +239,7 @@ class PhenomenonConfig:
 
 @dataclass(frozen=True)
 class SeededConfig(PhenomenonConfig):
-    """A :class:`PhenomenonConfig` of a run that draws random numbers: they come from ``seed``.
+    """A :class:`PhenomenonConfig` whose run draws its random numbers from ``seed``.
 
     Attributes:
         seed: the seed of the run's generators, >= 0 (keyword-only, so that a configuration's own

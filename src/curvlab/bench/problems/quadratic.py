@@ -93,7 +93,8 @@ class IllConditionedQuadratic(Problem):
     def default_name_and_description(self) -> tuple[str, str]:
         return (
             f"quadratic-k1e{round(math.log10(self.kappa))}",
-            f"ill-conditioned quadratic, d={self.dim}, condition number {self.kappa:g}, known optimum",
+            f"ill-conditioned quadratic, d={self.dim}, condition number {self.kappa:g}, "
+            "known optimum",
         )
 
     def build(self, seed: int) -> ProblemInstance:

@@ -57,3 +57,11 @@ def test_exceptions_and_non_numbers_are_left_alone():
     assert GFSConfig(w0=(-1.0, -2.0)).w0 == (-1.0, -2.0)  # any signs, positive product
     assert CompressionConfig(sparsities=(0.0, 0.5)).sparsities == (0.0, 0.5)
     assert MatrixSensingConfig(symmetric_scaledgd=False).symmetric_scaledgd is False
+
+
+def test_seed_is_keyword_only():
+    # SeededConfig's seed comes first among the fields but not among the positional arguments
+    cfg = DeepLinearConfig(6, (3.0, 1.0), seed=4)
+    assert (cfg.dim, cfg.singular_values, cfg.seed) == (6, (3.0, 1.0), 4)
+    with pytest.raises(TypeError, match="positional"):
+        DeepLinearConfig(6, (3.0, 1.0), 64, 0.01, 2000, 1e-3, 1e-3, 4)

@@ -30,15 +30,15 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from curvlab.bench.problems import get_problem
-from curvlab.bench.runner import run_suite
+from curvlab.bench.runner import RunOptions, run_suite
 from curvlab.bench.store import Store
 from curvlab.bench.suites import (
     BUILTIN_OPTIMIZERS,
@@ -49,6 +49,9 @@ from curvlab.bench.suites import (
     problem_infos,
 )
 from curvlab.errors import CalibrationError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "MAX_CALIBRATION_SEEDS",
@@ -116,11 +119,7 @@ def calibrate(
     fraction: float = 0.5,
     trials: int | None = None,
     seeds: int = 3,
-    workers: int | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-    executor: str = "local",
-    address: str | None = None,
+    **run_options: Unpack[RunOptions],
 ) -> Calibration:
     """Run the reference on every problem of ``suite`` into ``store_path`` and set the targets.
 
@@ -134,7 +133,8 @@ def calibrate(
             ``j``); never fewer than the suite's trials.
         seeds: calibration seeds (studies), 1 to :data:`MAX_CALIBRATION_SEEDS`; odd numbers make
             the median one seed's value.
-        workers, progress, log, executor, address: as :func:`curvlab.bench.runner.run_suite`.
+        run_options: ``workers``, ``progress``, ``log``, ``executor``, ``address``: passed on to
+            :func:`curvlab.bench.runner.run_suite` (:class:`~curvlab.bench.runner.RunOptions`).
 
     Returns:
         A :class:`Calibration` (write it with :func:`write_targets`).
@@ -145,7 +145,7 @@ def calibrate(
         CalibrationError: the reference produced no finite value of a problem's metric on any
             seed (every run diverged or failed).
     """
-    say = log or (lambda m: None)
+    say = run_options.get("log") or (lambda m: None)
     if (
         isinstance(fraction, bool)
         or not isinstance(fraction, (int, float))
@@ -162,15 +162,7 @@ def calibrate(
         raise InvalidArgumentError(f"seeds must be 1 to {MAX_CALIBRATION_SEEDS}, got {seeds}")
     ref = reference_suite(suite, n_trials, seeds)
     t0 = time.time()
-    result = run_suite(
-        ref,
-        store_path,
-        workers=workers,
-        progress=progress,
-        log=log,
-        executor=executor,
-        address=address,
-    )
+    result = run_suite(ref, store_path, **run_options)
     infos = problem_infos(ref)
     specs = expand_runs(ref, infos)
     st = Store(store_path, readonly=True)

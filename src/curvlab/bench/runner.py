@@ -54,7 +54,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypedDict
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ __all__ = [
     "EXECUTORS",
     "Driver",
     "HEARTBEAT_S",
+    "RunOptions",
     "RunRecorder",
     "SuiteResult",
     "environment",
@@ -448,6 +449,20 @@ def plan_runs(suite: Suite) -> list[RunSpec]:
 
 
 EXECUTORS = ("local", "ray")
+
+
+class RunOptions(TypedDict, total=False):
+    """How :func:`run_suite` runs a suite (its keyword options, described there), as one value.
+
+    An entry point that runs a suite on the caller's behalf takes ``**options:
+    Unpack[RunOptions]`` and passes them on unchanged (:func:`curvlab.bench.calibrate.calibrate`).
+    """
+
+    workers: int | None
+    progress: bool
+    log: Callable[[str], None] | None
+    executor: str
+    address: str | None
 
 
 def run_suite(

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PhenomenonConfig",
     "PhenomenonResult",
+    "SeededConfig",
     "finish",
     "minibatch_backward",
     "progress",
@@ -234,6 +235,18 @@ class PhenomenonConfig:
     def quick(cls) -> Self:
         """The tests' size (seconds); the defaults unless a configuration overrides this."""
         return cls()
+
+
+@dataclass(frozen=True)
+class SeededConfig(PhenomenonConfig):
+    """A :class:`PhenomenonConfig` whose run draws its random numbers from ``seed``.
+
+    Attributes:
+        seed: the seed of the run's generators, >= 0 (keyword-only, so that a configuration's own
+            fields keep their positions).
+    """
+
+    seed: int = field(default=0, kw_only=True)
 
 
 def minibatch_backward(

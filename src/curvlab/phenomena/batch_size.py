@@ -37,8 +37,8 @@ from curvlab.errors import InvalidArgumentError
 from curvlab.estimators import eigsh
 from curvlab.operators import HessianOperator
 from curvlab.phenomena._common import (
-    PhenomenonConfig,
     PhenomenonResult,
+    SeededConfig,
     finish,
     progress,
     seeded_mlp,
@@ -53,7 +53,7 @@ RULES = {"sgd": 1.0, "adam": 0.5}
 
 
 @dataclass(frozen=True)
-class BatchSizeConfig(PhenomenonConfig):
+class BatchSizeConfig(SeededConfig):
     """Batch sizes, the number of batches per size, and the learning-rate search.
 
     The Hessian part runs in float64, the learning-rate part in float32.
@@ -72,7 +72,6 @@ class BatchSizeConfig(PhenomenonConfig):
     bisections: int = 7
     sgd_lr_range: tuple[float, float] = (1e-3, 1e3)
     adam_lr_range: tuple[float, float] = (1e-5, 10.0)
-    seed: int = 0
 
     def _check(self) -> None:
         fitted = [b for b in self.lr_batch_sizes if b <= self.fit_max_batch]

@@ -35,7 +35,7 @@ from curvlab.errors import InvalidArgumentError
 from curvlab.flows import CentralFlow, sharpness_and_gradient
 from curvlab.flows import central_flow as integrate_central_flow
 from curvlab.flows import rmsprop_central_flow as integrate_rmsprop_flow
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish
 
 __all__ = ["CentralFlowConfig", "central_flow", "regression_2d_loss"]
 
@@ -45,7 +45,7 @@ _SHARPNESS_EVERY = 10
 
 
 @dataclass(frozen=True)
-class CentralFlowConfig(PhenomenonConfig):
+class CentralFlowConfig(SeededConfig):
     """Sizes and step sizes of the central-flow runs (2-D model and small MLP)."""
 
     _unchecked = ("a0",)  # the start's first coordinate may have any sign
@@ -64,7 +64,6 @@ class CentralFlowConfig(PhenomenonConfig):
     dt: float = 0.5
     rms_eta: float = 0.01
     rms_beta2: float = 0.99
-    seed: int = 0
 
     def _check(self) -> None:
         if self.rms_beta2 >= 1:

@@ -31,13 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, seeded_mlp
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish, seeded_mlp
 
 __all__ = ["CompressionConfig", "compression"]
 
 
 @dataclass(frozen=True)
-class CompressionConfig(PhenomenonConfig):
+class CompressionConfig(SeededConfig):
     """Model, training and compression settings of the compression run."""
 
     _unchecked = ("sparsities",)  # in [0, 1): checked below
@@ -54,7 +54,6 @@ class CompressionConfig(PhenomenonConfig):
     budgets: tuple[float, ...] = (3.0, 3.5, 4.0)
     choices: tuple[int, ...] = (2, 3, 4, 6, 8)
     trace_matvecs: int = 100
-    seed: int = 0
 
     def _check(self) -> None:
         if not 0 < self.num_train < 1797:

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish
 
 __all__ = ["DeepLinearConfig", "deep_linear", "saxe_mode_strength"]
 
 
 @dataclass(frozen=True)
-class DeepLinearConfig(PhenomenonConfig):
+class DeepLinearConfig(SeededConfig):
     """Sizes and step settings of the deep-linear run."""
 
     dim: int = 8
@@ -39,7 +39,6 @@ class DeepLinearConfig(PhenomenonConfig):
     steps: int = 2000
     init_scale: float = 1e-3
     random_init_std: float = 1e-3
-    seed: int = 0
 
     def _check(self) -> None:
         self._require_values("singular_values", "dim")

@@ -24,8 +24,8 @@ from curvlab.datasets import digits
 from curvlab.errors import InvalidArgumentError
 from curvlab.monitors import HistorySink, Sharpness, attach
 from curvlab.phenomena._common import (
-    PhenomenonConfig,
     PhenomenonResult,
+    SeededConfig,
     finish,
     progress,
     seeded_mlp,
@@ -35,7 +35,7 @@ __all__ = ["EoSConfig", "edge_of_stability", "half_square_loss"]
 
 
 @dataclass(frozen=True)
-class EoSConfig(PhenomenonConfig):
+class EoSConfig(SeededConfig):
     """Sizes and step sizes of the edge-of-stability run."""
 
     _unchecked = ("etas", "control_eta")  # checked together below
@@ -48,7 +48,6 @@ class EoSConfig(PhenomenonConfig):
     every: int = 20
     control_steps: int = 6000
     control_every: int = 100
-    seed: int = 0
 
     def _check(self) -> None:
         etas = (*self.etas, *([] if self.control_eta is None else [self.control_eta]))

@@ -48,7 +48,7 @@ from curvlab.datasets import digits
 from curvlab.errors import InvalidArgumentError
 from curvlab.estimators import SpectralDensity, eigsh, spectral_density
 from curvlab.operators import GGNOperator, HessianOperator
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, seeded_mlp
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish, seeded_mlp
 
 __all__ = [
     "HessianOutliersConfig",
@@ -62,7 +62,7 @@ _LOSSES = ("mse", "ce")
 
 
 @dataclass(frozen=True)
-class HessianOutliersConfig(PhenomenonConfig):
+class HessianOutliersConfig(SeededConfig):
     """Class counts, widths, training target and the detector's settings."""
 
     class_counts: tuple[int, ...] = (3, 5, 10)
@@ -77,7 +77,6 @@ class HessianOutliersConfig(PhenomenonConfig):
     lr: float = 3e-3
     seeds: int = 2
     """Every case is run from the initialisations ``seed``, ``seed`` + 1, …, ``seed + seeds − 1``."""
-    seed: int = 0
     extra_ritz: int = 6
     """Ritz values beyond C asked of :func:`curvlab.eigsh` (the gap needs the bulk's top too)."""
     _unchecked: ClassVar[tuple[str, ...]] = ("class_counts", "bulk_quantile", "min_gap")

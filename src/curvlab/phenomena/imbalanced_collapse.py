@@ -53,13 +53,13 @@ from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
 from curvlab.monitors.neural_collapse import neural_collapse_metrics
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish
 
 __all__ = ["ImbalancedCollapseConfig", "imbalanced_collapse", "ufm_geometry"]
 
 
 @dataclass(frozen=True)
-class ImbalancedCollapseConfig(PhenomenonConfig):
+class ImbalancedCollapseConfig(SeededConfig):
     """Class sizes, model size, regularisation and the gradient-descent schedule.
 
     GD stops when the gradient norm falls below ``grad_tol`` (or after ``max_steps``); ``lr`` 0.1
@@ -80,7 +80,6 @@ class ImbalancedCollapseConfig(PhenomenonConfig):
     grad_tol: float = 1e-10
     safety: float = 100.0
     """Tolerances are ``safety`` times the first-order distance ‖g‖/μ to the minimiser."""
-    seed: int = 0
 
     def _check(self) -> None:
         if len(self.counts) < 2 or self.width < len(self.counts):

@@ -42,13 +42,13 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, progress
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish, progress
 
 __all__ = ["MatrixSensingConfig", "matrix_sensing", "one_step_modification"]
 
 
 @dataclass(frozen=True)
-class MatrixSensingConfig(PhenomenonConfig):
+class MatrixSensingConfig(SeededConfig):
     """Sizes and step settings (defaults: the CLI's; :meth:`quick` is the tests')."""
 
     n: int = 20
@@ -70,7 +70,6 @@ class MatrixSensingConfig(PhenomenonConfig):
     modify_below: float = 1e-3
     steps_modified: int = 3000
     alpha_free_ratio: float = 1.25
-    seed: int = 0
 
     def _check(self) -> None:
         if not self.r <= self.k_over <= self.n or len(self.singular_values) < self.r:

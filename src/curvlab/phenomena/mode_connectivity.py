@@ -20,13 +20,13 @@ from torch import Tensor, nn
 
 from curvlab.datasets import digits
 from curvlab.landscape import interpolate
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, seeded_mlp
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish, seeded_mlp
 
 __all__ = ["ModeConnectivityConfig", "mode_connectivity"]
 
 
 @dataclass(frozen=True)
-class ModeConnectivityConfig(PhenomenonConfig):
+class ModeConnectivityConfig(SeededConfig):
     """Sizes of the three SGD runs and of the interpolation."""
 
     width: int = 128
@@ -35,7 +35,6 @@ class ModeConnectivityConfig(PhenomenonConfig):
     lr: float = 0.05
     num_alphas: int = 21
     barrier_ratio: float = 3.0
-    seed: int = 0
 
     @classmethod
     def quick(cls) -> ModeConnectivityConfig:

@@ -22,8 +22,8 @@ from curvlab.datasets import digits
 from curvlab.errors import InvalidArgumentError
 from curvlab.parametrize import parametrize
 from curvlab.phenomena._common import (
-    PhenomenonConfig,
     PhenomenonResult,
+    SeededConfig,
     finish,
     minibatch_backward,
     progress,
@@ -33,7 +33,7 @@ __all__ = ["MuPConfig", "mup_transfer"]
 
 
 @dataclass(frozen=True)
-class MuPConfig(PhenomenonConfig):
+class MuPConfig(SeededConfig):
     """Widths, the log2 learning-rate grid and the training length."""
 
     _unchecked = ("log2_lrs",)  # exponents of either sign
@@ -42,7 +42,6 @@ class MuPConfig(PhenomenonConfig):
     log2_lrs: tuple[int, ...] = (-13, -12, -11, -10, -9, -8, -7, -6, -5, -4)
     steps: int = 150
     batch_size: int = 128
-    seed: int = 0
 
     def _check(self) -> None:
         if len(self.widths) < 2 or min(self.widths) < 1 or len(self.log2_lrs) < 3:

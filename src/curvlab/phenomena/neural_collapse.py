@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from curvlab.datasets import digits
 from curvlab.monitors import HistorySink, NeuralCollapse, attach
 from curvlab.phenomena._common import (
-    PhenomenonConfig,
     PhenomenonResult,
+    SeededConfig,
     finish,
     minibatch_backward,
     progress,
@@ -47,7 +47,7 @@ _NC3_COLLAPSED = 0.14
 
 
 @dataclass(frozen=True)
-class NeuralCollapseConfig(PhenomenonConfig):
+class NeuralCollapseConfig(SeededConfig):
     """Data, model and schedule of the neural-collapse run."""
 
     _nonnegative = ("seed", "momentum", "weight_decay")
@@ -60,7 +60,6 @@ class NeuralCollapseConfig(PhenomenonConfig):
     batch_size: int = 100
     steps: int = 6000
     every: int = 200
-    seed: int = 0
     loss: str = "mse"
 
     def _check(self) -> None:

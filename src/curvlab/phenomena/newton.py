@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish
 
 __all__ = ["NewtonConfig", "loglog_slope", "newton_phenomenon"]
 
@@ -42,7 +42,7 @@ DT = torch.float64
 
 
 @dataclass(frozen=True)
-class NewtonConfig(PhenomenonConfig):
+class NewtonConfig(SeededConfig):
     """Sizes and settings of the three Newton runs."""
 
     lam: float = 1e-3
@@ -58,7 +58,6 @@ class NewtonConfig(PhenomenonConfig):
     saddle_steps: int = 40
     krylov_dim: int = 32
     saddle_free_damping: float = 1e-3
-    seed: int = 0
 
     def _check(self) -> None:
         self._require_values("linear_singular_values", "linear_dim")

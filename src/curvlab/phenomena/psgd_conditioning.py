@@ -44,7 +44,7 @@ from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
 from curvlab.optim import PSGDKron
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, progress
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish, progress
 from curvlab.phenomena.newton import loglog_slope
 
 __all__ = ["PSGDConditioningConfig", "psgd_conditioning"]
@@ -53,7 +53,7 @@ DT = torch.float64
 
 
 @dataclass(frozen=True)
-class PSGDConditioningConfig(PhenomenonConfig):
+class PSGDConditioningConfig(SeededConfig):
     """Sizes, grids and thresholds of the PSGD-vs-Adam conditioning runs."""
 
     kappas: tuple[float, ...] = (1e2, 1e4, 1e6)
@@ -65,7 +65,6 @@ class PSGDConditioningConfig(PhenomenonConfig):
     adam_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
     small_exponent: float = 0.15
     exponent_margin: float = 0.15
-    seed: int = 0
 
     _unchecked: ClassVar[tuple[str, ...]] = ("small_exponent",)  # in [0, 1), checked below
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from curvlab.errors import InvalidArgumentError
 from curvlab.operators import HessianOperator
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, finish, progress
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish, progress
 from curvlab.phenomena.eos import half_square_loss
 
 __all__ = [
@@ -52,7 +52,7 @@ DT = torch.float64
 
 
 @dataclass(frozen=True)
-class SGDStabilityConfig(PhenomenonConfig):
+class SGDStabilityConfig(SeededConfig):
     """Sizes of the two problems, the two step-size sweeps and the training length.
 
     Both sweeps run SGD (one example per step) and GD for ``steps`` steps at every step size.
@@ -71,7 +71,6 @@ class SGDStabilityConfig(PhenomenonConfig):
     steps: int = 5000
     converged_ratio: float = 1e-3
     """A run has reached a minimum when its final loss is below this times the initial loss."""
-    seed: int = 0
 
     def _check(self) -> None:
         if min(len(self.relu_etas), len(self.diag_etas)) < 3:

@@ -39,8 +39,8 @@ from curvlab.monitors import (
 )
 from curvlab.operators import HessianOperator
 from curvlab.phenomena._common import (
-    PhenomenonConfig,
     PhenomenonResult,
+    SeededConfig,
     finish,
     minibatch_backward,
     progress,
@@ -51,7 +51,7 @@ __all__ = ["SubspaceConfig", "tiny_subspace"]
 
 
 @dataclass(frozen=True)
-class SubspaceConfig(PhenomenonConfig):
+class SubspaceConfig(SeededConfig):
     """Data, model and schedule of the tiny-subspace run (defaults: the CLI's)."""
 
     _nonnegative = ("seed", "warmup")
@@ -67,7 +67,6 @@ class SubspaceConfig(PhenomenonConfig):
     warmup: int = 100
     ablation_steps: int = 200
     ablation_refresh: int = 20
-    seed: int = 0
 
     def _check(self) -> None:
         self._require_choice("dataset", ("fashion-mnist", "digits"))

@@ -45,6 +45,7 @@ __all__ = [
     "cached_value",
     "checksum",
     "gaussian_held_out",
+    "gaussian_held_out_splits",
     "split_indices",
     "split_seed",
 ]
@@ -144,11 +145,22 @@ class Problem(ABC):
     splits: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        name, description = self.default_name_and_description()
+        self.name = self.name or name
+        self.description = self.description or description
         if not self.final_metric:
             metric = self.target.metric
             self.final_metric = (
                 "test_" + metric.removeprefix("valid_") if metric.startswith("valid_") else metric
             )
+
+    def default_name_and_description(self) -> tuple[str, str]:
+        """The ``(name, description)`` an empty ``name`` or ``description`` field takes.
+
+        The declared fields by default; a problem whose name says its parameters (the condition
+        number of a quadratic) overrides this.
+        """
+        return self.name, self.description
 
     @abstractmethod
     def build(self, seed: int) -> ProblemInstance:
@@ -277,6 +289,22 @@ def split_seed(seed: int, split: str) -> int:
         True
     """
     return int(hashlib.sha256(f"{seed}:{split}".encode()).hexdigest()[:15], 16)
+
+
+def gaussian_held_out_splits(train: str, draws: str) -> dict[str, str]:
+    """:attr:`Problem.splits` of a problem whose held-out parts are :func:`gaussian_held_out`.
+
+    ``train`` says what the training split is; ``draws`` names the ``held_out`` Gaussian draws.
+
+    Example:
+        >>> gaussian_held_out_splits("one batch", "inputs")["test"]
+        "held_out other inputs (seeded by the run's seed and 'test')"
+    """
+    return {
+        "train": train,
+        "valid": f"held_out {draws} (seeded by the run's seed and 'valid')",
+        "test": f"held_out other {draws} (seeded by the run's seed and 'test')",
+    }
 
 
 def gaussian_held_out(seed: int, n: int, dim: int, dtype: torch.dtype) -> dict[str, Tensor]:

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvlab.bench.problems.base import Problem, ProblemInstance, Target, gaussian_held_out
+from curvlab.bench.problems.base import (
+    Problem,
+    ProblemInstance,
+    Target,
+    gaussian_held_out,
+    gaussian_held_out_splits,
+)
 from curvlab.bench.problems.quadratic import random_rotation
 
 __all__ = ["DeepLinearNetwork"]
@@ -43,11 +49,9 @@ class DeepLinearNetwork(Problem):
     target: Target = field(default_factory=lambda: Target("valid_rel_error"))
     budget_steps: int = 400
     splits: dict[str, str] = field(
-        default_factory=lambda: {
-            "train": "the whitened inputs (identity batch)",
-            "valid": "held_out Gaussian inputs (seeded by the run's seed and 'valid')",
-            "test": "held_out other Gaussian inputs (seeded by the run's seed and 'test')",
-        }
+        default_factory=lambda: gaussian_held_out_splits(
+            "the whitened inputs (identity batch)", "Gaussian inputs"
+        )
     )
 
     def build(self, seed: int) -> ProblemInstance:

@@ -69,16 +69,13 @@ class MatrixSensing(Problem):
         }
     )
 
-    def __post_init__(self) -> None:
+    def default_name_and_description(self) -> tuple[str, str]:
         kind = "symmetric" if self.symmetric else "asymmetric"
-        if not self.name:
-            self.name = f"sensing-{kind}"
-        if not self.description:
-            self.description = (
-                f"{kind} over-parameterised matrix sensing, n={self.n}, rank {self.r}, "
-                f"k={self.k}, m={self.m}"
-            )
-        super().__post_init__()
+        return (
+            f"sensing-{kind}",
+            f"{kind} over-parameterised matrix sensing, n={self.n}, rank {self.r}, k={self.k}, "
+            f"m={self.m}",
+        )
 
     def build(self, seed: int) -> ProblemInstance:
         # The sensing operator and M* are fixed (seed 0) so every seed solves the same problem;

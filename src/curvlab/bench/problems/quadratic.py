@@ -28,7 +28,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvlab.bench.problems.base import Problem, ProblemInstance, Target, gaussian_held_out
+from curvlab.bench.problems.base import (
+    Problem,
+    ProblemInstance,
+    Target,
+    gaussian_held_out,
+    gaussian_held_out_splits,
+)
 
 __all__ = ["IllConditionedQuadratic", "NoisyQuadratic", "random_rotation"]
 
@@ -84,15 +90,12 @@ class IllConditionedQuadratic(Problem):
         }
     )
 
-    def __post_init__(self) -> None:
-        if not self.name:
-            self.name = f"quadratic-k1e{round(math.log10(self.kappa))}"
-        if not self.description:
-            self.description = (
-                f"ill-conditioned quadratic, d={self.dim}, condition number {self.kappa:g}, "
-                "known optimum"
-            )
-        super().__post_init__()
+    def default_name_and_description(self) -> tuple[str, str]:
+        return (
+            f"quadratic-k1e{round(math.log10(self.kappa))}",
+            f"ill-conditioned quadratic, d={self.dim}, condition number {self.kappa:g}, "
+            "known optimum",
+        )
 
     def build(self, seed: int) -> ProblemInstance:
         gen = torch.Generator().manual_seed(seed)
@@ -141,11 +144,9 @@ class NoisyQuadratic(Problem):
     target: Target = field(default_factory=lambda: Target("valid_loss"))
     budget_steps: int = 300
     splits: dict[str, str] = field(
-        default_factory=lambda: {
-            "train": "batch_size fresh noise draws per step",
-            "valid": "held_out fixed noise draws (seeded by the run's seed and 'valid')",
-            "test": "held_out other fixed noise draws (seeded by the run's seed and 'test')",
-        }
+        default_factory=lambda: gaussian_held_out_splits(
+            "batch_size fresh noise draws per step", "fixed noise draws"
+        )
     )
 
     def build(self, seed: int) -> ProblemInstance:

@@ -79,15 +79,18 @@ class _Recipe:
     def __call__(
         self, seed: int = 0, dtype: torch.dtype = torch.float32, train_steps: int | None = None
     ) -> CurvatureProblem:
-        """Build the problem: seed the global RNG, train, keep the first ``measured_on`` examples."""
-        torch.manual_seed(seed)
-        X, y = self.data(dtype)
-        model, loss_fn = self.model().to(dtype), self.loss_fn()
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
-        for _ in range(self.train_steps if train_steps is None else train_steps):
-            opt.zero_grad()
-            loss_fn(model(X), y).backward()
-            opt.step()
+        """Build the problem: initialise from ``seed``, train, keep the first ``measured_on``
+        examples. The initialisation draws from torch's global generator seeded with ``seed``,
+        whose state is restored afterwards (the caller's random stream is left as it was)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            X, y = self.data(dtype)
+            model, loss_fn = self.model().to(dtype), self.loss_fn()
+            opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+            for _ in range(self.train_steps if train_steps is None else train_steps):
+                opt.zero_grad()
+                loss_fn(model(X), y).backward()
+                opt.step()
         data = (X[: self.measured_on], y[: self.measured_on])
         return CurvatureProblem(self.name, model, loss_fn, data, self.description)
 

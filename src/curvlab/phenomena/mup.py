@@ -57,10 +57,15 @@ class MuPConfig(SeededConfig):
 
 
 def _final_loss(kind: str, width: int, lr: float, x: Tensor, y: Tensor, cfg: MuPConfig) -> float:
-    torch.manual_seed(cfg.seed)
-    net = nn.Sequential(
-        nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
-    )
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws its initialisation globally
+        torch.manual_seed(cfg.seed)
+        net = nn.Sequential(
+            nn.Linear(64, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, 10),
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(parametrize(net, kind, min(cfg.widths), lr, "adam", gen))
     for _ in range(cfg.steps):

@@ -5,7 +5,7 @@ paper's qualitative claim held, a note, a two-line caption) and, given ``out_dir
 and a small JSON. :func:`run_all` runs them all and writes an ``index.html``.
 """
 
-from curvlab.phenomena._common import PhenomenonResult
+from curvlab.phenomena._common import PhenomenonResult, loglog_slope
 from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.compression import CompressionConfig, compression
 from curvlab.phenomena.deep_linear import DeepLinearConfig, deep_linear, saxe_mode_strength
@@ -14,7 +14,7 @@ from curvlab.phenomena.gfs import GFSConfig, gfs_sharpness
 from curvlab.phenomena.index import PHENOMENA, run_all, run_phenomenon, write_index
 from curvlab.phenomena.matrix_sensing import MatrixSensingConfig, matrix_sensing
 from curvlab.phenomena.neural_collapse import NeuralCollapseConfig, neural_collapse
-from curvlab.phenomena.newton import NewtonConfig, loglog_slope, newton_phenomenon
+from curvlab.phenomena.newton import NewtonConfig, newton_phenomenon
 from curvlab.phenomena.subspace import SubspaceConfig, tiny_subspace
 
 __all__ = [

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -25,7 +25,9 @@ __all__ = [
     "PhenomenonConfig",
     "PhenomenonResult",
     "SeededConfig",
+    "failed_checks",
     "finish",
+    "loglog_slope",
     "minibatch_backward",
     "progress",
     "seeded_mlp",
@@ -33,6 +35,26 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+def loglog_slope(x: list[float], y: list[float]) -> float:
+    """Least-squares slope of ``log y`` against ``log x`` (NaN with fewer than two points).
+
+    Example:
+        >>> round(loglog_slope([1.0, 2.0, 4.0], [1.0, 0.25, 0.0625]), 6)
+        -2.0
+    """
+    if len(x) < 2:
+        return math.nan
+    lx = torch.tensor(x, dtype=torch.float64).log()
+    ly = torch.tensor(y, dtype=torch.float64).log()
+    lx = lx - lx.mean()
+    return float((lx * (ly - ly.mean())).sum() / (lx * lx).sum())
+
+
+def failed_checks(checks: Mapping[str, Any]) -> list[str]:
+    """The names of the checks that do not hold, in their order."""
+    return [name for name, ok in checks.items() if not ok]
 
 
 @dataclass
@@ -74,7 +96,7 @@ class PhenomenonResult:
         ``full_claim`` (the parts of the paper's claim beyond the core) fail, ``False`` otherwise.
         """
         checks = numbers["checks"]
-        failed = {k for k, ok in checks.items() if not ok}
+        failed = set(failed_checks(checks))
         grade: bool | str = not failed or (
             "partly" if failed <= set(full_claim) and len(failed) < len(checks) else False
         )

@@ -40,11 +40,11 @@ from curvlab.phenomena._common import (
     PhenomenonResult,
     SeededConfig,
     finish,
+    loglog_slope,
     progress,
     seeded_mlp,
 )
 from curvlab.phenomena.eos import half_square_loss
-from curvlab.phenomena.newton import loglog_slope
 
 __all__ = ["BatchSizeConfig", "batch_hessian_extremes", "batch_size", "bisect_log"]
 

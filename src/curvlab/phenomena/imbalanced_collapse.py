@@ -53,7 +53,7 @@ from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
 from curvlab.monitors.neural_collapse import neural_collapse_metrics
-from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, failed_checks, finish
 
 __all__ = ["ImbalancedCollapseConfig", "imbalanced_collapse", "ufm_geometry"]
 
@@ -343,7 +343,7 @@ def imbalanced_collapse(
         f"{runs['balanced']['tolerance']:.1e} and {imb['tolerance']:.1e} (μ = "
         f"{imb['curvature']:.2g}, the smallest non-symmetry Hessian eigenvalue)."
     )
-    failed = [key for key, ok in checks.items() if not ok]
+    failed = failed_checks(checks)
     result = PhenomenonResult.from_checks(
         "imbalanced-collapse",
         numbers,

@@ -16,7 +16,7 @@ import torch
 from curvlab._workers import one_thread_worker
 from curvlab.datasets import fashion_mnist_available
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult
+from curvlab.phenomena._common import PhenomenonConfig, PhenomenonResult, failed_checks
 from curvlab.phenomena.batch_size import BatchSizeConfig, batch_size
 from curvlab.phenomena.central_flow import CentralFlowConfig, central_flow
 from curvlab.phenomena.compression import CompressionConfig, compression
@@ -126,7 +126,7 @@ def write_index(results: list[PhenomenonResult], out_dir: str | os.PathLike[str]
         )
     rows = []
     for res in results:
-        failed = [k for k, ok in res.numbers.get("checks", {}).items() if not ok]
+        failed = failed_checks(res.numbers.get("checks", {}))
         why = "failed checks: " + ", ".join(failed) if failed else "every check held"
         rows.append(
             f'<tr><td><a href="#{html.escape(res.name)}">{html.escape(res.name)}</a></td>'

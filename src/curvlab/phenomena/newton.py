@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
-from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish
+from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish, loglog_slope
 
-__all__ = ["NewtonConfig", "loglog_slope", "newton_phenomenon"]
+__all__ = ["NewtonConfig", "newton_phenomenon"]
 
 DT = torch.float64
 
@@ -71,21 +71,6 @@ class NewtonConfig(SeededConfig):
     def quick(cls) -> NewtonConfig:
         """The tests' size (seconds)."""
         return cls(regularized_steps=60, saddle_steps=30)
-
-
-def loglog_slope(x: list[float], y: list[float]) -> float:
-    """Least-squares slope of ``log y`` against ``log x`` (NaN with fewer than two points).
-
-    Example:
-        >>> round(loglog_slope([1.0, 2.0, 4.0], [1.0, 0.25, 0.0625]), 6)
-        -2.0
-    """
-    if len(x) < 2:
-        return math.nan
-    lx = torch.tensor(x, dtype=DT).log()
-    ly = torch.tensor(y, dtype=DT).log()
-    lx = lx - lx.mean()
-    return float((lx * (ly - ly.mean())).sum() / (lx * lx).sum())
 
 
 def _logistic(lam: float) -> tuple[Callable[[Tensor], Tensor], Tensor]:

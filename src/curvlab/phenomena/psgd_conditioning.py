@@ -44,8 +44,14 @@ from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError
 from curvlab.optim import PSGDKron
-from curvlab.phenomena._common import PhenomenonResult, SeededConfig, finish, progress
-from curvlab.phenomena.newton import loglog_slope
+from curvlab.phenomena._common import (
+    PhenomenonResult,
+    SeededConfig,
+    failed_checks,
+    finish,
+    loglog_slope,
+    progress,
+)
 
 __all__ = ["PSGDConditioningConfig", "psgd_conditioning"]
 
@@ -244,7 +250,7 @@ def psgd_conditioning(
         f"Rosenbrock: PSGD {shown([r_psgd], cfg.rosenbrock_iters)}, Adam "
         f"{shown([r_adam], cfg.rosenbrock_iters)}."
     )
-    failed = [k for k, ok in checks.items() if not ok]
+    failed = failed_checks(checks)
     result = PhenomenonResult.from_checks(
         "psgd-conditioning",
         numbers,

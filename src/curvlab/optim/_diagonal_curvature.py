@@ -41,8 +41,8 @@ fused: run the update as ``torch.compile``'d kernels, one call per bucket of ten
     round-off.
 on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` for NaN/inf gradients or
     curvature estimates; see :mod:`curvlab.optim._validation`.
-seed: seed of a private CPU generator for the estimator's random draws (Hutchinson
-    probes, GNB sampled labels). ``None`` (default, and no ``generator``): the seed is one
+seed: seed of a private CPU generator for the estimator's random draws (probes
+    or sampled labels). ``None`` (default, and no ``generator``): the seed is one
     draw from torch's global generator at construction, so ``torch.manual_seed(s)`` before
     building the optimizer reproduces a run; pass ``seed=`` to be independent of it.
 generator: the random source itself (instead of ``seed``). Its state is saved in

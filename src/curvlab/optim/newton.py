@@ -124,28 +124,28 @@ def lanczos_basis(op: LinearOperator, v0: Tensor, steps: int) -> tuple[Tensor, T
     """``(V [n, m], T [m, m], products)``: ``m <= steps`` Lanczos steps of ``op`` from ``v0``.
 
     Each step is :func:`curvlab.estimators.eigen.lanczos_step` (full re-orthogonalisation, two
-    Gram-Schmidt passes), so ``Vᵀ A V = T`` (tridiagonal) to rounding. The iterations read
-    nothing back to the host: when the Krylov space is exhausted (``β_j <= 1e-10·max|α|``) the
-    following basis vectors are zero, and the basis is cut there once at the end (``m``); the
-    products made after it are still counted in ``products``.
+    Gram-Schmidt passes), so ``Vᵀ A V = T`` (tridiagonal) to rounding. It stops early when the
+    Krylov space is exhausted (``β_j <= 1e-10·max|α|``; one scalar read per step, cheaper than
+    the products it saves), so ``products == m``.
     """
     n = op.shape[0]
     total = min(steps, n)
     V = v0.new_zeros(total, n)
     V[0] = v0 / v0.norm()
     ab = v0.new_zeros(total, 2)  # rows [α_j, β_j]
-    for j in range(total):
+    m = total
+    for j in range(total - 1):
         w, ab[j] = lanczos_step(op, V, j)
-        if j + 1 < total:
-            alive = ab[j, 1] > 1e-10 * ab[: j + 1, 0].abs().max()
-            V[j + 1] = torch.where(alive, w / ab[j, 1], 0.0)
-    betas = ab[: total - 1, 1]
-    dead = (betas <= 1e-10 * ab[:, 0].abs().cummax(0).values[: total - 1]).nonzero()
-    m = int(dead[0]) + 1 if dead.numel() else total
+        if float(ab[j, 1]) <= 1e-10 * float(ab[: j + 1, 0].abs().max()):
+            m = j + 1
+            break
+        V[j + 1] = w / ab[j, 1]
+    else:
+        _, ab[total - 1] = lanczos_step(op, V, total - 1)
     T = torch.diag(ab[:m, 0])
     if m > 1:
         T = T + torch.diag(ab[: m - 1, 1], 1) + torch.diag(ab[: m - 1, 1], -1)
-    return V[:m].T, T, total
+    return V[:m].T, T, m
 
 
 def newton_direction(

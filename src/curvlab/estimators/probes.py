@@ -49,12 +49,14 @@ def rademacher(
     count = math.prod(shape)
     # one random byte gives 8 signs, its bits, taken bit plane by bit plane so that the shifts
     # broadcast over long rows, which vectorise (one draw per sign, torch.randint(0, 2), took a
-    # third of a Hessian-vector product's time per probe at 1M parameters; this, a fifth of it)
+    # third of a Hessian-vector product's time per probe at 1M parameters; this, a fifth of it);
+    # the signs 2b - 1 are formed on bytes (255 read as int8 is -1) and converted to the dtype in
+    # one pass (the affine map in the dtype took two more passes: 40% of the time at 5M)
     octets = torch.empty(1, (count + 7) // 8, dtype=torch.uint8, device=draw_on)
     octets.random_(generator=generator)  # uniform on [0, 255]
     shifts = torch.arange(8, dtype=torch.uint8, device=draw_on).unsqueeze(1)
-    bits = octets.bitwise_right_shift(shifts).bitwise_and_(1).reshape(-1)[:count]
-    out = bits.to(dtype).mul_(2).sub_(1).reshape(shape)
+    signs = octets.bitwise_right_shift(shifts).bitwise_and_(1).mul_(2).sub_(1)
+    out = signs.reshape(-1)[:count].view(torch.int8).to(dtype).reshape(shape)
     return out.to(device) if device is not None else out
 
 

@@ -141,8 +141,8 @@ def load_problem(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
 
     Raises:
         InvalidArgumentError: an unknown name (the message lists the known ones).
-        ModelLoadError: ``module:function`` cannot be imported, raises, or does not return a
-            ``(model, loss_fn, data)`` triple with an ``nn.Module`` first.
+        ModelLoadError: ``module:function`` cannot be imported, raises, calls ``sys.exit``, or
+            does not return a ``(model, loss_fn, data)`` triple with an ``nn.Module`` first.
     """
     if spec in ZOO:
         return ZOO[spec](seed=seed, dtype=dtype)
@@ -159,6 +159,11 @@ def load_problem(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
     fn = _import_function(module_name, func_name)
     try:
         out = fn()
+    except SystemExit as exc:  # KeyboardInterrupt still propagates
+        raise ModelLoadError(
+            f"{spec}() called sys.exit({exc.code!r}) instead of returning; fix the function so "
+            "that it returns (model, loss_fn, data)"
+        ) from exc
     except Exception as exc:
         raise ModelLoadError(
             f"{spec}() raised {type(exc).__name__}: {exc}; fix the function so that it returns "
@@ -185,7 +190,7 @@ def _import_function(module_name: str, func_name: str) -> Callable[[], Any]:
         sys.path.insert(0, cwd)
     try:
         fn = getattr(importlib.import_module(module_name), func_name)
-    except Exception as exc:  # ImportError, AttributeError, or the module's own error
+    except (Exception, SystemExit) as exc:  # ImportError, AttributeError, the module's own
         raise ModelLoadError(
             f"cannot load {module_name}:{func_name}: {type(exc).__name__}: {exc}. Pass "
             "module:function where module is importable from the current directory (a file "

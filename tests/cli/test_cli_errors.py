@@ -61,6 +61,12 @@ def test_bad_arguments(
     assert not Path("s").exists()
 
 
+_RETURNS_DATA = (
+    "import torch\nfrom torch import nn\n\n\ndef build():\n"
+    "    return nn.Linear(4, 3), nn.CrossEntropyLoss(), ({x}, torch.arange(16) % 3)\n"
+)
+
+
 @pytest.mark.parametrize(
     ("source", "fragment"),
     [
@@ -68,6 +74,8 @@ def test_bad_arguments(
         ("def build():\n    raise RuntimeError('no GPU here')\n", "raised RuntimeError: no GPU"),
         ("def build():\n    return 3\n", "must return a tuple (model, loss_fn, data)"),
         ("def build():\n    return 1, 2, 3\n", "with an nn.Module first, got tuple"),
+        ("def build():\n    raise SystemExit(3)\n", "{name}:build() called sys.exit(3) instead"),
+        ("import sys\nsys.exit(4)\n", "cannot load {name}:build: SystemExit: 4."),
     ],
 )
 def test_bad_model(
@@ -77,13 +85,57 @@ def test_bad_model(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    name = _spectrum_of_user_model(source, tmp_path, monkeypatch)
+    _one_line(capsys, "curvlab spectrum: error: ", name, fragment.format(name=name))
+
+
+@pytest.mark.parametrize(
+    ("x", "fragment"),
+    [
+        (
+            "torch.randn(16, 5)",
+            "the model raised on batch 0: mat1 and mat2 shapes cannot be multiplied (16x5 and 4x3)",
+        ),
+        (
+            "torch.randint(0, 3, (16, 4))",
+            "its inputs are torch.int64: convert integer features to the model's float dtype",
+        ),
+        ("torch.randn(16, 4, dtype=torch.float64)", "its inputs are torch.float64 and the model"),
+    ],
+)
+def test_data_the_model_cannot_take(
+    x: str,
+    fragment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _spectrum_of_user_model(_RETURNS_DATA.format(x=x), tmp_path, monkeypatch)
+    _one_line(capsys, "curvlab spectrum: error: ", fragment)
+
+
+def _spectrum_of_user_model(
+    source: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Run `spectrum --model NAME:build` on ``source`` (None: no such module); return NAME."""
     name = "nosuchmodule_xyz" if source is None else f"usermod_{abs(hash(source))}"
     if source is not None:
         (tmp_path / f"{name}.py").write_text(source)
     monkeypatch.chdir(tmp_path)  # the module lies in the current folder, as for `python -m`
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
     assert main(["spectrum", "--model", f"{name}:build", "--out", str(tmp_path / "o")]) == 2
-    _one_line(capsys, "curvlab spectrum: error: ", name, fragment.format(name=name))
+    return name
+
+
+def test_a_model_function_interrupted_by_ctrl_c_is_not_turned_into_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from curvlab.zoo import load_problem
+
+    (tmp_path / "usermod_ctrl_c.py").write_text("def build():\n    raise KeyboardInterrupt\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        load_problem("usermod_ctrl_c:build")
 
 
 def test_model_in_the_current_folder_is_found(

@@ -274,3 +274,82 @@ def test_bad_operator_input_gets_a_specific_error_that_says_what_to_do(case):
     with pytest.raises(cls, match=re.escape(fragment)) as info:
         call()
     assert isinstance(info.value, CurvlabError)
+
+
+def _mlp32():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+_Y16 = torch.arange(16) % 2
+MODEL_REJECTS_DATA = {
+    "features of the wrong width": (
+        (torch.randn(16, 5), _Y16),
+        ShapeMismatchError,
+        "the model raised on batch 0: mat1 and mat2 shapes cannot be multiplied (16x5 and 3x4); "
+        "give inputs of the shape the model takes (these have shapes ((16, 5),))",
+    ),
+    "integer features": (
+        (torch.randint(0, 3, (16, 3)), _Y16),
+        DTypeError,
+        "its inputs are torch.int64: convert integer features to the model's float dtype "
+        "(x.to(torch.float32))",
+    ),
+    "float64 features, float32 model": (
+        (torch.randn(16, 3, dtype=torch.float64), _Y16),
+        DTypeError,
+        "its inputs are torch.float64 and the model's parameters torch.float32: convert the "
+        "inputs (x.to(torch.float32))",
+    ),
+    "wrong width in batch 1 only": (
+        [(torch.randn(8, 3), _Y16[:8]), (torch.randn(8, 5), _Y16[8:])],
+        ShapeMismatchError,
+        "the model raised on batch 1: mat1 and mat2 shapes cannot be multiplied (8x5 and 3x4); "
+        "batch 1 has inputs of shapes ((5,),), batch 0 ((3,),)",
+    ),
+    "dict batch of the wrong width": (
+        [
+            {"input": torch.randn(16, 3), "labels": _Y16},
+            {"input": torch.randn(4, 5), "labels": _Y16[:4]},
+        ],
+        ShapeMismatchError,
+        "the model raised on batch 1: mat1 and mat2 shapes cannot be multiplied (4x5 and 3x4)",
+    ),
+}
+
+
+@pytest.mark.parametrize("op", [HessianOperator, GGNOperator, FisherOperator])
+@pytest.mark.parametrize("cache_graph", [None, False])
+@pytest.mark.parametrize("case", list(MODEL_REJECTS_DATA))
+def test_data_the_model_cannot_take_names_the_batch(op, cache_graph, case):
+    import re
+
+    data, cls, fragment = MODEL_REJECTS_DATA[case]
+    with pytest.raises(cls, match=re.escape(fragment)) as info:  # dicts: model(input=x)
+        op(_mlp32(), _CE, data, cache_graph=cache_graph)
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's error is kept as the cause
+
+
+def test_a_later_batch_of_another_dtype_is_refused_at_its_first_forward():
+    # without a graph cache only batch 0 runs at construction; batch 1 fails at the first product
+    data = [(torch.randn(8, 3), _Y16[:8]), (torch.randn(8, 3, dtype=torch.float64), _Y16[8:])]
+    H = HessianOperator(_mlp32(), _CE, data, cache_graph=False)
+    with pytest.raises(DTypeError, match="the model raised on batch 1: mat1 and mat2 must have"):
+        H @ torch.ones(H.shape[0])
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("out of memory"), ShapeMismatchError("nested operator")]
+)
+def test_out_of_memory_and_curvlab_errors_from_the_model_pass_unchanged(error):
+    class Raises(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            raise error
+
+    with pytest.raises(type(error)) as info:
+        HessianOperator(Raises(), _CE, (torch.randn(4, 3), _Y16[:4]))
+    assert info.value is error

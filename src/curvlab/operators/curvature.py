@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypedDict
@@ -20,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import (
+    CurvlabError,
+    DTypeError,
     InvalidArgumentError,
     LossNotScalarError,
     NonDeterministicError,
@@ -48,6 +51,10 @@ _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 GRAPH_CACHE_BYTES = 1 << 30
 """``cache_graph=None`` caches the graphs of several batches when they are estimated to fit this."""
 _version = operator.attrgetter("_version")
+# what the model may raise on inputs it cannot take (wider than shapes: a model's own checks)
+_MODEL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
+# torch names the dtype in its messages ("must have the same dtype", "Input type (long int)")
+_NAMES_A_DTYPE = re.compile(r"type|Long|Int|Bool|Byte|Char|Short")
 # the engine torch.autograd.grad calls after validating its arguments (torch >= 1.x, private)
 _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
 
@@ -78,6 +85,14 @@ def _loss_reduction(loss_fn: Any, reduction: str | None) -> str:
             "reduction='mean' or 'sum'"
         )
     return str(red)
+
+
+def _input_tensors(x: Any) -> list[Tensor]:
+    """The tensors inside a batch's inputs (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(x, Tensor):
+        return [x]
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
+    return [t for v in values for t in _input_tensors(v)]
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -206,9 +221,7 @@ class CurvatureOperator(LinearOperator):
         differ = any(s != shapes[0] for s in shapes)  # the data is read again only then
         for i, (x, y) in enumerate(self.data._iter_raw() if differ else ()):
             if shapes[i] != shapes[0]:
-                self._try_batch(
-                    x, y, f"batch {i} has inputs of shapes {shapes[i]}, batch 0 {shapes[0]}"
-                )
+                self._try_batch(x, y, self._shapes_note(i))
         if self._auto_cache:
             self.cache_graph = self._graphs_fit()
         if self.cache_graph:
@@ -247,17 +260,21 @@ class CurvatureOperator(LinearOperator):
         return sum(storages.values()) * sum(sizes) / sizes[0] <= GRAPH_CACHE_BYTES
 
     def _try_batch(self, x: Any, y: Tensor, what: str) -> None:
+        with torch.no_grad(), self._model_mode():
+            outputs = self._forward(x)  # a model that rejects x raises naming the batch
+        targets = y.to(self.device)
         try:
-            with torch.no_grad(), self._model_mode():
-                outputs = self._forward(x)
-                targets = y.to(self.device)
-                check_target_shape(self.loss_fn, outputs, targets)
-                self.loss_fn(outputs, targets)
+            check_target_shape(self.loss_fn, outputs, targets)
+            self.loss_fn(outputs, targets)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             raise ShapeMismatchError(
-                f"{what}, and the model or the loss rejects it ({exc}); give every batch inputs "
+                f"{what}, and the loss rejects its output ({exc}); give every batch inputs "
                 "of the shape the model takes"
             ) from exc
+
+    def _shapes_note(self, i: int) -> str:
+        shapes = self.data.feature_shapes
+        return f"batch {i} has inputs of shapes {shapes[i]}, batch 0 {shapes[0]}"
 
     def _check_outputs(self, outputs: Tensor, targets: Tensor) -> None:
         """Hook for operators with requirements on the outputs (GGN/Fisher: the loss kind)."""
@@ -322,11 +339,19 @@ class CurvatureOperator(LinearOperator):
         Dict inputs are passed as keywords (``model(**inputs)``), anything else as one argument;
         the forward runs in :func:`~curvlab.operators._context.model_context` (no autocast, math
         attention). The output goes through ``output_fn`` if given; otherwise a tensor is taken as
-        it is and a ``ModelOutput`` (or any dict/object with ``logits``) gives its logits.
+        it is and a ``ModelOutput`` (or any dict/object with ``logits``) gives its logits. An
+        error the model raises becomes the one :meth:`_model_error` names (the ``try`` costs a
+        forward that succeeds nothing).
         """
-        inputs = move_to(inputs, self.device)
+        moved = move_to(inputs, self.device)
         with model_context():
-            out = self.model(**inputs) if isinstance(inputs, Mapping) else self.model(inputs)
+            try:
+                out = self.model(**moved) if isinstance(moved, Mapping) else self.model(moved)
+            except _MODEL_ERRORS as exc:
+                error = self._model_error(inputs, exc)
+                if error is None:
+                    raise
+                raise error from exc
             if self.output_fn is not None:
                 out = self.output_fn(out)
                 if not isinstance(out, Tensor):
@@ -344,6 +369,56 @@ class CurvatureOperator(LinearOperator):
                 f"logits; {_OUTPUT_FN_HINT}"
             )
         return logits
+
+    def _model_error(self, inputs: Any, exc: Exception) -> CurvlabError | None:
+        """The error to raise for ``exc``, which the model raised on ``inputs`` (``None``: as is).
+
+        Runs only after the model raised, so it costs the products nothing. The batch is found
+        by the identity of its first input tensor (else it is named by its shapes). Floating-point
+        inputs of another dtype than the parameters', or integer inputs with an error that names
+        a dtype, give a :class:`~curvlab.errors.DTypeError`; any other error a
+        :class:`~curvlab.errors.ShapeMismatchError`. Out of memory and curvlab's own errors
+        (from a nested operator) pass unchanged.
+        """
+        if isinstance(exc, (CurvlabError, torch.OutOfMemoryError)):
+            return None
+        tensors = _input_tensors(inputs)
+        index = self._batch_index(tensors)
+        where = "a batch" if index is None else f"batch {index}"
+        told = f"the model raised on {where}: {exc}"
+        floats = {t.dtype for t in tensors if t.is_floating_point() and t.dtype != self.dtype}
+        if floats:
+            wrong = sorted(map(str, floats))
+            return DTypeError(
+                f"{told}; its inputs are {', '.join(wrong)} and the model's parameters "
+                f"{self.dtype}: convert the inputs (x.to({self.dtype})) or the model "
+                f"(model.to({wrong[0]}))"
+            )
+        ints = sorted({str(t.dtype) for t in tensors if not t.is_floating_point()})
+        if ints and _NAMES_A_DTYPE.search(str(exc)):
+            return DTypeError(
+                f"{told}; its inputs are {', '.join(ints)}: convert integer features to the "
+                f"model's float dtype (x.to({self.dtype}))"
+            )
+        shapes = self.data.feature_shapes
+        if index is not None and shapes[index] != shapes[0]:
+            return ShapeMismatchError(
+                f"{told}; {self._shapes_note(index)}: give every batch inputs of the shape the "
+                "model takes"
+            )
+        shape = tuple(tuple(t.shape) for t in tensors)
+        return ShapeMismatchError(
+            f"{told}; give inputs of the shape the model takes (these have shapes {shape})"
+        )
+
+    def _batch_index(self, tensors: Sequence[Tensor]) -> int | None:
+        """The position in the data of the batch whose first input tensor is ``tensors[0]``."""
+        if tensors:
+            for i, (x, _) in enumerate(self.data._iter_raw()):
+                first = _input_tensors(x)
+                if first and first[0] is tensors[0]:
+                    return i
+        return None
 
     def _loss(self, outputs: Tensor, targets: Tensor, weight: float) -> Tensor:
         targets = move_to(targets, self.device)

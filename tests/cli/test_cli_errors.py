@@ -228,6 +228,13 @@ def test_disk_full_is_one_line(
     _one_line(capsys, "database or disk is full")
 
 
+def _tiny_run(tmp_path: Path, store: Path) -> tuple[Path, list[str]]:
+    """A tiny suite file and the ``bench run`` argv that runs it in-process into ``store``."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text(TINY_SUITE)
+    return suite, ["bench", "run", "--suite", str(suite), "--store", str(store), "--in-process"]
+
+
 def _sqlite_error(code: int, text: str) -> sqlite3.OperationalError:
     exc = sqlite3.OperationalError(text)
     exc.sqlite_errorcode = code  # what sqlite3 sets (Python >= 3.11)
@@ -260,14 +267,12 @@ def test_store_created_on_a_full_disk(
 
     from curvlab.errors import StoreError
 
-    suite = tmp_path / "s.yaml"
-    suite.write_text(TINY_SUITE)
     store = tmp_path / "full" / "st.sqlite"
+    _, argv = _tiny_run(tmp_path, store)
     monkeypatch.setattr(Store, "_check_or_create", _raise(_sqlite_error(code, text)))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(2**41, 0, free))
     with pytest.raises(StoreError, match=r"^cannot write the store .*st\.sqlite: the disk is full"):
         Store(store)
-    argv = ["bench", "run", "--suite", str(suite), "--store", str(store), "--in-process"]
     assert main(argv) == 2
     err = _one_line(capsys, f"error: cannot write the store {store}: the disk is full ({text}; ")
     assert "choose another --store" in err and "not a usable" not in err
@@ -285,16 +290,14 @@ def test_disk_full_during_the_runs_is_one_line(
     from curvlab.bench.suites import load_suite
     from curvlab.errors import StoreError
 
-    suite = tmp_path / "s.yaml"
-    suite.write_text(TINY_SUITE)
     store = tmp_path / "st.sqlite"
+    suite, argv = _tiny_run(tmp_path, store)
     full = _sqlite_error(sqlite3.SQLITE_FULL, "database or disk is full")
     monkeypatch.setattr(Store, "add_eval", _raise(full))
     with pytest.raises(StoreError, match=r"^cannot write the store .*st\.sqlite: the disk is full"):
         run_suite(load_suite(str(suite)), store, workers=0, progress=False)
     # the run is not blamed: it goes back to the queue for the rerun
     assert {r["status"] for r in Store(store).runs()} == {"pending"}
-    argv = ["bench", "run", "--suite", str(suite), "--store", str(store), "--in-process"]
     assert main([*argv, "--no-progress"]) == 2
     err = _one_line(capsys, f"curvlab bench: error: cannot write the store {store}: the disk is")
     assert "note:" not in err
@@ -305,10 +308,9 @@ def test_disk_full_under_out_names_the_folder(
 ) -> None:
     import curvlab.bench.report
 
-    suite = tmp_path / "s.yaml"
-    suite.write_text(TINY_SUITE)
     store = tmp_path / "st.sqlite"
-    assert main(["bench", "run", "--suite", str(suite), "--store", str(store), "--in-process"]) == 0
+    _, run = _tiny_run(tmp_path, store)
+    assert main(run) == 0
     capsys.readouterr()
     no_space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # write() names no file
     monkeypatch.setattr(Store, "export", _raise(no_space))
@@ -320,8 +322,7 @@ def test_disk_full_under_out_names_the_folder(
     ]:
         assert main(argv) == 2
         _one_line(capsys, f": error: cannot write into {where}: the disk is full (No space left")
-    argv = ["bench", "run", "--suite", str(suite), "--store", str(store), "--in-process"]
-    assert main([*argv, "--no-progress", "--report", str(out)]) == 2
+    assert main([*run, "--no-progress", "--report", str(out)]) == 2
     summary, error = capsys.readouterr().err.splitlines()  # the run's summary, then the error
     assert (
         summary.startswith("suite s: 1 runs") and f"cannot write into --report {out}: the" in error

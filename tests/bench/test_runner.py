@@ -6,6 +6,8 @@ import itertools
 import math
 import socket
 import sqlite3
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from curvlab.bench.optimizers import CostModel, resolve_optimizer
 from curvlab.bench.runner import execute_run, run_suite
 from curvlab.bench.store import Store
 from curvlab.bench.suites import RunSpec, parse_suite
-from curvlab.errors import DataNotFoundError, StoreError, UnknownNameError
+from curvlab.errors import DataNotFoundError, StoreError, UnknownNameError, WorkerError
 
 
 def _spec(
@@ -244,3 +246,29 @@ def test_bad_input_loses_nothing_from_an_existing_store(tmp_path: Path, tiny) ->
         run_suite(parse_suite(bad, allow_import=True), path, workers=0, progress=False)
     assert Store(path).runs() == before and Store(path).evals() == evals_before
     assert Store(path).integrity_check() == "ok"
+
+
+def test_workers_that_die_in_their_bootstrap_raise_worker_error(
+    tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # A script without a `__main__` guard: each spawned worker re-runs it and dies importing it.
+    # Every run would die twice and be marked failed (the suite "finishing" with all runs
+    # failed); the runner must instead stop after 3 pools and name the guard.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import multiprocessing\n"
+        "multiprocessing.get_context('spawn').Process(target=print).start()\n"
+    )
+    fake_main = types.ModuleType("__main__")
+    fake_main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    doc = tiny(
+        problems={"quadratic-k1e2": {"budget_steps": 10, "eval_every": 5, "target": 1e-2}},
+        tracks={"defaults": {"seeds": 1}, "tuned": {"trials": 1, "studies": 1}},
+    )
+    notes: list[str] = []
+    path = tmp_path / "s.sqlite"
+    with pytest.raises(WorkerError, match=r"keep dying .*if __name__ == '__main__':.*workers=0"):
+        run_suite(parse_suite(doc), path, workers=1, progress=False, log=notes.append)
+    assert len(notes) == 3 and not any("run failed" in n for n in notes)
+    assert {r["status"] for r in Store(path).runs()} == {"pending"}  # no run was blamed

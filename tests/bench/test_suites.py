@@ -231,8 +231,15 @@ def test_unknown_problem_lists_known_and_suggests() -> None:
 def test_yaml_file_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("problems: [digits-mlp\noptimizers: [")
-    with pytest.raises(SuiteError, match=r"bad\.yaml: cannot read the suite file"):
+    with pytest.raises(SuiteError) as info:
         load_suite(str(bad))
+    # one line: where and what, not the parser's drawing of the line with a caret
+    assert str(info.value) == (
+        f"{bad}: not valid YAML at line 2, column 11: expected ',' or ']', but got ':'"
+    )
+    (tmp_path / "adir.yaml").mkdir()
+    with pytest.raises(SuiteError, match=r"adir\.yaml: cannot read the suite file: "):
+        load_suite(str(tmp_path / "adir.yaml"))
     ok = tmp_path / "ok.yaml"
     ok.write_text("problems: [digits-mlp]\noptimizers: [adamw]\ntracks: {tuned: {trials: x}}\n")
     with pytest.raises(SuiteError, match=r"ok\.yaml: tracks\.tuned\.trials: expected an integer"):

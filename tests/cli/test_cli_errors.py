@@ -280,6 +280,107 @@ def test_disk_full_is_one_line(
     _one_line(capsys, "database or disk is full")
 
 
+def _tiny_run(tmp_path: Path, store: Path) -> tuple[Path, list[str]]:
+    """A tiny suite file and the ``bench run`` argv that runs it in-process into ``store``."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text(TINY_SUITE)
+    return suite, ["bench", "run", "--suite", str(suite), "--store", str(store), "--in-process"]
+
+
+def _sqlite_error(code: int, text: str) -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError(text)
+    exc.sqlite_errorcode = code  # what sqlite3 sets (Python >= 3.11)
+    return exc
+
+
+def _raise(exc: BaseException) -> Any:
+    def fail(*a: Any, **k: Any) -> Any:
+        raise exc
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "free"),
+    [
+        (sqlite3.SQLITE_FULL, "database or disk is full", 2**40),
+        (sqlite3.SQLITE_IOERR, "disk I/O error", 24 * 1024),  # a journal that cannot grow
+    ],
+)
+def test_store_created_on_a_full_disk(
+    code: int,
+    text: str,
+    free: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    from curvlab.errors import StoreError
+
+    store = tmp_path / "full" / "st.sqlite"
+    _, argv = _tiny_run(tmp_path, store)
+    monkeypatch.setattr(Store, "_check_or_create", _raise(_sqlite_error(code, text)))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(2**41, 0, free))
+    with pytest.raises(StoreError, match=r"^cannot write the store .*st\.sqlite: the disk is full"):
+        Store(store)
+    assert main(argv) == 2
+    err = _one_line(capsys, f"error: cannot write the store {store}: the disk is full ({text}; ")
+    assert "choose another --store" in err and "not a usable" not in err
+    # an I/O error with space left is not blamed on the disk
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(2**41, 0, 2**40))
+    if code == sqlite3.SQLITE_IOERR:
+        with pytest.raises(StoreError, match="is not a usable curvlab store: disk I/O error"):
+            Store(store)
+
+
+def test_disk_full_during_the_runs_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from curvlab.bench.runner import run_suite
+    from curvlab.bench.suites import load_suite
+    from curvlab.errors import StoreError
+
+    store = tmp_path / "st.sqlite"
+    suite, argv = _tiny_run(tmp_path, store)
+    full = _sqlite_error(sqlite3.SQLITE_FULL, "database or disk is full")
+    monkeypatch.setattr(Store, "add_eval", _raise(full))
+    with pytest.raises(StoreError, match=r"^cannot write the store .*st\.sqlite: the disk is full"):
+        run_suite(load_suite(str(suite)), store, workers=0, progress=False)
+    # the run is not blamed: it goes back to the queue for the rerun
+    assert {r["status"] for r in Store(store).runs()} == {"pending"}
+    assert main([*argv, "--no-progress"]) == 2
+    err = _one_line(capsys, f"curvlab bench: error: cannot write the store {store}: the disk is")
+    assert "note:" not in err
+
+
+def test_disk_full_under_out_names_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import curvlab.bench.report
+
+    store = tmp_path / "st.sqlite"
+    _, run = _tiny_run(tmp_path, store)
+    assert main(run) == 0
+    capsys.readouterr()
+    no_space = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # write() names no file
+    monkeypatch.setattr(Store, "export", _raise(no_space))
+    monkeypatch.setattr(curvlab.bench.report, "write_report", _raise(no_space))
+    out = tmp_path / "csv"
+    for argv, where in [
+        (["bench", "export", "--store", str(store), "--out", str(out)], f"--out {out}"),
+        (["bench", "report", "--store", str(store)], f"--out {tmp_path / 'report'}"),
+    ]:
+        assert main(argv) == 2
+        _one_line(capsys, f": error: cannot write into {where}: the disk is full (No space left")
+    assert main([*run, "--no-progress", "--report", str(out)]) == 2
+    summary, error = capsys.readouterr().err.splitlines()  # the run's summary, then the error
+    assert (
+        summary.startswith("suite s: 1 runs") and f"cannot write into --report {out}: the" in error
+    )
+
+
 def test_internal_errors_are_one_line_unless_debugging(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -295,6 +396,20 @@ def test_internal_errors_are_one_line_unless_debugging(
     monkeypatch.setenv("CURVLAB_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(argv)
+
+
+def test_suite_file_that_is_not_yaml_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    suite = tmp_path / "notyaml.yaml"
+    suite.write_text("problems: [quadratic-k1e2\n  : bad")
+    argv = ["bench", "run", "--suite", str(suite), "--store", str(tmp_path / "s"), "--in-process"]
+    assert main(argv) == 2
+    _one_line(
+        capsys,
+        f"curvlab bench: error: {suite}: not valid YAML at line 2, column 3: expected ',' or ']', "
+        "but got ':'",
+    )
 
 
 @pytest.mark.slow

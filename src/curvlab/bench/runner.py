@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypedDict
@@ -70,7 +70,13 @@ from curvlab.bench.optimizers import (
 )
 from curvlab.bench.problems import get_problem
 from curvlab.bench.sink import MonitorWriter
-from curvlab.bench.store import DONE_STATUSES, Store, check_store_path, new_owner
+from curvlab.bench.store import (
+    DONE_STATUSES,
+    Store,
+    check_store_path,
+    disk_full_error,
+    new_owner,
+)
 from curvlab.bench.suites import BUILTIN_OPTIMIZERS, RunSpec, Suite, expand_runs, problem_infos
 from curvlab.errors import InvalidArgumentError, UnknownNameError, UnknownOptionError, WorkerError
 
@@ -179,6 +185,11 @@ def run_attempt(
     """
     try:
         status, summary = _train(spec, st, attempt, monitors)
+    except sqlite3.Error as exc:  # the store failed, not the run: the suite cannot go on
+        full = disk_full_error(Path(getattr(st, "path", "")), exc)
+        if full is not None:
+            raise full from exc
+        raise
     except Exception as exc:  # recorded, the suite goes on
         status = "failed"
         summary = {
@@ -291,10 +302,11 @@ def _train(
 # the suite
 
 
-def _worker_init(runner_pid: int, owner: str) -> None:
+def _worker_init(runner_pid: int, owner: str, started: Any) -> None:
     global _WORKER_OWNER
     one_thread_worker(runner_pid)
     _WORKER_OWNER = owner
+    started.set()  # this pool's workers get past their bootstrap (see _run_pool)
 
 
 _WORKER_OWNER: str | None = None
@@ -515,6 +527,7 @@ def run_suite(
     specs = plan_runs(suite)
     check_problem_fit(suite.monitors, suite.problems)
     with contextlib.ExitStack() as engine:
+        engine.enter_context(_full_disk_says_so(path))
         if executor == "ray":
             from curvlab.bench.ray_executor import ray_session, run_on_ray
 
@@ -572,6 +585,18 @@ def run_suite(
     return result
 
 
+@contextlib.contextmanager
+def _full_disk_says_so(path: Path) -> Iterator[None]:
+    """Turn an SQLite error of a full disk under the store at ``path`` into its StoreError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        full = disk_full_error(path, exc)
+        if full is None:
+            raise
+        raise full from exc
+
+
 def _check_executor(workers: int | None, executor: str, address: str | None) -> None:
     if executor not in EXECUTORS:
         raise UnknownOptionError(
@@ -608,11 +633,17 @@ def _run_pool(
     pending = list(reversed(todo))
     retries: dict[str, int] = {}
     done = 0
-    fruitless = 0
+    # Pools in a row none of whose workers got past its bootstrap (importing the main module, as
+    # a script without a `__main__` guard makes it fail). Deaths of started workers do not count:
+    # each costs its run a retry, and a run that kills two workers is marked failed.
+    stillborn = 0
     while pending:
-        done_before = done
+        started = ctx.Event()
         pool = cf.ProcessPoolExecutor(
-            n_workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(), owner)
+            n_workers,
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(os.getpid(), owner, started),
         )
         try:
             inflight: dict[cf.Future[dict[str, Any]], RunSpec] = {}
@@ -629,6 +660,9 @@ def _run_pool(
                         out = fut.result()
                     except cf.process.BrokenProcessPool:
                         broken = True
+                        if not started.is_set():  # no worker ran it: not the run's fault
+                            pending.append(spec)
+                            continue
                         retries[spec.run_id] = retries.get(spec.run_id, 0) + 1
                         if retries[spec.run_id] <= 1:
                             pending.append(spec)
@@ -652,11 +686,11 @@ def _run_pool(
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        fruitless = fruitless + 1 if done == done_before else 0
-        if fruitless >= 3:
+        stillborn = 0 if started.is_set() else stillborn + 1
+        if stillborn >= 3:
             raise WorkerError(
-                "worker processes keep dying before finishing any run (3 pools in a row); if you "
-                "called run_suite from a script, guard it with `if __name__ == '__main__':` "
+                "worker processes keep dying before they can start a run (3 pools in a row); if "
+                "you called run_suite from a script, guard it with `if __name__ == '__main__':` "
                 "(spawned workers re-import the main module), or use workers=0"
             )
     prog.update(done, 0)

@@ -51,9 +51,11 @@ opened read-only, it is read as it is.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -71,6 +73,7 @@ __all__ = [
     "STALE_AFTER_S",
     "Store",
     "check_store_path",
+    "disk_full_error",
     "new_owner",
     "owner_alive",
     "run_loads",
@@ -229,6 +232,38 @@ def check_store_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+_SQLITE_FULL, _SQLITE_IOERR = 13, 10  # primary result codes of sqlite3.h
+
+
+def disk_full_error(path: Path, exc: BaseException) -> StoreError | None:
+    """The :class:`StoreError` to raise when writing the store at ``path`` failed with ``exc``
+    because its disk is full (``None`` for any other failure).
+
+    SQLite reports a full disk as ``SQLITE_FULL``, or as an I/O error when even its journal cannot
+    grow; the latter counts as a full disk when less than 1 MiB is free.
+    """
+    if isinstance(exc, OSError):
+        full = exc.errno == errno.ENOSPC
+    elif isinstance(exc, sqlite3.Error):
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        full = code == _SQLITE_FULL or (code == _SQLITE_IOERR and _free(path) < 2**20)
+    else:
+        full = False
+    if not full:
+        return None
+    return StoreError(
+        f"cannot write the store {path}: the disk is full ({exc}; {_free(path) // 1024} KiB "
+        "free); free space or choose another --store"
+    )
+
+
+def _free(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path.parent if str(path.parent) else ".").free
+    except OSError:
+        return 2**62  # unknown: not evidence of a full disk
+
+
 def run_loads(env: Mapping[str, Any]) -> list[float]:
     """The 1-minute load averages a run's environment record holds: at its start, then at its end
     (either may be missing). A run's ``load1`` is the larger of the two."""
@@ -280,6 +315,9 @@ class Store:
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self._check_or_create(readonly)
         except sqlite3.DatabaseError as exc:
+            full = disk_full_error(self.path, exc)
+            if full is not None:
+                raise full from exc
             if "readonly" in str(exc) or "read-only" in str(exc):
                 raise StoreError(
                     f"the store {self.path} is read-only ({exc}); make it writable or choose "

@@ -2,14 +2,16 @@
 
 Failure rule: every failure is one line on stderr and a non-zero exit, never a traceback. Bad
 arguments and :class:`~curvlab.errors.CurvlabError` exit 2 (``curvlab <command>: error: ...``);
-Ctrl-C exits 130; an operating-system error (disk full, permissions) or a database error exits 1
-with the path; anything else is reported as an internal error (exit 1) whose traceback
+Ctrl-C exits 130; a full disk under ``--out``, ``--report`` or the store is a CurvlabError that names
+the path; another operating-system error (permissions) or a database error exits 1 with the path;
+anything else is reported as an internal error (exit 1) whose traceback
 ``CURVLAB_DEBUG=1`` shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sqlite3
@@ -92,6 +94,19 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.strerror or exc}{': ' + where if where else ''}"
 
 
+def _full_out_dir(exc: OSError, args: argparse.Namespace) -> OutputPathError | None:
+    """The error that names the output folder of ``args`` when a write into it found the disk
+    full (the operating system's error names no file), else ``None``."""
+    for flag in ("--out", "--report"):
+        out = getattr(args, flag[2:], None)
+        if out is not None and exc.errno == errno.ENOSPC:
+            return OutputPathError(
+                f"cannot write into {flag} {exc.filename or out}: the disk is full "
+                f"({exc.strerror}); free space or choose another {flag}"
+            )
+    return None
+
+
 def _guarded(prog: list[str], run: Callable[[], int]) -> int:
     """Run ``run`` and turn every failure into one line on stderr (``prog[0]: ...``) and a code."""
 
@@ -133,7 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         prog[0] = f"curvlab {args.command}"
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except OSError as exc:
+            full = _full_out_dir(exc, args)
+            if full is None:
+                raise
+            raise full from exc
 
     return _guarded(prog, run)
 

@@ -59,16 +59,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if res.failed else 0
 
 
-def _report(store: str, out: str | None) -> int:
+def _report(store: str, out: str) -> int:
     from curvlab.bench.report import conclusion, write_report
 
-    out_dir = out if out is not None else str(Path(store).resolve().parent / "report")
-    print(write_report(store, check_out_dir(out_dir)))
+    print(write_report(store, check_out_dir(out)))
     print("\n".join(conclusion(store)))  # what the run supports, from the intervals
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.out is None:  # the default, set here so that a full-disk error can name it
+        args.out = str(Path(args.store).resolve().parent / "report")
     return _report(args.store, args.out)
 
 

@@ -90,6 +90,7 @@ def test_errors_are_one_clear_line(
     assert _main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("curvlab bench: error: ") and match in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no report folder left
 
 
 def test_unwritable_store_refused_before_any_run(

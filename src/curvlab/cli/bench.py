@@ -61,7 +61,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _report(store: str, out: str) -> int:
     from curvlab.bench.report import conclusion, write_report
+    from curvlab.bench.store import Store
 
+    Store(store, readonly=True).close()  # an unusable store is refused before --out is created
     print(write_report(store, check_out_dir(out)))
     print("\n".join(conclusion(store)))  # what the run supports, from the intervals
     return 0

@@ -318,7 +318,7 @@ def test_foreach_equals_single_tensor_float64(
     ps, gs, ms = mk(), mk(), mk()
     vs = [t.abs() for t in mk()]
     kw = dict(
-        lr=0.1, beta1=0.9, beta2=0.99, eps=1e-4, weight_decay=0.1, hessian_power=0.7, maximize=True
+        lr=0.1, betas=(0.9, 0.99), eps=1e-4, weight_decay=0.1, hessian_power=0.7, maximize=True
     )
     a = [copy.deepcopy(t) for t in (ps, ms, vs)]
     b = [copy.deepcopy(t) for t in (ps, ms, vs)]

@@ -425,7 +425,13 @@ def test_foreach_equals_single_tensor_float64(
     ps, gs, ms, hs = mk(), mk(), mk(), mk()
     hs[0][0, 0] = -1.0  # a negative curvature entry (SophiaH)
     kw = dict(
-        lr=0.1, beta1=0.9, rho=0.3, weight_decay=0.2, eps=1e-12, maximize=True, clamp_hessian=True
+        lr=0.1,
+        betas=(0.9, 0.99),
+        rho=0.3,
+        weight_decay=0.2,
+        eps=1e-12,
+        maximize=True,
+        clamp_hessian=True,
     )
     a = [copy.deepcopy(t) for t in (ps, ms, hs)]
     b = [copy.deepcopy(t) for t in (ps, ms, hs)]

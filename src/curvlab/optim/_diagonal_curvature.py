@@ -47,13 +47,6 @@ seed: seed of a private CPU generator for the estimator's random draws (probes
     building the optimizer reproduces a run; pass ``seed=`` to be independent of it.
 generator: the random source itself (instead of ``seed``). Its state is saved in
     ``state_dict()`` (key ``"curvlab"``) so a resumed run is bit-identical.""",
-    "curvature_functional_args": """\
-foreach: ``False``: the single-tensor reference; ``None``/``True``: the multi-tensor path
-    (bit-equal to the reference).
-fused: ``True``: one compiled call per bucket of tensors (the ``_fused_<name>`` path;
-    overrides ``foreach``).
-scratch: the object whose scratch buffers the multi-tensor path reuses across calls (the
-    optimizer); ``None`` allocates them per call.""",
 }
 
 

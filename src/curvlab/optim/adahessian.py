@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
@@ -56,16 +56,39 @@ from curvlab.estimators.param_diagonal import (
 )
 from curvlab.optim._closure import closure_required
 from curvlab.optim._diagonal_curvature import DiagonalCurvatureOptimizer, shared_docs
+from curvlab.optim._dispatch import KernelChoice, dispatch
 from curvlab.optim._fused import accumulate_dtype, fused_foreach
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
-from curvlab.optim._validation import group_tensors, validate_in_range, validate_int
+from curvlab.optim._validation import (
+    group_options,
+    group_tensors,
+    validate_in_range,
+    validate_int,
+)
 
-__all__ = ["AdaHessian", "adahessian"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["AdaHessian", "AdaHessianHyper", "AdaHessianOptions", "adahessian"]
 
 _STATE_KEYS = ("step", "hessian_step", "exp_avg", "exp_hessian_diag_sq")
 _SHAPED_KEYS = ("exp_avg", "exp_hessian_diag_sq")
-#: the hyper-parameters of one update, in the order of the functional API: lr, beta1, beta2, eps, weight_decay, hessian_power, maximize
-_Hyper = tuple[float, float, float, float, float, float, bool]
+
+
+class AdaHessianHyper(TypedDict):
+    """The hyper-parameters of one AdaHessian update, as in the param groups (see
+    :class:`AdaHessian`)."""
+
+    lr: float | Tensor
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    hessian_power: float
+    maximize: bool
+
+
+class AdaHessianOptions(AdaHessianHyper, KernelChoice):
+    """The keyword arguments of :func:`adahessian`: the hyper-parameters and the path."""
 
 
 @shared_docs
@@ -225,80 +248,54 @@ class AdaHessian(DiagonalCurvatureOptimizer):
             tensors = self._init_group(group)
             if not tensors[0]:
                 continue
-            beta1, beta2 = group["betas"]
-            adahessian(
-                *tensors,
-                foreach=group["foreach"],
-                fused=group.get("fused"),
-                scratch=self,
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                hessian_power=group["hessian_power"],
-                maximize=group["maximize"],
-            )
+            adahessian(*tensors, foreach=group["foreach"], fused=group.get("fused"), scratch=self,
+                       **group_options(group, AdaHessianHyper))  # fmt: skip
         return loss
 
 
-@shared_docs
-def adahessian(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_hessian_diag_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hessian_steps: list[Tensor],
-    *,
-    foreach: bool | None = None,
-    fused: bool | None = None,
-    scratch: object | None = None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hessian_power: float,
-    maximize: bool,
-) -> None:
+def adahessian(*lists: list[Tensor], **options: Unpack[AdaHessianOptions]) -> None:
     """Functional API that performs the AdaHessian computation; see :class:`AdaHessian`.
 
-    ``v`` (``exp_hessian_diag_sqs``) and its refresh count ``n`` (``hessian_steps``) have been
-    refreshed by the caller when due; in place, for each parameter: ``step += 1``;
-    ``m ← β1 m + (1 − β1) g``;
+    ``lists``: ``params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps``,
+    equally long (the steps: float32 scalar tensors). ``v`` (``exp_hessian_diag_sqs``) and its
+    refresh count ``n`` (``hessian_steps``) have been refreshed by the caller when due; in place,
+    for each parameter: ``step += 1``; ``m ← β1 m + (1 − β1) g``;
     ``θ ← θ(1 − lr·wd) − lr/(1 − β1^t) · m / ((√v)^k / (√(1 − β2^n))^k + eps)``.
-
-    Args:
-        params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps: equally long
-            lists, one entry per parameter (the steps: float32 scalar tensors).
-        {curvature_functional_args}
-        lr, beta1, beta2, eps, weight_decay, hessian_power, maximize: see :class:`AdaHessian`.
+    ``options``: see :class:`AdaHessianOptions`; the path as in
+    :func:`~curvlab.optim._dispatch.dispatch` (:func:`_fused_adahessian`,
+    :func:`_single_tensor_adahessian`, :func:`_multi_tensor_adahessian`).
 
     Example:
         >>> p, g, m, v = torch.zeros(2), torch.tensor([1.0, -1.0]), torch.zeros(2), torch.ones(2)
         >>> t, n = torch.tensor(0.0), torch.tensor(1.0)
-        >>> adahessian([p], [g], [m], [v], [t], [n], lr=0.1, beta1=0.9, beta2=0.0, eps=1e-4,
+        >>> adahessian([p], [g], [m], [v], [t], [n], lr=0.1, betas=(0.9, 0.0), eps=1e-4,
         ...            weight_decay=0.0, hessian_power=1.0, maximize=False)
         >>> [round(x, 4) for x in p.tolist()], float(t)
         ([-0.1, 0.1], 1.0)
     """
-    tensors = (params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps)
-    hp = (lr, beta1, beta2, eps, weight_decay, hessian_power, maximize)
-    if fused:
-        return _fused_adahessian(tensors, hp)
-    if foreach is False:
-        return _single_tensor_adahessian(tensors, hp)
-    return _multi_tensor_adahessian(tensors, hp, scratch)
+    dispatch(
+        lists,
+        options,
+        single=_single_tensor_adahessian,
+        multi=_multi_tensor_adahessian,
+        fused=_fused_adahessian,
+    )
 
 
-def _single_tensor_adahessian(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
+def _rule(hyper: AdaHessianHyper) -> tuple[float, float, float, float, float, float, bool]:
+    """``(lr, beta1, beta2, eps, weight_decay, hessian_power, maximize)`` of one step."""
+    (beta1, beta2), power = hyper["betas"], hyper["hessian_power"]
+    lr, eps, weight_decay = float(hyper["lr"]), hyper["eps"], hyper["weight_decay"]
+    return lr, beta1, beta2, eps, weight_decay, power, hyper["maximize"]
+
+
+def _single_tensor_adahessian(*lists: list[Tensor], **hyper: Unpack[AdaHessianHyper]) -> None:
     """The AdaHessian update, one tensor at a time: the reference for the multi-tensor path.
 
-    ``tensors``: params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps.
+    ``lists``: params, grads, exp_avgs, exp_hessian_diag_sqs, state_steps, hessian_steps.
     """
-    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
-    for param, grad, exp_avg, v, step_t, hstep_t in zip(*tensors):
+    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = _rule(hyper)
+    for param, grad, exp_avg, v, step_t, hstep_t in zip(*lists):
         if maximize:
             grad = -grad
         step_t += 1
@@ -316,7 +313,7 @@ def _single_tensor_adahessian(tensors: Sequence[list[Tensor]], hp: _Hyper) -> No
 
 
 def _multi_tensor_adahessian(
-    tensors: Sequence[list[Tensor]], hp: _Hyper, scratch: object | None
+    *lists: list[Tensor], scratch: object | None = None, **hyper: Unpack[AdaHessianHyper]
 ) -> None:
     """The AdaHessian update, multi-tensor; bit-equal to :func:`_single_tensor_adahessian`.
 
@@ -326,9 +323,9 @@ def _multi_tensor_adahessian(
     cache, through a reusable scratch row; no full-size temporaries); everything else uses
     ``torch._foreach_*`` kernels.
     """
-    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
+    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = _rule(hyper)
     buckets = bucket_rows(
-        zip(*tensors), key=lambda row: (row[0].device, row[0].dtype, float(row[4]), float(row[5]))
+        zip(*lists), key=lambda row: (row[0].device, row[0].dtype, float(row[4]), float(row[5]))
     )
     for (device, dtype, step, n), (ps, gs, ms, vs, ts, _) in buckets.items():
         torch._foreach_add_(ts, 1.0)
@@ -385,14 +382,14 @@ def _adahessian_kernel(
         p.copy_(p.to(acc) * decay - step_size * (m32 / denom))
 
 
-def _fused_adahessian(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
+def _fused_adahessian(*lists: list[Tensor], **hyper: Unpack[AdaHessianHyper]) -> None:
     """The AdaHessian update as one compiled kernel per bucket of tensors
     (:func:`._fused.fused_foreach`); equal to :func:`_single_tensor_adahessian` within round-off."""
-    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = hp
+    lr, beta1, beta2, eps, weight_decay, hessian_power, maximize = _rule(hyper)
     gsign = -1.0 if maximize else 1.0
-    torch._foreach_add_(list(tensors[4]), 1.0)
+    torch._foreach_add_(lists[4], 1.0)
     rows = []
-    for param, grad, exp_avg, v, step_t, hstep_t in zip(*tensors):
+    for param, grad, exp_avg, v, step_t, hstep_t in zip(*lists):
         step, n = float(step_t), float(hstep_t)
         bias_correction2 = 1 - beta2**n if n > 0 else 1.0  # v = 0 before the first refresh
         rule = (lr / (1 - beta1**step), beta1, gsign, float(hessian_power))

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from curvlab.optim._dispatch import KernelChoice, dispatch
 from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
 from curvlab.optim._scratch import (
     block_ranges,
@@ -78,7 +79,7 @@ from curvlab.optim._validation import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["ADOPT", "ADOPTHyper", "adopt"]
+__all__ = ["ADOPT", "ADOPTHyper", "ADOPTOptions", "adopt"]
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 _SHAPED_KEYS = ("exp_avg", "exp_avg_sq")
@@ -94,6 +95,10 @@ class ADOPTHyper(TypedDict):
     decouple: bool
     clip_exponent: float | None
     maximize: bool
+
+
+class ADOPTOptions(ADOPTHyper, KernelChoice):
+    """The keyword arguments of :func:`adopt`: the hyper-parameters and the path."""
 
 
 class ADOPT(Optimizer):
@@ -230,34 +235,21 @@ class ADOPT(Optimizer):
         )
 
 
-def adopt(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    foreach: bool | None = None,
-    fused: bool | None = None,
-    scratch: object | None = None,
-    **hyper: Unpack[ADOPTHyper],
-) -> None:
+def adopt(*lists: list[Tensor], **options: Unpack[ADOPTOptions]) -> None:
     """Functional API that performs the ADOPT computation; see :class:`ADOPT`.
 
-    Updates ``params``, ``exp_avgs`` (m), ``exp_avg_sqs`` (v) and ``state_steps`` (completed steps,
-    a float32 scalar tensor per parameter) in place. ``fused=True`` selects :func:`_fused_adopt`;
-    else ``foreach`` (default ``None`` = ``True``) selects :func:`_multi_tensor_adopt`, ``False``
-    :func:`_single_tensor_adopt`. ``scratch``: an object
-    (the optimizer) whose reusable buffers the CPU fast path may use (:mod:`._scratch`); ``None``
-    allocates fresh temporaries. ``hyper``: see :class:`ADOPTHyper`.
+    ``lists``: ``params, grads, exp_avgs, exp_avg_sqs, state_steps``, equally long; updates the
+    parameters, ``exp_avgs`` (m), ``exp_avg_sqs`` (v) and ``state_steps`` (completed steps, a
+    float32 scalar tensor per parameter) in place. ``options``: the :class:`ADOPTHyper` and the
+    path (:class:`~curvlab.optim._dispatch.KernelChoice`): ``fused=True`` selects
+    :func:`_fused_adopt`; else ``foreach`` (default ``None`` = ``True``) selects
+    :func:`_multi_tensor_adopt`, ``False`` :func:`_single_tensor_adopt`; ``scratch``: an object
+    (the optimizer) whose reusable buffers the CPU fast path may use (:mod:`._scratch`), ``None``
+    allocates fresh temporaries.
     """
-    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    if fused:
-        _fused_adopt(*lists, **hyper)
-    elif foreach is False:
-        _single_tensor_adopt(*lists, **hyper)
-    else:
-        _multi_tensor_adopt(*lists, scratch=scratch, **hyper)
+    dispatch(
+        lists, options, single=_single_tensor_adopt, multi=_multi_tensor_adopt, fused=_fused_adopt
+    )
 
 
 def _single_tensor_adopt(*lists: list[Tensor], **hyper: Unpack[ADOPTHyper]) -> None:

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
+from curvlab.optim._dispatch import KernelChoice, split_choice
 from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
 from curvlab.optim._scratch import block_ranges, workspace_rows
 from curvlab.optim._validation import (
@@ -71,7 +72,7 @@ from curvlab.optim._validation import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["DoG", "DoGHyper", "LDoG", "PolynomialDecayAverager", "dog"]
+__all__ = ["DoG", "DoGHyper", "DoGOptions", "LDoG", "PolynomialDecayAverager", "dog"]
 
 _STATE_KEYS = ("step", "x0", "x_float32", "rbar", "G")
 _SHAPED_KEYS = ("x0", "x_float32")
@@ -90,6 +91,11 @@ class DoGHyper(TypedDict):
     lr: float | Tensor
     weight_decay: float
     init_eta: float | None
+
+
+class DoGOptions(DoGHyper, KernelChoice):
+    """The keyword arguments of :func:`dog` besides ``layerwise`` and ``grad_norms``: the
+    hyper-parameters and the path."""
 
 
 class DoG(Optimizer):
@@ -310,40 +316,32 @@ class LDoG(DoG):
 
 
 def dog(
-    params: list[Tensor],
-    grads: list[Tensor],
-    x0s: list[Tensor],
-    iterates: list[Tensor],
-    rbars: list[Tensor],
-    Gs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    foreach: bool | None = None,
-    fused: bool | None = None,
-    grad_norms: list[Tensor] | None = None,
+    *lists: list[Tensor],
     layerwise: bool,
-    scratch: object | None = None,
-    **hyper: Unpack[DoGHyper],
+    grad_norms: list[Tensor] | None = None,
+    **options: Unpack[DoGOptions],
 ) -> None:
     """Functional API that performs the DoG (``layerwise=False``) or L-DoG computation; see
     :class:`DoG`.
 
-    Updates ``iterates`` (each parameter, or its float32 copy for half precision; the parameter is
-    then set to its rounding), ``rbars``, ``Gs`` (r̄ and G, updated in place: for DoG every entry
-    holds the group's value) and ``state_steps`` in place. ``rbars``/``Gs`` enter with the values
-    of the previous step (r_ε and ε before the first). ``grad_norms``: the 2-norms of ``grads`` if
-    already computed (used when ``weight_decay == 0``). ``foreach`` (default ``None`` = ``True``)
-    selects :func:`_multi_tensor_dog`, else :func:`_single_tensor_dog`. ``scratch``: the owner of
-    reusable buffers (:mod:`._scratch`) for the fast path. ``fused=True``: the fast path with
-    ‖x − x0‖ from one compiled call per bucket of tensors (:mod:`._fused`). ``hyper``: see :class:`DoGHyper`.
+    ``lists``: ``params, grads, x0s, iterates, rbars, Gs, state_steps``, equally long. Updates
+    ``iterates`` (each parameter, or its float32 copy for half precision; the parameter is then
+    set to its rounding), ``rbars``, ``Gs`` (r̄ and G, updated in place: for DoG every entry holds
+    the group's value) and ``state_steps`` in place. ``rbars``/``Gs`` enter with the values of
+    the previous step (r_ε and ε before the first). ``grad_norms``: the 2-norms of ``grads`` if
+    already computed (used when ``weight_decay == 0``). ``options``: the :class:`DoGHyper` and
+    the path (:class:`~curvlab.optim._dispatch.KernelChoice`): ``foreach`` (default ``None`` =
+    ``True``) selects :func:`_multi_tensor_dog`, else :func:`_single_tensor_dog`; ``scratch``:
+    the owner of reusable buffers (:mod:`._scratch`) for the fast path; ``fused=True``: the fast
+    path with ‖x − x0‖ from one compiled call per bucket of tensors (:mod:`._fused`).
     """
-    lists = (params, grads, x0s, iterates, rbars, Gs, state_steps)
-    if foreach is False and not fused:
+    choice, hyper = split_choice(options)
+    if choice.get("foreach") is False and not choice.get("fused"):
         _single_tensor_dog(*lists, layerwise=layerwise, **hyper)
     else:
         _multi_tensor_dog(
-            *lists, grad_norms=grad_norms, layerwise=layerwise, scratch=scratch,
-            fused=bool(fused), **hyper,
+            *lists, grad_norms=grad_norms, layerwise=layerwise, scratch=choice.get("scratch"),
+            fused=bool(choice.get("fused")), **hyper,
         )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
+from curvlab.optim._dispatch import KernelChoice, split_choice
 from curvlab.optim._fused import accumulate_dtype, fused_foreach, validate_fused
 from curvlab.optim._scratch import workspace
 from curvlab.optim._validation import (
@@ -41,6 +42,7 @@ __all__ = [
     "BLOCK_ORDERS",
     "FRUGAL",
     "FRUGALHyper",
+    "FRUGALOptions",
     "INACTIVE_UPDATE_RULES",
     "PROJECTIONS",
     "block_selection",
@@ -77,6 +79,11 @@ class FRUGALHyper(TypedDict):
     inactive_update_rule: str
     inactive_lr_scale: float
     proj_params_lr_scale: float
+
+
+class FRUGALOptions(FRUGALHyper, KernelChoice):
+    """The keyword arguments of :func:`frugal` besides ``steps_since_refresh``: the
+    hyper-parameters and the path."""
 
 
 class FRUGAL(Optimizer):
@@ -343,35 +350,24 @@ class FRUGAL(Optimizer):
         return loss
 
 
-def frugal(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor | None],
-    exp_avg_sqs: list[Tensor | None],
-    state_steps: list[Tensor],
-    indices: list[Tensor | None],
-    splits: list[bool],
-    *,
-    foreach: bool | None = None,
-    fused: bool | None = None,
-    steps_since_refresh: int,
-    scratch: object | None = None,
-    **hyper: Unpack[FRUGALHyper],
-) -> None:
+def frugal(*lists: list[Any], steps_since_refresh: int, **options: Unpack[FRUGALOptions]) -> None:
     """Functional API that performs the FRUGAL computation; see :class:`FRUGAL`.
 
-    Per parameter: ``exp_avgs[i]``/``exp_avg_sqs[i]`` are ``None`` for a state-free split tensor;
+    ``lists``: ``params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits``, equally
+    long. Per parameter: ``exp_avgs[i]``/``exp_avg_sqs[i]`` are ``None`` for a state-free split tensor;
     ``indices[i]`` are its chosen columns or rows (``projection``), or ``None`` for the whole
     tensor; ``splits[i]`` says whether it is split. Adam's step count is
     ``min(step, steps_since_refresh) + 1`` for split tensors whose moments restart at refreshes,
     else ``step + 1``. ``foreach=False`` selects :func:`_single_tensor_frugal`, else
     :func:`_multi_tensor_frugal` (``None``: large CPU tensors take the loop with a reusable
     buffer from ``scratch``, the owner of :mod:`._scratch` buffers); ``fused=True`` selects
-    :func:`_fused_frugal`. ``hyper``: see :class:`FRUGALHyper`.
+    :func:`_fused_frugal`. ``options``: the :class:`FRUGALHyper` and the path
+    (:class:`~curvlab.optim._dispatch.KernelChoice`).
     """
-    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, indices, splits)
-    on_cpu = any(p.device.type == "cpu" for p in params)
-    if fused:
+    choice, hyper = split_choice(options)
+    foreach, scratch = choice.get("foreach"), choice.get("scratch")
+    on_cpu = any(p.device.type == "cpu" for p in lists[0])
+    if choice.get("fused"):
         _fused_frugal(*lists, since=steps_since_refresh, scratch=scratch, **hyper)
     elif foreach is False:
         _single_tensor_frugal(*lists, since=steps_since_refresh, scratch=scratch, **hyper)

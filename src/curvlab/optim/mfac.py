@@ -226,12 +226,7 @@ class MFAC(Optimizer):
 
 
 def mfac(
-    params: list[Tensor],
-    grads: list[Tensor | None],
-    windows: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    state_steps: list[Tensor],
-    *,
+    *lists: list[Any],
     dots: Tensor,
     row: int,
     scratch: object | None = None,
@@ -239,14 +234,14 @@ def mfac(
 ) -> None:
     """Functional API that performs the M-FAC computation; see :class:`MFAC`.
 
-    Writes each gradient (with coupled weight decay; zeros where ``grads[i]`` is ``None``) into
+    ``lists``: ``params, grads, windows, momentum_buffers, state_steps``, equally long. Writes
+    each gradient (with coupled weight decay; zeros where ``grads[i]`` is ``None``) into
     ``row`` of its window, refreshes ``dots`` (``G Gᵀ``), then updates the parameters with a
     gradient, their ``momentum_buffers`` and every ``state_steps`` entry in place. There is no
     multi-tensor path: the window products are already one matrix-vector product per tensor.
     ``scratch``: the owner of a reusable buffer for the d-sized IHVP (:mod:`._scratch`).
     ``hyper``: see :class:`MFACHyper`.
     """
-    lists = (params, grads, windows, momentum_buffers, state_steps)
     _single_tensor_mfac(*lists, dots=dots, row=row, scratch=scratch, **hyper)
 
 

@@ -251,31 +251,17 @@ class PSGDKron(PSGDBase):
                     _check_param_state(pid, p, st)
 
 
-def psgd_kron(
-    params: list[Tensor],
-    grads: list[Tensor],
-    factors: list[list[Tensor]],
-    lipschitz: list[list[Tensor]],
-    momentum_buffers: list[Tensor | None],
-    state_steps: list[Tensor],
-    generators: list[torch.Generator],
-    pairs: list[tuple[Tensor, Tensor] | None] | None = None,
-    *,
-    geometry: str,
-    **options: Unpack[PSGDStepOptions],
-) -> None:
+def psgd_kron(*lists: list[Any], geometry: str, **options: Unpack[PSGDStepOptions]) -> None:
     """Functional API that performs the PSGD-Kron computation; see :class:`PSGDKron`.
 
-    Updates ``params``, their ``factors`` (``Q_0 … Q_{k-1}``), ``lipschitz`` estimates,
+    ``lists``: ``params, grads, factors, lipschitz, momentum_buffers, state_steps, generators,
+    pairs``, equally long. Updates ``params``, their ``factors`` (``Q_0 … Q_{k-1}``), ``lipschitz`` estimates,
     ``momentum_buffers`` (``None`` without momentum) and ``state_steps`` in place; the probes of
     parameter ``j`` come from ``generators[j]``. With ``options["fit"]`` ``"hvp"`` or
     ``"finite_difference"``, ``pairs[j]`` is the ``(v, Hv)`` of parameter ``j`` on a refit step
     and ``None`` otherwise. There is no multi-tensor path (each factor is a different small
     matrix): it calls :func:`_single_tensor_psgd_kron`.
     """
-    if pairs is None:
-        pairs = [None] * len(params)
-    lists = (params, grads, factors, lipschitz, momentum_buffers, state_steps, generators, pairs)
     _single_tensor_psgd_kron(*lists, geometry=geometry, **options)
 
 

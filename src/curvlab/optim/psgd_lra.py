@@ -133,17 +133,14 @@ class PSGDLRA(ConcatenatedPSGD):
 
 
 def psgd_lra(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    lipschitz: list[list[Tensor]],
-    state_steps: list[Tensor],
-    *,
+    *lists: list[Any],
     precond: tuple[Tensor, Tensor, Tensor],
     pair: tuple[Tensor, Tensor] | None = None,
     **options: Unpack[PSGDStepOptions],
 ) -> None:
     """Functional API that performs the PSGD-LRA computation; see :class:`PSGDLRA`.
+
+    ``lists``: ``params, grads, momentum_buffers, lipschitz, state_steps``, equally long.
 
     ``pair``: for ``fit="hvp"``/``"finite_difference"``, the group's ``(v, Hv)`` concatenated
     (``[N, 1]`` columns) on a refit step, ``None`` otherwise.
@@ -154,7 +151,6 @@ def psgd_lra(
     Updates ``params``, ``momentum_buffers`` and ``state_steps`` in place. There is no
     multi-tensor path: it calls :func:`_single_tensor_psgd_lra`.
     """
-    lists = (params, grads, momentum_buffers, lipschitz, state_steps)
     _single_tensor_psgd_lra(*lists, precond=precond, pair=pair, **options)
 
 

@@ -127,17 +127,14 @@ class PSGDXMat(ConcatenatedPSGD):
 
 
 def psgd_xmat(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    lipschitz: list[list[Tensor]],
-    state_steps: list[Tensor],
-    *,
+    *lists: list[Any],
     precond: tuple[Tensor, Tensor],
     pair: tuple[Tensor, Tensor] | None = None,
     **options: Unpack[PSGDStepOptions],
 ) -> None:
     """Functional API that performs the PSGD-XMat computation; see :class:`PSGDXMat`.
+
+    ``lists``: ``params, grads, momentum_buffers, lipschitz, state_steps``, equally long.
 
     ``precond = (a, b)``: the group's diagonal and anti-diagonal over the parameters concatenated
     (``[N]`` each, updated in place); ``lipschitz[j]`` holds ``(L,)`` of parameter ``j`` (the
@@ -147,7 +144,6 @@ def psgd_xmat(
     There is no multi-tensor path (the rule is a handful of ``O(N)`` vector operations on the
     concatenation): it calls :func:`_single_tensor_psgd_xmat`.
     """
-    lists = (params, grads, momentum_buffers, lipschitz, state_steps)
     _single_tensor_psgd_xmat(*lists, precond=precond, pair=pair, **options)
 
 

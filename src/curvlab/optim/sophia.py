@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
@@ -72,23 +72,46 @@ from curvlab.estimators.param_diagonal import (
 )
 from curvlab.optim._closure import closure_grads, closure_required, estimate_curvature
 from curvlab.optim._diagonal_curvature import DiagonalCurvatureOptimizer, shared_docs
+from curvlab.optim._dispatch import KernelChoice, dispatch
 from curvlab.optim._fused import accumulate_dtype, fused_foreach
 from curvlab.optim._scratch import block_ranges, bucket_rows, cpu_blocks, workspace_rows
 from curvlab.optim._validation import (
     check_finite_curvature,
     check_finite_grads,
+    group_options,
     group_tensors,
     next_step_number,
     validate_int,
     validate_nonnegative,
 )
 
-__all__ = ["Sophia", "sophia"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Sophia", "SophiaHyper", "SophiaOptions", "sophia"]
 
 _STATE_KEYS = ("step", "exp_avg", "hessian")
 _SHAPED_KEYS = ("exp_avg", "hessian")
-#: the hyper-parameters of one update, in the order of the functional API: lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian
-_Hyper = tuple[float, float, float, float, float, bool, bool]
+
+
+class SophiaHyper(TypedDict):
+    """The hyper-parameters of one Sophia update, as in the param groups (see :class:`Sophia`)."""
+
+    lr: float | Tensor
+    betas: tuple[float, float]
+    rho: float
+    weight_decay: float
+    eps: float
+    maximize: bool
+
+
+class SophiaOptions(SophiaHyper, KernelChoice):
+    """The keyword arguments of :func:`sophia`: the hyper-parameters, the path and
+    ``clamp_hessian`` (use ``max(h, 0)``: for estimates that may be negative, e.g. Hutchinson)."""
+
+    clamp_hessian: bool
+
+
 _ESTIMATOR_NAMES = "'gnb' (SophiaG), 'hutchinson' (SophiaH)"
 _MANUAL_LOOP_HINT = (
     "\n(or construct Sophia(..., update_period=None) to step from p.grad and call "
@@ -294,26 +317,11 @@ class Sophia(DiagonalCurvatureOptimizer):
             warnings.warn(_ZERO_CURVATURE_MESSAGE, ZeroCurvatureWarning, stacklevel=4)
         clamp = self.defaults["estimator"] != "gnb"
         for group in self.param_groups:
-            params, grads, exp_avgs, hessians, state_steps = self._init_group(group)
-            if not params:
+            lists = self._init_group(group)
+            if not lists[0]:
                 continue
-            sophia(
-                params,
-                grads,
-                exp_avgs,
-                hessians,
-                state_steps,
-                foreach=group["foreach"],
-                fused=group.get("fused"),
-                scratch=self,
-                lr=float(group["lr"]),
-                beta1=group["betas"][0],
-                rho=group["rho"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                clamp_hessian=clamp,
-            )
+            sophia(*lists, foreach=group["foreach"], fused=group.get("fused"), scratch=self,
+                   clamp_hessian=clamp, **group_options(group, SophiaHyper))  # fmt: skip
         return loss
 
     @torch.no_grad()
@@ -405,63 +413,50 @@ class Sophia(DiagonalCurvatureOptimizer):
         return [None if p.grad is None else p.grad * p.grad * factor for p in params]
 
 
-@shared_docs
-def sophia(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    hessians: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    foreach: bool | None = None,
-    fused: bool | None = None,
-    scratch: object | None = None,
-    lr: float,
-    beta1: float,
-    rho: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    clamp_hessian: bool,
-) -> None:
+def sophia(*lists: list[Tensor], **options: Unpack[SophiaOptions]) -> None:
     """Functional API that performs the Sophia computation; see :class:`Sophia`.
 
-    In place, for each parameter: ``step += 1``; ``θ ← θ(1 − lr·wd)``; ``m ← β1 m + (1 − β1) g``;
-    ``θ ← θ − lr · clip(m / (ρ·h + ε), −1, 1)``, ``h`` replaced by ``max(h, 0)`` when
-    ``clamp_hessian``. The curvature ``h`` is refreshed by the caller (:class:`Sophia`).
-
-    Args:
-        params, grads, exp_avgs, hessians, state_steps: equally long lists, one entry per
-            parameter (``state_steps``: float32 scalar tensors of completed steps).
-        {curvature_functional_args}
-        lr, beta1, rho, weight_decay, eps, maximize: see :class:`Sophia`.
-        clamp_hessian: use ``max(h, 0)`` (estimates that may be negative: Hutchinson, custom).
+    ``lists``: ``params, grads, exp_avgs, hessians, state_steps``, equally long (``state_steps``:
+    float32 scalar tensors of completed steps). In place, for each parameter: ``step += 1``;
+    ``θ ← θ(1 − lr·wd)``; ``m ← β1 m + (1 − β1) g``; ``θ ← θ − lr · clip(m / (ρ·h + ε), −1, 1)``,
+    ``h`` replaced by ``max(h, 0)`` when ``clamp_hessian``. The curvature ``h`` is refreshed by the
+    caller (:class:`Sophia`). ``options``: see :class:`SophiaOptions`; the path as in
+    :func:`~curvlab.optim._dispatch.dispatch` (:func:`_fused_sophia`,
+    :func:`_single_tensor_sophia`, :func:`_multi_tensor_sophia`).
 
     Example:
         >>> p, g = torch.zeros(2), torch.tensor([1.0, -1.0])
         >>> m, h, t = torch.zeros(2), torch.ones(2), torch.tensor(0.0)
-        >>> sophia([p], [g], [m], [h], [t], lr=0.1, beta1=0.9, rho=1.0, weight_decay=0.0,
+        >>> sophia([p], [g], [m], [h], [t], lr=0.1, betas=(0.9, 0.99), rho=1.0, weight_decay=0.0,
         ...        eps=1e-15, maximize=False, clamp_hessian=True)
         >>> p.tolist(), float(t)
         ([-0.010000000707805157, 0.010000000707805157], 1.0)
     """
-    tensors = (params, grads, exp_avgs, hessians, state_steps)
-    hp = (lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian)
-    if fused:
-        return _fused_sophia(tensors, hp)
-    if foreach is False:
-        return _single_tensor_sophia(tensors, hp)
-    return _multi_tensor_sophia(tensors, hp, scratch)
+    dispatch(
+        lists,
+        options,
+        single=_single_tensor_sophia,
+        multi=_multi_tensor_sophia,
+        fused=_fused_sophia,
+    )
 
 
-def _single_tensor_sophia(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
+def _rule(hyper: SophiaHyper) -> tuple[float, float, float, float, float, bool]:
+    """``(lr, beta1, rho, weight_decay, eps, maximize)`` of one step."""
+    lr, betas, maximize = float(hyper["lr"]), hyper["betas"], hyper["maximize"]
+    return lr, betas[0], hyper["rho"], hyper["weight_decay"], hyper["eps"], maximize
+
+
+def _single_tensor_sophia(
+    *lists: list[Tensor], clamp_hessian: bool, **hyper: Unpack[SophiaHyper]
+) -> None:
     """The Sophia update, one tensor at a time: the reference for :func:`_multi_tensor_sophia`.
 
-    ``tensors``: params, grads, exp_avgs, hessians, state_steps. ``clip(m/d, −1, 1)`` equals the
+    ``lists``: params, grads, exp_avgs, hessians, state_steps. ``clip(m/d, −1, 1)`` equals the
     official ``sign(m)·min(|m|/d, 1)`` for d > 0.
     """
-    lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
-    for param, grad, exp_avg, hess, step_t in zip(*tensors):
+    lr, beta1, rho, weight_decay, eps, maximize = _rule(hyper)
+    for param, grad, exp_avg, hess, step_t in zip(*lists):
         if maximize:
             grad = -grad
         step_t += 1
@@ -474,7 +469,10 @@ def _single_tensor_sophia(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
 
 
 def _multi_tensor_sophia(
-    tensors: Sequence[list[Tensor]], hp: _Hyper, scratch: object | None
+    *lists: list[Tensor],
+    clamp_hessian: bool,
+    scratch: object | None = None,
+    **hyper: Unpack[SophiaHyper],
 ) -> None:
     """The Sophia update, multi-tensor; bit-equal to :func:`_single_tensor_sophia`.
 
@@ -484,8 +482,8 @@ def _multi_tensor_sophia(
     ``clip(m/d, −1, 1) = m / max(d, |m|)`` for ``d > 0``. Everything else uses ``torch._foreach_*``
     kernels.
     """
-    lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
-    buckets = bucket_rows(zip(*tensors), key=lambda row: (row[0].device, row[0].dtype))
+    lr, beta1, rho, weight_decay, eps, maximize = _rule(hyper)
+    buckets = bucket_rows(zip(*lists), key=lambda row: (row[0].device, row[0].dtype))
     for (device, dtype), (ps, gs, ms, hs, ts) in buckets.items():
         torch._foreach_add_(ts, 1.0)
         if maximize:
@@ -545,11 +543,11 @@ def _sophia_kernel(
         p.copy_(p.to(acc) * decay - lr * ratio)
 
 
-def _fused_sophia(tensors: Sequence[list[Tensor]], hp: _Hyper) -> None:
+def _fused_sophia(*lists: list[Tensor], clamp_hessian: bool, **hyper: Unpack[SophiaHyper]) -> None:
     """The Sophia update as one compiled kernel per bucket of tensors
     (:func:`._fused.fused_foreach`); equal to :func:`_single_tensor_sophia` within round-off."""
-    lr, beta1, rho, weight_decay, eps, maximize, clamp_hessian = hp
+    lr, beta1, rho, weight_decay, eps, maximize = _rule(hyper)
     gsign, h_min = (-1.0 if maximize else 1.0), (0.0 if clamp_hessian else -math.inf)
     rule = (lr, beta1, rho, eps, gsign, 1 - lr * weight_decay, h_min)
-    fused_foreach(_sophia_kernel, [(row, rule) for row in zip(*tensors[:4])])
-    torch._foreach_add_(list(tensors[4]), 1.0)
+    fused_foreach(_sophia_kernel, [(row, rule) for row in zip(*lists[:4])])
+    torch._foreach_add_(lists[4], 1.0)

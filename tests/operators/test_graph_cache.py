@@ -81,3 +81,19 @@ def test_composite_operators_pass_fixed_on():
     with A.fixed():
         assert H._fixed_depth == 2  # the sum's parts: the scaled H and H.T (H itself)
     assert H._fixed_depth == 0
+
+
+def test_fixed_without_product_checks_and_a_nested_block_that_checks_again():
+    from curvlab.errors import NonFiniteError
+
+    model, batches = make("mlp", sizes=(9,))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), batches[0])
+    v = torch.zeros(H.shape[0], dtype=H.dtype)
+    v[0] = float("inf")
+    with H.fixed(check_products=False):
+        assert not bool(torch.isfinite(H @ v).all())  # the caller checks: nothing raised
+        with pytest.raises(NonFiniteError, match="product contains NaN/inf"), H.fixed():
+            H @ v  # a nested block with the default checks again
+        assert not bool(torch.isfinite(H @ v).all())  # and the outer block's setting is back
+    with pytest.raises(NonFiniteError, match="product contains NaN/inf"):
+        H @ v

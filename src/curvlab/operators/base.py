@@ -92,12 +92,18 @@ class LinearOperator:
         return ()
 
     @contextlib.contextmanager
-    def fixed(self) -> Iterator[None]:
+    def fixed(self, *, check_products: bool = True) -> Iterator[None]:
         """A block within which the matrix is taken as fixed: an estimator's run of products.
 
         Operators that check at every product whether their matrix changed (curvature operators
         follow parameter updates) check once on entry instead; composite operators pass the
         block on to their parts; others need nothing.
+
+        Args:
+            check_products: ``False`` when the caller checks what it computes from the products
+                for NaN/inf itself (see :func:`~curvlab.estimators._common.check_samples`): a
+                curvature operator then skips its pass over each product. Composite operators
+                keep their parts' checks.
         """
         with contextlib.ExitStack() as stack:
             for part in self._parts():

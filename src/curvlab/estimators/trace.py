@@ -162,7 +162,7 @@ def hutchinson_trace(
         while used < num_matvecs:
             c = min(chunk_size, num_matvecs - used)
             Z = probe_rows(op, c, probes, generator)
-            ZAZ = Z * op.matmat(Z.T).T  # z ⊙ Az as rows: their sums are zᵀAz
+            ZAZ = op._probe_products(Z)  # z ⊙ Az as rows: their sums are zᵀAz
             sample = ZAZ.sum(dim=1)  # (on rows: 40 % faster than vecdot on the columns, same sums)
             if on_host:
                 check_samples(op, Z, sample)

@@ -129,6 +129,14 @@ class LinearOperator:
         out = self._matmat(M) if M.shape[1] > 0 else M.new_zeros(self.shape[0], 0)
         return out.squeeze(1) if is_vector else out
 
+    def _probe_products(self, rows: Tensor) -> Tensor:
+        """``z ⊙ Az`` for each probe ``z``, a row of ``rows`` ``[c, n]`` (in dtype and device).
+
+        What Hutchinson's estimators sum (``zᵀAz``, per block); an operator may compute it
+        without writing ``Az`` out first.
+        """
+        return rows * self.matmat(rows.T).T
+
     def rmatmat(self, V: Tensor) -> Tensor:
         """Return ``Aᵀ @ V`` for a vector ``[m]`` or a matrix ``[m, k]``."""
         M, is_vector = self._prepare(V, self.shape[0])

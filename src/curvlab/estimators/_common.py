@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,9 +101,10 @@ def check_samples(op: LinearOperator, Z: Tensor, samples: Tensor) -> None:
     entry of ``Az`` makes ``zᵀAz`` NaN/inf (``0 · inf`` is NaN), so the samples of a chunk of
     probes (the rows of ``Z``) show it without a pass over each product. Only then are the
     chunk's products computed again with the operator's check, which raises its
-    :class:`~curvlab.errors.NonFiniteError`; a sum that merely overflowed raises nothing, as before.
+    :class:`~curvlab.errors.NonFiniteError`; a sample that merely overflowed raises nothing, as
+    before.
     """
-    if not math.isfinite(float(samples.sum())):
+    if not bool(torch.isfinite(samples).all()):
         with op.fixed():
             op.matmat(Z.T)
 

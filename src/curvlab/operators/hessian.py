@@ -152,8 +152,8 @@ class HessianOperator(CurvatureOperator):
 
         With one graph (one batch, or batches merged into one) and no per-product check to run
         (``fixed(check_products=False)`` or ``check_finite=False``), no flat ``Hz`` is written and
-        read again: one pass over ``n`` less per probe (6% of a product at 1M parameters). The
-        products are the same numbers either way.
+        read again (that copy measured 6% of a product at 1M parameters). The products are the
+        same numbers either way.
         """
         one_graph = self.data.single or len(self._cache or ()) == 1
         checked = self.check_finite and not self._unchecked

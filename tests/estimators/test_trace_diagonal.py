@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab import CountingOperator, HessianOperator, diagonal, trace
+from curvlab import CountingOperator, HessianOperator, diagonal, eigsh, trace
 from curvlab.errors import NonFiniteError, NotSymmetricError
 from curvlab.estimators._common import check_samples
 from curvlab.operators import DenseOperator
@@ -276,13 +276,21 @@ def _nan_hessian() -> HessianOperator:
     return HessianOperator(_Root(), nn.MSELoss(), (x, y))
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3])
-def test_hutchinson_raises_the_operators_error_on_nan_products(chunk_size):
-    # the products run unchecked inside Hutchinson; z^T A z shows the NaN and the operator's
-    # own check, run again on that chunk, raises its error
+@pytest.mark.parametrize(
+    "estimate",
+    [
+        lambda H: trace(H, 5, method="hutchinson", chunk_size=1),
+        lambda H: trace(H, 5, method="hutchinson", chunk_size=3),
+        lambda H: eigsh(H, k=1),
+    ],
+    ids=["hutchinson-chunk1", "hutchinson-chunk3", "eigsh"],
+)
+def test_estimators_raise_the_operators_error_on_nan_products(estimate):
+    # the products run unchecked inside these estimators; z^T A z (Lanczos: alpha) shows the
+    # NaN and the operator's own check, run again on that product, raises its error
     H = _nan_hessian()
     with pytest.raises(NonFiniteError, match="a HessianOperator product contains NaN/inf"):
-        trace(H, 5, method="hutchinson", chunk_size=chunk_size)
+        estimate(H)
     assert not H._unchecked and H._fixed_depth == 0  # the block was left cleanly
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab import CountingOperator, HessianOperator, diagonal, trace
-from curvlab.errors import NotSymmetricError
+from curvlab import CountingOperator, HessianOperator, diagonal, eigsh, trace
+from curvlab.errors import NonFiniteError, NotSymmetricError
+from curvlab.estimators._common import check_samples
 from curvlab.operators import DenseOperator
 
 
@@ -256,3 +257,49 @@ def test_exact_diagonal_of_a_scaled_ggn_and_refusals():
     H = HessianOperator(model, nn.CrossEntropyLoss(), data)
     with pytest.raises(NoExactDiagonalError, match="HessianOperator has no exact diagonal"):
         trace(2.0 * H, method="exact")
+
+
+class _Root(nn.Module):
+    """``x · sqrt(w²)`` at ``w = 0``: a finite loss whose gradient is 0/0 = NaN, so every product is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sqrt(self.w**2)
+
+
+def _nan_hessian() -> HessianOperator:
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    return HessianOperator(_Root(), nn.MSELoss(), (x, y))
+
+
+@pytest.mark.parametrize(
+    "estimate",
+    [
+        lambda H: trace(H, 5, method="hutchinson", chunk_size=1),
+        lambda H: trace(H, 5, method="hutchinson", chunk_size=3),
+        lambda H: eigsh(H, k=1),
+    ],
+    ids=["hutchinson-chunk1", "hutchinson-chunk3", "eigsh"],
+)
+def test_estimators_raise_the_operators_error_on_nan_products(estimate):
+    # the products run unchecked inside these estimators; z^T A z (Lanczos: alpha) shows the
+    # NaN and the operator's own check, run again on that product, raises its error
+    H = _nan_hessian()
+    with pytest.raises(NonFiniteError, match="a HessianOperator product contains NaN/inf"):
+        estimate(H)
+    assert not H._unchecked and H._fixed_depth == 0  # the block was left cleanly
+
+
+def test_check_samples_recomputes_only_non_finite_chunks():
+    A = CountingOperator(DenseOperator(torch.eye(3, dtype=torch.float64)))
+    Z = torch.ones(2, 3, dtype=torch.float64)
+    check_samples(A, Z, torch.tensor([3.0, 3.0], dtype=torch.float64))
+    assert A.num_matvecs == 0  # finite samples: no product
+    check_samples(A, Z, torch.tensor([3.0, math.inf], dtype=torch.float64))
+    assert A.num_matvecs == 2  # an overflowing sum: the chunk is checked again, nothing raised
+    with pytest.raises(NonFiniteError, match="NaN/inf"):
+        check_samples(_nan_hessian(), Z, torch.tensor([math.nan, 0.0], dtype=torch.float64))

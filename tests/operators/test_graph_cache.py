@@ -81,3 +81,37 @@ def test_composite_operators_pass_fixed_on():
     with A.fixed():
         assert H._fixed_depth == 2  # the sum's parts: the scaled H and H.T (H itself)
     assert H._fixed_depth == 0
+
+
+def test_fixed_without_product_checks_and_a_nested_block_that_checks_again():
+    from curvlab.errors import NonFiniteError
+
+    model, batches = make("mlp", sizes=(9,))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), batches[0])
+    v = torch.zeros(H.shape[0], dtype=H.dtype)
+    v[0] = float("inf")
+    with H.fixed(check_products=False):
+        assert not bool(torch.isfinite(H @ v).all())  # the caller checks: nothing raised
+        with pytest.raises(NonFiniteError, match="product contains NaN/inf"), H.fixed():
+            H @ v  # a nested block with the default checks again
+        assert not bool(torch.isfinite(H @ v).all())  # and the outer block's setting is back
+    with pytest.raises(NonFiniteError, match="product contains NaN/inf"):
+        H @ v
+
+
+def test_hessian_probe_products_fused_when_unchecked_equal_the_generic_ones(monkeypatch):
+    from curvlab.operators.base import LinearOperator
+
+    model, batches = make("mlp", sizes=(9,))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), batches[0])
+    Z = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(1), dtype=H.dtype)
+    generic = LinearOperator._probe_products
+    calls: list[int] = []
+    monkeypatch.setattr(
+        LinearOperator, "_probe_products", lambda op, rows: calls.append(1) or generic(op, rows)
+    )
+    with H.fixed(check_products=False):
+        fused = H._probe_products(Z)  # one graph, no check to run: z ⊙ Hz from the pieces
+    assert calls == []
+    assert torch.equal(fused, Z * (H @ Z.T).T)
+    assert torch.equal(H._probe_products(Z), fused) and calls == [1]  # checked: the generic path

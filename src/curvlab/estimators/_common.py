@@ -16,8 +16,10 @@ from curvlab.operators.base import LinearOperator, as_operator
 __all__ = [
     "BlockSpec",
     "check_probe_options",
+    "check_samples",
     "default_chunk_size",
     "probe_columns",
+    "probe_rows",
     "progress_bar",
     "resolve_blocks",
     "symmetric_operator",
@@ -81,8 +83,30 @@ def probe_columns(
     op: LinearOperator, c: int, probes: str, generator: torch.Generator | None
 ) -> Tensor:
     """``c`` probe columns ``[n, c]`` stored as contiguous rows (what the products stream over)."""
+    return probe_rows(op, c, probes, generator).T
+
+
+def probe_rows(
+    op: LinearOperator, c: int, probes: str, generator: torch.Generator | None
+) -> Tensor:
+    """``c`` probes as the contiguous rows of a ``[c, n]`` matrix (:func:`probe_columns`'s storage)."""
     n = op.shape[0]
-    return sample_probes(c, n, probes, generator=generator, dtype=op.dtype, device=op.device).T
+    return sample_probes(c, n, probes, generator=generator, dtype=op.dtype, device=op.device)
+
+
+def check_samples(op: LinearOperator, Z: Tensor, samples: Tensor) -> None:
+    """Raise the error of ``op``'s own product check if the ``samples`` ``zᵀAz`` are not finite.
+
+    For estimators that run their products with ``op.fixed(check_products=False)``: a NaN/inf
+    entry of ``Az`` makes ``zᵀAz`` NaN/inf (``0 · inf`` is NaN), so the samples of a chunk of
+    probes (the rows of ``Z``) show it without a pass over each product. Only then are the
+    chunk's products computed again with the operator's check, which raises its
+    :class:`~curvlab.errors.NonFiniteError`; a sample that merely overflowed raises nothing, as
+    before.
+    """
+    if not bool(torch.isfinite(samples).all()):
+        with op.fixed():
+            op.matmat(Z.T)
 
 
 def block_sum(x: Tensor, slices: Sequence[slice]) -> Tensor:

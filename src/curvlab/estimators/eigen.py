@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import InvalidArgumentError, ShapeMismatchError
-from curvlab.estimators._common import symmetric_operator
+from curvlab.estimators._common import check_samples, symmetric_operator
 from curvlab.estimators.results import Eigenpairs
 from curvlab.operators._checks import check_choice, check_positive_float, check_positive_int
 from curvlab.operators._context import in_full_precision
@@ -163,7 +163,8 @@ def eigsh(
         raise InvalidArgumentError(
             f"max_basis = {m_max} is too small for k = {k}; use at least k + 2"
         )
-    with op.fixed():
+    # on the host the products are checked through alpha = vᵀAv, read every step anyway
+    with op.fixed(check_products=op.device.type != "cpu"):
         v = _start_vector(op, v0, generator)
         return _lanczos(op, k, which, tol, budget, m_max, v, generator)
 
@@ -232,6 +233,8 @@ def _lanczos(
         matvecs += 1
         # the iteration's one synchronisation: the convergence check needs alpha and beta
         T[j, j], beta = coefficients.tolist()
+        if not math.isfinite(T[j, j]):  # a NaN/inf in A v_j (0 · inf is NaN too)
+            check_samples(op, V[j].unsqueeze(0), coefficients[:1])
         m = j + 1
         theta, S = _ritz(T[:m, :m])
         # the test on Python floats (numpy's per-call overhead on a few numbers was ~100 us a

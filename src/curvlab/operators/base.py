@@ -92,12 +92,18 @@ class LinearOperator:
         return ()
 
     @contextlib.contextmanager
-    def fixed(self) -> Iterator[None]:
+    def fixed(self, *, check_products: bool = True) -> Iterator[None]:
         """A block within which the matrix is taken as fixed: an estimator's run of products.
 
         Operators that check at every product whether their matrix changed (curvature operators
         follow parameter updates) check once on entry instead; composite operators pass the
         block on to their parts; others need nothing.
+
+        Args:
+            check_products: ``False`` when the caller checks what it computes from the products
+                for NaN/inf itself (see :func:`~curvlab.estimators._common.check_samples`): a
+                curvature operator then skips its pass over each product. Composite operators
+                keep their parts' checks.
         """
         with contextlib.ExitStack() as stack:
             for part in self._parts():
@@ -122,6 +128,14 @@ class LinearOperator:
         M, is_vector = self._prepare(V, self.shape[1])
         out = self._matmat(M) if M.shape[1] > 0 else M.new_zeros(self.shape[0], 0)
         return out.squeeze(1) if is_vector else out
+
+    def _probe_products(self, rows: Tensor) -> Tensor:
+        """``z ⊙ Az`` for each probe ``z``, a row of ``rows`` ``[c, n]`` (in dtype and device).
+
+        What Hutchinson's estimators sum (``zᵀAz``, per block); an operator may compute it
+        without writing ``Az`` out first.
+        """
+        return rows * self.matmat(rows.T).T
 
     def rmatmat(self, V: Tensor) -> Tensor:
         """Return ``Aᵀ @ V`` for a vector ``[m]`` or a matrix ``[m, k]``."""

@@ -188,6 +188,7 @@ class CurvatureOperator(LinearOperator):
         self._cache_key: tuple[list[int], list[int]] | None = None
         self._fixed_depth = 0
         self._finite: Tensor | None = None  # products' finiteness, pending inside fixed()
+        self._unchecked = False  # inside fixed(check_products=False): the caller checks
         self._init_args: OperatorOptions = {
             "mode": mode,
             "reduction": self.reduction,
@@ -465,20 +466,24 @@ class CurvatureOperator(LinearOperator):
             self._cache_key = key
 
     @contextlib.contextmanager
-    def fixed(self) -> Iterator[None]:
+    def fixed(self, *, check_products: bool = True) -> Iterator[None]:
         """Within the block the parameters are taken as fixed: an estimator's products.
 
         The parameter check runs once on entry instead of at every product; a change made
         inside the block is seen at the first product after it. On an accelerator the products'
         finiteness check is a device flag read once when the block ends (raising
         :class:`~curvlab.errors.NonFiniteError` then), so products do not wait for the host.
+        With ``check_products=False`` the products are not checked inside the block (the caller
+        checks what it computes from them); a nested block with the default checks again.
         """
         self._sync_params()
         self._fixed_depth += 1
+        unchecked, self._unchecked = self._unchecked, not check_products
         try:
             yield
         finally:
             self._fixed_depth -= 1
+            self._unchecked = unchecked
         if not self._fixed_depth and self._finite is not None:
             finite, self._finite = self._finite, None
             if not bool(finite):
@@ -555,7 +560,7 @@ class CurvatureOperator(LinearOperator):
                 out = part if out is None else out.add_(part)
         if out is None:
             out = torch.zeros_like(V)
-        if not self.check_finite:
+        if not self.check_finite or self._unchecked:
             return out
         if self._fixed_depth and out.device.type != "cpu":
             # inside an estimator on an accelerator: a flag on the device, read when the

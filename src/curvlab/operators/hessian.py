@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvlab.operators._context import full_precision
 from curvlab.operators.curvature import CurvatureOperator
 
 __all__ = ["HessianOperator"]
@@ -121,19 +122,45 @@ class HessianOperator(CurvatureOperator):
     def _apply(self, lin: _HessianLinearisation, V: Tensor) -> Tensor:
         if not lin.idx:
             return torch.zeros_like(V)
-        outputs = [lin.grads[i] for i in lin.idx]
         if self.vectorize and V.shape[1] > 1:
             with torch.enable_grad():
                 cols_v = self._columns(V)
+                outputs = [lin.grads[i] for i in lin.idx]
                 hv = self._grad(outputs, [cols_v[i] for i in lin.idx], batched=True)
             return self._flatten_columns(hv)
         # columns in and out as contiguous rows: no copy for V = Z.T of row-major probes, and
         # each product is written in place (the result is the transposed view of the rows)
-        rows = V.T.contiguous()
+        return self._rows_products(lin, V.T.contiguous(), times=False).T
+
+    def _rows_products(self, lin: _HessianLinearisation, rows: Tensor, times: bool) -> Tensor:
+        """``H z`` for each row ``z`` of ``rows``, or with ``times`` ``z ⊙ Hz``, as rows."""
+        outputs = [lin.grads[i] for i in lin.idx]
         out = torch.empty_like(rows)
         with torch.enable_grad():
-            for j in range(V.shape[1]):
+            for j in range(rows.shape[0]):
                 pieces = self.param_space.split(rows[j])
                 hv = self._grad(outputs, [pieces[i] for i in lin.idx])
-                torch.cat([h.reshape(-1) for h in hv], out=out[j])
-        return out.T
+                if not times:
+                    torch.cat([h.reshape(-1) for h in hv], out=out[j])
+                    continue
+                for z, h, o in zip(pieces, hv, self.param_space.split(out[j])):
+                    torch.mul(z, h, out=o)
+        return out
+
+    def _probe_products(self, rows: Tensor) -> Tensor:
+        """``z ⊙ Hz`` per row, multiplied straight from the pieces autograd returns.
+
+        With one graph (one batch, or batches merged into one) and no per-product check to run
+        (``fixed(check_products=False)`` or ``check_finite=False``), no flat ``Hz`` is written and
+        read again (that copy measured 6% of a product at 1M parameters). The products are the
+        same numbers either way.
+        """
+        one_graph = self.data.single or len(self._cache or ()) == 1
+        checked = self.check_finite and not self._unchecked
+        if self.vectorize or checked or not one_graph:
+            return super()._probe_products(rows)
+        with full_precision():
+            (lin,) = self._linearisations()
+            if not lin.idx:
+                return torch.zeros_like(rows)
+            return self._rows_products(lin, rows, times=True)

@@ -43,3 +43,39 @@ def test_rademacher_like_matches_shapes(gen):
 def test_unknown_probe_kind():
     with pytest.raises(ValueError, match="rademacher"):
         sample_probes(3, 2, kind="sobol")
+
+
+def test_every_bit_of_the_random_words_is_a_fair_independent_sign(gen):
+    # each sign is one bit of a 64-bit random word: every bit position must be fair and
+    # uncorrelated with its neighbour. k words: per-position mean ~ N(0, 1/k); 5.5 std with
+    # k = 40,000 is 0.0275 (p < 1e-6 over the 2 x 64 statistics)
+    k = 40_000
+    z = rademacher(64 * k, generator=gen, dtype=torch.float64).view(k, 64)
+    assert z.mean(0).abs().max() < 0.0275
+    assert (z[:, :-1] * z[:, 1:]).mean(0).abs().max() < 0.0275
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (9,), (65,), (3, 5), (2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rademacher_any_length_and_dtype(gen, shape, dtype):
+    z = rademacher(*shape, generator=gen, dtype=dtype)
+    assert z.shape == shape and z.dtype == dtype and z.is_contiguous()
+    assert bool(((z == 1) | (z == -1)).all())
+
+
+def test_rademacher_and_gaussian_write_into_out(gen):
+    for kind in ("rademacher", "gaussian"):
+        buffer = torch.full((3, 11), 7.0)
+        got = sample_probes(3, 11, kind, generator=torch.Generator().manual_seed(5), out=buffer)
+        assert got is buffer
+        fresh = sample_probes(3, 11, kind, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(buffer, fresh)
+
+
+def test_rademacher_out_of_the_wrong_shape_is_refused(gen):
+    from curvlab.errors import ShapeMismatchError
+
+    with pytest.raises(ShapeMismatchError, match="contiguous tensor of shape"):
+        rademacher(4, 3, generator=gen, out=torch.empty(3, 4))
+    with pytest.raises(ShapeMismatchError):
+        rademacher(4, 3, generator=gen, out=torch.empty(3, 4).T)

@@ -303,3 +303,51 @@ def test_check_samples_recomputes_only_non_finite_chunks():
     assert A.num_matvecs == 2  # an overflowing sum: the chunk is checked again, nothing raised
     with pytest.raises(NonFiniteError, match="NaN/inf"):
         check_samples(_nan_hessian(), Z, torch.tensor([math.nan, 0.0], dtype=torch.float64))
+
+
+def _small_hessian(unused: bool = False) -> HessianOperator:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+            self.unused = nn.Linear(2, 2) if unused else None  # parameters with no product
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    torch.manual_seed(0)  # the layers' initialisation
+    model = Net().double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    return HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+
+
+@pytest.mark.parametrize("unused", [False, True])
+def test_probe_quadratics_are_the_sums_of_the_probe_products(unused):
+    # the Hessian's z^T H z from one dot per parameter tensor equals the dense quadratic form
+    H = _small_hessian(unused)
+    Z = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    dense = H.to_dense()
+    expected = torch.einsum("ci,ij,cj->c", Z, dense, Z)
+    with H.fixed(check_products=False):
+        fast = H._probe_quadratics(Z)
+        products = H._probe_products(Z).sum(dim=1)
+    torch.testing.assert_close(fast, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(products, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_hutchinson_total_does_not_depend_on_asking_for_blocks():
+    # with blocks the samples are sums of z ⊙ Hz, without them dots per parameter: the same
+    # probes give the same total up to the order of the additions
+    H = _small_hessian()
+    plain = trace(
+        H, 12, method="hutchinson", chunk_size=5, generator=torch.Generator().manual_seed(3)
+    )
+    blocks = trace(
+        H, 12, method="hutchinson", chunk_size=5, blocks="module",
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    torch.testing.assert_close(plain.value, blocks.value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(plain.std_error, blocks.std_error, rtol=1e-10, atol=1e-12)
+    assert sum(float(e.value) for e in blocks.blocks.values()) == pytest.approx(float(plain.value))

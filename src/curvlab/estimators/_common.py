@@ -87,11 +87,18 @@ def probe_columns(
 
 
 def probe_rows(
-    op: LinearOperator, c: int, probes: str, generator: torch.Generator | None
+    op: LinearOperator,
+    c: int,
+    probes: str,
+    generator: torch.Generator | None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """``c`` probes as the contiguous rows of a ``[c, n]`` matrix (:func:`probe_columns`'s storage)."""
+    """``c`` probes as the contiguous rows of a ``[c, n]`` matrix (:func:`probe_columns`'s
+    storage), written into ``out`` (a reused ``[c, n]`` buffer) if given."""
     n = op.shape[0]
-    return sample_probes(c, n, probes, generator=generator, dtype=op.dtype, device=op.device)
+    return sample_probes(
+        c, n, probes, generator=generator, dtype=op.dtype, device=op.device, out=out
+    )
 
 
 def check_samples(op: LinearOperator, Z: Tensor, samples: Tensor) -> None:

@@ -137,6 +137,14 @@ class LinearOperator:
         """
         return rows * self.matmat(rows.T).T
 
+    def _probe_quadratics(self, rows: Tensor) -> Tensor:
+        """``zᵀAz`` for each probe ``z``, a row of ``rows`` ``[c, n]``: what Hutchinson's trace sums.
+
+        An operator may compute it without writing ``z ⊙ Az`` out (the sum of
+        :meth:`_probe_products`, the same number up to the order of the additions).
+        """
+        return self._probe_products(rows).sum(dim=1)
+
     def rmatmat(self, V: Tensor) -> Tensor:
         """Return ``Aᵀ @ V`` for a vector ``[m]`` or a matrix ``[m, k]``."""
         M, is_vector = self._prepare(V, self.shape[0])

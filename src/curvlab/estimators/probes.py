@@ -93,16 +93,11 @@ def gaussian(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
-    out: Tensor | None = None,
 ) -> Tensor:
-    """Return a tensor of i.i.d. standard normal entries (written into ``out`` if given)."""
+    """Return a tensor of i.i.d. standard normal entries."""
     draw_on = _draw_device(device, generator)
-    if out is not None and out.device == draw_on:
-        return torch.randn(shape, generator=generator, out=out)
-    z = torch.randn(shape, generator=generator, device=draw_on, dtype=dtype)
-    if out is not None:
-        return out.copy_(z)
-    return z.to(device) if device is not None else z
+    out = torch.randn(shape, generator=generator, device=draw_on, dtype=dtype)
+    return out.to(device) if device is not None else out
 
 
 def rademacher_like(
@@ -143,4 +138,7 @@ def sample_probes(
     """
     if check_choice(kind, PROBES, "probe kind") == "rademacher":
         return rademacher(n, k, generator=generator, dtype=dtype, device=device, out=out)
-    return gaussian(n, k, generator=generator, dtype=dtype, device=device, out=out)
+    if out is not None and out.device == _draw_device(device, generator):
+        return torch.randn(n, k, generator=generator, out=out)  # the buffer's pages again
+    z = gaussian(n, k, generator=generator, dtype=dtype, device=device)
+    return z if out is None else out.copy_(z)

@@ -79,3 +79,10 @@ def test_rademacher_out_of_the_wrong_shape_is_refused(gen):
         rademacher(4, 3, generator=gen, out=torch.empty(3, 4))
     with pytest.raises(ShapeMismatchError):
         rademacher(4, 3, generator=gen, out=torch.empty(3, 4).T)
+
+
+def test_rademacher_out_decides_dtype_and_device(gen):
+    buffer = torch.zeros(5, 3, dtype=torch.float64)
+    z = rademacher(5, 3, generator=gen, dtype=torch.float32, out=buffer)
+    assert z is buffer and z.dtype == torch.float64
+    assert bool(((z == 1) | (z == -1)).all())

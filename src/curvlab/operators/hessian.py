@@ -123,14 +123,18 @@ class HessianOperator(CurvatureOperator):
         if not lin.idx:
             return torch.zeros_like(V)
         if self.vectorize and V.shape[1] > 1:
-            with torch.enable_grad():
-                cols_v = self._columns(V)
-                outputs = [lin.grads[i] for i in lin.idx]
-                hv = self._grad(outputs, [cols_v[i] for i in lin.idx], batched=True)
-            return self._flatten_columns(hv)
+            return self._batched_products(lin, V)
         # columns in and out as contiguous rows: no copy for V = Z.T of row-major probes, and
         # each product is written in place (the result is the transposed view of the rows)
         return self._rows_products(lin, V.T.contiguous(), times=False).T
+
+    def _batched_products(self, lin: _HessianLinearisation, V: Tensor) -> Tensor:
+        """``H V`` for all columns of ``V`` in one vmapped double backward (``vectorize``)."""
+        with torch.enable_grad():
+            cols_v = self._columns(V)
+            outputs = [lin.grads[i] for i in lin.idx]
+            hv = self._grad(outputs, [cols_v[i] for i in lin.idx], batched=True)
+        return self._flatten_columns(hv)
 
     def _rows_products(self, lin: _HessianLinearisation, rows: Tensor, times: bool) -> Tensor:
         """``H z`` for each row ``z`` of ``rows``, or with ``times`` ``z ⊙ Hz``, as rows."""

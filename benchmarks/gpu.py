@@ -15,6 +15,10 @@ What it measures, at 10M and 100M parameters (an MLP ``d → h → h → 10``, b
 * **No host synchronisation in a Lanczos iteration**: :func:`check_no_sync_in_lanczos` runs
   ``eigsh``'s iteration step (product, re-orthogonalisation, coefficients) under
   ``torch.cuda.set_sync_debug_mode("error")``; skipped without CUDA.
+* **No host synchronisation in an optimizer step**: :func:`check_no_sync_in_steps` runs three
+  steps (after one outside the check) of ADOPT, DoG, LDoG, FRUGAL, M-FAC, AdaHessian and SophiaH
+  with ``on_nonfinite="ignore"`` (the one policy that reads nothing back) the same way; on CPU
+  ``tests/optim/test_no_host_reads.py`` checks the same steps on the ``meta`` device.
 
 Run on a GPU machine (minutes):
 
@@ -205,6 +209,60 @@ def check_no_sync_in_lanczos(model: nn.Module, data: tuple[Any, Any]) -> str:
     return "ok"
 
 
+#: the optimizers whose steps must not synchronise (name, keywords, whether step takes a closure)
+SYNC_FREE_STEPS: tuple[tuple[str, dict[str, Any], bool], ...] = (
+    ("adopt", {}, False),
+    ("dog", {}, False),
+    ("ldog", {}, False),
+    ("frugal", {}, False),
+    ("mfac", {}, False),
+    ("adahessian", {}, True),
+    ("sophia", {"estimator": "hutchinson"}, True),
+)
+
+
+def check_no_sync_in_steps(model: nn.Module, data: tuple[Any, Any]) -> dict[str, str]:
+    """Three steps of each of :data:`SYNC_FREE_STEPS` under ``set_sync_debug_mode("error")``.
+
+    Returns ``{name: "ok" or the synchronising call's error}``, or ``{"all": "skipped (...)"}``
+    without CUDA. The first step (state created, kernels loaded) runs outside the check.
+    """
+    from curvlab.optim import create
+
+    dev = data[0].device
+    if dev.type != "cuda":
+        return {"all": "skipped (no CUDA device)"}
+    loss_fn = nn.CrossEntropyLoss()
+    start = [p.detach().clone() for p in model.parameters()]
+    out: dict[str, str] = {}
+    for name, kwargs, closure in SYNC_FREE_STEPS:
+        opt = create(name, model.parameters(), on_nonfinite="ignore", **kwargs)
+
+        def step() -> None:
+            opt.zero_grad()
+            if closure:
+                opt.step(lambda: loss_fn(model(data[0]), data[1]))
+            else:
+                loss_fn(model(data[0]), data[1]).backward()
+                opt.step()
+
+        step()
+        sync(dev)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step()
+            out[name] = "ok"
+        except RuntimeError as exc:
+            out[name] = f"synchronises: {str(exc).splitlines()[0][:200]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), start):
+                p.copy_(s)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -231,12 +289,13 @@ def main() -> None:
         row.update(hvp_throughput(model, data, weights, tflops, args.reps))
         row.update(estimator_times(model, data, max(1, args.reps // 2)))
         row["no_sync_in_lanczos"] = check_no_sync_in_lanczos(model, data)
+        row["no_sync_in_steps"] = check_no_sync_in_steps(model, data)
         print(
             f"[{size}] n={n:,}: HVP {1e3 * row['hvp_s']:.2f} ms = {row['hvp_tflops']:.2f} "
             f"TFLOP/s ({100 * row['roofline']:.0f}% of the matmul roofline); eigsh(k=1) "
             f"{row['eigsh_s']:.3f} s ({row['eigsh_matvecs']} HVPs); trace(m=30) "
             f"{row['trace30_s']:.3f} s; no sync in a Lanczos iteration: "
-            f"{row['no_sync_in_lanczos']}"
+            f"{row['no_sync_in_lanczos']}; in optimizer steps: {row['no_sync_in_steps']}"
         )
         if not args.no_optim:
             row["optim"] = optimizer_steps(model, data, args.reps)

@@ -65,9 +65,13 @@ def rademacher(
     target = out.device  # an ``out`` decides the device and dtype
     # the random bits: 64 per draw of the generator (torch.randint(0, 2) draws once per sign,
     # random bytes once per 8 signs: 4.1 ms of the 5M-entry probe, the 64-bit words 0.9 ms)
-    words = torch.empty((count + 63) // 64, dtype=torch.int64, device=draw_on)
+    # drawn on the CPU for a CUDA tensor: the words (1/32 of the probe's float32 bytes) go over
+    # from pinned memory without blocking, so the draw makes no host synchronisation
+    pinned = draw_on.type == "cpu" and target.type == "cuda"
+    words = torch.empty((count + 63) // 64, dtype=torch.int64, device=draw_on, pin_memory=pinned)
     words.random_(torch.iinfo(torch.int64).min, None, generator=generator)  # all 64 bits
-    octets = words.view(torch.uint8).to(device=target, dtype=torch.int32)  # index_select's index
+    words = words.to(target, non_blocking=pinned)
+    octets = words.view(torch.uint8).to(torch.int32)  # index_select's index
     table = _sign_table(out.dtype, target)
     flat, whole = out.view(-1), count // 8
     torch.index_select(table, 0, octets[:whole], out=flat[: 8 * whole].view(whole, 8))

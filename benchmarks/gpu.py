@@ -238,7 +238,7 @@ def check_no_sync_in_steps(model: nn.Module, data: tuple[Any, Any]) -> dict[str,
     for name, kwargs, closure in SYNC_FREE_STEPS:
         opt = create(name, model.parameters(), on_nonfinite="ignore", **kwargs)
 
-        def step() -> None:
+        def step(opt: Any = opt, closure: bool = closure) -> None:
             opt.zero_grad()
             if closure:
                 opt.step(lambda: loss_fn(model(data[0]), data[1]))

@@ -16,9 +16,9 @@ What it measures, at 10M and 100M parameters (an MLP ``d → h → h → 10``, b
   ``eigsh``'s iteration step (product, re-orthogonalisation, coefficients) under
   ``torch.cuda.set_sync_debug_mode("error")``; skipped without CUDA.
 * **No host synchronisation in an optimizer step**: :func:`check_no_sync_in_steps` runs three
-  steps (after one outside the check) of ADOPT, DoG, LDoG, FRUGAL, M-FAC, AdaHessian and SophiaH
-  with ``on_nonfinite="ignore"`` (the one policy that reads nothing back) the same way; on CPU
-  ``tests/optim/test_no_host_reads.py`` checks the same steps on the ``meta`` device.
+  steps (after one outside the check) of ADOPT, DoG, LDoG, FRUGAL, M-FAC, AdaHessian, SophiaH
+  and SophiaG with ``on_nonfinite="ignore"`` (the one policy that reads nothing back) the same
+  way; on CPU ``tests/optim/test_no_host_reads.py`` checks the same steps on ``meta``.
 
 Run on a GPU machine (minutes):
 
@@ -210,7 +210,7 @@ def check_no_sync_in_lanczos(model: nn.Module, data: tuple[Any, Any]) -> str:
 
 
 #: the optimizers whose steps must not synchronise (name, keywords, whether step takes a closure)
-SYNC_FREE_STEPS: tuple[tuple[str, dict[str, Any], bool], ...] = (
+SYNC_FREE_STEPS: tuple[tuple[str, dict[str, Any], bool | str], ...] = (
     ("adopt", {}, False),
     ("dog", {}, False),
     ("ldog", {}, False),
@@ -218,6 +218,7 @@ SYNC_FREE_STEPS: tuple[tuple[str, dict[str, Any], bool], ...] = (
     ("mfac", {}, False),
     ("adahessian", {}, True),
     ("sophia", {"estimator": "hutchinson"}, True),
+    ("sophia", {}, "logits"),
 )
 
 
@@ -238,9 +239,11 @@ def check_no_sync_in_steps(model: nn.Module, data: tuple[Any, Any]) -> dict[str,
     for name, kwargs, closure in SYNC_FREE_STEPS:
         opt = create(name, model.parameters(), on_nonfinite="ignore", **kwargs)
 
-        def step(opt: Any = opt, closure: bool = closure) -> None:
+        def step(opt: Any = opt, closure: bool | str = closure) -> None:
             opt.zero_grad()
-            if closure:
+            if closure == "logits":  # SophiaG: (loss, logits)
+                opt.step(lambda: (loss_fn(out := model(data[0]), data[1]), out))
+            elif closure:
                 opt.step(lambda: loss_fn(model(data[0]), data[1]))
             else:
                 loss_fn(model(data[0]), data[1]).backward()

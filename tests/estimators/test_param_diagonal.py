@@ -303,3 +303,16 @@ def test_spatial_average_conv_kernel_as_official() -> None:
     assert torch.equal(spatial_average(torch.tensor(-2.0)), torch.tensor(2.0))
     k1 = torch.randn(2, 3, 5, generator=g)
     torch.testing.assert_close(spatial_average(k1), k1.abs().mean(-1, keepdim=True))
+
+
+def test_gnb_keeps_a_generator_of_the_outputs_device_and_samples_meta_outputs_in_place():
+    from curvlab.estimators.param_diagonal import _generator_on
+
+    g = torch.Generator().manual_seed(0)
+    assert _generator_on(torch.device("cpu"), g) is g  # same device: the stream itself
+    assert _generator_on(torch.device("cpu"), None) is None
+    assert _generator_on(torch.device("meta"), g) is None  # shapes only: nothing to follow
+    # on meta outputs nothing is read back to the host (no copy of the logits)
+    w = torch.empty(3, 2, device="meta", requires_grad=True)
+    (d,) = gnb_diagonal([w], torch.empty(5, 3, device="meta") @ w, generator=g)
+    assert d is not None and d.device.type == "meta" and d.shape == (3, 2)

@@ -18,7 +18,7 @@ from torch import nn
 
 from curvlab.optim import create
 
-# name, keyword arguments, whether step() takes the loss closure
+# name, keyword arguments, whether step() takes the loss closure ("logits": (loss, logits))
 SYNC_FREE: list[tuple[str, dict[str, Any], bool]] = [
     ("adopt", {}, False),
     ("adopt", {"foreach": False}, False),
@@ -30,6 +30,7 @@ SYNC_FREE: list[tuple[str, dict[str, Any], bool]] = [
     ("adahessian", {}, True),
     ("adahessian", {"foreach": False}, True),
     ("sophia", {"estimator": "hutchinson"}, True),
+    ("sophia", {}, "logits"),  # SophiaG: labels sampled from the logits
 ]
 
 
@@ -47,7 +48,9 @@ def test_steps_read_nothing_back_to_the_host(name, kwargs, closure):
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(4):  # the first step (state created) and the ones after it
         opt.zero_grad()
-        if closure:
+        if closure == "logits":
+            opt.step(lambda: (loss_fn(out := model(X), y), out))
+        elif closure:
             opt.step(lambda: loss_fn(model(X), y))
         else:
             loss_fn(model(X), y).backward()

@@ -169,6 +169,20 @@ def hutchinson_diagonal(
     return out
 
 
+def _generator_on(
+    device: torch.device, generator: torch.Generator | None
+) -> torch.Generator | None:
+    """``generator`` if it lives on ``device`` (or is ``None``); else a generator on ``device``
+    seeded by one draw of ``generator`` (a host-side draw for a CPU generator: no device sync).
+    On the ``meta`` device (shapes without values) there is no stream to follow: ``None``."""
+    if device.type == "meta":
+        return None
+    if generator is None or generator.device == device:
+        return generator
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def gnb_diagonal(
     params: Sequence[Tensor],
     outputs: Tensor,
@@ -192,7 +206,11 @@ def gnb_diagonal(
     Args:
         params: parameters (require grad) that ``outputs`` depends on.
         outputs: model outputs with their graph (logits for ``"categorical"``).
-        generator: random source of the sampled labels.
+        generator: random source of the sampled labels. One on another device than ``outputs``
+            (a CPU generator for CUDA logits) is not used directly: one number drawn from it seeds
+            a generator on the outputs' device, so the labels are sampled where the logits are
+            (no copy of the logits to the host, no synchronisation) and still follow
+            ``generator``'s state.
         likelihood: ``"categorical"`` or ``"gaussian"``.
         batch_size: ``B``; default the number of predictions in ``outputs``. Override it when the
             loss is a mean over a different count (e.g. padding excluded).
@@ -214,6 +232,7 @@ def gnb_diagonal(
 
     Paper: Liu, Li, Hall, Liang, Ma 2023, arXiv:2305.14342 (Algorithm 2).
     """
+    generator = _generator_on(outputs.device, generator)
     draw_device = generator.device if generator is not None else outputs.device
     if likelihood == "categorical":
         if outputs.ndim < 1 or outputs.shape[-1] < 1:

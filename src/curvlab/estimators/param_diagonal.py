@@ -232,8 +232,7 @@ def gnb_diagonal(
 
     Paper: Liu, Li, Hall, Liang, Ma 2023, arXiv:2305.14342 (Algorithm 2).
     """
-    generator = _generator_on(outputs.device, generator)
-    draw_device = generator.device if generator is not None else outputs.device
+    generator = _generator_on(outputs.device, generator)  # the draws happen where outputs are
     if likelihood == "categorical":
         if outputs.ndim < 1 or outputs.shape[-1] < 1:
             raise ShapeMismatchError(
@@ -243,15 +242,15 @@ def gnb_diagonal(
         flat = outputs.reshape(-1, outputs.shape[-1])
         n = flat.shape[0]
         with torch.no_grad():
-            probs = torch.softmax(flat.detach().to(draw_device, torch.float32), dim=-1)
+            probs = torch.softmax(flat.detach().to(torch.float32), dim=-1)
             labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        sampled = F.cross_entropy(flat, labels.to(outputs.device), reduction="mean")
+        sampled = F.cross_entropy(flat, labels, reduction="mean")
     elif likelihood == "gaussian":
         n = outputs.numel() // outputs.shape[-1] if outputs.ndim >= 2 else outputs.numel()
         with torch.no_grad():
             noise = torch.randn(
-                outputs.shape, generator=generator, device=draw_device, dtype=outputs.dtype
-            ).to(outputs.device)
+                outputs.shape, generator=generator, device=outputs.device, dtype=outputs.dtype
+            )
         sampled = 0.5 * (noise - outputs + outputs.detach()).square().sum() / max(n, 1)
     else:
         raise ParameterError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -136,19 +137,26 @@ class HessianOperator(CurvatureOperator):
             hv = self._grad(outputs, [cols_v[i] for i in lin.idx], batched=True)
         return self._flatten_columns(hv)
 
+    def _row_pieces(
+        self, lin: _HessianLinearisation, rows: Tensor
+    ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+        """For each row ``z`` of ``rows``: ``z`` and ``H z`` as one piece per parameter."""
+        outputs = [lin.grads[i] for i in lin.idx]
+        for j in range(rows.shape[0]):
+            pieces = self.param_space.split(rows[j])
+            with torch.enable_grad():
+                hv = self._grad(outputs, [pieces[i] for i in lin.idx])
+            yield pieces, hv
+
     def _rows_products(self, lin: _HessianLinearisation, rows: Tensor, times: bool) -> Tensor:
         """``H z`` for each row ``z`` of ``rows``, or with ``times`` ``z ⊙ Hz``, as rows."""
-        outputs = [lin.grads[i] for i in lin.idx]
         out = torch.empty_like(rows)
-        with torch.enable_grad():
-            for j in range(rows.shape[0]):
-                pieces = self.param_space.split(rows[j])
-                hv = self._grad(outputs, [pieces[i] for i in lin.idx])
-                if not times:
-                    torch.cat([h.reshape(-1) for h in hv], out=out[j])
-                    continue
-                for z, h, o in zip(pieces, hv, self.param_space.split(out[j])):
-                    torch.mul(z, h, out=o)
+        for j, (pieces, hv) in enumerate(self._row_pieces(lin, rows)):
+            if not times:
+                torch.cat([h.reshape(-1) for h in hv], out=out[j])
+                continue
+            for z, h, o in zip(pieces, hv, self.param_space.split(out[j])):
+                torch.mul(z, h, out=o)
         return out
 
     def _one_graph_unchecked(self) -> bool:
@@ -183,12 +191,8 @@ class HessianOperator(CurvatureOperator):
             (lin,) = self._linearisations()
             if not lin.idx:
                 return rows.new_zeros(rows.shape[0])
-            outputs = [lin.grads[i] for i in lin.idx]
-            sums = []
-            with torch.enable_grad():
-                for j in range(rows.shape[0]):
-                    pieces = self.param_space.split(rows[j])
-                    hv = self._grad(outputs, [pieces[i] for i in lin.idx])
-                    dots = [torch.dot(z.reshape(-1), h.reshape(-1)) for z, h in zip(pieces, hv)]
-                    sums.append(torch.stack(dots).sum())
+            sums = [
+                torch.stack([torch.dot(z.reshape(-1), h.reshape(-1)) for z, h in zip(*row)]).sum()
+                for row in self._row_pieces(lin, rows)
+            ]
             return torch.stack(sums)

@@ -219,6 +219,9 @@ SYNC_FREE_STEPS: tuple[tuple[str, dict[str, Any], bool | str], ...] = (
     ("adahessian", {}, True),
     ("sophia", {"estimator": "hutchinson"}, True),
     ("sophia", {}, "logits"),
+    ("psgd_kron", {}, False),
+    ("psgd_lra", {}, False),
+    ("psgd_xmat", {}, False),
 )
 
 
@@ -238,6 +241,7 @@ def check_no_sync_in_steps(model: nn.Module, data: tuple[Any, Any]) -> dict[str,
     out: dict[str, str] = {}
     for name, kwargs, closure in SYNC_FREE_STEPS:
         opt = create(name, model.parameters(), on_nonfinite="ignore", **kwargs)
+        label = f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
 
         def step(opt: Any = opt, closure: bool | str = closure) -> None:
             opt.zero_grad()
@@ -255,9 +259,9 @@ def check_no_sync_in_steps(model: nn.Module, data: tuple[Any, Any]) -> dict[str,
         try:
             for _ in range(3):
                 step()
-            out[name] = "ok"
+            out[label] = "ok"
         except RuntimeError as exc:
-            out[name] = f"synchronises: {str(exc).splitlines()[0][:200]}"
+            out[label] = f"synchronises: {str(exc).splitlines()[0][:200]}"
         finally:
             torch.cuda.set_sync_debug_mode("default")
         with torch.no_grad():

@@ -6,6 +6,8 @@ the host (``.item()``, ``float(t)``, ``.tolist()``, a copy to the CPU) raises. A
 on meta parameters therefore makes no device-to-host synchronisation on CUDA either. The
 non-finite policies ``"raise"`` and ``"skip"`` read one number per step by design (documented
 in :mod:`curvlab.optim._validation`); ``"ignore"`` reads none, so the steps run under it.
+A coin of the PSGD fits is drawn on the host from a generator's seed and offset; the last tests
+check that draw with a stand-in for a CUDA generator.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ SYNC_FREE: list[tuple[str, dict[str, Any], bool]] = [
     ("adahessian", {"foreach": False}, True),
     ("sophia", {"estimator": "hutchinson"}, True),
     ("sophia", {}, "logits"),  # SophiaG: labels sampled from the logits
+    # the first step's automatic scale, the update coin, the balancing and U/V coins
+    ("psgd_kron", {"preconditioner_update_probability": 0.5}, False),
+    ("psgd_kron", {"fit": "hvp"}, True),
+    ("psgd_lra", {}, False),
+    ("psgd_lra", {"fit": "hvp"}, True),
+    ("psgd_xmat", {}, False),
 ]
 
 
@@ -46,7 +54,7 @@ def test_steps_read_nothing_back_to_the_host(name, kwargs, closure):
     model, X, y = _meta_problem()
     opt = create(name, model.parameters(), on_nonfinite="ignore", **kwargs)
     loss_fn = nn.CrossEntropyLoss()
-    for _ in range(4):  # the first step (state created) and the ones after it
+    for _ in range(12):  # the first step (state created) and enough after it for every coin
         opt.zero_grad()
         if closure == "logits":
             opt.step(lambda: (loss_fn(out := model(X), y), out))
@@ -65,3 +73,44 @@ def test_the_default_policy_reads_one_number():
     nn.CrossEntropyLoss()(model(X), y).backward()
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
         opt.step()
+
+
+class _DeviceGenerator:
+    """A stand-in for a CUDA generator: seed and Philox offset on the host, no values to read."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.offset = seed, 0
+
+    def initial_seed(self) -> int:
+        return self.seed
+
+    def get_offset(self) -> int:
+        return self.offset
+
+    def set_offset(self, offset: int) -> None:
+        self.offset = offset
+
+
+def test_a_device_generators_coin_is_drawn_on_the_host_and_follows_its_stream():
+    from curvlab.optim._psgd import host_uniform
+
+    gen = _DeviceGenerator(7)
+    first, second = host_uniform(gen), host_uniform(gen)  # type: ignore[arg-type]
+    assert gen.offset == 8 and first != second  # the offset moves past each draw
+    gen.offset = 0
+    assert host_uniform(gen) == first  # a function of (seed, offset): reproducible
+    assert host_uniform(_DeviceGenerator(8)) != first  # another seed, another coin
+    # uniform on [0, 1): the mean of n draws is within 5 sigma of 1/2 (sigma = sqrt(1/12n))
+    n = 4000
+    draws = [host_uniform(gen) for _ in range(n)]  # type: ignore[arg-type]
+    assert all(0.0 <= d < 1.0 for d in draws)
+    assert abs(sum(draws) / n - 0.5) < 5 * (1 / (12 * n)) ** 0.5
+
+
+def test_a_cpu_generators_coin_is_its_own_next_draw():
+    from curvlab.optim._psgd import host_uniform
+
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert host_uniform(a) == torch.rand([], generator=b).item()

@@ -382,7 +382,12 @@ class ConcatenatedPSGD(PSGDBase):
     _LIPSCHITZ_KEYS: ClassVar[tuple[str, ...]]
 
     def _new_factors(
-        self, group: dict[str, Any], total: int, scale: float, ref: Tensor, gen: torch.Generator
+        self,
+        group: dict[str, Any],
+        total: int,
+        scale: float | Tensor,
+        ref: Tensor,
+        gen: torch.Generator | None,
     ) -> dict[str, Tensor]:
         """The official initial factors over ``total`` concatenated entries (rows first)."""
         raise NotImplementedError
@@ -464,9 +469,9 @@ class ConcatenatedPSGD(PSGDBase):
             scale = pair_init_scale([v], [h], float(group["damping"]))
         elif scale is None:
             gn = torch.cat([init_grad(p, group).reshape(-1) for p in new])
-            scale = init_scale(torch.mean(lift(gn) ** 4).item(), float(group["damping"]))
+            scale = init_scale(wide(torch.mean(lift(gn) ** 4)), float(group["damping"]))
         gen = seeded_generator(mix_seed(int(group["seed"]), -1, 0), ref.device)
-        factors = self._new_factors(group, sum(sizes), float(scale), ref, gen)
+        factors = self._new_factors(group, sum(sizes), scale, ref, gen)
         start = 0
         for p, n in zip(new, sizes):
             st = self.state[p]
@@ -518,7 +523,7 @@ def decayed_columns(
 
 
 #: ``fit(L, v, h, generator)``: fit a concatenated preconditioner on the pair ``(v, h)``, in place.
-ConcatenatedFit = Callable[[list[Tensor], Tensor, Tensor, torch.Generator], None]
+ConcatenatedFit = Callable[[list[Tensor], Tensor, Tensor, torch.Generator | None], None]
 
 #: ``blockwise(ps, grads, momentum_buffers, t, options)``: a step without refit, block by block.
 BlockwiseStep = Callable[[list[Tensor], list[Tensor], list[Any], int, PSGDStepOptions], None]
@@ -662,9 +667,16 @@ def clip_update(u: Tensor, max_amps: tuple[float, float], rms: Tensor | None = N
     return u.mul_(torch.clamp(max_avg / rms, max=1.0)).clamp_(-max_elem, max_elem)
 
 
-def init_scale(mean_fourth_power: float, damping: float) -> float:
-    """The official automatic initial scale ``(E g⁴ + damping⁴)^{-1/8}`` of ``Q``."""
+def init_scale(mean_fourth_power: Tensor, damping: float) -> Tensor:
+    """The official automatic initial scale ``(E g⁴ + damping⁴)^{-1/8}`` of ``Q``, a 0-d
+    tensor where ``mean_fourth_power`` is (nothing read back to the host)."""
     return (mean_fourth_power + damping**4) ** (-1.0 / 8.0)
+
+
+def wide(x: Tensor) -> Tensor:
+    """``x`` in float64 where it lives (float32 on MPS, which has no float64): the initial scales
+    are computed on the device in the precision the official code computes them on the host."""
+    return x.to(torch.float32 if x.device.type == "mps" else torch.float64)
 
 
 def init_grad(p: Tensor, group: Mapping[str, Any]) -> Tensor:
@@ -747,12 +759,14 @@ def pair_probe_seed(seed: int, step: int, index: int) -> int:
     return mix_seed(seed, step, index + 1, 2)
 
 
-def pair_init_scale(vs: list[Tensor], hs: list[Tensor], damping: float) -> float:
+def pair_init_scale(vs: list[Tensor], hs: list[Tensor], damping: float) -> Tensor:
     """The official initial scale of ``Q`` from pairs: ``(mean v²)^{1/4} (max_j mean h_j⁴ +
-    damping⁴)^{-1/8}``, ``mean v²`` over all probes, the max over the tensors of ``hs``."""
-    v2 = sum(float(torch.sum(lift(v) ** 2)) for v in vs) / sum(v.numel() for v in vs)
-    h4 = max(float(torch.mean(lift(h).abs() ** 4)) for h in hs)
-    return v2**0.25 * (h4 + damping**4) ** (-1.0 / 8.0)
+    damping⁴)^{-1/8}``, ``mean v²`` over all probes, the max over the tensors of ``hs``; a 0-d
+    tensor on the first probe's device."""
+    dev = vs[0].device
+    v2 = sum(wide(torch.sum(lift(v) ** 2)).to(dev) for v in vs) / sum(v.numel() for v in vs)
+    h4 = torch.stack([wide(torch.mean(lift(h).abs() ** 4)).to(dev) for h in hs]).amax()
+    return v2**0.25 * init_scale(h4, damping)
 
 
 def group_pair(ps: list[Tensor], pairs: Pairs | None) -> tuple[Tensor, Tensor] | None:
@@ -775,8 +789,32 @@ def coin_seed(seed: int, step: int) -> int:
     return mix_seed(seed, step, 0)
 
 
-def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A fresh generator on ``device`` seeded with ``seed``."""
+def host_uniform(generator: torch.Generator | None) -> float:
+    """A uniform draw in ``[0, 1)`` for a coin of the fit, made on the host (no device sync).
+
+    From ``generator`` itself when it is a CPU generator, or from torch's default CPU generator
+    when it is ``None`` (the official code's ``torch.rand([])``). A generator on an accelerator
+    keeps its seed and offset on the host: the draw comes from a CPU generator seeded by both, and
+    the offset is advanced past it, so successive coins differ and follow the device stream
+    without reading the device. A device generator without an offset (none in torch's CUDA, XPU
+    or MPS today) draws on the device and reads the result back.
+    """
+    if generator is None or generator.device.type == "cpu":
+        return torch.rand([], generator=generator).item()
+    try:
+        offset = generator.get_offset()
+        generator.set_offset(offset + 4)  # Philox offsets advance in multiples of 4
+    except (RuntimeError, AttributeError):  # pragma: no cover - no such device generator here
+        return torch.rand([], generator=generator, device=generator.device).item()
+    seed = mix_seed(generator.initial_seed(), offset, 2)
+    return torch.rand([], generator=torch.Generator().manual_seed(seed)).item()
+
+
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator | None:
+    """A fresh generator on ``device`` seeded with ``seed``; ``None`` on the ``meta`` device
+    (shapes without values: there is no stream to follow)."""
+    if device.type == "meta":
+        return None
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen

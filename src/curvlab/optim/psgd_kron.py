@@ -30,6 +30,7 @@ from curvlab.optim._psgd import (
     clip_update,
     coin_seed,
     fit_options,
+    host_uniform,
     init_grad,
     init_scale,
     lift,
@@ -42,6 +43,7 @@ from curvlab.optim._psgd import (
     update_coin,
     update_lipschitz,
     whitening_probe,
+    wide,
 )
 from curvlab.optim._validation import group_options, validate_choice, validate_in_range
 
@@ -201,8 +203,9 @@ class PSGDKron(PSGDBase):
                 vs, hs = zip(*(pairs[p] for p in new))
                 scale = pair_init_scale(list(vs), list(hs), float(group["damping"]))
             elif scale is None:
-                s4 = max(torch.mean(lift(init_grad(p, group)).abs() ** 4).item() for p in new)
-                scale = init_scale(s4, float(group["damping"]))
+                dev = new[0].device
+                s4 = [wide(torch.mean(lift(init_grad(p, group)).abs() ** 4)).to(dev) for p in new]
+                scale = init_scale(torch.stack(s4).amax(), float(group["damping"]))
             for p in new:
                 kinds = factor_kinds(p.shape, group["max_size"], group["max_skew"])
                 Q = init_factors(p.shape, kinds, scale, p.dtype, p.device)
@@ -381,9 +384,10 @@ def init_factors(
         the list of factors (2-D dense, 1-D diagonal, 0-D for a scalar).
     """
     dims = [int(d) for d in shape if int(d) != 1]
-    scale = float(scale)
+    if isinstance(scale, Tensor):  # a 0-d tensor (the automatic scale): never read on the host
+        scale = scale.to(device)
     if not dims:
-        return [torch.tensor(scale, dtype=dtype, device=device)]
+        return [torch.as_tensor(scale, dtype=dtype, device=device).clone()]
     s = scale ** (1.0 / len(dims))
     return [
         s * torch.eye(d, dtype=dtype, device=device)
@@ -544,7 +548,7 @@ def _subspace_bound(A: Tensor, scale: Tensor, generator: torch.Generator | None)
     A = A / scale
     j = torch.argmax(torch.linalg.vector_norm(A, dim=1))
     V = torch.randn(_NORM_BOUND_K, A.shape[1], dtype=A.dtype, device=A.device, generator=generator)
-    row = A[j]
+    row = A.index_select(0, j.reshape(1)).squeeze(0)  # A[j] would read j back to the host
     V = row + torch.sign(torch.sum(row * V, dim=1, keepdim=True)) * V
     for _ in range(2):
         V = V @ A
@@ -617,8 +621,7 @@ def balance_factors(Q: Sequence[Tensor]) -> None:
 
 
 def _maybe_balance(Q: Sequence[Tensor], generator: torch.Generator | None) -> None:
-    ref = Q[0]
-    if torch.rand([], generator=generator, device=ref.device).item() < _BALANCE_PROB:
+    if host_uniform(generator) < _BALANCE_PROB:
         balance_factors(Q)
 
 

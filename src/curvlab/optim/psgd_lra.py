@@ -108,7 +108,12 @@ class PSGDLRA(ConcatenatedPSGD):
             )
 
     def _new_factors(
-        self, group: dict[str, Any], total: int, scale: float, ref: Tensor, gen: torch.Generator
+        self,
+        group: dict[str, Any],
+        total: int,
+        scale: float | Tensor,
+        ref: Tensor,
+        gen: torch.Generator | None,
     ) -> dict[str, Tensor]:
         """``U, V`` Gaussian with ``‖U‖_F = ‖V‖_F = √0.1`` and ``d = scale`` (official)."""
         rank = int(group["rank"])
@@ -121,7 +126,7 @@ class PSGDLRA(ConcatenatedPSGD):
         U *= 0.1**0.5 / torch.linalg.vector_norm(U)
         V = torch.randn(total, rank, dtype=ref.dtype, device=ref.device, generator=gen)
         V *= 0.1**0.5 / torch.linalg.vector_norm(V)
-        d = torch.full((total,), scale, dtype=ref.dtype, device=ref.device)
+        d = torch.ones(total, dtype=ref.dtype, device=ref.device).mul_(scale)
         return {"U": U, "V": V, "d": d}
 
     def _factor_shapes(self, saved_group: Mapping[str, Any], n: int) -> dict[str, tuple[int, ...]]:
@@ -167,7 +172,7 @@ def _single_tensor_psgd_lra(
     dc = d.view(-1, 1)
     kw = {"lr": options["preconditioner_lr"], "beta_lipschitz": options["beta_lipschitz"]}
 
-    def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator) -> None:
+    def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator | None) -> None:
         update_precond_lra(U, V, dc, L, v, h, generator=gen, **kw)
 
     apply = functools.partial(precond_grad_lra, U, V, dc)
@@ -277,7 +282,10 @@ def update_precond_lra(
     IpVtU = V.mT @ U
     IpVtU.diagonal().add_(1)
     inv_qt_v = v / d
-    LU, piv = torch.linalg.lu_factor(_psgd.lift(IpVtU))
+    # I + VᵀU is checked for a zero pivot where that is free (the host); on an accelerator the
+    # check would synchronise every fit, and the fit keeps I + U Vᵀ invertible (small steps)
+    check = IpVtU.device.type == "cpu"
+    LU, piv, _ = torch.linalg.lu_factor_ex(_psgd.lift(IpVtU), check_errors=check)
     rhs = _psgd.lift(U.mT @ inv_qt_v)
     inv_qt_v = inv_qt_v - V @ torch.linalg.lu_solve(LU, piv, rhs, adjoint=True).to(V.dtype)
     rhs = _psgd.lift(V.mT @ inv_qt_v)
@@ -290,7 +298,7 @@ def update_precond_lra(
     d.sub_((lr / ld).to(d.dtype) * (phh - vipv) * d)
 
     a, b = Qh, inv_qt_v
-    if torch.rand([], generator=generator, device=U.device).item() < 0.5:
+    if _psgd.host_uniform(generator) < 0.5:
         atV, btV = a.mT @ V, b.mT @ V
         ell = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(
             atV @ V.mT

@@ -113,10 +113,15 @@ class PSGDXMat(ConcatenatedPSGD):
         """No hyper-parameters beyond the shared PSGD options."""
 
     def _new_factors(
-        self, group: dict[str, Any], total: int, scale: float, ref: Tensor, gen: torch.Generator
+        self,
+        group: dict[str, Any],
+        total: int,
+        scale: float | Tensor,
+        ref: Tensor,
+        gen: torch.Generator | None,
     ) -> dict[str, Tensor]:
         """``a = scale``, ``b = 0`` (official)."""
-        a = torch.full((total,), scale, dtype=ref.dtype, device=ref.device)
+        a = torch.ones(total, dtype=ref.dtype, device=ref.device).mul_(scale)
         return {"a": a, "b": torch.zeros_like(a)}
 
     def _factor_shapes(self, saved_group: Mapping[str, Any], n: int) -> dict[str, tuple[int, ...]]:
@@ -158,7 +163,7 @@ def _single_tensor_psgd_xmat(
     a, b = (x.view(-1, 1) for x in precond)
     kw = {"lr": options["preconditioner_lr"], "beta_lipschitz": options["beta_lipschitz"]}
 
-    def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator) -> None:
+    def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator | None) -> None:
         update_precond_xmat(a, b, L, v, h, **kw)
 
     apply = functools.partial(precond_grad_xmat, a, b)

@@ -238,8 +238,10 @@ def time_size(
             continue
         mode = getattr(type(opt), "closure_mode", "backward")
 
-        def closure(model: nn.Module = model) -> torch.Tensor:
-            return nn.functional.cross_entropy(model(X), y)
+        def closure(model: nn.Module = model) -> tuple[torch.Tensor, torch.Tensor]:
+            # (loss, logits): SophiaG samples its labels from the logits (the closure contract)
+            logits = model(X)
+            return nn.functional.cross_entropy(logits, y), logits
 
         grads = [p.grad for p in params]
 

@@ -73,12 +73,13 @@ class MFAC(Optimizer):
       ``m × m`` Cholesky factorization (``O(m³)``, negligible next to ``m d`` for ``m ≪ d``).
 
     Measured at 1M parameters (``benchmarks/optim_step_time.py``, CPU, 1 thread, medians of
-    interleaved steps, machine loaded: load average 9–14 on 2 cores), step time ÷ torch's
-    ``AdamW(foreach=True)`` and state bytes per parameter:
+    interleaved steps, quiet machine: load average 0.6–1.1 on 2 cores), step time ÷ torch's
+    ``AdamW(foreach=True)`` and state bytes per parameter (an earlier run under load 9–14 gave
+    1.3, 2.0, 3.3, 6.1, 12 and 94: the ratios move with the reference's own time):
 
     ==========  =====  =====  =====  =====  =====  ======
     ``m``         8     16     32     64    128    1024
-    time ×      1.3    2.0    3.3    6.1    12     94
+    time ×      1.8    2.8    4.8    8.4    16     127
     B/param      32     64    128    256    512    4,100
     ==========  =====  =====  =====  =====  =====  ======
 

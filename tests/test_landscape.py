@@ -59,7 +59,7 @@ def test_filter_normalised_direction_matches_weight_filter_norms() -> None:
     kept = random_direction(conv, keep_vectors=True, generator=torch.Generator().manual_seed(1))
     assert float(kept["3.bias"].norm()) == pytest.approx(float(conv[3].bias.detach().norm()))
     layer = random_direction(conv, "layer", generator=torch.Generator().manual_seed(1))
-    assert float(layer["3.weight"].norm()) == pytest.approx(float(conv[3].weight.norm()))
+    assert float(layer["3.weight"].norm()) == pytest.approx(float(conv[3].weight.detach().norm()))
 
 
 def test_barrier_of_a_convex_problem_is_zero_whole_and_layerwise() -> None:

@@ -67,8 +67,8 @@ def test_barrier_of_a_convex_problem_is_zero_whole_and_layerwise() -> None:
     b, _, _ = _regression(1)
     res = interpolate(a, b, _mse, (x, y), num=11, layerwise=True)
     assert res.barrier == pytest.approx(0.0, abs=1e-12)
-    assert res.losses[0] == pytest.approx(float(_mse(a(x), y)))
-    assert res.losses[-1] == pytest.approx(float(_mse(b(x), y)))
+    assert res.losses[0] == pytest.approx(float(_mse(a(x), y).detach()))
+    assert res.losses[-1] == pytest.approx(float(_mse(b(x), y).detach()))
     assert res.layer_barriers == pytest.approx({"": 0.0}, abs=1e-12)  # the root owns both
 
 

@@ -100,7 +100,7 @@ def test_slice_2d_grid_and_given_direction() -> None:
     model, x, y = _regression()
     res = slice_2d(model, _mse, [(x[:20], y[:20]), (x[20:], y[20:])], num=3)
     assert len(res.losses) == 3 and len(res.losses[0]) == 3
-    assert res.losses[1][1] == pytest.approx(float(_mse(model(x), y)))
+    assert res.losses[1][1] == pytest.approx(float(_mse(model(x), y).detach()))
     zero = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     flat = slice_1d(model, _mse, (x, y), direction=zero, num=3)
     assert max(flat.losses) - min(flat.losses) == 0.0

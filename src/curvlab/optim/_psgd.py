@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypedDict
 
 import torch
-from torch import Tensor
+from torch import Generator, Tensor
 from torch.optim import Optimizer
 
 from curvlab.errors import ParameterError, StateDictError
@@ -77,6 +77,8 @@ FITS: tuple[str, ...] = ("whiten", "hvp", "finite_difference")
 
 #: A pair ``(v, h)`` per parameter (``None`` on a step without refit): the probe and ``H v``.
 Pairs = dict[Tensor, tuple[Tensor, Tensor]]
+#: an initial scale: the user's number, or the automatic one as a 0-d tensor on the device
+Scale = float | Tensor
 
 
 class PSGDOptions(TypedDict, total=False):
@@ -382,12 +384,7 @@ class ConcatenatedPSGD(PSGDBase):
     _LIPSCHITZ_KEYS: ClassVar[tuple[str, ...]]
 
     def _new_factors(
-        self,
-        group: dict[str, Any],
-        total: int,
-        scale: float | Tensor,
-        ref: Tensor,
-        gen: torch.Generator | None,
+        self, group: dict[str, Any], total: int, scale: Scale, ref: Tensor, gen: Generator | None
     ) -> dict[str, Tensor]:
         """The official initial factors over ``total`` concatenated entries (rows first)."""
         raise NotImplementedError

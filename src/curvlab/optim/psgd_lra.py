@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Generator, Tensor
 
 from curvlab.errors import ParameterError
 from curvlab.optim import _psgd
-from curvlab.optim._psgd import ConcatenatedPSGD, PSGDOptions, PSGDStepOptions
+from curvlab.optim._psgd import ConcatenatedPSGD, PSGDOptions, PSGDStepOptions, Scale
 from curvlab.optim._validation import validate_int
 
 if TYPE_CHECKING:
@@ -108,12 +108,7 @@ class PSGDLRA(ConcatenatedPSGD):
             )
 
     def _new_factors(
-        self,
-        group: dict[str, Any],
-        total: int,
-        scale: float | Tensor,
-        ref: Tensor,
-        gen: torch.Generator | None,
+        self, group: dict[str, Any], total: int, scale: Scale, ref: Tensor, gen: Generator | None
     ) -> dict[str, Tensor]:
         """``U, V`` Gaussian with ``‖U‖_F = ‖V‖_F = √0.1`` and ``d = scale`` (official)."""
         rank = int(group["rank"])

@@ -39,10 +39,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Generator, Tensor
 
 from curvlab.optim import _psgd
-from curvlab.optim._psgd import ConcatenatedPSGD, PSGDOptions, PSGDStepOptions
+from curvlab.optim._psgd import ConcatenatedPSGD, PSGDOptions, PSGDStepOptions, Scale
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -113,12 +113,7 @@ class PSGDXMat(ConcatenatedPSGD):
         """No hyper-parameters beyond the shared PSGD options."""
 
     def _new_factors(
-        self,
-        group: dict[str, Any],
-        total: int,
-        scale: float | Tensor,
-        ref: Tensor,
-        gen: torch.Generator | None,
+        self, group: dict[str, Any], total: int, scale: Scale, ref: Tensor, gen: Generator | None
     ) -> dict[str, Tensor]:
         """``a = scale``, ``b = 0`` (official)."""
         a = torch.ones(total, dtype=ref.dtype, device=ref.device).mul_(scale)

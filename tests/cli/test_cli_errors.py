@@ -418,7 +418,8 @@ def test_ctrl_c_exits_130_and_the_rerun_resumes(tmp_path: Path) -> None:
     suite = tmp_path / "s.yaml"
     suite.write_text(
         "problems: {quadratic-k1e2: {budget_steps: 3000, eval_every: 5, target: 1.0e-2}}\n"
-        "optimizers: [torch-sgd-momentum]\ntracks: {defaults: {seeds: 2}}\n"
+        # four runs of ~3 s: the interrupt lands while runs remain, even on a loaded machine
+        "optimizers: [torch-sgd-momentum]\ntracks: {defaults: {seeds: 4}}\n"
     )
     store = tmp_path / "st.sqlite"
     argv = [sys.executable, "-m", "curvlab", "bench", "run", "--suite", str(suite)]

@@ -131,7 +131,9 @@ def test_torchrun_cli_writes_world_size_and_the_one_process_top_eigenvalue(tmp_p
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = [*run, "-m", "curvlab", *_cli_args(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # a rank's own failure comes before the launcher's summary: show both
+    said = [ln for ln in done.stderr.splitlines() if "rror" in ln or "terminate" in ln]
+    assert done.returncode == 0, "\n".join(said[:20]) + "\n...\n" + done.stderr[-2000:]
     assert done.stdout.count("wrote ") == 2  # rank 0 alone writes (the PNG and the JSON)
     assert main(_cli_args(tmp_path / "one")) == 0
     one, two = (json.loads((tmp_path / r / "spectrum.json").read_text()) for r in ("one", "two"))

@@ -418,14 +418,21 @@ def test_ctrl_c_exits_130_and_the_rerun_resumes(tmp_path: Path) -> None:
     suite = tmp_path / "s.yaml"
     suite.write_text(
         "problems: {quadratic-k1e2: {budget_steps: 3000, eval_every: 5, target: 1.0e-2}}\n"
-        # four runs of ~3 s: the interrupt lands while runs remain, even on a loaded machine
-        "optimizers: [torch-sgd-momentum]\ntracks: {defaults: {seeds: 4}}\n"
+        "optimizers: [torch-sgd-momentum]\ntracks: {defaults: {seeds: 2}}\n"
     )
     store = tmp_path / "st.sqlite"
     argv = [sys.executable, "-m", "curvlab", "bench", "run", "--suite", str(suite)]
     argv += ["--store", str(store), "--workers", "1", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    # a shell's background job (`make test &`) starts with SIGINT ignored, and an ignored signal
+    # stays ignored across exec: give the CLI the default disposition a terminal would
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

@@ -162,7 +162,7 @@ def optimizer_steps(model: nn.Module, data: tuple[Any, Any], reps: int) -> dict[
     for name in available():
         grads = [p.grad for p in params]
         try:
-            opt = create(name, params)
+            opt = create(name, params, **STEP_OPTIONS.get(name, {}))
             t, how = step_time(opt)
             rows[name] = {"s": t, "vs_fused_adamw": t / base, "step": how}
         except Exception as exc:  # reported, e.g. out of memory at the defaults
@@ -208,6 +208,11 @@ def check_no_sync_in_lanczos(model: nn.Module, data: tuple[Any, Any]) -> str:
             torch.cuda.set_sync_debug_mode("default")
     return "ok"
 
+
+#: non-default options of the timed steps: a network's Hessian is indefinite, so Newton's CG
+#: (positive definite systems) would raise; MINRES solves the same system, here within 50 HVPs
+#: (the default budget, 10 n products, is a full solve: hours at 10M parameters)
+STEP_OPTIONS: dict[str, dict[str, Any]] = {"newton": {"solver": "minres", "max_matvecs": 50}}
 
 #: the optimizers whose steps must not synchronise (name, keywords, whether step takes a closure)
 SYNC_FREE_STEPS: tuple[tuple[str, dict[str, Any], bool | str], ...] = (

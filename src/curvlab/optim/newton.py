@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from curvlab.errors import ParameterError
+from curvlab.errors import IndefiniteSystemError, ParameterError
 from curvlab.estimators.eigen import lanczos_step
 from curvlab.estimators.solve import solve
 from curvlab.operators._context import full_precision
@@ -175,7 +175,19 @@ def newton_direction(
     if method == "regularized":
         assert hessian_lipschitz is not None
         shift += math.sqrt(hessian_lipschitz * float(grad.norm()))
-    sol = solve(hessian, grad, damping=shift, method=solver, tol=tol, max_matvecs=max_matvecs)
+    try:
+        sol = solve(hessian, grad, damping=shift, method=solver, tol=tol, max_matvecs=max_matvecs)
+    except IndefiniteSystemError as exc:  # say it in the optimizer's keywords, not solve()'s
+        raise IndefiniteSystemError(
+            f"the Newton system H + {shift:.3g}·I is not positive definite (CG met curvature "
+            f"pᵀ(H + δI)p / pᵀp = {exc.curvature:.3g} after {exc.num_matvecs} products): pass "
+            'solver="minres" for an indefinite system, method="saddle-free" to step along |H|, '
+            "or damping larger than -λ_min; the parameters and the state are unchanged, the "
+            "direction is in this error's .direction",
+            direction=exc.direction,
+            curvature=exc.curvature,
+            num_matvecs=exc.num_matvecs,
+        ) from exc
     dec = _decrement(grad, sol.x)
     step = 1.0
     if method == "damped" and hessian_lipschitz is not None and dec > 0:

@@ -167,7 +167,7 @@ def _single_tensor_psgd_lra(
     dc = d.view(-1, 1)
     kw = {"lr": options["preconditioner_lr"], "beta_lipschitz": options["beta_lipschitz"]}
 
-    def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator | None) -> None:
+    def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: Generator | None) -> None:
         update_precond_lra(U, V, dc, L, v, h, generator=gen, **kw)
 
     apply = functools.partial(precond_grad_lra, U, V, dc)
@@ -278,7 +278,8 @@ def update_precond_lra(
     IpVtU.diagonal().add_(1)
     inv_qt_v = v / d
     # I + VᵀU is checked for a zero pivot where that is free (the host); on an accelerator the
-    # check would synchronise every fit, and the fit keeps I + U Vᵀ invertible (small steps)
+    # check would synchronise every fit (the fit's normalised steps are meant to keep it
+    # invertible; a zero pivot there gives non-finite factors instead of an error)
     check = IpVtU.device.type == "cpu"
     LU, piv, _ = torch.linalg.lu_factor_ex(_psgd.lift(IpVtU), check_errors=check)
     rhs = _psgd.lift(U.mT @ inv_qt_v)

@@ -158,7 +158,7 @@ def _single_tensor_psgd_xmat(
     a, b = (x.view(-1, 1) for x in precond)
     kw = {"lr": options["preconditioner_lr"], "beta_lipschitz": options["beta_lipschitz"]}
 
-    def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: torch.Generator | None) -> None:
+    def fit(L: list[Tensor], v: Tensor, h: Tensor, gen: Generator | None) -> None:
         update_precond_xmat(a, b, L, v, h, **kw)
 
     apply = functools.partial(precond_grad_xmat, a, b)

@@ -21,10 +21,10 @@ in the one scratch buffer of ``_scratch.py``; ``load_state_dict`` goes through
 Adding an optimizer: copy ``adopt.py`` (the template) to ``<name>.py`` and replace the rule, keeping
 the order of the file (docstring with the algorithm box and the paper, ``_STATE_KEYS``, the
 hyper-parameter TypedDict and its ``<Name>Options``, the class, the functional entry point, the
-single-tensor reference, the multi-tensor path if there is one); add one line to ``OPTIMIZERS`` in ``registry.py``; write
-``tests/optim/test_<name>.py`` with a float64 reference loop from the paper's pseudo-code (and a
-test that the multi-tensor path equals the reference); add one ``Case`` row to the table of
-``tests/optim/test_contract.py``; add one line to ``CHANGELOG.md``.
+single-tensor reference, the multi-tensor path if there is one); add one line to ``OPTIMIZERS``
+in ``registry.py``; write ``tests/optim/test_<name>.py`` with a float64 reference loop from the
+paper's pseudo-code (and a test that the multi-tensor path equals the reference); add one ``Case``
+row to the table of ``tests/optim/test_contract.py``; add one line to ``CHANGELOG.md``.
 """
 
 from curvlab.optim.adahessian import AdaHessian
